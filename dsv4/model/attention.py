@@ -1,0 +1,73 @@
+"""DeepSeek-V4 attention sub-layer (spec §2.3): Q-LoRA, shared K=V, partial interleaved RoPE, per-head
+q norm, sink, sliding window plus CSA / HCA compressed entries, inverse RoPE, grouped output projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.config import CSA, HCA, SWA, ModelConfig
+from dsv4.model.compressor import Compressor, Indexer
+from dsv4.model.linear import Linear, RMSNorm
+from dsv4.model.options import ModelOptions
+from dsv4.numerics.fp8 import fp8_roundtrip
+from dsv4.ops.meta import ForwardMeta
+from dsv4.ops.rope import rope_inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, ratio: int, opts: ModelOptions):
+        super().__init__()
+        self.layer_type, self.ratio = layer_type, ratio
+        self.n_heads, self.head_dim, self.rope_dim = cfg.num_heads, cfg.head_dim, cfg.rope_head_dim
+        self.o_groups, self.eps = cfg.o_groups, cfg.rms_norm_eps
+        self.scale = cfg.head_dim ** -0.5
+        fmt = "fp8" if cfg.quantization is not None else "dense"
+        D, H, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        self.register_buffer("attn_sink", torch.empty(H, dtype=torch.float32))
+        self.wq_a = Linear(D, cfg.q_lora_rank, fmt, opts)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, opts)
+        self.wq_b = Linear(cfg.q_lora_rank, H * d, fmt, opts)
+        self.wkv = Linear(D, d, fmt, opts)
+        self.kv_norm = RMSNorm(d, cfg.rms_norm_eps, opts)
+        self.wo_a = Linear(H * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, fmt, opts, fp8_gemm=False)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, D, fmt, opts)
+        rope = cfg.rope_for(layer_type)
+        inv_freq = rope_inv_freq(rope.theta, cfg.rope_head_dim, rope.yarn)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.compressor = None
+        self.indexer = None
+        if layer_type != SWA:
+            self.compressor = Compressor(cfg, d, ratio, layer_type == CSA, "fp8" if opts.official else "none",
+                                         inv_freq, opts)
+        if layer_type == CSA:
+            self.indexer = Indexer(cfg, ratio, inv_freq, opts)
+        self.official = opts.official
+        self.dialect = opts.fp8_dialect
+        o = opts.ops
+        self._norm, self._rope, self._attn, self._write = o.rms_norm, o.apply_rope, o.sparse_attention, o.write_window
+        self._grouped = o.grouped_linear
+
+    def forward(self, x: torch.Tensor, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
+        T = x.shape[0]
+        pos = meta.positions
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).view(T, self.n_heads, self.head_dim)
+        q = self._rope(self._norm(q, None, self.eps), pos, self.inv_freq)
+        kv = self._rope(self.kv_norm(self.wkv(x)), pos, self.inv_freq)
+        if self.official:
+            nope = self.head_dim - self.rope_dim
+            kv = torch.cat([fp8_roundtrip(kv[:, :nope], 64, self.dialect), kv[:, nope:]], dim=-1)
+        topk_idx = None
+        if self.compressor is not None:
+            self.compressor(x, meta, lc.state, lc.prev, lc.pool, block_table)
+        if self.indexer is not None:
+            topk_idx = self.indexer(x, qr, meta, lc, block_table)
+        o = self._attn(q, kv, lc.window, self.attn_sink, self.scale, meta, lc.pool, block_table, topk_idx, self.ratio)
+        self._write(lc.window, kv, meta)
+        o = self._rope(o, pos, self.inv_freq, inverse=True)
+        z = self._grouped(o.view(T, self.o_groups, -1), self.wo_a.weight, self.wo_a.scale)
+        return self.wo_b(z.flatten(1))
+
+
+__all__ = ["Attention", "SWA", "CSA", "HCA"]

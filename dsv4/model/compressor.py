@@ -1,0 +1,67 @@
+"""The KV compressors of CSA / HCA layers and the lightning indexer (spec §2.5, §2.6)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.model.linear import Linear
+from dsv4.model.options import ModelOptions
+from dsv4.numerics.fp4 import fp4_roundtrip
+from dsv4.numerics.hadamard import hadamard_transform
+from dsv4.ops.meta import ForwardMeta
+
+
+class Compressor(nn.Module):
+    """Pools every `ratio` tokens into one `dim`-wide entry; `overlap` (CSA) uses two series.
+    Projections and pooling run in float32 (the official code upcasts these weights)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int, ratio: int, overlap: bool, post: str, inv_freq: torch.Tensor,
+                 opts: ModelOptions):
+        super().__init__()
+        c = 2 if overlap else 1
+        self.dim, self.ratio, self.overlap, self.post = dim, ratio, overlap, post
+        self.eps = cfg.rms_norm_eps
+        self.register_buffer("ape", torch.empty(ratio, c * dim, dtype=torch.float32))
+        self.wkv = Linear(cfg.hidden_size, c * dim, "dense", opts, fp8_gemm=False, dense_dtype=torch.float32)
+        self.wgate = Linear(cfg.hidden_size, c * dim, "dense", opts, fp8_gemm=False, dense_dtype=torch.float32)
+        self.norm = nn.Module()
+        self.norm.register_buffer("weight", torch.empty(dim, dtype=torch.float32))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._compress = opts.ops.compress_kv
+        self.act_dtype = opts.dtype
+        self.dialect = opts.fp8_dialect
+
+    def forward(self, x: torch.Tensor, meta: ForwardMeta, state, prev, pool, block_table) -> None:
+        xf = x.float()
+        self._compress(self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, self.inv_freq, state, prev, pool,
+                       block_table, meta, self.ratio, self.eps, self.act_dtype, self.post, self.dialect)
+
+
+class Indexer(nn.Module):
+    """Scores compressed entries for each query and keeps the top `index_topk` (CSA layers)."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int, inv_freq: torch.Tensor, opts: ModelOptions):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.ratio, self.topk = ratio, cfg.index_topk
+        qfmt = "fp8" if cfg.quantization is not None else "dense"
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, qfmt, opts)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, "dense", opts, fp8_gemm=False)
+        self.compressor = Compressor(cfg, self.head_dim, ratio, True, "hadamard_fp4" if opts.official else "none",
+                                     inv_freq, opts)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.weight_scale = (self.head_dim ** -0.5) * (self.n_heads ** -0.5)
+        self.official = opts.official
+        self._rope = opts.ops.apply_rope
+        self._topk = opts.ops.indexer_topk
+
+    def forward(self, x, qr, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
+        self.compressor(x, meta, lc.idx_state, lc.idx_prev, lc.idx_pool, block_table)
+        q = self.wq_b(qr).view(x.shape[0], self.n_heads, self.head_dim)
+        q = self._rope(q, meta.positions, self.inv_freq)
+        if self.official:
+            q = fp4_roundtrip(hadamard_transform(q), 32)
+        w = self.weights_proj(x).float() * self.weight_scale
+        return self._topk(q, w, lc.idx_pool, block_table, meta, self.ratio, self.topk)

@@ -1,0 +1,94 @@
+"""The DeepSeek-V4 transformer (spec §2): embedding -> mHC streams -> blocks -> hc_head -> norm -> head.
+Also the MTP block (spec §6), whose weights load with the model for later speculative decoding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.config import SWA, ModelConfig
+from dsv4.model.attention import Attention
+from dsv4.model.linear import Linear, RMSNorm
+from dsv4.model.moe import MoE
+from dsv4.model.options import ModelOptions
+from dsv4.ops.meta import ForwardMeta
+
+
+def _hc_buffers(mod: nn.Module, prefix: str, rows: int, width: int, scales: int) -> None:
+    mod.register_buffer(f"{prefix}_fn", torch.empty(rows, width, dtype=torch.float32))
+    mod.register_buffer(f"{prefix}_base", torch.empty(rows, dtype=torch.float32))
+    mod.register_buffer(f"{prefix}_scale", torch.empty(scales, dtype=torch.float32))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, ratio: int, mlp_type: str, opts: ModelOptions):
+        super().__init__()
+        self.cfg = cfg
+        n, D = cfg.hc_mult, cfg.hidden_size
+        _hc_buffers(self, "hc_attn", cfg.hc_mix_dim, n * D, 3)
+        _hc_buffers(self, "hc_ffn", cfg.hc_mix_dim, n * D, 3)
+        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, opts)
+        self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, opts)
+        self.attn = Attention(cfg, layer_type, ratio, opts)
+        self.ffn = MoE(cfg, mlp_type, opts)
+        self._pre, self._post = opts.ops.hc_pre, opts.ops.hc_post
+
+    def forward(self, X, input_ids, meta: ForwardMeta, lc, block_table):
+        c = self.cfg
+        u, post, comb = self._pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.rms_norm_eps,
+                                  c.hc_eps, c.hc_sinkhorn_iters)
+        X = self._post(self.attn(self.attn_norm(u), meta, lc, block_table), X, post, comb)
+        u, post, comb = self._pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.rms_norm_eps,
+                                  c.hc_eps, c.hc_sinkhorn_iters)
+        return self._post(self.ffn(self.ffn_norm(u), input_ids), X, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction block: a sliding-window block fed by e_proj(enorm(embed(t))) +
+    h_proj(hnorm(main streams)), with its own hc_head and norm; shares embed and head (spec §6)."""
+
+    def __init__(self, cfg: ModelConfig, opts: ModelOptions):
+        super().__init__(cfg, SWA, 0, "moe", opts)
+        D = cfg.hidden_size
+        fmt = "fp8" if cfg.quantization is not None else "dense"
+        self.e_proj = Linear(D, D, fmt, opts)
+        self.h_proj = Linear(D, D, fmt, opts)
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps, opts)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps, opts)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps, opts)
+        _hc_buffers(self, "hc_head", cfg.hc_mult, cfg.hc_mult * D, 1)
+
+
+class Transformer(nn.Module):
+    """forward(input_ids [T], meta, cache) -> residual streams [T, hc_mult, D] before the hc_head;
+    logits(streams[rows]) -> float32 logits. The model keeps no per-request state itself: the window
+    rings, compressor states and compressed pools live in the cache it is given."""
+
+    def __init__(self, cfg: ModelConfig, opts: ModelOptions, with_mtp: bool = False):
+        super().__init__()
+        self.cfg, self.opts = cfg, opts
+        D = cfg.hidden_size
+        self.embed = nn.Module()
+        self.embed.register_buffer("weight", torch.empty(cfg.vocab_size, D, dtype=opts.dtype))
+        self.layers = nn.ModuleList(
+            Block(cfg, t, r, m, opts) for t, r, m in zip(cfg.layer_types, cfg.compress_ratios, cfg.mlp_layer_types))
+        self.norm = RMSNorm(D, cfg.rms_norm_eps, opts)
+        self.head = nn.Module()
+        self.head.register_buffer("weight", torch.empty(cfg.vocab_size, D, dtype=torch.float32))
+        _hc_buffers(self, "hc_head", cfg.hc_mult, cfg.hc_mult * D, 1)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, opts) for _ in range(cfg.num_mtp_layers if with_mtp else 0))
+        self._hc_head = opts.ops.hc_head
+
+    def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, cache) -> torch.Tensor:
+        cache.begin_step(meta)
+        x = self.embed.weight[input_ids].to(self.opts.dtype)
+        X = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            X = layer(X, input_ids, meta, cache.layers[i], cache.block_table)
+        return X
+
+    def logits(self, X: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        h = self._hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.rms_norm_eps, c.hc_eps)
+        h = self.norm(h)
+        return h.float() @ self.head.weight.float().t()

@@ -1,0 +1,79 @@
+"""MoE sub-layer (spec §2.8): sqrtsoftplus router (learned top-k with bias, or the hash table),
+routed experts (FP4 in the release) with the SwiGLU clamp, one shared expert."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.config import HASH_MOE, ModelConfig
+from dsv4.model.linear import Linear, weight_dtype, weight_shapes
+from dsv4.model.options import ModelOptions
+from dsv4.ops.moe import swiglu
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig, is_hash: bool):
+        super().__init__()
+        E, D = cfg.n_routed_experts, cfg.hidden_size
+        self.register_buffer("weight", torch.empty(E, D, dtype=torch.float32))
+        if is_hash:
+            self.register_buffer("tid2eid", torch.empty(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.int64))
+            self.bias = None
+        else:
+            self.register_buffer("bias", torch.empty(E, dtype=torch.float32))
+            self.tid2eid = None
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: w13 = [w1; w3] per expert ([E, 2I, D]), w2 ([E, D, I]).
+    (The checkpoint stores `experts.E.w1/w2/w3` separately; the loader stacks them.)"""
+
+    def __init__(self, cfg: ModelConfig, opts: ModelOptions):
+        super().__init__()
+        fmt = cfg.expert_dtype or "dense"
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.fmt = fmt
+        ws, ss = weight_shapes(2 * I, D, fmt)
+        self.register_buffer("w13", torch.empty((E,) + ws, dtype=weight_dtype(fmt, opts)))
+        self.register_buffer("w13_scale", torch.empty((E,) + ss, dtype=torch.uint8) if ss else None)
+        ws, ss = weight_shapes(D, I, fmt)
+        self.register_buffer("w2", torch.empty((E,) + ws, dtype=weight_dtype(fmt, opts)))
+        self.register_buffer("w2_scale", torch.empty((E,) + ss, dtype=torch.uint8) if ss else None)
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, cfg: ModelConfig, opts: ModelOptions):
+        super().__init__()
+        fmt = "fp8" if cfg.quantization is not None else "dense"
+        D, I = cfg.hidden_size, cfg.shared_intermediate_size
+        self.w1 = Linear(D, I, fmt, opts)
+        self.w2 = Linear(I, D, fmt, opts)
+        self.w3 = Linear(D, I, fmt, opts)
+        self.limit = cfg.swiglu_limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = swiglu(torch.cat([self.w1(x), self.w3(x)], dim=-1), self.limit)
+        return self.w2(h.to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, mlp_type: str, opts: ModelOptions):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg, mlp_type == HASH_MOE)
+        self.experts = Experts(cfg, opts)
+        self.shared_experts = SharedExpert(cfg, opts) if cfg.n_shared_experts else None
+        self.act_quant = opts.official
+        self.dialect = opts.fp8_dialect
+        self._route, self._experts = opts.ops.moe_route, opts.ops.moe_experts
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        c, g, e = self.cfg, self.gate, self.experts
+        w, ids = self._route(x, g.weight, g.bias, g.tid2eid, input_ids, c.num_experts_per_tok, c.scoring_func,
+                             c.norm_topk_prob, c.routed_scaling_factor)
+        y = self._experts(x, e.w13, e.w13_scale, e.w2, e.w2_scale, ids, w, c.swiglu_limit, self.act_quant,
+                          self.dialect)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x).float()
+        return y.to(x.dtype)

@@ -1,0 +1,59 @@
+"""Per-step batch metadata shared by the attention-side ops.
+
+A step runs T tokens of B sequences flattened one after another (varlen, no padding): sequence b owns
+tokens query_start[b] .. query_start[b+1]-1, which sit at positions seq_start[b] .. seq_lens[b]-1, and
+its per-request state lives in cache slot seq_slots[b]. Decode is the case of one token per sequence,
+prefill (or one chunk of it) the case of many; both mix freely in one step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardMeta:
+    positions: torch.Tensor  # [T] int64
+    token_seq: torch.Tensor  # [T] int64: batch index b of each token
+    seq_slots: torch.Tensor  # [B] int64: cache slot of each sequence
+    query_start: torch.Tensor  # [B+1] int64
+    seq_start: torch.Tensor  # [B] int64: tokens already in the cache before this step
+    seq_lens: torch.Tensor  # [B] int64: tokens in the cache after this step
+    # host mirrors (python ints), for host-side bookkeeping and the reference ops
+    query_start_host: list[int]
+    seq_start_host: list[int]
+    seq_lens_host: list[int]
+    seq_slots_host: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_host[-1]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_slots_host)
+
+    def seq_range(self, b: int) -> tuple[int, int]:
+        return self.query_start_host[b], self.query_start_host[b + 1]
+
+    @classmethod
+    def build(cls, slots: list[int], start_positions: list[int], num_new: list[int],
+              device: torch.device | str = "cpu") -> "ForwardMeta":
+        if not (len(slots) == len(start_positions) == len(num_new)):
+            raise ValueError("slots, start_positions and num_new must have one entry per sequence")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a cache slot appears twice in one step: {slots}")
+        qs = [0]
+        for n in num_new:
+            if n < 1:
+                raise ValueError(f"every scheduled sequence needs at least one new token, got {num_new}")
+            qs.append(qs[-1] + n)
+        pos = [p for s, n in zip(start_positions, num_new) for p in range(s, s + n)]
+        tseq = [b for b, n in enumerate(num_new) for _ in range(n)]
+        lens = [s + n for s, n in zip(start_positions, num_new)]
+        li = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+        return cls(positions=li(pos), token_seq=li(tseq), seq_slots=li(slots), query_start=li(qs),
+                   seq_start=li(start_positions), seq_lens=li(lens), query_start_host=qs,
+                   seq_start_host=list(start_positions), seq_lens_host=lens, seq_slots_host=list(slots))

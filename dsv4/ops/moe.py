@@ -1,0 +1,74 @@
+"""Mixture of experts (spec §2.8).
+
+moe_route(x, gate_weight, bias, tid2eid, input_ids, top_k, score_func, norm_topk_prob, scaling)
+    -> (weights [T, k] float32, ids [T, k] int64)
+    scores s = score_func(x W_g^T) in float32 (sqrtsoftplus: sqrt(softplus(.)); sigmoid; softmax).
+    Selection: the hash table tid2eid[input_ids] when given (hash layers), else top-k of s + bias
+    (bias only steers the choice). Weights: the selected unbiased scores, normalised over the k chosen
+    when norm_topk_prob, times `scaling`.
+
+moe_experts(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect)
+    -> [T, D] float32: sum over the k selected experts e of
+       w2_e( (weights[t, e] * silu(min(g, L)) * clamp(u, -L, L)) cast to x's dtype ),
+    where (g, u) = x w13_e^T split in halves (w1 = gate first, w3 = up second), computed through
+    `linear` in x's dtype and upcast to float32. Routing weight before w2, as the official code does.
+    w13: [E, 2I, D] (dense or FP8) or [E, 2I, D/2] packed FP4; w2: [E, D, I] or [E, D, I/2];
+    scales as for `linear`, per expert. Expert ids outside 0..E-1 are an error.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.ops.linear import linear_reference
+from dsv4.ops.registry import define_op
+
+
+def expert_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    if score_func == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if score_func == "sigmoid":
+        return logits.sigmoid()
+    if score_func == "softmax":
+        return logits.softmax(dim=-1)
+    raise ValueError(f"unknown scoring_func {score_func!r}")
+
+
+def moe_route_reference(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score_func: str,
+                        norm_topk_prob: bool, scaling: float):
+    scores = expert_scores(x.float() @ gate_weight.float().t(), score_func)
+    if tid2eid is not None:
+        ids = tid2eid[input_ids].long()
+    else:
+        sel = scores if bias is None else scores + bias.float()
+        ids = sel.topk(top_k, dim=-1).indices
+    w = scores.gather(1, ids)
+    if norm_topk_prob:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w * scaling, ids
+
+
+def swiglu(gu: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(g, L)) * clamp(u, -L, L) for gu = [g | u] (float32)."""
+    g, u = gu.float().chunk(2, dim=-1)
+    return F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)
+
+
+def moe_experts_reference(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float,
+                          act_quant: bool = False, dialect=Fp8Dialect.OCP):
+    E = w13.shape[0]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
+        raise ValueError(f"expert id out of range 0..{E - 1}: min {int(ids.min())}, max {int(ids.max())}")
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    for e in torch.unique(ids).tolist():
+        tok, k = torch.where(ids == e)
+        s13 = None if w13_scale is None else w13_scale[e]
+        s2 = None if w2_scale is None else w2_scale[e]
+        h = swiglu(linear_reference(x[tok], w13[e], s13, act_quant, dialect), swiglu_limit)
+        h = (h * weights[tok, k].float().unsqueeze(-1)).to(x.dtype)
+        out.index_add_(0, tok, linear_reference(h, w2[e], s2, act_quant, dialect).float())
+    return out
+
+
+moe_route = define_op("moe_route", moe_route_reference)
+moe_experts = define_op("moe_experts", moe_experts_reference)

@@ -1,0 +1,54 @@
+"""apply_rope: interleaved (GPT-J style) rotary embedding on the TRAILING `2 * inv_freq.numel()` dims.
+
+Pair i of the rotary part, (x[-r + 2i], x[-r + 2i + 1]), is rotated by angle positions * inv_freq[i]
+(angle computed as one float32 product, like a precomputed float32 table), in float32, written back
+in x's dtype. `inverse=True` rotates by the negative angle (the attention output's de-rotation).
+
+x: [T, ..., D]; positions: [T] integer; inv_freq: [r/2] float32. Returns a new tensor.
+"""
+
+import math
+
+import torch
+
+from dsv4.ops.registry import define_op
+
+
+def rope_inv_freq(theta: float, dim: int, yarn=None) -> torch.Tensor:
+    """Inverse frequencies [dim/2] (float32) for base `theta` with optional YaRN blending (no mscale):
+    pairs below the correction range keep their frequency, pairs above it are divided by the factor,
+    linear ramp between (spec §2.4)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if yarn is None:
+        return freqs
+
+    def corr(n_rot: float) -> float:
+        return dim * math.log(yarn.original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(corr(yarn.beta_fast)), 0)
+    high = min(math.ceil(corr(yarn.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return freqs / yarn.factor * ramp + freqs * (1 - ramp)
+
+
+def apply_rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                         inverse: bool = False) -> torch.Tensor:
+    half = inv_freq.numel()
+    r = 2 * half
+    ang = positions.to(torch.float32)[:, None] * inv_freq.to(device=x.device, dtype=torch.float32)[None, :]
+    cos, sin = ang.cos(), ang.sin()
+    if inverse:
+        sin = -sin
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    cos, sin = cos.view(shape), sin.view(shape)
+    xr = x[..., x.shape[-1] - r:].float().unflatten(-1, (half, 2))
+    x0, x1 = xr[..., 0], xr[..., 1]
+    rot = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    out = x.clone()
+    out[..., x.shape[-1] - r:] = rot.to(x.dtype)
+    return out
+
+
+apply_rope = define_op("apply_rope", apply_rope_reference)

@@ -1,0 +1,10 @@
+"""The CPU: development, tests, the reference path. OCP FP8 dialect (kernels may simulate either)."""
+
+import platform as _pf
+
+from dsv4.numerics.fp8 import Fp8Dialect
+
+
+def cpu_platform():
+    from dsv4.platforms import Platform
+    return Platform(name="cpu", device="cpu", arch=_pf.machine() or "cpu", fp8_dialect=Fp8Dialect.OCP)

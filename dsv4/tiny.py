@@ -32,7 +32,7 @@ TINY_CONFIG: dict = {
     "vocab_size": 129280, "hidden_size": 128, "num_hidden_layers": 5, "num_attention_heads": 4,
     "num_key_value_heads": 1, "head_dim": 128, "qk_rope_head_dim": 64, "q_lora_rank": 128, "o_groups": 2,
     "o_lora_rank": 128, "sliding_window": 128, "compress_rope_theta": 160000,
-    "compress_ratios": [0, 4, 128, 4, 128, 0], "index_n_heads": 4, "index_head_dim": 128, "index_topk": 16,
+    "compress_ratios": [0, 4, 128, 4, 128, 0], "index_n_heads": 16, "index_head_dim": 128, "index_topk": 16,
     "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-06, "n_routed_experts": 16, "n_shared_experts": 1,
     "num_experts_per_tok": 4, "moe_intermediate_size": 128, "num_hash_layers": 2,
     "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc", "norm_topk_prob": True,

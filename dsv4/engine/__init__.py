@@ -1,0 +1,1 @@
+"""Engine: generation loops, sampling (the serving engine builds on these)."""

@@ -203,7 +203,7 @@ class ModelConfig:
             cfg = _parse(d)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        except (TypeError, KeyError) as e:
+        except (TypeError, KeyError, ValueError) as e:  # e.g. int("x"): still a ConfigError naming the file
             raise ConfigError(f"{source}: {type(e).__name__}: {e}") from None
         try:
             cfg.validate()
@@ -285,7 +285,9 @@ class ModelConfig:
                                         "activation_scheme": q.activation_scheme}
         if self.expert_dtype is not None:
             d["expert_dtype"] = self.expert_dtype
-        if self.layer_types != tuple(_official_type(r, self.csa_ratio() or 4) for r in self.compress_ratios):
+        # The official form marks CSA by ratio 4 and nothing else (the parser reads any other non-zero
+        # ratio as HCA), so CSA at another ratio must be refused here, not written as HCA.
+        if self.layer_types != tuple(_official_type(r) for r in self.compress_ratios):
             raise ConfigError("the official form marks CSA by ratio 4; this config's layer types need the transformers form")
         return d
 
@@ -418,9 +420,10 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
             raise ConfigError(f"quantization_config.quant_method must be 'fp8', got {q.get('quant_method')!r}")
         if q.get("fmt", "e4m3") != "e4m3":
             raise ConfigError(f"quantization_config.fmt must be 'e4m3', got {q.get('fmt')!r}")
-        bs = tuple(q.get("weight_block_size", (128, 128)))
-        if bs != (128, 128):
-            raise ConfigError(f"quantization_config.weight_block_size must be [128, 128], got {list(bs)}")
+        bs = q.get("weight_block_size", (128, 128))
+        if not isinstance(bs, (list, tuple)) or tuple(bs) != (128, 128):
+            raise ConfigError(f"quantization_config.weight_block_size must be [128, 128], got {bs!r}")
+        bs = tuple(bs)
         quant = Fp8Quantization(weight_block_size=bs, scale_fmt=q.get("scale_fmt", "ue8m0") or "ue8m0",
                                 activation_scheme=q.get("activation_scheme", "dynamic"))
     expert_dtype = d.get("expert_dtype")

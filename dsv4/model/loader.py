@@ -114,50 +114,58 @@ def expected_pieces(buffers: dict[str, torch.Tensor]) -> set[tuple]:
     return out
 
 
+def _dtype_problem(dst: torch.Tensor, sdtype: str, is_scale: bool) -> str | None:
+    """Why a checkpoint tensor of safetensors dtype `sdtype` cannot fill `dst` (None: it can).
+    Checked from the headers before anything is read, so that every dtype problem of a checkpoint is
+    reported together with the missing / unexpected / mis-shaped tensors (module docstring)."""
+    if dst.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
+        if sdtype not in _FP8:
+            return f"dtype {sdtype}, expected FP8 e4m3 (F8_E4M3 or F8_E4M3FNUZ)"
+    elif dst.dtype == torch.uint8:
+        if is_scale and sdtype not in ("F8_E8M0", "U8", "F32"):
+            return f"dtype {sdtype}, expected E8M0 scales (F8_E8M0) or F32 powers of two"
+        if not is_scale and sdtype not in ("I8", "U8", "F4"):
+            return f"dtype {sdtype}, expected packed FP4 bytes (I8)"
+    elif dst.dtype.is_floating_point:
+        if sdtype not in _FLOAT:
+            hint = " (the checkpoint is quantised but config.json has no quantization_config)" if sdtype in _FP8 else ""
+            return f"dtype {sdtype}, expected a float tensor{hint}"
+    elif sdtype not in ("I64", "I32", "I16", "U8", "I8"):
+        return f"dtype {sdtype}, expected an integer tensor"
+    return None
+
+
 def _fill(dst: torch.Tensor, src: torch.Tensor, sdtype: str, name: str, file: Path, is_scale: bool) -> str | None:
     """Copy `src` into `dst` by the rules of the module docstring. Returns the source FP8 dialect when
     the bytes were copied verbatim from another dialect (to convert afterwards), else None."""
     where = f"tensor {name!r} in {file}"
+    why = _dtype_problem(dst, sdtype, is_scale)
+    if why is not None:  # normally caught earlier, in load_checkpoint's header pass
+        raise CheckpointError(f"{where}: {why}")
     if dst.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
-        if sdtype not in _FP8:
-            raise CheckpointError(f"{where}: dtype {sdtype}, expected FP8 e4m3 (F8_E4M3 or F8_E4M3FNUZ)")
         dst.view(torch.uint8).copy_(src.view(torch.uint8))
         src_d, dst_d = _FP8[sdtype], Fp8Dialect.parse(dst.dtype)
         return src_d if src_d != dst_d else None
-    if dst.dtype == torch.uint8:
-        if is_scale:
-            if sdtype in ("F8_E8M0", "U8"):
-                dst.copy_(src.view(torch.uint8))
-            elif sdtype == "F32":
-                try:
-                    dst.copy_(float_to_e8m0(src.float()).to(dst.device))
-                except ValueError as e:
-                    raise CheckpointError(f"{where}: float32 scales must be powers of two ({e})") from None
-            else:
-                raise CheckpointError(f"{where}: dtype {sdtype}, expected E8M0 scales (F8_E8M0) or F32 powers of two")
-        else:
-            if sdtype not in ("I8", "U8", "F4"):
-                raise CheckpointError(f"{where}: dtype {sdtype}, expected packed FP4 bytes (I8)")
-            dst.copy_(src.view(torch.uint8))
-        return None
-    if dst.dtype.is_floating_point:
-        if sdtype not in _FLOAT:
-            hint = " (the checkpoint is quantised but config.json has no quantization_config)" if sdtype in _FP8 else ""
-            raise CheckpointError(f"{where}: dtype {sdtype}, expected a float tensor{hint}")
+    if dst.dtype == torch.uint8 and is_scale and sdtype == "F32":
+        try:
+            dst.copy_(float_to_e8m0(src.float()).to(dst.device))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: float32 scales must be powers of two ({e})") from None
+    elif dst.dtype == torch.uint8:  # E8M0 scale bytes or packed FP4 bytes: reinterpreted, never converted
+        dst.copy_(src.view(torch.uint8))
+    else:
         dst.copy_(src.to(dst.dtype))
-        return None
-    if sdtype not in ("I64", "I32", "I16", "U8", "I8"):
-        raise CheckpointError(f"{where}: dtype {sdtype}, expected an integer tensor")
-    dst.copy_(src.to(dst.dtype))
     return None
 
 
 def load_checkpoint(model: torch.nn.Module, ckpt: CheckpointIndex, progress: bool = False) -> None:
-    buffers = {n: b for n, b in model.named_buffers() if n in model.state_dict()}
+    persistent = model.state_dict(keep_vars=True)  # once: calling state_dict() per buffer was quadratic
+    buffers = {n: b for n, b in model.named_buffers() if n in persistent}
     device = str(next(iter(buffers.values())).device)
     need = expected_pieces(buffers)
     problems: list[str] = []
     plan: dict[Path, list[tuple[str, Target]]] = {}
+    present_but_bad: list[Target] = []  # reported for their shape / dtype, so not again as missing
     unexpected = []
     for name, file in ckpt.files.items():
         t = target_of(name)
@@ -172,8 +180,20 @@ def load_checkpoint(model: torch.nn.Module, ckpt: CheckpointIndex, progress: boo
             continue
         if list(region.shape) != list(shape):
             problems.append(f"tensor {name!r} in {file}: shape {list(shape)}, expected {list(region.shape)}")
+            present_but_bad.append(t)
+            continue
+        why = _dtype_problem(region, sdtype, t.name.endswith("scale"))
+        if why is not None:
+            problems.append(f"tensor {name!r} in {file}: {why}")
+            present_but_bad.append(t)
             continue
         plan.setdefault(file, []).append((name, t))
+    if not any(b.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz) for b in buffers.values()) and any(
+            ckpt.shapes[n][1] in _FP8 for n in ckpt.files):
+        # Say the cause first: otherwise it hides behind hundreds of shape / unexpected-scale lines.
+        problems.insert(0, "the checkpoint holds FP8 tensors but config.json has no quantization_config")
+    if len(problems) > _MAX_LISTED:  # per-tensor lines: keep the message readable for a 69k-tensor checkpoint
+        problems = problems[:_MAX_LISTED] + [f"... and {len(problems) - _MAX_LISTED} more tensor problem(s)"]
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s) (not part of this model): "
                         + ", ".join(unexpected[:_MAX_LISTED]) + (" ..." if len(unexpected) > _MAX_LISTED else ""))
@@ -181,9 +201,8 @@ def load_checkpoint(model: torch.nn.Module, ckpt: CheckpointIndex, progress: boo
     for p in need:
         by_buffer.setdefault(p[0], set()).add(p)
     got = set()
-    for items in plan.values():
-        for _, t in items:
-            got |= by_buffer[t.name] if t.expert is None and t.half is None else {t.piece()}
+    for t in [t for items in plan.values() for _, t in items] + present_but_bad:
+        got |= by_buffer[t.name] if t.expert is None and t.half is None else {t.piece()}
     missing = sorted(need - got, key=str)
     if missing:
         problems.append(f"{len(missing)} missing tensor(s) in {ckpt.root}: " + ", ".join(
@@ -207,15 +226,14 @@ def load_checkpoint(model: torch.nn.Module, ckpt: CheckpointIndex, progress: boo
                 d = _fill(_region(buffers[t.name], t), src, ckpt.shapes[name][1], name, file, t.name.endswith("scale"))
                 if d is not None:
                     foreign.append((t, d))
+                if t.name.endswith("gate.tid2eid"):  # checked here so the message can name the file
+                    b = buffers[t.name]
+                    E = buffers[t.name.replace("tid2eid", "weight")].shape[0]
+                    if b.numel() and (int(b.min()) < 0 or int(b.max()) >= E):
+                        raise CheckpointError(f"tensor {name!r} in {file}: expert ids must be in 0..{E - 1}, "
+                                              f"got {int(b.min())}..{int(b.max())}")
     for t, d in foreign:
         _convert_dialect(buffers, t, d)
-    if any(n.endswith("gate.tid2eid") for n in buffers):
-        for n, b in buffers.items():
-            if n.endswith("gate.tid2eid"):
-                E = buffers[n.replace("tid2eid", "weight")].shape[0]
-                if b.numel() and (int(b.min()) < 0 or int(b.max()) >= E):
-                    raise CheckpointError(f"tensor {n!r}: expert ids must be in 0..{E - 1}, "
-                                          f"got {int(b.min())}..{int(b.max())}")
 
 
 def _describe_piece(p: tuple) -> str:

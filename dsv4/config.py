@@ -323,6 +323,8 @@ def _parse_yarn(rs: dict | None, field_name: str) -> YarnScaling | None:
             beta_slow=float(rs.get("beta_slow", 1)))
     except KeyError as e:
         raise ConfigError(f"{field_name}: yarn needs field {e.args[0]!r}") from None
+    except (TypeError, ValueError):  # e.g. "factor": "sixteen": name the field, not just the bad string
+        raise ConfigError(f"{field_name}: yarn fields must be numbers, got {rs!r}") from None
 
 
 def _parse(d: dict[str, Any]) -> ModelConfig:
@@ -348,7 +350,9 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
             if t not in _HF_LAYER_TYPES:
                 raise ConfigError(f"layer_types[{i}] = {t!r} is not one of {sorted(_HF_LAYER_TYPES)}")
             types.append(_HF_LAYER_TYPES[t])
-            ratios.append(0 if t == "sliding_attention" else int(rates[t]))
+            if t != "sliding_attention" and (isinstance(rates[t], bool) or not isinstance(rates[t], int)):
+                raise ConfigError(f"compress_rates[{t!r}] must be an integer, got {rates[t]!r}")
+            ratios.append(0 if t == "sliding_attention" else rates[t])
         if "compress_ratios" in d and d["compress_ratios"] is not None:
             off = [int(r) for r in d["compress_ratios"][:n]]
             if off != ratios:

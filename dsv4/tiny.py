@@ -9,6 +9,7 @@ biases and mHC bases.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -122,7 +123,10 @@ def make_tiny(out: str | Path, seed: int = 0, num_shards: int = 3, config: dict 
 
 def ensure_builtin_tiny() -> Path:
     """The built-in tiny model's folder, written on first use (atomically)."""
-    path = dsv4_home() / "models" / f"tiny-v{TINY_VERSION}"
+    # Keyed by the config's content too: a cached folder written from an older TINY_CONFIG (e.g. before
+    # index_n_heads changed) would otherwise be reused silently as "tiny" if TINY_VERSION was not bumped.
+    digest = hashlib.sha1(json.dumps(TINY_CONFIG, sort_keys=True).encode()).hexdigest()[:10]
+    path = dsv4_home() / "models" / f"tiny-v{TINY_VERSION}-{digest}"
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     from dsv4.config import ConfigError
     from dsv4.model.loader import CheckpointError
     from dsv4.ops.registry import OpResolutionError
+    from dsv4.platforms import PlatformError
 
     try:
         return a.fn(a)
-    except (ConfigError, CheckpointError, OpResolutionError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, OpResolutionError, PlatformError, FileNotFoundError, ValueError) as e:
         print(f"dsv4 {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -315,6 +315,10 @@ def _parse_yarn(rs: dict | None, field_name: str) -> YarnScaling | None:
         return None
     if kind != "yarn":
         raise ConfigError(f"{field_name}: only yarn scaling is supported, got type {kind!r}")
+    for k in ("attention_factor", "mscale", "mscale_all_dim"):
+        # DeepSeek-V4 applies no YaRN attention scaling (spec §2.4); a config asking for one is not this model
+        if rs.get(k) not in (None, 1, 1.0) and not (k != "attention_factor" and rs.get(k) == 0):
+            raise ConfigError(f"{field_name}.{k} = {rs[k]!r}: DeepSeek-V4 uses no YaRN attention scaling (expected 1)")
     try:
         return YarnScaling(
             factor=float(rs["factor"]),

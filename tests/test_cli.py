@@ -118,6 +118,15 @@ def test_out_of_vocabulary_token_ids(capsys, tiny_dir):
     assert "dsv4 generate: error:" in err and "129280" in err and "outside the vocabulary 0..129279" in err
 
 
+def test_unavailable_device(capsys, tiny_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cuda", "--prompt", "hi")
+    assert rc == 2 and out == "" and "'cuda'" in err and "sees no GPU" in err
+
+
 def test_bad_arguments(capsys, tiny_dir):
     with pytest.raises(SystemExit) as ei:
         main(["generate", "--model", str(tiny_dir), "--prompt-token-ids", "1,x,3"])

@@ -212,6 +212,8 @@ BAD_OFFICIAL = [
     ("kv_heads", _set("num_key_value_heads", 8), ["num_key_value_heads", "8"]),
     ("mtp_not_swa", _set("compress_ratios", [0, 0] + [4, 128] * 20 + [4, 4]), ["compress_ratios[43]", "4"]),
     ("expert_dtype", _set("expert_dtype", "int4"), ["expert_dtype", "'int4'"]),
+    ("yarn_mscale", lambda d: d["rope_scaling"].__setitem__("attention_factor", 1.2),
+     ["rope_scaling.attention_factor", "1.2"]),
 ]
 
 

@@ -10,6 +10,10 @@ import torch
 from dsv4.numerics.fp8 import Fp8Dialect
 
 
+class PlatformError(RuntimeError):
+    """The requested device cannot be used (absent, or of an unsupported kind)."""
+
+
 @dataclass(frozen=True)
 class Platform:
     name: str  # "cpu", "cuda", "rocm"
@@ -49,11 +53,11 @@ def detect(device: str | torch.device | None = None) -> Platform:
         return cpu_platform()
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {str(device)!r} asked for, but torch {torch.__version__} sees no GPU")
+            raise PlatformError(f"device {str(device)!r} asked for, but torch {torch.__version__} sees no GPU")
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         if getattr(torch.version, "hip", None):
             from dsv4.platforms.rocm import rocm_platform
             return rocm_platform(idx)
         from dsv4.platforms.cuda import cuda_platform
         return cuda_platform(idx)
-    raise RuntimeError(f"unsupported device type {dev.type!r} (supported: cpu, cuda, rocm through torch.cuda)")
+    raise PlatformError(f"unsupported device type {dev.type!r} (supported: cpu, cuda, rocm through torch.cuda)")

@@ -488,3 +488,67 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
         torch_dtype=str(dtype).replace("torch.", ""),
         extra={k: v for k, v in d.items()},
     )
+
+
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run a model: what to load, on which device, and the serving limits.
+
+    kv_cache_dtype: "auto" stores window and compressed KV in the activation dtype; "fp8" stores the
+    non-rotary dims in FP8 (platform dialect, per-64 power-of-two scales) and the rotary dims in the
+    activation dtype. Cache memory: `kv_cache_memory` bytes if given, else `gpu_memory_utilization` of
+    the GPU's memory minus weights and the profiled activation peak (on the CPU: 1 GiB by default).
+    """
+
+    model: str = "tiny"
+    device: str | None = None
+    dtype: str = "bfloat16"
+    numerics: str = "official"
+    load_format: str = "auto"
+    seed: int = 0
+    num_layers: int | None = None
+    op_overrides: tuple = ()
+    kv_cache_dtype: str = "auto"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    page_tokens: int | None = None
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+
+    def validate(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if not (0 < self.gpu_memory_utilization <= 1):
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0):
+            raise ConfigError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
+
+
+def parse_bytes(s: str | int) -> int:
+    """"4GiB", "512MiB", "1e9", 123 -> bytes."""
+    if isinstance(s, int):
+        return s
+    t = str(s).strip()
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
+    low = t.lower()
+    for u in sorted(units, key=len, reverse=True):
+        if low.endswith(u):
+            try:
+                return int(float(low[: -len(u)].strip()) * units[u])
+            except ValueError:
+                break
+    try:
+        return int(float(t))
+    except ValueError:
+        raise ConfigError(f"not a memory size: {s!r} (e.g. 8GiB, 512MiB, 1e9)") from None

@@ -1,4 +1,4 @@
-"""Per-request model state (design.md §3).
+"""Per-request model state on the device (design.md §3).
 
 Fixed-size state, one row per cache slot (a slot is held by one request from admission to finish):
   - `window`   [S, W, D]: ring of the last W raw K=V vectors, slot position % W (every layer);
@@ -10,8 +10,12 @@ tokens (a multiple of every compress ratio), so page p of a sequence holds, in t
 ratio m, that sequence's entries p*page_tokens/m .. (p+1)*page_tokens/m - 1:
   - `pool`     [P, page_tokens/m, D]: compressed KV entries (CSA, HCA);
   - `idx_pool` [P, page_tokens/4, d_I]: indexer keys (CSA).
-This class assigns pages to slots statically (slot s owns pages s*pps .. s*pps+pps-1); the serving
-engine replaces that with an allocator over the same layout.
+Window rings and compressed pools are KV stores (ops/kv_format.py): float rows, or FP8 (`kv_fp8`) with
+per-64 power-of-two scales on the non-rotary dims and float rotary dims. Indexer keys stay float.
+
+Pages: with `num_pages=None` every slot owns a fixed range of pages (simple single-process use, e.g.
+`generate`); otherwise the block table starts empty and a `KVCacheManager` fills rows as it allocates
+pages from the shared pool.
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.config import CSA, SWA, ModelConfig
+from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.compressor import reset_compressor_state
+from dsv4.ops.kv_format import KVStore, kv_alloc, kv_row_bytes
 from dsv4.ops.meta import ForwardMeta
+
+UNUSED_PAGE = 0  # block-table filler for pages not (yet) assigned; entries there are never read
 
 
 @dataclass
 class LayerCache:
-    window: torch.Tensor
-    pool: torch.Tensor | None = None
+    window: KVStore
+    pool: KVStore | None = None
     state: torch.Tensor | None = None
     prev: torch.Tensor | None = None
     idx_pool: torch.Tensor | None = None
@@ -46,9 +54,37 @@ def default_page_tokens(cfg: ModelConfig) -> int:
     return unit * max(1, math.ceil(256 / unit))
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    """Bytes of the cache, per slot (fixed state) and per page (growing state)."""
+
+    page_tokens: int
+    slot_bytes: int
+    page_bytes: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, dtype: torch.dtype, kv_fp8: bool, page_tokens: int | None = None) -> "CacheLayout":
+        pt = page_tokens or default_page_tokens(cfg)
+        D, W, dI, r = cfg.head_dim, cfg.sliding_window, cfg.index_head_dim, cfg.rope_head_dim
+        row = kv_row_bytes(D, r, kv_fp8, dtype)
+        fb = torch.empty((), dtype=dtype).element_size()
+        slot = page = 0
+        for t, m in zip(cfg.layer_types, cfg.compress_ratios):
+            slot += W * row
+            if t != SWA:
+                c = 2 if t == CSA else 1
+                slot += 3 * c * D * 4 + (3 * D * 4 if t == CSA else 0)
+                page += (pt // m) * row
+            if t == CSA:
+                slot += 3 * 2 * dI * 4 + 3 * dI * 4
+                page += (pt // m) * dI * fb
+        return cls(pt, slot, page)
+
+
 class ModelCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_seq_len: int, device, dtype: torch.dtype,
-                 page_tokens: int | None = None):
+                 page_tokens: int | None = None, num_pages: int | None = None, kv_fp8: bool = False,
+                 dialect: Fp8Dialect = Fp8Dialect.OCP):
         if num_slots < 1 or max_seq_len < 1:
             raise ValueError(f"num_slots and max_seq_len must be positive, got {num_slots}, {max_seq_len}")
         self.cfg, self.num_slots, self.max_seq_len = cfg, num_slots, max_seq_len
@@ -56,17 +92,29 @@ class ModelCache:
         for r in cfg.compress_ratios:
             if r and self.page_tokens % r:
                 raise ValueError(f"page_tokens {self.page_tokens} is not a multiple of compress ratio {r}")
-        pps = math.ceil(max_seq_len / self.page_tokens)
-        self.block_table = torch.arange(num_slots * pps, device=device, dtype=torch.int64).view(num_slots, pps)
-        D, W, dI = cfg.head_dim, cfg.sliding_window, cfg.index_head_dim
-        P = num_slots * pps
+        self.pages_per_seq = math.ceil(max_seq_len / self.page_tokens)
+        self.paged = num_pages is not None
+        if self.paged:
+            self.num_pages = num_pages
+            self.block_table = torch.full((num_slots, self.pages_per_seq), UNUSED_PAGE, dtype=torch.int64,
+                                          device=device)
+        else:
+            self.num_pages = num_slots * self.pages_per_seq
+            self.block_table = torch.arange(self.num_pages, device=device, dtype=torch.int64).view(num_slots, -1)
+        self.kv_fp8, self.dtype, self.device = kv_fp8, dtype, torch.device(device)
+        D, W, dI, r = cfg.head_dim, cfg.sliding_window, cfg.index_head_dim, cfg.rope_head_dim
+        P = max(1, self.num_pages)
+
+        def store(lead):
+            return kv_alloc(lead, D, r, kv_fp8, dtype, device, dialect)
+
         f32 = dict(device=device, dtype=torch.float32)
         self.layers: list[LayerCache] = []
         for t, m in zip(cfg.layer_types, cfg.compress_ratios):
-            lc = LayerCache(window=torch.zeros(num_slots, W, D, device=device, dtype=dtype))
+            lc = LayerCache(window=store((num_slots, W)))
             if t != SWA:
                 c = 2 if t == CSA else 1
-                lc.pool = torch.zeros(P, self.page_tokens // m, D, device=device, dtype=dtype)
+                lc.pool = store((P, self.page_tokens // m))
                 lc.state = torch.empty(num_slots, 3, c * D, **f32)
                 lc.prev = torch.empty(num_slots, 3, D, **f32) if t == CSA else None
             if t == CSA:
@@ -78,18 +126,25 @@ class ModelCache:
         self._lens = [0] * num_slots
         self.reset(list(range(num_slots)))
 
+    @property
+    def layout(self) -> CacheLayout:
+        return CacheLayout.of(self.cfg, self.dtype, self.kv_fp8, self.page_tokens)
+
     def reset(self, slots: list[int]) -> None:
+        """Empty the per-slot state (compressor accumulators; lengths) of `slots`."""
         for lc in self.layers:
             for state, prev in lc.states():
                 if state is not None:
                     reset_compressor_state(state, prev, slots)
+        for s in slots:
+            self._lens[s] = 0
 
+    # ---- simple slot management (non-paged use) -------------------------------------------------
     def allocate(self) -> int:
         if not self._free:
             raise RuntimeError(f"all {self.num_slots} cache slots are in use")
         s = self._free.pop()
         self.reset([s])
-        self._lens[s] = 0
         return s
 
     def free(self, slot: int) -> None:
@@ -97,12 +152,11 @@ class ModelCache:
             raise ValueError(f"slot {slot} is not allocated")
         self._free.append(slot)
 
+    # ---- per step ----------------------------------------------------------------------------------
     def begin_step(self, meta: ForwardMeta) -> None:
         """Check that each sequence continues exactly where its slot stopped and fits the cache, and
         record the new lengths."""
         for s, p0, p1 in zip(meta.seq_slots_host, meta.seq_start_host, meta.seq_lens_host):
-            if s in self._free:
-                raise ValueError(f"slot {s} is not allocated")
             if p0 != self._lens[s]:
                 raise ValueError(f"slot {s} holds {self._lens[s]} tokens but the step starts at position {p0}")
             if p1 > self.max_seq_len:

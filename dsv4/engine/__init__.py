@@ -1,1 +1,1 @@
-"""Engine: generation loops, sampling (the serving engine builds on these)."""
+"""Engine: requests, scheduling, the model runner, sampling, and the offline / async front ends."""

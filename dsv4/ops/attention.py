@@ -11,12 +11,14 @@ logits l_i = scale * (q_h . k_i); values are the keys (K = V, all D dims). Float
 accumulation; the output [T, H, D] is in q's dtype. Window and compressed entries are not de-duplicated.
 
 q: [T, H, D]; kv: [T, D]; window: [S, W, D]; sink: [H] float32; pool: [P, E, D] or None (sliding-window
-layer); block_table: [S, max_pages]; topk_idx: [T, K] int64 or None.
+layer); block_table: [S, max_pages]; topk_idx: [T, K] int64 or None. `window` and `pool` are KV stores
+(kv_format.py: float rows, or FP8 non-rotary dims + float rotary dims, dequantised on read).
 """
 
 import torch
 
 from dsv4.ops.indexer import gather_entries
+from dsv4.ops.kv_format import kv_read, kv_write
 from dsv4.ops.meta import ForwardMeta
 from dsv4.ops.registry import define_op
 
@@ -35,7 +37,7 @@ def sparse_attention_reference(q, kv, window, sink, scale: float, meta: ForwardM
         p0 = meta.seq_start_host[b]
         lo = max(0, p0 - (W - 1))
         ring_pos = torch.arange(lo, p0, device=q.device)
-        keys = torch.cat([window[s, ring_pos % W], kv[t0:t1]]).float()  # positions lo .. p1-1
+        keys = torch.cat([kv_read(window, (s, ring_pos % W)).float(), kv[t0:t1].float()])  # positions lo .. p1-1
         kpos = torch.arange(lo, meta.seq_lens_host[b], device=q.device)
         hca = None
         if pool is not None and topk_idx is None:
@@ -54,7 +56,7 @@ def sparse_attention_reference(q, kv, window, sink, scale: float, meta: ForwardM
                 valid = idx >= 0
                 E = pool.shape[1]
                 safe = idx.clamp(min=0)
-                ents = pool[block_table[s, safe // E], safe % E].float()  # [t, K, D]
+                ents = kv_read(pool, (block_table[s, safe // E], safe % E)).float()  # [t, K, D]
                 lc = torch.einsum("thd,tkd->thk", qb, ents) * scale
                 parts.append(lc.masked_fill(~valid[:, None, :], float("-inf")))
                 vals.append(ents)
@@ -81,7 +83,7 @@ def write_window(window: torch.Tensor, kv: torch.Tensor, meta: ForwardMeta) -> N
     for b in range(meta.num_seqs):
         t0, t1 = meta.seq_range(b)
         t0 = max(t0, t1 - W)
-        window[meta.seq_slots_host[b], meta.positions[t0:t1] % W] = kv[t0:t1].to(window.dtype)
+        kv_write(window, (meta.seq_slots_host[b], meta.positions[t0:t1] % W), kv[t0:t1])
 
 
 sparse_attention = define_op("sparse_attention", sparse_attention_reference)

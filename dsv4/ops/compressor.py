@@ -10,7 +10,8 @@ Then: cast to `act_dtype`, RMSNorm(norm_weight), RoPE on the trailing dims at po
 optional quantisation simulation `post`: "fp8" (FP8 round trip of the non-rotary dims in 64-wide
 blocks: the official main compressor) or "hadamard_fp4" (orthonormal Hadamard over all d dims, then an
 FP4 round trip in 32-wide blocks: the official indexer); "none" otherwise. The entry is written to
-`pool[block_table[slot, w // E], w % E]` (E = pool.shape[1] entries per page).
+`pool[block_table[slot, w // E], w % E]` (E = pool.shape[1] entries per page; pool is a KV store, see
+kv_format.py: float rows or FP8).
 
 State (per cache slot, float32, updated in place) is an online softmax, so it is small and the same
 for any split of a prompt into chunks: `state[slot] = (running max, running sum of exp, running
@@ -27,6 +28,7 @@ import torch
 from dsv4.numerics.fp4 import fp4_roundtrip
 from dsv4.numerics.fp8 import Fp8Dialect, fp8_roundtrip
 from dsv4.numerics.hadamard import hadamard_transform
+from dsv4.ops.kv_format import kv_write
 from dsv4.ops.meta import ForwardMeta
 from dsv4.ops.norm import rms_norm_reference
 from dsv4.ops.registry import define_op
@@ -119,7 +121,7 @@ def compress_kv_reference(kv, score, ape, norm_weight, inv_freq, state, prev, po
     c = rms_norm_reference(c, norm_weight, eps)
     c = apply_rope_reference(c, w * m, inv_freq)
     c = postprocess_entries(c, post, 2 * inv_freq.numel(), dialect)
-    pool[block_table[slots, w // E], w % E] = c.to(pool.dtype)
+    kv_write(pool, (block_table[slots, w // E], w % E), c)
 
 
 compress_kv = define_op("compress_kv", compress_kv_reference)

@@ -12,6 +12,7 @@ Scores are computed in float32.
 
 import torch
 
+from dsv4.ops.kv_format import kv_read
 from dsv4.ops.meta import ForwardMeta
 from dsv4.ops.registry import define_op
 
@@ -20,7 +21,7 @@ def gather_entries(pool: torch.Tensor, block_table: torch.Tensor, slot: int, n: 
     """Entries 0..n-1 of one slot as a [n, d] tensor."""
     E = pool.shape[1]
     w = torch.arange(n, device=pool.device)
-    return pool[block_table[slot, w // E], w % E]
+    return kv_read(pool, (block_table[slot, w // E], w % E))
 
 
 def indexer_topk_reference(q, weights, k_pool, block_table, meta: ForwardMeta, ratio: int, topk: int):

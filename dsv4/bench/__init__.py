@@ -1,0 +1,1 @@
+"""Benchmarks run through the engine (`dsv4 bench ...`)."""

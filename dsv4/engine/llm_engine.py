@@ -1,0 +1,226 @@
+"""The engine: requests in, one scheduled step at a time, outputs out (used by `LLM` offline and by the
+async engine behind the server). Everything here is synchronous and single-threaded."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from dsv4.cache.kv_manager import KVCacheManager
+from dsv4.cache.model_cache import CacheLayout, ModelCache
+from dsv4.cache.planner import CacheDoesNotFit, CachePlan, gib, plan_cache
+from dsv4.config import EngineConfig
+from dsv4.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from dsv4.engine.model_runner import ModelRunner
+from dsv4.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from dsv4.engine.request import Request, RequestStatus
+from dsv4.engine.sampler import Sampler, make_generator
+from dsv4.engine.sampling_params import SamplingParams
+from dsv4.engine.scheduler import Scheduler
+from dsv4.model.builder import LoadedModel, build_model, parse_dtype
+from dsv4.ops.meta import ForwardMeta
+from dsv4.ops.registry import parse_overrides
+from dsv4.tokenizer import Tokenizer
+
+log = logging.getLogger("dsv4.engine")
+CPU_DEFAULT_KV_BYTES = 2**30
+DEFAULT_MAX_MODEL_LEN = 16384
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, lm: LoadedModel | None = None, tokenizer: Tokenizer | None = None):
+        config.validate()
+        self.config = config
+        self.lm = lm or build_model(config.model, device=config.device, dtype=config.dtype, numerics=config.numerics,
+                                    load_format=config.load_format,
+                                    op_overrides=parse_overrides(list(config.op_overrides)), seed=config.seed,
+                                    num_layers=config.num_layers)
+        self.cfg = self.lm.cfg
+        self.device = self.lm.platform.torch_device
+        self.tokenizer = tokenizer or _load_tokenizer(self.lm)
+        self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, self.cfg.max_position_embeddings)
+        kv_fp8 = config.kv_cache_dtype == "fp8"
+        kv_dtype = self.lm.opts.dtype if config.kv_cache_dtype in ("auto", "fp8") else parse_dtype(config.kv_cache_dtype)
+        layout = CacheLayout.of(self.cfg, kv_dtype, kv_fp8, config.page_tokens)
+        self.plan: CachePlan = plan_cache(layout, self._cache_budget(), config.max_num_seqs, self.max_model_len)
+        log.info(self.plan.describe())
+        self.cache = ModelCache(self.cfg, self.plan.num_slots, self.max_model_len, self.device, kv_dtype,
+                                page_tokens=layout.page_tokens, num_pages=self.plan.num_pages, kv_fp8=kv_fp8,
+                                dialect=self.lm.platform.fp8_dialect)
+        self.kv = KVCacheManager(self.cache)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.lm, self.cache, Sampler())
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # ---- capacity ---------------------------------------------------------------------------------
+    def _cache_budget(self) -> int:
+        c = self.config
+        if c.kv_cache_memory is not None:
+            return c.kv_cache_memory
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_KV_BYTES
+        torch.cuda.synchronize(self.device)
+        weights = torch.cuda.memory_allocated(self.device)
+        activations = self._profile_activations()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(c.gpu_memory_utilization * total) - weights - activations
+        if budget <= 0:
+            raise CacheDoesNotFit(
+                f"the model does not fit: weights {gib(weights)} + activation peak {gib(activations)} (at "
+                f"{c.max_num_batched_tokens} tokens per step) exceed gpu_memory_utilization "
+                f"{c.gpu_memory_utilization} x {gib(total)}; use more GPUs, --num-layers, or lower "
+                f"--max-num-batched-tokens")
+        return budget
+
+    @torch.no_grad()
+    def _profile_activations(self) -> int:
+        """Peak memory of one forward at the step token budget, beyond the weights."""
+        n = self.config.max_num_batched_tokens
+        tmp = ModelCache(self.cfg, 1, n, self.device, self.lm.opts.dtype)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        s = tmp.allocate()
+        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        X = self.lm.model(ids, ForwardMeta.build([s], [0], [n], self.device), tmp)
+        self.lm.model.logits(X[-1:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del tmp, X
+        torch.cuda.empty_cache()
+        return int(peak * 1.1)
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> Request:
+        """Validate and queue a request. A bad request raises ValueError and changes nothing."""
+        params = params or SamplingParams()
+        params.validate(self.cfg.vocab_size)
+        if params.n != 1:
+            raise ValueError("the engine takes n=1 requests; LLM.generate and the server expand n > 1")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                             f"(prompt + at least one generated token)")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        req = Request(request_id=rid, prompt_token_ids=ids, params=params, max_tokens=max_tokens,
+                      eos_token_ids=frozenset(() if params.ignore_eos else self.cfg.eos_token_ids), prompt=text,
+                      arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+                      generator=make_generator(params.seed, self.device))
+        if params.detokenize:
+            req.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            req.stop_matcher = StopStringMatcher(list(params.stop), params.include_stop_str_in_output)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request at any moment and free everything it holds; its final output (or None if
+        the id is unknown or already finished)."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return None
+        self._finish(req, "abort")
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # ---- stepping ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        outs: list[RequestOutput] = []
+        for req in so.failed:
+            self._finish(req, "error")
+            outs.append(self._output(req))
+        if not so.scheduled:
+            return outs
+        self.num_steps += 1
+        results = self.runner.execute(so.scheduled)
+        now = time.monotonic()
+        for (req, n), res in zip(so.scheduled, results):
+            req.num_computed_tokens += n
+            if res.prompt_logprobs:
+                if not req.prompt_logprobs:
+                    req.prompt_logprobs.append(None)
+                req.prompt_logprobs.extend(res.prompt_logprobs)
+            if res.token_id is None:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._append_token(req, res.token_id, res.logprobs)
+            outs.append(self._output(req))
+        return outs
+
+    def _append_token(self, req: Request, tok: int, lp) -> None:
+        req.output_token_ids.append(tok)
+        if req.params.logprobs is not None:
+            req.logprobs.append(lp)
+        p = req.params
+        enough = len(req.output_token_ids) >= p.min_tokens
+        if req.detok is not None:
+            new = req.detok.add(tok)
+            emit, stopped = req.stop_matcher.feed(new)
+            req.text += emit
+            if stopped is not None and enough:
+                self._finish(req, "stop", stopped)
+                return
+        if enough and tok in req.eos_token_ids:
+            self._finish(req, "stop", None)
+        elif enough and tok in p.stop_token_ids:
+            self._finish(req, "stop", tok)
+        elif len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str, stop_reason=None) -> None:
+        if req.stop_matcher is not None and not isinstance(stop_reason, str):  # a stop string ends the text
+            req.text += req.stop_matcher.flush()
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        req.finish_time = time.monotonic()
+        self.scheduler.remove(req)
+        self.requests.pop(req.request_id, None)
+
+    def _output(self, req: Request) -> RequestOutput:
+        new_ids = req.output_token_ids[req._emitted_tokens:]
+        new_text = req.text[req._emitted_text:]
+        req._emitted_tokens, req._emitted_text = len(req.output_token_ids), len(req.text)
+        comp = CompletionOutput(index=0, text=req.text, token_ids=list(req.output_token_ids),
+                                logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+                                finish_reason=req.finish_reason, stop_reason=req.stop_reason, delta_text=new_text,
+                                delta_token_ids=new_ids)
+        m = RequestMetrics(arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
+                           first_token_time=req.first_token_time, finish_time=req.finish_time,
+                           num_prompt_tokens=req.num_prompt_tokens, num_generated_tokens=len(req.output_token_ids),
+                           num_preemptions=req.num_preemptions)
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs is not None
+                             else None, outputs=[comp], finished=req.finished, metrics=m, error=req.error)
+
+
+def _load_tokenizer(lm: LoadedModel) -> Tokenizer:
+    try:
+        return Tokenizer(lm.path)
+    except ValueError:
+        return Tokenizer(None)
+
+
+__all__ = ["LLMEngine", "RequestStatus"]

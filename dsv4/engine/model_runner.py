@@ -1,0 +1,72 @@
+"""One engine step on the device: flatten the scheduled requests to T tokens (varlen, no padding),
+build the step's metadata once, run the model, and sample the next token of every request whose
+scheduled tokens reach its end (plus prompt logprobs where asked)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.cache.model_cache import ModelCache
+from dsv4.engine.request import Request
+from dsv4.engine.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
+from dsv4.model.builder import LoadedModel
+from dsv4.ops.meta import ForwardMeta
+
+
+@dataclass
+class StepResult:
+    token_id: int | None = None  # sampled next token (None: a prefill chunk that did not reach the end)
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None  # for prompt positions covered by this step
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel, cache: ModelCache, sampler: Sampler | None = None):
+        self.lm, self.cache = lm, cache
+        self.model = lm.model
+        self.device = lm.platform.torch_device
+        self.sampler = sampler or Sampler()
+
+    @torch.no_grad()
+    def execute(self, scheduled: list[tuple[Request, int]]) -> list[StepResult]:
+        reqs = [r for r, _ in scheduled]
+        ns = [n for _, n in scheduled]
+        starts = [r.num_computed_tokens for r in reqs]
+        ids = [t for r, s, n in zip(reqs, starts, ns) for t in r.token_slice(s, s + n)]
+        meta = ForwardMeta.build([r.slot for r in reqs], starts, ns, self.device)
+        X = self.model(torch.tensor(ids, dtype=torch.int64, device=self.device), meta, self.cache)
+
+        results = [StepResult() for _ in reqs]
+        rows: list[int] = []  # token rows of X whose logits we need
+        sample_at: list[tuple[int, int]] = []  # (request index, row position in `rows`)
+        plp_at: list[tuple[int, int, int, list[int]]] = []  # (request index, first row, count, next ids)
+        for i, (r, s, n) in enumerate(zip(reqs, starts, ns)):
+            q0 = meta.query_start_host[i]
+            want = r.params.prompt_logprobs
+            if want is not None:
+                # prompt positions p (< prompt length - 1) in this step whose logprobs are not yet recorded
+                lo = max(s, len(r.prompt_logprobs) - 1 if r.prompt_logprobs else 0)
+                hi = min(s + n, r.num_prompt_tokens - 1)
+                if hi > lo:
+                    plp_at.append((i, len(rows), hi - lo, r.prompt_token_ids[lo + 1:hi + 1]))
+                    rows.extend(range(q0 + lo - s, q0 + hi - s))
+            if s + n == r.num_tokens:
+                sample_at.append((i, len(rows)))
+                rows.append(q0 + n - 1)
+        if not rows:
+            return results
+        logits = self.model.logits(X[torch.tensor(rows, device=self.device)])
+        if sample_at:
+            srows = [SamplingRow(params=reqs[i].params, prompt_token_ids=reqs[i].prompt_token_ids,
+                                 output_token_ids=reqs[i].output_token_ids, generator=reqs[i].generator,
+                                 stop_ids=reqs[i].eos_token_ids | frozenset(reqs[i].params.stop_token_ids))
+                     for i, _ in sample_at]
+            toks, lps = self.sampler(logits[[k for _, k in sample_at]], srows)
+            for (i, _), t, lp in zip(sample_at, toks, lps):
+                results[i].token_id = t
+                results[i].logprobs = lp
+        for i, k, c, nxt in plp_at:
+            results[i].prompt_logprobs = prompt_logprobs(logits[k:k + c], nxt, reqs[i].params.prompt_logprobs)
+        return results

@@ -1,0 +1,75 @@
+"""A request's life in the engine: tokens, progress, cache holdings, sampling and output state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: "SamplingParams"  # noqa: F821
+    max_tokens: int  # resolved: params.max_tokens, capped by max_model_len
+    eos_token_ids: frozenset
+    prompt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = None
+    # progress
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    # cache holdings (KVCacheManager)
+    slot: int | None = None
+    pages: list[int] = field(default_factory=list)
+    # outputs
+    logprobs: list = field(default_factory=list)  # TokenLogprobs per generated token (if asked)
+    prompt_logprobs: list = field(default_factory=list)  # None for position 0, then TokenLogprobs
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    detok: object | None = None
+    stop_matcher: object | None = None
+    # bookkeeping
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    _emitted_tokens: int = 0
+    _emitted_text: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        p = self.num_prompt_tokens
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids[start:] if start < p else []) + self.output_token_ids[max(0, start - p):end - p]
+
+    @property
+    def finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED

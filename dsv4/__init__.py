@@ -1,5 +1,7 @@
 """dsv4: an inference engine for DeepSeek-V4-Flash (PyTorch + Triton)."""
 
+from dsv4 import envs as _envs  # noqa: F401  (first: sets library defaults before torch loads)
+
 __version__ = "0.1.0"
 
 

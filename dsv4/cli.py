@@ -1,4 +1,4 @@
-"""`dsv4` command line: generate | make-tiny | doctor."""
+"""`dsv4` command line: generate | bench throughput | make-tiny | doctor."""
 
 from __future__ import annotations
 
@@ -34,52 +34,78 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="force an op's provider (see `dsv4 doctor`)")
 
 
-def cmd_generate(a: argparse.Namespace) -> int:
-    from dsv4.engine.generate import generate
-    from dsv4.model.builder import build_model
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "fp8"],
+                   help="fp8: non-rotary KV dims in FP8 (platform dialect, per-64 power-of-two scales)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 8GiB (default: from "
+                   "--gpu-memory-utilization on a GPU, 1 GiB on the CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--page-tokens", type=int, default=None, help="raw tokens per cache page")
+
+
+def engine_config(a: argparse.Namespace):
+    from dsv4.config import EngineConfig, parse_bytes
     from dsv4.ops.registry import parse_overrides
-    from dsv4.tokenizer import Tokenizer
 
-    lm = build_model(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics, load_format=a.load_format,
-                     op_overrides=parse_overrides(a.op), seed=a.seed or 0, num_layers=a.num_layers,
-                     progress=not a.json)
-    tok = None
-    if a.prompt:
-        tok = Tokenizer(lm.path)
-        if tok.vocab_size > lm.cfg.vocab_size:
-            print(f"warning: tokenizer ({tok.source}) has {tok.vocab_size} ids, the model {lm.cfg.vocab_size}",
-                  file=sys.stderr)
-        prompts = [tok.encode(p) for p in a.prompt]
-    else:
-        prompts = [a.prompt_token_ids]
-        if lm.path is not None:
-            try:
-                tok = Tokenizer(lm.path)
-            except ValueError:
-                tok = None
-    res = generate(lm, prompts, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                   ignore_eos=a.ignore_eos)
+    return EngineConfig(
+        model=str(a.model), device=a.device, dtype=a.dtype, numerics=a.numerics, load_format=a.load_format,
+        seed=a.seed or 0, num_layers=a.num_layers, op_overrides=tuple(parse_overrides(a.op).items()),
+        kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
+        page_tokens=a.page_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
+        kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory))
 
-    def text(ids):
-        if tok is None or max(ids, default=0) >= tok.vocab_size:
-            return None
-        return tok.decode(ids)
 
+def cmd_generate(a: argparse.Namespace) -> int:
+    from dsv4.engine.llm import LLM
+    from dsv4.engine.sampling_params import SamplingParams
+
+    llm = LLM.from_config(engine_config(a))
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0)
+    prompts = list(a.prompt) if a.prompt else [a.prompt_token_ids]
+    tok = llm.tokenizer
+    if a.prompt and tok.vocab_size > llm.engine.cfg.vocab_size:
+        print(f"warning: tokenizer ({tok.source}) has {tok.vocab_size} ids, the model {llm.engine.cfg.vocab_size}",
+              file=sys.stderr)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise ValueError("; ".join(errors))
+    ttft = [o.metrics.ttft for o in outs if o.metrics.ttft is not None]
+    tpot = [o.metrics.tpot for o in outs if o.metrics.tpot is not None]
+    prefill_s = max(ttft) if ttft else float("nan")
+    decode_tok_s = sum(1 / t for t in tpot if t > 0) if tpot else float("nan")  # all sequences together
     if a.json:
-        out = [{"prompt_token_ids": o.prompt_token_ids, "token_ids": o.token_ids, "logprobs": o.logprobs,
-                "text": text(o.token_ids), "finish_reason": o.finish_reason} for o in res.outputs]
-        print(json.dumps({"outputs": out, "prefill_seconds": res.prefill_seconds,
-                          "decode_seconds": res.decode_seconds,
-                          "decode_tokens_per_second": res.decode_tokens_per_second}, ensure_ascii=False))
+        rows = [{"prompt_token_ids": o.prompt_token_ids, "token_ids": o.outputs[0].token_ids,
+                 "logprobs": [lp.logprob for lp in o.outputs[0].logprobs], "text": o.outputs[0].text,
+                 "finish_reason": o.outputs[0].finish_reason} for o in outs]
+        print(json.dumps({"outputs": rows, "prefill_seconds": prefill_s, "decode_tokens_per_second": decode_tok_s},
+                         ensure_ascii=False))
         return 0
-    for i, o in enumerate(res.outputs):
-        if len(res.outputs) > 1:
+    for i, o in enumerate(outs):
+        if len(outs) > 1:
             print(f"--- prompt {i}")
-        t = text(o.token_ids)
-        print(t if t is not None else o.token_ids)
-    print(f"[{res.generated_tokens} tokens, prefill {res.prefill_seconds * 1e3:.0f} ms, decode "
-          f"{res.decode_tokens_per_second:.1f} tok/s over {len(res.outputs)} sequence(s), "
-          f"{lm.platform.name}, {a.dtype}, {a.numerics} numerics]", file=sys.stderr)
+        print(o.outputs[0].text)
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    e = llm.engine
+    print(f"[{n} tokens, prefill {prefill_s * 1e3:.0f} ms, decode {decode_tok_s:.1f} tok/s over {len(outs)} "
+          f"sequence(s), {e.lm.platform.name}, {a.dtype}, {a.numerics} numerics]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_throughput(a: argparse.Namespace) -> int:
+    from dsv4.bench.throughput import format_report, run_throughput
+    from dsv4.engine.llm import LLM
+
+    llm = LLM.from_config(engine_config(a))
+    r = run_throughput(llm, a.num_prompts, a.input_len, a.output_len, seed=a.seed or 0,
+                       temperature=a.temperature, progress=not a.json)
+    print(json.dumps(r) if a.json else format_report(r))
     return 0
 
 
@@ -109,16 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
-    _add_model_args(g)
+    _add_engine_args(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-token-ids", type=_token_ids, help="comma-separated token ids, e.g. 0,1234,56")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--json", action="store_true", help="print token ids and logprobs as JSON")
     g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks through the engine")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    bt = bsub.add_parser("throughput", help="N requests of fixed lengths: output tok/s and latency percentiles")
+    _add_engine_args(bt)
+    bt.add_argument("--num-prompts", type=int, default=64)
+    bt.add_argument("--input-len", type=int, default=128)
+    bt.add_argument("--output-len", type=int, default=64)
+    bt.add_argument("--temperature", type=float, default=0.0)
+    bt.add_argument("--json", action="store_true", help="print the results as JSON")
+    bt.set_defaults(fn=cmd_bench_throughput)
 
     t = sub.add_parser("make-tiny", help="write a small random checkpoint in the release's format")
     t.add_argument("out")

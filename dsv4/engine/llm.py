@@ -43,6 +43,12 @@ class LLM:
     def __init__(self, model: str = "tiny", **kwargs):
         self.engine = LLMEngine(EngineConfig(model=str(model), **kwargs))
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        self = cls.__new__(cls)
+        self.engine = LLMEngine(config)
+        return self
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

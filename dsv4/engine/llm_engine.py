@@ -179,9 +179,9 @@ class LLMEngine:
         enough = len(req.output_token_ids) >= p.min_tokens
         if req.detok is not None:
             new = req.detok.add(tok)
-            emit, stopped = req.stop_matcher.feed(new)
+            emit, stopped = req.stop_matcher.feed(new, check_stop=enough)  # stop strings wait for min_tokens
             req.text += emit
-            if stopped is not None and enough:
+            if stopped is not None:
                 self._finish(req, "stop", stopped)
                 return
         if enough and tok in req.eos_token_ids:
@@ -193,7 +193,8 @@ class LLMEngine:
 
     def _finish(self, req: Request, reason: str, stop_reason=None) -> None:
         if req.stop_matcher is not None and not isinstance(stop_reason, str):  # a stop string ends the text
-            req.text += req.stop_matcher.flush()
+            tail, _ = req.stop_matcher.feed(req.detok.flush(), check_stop=False)  # a last partial character
+            req.text += tail + req.stop_matcher.flush()
         req.finish_reason, req.stop_reason = reason, stop_reason
         req.finish_time = time.monotonic()
         self.scheduler.remove(req)

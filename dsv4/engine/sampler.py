@@ -1,0 +1,253 @@
+"""Batched sampling: float32 logits [B, V], one row per request, each row with its own parameters.
+
+Per row, in this order:
+
+(a) logprobs, when asked, are those of the RAW model distribution (log_softmax of the logits as they
+    came from the model, before penalties, temperature or truncation), as in vLLM's default;
+(b) repetition penalty over prompt + output tokens (a positive logit is divided by the penalty, a
+    negative one multiplied), then frequency (x count) and presence (x [count > 0]) penalties over
+    the OUTPUT tokens only, subtracted;
+(c) while fewer than min_tokens tokens are out, the row's stop ids (EOS + stop_token_ids) get -inf;
+(d) greedy rows (temperature 0) take the argmax of the processed logits (the lowest id on ties);
+(e) other rows: divide by the temperature, keep the top-k, then the top-p nucleus (the smallest set
+    of most likely tokens whose probability mass reaches top_p; the most likely token always stays),
+    then drop tokens below min_p x the largest probability, renormalise, and sample by the
+    exponential race: token = argmax_i p_i / E_i with E_i ~ Exp(1), one E per vocabulary entry drawn
+    from the row's own generator (torch's default generator where the row has none). The race is
+    run in log space, argmax_i (z_i - log E_i) with z the truncated scaled logits, which is the same
+    argmax and needs no normalisation. A seeded row therefore draws the same numbers, and gets the
+    same token, whatever else is in the batch and wherever it sits in it.
+
+Everything but the random draws is vectorised across rows; nothing a row gets depends on the other
+rows. A row left with no finite logit is a bug upstream (NaN logits, or min_tokens suppressing the
+whole vocabulary) and raises.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float  # under the raw model distribution
+    rank: int  # 1 = most likely (1 + the number of tokens strictly more likely)
+    top: list[tuple[int, float]]  # the top-n (token, logprob) pairs, most likely first
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]  # EOS ids + params.stop_token_ids: what min_tokens suppresses
+
+
+def make_generator(seed: int | None, device) -> torch.Generator | None:
+    """A generator seeded with `seed` on `device`, or None (use torch's default generator)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed))
+    return g
+
+
+class Sampler:
+    """`sampler(logits, rows) -> (token ids, logprobs)`; logprobs[i] is None unless
+    rows[i].params.logprobs is set."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [B, V] with B = {len(rows)} rows, got {tuple(logits.shape)}")
+        logits = logits.float()
+        B, V = logits.shape
+        if B == 0:
+            return [], []
+        x = apply_penalties(logits, rows)
+        x = suppress_stop_ids(x, rows)
+
+        tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        _check_finite_rows(x, rows)
+        if greedy:
+            gi = torch.tensor(greedy, device=logits.device)
+            tokens[gi] = x[gi].argmax(dim=-1)
+        if sampled:
+            si = torch.tensor(sampled, device=logits.device)
+            ps = [rows[i].params for i in sampled]
+            z = truncate(x[si] / _col([p.temperature for p in ps], x), [p.top_k for p in ps],
+                         [p.top_p for p in ps], [p.min_p for p in ps])
+            noise = _race_noise([rows[i].generator for i in sampled], V, x.device)
+            tokens[si] = (z - noise.log()).argmax(dim=-1)
+        token_list = tokens.tolist()
+
+        lps: list[TokenLogprobs | None] = [None] * B
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if want:
+            wi = torch.tensor(want, device=logits.device)
+            got = token_logprobs(logits[wi], [token_list[i] for i in want], [rows[i].params.logprobs for i in want])
+            for i, lp in zip(want, got):
+                lps[i] = lp
+        return token_list, lps
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """(b): repetition penalty over prompt + output tokens, frequency and presence penalties over
+    output tokens. Returns a new tensor (the input is left as it is)."""
+    x = logits.clone()
+    V = x.shape[1]
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep:
+        seen = _token_mask([list(rows[i].prompt_token_ids) + list(rows[i].output_token_ids) for i in rep], V, x.device)
+        ri = torch.tensor(rep, device=x.device)
+        pen = _col([rows[i].params.repetition_penalty for i in rep], x)
+        sub = x[ri]
+        x[ri] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+    fp = [i for i, r in enumerate(rows) if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
+    if fp:
+        counts = _token_counts([rows[i].output_token_ids for i in fp], V, x.device)
+        fi = torch.tensor(fp, device=x.device)
+        freq = _col([rows[i].params.frequency_penalty for i in fp], x)
+        pres = _col([rows[i].params.presence_penalty for i in fp], x)
+        x[fi] = x[fi] - freq * counts - pres * (counts > 0).float()
+    return x
+
+
+def suppress_stop_ids(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """(c): -inf on the stop ids of rows that have fewer than min_tokens output tokens (in place)."""
+    V = x.shape[1]
+    ri: list[int] = []
+    ti: list[int] = []
+    for i, r in enumerate(rows):
+        if len(r.output_token_ids) < r.params.min_tokens:
+            ids = [t for t in r.stop_ids if 0 <= t < V]
+            ri += [i] * len(ids)
+            ti += ids
+    if ri:
+        x[torch.tensor(ri, device=x.device), torch.tensor(ti, device=x.device)] = -math.inf
+    return x
+
+
+def truncate(z: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]) -> torch.Tensor:
+    """(e) truncation of temperature-scaled logits z [B, V]: top-k, then top-p over the top-k
+    renormalised distribution, then min-p. Dropped entries become -inf; the most likely token always
+    stays. Returns a new tensor."""
+    B, V = z.shape
+    ks = [V if k <= 0 or k >= V else k for k in top_k]
+    if all(k == V for k in ks) and all(p >= 1.0 for p in top_p) and all(m <= 0.0 for m in min_p):
+        return z.clone()
+    zs, order = z.sort(dim=-1, descending=True, stable=True)
+    pos = torch.arange(V, device=z.device)
+    drop = pos[None, :] >= torch.tensor(ks, device=z.device)[:, None]  # top-k
+    zs = zs.masked_fill(drop, -math.inf)
+    if any(p < 1.0 for p in top_p):
+        probs = torch.softmax(zs, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        tp = torch.tensor(top_p, dtype=z.dtype, device=z.device)[:, None]
+        nucleus = (before < tp) | (tp >= 1.0)
+        drop = drop | ~nucleus
+    if any(m > 0.0 for m in min_p):
+        # p_i < min_p * p_max  <=>  z_i - z_max < log(min_p); the max is at sorted position 0
+        logm = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p], dtype=z.dtype, device=z.device)
+        drop = drop | (zs - zs[:, :1] < logm[:, None])
+    drop[:, 0] = False  # the most likely token always stays (each rule above keeps it already)
+    keep = torch.zeros_like(drop).scatter_(1, order, ~drop)
+    return z.masked_fill(~keep, -math.inf)
+
+
+def kept_set(logits: torch.Tensor, params: SamplingParams) -> set[int]:
+    """The token ids a non-greedy row with these params may draw from 1-D `logits` (already
+    penalised): what `truncate` keeps after temperature scaling."""
+    z = truncate(logits.float()[None] / params.temperature, [params.top_k], [params.top_p], [params.min_p])[0]
+    return set(torch.nonzero(z > -math.inf).flatten().tolist())
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], ns: Sequence[int]) -> list[TokenLogprobs]:
+    """Raw-distribution logprob, rank and top-n of token_ids[i] in row i of logits [N, V]."""
+    N, V = logits.shape
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(list(token_ids), dtype=torch.int64, device=logits.device)
+    chosen = lp.gather(1, ids[:, None])
+    rank = (lp > chosen).sum(dim=-1) + 1
+    kmax = min(max(ns, default=0), V)
+    if kmax > 0:
+        tv, ti = lp.topk(kmax, dim=-1)
+        tv, ti = tv.tolist(), ti.tolist()
+    out = []
+    for j, (c, r, n) in enumerate(zip(chosen[:, 0].tolist(), rank.tolist(), ns)):
+        top = list(zip(ti[j][:n], tv[j][:n])) if kmax > 0 and n > 0 else []
+        out.append(TokenLogprobs(token_id=int(token_ids[j]), logprob=c, rank=r, top=top))
+    return out
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: Sequence[int], n: int) -> list[TokenLogprobs]:
+    """For prompt positions: logits [L, V] at L positions and the L actual next tokens -> the raw
+    logprob of each next token, its rank and the top-n alternatives."""
+    if logits.dim() != 2 or logits.shape[0] != len(next_ids):
+        raise ValueError(f"prompt_logprobs: logits {tuple(logits.shape)} for {len(next_ids)} next tokens")
+    if len(next_ids) == 0:
+        return []
+    return token_logprobs(logits, next_ids, [n] * len(next_ids))
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+def _col(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+
+
+def _padded(lists: Sequence[Sequence[int]], V: int, device) -> torch.Tensor:
+    """Token lists as one [n, max_len] int64 tensor padded with V (a column dropped afterwards)."""
+    width = max((len(t) for t in lists), default=0)
+    idx = torch.full((len(lists), max(width, 1)), V, dtype=torch.int64)
+    for j, t in enumerate(lists):
+        if len(t):
+            idx[j, :len(t)] = torch.as_tensor(list(t), dtype=torch.int64)
+    return idx.to(device)
+
+
+def _token_counts(lists: Sequence[Sequence[int]], V: int, device) -> torch.Tensor:
+    idx = _padded(lists, V, device)
+    counts = torch.zeros(len(lists), V + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float32, device=device))
+    return counts[:, :V]
+
+
+def _token_mask(lists: Sequence[Sequence[int]], V: int, device) -> torch.Tensor:
+    idx = _padded(lists, V, device)
+    mask = torch.zeros(len(lists), V + 1, dtype=torch.bool, device=device)
+    mask.scatter_(1, idx, True)
+    return mask[:, :V]
+
+
+def _race_noise(gens: Sequence[torch.Generator | None], V: int, device: torch.device) -> torch.Tensor:
+    """[len(gens), V] draws of Exp(1): a row with a generator draws its V values from it (on the
+    generator's device), the rows without one draw together from torch's default generator (in row
+    order). Clamped away from 0 so log() stays finite."""
+    noise = torch.empty(len(gens), V, dtype=torch.float32, device=device)
+    free = [j for j, g in enumerate(gens) if g is None]
+    if free:
+        noise[torch.tensor(free, device=device)] = torch.empty(len(free), V, device=device).exponential_()
+    for j, g in enumerate(gens):
+        if g is not None:
+            noise[j] = torch.empty(V, dtype=torch.float32, device=g.device).exponential_(generator=g).to(device)
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def _check_finite_rows(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    best = x.max(dim=-1).values
+    bad = ~torch.isfinite(best) | torch.isnan(x).any(dim=-1)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise RuntimeError(f"sampler: row {i} has no finite logit to choose from after penalties and min_tokens "
+                           f"masking (max {best[i].item()}; min_tokens={rows[i].params.min_tokens}, "
+                           f"{len(rows[i].stop_ids)} stop ids): a bug upstream")

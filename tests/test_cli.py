@@ -175,3 +175,23 @@ def test_builtin_tiny_is_keyed_by_its_config(tmp_path, monkeypatch):
     assert b != a and len(made) == 2
     assert json.loads((b / "config.json").read_text())["index_n_heads"] == 8
     assert not list(tmp_path.glob("models/.tiny-*"))  # no temporary folders left behind
+
+
+def test_bench_throughput(capsys, tiny_dir):
+    rc, out, err = run(capsys, "bench", "throughput", "--model", tiny_dir, "--device", "cpu", "--num-prompts", 6,
+                       "--input-len", 20, "--output-len", 4, "--max-num-seqs", 4, "--json")
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["output_tokens"] == 24 and r["output_tok_s"] > 0 and not r["errors"]
+    assert r["latency_s"]["p50"] <= r["latency_s"]["p99"] and r["ttft_s"]["p50"] > 0
+    assert r["max_num_seqs"] == 4
+    rc, out, err = run(capsys, "bench", "throughput", "--model", tiny_dir, "--device", "cpu", "--num-prompts", 2,
+                       "--input-len", 8, "--output-len", 2, "--kv-cache-dtype", "fp8")
+    assert rc == 0, err
+    assert "output" in out and "tok/s" in out and "TTFT" in out and "kv fp8" in out
+
+
+def test_kv_cache_too_small_is_a_clear_error(capsys, tiny_dir):
+    rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt", "hi",
+                       "--kv-cache-memory", "100KiB")
+    assert rc == 2 and "cannot hold one request" in err and "--kv-cache-memory" in err

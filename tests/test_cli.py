@@ -11,18 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dsv4.cli import main
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests run many tiny ops; with two threads on a shared 2-core machine, OpenMP's waiting makes
-    them several times slower than one thread (measured), so use one here and restore it after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TOKS_LINE = re.compile(r"^\[(\d+) tokens, prefill \d+ ms, decode (nan|[\d.]+) tok/s over 1 sequence\(s\), ", re.M)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from dsv4.engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -22,7 +26,7 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    params: "SamplingParams"  # noqa: F821
+    params: "SamplingParams"
     max_tokens: int  # resolved: params.max_tokens, capped by max_model_len
     eos_token_ids: frozenset
     prompt: str | None = None

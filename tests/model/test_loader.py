@@ -30,15 +30,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests run many tiny ops; with two threads on a shared 2-core machine, OpenMP's waiting makes
-    them several times slower than one thread (measured), so use one here and restore it after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---- helpers ------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ class Provider:
     fn: Callable
     supported: Callable[[Platform], str | None]
     priority: int
+    interpretable: bool = False  # runs on the CPU under TRITON_INTERPRET=1 (tests), though never chosen there
 
 
 @dataclass
@@ -42,10 +43,10 @@ class Op:
     providers: dict[str, Provider] = field(default_factory=dict)
 
     def register(self, provider: str, fn: Callable, supported: Callable[[Platform], str | None] | None = None,
-                 priority: int = 10) -> None:
+                 priority: int = 10, interpretable: bool = False) -> None:
         if provider in self.providers and provider != REFERENCE:
             raise OpResolutionError(f"op {self.name!r}: provider {provider!r} registered twice")
-        self.providers[provider] = Provider(provider, fn, supported or (lambda p: None), priority)
+        self.providers[provider] = Provider(provider, fn, supported or (lambda p: None), priority, interpretable)
 
 
 _OPS: dict[str, Op] = {}
@@ -69,6 +70,7 @@ def all_ops() -> dict[str, Op]:
 def _import_providers() -> None:
     # Importing the op modules defines the ops; kernel packages register their providers on import.
     import dsv4.ops  # noqa: F401
+    import dsv4.kernels  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
-"""Which implementations of an op the op tests run: every provider registered for it (today the
-plain-PyTorch reference "torch"; Triton / vendor providers register later) that declares it can run on
-the CPU platform and is not on that platform's deny list. Every op test is parametrised over
-`providers(op_name)`, so a new provider is automatically held to the same naive oracles."""
+"""Which implementations of an op the op tests run: every provider registered for it that declares it
+can run on the CPU platform and is not on that platform's deny list, plus the Triton providers, which
+run on the CPU through the Triton interpreter (TRITON_INTERPRET=1, set in conftest.py) although the
+registry never chooses them there. Every op test is parametrised over `providers(op_name)`, so a new
+provider is automatically held to the same naive oracles."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -26,7 +29,7 @@ def providers(op_name: str) -> list[tuple[str, object]]:
             reason = prov.supported(plat)
         except Exception as e:  # a probe that crashes counts as "cannot run here"
             reason = f"{type(e).__name__}: {e}"
-        if reason is None:
+        if reason is None or (prov.interpretable and os.environ.get("TRITON_INTERPRET") == "1"):
             out.append((name, prov.fn))
     return out
 

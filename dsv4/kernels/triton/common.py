@@ -1,0 +1,61 @@
+"""Shared Triton pieces: the capability check every Triton provider uses, and FP8 e4m3 encode /
+decode by bit arithmetic in either dialect (so fnuz bytes can be produced and read on any hardware,
+and in the CPU interpreter, whose float8 casts are unreliable).
+
+Byte layout s|eeee|mmm. OCP (e4m3fn): bias 7, max 448. FNUZ (e4m3fnuz): bias 8, max 240, no -0.
+value = (-1)^s * (e == 0 ? m : 8 + m) * 2^(max(e, 1) - bias - 3)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dsv4.platforms import Platform
+
+
+def triton_supported(platform: Platform) -> str | None:
+    """Triton providers run on GPUs; on the CPU only the interpreter runs them (tests)."""
+    if not platform.is_gpu:
+        return "needs a GPU (on the CPU the Triton interpreter runs these kernels only in tests)"
+    return None
+
+
+def register(op, fn, priority: int = 100) -> None:
+    op.register("triton", fn, supported=triton_supported, priority=priority, interpretable=True)
+
+
+@triton.jit
+def fp8_decode(b, FNUZ: tl.constexpr):
+    """uint8 (any int) codes -> float32 values. NaN codes are not special-cased (never stored)."""
+    c = b.to(tl.int32) & 0xFF
+    e = (c >> 3) & 0xF
+    m = (c & 7).to(tl.float32)
+    mant = tl.where(e == 0, m, m + 8.0)
+    bias = 8 if FNUZ else 7
+    v = mant * tl.exp2((tl.maximum(e, 1) - bias - 3).to(tl.float32))
+    return tl.where((c & 0x80) != 0, -v, v)
+
+
+@triton.jit
+def fp8_encode(x, FNUZ: tl.constexpr):
+    """float32 values already scaled into range (|x| <= 448 OCP / 240 FNUZ) -> uint8 codes, round to
+    nearest even. Zero (either sign) encodes as 0x00."""
+    a = tl.abs(x)
+    if FNUZ:
+        min_normal = 0.0078125  # 2^-7
+        sub_steps = 1024.0  # 1 / 2^-10
+        bias = 8
+    else:
+        min_normal = 0.015625  # 2^-6
+        sub_steps = 512.0  # 1 / 2^-9
+        bias = 7
+    # subnormal (and zero): round a / step to an integer 0..8 with the 2^23 trick (exact RNE in fp32)
+    sub = ((a * sub_steps + 8388608.0) - 8388608.0).to(tl.int32)
+    # normal: round the float32 mantissa to 3 bits, ties to even, on the bit pattern
+    bits = a.to(tl.int32, bitcast=True)
+    rounded = bits + 0x7FFFF + ((bits >> 20) & 1)
+    normal = (rounded >> 20) - ((127 - bias) << 3)
+    code = tl.where(a < min_normal, sub, normal)
+    code = tl.where((x < 0) & (code != 0), code | 0x80, code)
+    return code.to(tl.uint8)

@@ -1,4 +1,4 @@
-"""`dsv4` command line: generate | bench throughput | make-tiny | doctor."""
+"""`dsv4` command line: serve | generate | batch | bench throughput | make-tiny | doctor."""
 
 from __future__ import annotations
 
@@ -109,6 +109,47 @@ def cmd_bench_throughput(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import logging
+
+    from dsv4.engine.async_engine import AsyncLLM
+    from dsv4.serve.handlers import ServeLimits
+    from dsv4.serve.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.model_pos is not None:
+        a.model = a.model_pos
+    llm = AsyncLLM(engine_config(a))
+    name = a.served_model_name or (a.model if "/" not in str(a.model) else str(a.model).rstrip("/").split("/")[-1])
+    print(f"dsv4: serving {name!r} on http://{a.host}:{a.port}/v1 ({llm.engine.plan.describe()})", file=sys.stderr)
+    serve(llm, name, host=a.host, port=a.port, api_key=a.api_key, limits=ServeLimits(max_queued=a.max_queued),
+          log_level=a.log_level)
+    return 0
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from dsv4.engine.async_engine import AsyncLLM
+    from dsv4.serve.batch import run_batch
+    from dsv4.serve.handlers import OpenAIServing, ServeLimits
+
+    async def main():
+        llm = AsyncLLM(engine_config(a))
+        name = a.served_model_name or str(a.model)
+        serving = OpenAIServing(llm, name, ServeLimits(max_queued=1 << 30))
+        try:
+            return await run_batch(serving, a.input, a.output, max_concurrency=a.max_concurrency,
+                                   progress=not a.quiet)
+        finally:
+            await llm.shutdown(timeout=0)
+
+    stats = asyncio.run(main())
+    print(f"batch: {stats['succeeded']} succeeded, {stats['failed']} failed, {stats['skipped']} already done "
+          f"-> {a.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_make_tiny(a: argparse.Namespace) -> int:
     from dsv4.tiny import make_tiny
 
@@ -157,6 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--temperature", type=float, default=0.0)
     bt.add_argument("--json", action="store_true", help="print the results as JSON")
     bt.set_defaults(fn=cmd_bench_throughput)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    sv.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                    help="checkpoint folder or built-in name (default: tiny); same as --model")
+    _add_engine_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1")
+    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--max-queued", type=int, default=512, help="requests waiting or running before 429")
+    sv.add_argument("--log-level", default="info")
+    sv.set_defaults(fn=cmd_serve)
+
+    bj = sub.add_parser("batch", help="run an OpenAI batch file (JSONL) through the engine")
+    bj.add_argument("input")
+    bj.add_argument("output")
+    _add_engine_args(bj)
+    bj.add_argument("--served-model-name", default=None)
+    bj.add_argument("--max-concurrency", type=int, default=256)
+    bj.add_argument("--quiet", action="store_true", help="no progress bar")
+    bj.set_defaults(fn=cmd_batch)
 
     t = sub.add_parser("make-tiny", help="write a small random checkpoint in the release's format")
     t.add_argument("out")

@@ -34,6 +34,23 @@ class ServeLimits:
     max_queued: int = 256  # requests waiting or running beyond which new ones get 429
 
 
+class _Ticket:
+    """A reservation of n places in the server's queue bound, released exactly once: explicitly when
+    the request's work ends, or when the ticket is garbage-collected (a stream that never started)."""
+
+    def __init__(self, serving: "OpenAIServing", n: int):
+        self.serving, self.n = serving, n
+        serving._inflight += n
+
+    def release(self) -> None:
+        if self.n:
+            self.serving._inflight -= self.n
+            self.n = 0
+
+    def __del__(self):
+        self.release()
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -49,6 +66,7 @@ class OpenAIServing:
         self.vocab_size = eng.cfg.vocab_size
         self.created = int(time.time())
         self.on_finish = None  # optional callback(RequestOutput) for metrics
+        self._inflight = 0  # engine requests accepted here and not yet finished (event-loop thread only)
 
     # ---- shared --------------------------------------------------------------------------------
     def models(self) -> dict:
@@ -60,10 +78,13 @@ class OpenAIServing:
             raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                            "not_found_error", "model", "model_not_found")
 
-    def _check_capacity(self) -> None:
-        if self.llm.num_unfinished >= self.limits.max_queued:
+    def _reserve(self, n: int) -> _Ticket:
+        """Admit n more engine requests or answer 429. Counted here, synchronously, so that concurrent
+        arrivals cannot all slip past the bound before the engine thread has seen them."""
+        if self._inflight + n > self.limits.max_queued:
             raise ApiError(429, f"the server is at capacity ({self.limits.max_queued} requests queued or running); "
                            "retry later", "rate_limit_error", code="server_busy")
+        return _Ticket(self, n)
 
     def _params(self, r, max_tokens: int | None, prompt_len: int, **extra) -> SamplingParams:
         if max_tokens is not None and max_tokens < 1:
@@ -173,12 +194,11 @@ class OpenAIServing:
         if r.logprobs is not None and not 0 <= r.logprobs <= 20:
             raise ApiError(400, f"logprobs must be between 0 and 20, got {r.logprobs}", param="logprobs")
         prompts = self._completion_prompts(r)
-        self._check_capacity()
         max_tokens = 16 if r.max_tokens is None else r.max_tokens
         params = [self._params(r, max_tokens, len(ids), logprobs=r.logprobs,
                                prompt_logprobs=r.logprobs if r.echo and r.logprobs is not None else None,
                                skip_special_tokens=r.skip_special_tokens) for ids in prompts]
-        return prompts, params
+        return prompts, params, self._reserve(len(prompts) * r.n)
 
     def _completion_logprobs(self, lps, offset0: int) -> dict:
         toks, tlp, top, offs = [], [], [], []
@@ -193,7 +213,13 @@ class OpenAIServing:
         return {"tokens": toks, "token_logprobs": tlp, "top_logprobs": top, "text_offset": offs}
 
     async def completions(self, r: CompletionRequest) -> dict:
-        prompts, params = self._completion_setup(r)
+        prompts, params, ticket = self._completion_setup(r)
+        try:
+            return await self._completions(r, prompts, params)
+        finally:
+            ticket.release()
+
+    async def _completions(self, r: CompletionRequest, prompts, params) -> dict:
         rid = f"cmpl-{uuid.uuid4().hex}"
         choices, n_prompt, n_out = [], 0, 0
         for k, (ids, p) in enumerate(zip(prompts, params)):
@@ -219,7 +245,14 @@ class OpenAIServing:
 
     async def completions_stream(self, r: CompletionRequest, setup=None) -> AsyncIterator[str]:
         """SSE lines. Pass `setup=self._completion_setup(r)` to raise request errors before streaming."""
-        prompts, params = setup or self._completion_setup(r)
+        prompts, params, ticket = setup or self._completion_setup(r)
+        try:
+            async for line in self._completions_stream(r, prompts, params):
+                yield line
+        finally:
+            ticket.release()
+
+    async def _completions_stream(self, r: CompletionRequest, prompts, params) -> AsyncIterator[str]:
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         n_prompt, n_out = 0, 0
@@ -251,16 +284,17 @@ class OpenAIServing:
             raise ApiError(400, f"top_logprobs must be between 0 and 20, got {r.top_logprobs}", param="top_logprobs")
         effort = r.reasoning_effort if r.reasoning_effort not in (None, "none") else None
         try:
+            # OpenAI clients send "developer" for instructions: render it as the system prompt (the official
+            # encoder's developer role is an internal search-agent turn)
             prompt = encode_messages(r.messages, thinking=thinking, reasoning_effort=effort, tools=tools,
-                                     response_format=r.response_format)
+                                     response_format=r.response_format, developer_as_system=True)
         except (ValueError, TypeError, KeyError) as e:
             raise ApiError(400, f"invalid messages: {e}", param="messages") from None
         ids = self.tokenizer.encode(prompt, add_bos=False)
-        self._check_capacity()
         max_tokens = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
         params = self._params(r, max_tokens, len(ids), logprobs=(r.top_logprobs or 0) if r.logprobs else None,
                               skip_special_tokens=False)
-        return ids, params, thinking, bool(tools)
+        return ids, params, thinking, bool(tools), self._reserve(r.n)
 
     def _chat_logprobs(self, lps) -> dict:
         def entry(t, v):
@@ -276,7 +310,13 @@ class OpenAIServing:
                 for c in calls]
 
     async def chat(self, r: ChatCompletionRequest) -> dict:
-        ids, params, thinking, tools = self._chat_setup(r)
+        ids, params, thinking, tools, ticket = self._chat_setup(r)
+        try:
+            return await self._chat(r, ids, params, thinking, tools)
+        finally:
+            ticket.release()
+
+    async def _chat(self, r: ChatCompletionRequest, ids, params, thinking, tools) -> dict:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         finals: dict[int, RequestOutput] = {}
         async for i, out in self._run(ids, params, r.n, rid):
@@ -290,7 +330,7 @@ class OpenAIServing:
             parser.feed(c.text)
             parser.finish()
             msg = {"role": "assistant", "content": parser.content or (None if parser.tool_calls else "")}
-            if thinking:
+            if thinking and not parser.answered_in_reasoning:  # (an answer without </think> is the content)
                 msg["reasoning_content"] = parser.reasoning
             if parser.tool_calls:
                 msg["tool_calls"] = self._tool_calls_json(parser.tool_calls)
@@ -303,7 +343,14 @@ class OpenAIServing:
 
     async def chat_stream(self, r: ChatCompletionRequest, setup=None) -> AsyncIterator[str]:
         """SSE lines. Pass `setup=self._chat_setup(r)` to raise request errors before streaming."""
-        ids, params, thinking, tools = setup or self._chat_setup(r)
+        ids, params, thinking, tools, ticket = setup or self._chat_setup(r)
+        try:
+            async for line in self._chat_stream(r, ids, params, thinking, tools):
+                yield line
+        finally:
+            ticket.release()
+
+    async def _chat_stream(self, r: ChatCompletionRequest, ids, params, thinking, tools) -> AsyncIterator[str]:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: prompt encoding (`encoding`), output parsing (`parsing`), HTTP server."""

@@ -19,5 +19,5 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_run_command_uses_the_same_install():
     readme = (ROOT / "README.md").read_text()
     install = _ci_command().split(" && .venv/bin/python -m pytest")[0]
-    run = [ln for ln in readme.splitlines() if "dsv4 generate" in ln and ln.startswith("python3 -m venv")]
+    run = [ln for ln in readme.splitlines() if "dsv4 serve" in ln and ln.startswith("python3 -m venv")]
     assert run and run[0].startswith(install), "README's run command must install the same way as the tests"

@@ -220,3 +220,41 @@ def test_200_streaming_clients_with_disconnects(srv):
                                                                "temperature": 0, "ignore_eos": True}, timeout=60)
         assert full.json()["choices"][0]["text"] == finished[i][0]
     srv.assert_no_leaks()
+
+
+def test_non_streaming_client_disconnect_aborts(srv):
+    """A client that gives up on a non-streaming request frees the request's cache at once."""
+    body = {"prompt": [0, 7, 7, 7], "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.base + "/v1/completions", json=body, timeout=0.5)
+    srv.assert_no_leaks()  # waits until the engine has nothing in flight
+    assert srv.engine.num_steps < 10_000
+
+
+def test_graceful_shutdown_finishes_in_flight(lm):
+    """Shutting down lets a running stream finish (within the grace period) instead of cutting it."""
+    import threading
+
+    s = LiveServer(lm)
+    with s:
+        got = {}
+
+        def stream():
+            text, finish = "", None
+            with httpx.stream("POST", s.base + "/v1/completions", timeout=120,
+                              json={"prompt": [0, 9], "max_tokens": 30, "ignore_eos": True, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        ch = json.loads(line[6:])["choices"][0]
+                        text += ch["text"]
+                        finish = ch["finish_reason"] or finish
+            got["finish"] = finish
+
+        t = threading.Thread(target=stream)
+        t.start()
+        while not s.engine.num_unfinished_requests():
+            pass
+        s.server.should_exit = True  # what SIGINT / SIGTERM do
+        t.join(timeout=120)
+    assert got.get("finish") == "length"
+    assert s.llm._stop  # the engine thread stopped after the stream finished

@@ -1,0 +1,639 @@
+"""Triton providers for `sparse_attention` and `write_window` (dsv4/ops/attention.py).
+
+sparse_attention: one softmax per (token, head) over [sliding window keys | compressed entries] plus the
+sink (denominator only), K = V (one shared head, MQA), fp32 scores / accumulation. KV stores are float
+tensors or `Fp8KV` (FP8 bytes + per-64 E8M0 scales + float rope dims), decoded inside the kernel (no
+dequantised copy of any cache is ever made).
+
+write_window: ring[slot, pos % W] = kv row for the last W tokens of each sequence of the step, quantising
+the non-rotary dims exactly like `dsv4.numerics.fp8.quantize_fp8_blocks` for FP8 stores.
+
+Both wrappers take exactly the reference's arguments, do no device->host syncs (grid sizes and the
+split count come from argument shapes and the host mirrors of ForwardMeta) and are graph-capturable.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.triton.common import fp8_decode, fp8_encode, register
+from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.ops.attention import sparse_attention as sparse_attention_op
+from dsv4.ops.attention import write_window_op
+from dsv4.ops.kv_format import FP8_BLOCK, Fp8KV
+from dsv4.ops.meta import ForwardMeta
+
+LOG2E = 1.4426950408889634
+
+# Launch configuration (tunable; see gpu_check_cases' sweeps). BLOCK_H heads share every key tile;
+# BLOCK_N keys per tile; >= 16 each so tl.dot runs on the tensor cores.
+CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+# FP8 stores decode each key tile to float32 in registers first ([BLOCK_N, D] fp32): twice the warps
+CONFIG_FP8 = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
+MAX_SPLITS = 64
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, d, D, DN,
+               FP8: tl.constexpr, FNUZ: tl.constexpr):
+    """Rows of a KV store as a [BLOCK_N, BLOCK_D] tile (zeros where masked). off_*: int64 [BLOCK_N]
+    element offsets of each row in the store's components. Float store: b_ptr holds the rows and the
+    tile comes back in the storage dtype. Fp8KV: b_ptr = nope bytes, s_ptr = E8M0 scale bytes (one per
+    64 nope dims), r_ptr = rope floats; column d < DN decodes byte * 2^(scale - 127), d >= DN reads rope
+    column d - DN; the tile comes back in float32 (exact: e4m3 times a power of two)."""
+    if FP8:
+        is_n = d < DN
+        dn = tl.where(is_n, d, 0)
+        mn = rmask[:, None] & is_n[None, :]
+        byte = tl.load(b_ptr + off_b[:, None] + dn[None, :], mask=mn, other=0)
+        sb = tl.load(s_ptr + off_s[:, None] + (dn // 64)[None, :], mask=mn, other=127)
+        xn = fp8_decode(byte, FNUZ) * tl.exp2(sb.to(tl.float32) - 127.0)
+        is_r = (d >= DN) & (d < D)
+        dr = tl.where(is_r, d - DN, 0)
+        xr = tl.load(r_ptr + off_r[:, None] + dr[None, :], mask=rmask[:, None] & is_r[None, :], other=0.0)
+        x = tl.where(is_n[None, :], xn, xr.to(tl.float32))
+    else:
+        x = tl.load(b_ptr + off_b[:, None] + d[None, :], mask=rmask[:, None] & (d < D)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _attend(q, k, valid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """Online-softmax step (log2 domain) of BLOCK_H heads over one key tile k [BLOCK_N, BLOCK_D]
+    (K = V). m_i starts finite (the sink), so masked keys (-inf) never produce NaN."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_H, BLOCK_N] fp32
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+# ----------------------------------------------------------------------------------------- attention
+#
+# Work decomposition: grid (T * cdiv(H, BLOCK_H), NSPLIT). Program (t, head block, split) loads the
+# query rows of BLOCK_H heads of token t once ([BLOCK_H, D], kept in registers), then streams that
+# token's key list in tiles of BLOCK_N rows x D: first the window positions max(0, p-W+1)..p (rows of
+# this step's `kv` for positions >= seq_start, else ring rows window[slot, pos % W]), then the
+# compressed entries (CSA: the ids of topk_idx[t], -1 skipped; HCA: 0 .. (p+1)//ratio - 1, counted,
+# never listed), gathered through the block table. Each tile is read once for all BLOCK_H heads: one
+# [BLOCK_H, D] x [D, BLOCK_N] dot for the logits, an online softmax in fp32 (exp2, log2 domain), one
+# [BLOCK_H, BLOCK_N] x [BLOCK_N, D] dot into the fp32 accumulator. The head-block programs of one token
+# are adjacent in launch order (head block is the fastest index of axis 0), so the H / BLOCK_H re-reads
+# of a tile hit L2; HBM traffic is then q + the keys a token touches + the output, the decode floor.
+# Near the floor because each key byte comes from HBM once per token and each key tile costs exactly
+# two dots for all BLOCK_H heads: 4 * 64 * 512 flops per key row per token = 128 flop/B for bf16 rows
+# (1 KiB), 225 flop/B for FP8 rows (583 B), against a ridge of ~165 flop/B (H200) / ~295 (H100), so
+# decode sits close to both limits and neither bytes nor dots are spent twice. FP8 tiles are decoded
+# once per head block (H / BLOCK_H times per token): ALU work that a larger BLOCK_H removes (see the
+# sweeps in gpu_check_cases). Prefill uses the same programs (one per token and head block); keys
+# shared by neighbouring queries (window, HCA entries) are re-read from L2, not HBM.
+# Split-KV (flash-decoding) when T * head blocks cannot fill the GPU (decode at small batch): split i
+# takes a contiguous chunk of the token's [window | compressed] list and writes (max, sum, unnormalised
+# acc) to an fp32 workspace; `_combine_kernel` merges the splits and adds the sink. The split count
+# changes speed only, never results' semantics, so a captured graph may keep it.
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    q_ptr, s_qt, s_qh,
+    kv_ptr, s_kvt,
+    wb_ptr, wb_s0, wb_s1, ws_ptr, ws_s0, ws_s1, wr_ptr, wr_s0, wr_s1,
+    pb_ptr, pb_s0, pb_s1, ps_ptr, ps_s0, ps_s1, pr_ptr, pr_s0, pr_s1,
+    bt_ptr, s_bt, MAXP,
+    idx_ptr, s_idx, K,
+    sink_ptr,
+    pos_ptr, tseq_ptr, slots_ptr, qstart_ptr, sstart_ptr,
+    out_ptr, s_ot, s_oh,
+    wsm_ptr, wsa_ptr,
+    H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NSPLIT,
+    MODE: tl.constexpr,  # 0 SWA, 1 CSA (topk ids), 2 HCA (all visible entries)
+    W_FP8: tl.constexpr, W_FNUZ: tl.constexpr, P_FP8: tl.constexpr, P_FNUZ: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    t = pid // NHB
+    hb = pid % NHB
+    t64 = t.to(tl.int64)
+    b = tl.load(tseq_ptr + t)
+    p = tl.load(pos_ptr + t).to(tl.int32)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    s0 = tl.load(sstart_ptr + b).to(tl.int32)
+    qs = tl.load(qstart_ptr + b).to(tl.int32)
+
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < H
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    q = tl.load(q_ptr + t64 * s_qt + h[:, None].to(tl.int64) * s_qh + d[None, :],
+                mask=hm[:, None] & dm[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    z = tl.load(sink_ptr + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_i = z  # running max starts at the sink logit: finite, so no -inf - -inf
+    if SPLIT:
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # the combine kernel adds the sink
+    else:
+        l_i = tl.full([BLOCK_H], 1.0, dtype=tl.float32)  # exp2(z - m_i) = 1
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+
+    lo = tl.maximum(p - W + 1, 0)
+    nW = p - lo + 1
+    if MODE == 1:
+        nC = K
+    elif MODE == 2:
+        nC = (p + 1) // ratio
+    else:
+        nC = 0
+    nV = nW + nC
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(nV, NSPLIT), BLOCK_N) * BLOCK_N
+        v_lo = split * chunk
+        v_hi = tl.minimum(v_lo + chunk, nV)
+    else:
+        v_lo = 0
+        v_hi = nV
+
+    # ---- window: positions lo + v, v in [w_lo, w_hi)
+    w_lo = tl.minimum(v_lo, nW)
+    w_hi = tl.minimum(v_hi, nW)
+    w_base_b = slot * wb_s0
+    w_base_s = slot * ws_s0
+    w_base_r = slot * wr_s0
+    for v0 in range(w_lo, w_hi, BLOCK_N):
+        v = v0 + tl.arange(0, BLOCK_N)
+        vm = v < w_hi
+        j = lo + v
+        from_kv = j >= s0
+        in_kv = vm & from_kv
+        in_ring = vm & (j < s0)
+        kv_row = tl.where(in_kv, qs + j - s0, 0).to(tl.int64)
+        xk = tl.load(kv_ptr + kv_row[:, None] * s_kvt + d[None, :], mask=in_kv[:, None] & dm[None, :], other=0.0)
+        ring = tl.where(in_ring, j % W, 0).to(tl.int64)
+        xr = _load_rows(wb_ptr, ws_ptr, wr_ptr, w_base_b + ring * wb_s1, w_base_s + ring * ws_s1,
+                        w_base_r + ring * wr_s1, in_ring, d, D, DN_W, W_FP8, W_FNUZ)
+        k = tl.where(from_kv[:, None], xk.to(q.dtype), xr.to(q.dtype))
+        m_i, l_i, acc = _attend(q, k, vm, m_i, l_i, acc, qk_scale, PREC)
+
+    # ---- compressed entries c in [c_lo, c_hi)
+    if MODE != 0:
+        c_lo = tl.maximum(v_lo, nW) - nW
+        c_hi = tl.maximum(v_hi, nW) - nW
+        for c0 in range(c_lo, c_hi, BLOCK_N):
+            c = c0 + tl.arange(0, BLOCK_N)
+            cm = c < c_hi
+            if MODE == 1:
+                w = tl.load(idx_ptr + t64 * s_idx + tl.where(cm, c, 0), mask=cm, other=-1)
+                cm = cm & (w >= 0)
+                w = tl.where(cm, w, 0).to(tl.int64)
+            else:
+                w = tl.where(cm, c, 0).to(tl.int64)
+            pg = w // E
+            cm = cm & (pg < MAXP)
+            pg = tl.where(cm, pg, 0)
+            page = tl.load(bt_ptr + slot * s_bt + pg, mask=cm, other=0).to(tl.int64)
+            e = w % E
+            x = _load_rows(pb_ptr, ps_ptr, pr_ptr, page * pb_s0 + e * pb_s1, page * ps_s0 + e * ps_s1,
+                           page * pr_s0 + e * pr_s1, cm, d, D, DN_P, P_FP8, P_FNUZ)
+            m_i, l_i, acc = _attend(q, x.to(q.dtype), cm, m_i, l_i, acc, qk_scale, PREC)
+
+    if SPLIT:
+        row = (t64 * NSPLIT + split) * 2
+        tl.store(wsm_ptr + row * H + h, m_i, mask=hm)
+        tl.store(wsm_ptr + (row + 1) * H + h, l_i, mask=hm)
+        base = (t64 * NSPLIT + split) * H
+        tl.store(wsa_ptr + (base + h[:, None]) * D + d[None, :], acc, mask=hm[:, None] & dm[None, :])
+    else:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + t64 * s_ot + h[:, None].to(tl.int64) * s_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
+
+
+# Work decomposition: grid (T * cdiv(H, BLOCK_H)); each program reads the NSPLIT (max, sum) pairs and
+# [BLOCK_H, D] fp32 partial accumulators of its token's splits once (from L2 right after the main
+# kernel) and writes the output rows once; it only runs when NSPLIT > 1 (small decode batches).
+@triton.jit
+def _combine_kernel(wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D, NHB, NSPLIT,
+                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    t64 = (pid // NHB).to(tl.int64)
+    hb = pid % NHB
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < H
+    d = tl.arange(0, BLOCK_D)
+    mask = hm[:, None] & (d < D)[None, :]
+    z = tl.load(sink_ptr + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
+    mx = z
+    for i in range(NSPLIT):
+        row = (t64 * NSPLIT + i) * 2
+        mx = tl.maximum(mx, tl.load(wsm_ptr + row * H + h, mask=hm, other=0.0))
+    den = tl.exp2(z - mx)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for i in range(NSPLIT):
+        row = (t64 * NSPLIT + i) * 2
+        mi = tl.load(wsm_ptr + row * H + h, mask=hm, other=0.0)
+        li = tl.load(wsm_ptr + (row + 1) * H + h, mask=hm, other=0.0)
+        a = tl.load(wsa_ptr + ((t64 * NSPLIT + i) * H + h[:, None]) * D + d[None, :], mask=mask, other=0.0)
+        wgt = tl.exp2(mi - mx)
+        den += wgt * li
+        acc += wgt[:, None] * a
+    o = acc / den[:, None]
+    tl.store(out_ptr + t64 * s_ot + h[:, None].to(tl.int64) * s_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------- write_window
+#
+# Work decomposition: grid (T,); program t reads its sequence's end (query_start[b+1]) and stores its kv
+# row into ring[slot, pos % W] only if it is one of the last W tokens of the sequence in this step
+# (other programs exit after three scalar loads). Each written row is read once and written once:
+# D * elt bytes in, D * elt (float) or D - r + ceil((D - r)/64) + r * elt (FP8) bytes out. For FP8 the
+# non-rotary dims are viewed as [NB, 64] blocks: per-block amax (>= 1e-4), s = 2^ceil(log2(amax/448))
+# from the float32 bits (exact, like pow2_scale_exponent), FNUZ doubles s and clamps at 224, bytes via
+# fp8_encode (RNE), scale bytes e + 127; rotary dims are stored as floats.
+
+
+@triton.jit
+def _write_window_kernel(kvn_ptr, kvr_ptr, s_kvt, pos_ptr, tseq_ptr, slots_ptr, qstart_ptr,
+                         wb_ptr, wb_s0, wb_s1, ws_ptr, ws_s0, ws_s1, wr_ptr, wr_s0, wr_s1,
+                         W, D, DN,
+                         FP8: tl.constexpr, FNUZ: tl.constexpr,
+                         BLOCK_D: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr):
+    t = tl.program_id(0)
+    t64 = t.to(tl.int64)
+    b = tl.load(tseq_ptr + t)
+    q_end = tl.load(qstart_ptr + b + 1)
+    keep = t >= q_end - W  # one of the last W tokens of its sequence in this step
+    pos = tl.load(pos_ptr + t)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    ring = (pos % W).to(tl.int64)
+    if FP8:
+        blk = tl.arange(0, NB)
+        j = tl.arange(0, 64)
+        dn = blk[:, None] * 64 + j[None, :]
+        mn = (dn < DN) & keep
+        x = tl.load(kvn_ptr + t64 * s_kvt + dn, mask=mn, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
+        bits = amax.to(tl.int32, bitcast=True)
+        ea = ((bits >> 23) & 0xFF) - 127
+        # ceil(log2(amax / 448)) exactly: 448 = 1.75 * 2^8, 1.75 has mantissa bits 0x600000
+        e = ea - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+        if FNUZ:
+            e = tl.minimum(tl.maximum(e, -127), 126) + 1
+            qmax = 224.0
+        else:
+            e = tl.minimum(tl.maximum(e, -127), 127)
+            qmax = 448.0
+        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e (exact for the e that occur)
+        y = tl.minimum(tl.maximum(x * inv[:, None], -qmax), qmax)
+        code = fp8_encode(y, FNUZ)
+        tl.store(wb_ptr + slot * wb_s0 + ring * wb_s1 + dn, code, mask=mn)
+        nsc = (DN + 63) // 64
+        tl.store(ws_ptr + slot * ws_s0 + ring * ws_s1 + blk, (e + 127).to(tl.uint8), mask=(blk < nsc) & keep)
+        r = tl.arange(0, BLOCK_R)
+        mr = (r < D - DN) & keep
+        xr = tl.load(kvr_ptr + t64 * s_kvt + DN + r, mask=mr, other=0.0)
+        tl.store(wr_ptr + slot * wr_s0 + ring * wr_s1 + r, xr.to(wr_ptr.dtype.element_ty), mask=mr)
+    else:
+        d = tl.arange(0, BLOCK_D)
+        m = (d < D) & keep
+        x = tl.load(kvn_ptr + t64 * s_kvt + d, mask=m, other=0.0)
+        tl.store(wb_ptr + slot * wb_s0 + ring * wb_s1 + d, x.to(wb_ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------- wrappers
+
+
+def _store_args(store, D: int):
+    """(pointer tensors + lead strides for (base, scale, rope)), fp8, fnuz, number of FP8 dims."""
+    if isinstance(store, Fp8KV):
+        parts = (store.nope, store.scale, store.rope)
+        for x in parts:
+            if x.shape[-1] > 1 and x.stride(-1) != 1:
+                raise ValueError("sparse_attention (triton): KV store components need a unit last stride")
+        args = []
+        for x in parts:
+            args += [x, x.stride(0), x.stride(1)]
+        return args, True, Fp8Dialect.parse(store.dialect) is Fp8Dialect.FNUZ, store.nope.shape[-1]
+    if store.stride(-1) != 1:
+        raise ValueError("sparse_attention (triton): KV store rows need a unit last stride")
+    return [store, store.stride(0), store.stride(1)] * 3, False, False, D
+
+
+@lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _auto_splits(device: torch.device, progs: int, max_keys: int) -> int:
+    n_sm = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    if progs >= n_sm:
+        return 1
+    want = triton.cdiv(2 * n_sm, progs)
+    return max(1, min(want, max_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, pool=None, block_table=None,
+                          topk_idx=None, ratio: int = 0, *, num_splits: int | None = None,
+                          block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                          num_stages: int | None = None, out: torch.Tensor | None = None):
+    """`sparse_attention` with optional launch overrides (tests and tuning). `out`: a caller-provided
+    [T, H, D] output (any strides, unit last stride, q's dtype; float32 under the interpreter)."""
+    T, H, D = q.shape
+    W = window.shape[1]
+    on_cpu = q.device.type == "cpu"  # the Triton interpreter (tests)
+    # Under the interpreter: dots in fp32 (its bf16 tl.dot is wrong) and the output rounded by torch
+    # (its fp32 -> bf16 cast truncates). On a GPU: dots in q's dtype with fp32 accumulation.
+    dot_f32 = on_cpu or q.dtype == torch.float32
+    out_dtype = torch.float32 if on_cpu else q.dtype
+    if out is None:
+        out = torch.empty((T, H, D), dtype=out_dtype, device=q.device)
+    elif out.dtype != out_dtype or tuple(out.shape) != (T, H, D) or out.stride(-1) != 1:
+        raise ValueError(f"sparse_attention (triton): out must be [T, H, D] {out_dtype} with a unit last stride")
+    if T == 0:
+        return out.to(q.dtype)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if kv.stride(-1) != 1:
+        kv = kv.contiguous()
+    sink = sink.float().contiguous()
+
+    w_args, w_fp8, w_fnuz, dn_w = _store_args(window, D)
+    if pool is None:
+        mode, p_args, p_fp8, p_fnuz, dn_p, E = 0, w_args, w_fp8, w_fnuz, dn_w, 1
+    else:
+        mode = 1 if topk_idx is not None else 2
+        p_args, p_fp8, p_fnuz, dn_p = _store_args(pool, D)
+        E = pool.shape[1]
+    if mode == 2 and ratio <= 0:
+        raise ValueError("sparse_attention (triton): HCA needs ratio > 0")
+    bt = block_table if block_table is not None else meta.positions
+    maxp = block_table.shape[1] if block_table is not None else 1
+    idx = topk_idx if topk_idx is not None else meta.positions.view(-1, 1)
+    if idx.stride(-1) != 1:
+        idx = idx.contiguous()
+    Kk = topk_idx.shape[1] if topk_idx is not None else 0
+
+    cfg = CONFIG_FP8 if (w_fp8 or p_fp8) else CONFIG
+    BH = block_h or cfg["BLOCK_H"]
+    BN = block_n or cfg["BLOCK_N"]
+    BD = triton.next_power_of_2(D)
+    nhb = triton.cdiv(H, BH)
+    if num_splits is None:
+        if mode == 1:
+            max_keys = W + Kk
+        elif mode == 2:
+            max_keys = W + max(meta.seq_lens_host) // ratio
+        else:
+            max_keys = W
+        num_splits = _auto_splits(q.device, T * nhb, max_keys)
+    split = num_splits > 1
+    if split:
+        wsm = torch.empty((T, num_splits, 2, H), dtype=torch.float32, device=q.device)
+        wsa = torch.empty((T, num_splits, H, D), dtype=torch.float32, device=q.device)
+    else:
+        wsm = wsa = out
+    grid = (T * nhb, num_splits)
+    _sparse_attn_kernel[grid](
+        q, q.stride(0), q.stride(1),
+        kv, kv.stride(0),
+        *w_args, *p_args,
+        bt, bt.stride(0), maxp,
+        idx, idx.stride(0), Kk,
+        sink,
+        meta.positions, meta.token_seq, meta.seq_slots, meta.query_start, meta.seq_start,
+        out, out.stride(0), out.stride(1),
+        wsm, wsa,
+        H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits,
+        MODE=mode, W_FP8=w_fp8, W_FNUZ=w_fnuz, P_FP8=p_fp8, P_FNUZ=p_fnuz,
+        SPLIT=split, DOT_F32=dot_f32, PREC="ieee" if dot_f32 else None,
+        BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+    )
+    if split:
+        _combine_kernel[(T * nhb,)](wsm, wsa, sink, out, out.stride(0), out.stride(1), H, D, nhb, num_splits,
+                                    BLOCK_H=BH, BLOCK_D=BD, num_warps=4)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def sparse_attention_triton(q, kv, window, sink, scale: float, meta: ForwardMeta, pool=None, block_table=None,
+                            topk_idx=None, ratio: int = 0):
+    return sparse_attention_impl(q, kv, window, sink, scale, meta, pool, block_table, topk_idx, ratio)
+
+
+def write_window_triton(window, kv: torch.Tensor, meta: ForwardMeta) -> None:
+    T = kv.shape[0]
+    if T == 0:
+        return
+    D = kv.shape[-1]
+    W = window.shape[1]
+    if kv.stride(-1) != 1:
+        kv = kv.contiguous()
+    args, fp8, fnuz, dn = _store_args(window, D)
+    on_cpu = kv.device.type == "cpu"
+    kvn = kvr = kv
+    if on_cpu:  # the interpreter's float casts truncate: let torch round the float stores (tests)
+        if fp8:
+            kvr = kv.to(window.rope.dtype)
+        else:
+            kvn = kv.to(window.dtype)
+    nb = triton.next_power_of_2(max(1, triton.cdiv(dn, FP8_BLOCK)))
+    _write_window_kernel[(T,)](kvn, kvr, kv.stride(0), meta.positions, meta.token_seq, meta.seq_slots,
+                               meta.query_start, *args, W, D, dn, FP8=fp8, FNUZ=fnuz,
+                               BLOCK_D=triton.next_power_of_2(D), NB=nb,
+                               BLOCK_R=triton.next_power_of_2(max(1, D - dn)), num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------- GPU checks
+
+H200_BW = 4.8e12
+H200_FLOPS = 790e12
+
+
+def _fill_store(store, gen_rows, n: int, chunk: int = 1 << 18):
+    """Write random rows (randn, shaped [rows, D]) into a flat view of the store's lead dims."""
+    from dsv4.ops.kv_format import kv_write
+
+    lead = store.shape[:-1]
+    flat_idx = torch.arange(n, device=store.device)
+    for a in range(0, n, chunk):
+        ids = flat_idx[a:a + chunk]
+        idx = tuple(torch.unravel_index(ids, lead))
+        kv_write(store, idx, gen_rows(ids.numel()))
+
+
+def _gpu_case(mode: str, batch: int, ctx: int, kv_kind: str, prefill: bool = False, sweep=None, *,
+              device: str = "cuda", H: int = 64, D: int = 512, r: int = 64, W: int = 128, K: int = 512,
+              page_tokens: int = 256, hca_ratio: int = 128, bench: bool = True):
+    """Decode: `batch` sequences at context `ctx` (one new token each, at position ctx - 1). Prefill:
+    one sequence, `batch` new tokens ending at `ctx`. Real Flash shapes by default; the keyword
+    arguments shrink it for a CPU smoke test (bench=False: no timing)."""
+
+    def run():
+        from dsv4.ops.attention import sparse_attention_reference
+        from dsv4.ops.kv_format import kv_alloc, kv_row_bytes
+
+        dev = torch.device(device)
+        torch.manual_seed(0)
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        fp8 = kv_kind != "bf16"
+        dialect = Fp8Dialect.FNUZ if kv_kind == "fp8-fnuz" else Fp8Dialect.OCP
+        ratio = {"csa": 4, "hca": hca_ratio, "swa": 0}[mode]
+        if prefill:
+            slots, starts, news = [0], [ctx - batch], [batch]
+        else:
+            slots, starts, news = list(range(batch)), [ctx - 1] * batch, [1] * batch
+        nseq = len(slots)
+        meta = ForwardMeta.build(slots, starts, news, device=dev)
+        T = meta.num_tokens
+        q = torch.randn(T, H, D, device=dev, dtype=dt)
+        kv = torch.randn(T, D, device=dev, dtype=dt)
+        sink = torch.randn(H, device=dev)
+        window = kv_alloc((nseq, W), D, r, fp8, dt, dev, dialect)
+        _fill_store(window, lambda n: torch.randn(n, D, device=dev), nseq * W)
+        pool = bt = topk = None
+        n_ent = ctx // ratio if ratio else 0
+        if ratio:
+            E = page_tokens // ratio
+            pps = triton.cdiv(ctx, page_tokens)
+            P = min(nseq * pps, max(pps, (1 << 21) // E))  # physical pages capped at ~2M entries (>> L2)
+            pool = kv_alloc((P, E), D, r, fp8, dt, dev, dialect)
+            _fill_store(pool, lambda n: torch.randn(n, D, device=dev), P * E)
+            bt = torch.randint(0, P, (nseq, pps), device=dev, dtype=torch.int64)
+            if mode == "csa":  # top-K random distinct visible entries per query, -1 where fewer exist
+                vis = (meta.positions + 1) // ratio
+                score = torch.rand(T, max(n_ent, 1), device=dev)
+                ar = torch.arange(score.shape[1], device=dev)
+                score = score.masked_fill(ar[None, :] >= vis[:, None], -1.0)
+                k = min(K, score.shape[1])
+                val, ids = score.topk(k, dim=-1)
+                topk = torch.full((T, K), -1, dtype=torch.int64, device=dev)
+                topk[:, :k] = torch.where(val < 0, torch.full_like(ids, -1), ids)
+        scale = D ** -0.5
+        args = (q, kv, window, sink, scale, meta, pool, bt, topk, ratio)
+        out = sparse_attention_triton(*args)
+        ref = sparse_attention_reference(*args)
+        err = (out.float() - ref.float()).abs()
+        res = {"max_abs_err": err.max().item(), "max_rel_err": (err.max() / ref.float().abs().max()).item(),
+               "mean_abs_err": err.mean().item()}
+        # what must move: q, output, and for each query its keys (window rows + valid compressed rows);
+        # FLOPs: 2 dots of 2 * H * D per (query, key)
+        pos = meta.positions
+        n_win = torch.clamp(pos + 1, max=W)
+        if mode == "csa":
+            n_cmp = (topk >= 0).sum(dim=1)
+        elif mode == "hca":
+            n_cmp = (pos + 1) // ratio
+        else:
+            n_cmp = torch.zeros_like(pos)
+        keys_per_query = int((n_win + n_cmp).sum().item())
+        row_b = kv_row_bytes(D, r, fp8, dt)
+        elt = q.element_size()
+        if prefill:  # keys are shared by the queries of one sequence: each unique row counted once
+            ring_rows = min(W - 1, starts[0])
+            uniq_cmp = int(torch.unique(topk[topk >= 0]).numel()) if mode == "csa" else n_ent
+            key_bytes = T * D * elt + (ring_rows + uniq_cmp) * row_b
+        else:  # one fresh kv row per query (from `kv`), the rest of its window from the ring
+            key_bytes = T * D * elt + int((n_win - 1).sum().item()) * row_b + int(n_cmp.sum().item()) * row_b
+        bytes_moved = 2 * T * H * D * elt + key_bytes + (T * K * 8 if mode == "csa" else 0)
+        flops = 4 * H * D * keys_per_query
+        floor_s = max(bytes_moved / H200_BW, flops / H200_FLOPS)
+        res.update(bytes=bytes_moved, flops=flops, floor_us=floor_s * 1e6, keys_per_query_avg=keys_per_query / T,
+                   num_splits=_auto_splits(dev, T * triton.cdiv(H, CONFIG["BLOCK_H"]),
+                                           W + (K if mode == "csa" else n_ent)))
+        if bench:
+            ms = triton.testing.do_bench(lambda: sparse_attention_triton(*args), return_mode="median")
+            res.update(time_ms=ms, frac_roofline=floor_s / (ms * 1e-3))
+        for cfg in sweep or []:
+            f = lambda c=cfg: sparse_attention_impl(*args, **c)  # noqa: E731
+            try:
+                e2 = (f().float() - ref.float()).abs().max().item()
+                res[f"sweep {cfg}"] = {"max_abs_err": e2}
+                if bench:
+                    res[f"sweep {cfg}"]["time_ms"] = triton.testing.do_bench(f, return_mode="median")
+            except Exception as e:  # e.g. out of shared memory / registers for a large config
+                res[f"sweep {cfg}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        return res
+
+    return run
+
+
+def _gpu_write_case(batch: int, n_new: int, kv_kind: str, *, device: str = "cuda", D: int = 512, r: int = 64,
+                    W: int = 128, bench: bool = True):
+    def run():
+        from dsv4.ops.attention import write_window
+        from dsv4.ops.kv_format import kv_alloc, kv_row_bytes
+
+        dev = torch.device(device)
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        fp8 = kv_kind != "bf16"
+        dialect = Fp8Dialect.FNUZ if kv_kind == "fp8-fnuz" else Fp8Dialect.OCP
+        meta = ForwardMeta.build(list(range(batch)), [1000] * batch, [n_new] * batch, device=dev)
+        kv = torch.randn(meta.num_tokens, D, device=dev, dtype=dt)
+        a = kv_alloc((batch, W), D, r, fp8, dt, dev, dialect)
+        b = kv_alloc((batch, W), D, r, fp8, dt, dev, dialect)
+        write_window_triton(a, kv, meta)
+        write_window(b, kv, meta)
+        if fp8:
+            pz = lambda x: torch.where(x == 0x80, torch.zeros_like(x), x)  # noqa: E731  (-0 is stored as +0)
+            same = torch.equal(pz(a.nope), pz(b.nope)) and torch.equal(a.scale, b.scale) and torch.equal(a.rope, b.rope)
+        else:
+            same = torch.equal(a, b)
+        rows = batch * min(W, n_new)
+        byts = rows * (D * kv.element_size() + kv_row_bytes(D, r, fp8, dt))
+        res = {"bytes_equal_reference": bool(same), "bytes": byts}
+        if bench:
+            ms = triton.testing.do_bench(lambda: write_window_triton(a, kv, meta), return_mode="median")
+            res.update(time_ms=ms, frac_roofline=byts / H200_BW / (ms * 1e-3))
+        return res
+
+    return run
+
+
+def gpu_check_cases():
+    """[(name, callable)]: real DeepSeek-V4-Flash shapes (64 heads x 512, rope 64, window 128, CSA top-512
+    of 1 entry / 4 tokens, HCA 1 / 128, pages of 256 tokens). Each callable returns errors vs the
+    reference, the Triton time (do_bench median, ms), bytes moved / FLOPs and the fraction of the H200
+    roofline (4.8e12 B/s, 790e12 bf16 FLOP/s)."""
+    cases = []
+    sw = [dict(block_h=16, block_n=32, num_warps=4), dict(block_h=16, block_n=32, num_warps=8),
+          dict(block_h=32, block_n=32, num_warps=8), dict(block_h=16, block_n=64, num_warps=8),
+          dict(block_h=64, block_n=16, num_warps=8), dict(block_h=64, block_n=32, num_warps=8),
+          dict(block_h=16, block_n=16, num_warps=4)]
+    for mode in ("csa", "hca"):
+        for batch in (1, 64, 256):
+            for ctx in (1024, 16384, 131072):
+                sweep = sw if (mode, batch, ctx) in (("csa", 64, 16384), ("hca", 1, 131072)) else None
+                if batch == 1 and ctx == 131072:  # split-KV count (auto: see _auto_splits)
+                    sweep = (sweep or []) + [dict(num_splits=n) for n in (1, 4, 8, 16, 32)]
+                cases.append((f"attn decode {mode} fp8 b{batch} ctx{ctx}",
+                              _gpu_case(mode, batch, ctx, "fp8", sweep=sweep)))
+        cases.append((f"attn decode {mode} bf16 b64 ctx16384", _gpu_case(mode, 64, 16384, "bf16", sweep=sw[:3])))
+        cases.append((f"attn decode {mode} fp8-fnuz b64 ctx16384", _gpu_case(mode, 64, 16384, "fp8-fnuz")))
+    cases.append(("attn decode swa bf16 b256 ctx16384", _gpu_case("swa", 256, 16384, "bf16")))
+    for mode in ("csa", "hca", "swa"):
+        for kind in ("bf16", "fp8"):
+            sweep = sw[:4] if mode == "csa" else None
+            cases.append((f"attn prefill {mode} {kind} 4096 tokens ctx4096",
+                          _gpu_case(mode, 4096, 4096, kind, prefill=True, sweep=sweep)))
+    for kind in ("bf16", "fp8", "fp8-fnuz"):
+        cases.append((f"write_window decode b256 {kind}", _gpu_write_case(256, 1, kind)))
+    cases.append(("write_window prefill 4096 fp8", _gpu_write_case(1, 4096, "fp8")))
+    return cases
+
+
+register(sparse_attention_op, sparse_attention_triton)
+register(write_window_op, write_window_triton)

@@ -1,0 +1,341 @@
+"""Triton mHC (dsv4/ops/hyper_connection.py): hc_pre, hc_post, hc_head.
+
+hc_pre / hc_head run as two kernels:
+  1. `_hc_mix_kernel`: the mixing GEMM mu_raw = flat(X) . fn^T ([T, nD] x [nD, (2+n)n], fp32 result) and
+     the row sums of squares, split over K when there are too few token blocks to fill the GPU;
+  2. `_hc_finish_kernel`: per token, sums the K-split partials, applies rsqrt(mean + eps), the sigmoids,
+     the row softmax + eps and the Sinkhorn normalisation (n x n in registers), stores post / comb, and
+     computes its D-chunk of u = sum_j pre_j X_j.
+X is therefore read twice (mix, then u). A single read would need a token's whole 4 x 4096 stream
+resident across the GEMM while fn (1.5 MB fp32) is streamed per token block; with the >= 16-token
+blocks that keep fn's L2 traffic below X's own traffic, that is 0.5-2 MB of live state per program, so
+the second read is the practical floor here (bytes = 2 X + u + fn; see gpu_check_cases).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.triton.common import register
+from dsv4.kernels.triton.norm import bench_ms, bf16_rne_bits, cast_out, interpreting, roofline
+from dsv4.ops.hyper_connection import hc_head as hc_head_op
+from dsv4.ops.hyper_connection import hc_head_reference, hc_post_reference, hc_pre_reference
+from dsv4.ops.hyper_connection import hc_post as hc_post_op
+from dsv4.ops.hyper_connection import hc_pre as hc_pre_op
+
+# ----------------------------------------------------------------------------- mixing GEMM
+# grid = (cdiv(T, BLOCK_T), SPLIT). A program owns BLOCK_T tokens and one K range of the flattened stream
+# (nD = 16384 at full size); it streams [BLOCK_T, BK] tiles of X (storage dtype) and [NC, BK] tiles of fn
+# (fp32; NC = next_pow2((2+n)n) >= 16 output rows, padding masked to 0) and accumulates the dot in fp32,
+# plus the sum of squares. bf16 X on a GPU: fn is split in-register into three bf16 parts
+# (hi + mid + lo == fn to fp32 precision) and three bf16 tensor-core dots accumulate in fp32, so the
+# result has fp32 accuracy (bf16 x bf16 products are exact in fp32) at tensor-core speed; the FMA-pipe fp32
+# dot would make this GEMM (786 kFLOP per token) compute bound. fp32 X (tests, fp32 models, the
+# interpreter): one IEEE fp32 dot. fn is re-read once per token block, from L2 (1.5 MB per block of 64
+# tokens vs 2 MB of X; BLOCK_T = 16 / 32 / 64 for T <= 64 / <= 512 / more), X once from HBM. SPLIT is
+# chosen so that blocks x splits ~ 2 x SMs (K ranges >= 512 columns). Partials go to a small fp32 workspace
+# [SPLIT, T, NC] + [SPLIT, T] (<= 3 MB at T = 8192), reduced in the finish kernel.
+
+
+@triton.jit
+def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_split, sx_t, sfn,
+                   BLOCK_T: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, SPLIT_BF16: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    t64 = ts.to(tl.int64)
+    cs = tl.arange(0, NC)
+    cmask = cs < NOUT
+    kk = tl.arange(0, BK)
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    acc = tl.zeros([BLOCK_T, NC], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_T, BK], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        ks = k0 + kk
+        kmask = ks < k_hi
+        x = tl.load(x_ptr + t64[:, None] * sx_t + ks[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+        xf = x.to(tl.float32)
+        sq += xf * xf
+        w = tl.load(fn_ptr + cs[:, None].to(tl.int64) * sfn + ks[None, :], mask=cmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        if SPLIT_BF16:
+            w_hi = w.to(tl.bfloat16)
+            r1 = w - w_hi.to(tl.float32)
+            w_mid = r1.to(tl.bfloat16)
+            w_lo = (r1 - w_mid.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(x, tl.trans(w_lo), acc)
+            acc = tl.dot(x, tl.trans(w_mid), acc)
+            acc = tl.dot(x, tl.trans(w_hi), acc)
+        else:
+            acc = tl.dot(xf, tl.trans(w), acc, input_precision="ieee")
+    row = pid_k.to(tl.int64) * T + t64
+    tl.store(part_ptr + row[:, None] * NC + cs[None, :], acc, mask=tmask[:, None])
+    tl.store(sq_ptr + row, tl.sum(sq, axis=1), mask=tmask)
+
+
+# ----------------------------------------------------------------------------- finish + u
+# grid = (T, cdiv(D, BD)). A program sums its token's SPLIT partials (one [SPLIT_P, ...] load, L2), runs the
+# small math (n sigmoids, n x n softmax + Sinkhorn; recomputed by each of the D/BD programs of a token,
+# ~40 tiny reductions, hidden under the loads), stores post / comb (the d-chunk-0 program only) and
+# writes u for BD channels from n [BD] loads of X: X and u are touched once here, at the copy roofline.
+
+
+@triton.jit
+def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
+                      T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t,
+                      N: tl.constexpr, NP: tl.constexpr, NC: tl.constexpr, SPLIT_P: tl.constexpr, HEAD: tl.constexpr,
+                      BD: tl.constexpr, RNE_BITS: tl.constexpr):
+    t = tl.program_id(0)
+    pd = tl.program_id(1)
+    t64 = t.to(tl.int64)
+    jj = tl.arange(0, NP)
+    jm = jj < N
+    cm = jm[:, None] & jm[None, :]
+    cidx = jj[:, None] * N + jj[None, :]
+    # the K-split partials of this token, all loaded at once ([SPLIT_P, ...] tiles, one L2 round trip)
+    ss = tl.arange(0, SPLIT_P)
+    sm = ss < SPLIT
+    prow = part_ptr + (ss.to(tl.int64) * T + t64) * NC
+    pre_acc = tl.sum(tl.load(prow[:, None] + jj[None, :], mask=sm[:, None] & jm[None, :], other=0.0), axis=0)
+    sq = tl.sum(tl.load(sq_ptr + ss.to(tl.int64) * T + t64, mask=sm, other=0.0), axis=0)
+    rho = tl.rsqrt(sq / K + rms_eps)
+    pre = tl.sigmoid(pre_acc * rho * tl.load(scale_ptr) + tl.load(base_ptr + jj, mask=jm, other=0.0)) + hc_eps
+    pre = tl.where(jm, pre, 0.0)
+
+    if not HEAD:
+        first = pd == 0
+        post_acc = tl.sum(tl.load(prow[:, None] + N + jj[None, :], mask=sm[:, None] & jm[None, :], other=0.0),
+                          axis=0)
+        comb_acc = tl.sum(tl.load(prow[:, None, None] + 2 * N + cidx[None, :, :],
+                                  mask=sm[:, None, None] & cm[None, :, :], other=0.0), axis=0)
+        post = 2.0 * tl.sigmoid(post_acc * rho * tl.load(scale_ptr + 1)
+                                + tl.load(base_ptr + N + jj, mask=jm, other=0.0))
+        tl.store(post_ptr + t64 * N + jj, post, mask=jm & first)
+        logits = comb_acc * rho * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + cidx, mask=cm, other=0.0)
+        logits = tl.where(cm, logits, -1.0e30)
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        e = tl.where(cm, e, 0.0)
+        rs = tl.sum(e, axis=1)
+        c = tl.where(cm, e / tl.where(rs > 0, rs, 1.0)[:, None] + hc_eps, 0.0)
+        c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
+        for _ in range(iters - 1):
+            c = c / (tl.sum(c, axis=1)[:, None] + hc_eps)
+            c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
+        tl.store(comb_ptr + t64 * (N * N) + cidx, c, mask=cm & first)
+
+    d = pd * BD + tl.arange(0, BD)
+    dm = d < D
+    xrow = x_ptr + t64 * sx_t
+    u = tl.zeros([BD], dtype=tl.float32)
+    for j in tl.static_range(N):
+        pj = tl.sum(tl.where(jj == j, pre, 0.0), axis=0)
+        u += pj * tl.load(xrow + j * sx_j + d, mask=dm, other=0.0).to(tl.float32)
+    tl.store(u_ptr + t64 * su_t + d, cast_out(u, u_ptr, RNE_BITS), mask=dm)
+
+
+# ----------------------------------------------------------------------------- hc_post
+# grid = (T, cdiv(D, BD)): a program reads post[t] (n), comb[t] (n x n), f[t, chunk] and the n stream
+# chunks X[t, j, chunk], forms the [n, BD] output tile X'_k = sum_j comb[j, k] X_j + post_k f in fp32 and
+# stores it: every byte of f and X read once, X' written once (bytes = (2n + 1) D elt per token).
+
+
+@triton.jit
+def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, D, sf_t, sx_t, sx_j, so_t, so_j, sp_t, sc_t, sc_j,
+                    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, RNE_BITS: tl.constexpr):
+    t64 = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dm = d < D
+    kk = tl.arange(0, NP)
+    km = kk < N
+    acc = tl.zeros([NP, BD], dtype=tl.float32)
+    xrow = x_ptr + t64 * sx_t
+    for j in tl.static_range(N):
+        cj = tl.load(comb_ptr + t64 * sc_t + j * sc_j + kk, mask=km, other=0.0)  # comb[t, j, :]
+        xj = tl.load(xrow + j * sx_j + d, mask=dm, other=0.0).to(tl.float32)
+        acc += cj[:, None] * xj[None, :]
+    pk = tl.load(post_ptr + t64 * sp_t + kk, mask=km, other=0.0)
+    f = tl.load(f_ptr + t64 * sf_t + d, mask=dm, other=0.0).to(tl.float32)
+    out = pk[:, None] * f[None, :] + acc
+    tl.store(out_ptr + t64 * so_t + kk[:, None] * so_j + d[None, :], cast_out(out, out_ptr, RNE_BITS),
+             mask=km[:, None] & dm[None, :])
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: exercise the K split in tests without many programs
+
+
+def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+BK = 64
+MIN_K_SPLIT = 512  # K columns per split at least (8 BK steps)
+BD_FINISH = 1024
+BD_POST = 1024
+
+
+def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool):
+    T, n, D = X.shape
+    K = n * D
+    nout = fn.shape[0]
+    if fn.shape[1] != K:
+        raise ValueError(f"hc: fn has {fn.shape[1]} columns, expected n * D = {K}")
+    dev = X.device
+    if not (X.stride(2) == 1 and X.stride(1) == D):
+        X = X.contiguous()  # flat(X[t]) must be one contiguous row of n * D
+    fn = _lastdim_contig(fn)
+    scale = scale.to(torch.float32).contiguous()
+    base = base.to(torch.float32).contiguous()
+    u = torch.empty((T, D), dtype=X.dtype, device=dev)
+    post = u if head else torch.empty((T, n), dtype=torch.float32, device=dev)  # head: never written
+    comb = u if head else torch.empty((T, n, n), dtype=torch.float32, device=dev)
+    if T == 0:
+        return u, post, comb
+    nc = max(16, triton.next_power_of_2(nout))
+    block_t = 16 if T <= 64 else (32 if T <= 512 else 64)
+    n_tb = triton.cdiv(T, block_t)
+    split = max(1, min(triton.cdiv(_target_programs(dev), n_tb), triton.cdiv(K, MIN_K_SPLIT)))
+    k_split = triton.cdiv(triton.cdiv(K, split), BK) * BK
+    split = triton.cdiv(K, k_split)
+    part = torch.empty((split, T, nc), dtype=torch.float32, device=dev)
+    sq = torch.empty((split, T), dtype=torch.float32, device=dev)
+    split_bf16 = X.dtype == torch.bfloat16 and not interpreting()
+    _hc_mix_kernel[(n_tb, split)](X, fn, part, sq, T, K, nout, k_split, X.stride(0), fn.stride(0),
+                                  BLOCK_T=block_t, BK=BK, NC=nc, SPLIT_BF16=split_bf16, num_warps=4)
+    bd = min(BD_FINISH, triton.next_power_of_2(D))
+    _hc_finish_kernel[(T, triton.cdiv(D, bd))](
+        X, part, sq, scale, base, u, post, comb, T, D, K, split, float(rms_eps), float(hc_eps), int(iters),
+        X.stride(0), X.stride(1), u.stride(0), N=n, NP=triton.next_power_of_2(n), NC=nc,
+        SPLIT_P=triton.next_power_of_2(split), HEAD=head, BD=bd,
+        RNE_BITS=bf16_rne_bits(X.dtype), num_warps=4)
+    return u, post, comb
+
+
+def hc_pre_triton(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int):
+    n = X.shape[1]
+    if fn.shape[0] != (2 + n) * n:
+        raise ValueError(f"hc_pre: fn has {fn.shape[0]} rows, expected (2 + n) n = {(2 + n) * n}")
+    return _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head=False)
+
+
+def hc_head_triton(X, fn, scale, base, rms_eps: float, hc_eps: float):
+    n = X.shape[1]
+    if fn.shape[0] != n:
+        raise ValueError(f"hc_head: fn has {fn.shape[0]} rows, expected n = {n}")
+    return _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, 1, head=True)[0]
+
+
+def hc_post_triton(f, X, post, comb):
+    T, n, D = X.shape
+    out = torch.empty((T, n, D), dtype=X.dtype, device=X.device)
+    if T == 0:
+        return out
+    f = _lastdim_contig(f)
+    X = _lastdim_contig(X)
+    post = _lastdim_contig(post.to(torch.float32))
+    comb = _lastdim_contig(comb.to(torch.float32))
+    bd = min(BD_POST, triton.next_power_of_2(D))
+    _hc_post_kernel[(T, triton.cdiv(D, bd))](
+        f, X, post, comb, out, D, f.stride(0), X.stride(0), X.stride(1), out.stride(0), out.stride(1),
+        post.stride(0), comb.stride(0), comb.stride(1), N=n, NP=triton.next_power_of_2(n), BD=bd,
+        RNE_BITS=bf16_rne_bits(X.dtype), num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------- GPU checks
+
+
+def _err(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-3) -> dict:
+    g, w = got.double(), want.double()
+    d = (g - w).abs()
+    return {"max_abs": float(d.max()), "max_rel": float((d / w.abs().clamp_min(floor)).max())}
+
+
+def _hc_inputs(T, device, n=4, D=4096, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    X = torch.randn(T, n, D, device=device, generator=g).to(torch.bfloat16)
+    fn = 0.02 * torch.randn((2 + n) * n, n * D, device=device, generator=g)
+    scale = 0.5 + torch.rand(3, device=device, generator=g)
+    base = 0.5 * torch.randn((2 + n) * n, device=device, generator=g)
+    return X, fn, scale, base
+
+
+def gpu_check_cases(device="cuda"):
+    """[(name, fn)]: hc_pre / hc_post / hc_head at DeepSeek-V4-Flash shapes (n = 4, D = 4096, bf16 streams,
+    fp32 fn [24, 16384]), vs the references, timed (median ms). bytes: what the kernels must move at
+    the floor (hc_pre: X twice, u, fn once; hc_post: f, X, X')."""
+    def pre_case(T):
+        def run():
+            X, fn, scale, base = _hc_inputs(T, device)
+            args = (X, fn, scale, base, 1e-6, 1e-6, 20)
+            u, post, comb = hc_pre_triton(*args)
+            wu, wpost, wcomb = hc_pre_reference(*args)
+            out = {f"u_{k}": v for k, v in _err(u, wu).items()}
+            out.update({f"post_{k}": v for k, v in _err(post, wpost).items()})
+            out.update({f"comb_{k}": v for k, v in _err(comb, wcomb).items()})
+            out["u_bf16_equal_frac"] = float((u == wu).float().mean())
+            out["triton_ms"] = bench_ms(lambda: hc_pre_triton(*args), device)
+            out["torch_ms"] = bench_ms(lambda: hc_pre_reference(*args), device)
+            out["bytes_floor_single_read"] = X.numel() * 2 + T * 4096 * 2 + fn.numel() * 4
+            out["bytes"] = 2 * X.numel() * 2 + T * 4096 * 2 + fn.numel() * 4
+            out["flops"] = 2 * T * 24 * 16384
+            return roofline(out)
+        return run
+
+    def post_case(T):
+        def run():
+            X, _, _, _ = _hc_inputs(T, device)
+            g = torch.Generator(device=device).manual_seed(1)
+            f = torch.randn(T, 4096, device=device, generator=g).to(torch.bfloat16)
+            post = 2 * torch.rand(T, 4, device=device, generator=g)
+            comb = torch.rand(T, 4, 4, device=device, generator=g)
+            got = hc_post_triton(f, X, post, comb)
+            want = hc_post_reference(f, X, post, comb)
+            out = _err(got, want)
+            out["bf16_equal_frac"] = float((got == want).float().mean())
+            out["triton_ms"] = bench_ms(lambda: hc_post_triton(f, X, post, comb), device)
+            out["torch_ms"] = bench_ms(lambda: hc_post_reference(f, X, post, comb), device)
+            out["bytes"] = (2 * X.numel() + f.numel()) * 2 + T * 20 * 4
+            out["flops"] = 2 * T * 4 * 5 * 4096
+            return roofline(out)
+        return run
+
+    def head_case(T):
+        def run():
+            X, fn, scale, base = _hc_inputs(T, device)
+            args = (X, fn[:4].contiguous(), scale[:1].contiguous(), base[:4].contiguous(), 1e-6, 1e-6)
+            got = hc_head_triton(*args)
+            out = _err(got, hc_head_reference(*args))
+            out["triton_ms"] = bench_ms(lambda: hc_head_triton(*args), device)
+            out["bytes"] = 2 * X.numel() * 2 + T * 4096 * 2 + 4 * 16384 * 4
+            out["flops"] = 2 * T * 4 * 16384
+            return roofline(out)
+        return run
+
+    return [("hc_pre[256,4,4096] bf16", pre_case(256)),
+            ("hc_pre[8192,4,4096] bf16", pre_case(8192)),
+            ("hc_pre[1,4,4096] bf16 (decode, one token)", pre_case(1)),
+            ("hc_post[256,4,4096] bf16", post_case(256)),
+            ("hc_post[8192,4,4096] bf16", post_case(8192)),
+            ("hc_head[256,4,4096] bf16", head_case(256))]
+
+
+register(hc_pre_op, hc_pre_triton)
+register(hc_post_op, hc_post_triton)
+register(hc_head_op, hc_head_triton)

@@ -1,0 +1,183 @@
+"""Triton rms_norm (dsv4/ops/norm.py): y = x * rsqrt(mean(x^2) + eps) [* w], fp32 math, x's dtype out.
+
+Also home of `cast_out`, the store-side cast shared by the small-op kernels (rope, mHC): the Triton
+CPU interpreter truncates fp32 -> bf16 instead of rounding to nearest even (design.md §6), so under the
+interpreter the bf16 rounding is done on the float32 bits; on a GPU it is the native cast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.triton.common import register
+from dsv4.ops.norm import rms_norm as rms_norm_op
+from dsv4.ops.norm import rms_norm_reference
+
+
+def interpreting() -> bool:
+    """True under the Triton CPU interpreter (TRITON_INTERPRET=1, tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def bf16_rne_bits(dtype: torch.dtype) -> bool:
+    """The `RNE_BITS` constexpr for `cast_out`: round fp32 -> bf16 on the bits (interpreter only)."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+@triton.jit
+def cast_out(y, ptr, RNE_BITS: tl.constexpr):
+    """Cast float32 `y` to the element type of `ptr` for a store. RNE_BITS: bf16 by bit arithmetic
+    (round to nearest even; finite values), for the interpreter whose bf16 cast truncates."""
+    if RNE_BITS:
+        b = y.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(ptr.dtype.element_ty)
+
+
+# Work decomposition. Rows of N <= MAX_TILE (every norm of the model: 4096, 1024, 512, 128 per head):
+# grid = cdiv(M, ROWS); each program loads a [ROWS, next_pow2(N)] tile once (ROWS * BLOCK_N ~ 4096
+# elements, so short rows such as the 512-wide per-head q norm batch 8 rows per program), reduces the
+# sum of squares per row in fp32, scales, multiplies the fp32 weight (loaded once per program) and
+# stores: every byte of x is read once and every byte of y written once, so it runs at the copy
+# roofline (bytes = 2 * M * N * elt + N * 4). Longer rows (up to the 16384-wide flattened mHC stream
+# and beyond) loop over N in CHUNK pieces twice (sum of squares, then scale + store); the second read
+# of the row (<= 64 KiB) comes from L1/L2.
+
+
+@triton.jit
+def _rms_norm_tile_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_x, stride_y, eps,
+                          HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          RNE_BITS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    ms = tl.sum(x * x, axis=1) / N
+    y = x * tl.rsqrt(ms + eps)[:, None]
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    tl.store(y_ptr + r64[:, None] * stride_y + cols[None, :], cast_out(y, y_ptr, RNE_BITS), mask=mask)
+
+
+@triton.jit
+def _rms_norm_chunked_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps,
+                             HAS_W: tl.constexpr, CHUNK: tl.constexpr, RNE_BITS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    xrow = x_ptr + row * stride_x
+    yrow = y_ptr + row * stride_y
+    cols = tl.arange(0, CHUNK)
+    acc = tl.zeros([CHUNK], dtype=tl.float32)
+    for n0 in range(0, N, CHUNK):
+        c = n0 + cols
+        x = tl.load(xrow + c, mask=c < N, other=0.0).to(tl.float32)
+        acc += x * x
+    r = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
+    for n0 in range(0, N, CHUNK):
+        c = n0 + cols
+        m = c < N
+        y = tl.load(xrow + c, mask=m, other=0.0).to(tl.float32) * r
+        if HAS_W:
+            y = y * tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(yrow + c, cast_out(y, y_ptr, RNE_BITS), mask=m)
+
+
+MAX_TILE = 8192  # longest row held in one tile; longer rows take the chunked kernel
+TILE_ELEMS = 4096  # elements per program for short rows (rows are batched up to this)
+CHUNK = 2048
+
+
+def _num_warps(elems: int) -> int:
+    return max(1, min(16, elems // 512))
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    if N > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y.view(x.shape)
+    w = weight if weight is not None else x2  # dummy pointer when un-weighted (never read)
+    if weight is not None and weight.stride(-1) != 1:
+        w = weight.contiguous()
+    rne = bf16_rne_bits(x.dtype)
+    block_n = triton.next_power_of_2(N)
+    if block_n <= MAX_TILE:
+        rows = max(1, min(TILE_ELEMS // block_n, triton.next_power_of_2(M)))
+        _rms_norm_tile_kernel[(triton.cdiv(M, rows),)](
+            x2, w, y, M, N, x2.stride(0), y.stride(0), float(eps),
+            HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n, RNE_BITS=rne,
+            num_warps=_num_warps(rows * block_n))
+    else:
+        _rms_norm_chunked_kernel[(M,)](
+            x2, w, y, N, x2.stride(0), y.stride(0), float(eps),
+            HAS_W=weight is not None, CHUNK=CHUNK, RNE_BITS=rne, num_warps=_num_warps(CHUNK) * 2)
+    return y.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- GPU checks
+
+
+def bench_ms(fn, device) -> float:
+    """Median time of fn() in ms (triton.testing.do_bench) on a GPU; NaN elsewhere (dry runs of the
+    check code in the interpreter)."""
+    if torch.device(device).type == "cpu":
+        return float("nan")
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, return_mode="median"))
+
+
+def roofline(out: dict, hbm_bps: float = 4.8e12, flops_ps: float = 790e12) -> dict:
+    """Add the fractions of the H200 HBM and bf16 FLOP rooflines reached by out["triton_ms"]."""
+    t = out.get("triton_ms", float("nan")) * 1e-3
+    out["hbm_roofline_frac"] = out["bytes"] / hbm_bps / t if t > 0 else float("nan")
+    out["flop_roofline_frac"] = out["flops"] / flops_ps / t if t > 0 else float("nan")
+    return out
+
+
+def _err(got: torch.Tensor, want: torch.Tensor) -> dict:
+    g, w = got.double(), want.double()
+    d = (g - w).abs()
+    return {"max_abs": float(d.max()), "max_rel": float((d / w.abs().clamp_min(1e-6)).max()),
+            "ref_max": float(w.abs().max())}
+
+
+def gpu_check_cases(device="cuda"):
+    """[(name, fn)]: rms_norm at the model's shapes on `device` (CUDA), vs the reference, timed (median
+    ms); bytes = what must move (x read, y written, weight), for the fraction of the HBM roofline."""
+    def case(M, N, dtype=torch.bfloat16, weighted=True):
+        def run():
+            g = torch.Generator(device=device).manual_seed(0)
+            x = (2.0 * torch.randn(M, N, device=device, generator=g)).to(dtype)
+            w = (1.0 + 0.3 * torch.randn(N, device=device, generator=g)) if weighted else None
+            got = rms_norm_triton(x, w, 1e-6)
+            want = rms_norm_reference(x, w, 1e-6)
+            out = _err(got, want)
+            out["bf16_equal_frac"] = float((got == want).float().mean())
+            out["triton_ms"] = bench_ms(lambda: rms_norm_triton(x, w, 1e-6), device)
+            out["torch_ms"] = bench_ms(lambda: rms_norm_reference(x, w, 1e-6), device)
+            out["bytes"] = 2 * M * N * x.element_size() + (N * 4 if weighted else 0)
+            out["flops"] = 4 * M * N
+            return roofline(out)
+        return run
+
+    return [("rms_norm[256,4096] bf16", case(256, 4096)),
+            ("rms_norm[8192,4096] bf16", case(8192, 4096)),
+            ("rms_norm[8192*64,512] bf16 unweighted (per-head q norm)", case(8192 * 64, 512, weighted=False)),
+            ("rms_norm[256,16384] bf16 (chunked path)", case(256, 16384))]
+
+
+register(rms_norm_op, rms_norm_triton)

@@ -1,0 +1,304 @@
+"""The Triton small ops (dsv4/kernels/triton/{norm,rope,hyper_connection,quant}.py) in the interpreter,
+against the op references, on the shapes that break kernels: ragged sizes (D not a power of two, blocks
+not filling a row), one token, many rows, rows longer than one tile, inputs that are strided views of
+NaN-padded storage (a read past the logical bound shows up as NaN), both FP8 dialects byte for byte
+with exponent edge cases, and the fnuz-read-as-OCP factor of two. The generic op tests in
+test_small_ops.py also run these providers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dsv4.config import YarnScaling  # noqa: E402
+from dsv4.kernels.triton import hyper_connection as khc  # noqa: E402
+from dsv4.kernels.triton import norm as knorm  # noqa: E402
+from dsv4.kernels.triton import quant as kquant  # noqa: E402
+from dsv4.kernels.triton import rope as krope  # noqa: E402
+from dsv4.numerics.fp8 import (Fp8Dialect, dequantize_fp8_blocks, fp8_decode,  # noqa: E402
+                               pow2_scale_exponent, quantize_fp8_blocks)
+from dsv4.ops.hyper_connection import hc_head_reference, hc_post_reference, hc_pre_reference  # noqa: E402
+from dsv4.ops.norm import rms_norm_reference  # noqa: E402
+from dsv4.ops.rope import apply_rope_reference, rope_inv_freq  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def padded_view(shape, pad: int, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+    """Random values of `shape` as a view into storage whose last dim is `pad` longer and NaN there."""
+    big = torch.full((*shape[:-1], shape[-1] + pad), float("nan"), dtype=dtype)
+    big[..., :shape[-1]] = (scale * torch.randn(*shape, generator=gen(seed))).to(dtype)
+    return big[..., :shape[-1]]
+
+
+def test_providers_registered():
+    from dsv4.ops.registry import all_ops
+
+    ops = all_ops()
+    for name in ("rms_norm", "apply_rope", "hc_pre", "hc_post", "hc_head", "fp8_act_quant"):
+        assert "triton" in ops[name].providers, name
+    for mod in (knorm, krope, khc, kquant):
+        cases = mod.gpu_check_cases()
+        assert cases and all(isinstance(n, str) and callable(f) for n, f in cases)
+
+
+# ============================================================================= rms_norm
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (1, 4096), (37, 24), (3, 5, 100), (300, 33), (2, 9000), (2, 16384)])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm(shape, weighted):
+    """Ragged N, one row, many rows (several per program), and rows past one tile (chunked kernel:
+    9000 and the 16384-wide flattened mHC stream); the input is a view of NaN-padded storage."""
+    x = padded_view(shape, 3, seed=1, scale=3.0)
+    w = 1.0 + 0.5 * torch.randn(shape[-1], generator=gen(2)) if weighted else None
+    y = knorm.rms_norm_triton(x, w, 1e-6)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    torch.testing.assert_close(y, rms_norm_reference(x.contiguous(), w, 1e-6), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("N", [64, 5000])
+def test_rms_norm_bf16_rounded_once(N):
+    """bf16 in and out, fp32 weight multiplied before the one rounding: equal to the reference's bf16
+    almost everywhere (an fp32 ulp can flip a tie), never more than one bf16 ulp away."""
+    x = torch.randn(9, N, generator=gen(3)).to(torch.bfloat16)
+    w = 1.0 + 0.5 * torch.randn(N, generator=gen(4))
+    y = knorm.rms_norm_triton(x, w, 1e-6)
+    want = rms_norm_reference(x, w, 1e-6)
+    assert y.dtype == torch.bfloat16
+    assert (y == want).float().mean() > 0.99
+    torch.testing.assert_close(y.float(), want.float(), atol=1e-6, rtol=2 ** -7)
+
+
+# ============================================================================= apply_rope
+
+FREQ8 = (1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))).float()
+YARN16 = rope_inv_freq(160000.0, 16, YarnScaling(factor=16.0, original_max_position_embeddings=65536))
+
+
+@pytest.mark.parametrize("shape,freq", [((1, 3, 24), FREQ8), ((5, 12), FREQ8), ((4, 37, 20), FREQ8),
+                                        ((3, 2, 200, 20), FREQ8), ((4, 13), FREQ8), ((3, 8), FREQ8),
+                                        ((5, 3, 48), YARN16)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_apply_rope(shape, freq, inverse):
+    """Odd D (the rotary part starting at an odd index), r == D, one token, many heads (several head
+    blocks per token), NaN-padded strided input; positions up to 1,000,000; copied dims bit-exact."""
+    x = padded_view(shape, 5, seed=5)
+    pos = torch.tensor([0, 1_000_000, 999_999, 131_071, 7][: shape[0]], dtype=torch.int64)
+    y = krope.apply_rope_triton(x, pos, freq, inverse)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
+    want = apply_rope_reference(x.contiguous(), pos, freq, inverse)
+    r = 2 * freq.numel()
+    assert torch.equal(y[..., :-r], x[..., :-r])
+    torch.testing.assert_close(y, want, atol=2e-6, rtol=1e-5)
+    back = krope.apply_rope_triton(y, pos, freq, not inverse)
+    torch.testing.assert_close(back, x.contiguous(), atol=1e-5, rtol=1e-5)
+    if shape[0] > 1:
+        assert not torch.allclose(y[1:], x[1:], atol=1e-3)
+
+
+def test_apply_rope_bf16_and_int32_positions():
+    x = torch.randn(4, 6, 40, generator=gen(6)).to(torch.bfloat16)
+    pos = torch.tensor([3, 70_000, 500_000, 1_000_000], dtype=torch.int32)
+    y = krope.apply_rope_triton(x, pos, YARN16)
+    want = apply_rope_reference(x, pos, YARN16)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y[..., :-16], x[..., :-16])
+    assert (y == want).float().mean() > 0.98  # one rounding of the fp32 rotation
+    torch.testing.assert_close(y.float(), want.float(), atol=1e-2, rtol=2 ** -7)
+
+
+# ============================================================================= mHC
+
+
+def hc_inputs(seed, T, n, D, dtype=torch.float32, logit_scale=1.0, head=False):
+    g = gen(seed)
+    X = torch.randn(T, n, D, generator=g).to(dtype)
+    rows = n if head else (2 + n) * n
+    fn = 0.3 * torch.randn(rows, n * D, generator=g) / (n * D) ** 0.5 * 8
+    scale = logit_scale * (0.5 + torch.rand(1 if head else 3, generator=g))
+    base = 0.5 * torch.randn(rows, generator=g)
+    return X, fn, scale, base
+
+
+@pytest.mark.parametrize("T,n,D", [(1, 4, 8), (5, 4, 40), (17, 4, 24), (3, 2, 300), (1, 4, 300), (20, 2, 20),
+                                   (4, 3, 20)])
+@pytest.mark.parametrize("hc_eps,iters", [(1e-6, 20), (0.05, 20), (0.05, 1), (0.2, 3)])
+def test_hc_pre(T, n, D, hc_eps, iters):
+    """n = 4, 2 and 3 (padded to 4), ragged D and K = nD (K split over programs with a ragged last range:
+    D = 300), one token and several token blocks, eps large enough that its placement shows, iters = 1
+    (the softmax + one column normalisation only)."""
+    X, fn, scale, base = hc_inputs(7, T, n, D, logit_scale=1.5)
+    u, post, comb = khc.hc_pre_triton(X, fn, scale, base, 1e-6, hc_eps, iters)
+    wu, wpost, wcomb = hc_pre_reference(X, fn, scale, base, 1e-6, hc_eps, iters)
+    assert u.shape == (T, D) and u.dtype == X.dtype
+    assert post.shape == (T, n) and post.dtype == torch.float32
+    assert comb.shape == (T, n, n) and comb.dtype == torch.float32
+    torch.testing.assert_close(u, wu, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(post, wpost, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(comb, wcomb, atol=1e-5, rtol=1e-5)
+    if n > 2:  # (a 2 x 2 doubly stochastic matrix is symmetric)
+        assert not torch.allclose(comb, comb.transpose(1, 2), atol=1e-3), "premise: comb is not symmetric"
+
+
+def test_hc_pre_bf16_streams():
+    X, fn, scale, base = hc_inputs(8, 6, 4, 72, dtype=torch.bfloat16)
+    u, post, comb = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20)
+    wu, wpost, wcomb = hc_pre_reference(X, fn, scale, base, 1e-6, 0.05, 20)
+    assert u.dtype == torch.bfloat16
+    torch.testing.assert_close(post, wpost, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(comb, wcomb, atol=1e-5, rtol=1e-5)
+    assert (u == wu).float().mean() > 0.98
+    torch.testing.assert_close(u.float(), wu.float(), atol=1e-2, rtol=2 ** -7)
+
+
+def test_hc_pre_ignores_storage_past_T():
+    """X as the first T tokens of a larger NaN-filled buffer: masked token lanes never leak."""
+    big = torch.full((40, 4, 24), float("nan"))
+    X, fn, scale, base = hc_inputs(9, 3, 4, 24)
+    big[:3] = X
+    u, post, comb = khc.hc_pre_triton(big[:3], fn, scale, base, 1e-6, 0.05, 20)
+    wu, wpost, wcomb = hc_pre_reference(X, fn, scale, base, 1e-6, 0.05, 20)
+    torch.testing.assert_close(u, wu, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(comb, wcomb, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,n,D", [(1, 4, 8), (6, 4, 300), (40, 2, 24)])
+@pytest.mark.parametrize("hc_eps", [1e-6, 0.05])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hc_head(T, n, D, hc_eps, dtype):
+    X, fn, scale, base = hc_inputs(10, T, n, D, dtype=dtype, logit_scale=3.0, head=True)
+    got = khc.hc_head_triton(X, fn, scale, base, 1e-6, hc_eps)
+    want = hc_head_reference(X, fn, scale, base, 1e-6, hc_eps)
+    assert got.shape == (T, D) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        assert (got == want).float().mean() > 0.98
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("T,n,D", [(1, 4, 8), (5, 4, 1500), (9, 2, 40), (3, 4, 4096), (2, 3, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hc_post(T, n, D, dtype):
+    """Ragged D over two chunks, n = 2, one token; f and X are views of NaN-padded storage; comb is
+    not symmetric (a transposed comb fails)."""
+    X = padded_view((T, n, D), 7, seed=11, dtype=dtype)
+    f = padded_view((T, D), 3, seed=12, dtype=dtype)
+    post = 2 * torch.rand(T, n, generator=gen(13))
+    comb = torch.rand(T, n, n, generator=gen(14))
+    got = khc.hc_post_triton(f, X, post, comb)
+    want = hc_post_reference(f.contiguous(), X.contiguous(), post, comb)
+    assert got.shape == (T, n, D) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        wrong = hc_post_reference(f.contiguous(), X.contiguous(), post, comb.transpose(1, 2))
+        assert not torch.allclose(got, wrong, atol=1e-3)
+    else:
+        assert (got == want).float().mean() > 0.98
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=2 ** -7)
+
+
+# ============================================================================= fp8_act_quant
+
+
+def same_bytes(q, wq, dialect):
+    """Byte equality, except that both zeros count as equal (the kernel writes 0x00 for -0)."""
+    zero = (fp8_decode(q, dialect) == 0) & (fp8_decode(wq, dialect) == 0)
+    return bool(((q == wq) | zero).all())
+
+
+def edge_rows(K: int, block: int) -> torch.Tensor:
+    """Rows whose blocks hit the exponent boundaries and the special cases."""
+    rows = []
+    nb = -(-K // block)
+    base = torch.randn(K, generator=gen(20))
+
+    def with_amax(a: float, neg=False):
+        r = base.clone()
+        for b in range(nb):
+            seg = r[b * block:(b + 1) * block]
+            seg.mul_(0.9 * a / seg.abs().max())
+            seg[0] = -a if neg else a
+        return r
+
+    for k in (-30, -8, 0, 1, 20):
+        a = 448.0 * 2.0 ** k  # exactly on a power-of-two boundary: s = 2^k, the max maps to 448
+        rows += [with_amax(a), with_amax(a, neg=True)]
+        up = float(torch.nextafter(torch.tensor(a), torch.tensor(float("inf"))))
+        dn = float(torch.nextafter(torch.tensor(a), torch.tensor(0.0)))
+        rows += [with_amax(up), with_amax(dn)]
+    rows.append(with_amax(2.0 ** -5))  # amax an exact power of two
+    rows.append(with_amax(3e-5))  # below the 1e-4 floor: s from the floor
+    rows.append(torch.zeros(K))  # all zero
+    mixed = base.clone()
+    mixed[:block] *= 1e-6  # a tiny block next to normal ones
+    if K > block:
+        mixed[block:2 * block] = 0.0
+    rows.append(mixed)
+    rows.append(base * 1e30)  # huge values: large exponents
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dialect", list(Fp8Dialect))
+@pytest.mark.parametrize("M,K,block", [(1, 128, 128), (33, 200, 128), (5, 4096, 128), (7, 77, 128),
+                                       (6, 300, 64), (4, 96, 32), (3, 100, 48)])
+def test_act_quant_random(dialect, M, K, block):
+    """Random rows with a different magnitude per row, ragged K, the x view NaN-padded past K (a read
+    past the last partial block would poison its amax)."""
+    x = padded_view((M, K), 9, seed=21)
+    x.mul_(torch.exp2(torch.randint(-20, 20, (M, 1), generator=gen(22)).float()))
+    q, s = kquant.fp8_act_quant_triton(x, block, dialect)
+    wq, ws = quantize_fp8_blocks(x.contiguous(), (block,), dialect)
+    assert q.dtype == torch.uint8 and q.shape == (M, K) and s.dtype == torch.uint8 and s.shape == ws.shape
+    assert torch.equal(s, ws)
+    assert same_bytes(q, wq, dialect)
+
+
+@pytest.mark.parametrize("dialect", list(Fp8Dialect))
+@pytest.mark.parametrize("K", [256, 200])
+def test_act_quant_edges(dialect, K):
+    """Exact powers of two and their float32 neighbours as block amax, tiny (< 1e-4), zero and huge
+    blocks: scale bytes from the exact exponent (numerics.pow2_scale_exponent), q bytes equal."""
+    x = edge_rows(K, 128)
+    q, s = kquant.fp8_act_quant_triton(x, 128, dialect)
+    wq, ws = quantize_fp8_blocks(x, (128,), dialect)
+    assert torch.equal(s, ws)
+    assert same_bytes(q, wq, dialect)
+    amax = torch.stack([x[:, i:i + 128].abs().amax(1) for i in range(0, K, 128)], 1).clamp(min=1e-4)
+    e = pow2_scale_exponent(amax, 448.0) + dialect.scale_exp_offset
+    assert torch.equal(s.int(), e + 127)
+    # the boundary rows really are on the boundaries: max |q| decodes to the clamp (448 / 224)
+    for r in (4, 5, 8, 9):  # amax 448 * 2^-8 and 448 (either sign)
+        assert float(fp8_decode(q[r], dialect).abs().max()) == dialect.quant_max
+
+
+def test_act_quant_bf16_input():
+    x = (3 * torch.randn(5, 384, generator=gen(23))).to(torch.bfloat16)
+    for d in Fp8Dialect:
+        q, s = kquant.fp8_act_quant_triton(x, 128, d)
+        wq, ws = quantize_fp8_blocks(x.float(), (128,), d)
+        assert torch.equal(s, ws) and same_bytes(q, wq, d)
+
+
+def test_act_quant_dialects_and_factor_two():
+    """fnuz and OCP quantise to the same values (fnuz scale byte = OCP + 1); fnuz bytes read as OCP are
+    exactly 2x (so a dialect mix-up fails loudly), OCP bytes read as fnuz 0.5x."""
+    x = torch.randn(6, 200, generator=gen(24))
+    qo, so = kquant.fp8_act_quant_triton(x, 128, "ocp")
+    qf, sf = kquant.fp8_act_quant_triton(x, 128, Fp8Dialect.FNUZ)
+    assert torch.equal(sf.int(), so.int() + 1)
+    vo = dequantize_fp8_blocks(qo, so, (128,), Fp8Dialect.OCP)
+    vf = dequantize_fp8_blocks(qf, sf, (128,), Fp8Dialect.FNUZ)
+    assert torch.equal(vo, vf)
+    torch.testing.assert_close(vo, x, atol=0, rtol=2 ** -4)  # e4m3 rounding only
+    wrong = dequantize_fp8_blocks(qf, sf, (128,), Fp8Dialect.OCP)  # fnuz bytes decoded as OCP
+    assert torch.equal(wrong, 2 * vo)
+    assert not torch.allclose(wrong, x, atol=1e-2, rtol=0.1)
+    assert torch.equal(dequantize_fp8_blocks(qo, so, (128,), Fp8Dialect.FNUZ), vo / 2)

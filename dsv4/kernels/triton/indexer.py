@@ -1,0 +1,326 @@
+"""Triton provider of `indexer_topk` (dsv4/ops/indexer.py; spec §2.6).
+
+score(t, w) = sum_h weights[t, h] * relu(q[t, h] . k_w) for the cached indexer keys k_w of the token's
+sequence (paged through the block table), -inf where entry w is not visible to the token
+((w + 1) * ratio > p + 1) or past its sequence's cached count, written into an fp32 buffer
+[T_chunk, n_max] (n_max = max over sequences of seq_lens // ratio, from the host mirrors); then
+torch.topk (k = min(topk, n_max)) and -1 for picks that are not visible, padded to [T, topk] with -1:
+exactly the reference's result set. Query tokens are processed in chunks so that the score buffer
+stays below MAX_SCORE_BYTES whatever the context length.
+
+Work decomposition of `_indexer_scores_kernel`: grid (query groups, entry splits). A query group is
+BLOCK_T consecutive tokens of ONE sequence (BLOCK_T = 1 for decode-only steps; for prefill chunks the
+groups are cut per sequence on the device, no host sync); an entry split is TILES tiles of BLOCK_N
+entries. A program loads its group's q as one [BLOCK_T * BLOCK_H, dI] tile once (all heads: 64 x 128
+at full size, 16 KiB bf16 per token), then for each of its tiles that is at least partly visible
+gathers the [dI, BLOCK_N] key tile through the block table (each key row is read once per group and
+tile: 256 B contiguous per entry), does one tl.dot (bf16 in, fp32 accumulate) for all heads and tokens
+of the group, relu, multiplies by the head weights and reduces over heads, and stores BLOCK_N fp32
+scores per token. Tiles entirely beyond the group's last visible entry only store -inf (no loads, no
+math), so causal prefill does half the work. Floor: decode reads every visible key once (the
+HBM-bound part: 256 B per entry per sequence) and does 2 * H * dI FLOPs per (token, entry) on the
+tensor cores; prefill re-reads keys once per group of BLOCK_T tokens (L2) and is tensor-core bound.
+The score buffer (4 B per token and entry, written once and read by torch.topk) is the remaining
+traffic; torch.topk itself is outside this kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.triton.common import fp8_decode, register
+from dsv4.ops.indexer import indexer_topk, indexer_topk_reference
+from dsv4.ops.kv_format import Fp8KV
+from dsv4.ops.meta import ForwardMeta
+
+#: Upper bound on the fp32 score buffer of one chunk of query tokens (bytes).
+MAX_SCORE_BYTES = 256 << 20
+#: Test hooks: force the entry tile size / the query-group size (None: automatic).
+FORCE_BLOCK_N: int | None = None
+FORCE_BLOCK_T: int | None = None
+FORCE_TILES: int | None = None
+
+
+@triton.jit
+def _indexer_scores_kernel(
+    q_ptr, w_ptr, k_ptr, ks_ptr, kr_ptr, bt_ptr, pos_ptr, tseq_ptr, slots_ptr, gs_ptr, ge_ptr, out_ptr,
+    t_base, n_out, H, D, E, ratio,
+    s_qt, s_qh, s_wt, s_kp, s_ke, s_sp, s_se, s_rp, s_re, s_bt, s_out,
+    NOPE: tl.constexpr, IS_FP8: tl.constexpr, FNUZ: tl.constexpr, GROUPED: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+):
+    pid_g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if GROUPED:
+        ts = tl.load(gs_ptr + pid_g)
+        te = tl.load(ge_ptr + pid_g)
+    else:
+        ts = (t_base + pid_g).to(tl.int64)
+        te = ts + 1
+    b = tl.load(tseq_ptr + ts)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+
+    tok = tl.arange(0, BLOCK_T)
+    tt = ts + tok
+    tmask = tt < te
+    pos = tl.load(pos_ptr + tt, mask=tmask, other=-1)
+    vis = (pos + 1) // ratio  # entries visible to each token (0 for padding lanes)
+    vis_max = tl.max(vis, axis=0)
+
+    # q of the whole group, all heads: rows = (token, head)
+    rows = tl.arange(0, BLOCK_T * BLOCK_H)
+    rtok = ts + rows // BLOCK_H
+    rh = rows % BLOCK_H
+    rmask = (rtok < te) & (rh < H)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(q_ptr + rtok[:, None] * s_qt + rh[:, None] * s_qh + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    wts = tl.load(w_ptr + rtok * s_wt + rh, mask=rmask, other=0.0).to(tl.float32)
+
+    for i in range(TILES):
+        w0 = (pid_n * TILES + i) * BLOCK_N
+        offs_n = w0 + tl.arange(0, BLOCK_N)
+        if w0 < vis_max:
+            nmask = offs_n < vis_max
+            page = tl.load(bt_ptr + slot * s_bt + offs_n // E, mask=nmask, other=0).to(tl.int64)
+            ent = (offs_n % E).to(tl.int64)
+            kmask = dmask[:, None] & nmask[None, :]
+            if IS_FP8:
+                is_n = offs_d < NOPE
+                dn = tl.where(is_n, offs_d, 0)
+                dr = tl.where(is_n, 0, offs_d - NOPE)
+                byte = tl.load(k_ptr + page[None, :] * s_kp + ent[None, :] * s_ke + dn[:, None],
+                               mask=kmask & is_n[:, None], other=0)
+                sb = tl.load(ks_ptr + page[None, :] * s_sp + ent[None, :] * s_se + (dn // 64)[:, None],
+                             mask=kmask & is_n[:, None], other=127)
+                scale = (sb.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                rv = tl.load(kr_ptr + page[None, :] * s_rp + ent[None, :] * s_re + dr[:, None],
+                             mask=kmask & (offs_d >= NOPE)[:, None], other=0.0).to(tl.float32)
+                kt = tl.where(is_n[:, None], fp8_decode(byte, FNUZ) * scale, rv)
+            else:
+                kt = tl.load(k_ptr + page[None, :] * s_kp + ent[None, :] * s_ke + offs_d[:, None],
+                             mask=kmask, other=0.0)
+            if DOT_F32:
+                s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(q, kt.to(q.dtype))
+            s = tl.maximum(s, 0.0) * wts[:, None]
+            if BLOCK_T == 1:
+                sc = tl.sum(s, axis=0)[None, :]
+            else:
+                sc = tl.sum(tl.reshape(s, [BLOCK_T, BLOCK_H, BLOCK_N]), axis=1)
+            sc = tl.where(offs_n[None, :] < vis[:, None], sc, float("-inf"))
+        else:
+            sc = tl.full([BLOCK_T, BLOCK_N], float("-inf"), tl.float32)
+        optr = out_ptr + (tt - t_base)[:, None] * s_out + offs_n[None, :]
+        tl.store(optr, sc, mask=tmask[:, None] & (offs_n < n_out)[None, :])
+
+
+def _npow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _key_parts(k_pool):
+    """(tensor read by the kernel, scale, rope, strides, nope, is_fp8, fnuz, float dtype of the rows)."""
+    if isinstance(k_pool, Fp8KV):
+        nope = k_pool.nope.shape[-1]
+        for t in (k_pool.nope, k_pool.scale, k_pool.rope):
+            if t.stride(-1) != 1:
+                raise ValueError("indexer_topk (triton): Fp8KV parts must have a unit last stride")
+        return (k_pool.nope, k_pool.scale, k_pool.rope,
+                (k_pool.nope.stride(0), k_pool.nope.stride(1), k_pool.scale.stride(0), k_pool.scale.stride(1),
+                 k_pool.rope.stride(0), k_pool.rope.stride(1)),
+                nope, True, k_pool.dialect.value == "fnuz", k_pool.rope.dtype)
+    if k_pool.stride(-1) != 1:
+        raise ValueError("indexer_topk (triton): k_pool must have a unit last stride")
+    return (k_pool, k_pool, k_pool, (k_pool.stride(0), k_pool.stride(1), 0, 0, 0, 0), 0, False, False,
+            k_pool.dtype)
+
+
+def _groups(meta: ForwardMeta, c0: int, c1: int, bt: int, device):
+    """Query groups of at most `bt` tokens of one sequence within tokens [c0, c1): (count from the host
+    mirrors, group start / end token tensors computed on the device)."""
+    qh = meta.query_start_host
+    G = 0
+    for b in range(meta.num_seqs):
+        n = min(qh[b + 1], c1) - max(qh[b], c0)
+        if n > 0:
+            G += -(-n // bt)
+    qs = meta.query_start
+    lo = qs[:-1].clamp(c0, c1)
+    hi = qs[1:].clamp(c0, c1)
+    ng = (hi - lo + bt - 1) // bt
+    off = torch.cumsum(ng, 0)
+    gid = torch.arange(G, device=device, dtype=torch.int64)
+    gb = torch.searchsorted(off, gid, right=True)
+    gs = lo[gb] + (gid - (off[gb] - ng[gb])) * bt
+    ge = torch.minimum(gs + bt, hi[gb])
+    return G, gs, ge
+
+
+def indexer_scores_triton(q, weights, k_pool, block_table, meta: ForwardMeta, ratio: int, c0: int, c1: int,
+                          n_max: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of query tokens [c0, c1) against entries 0..n_max-1 ([c1 - c0, n_max] fp32, -inf where not
+    visible). Exposed for the GPU checks."""
+    T, H, D = q.shape
+    Tc = c1 - c0
+    if out is None:
+        out = torch.empty((Tc, n_max), dtype=torch.float32, device=q.device)
+    if Tc == 0 or n_max == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if weights.stride(-1) != 1:
+        weights = weights.contiguous()
+    kt, ks, kr, (s_kp, s_ke, s_sp, s_se, s_rp, s_re), nope, is_fp8, fnuz, kdtype = _key_parts(k_pool)
+    E = (k_pool.nope if is_fp8 else k_pool).shape[1]
+    if q.dtype in (torch.bfloat16, torch.float16) and kdtype == q.dtype:
+        dot_f32 = False
+    else:
+        dot_f32 = True
+    BLOCK_H = max(16, _npow2(H))
+    BLOCK_D = max(16, _npow2(D))
+    max_per_seq = max(min(meta.query_start_host[b + 1], c1) - max(meta.query_start_host[b], c0)
+                      for b in range(meta.num_seqs))
+    grouped = max_per_seq > 1
+    if grouped:
+        bt = FORCE_BLOCK_T or max(2, min(8, 128 // BLOCK_H))
+        G, gs, ge = _groups(meta, c0, c1, bt, q.device)
+    else:
+        bt, G, gs, ge = 1, Tc, meta.positions, meta.positions  # gs / ge unused
+    # tiles sized so that the accumulator, the key tile and its gather addresses fit in registers at 8
+    # warps (checked with ptxas for sm_90: no spills): wgmma bf16 128, FMA fp32 / FP8-decoding paths less
+    if dot_f32:
+        bn = 16 if bt * BLOCK_H > 64 else 32
+    elif is_fp8:
+        bn = 32
+    else:
+        bn = 128
+    BLOCK_N = FORCE_BLOCK_N or min(bn, max(16, _npow2(n_max)))
+    n_tiles = triton.cdiv(n_max, BLOCK_N)
+    TILES = 1
+    while TILES < 8 and TILES * 2 <= n_tiles and G * triton.cdiv(n_tiles, TILES * 2) >= 2048:
+        TILES *= 2
+    if FORCE_TILES:
+        TILES = FORCE_TILES
+    num_warps = 8 if bt * BLOCK_H >= 64 else 4
+    grid = (G, triton.cdiv(n_tiles, TILES))
+    _indexer_scores_kernel[grid](
+        q, weights, kt, ks, kr, block_table, meta.positions, meta.token_seq, meta.seq_slots, gs, ge, out,
+        c0, n_max, H, D, E, ratio,
+        q.stride(0), q.stride(1), weights.stride(0), s_kp, s_ke, s_sp, s_se, s_rp, s_re,
+        block_table.stride(0), out.stride(0),
+        NOPE=nope, IS_FP8=is_fp8, FNUZ=fnuz, GROUPED=grouped, DOT_F32=dot_f32, BLOCK_T=bt, BLOCK_H=BLOCK_H,
+        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, TILES=TILES, num_warps=num_warps,
+    )
+    return out
+
+
+def indexer_topk_triton(q, weights, k_pool, block_table, meta: ForwardMeta, ratio: int, topk: int):
+    T = q.shape[0]
+    out = torch.full((T, topk), -1, dtype=torch.int64, device=q.device)
+    if T == 0 or topk <= 0 or meta.num_seqs == 0:
+        return out
+    n_max = max(L // ratio for L in meta.seq_lens_host)
+    if n_max == 0:
+        return out
+    k = min(topk, n_max)
+    vis = (meta.positions + 1) // ratio
+    chunk = max(1, min(T, MAX_SCORE_BYTES // (4 * n_max)))
+    buf = torch.empty((min(chunk, T), n_max), dtype=torch.float32, device=q.device)
+    for c0 in range(0, T, chunk):
+        c1 = min(T, c0 + chunk)
+        s = indexer_scores_triton(q, weights, k_pool, block_table, meta, ratio, c0, c1, n_max, buf[: c1 - c0])
+        idx = torch.topk(s, k, dim=1, sorted=False).indices
+        out[c0:c1, :k] = torch.where(idx >= vis[c0:c1, None], torch.full_like(idx, -1), idx)
+    return out
+
+
+# ----------------------------------------------------------------------------- GPU checks
+
+
+def gpu_check_cases():
+    """(name, callable) pairs; each callable runs on a CUDA device at DeepSeek-V4-Flash shapes (H_I = 64,
+    d_I = 128, ratio 4, top-512, 256-token pages) and returns errors vs the reference, the Triton time and
+    the bytes / FLOPs the op must move / do."""
+    cases = []
+    for batch in (1, 64, 256):
+        for ctx in (1024, 16384, 131072):
+            cases.append((f"indexer_decode_b{batch}_ctx{ctx // 1024}k",
+                          lambda batch=batch, ctx=ctx: _gpu_case([ctx - 1] * batch, [1] * batch)))
+    cases.append(("indexer_prefill_4k_from0", lambda: _gpu_case([0], [4096])))
+    cases.append(("indexer_prefill_4k_at12k", lambda: _gpu_case([12288], [4096])))
+    return cases
+
+
+def _gpu_case(starts, news, H=64, dI=128, ratio=4, topk=512, page_tokens=256, seed=0, device="cuda",
+              dtype=torch.bfloat16):
+    import random
+
+    from triton.testing import do_bench as _bench
+
+    dev = torch.device(device)
+
+    def do_bench(fn, rep):  # no timing in a dry run of the harness (interpreter, CPU tensors)
+        return _bench(fn, rep=rep) if dev.type == "cuda" else float("nan")
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    rng = random.Random(seed)
+    B = len(starts)
+    E = page_tokens // ratio
+    lens = [s + n for s, n in zip(starts, news)]
+    pps = max(-(-L // page_tokens) for L in lens)
+    P = B * pps + 1
+    perm = list(range(P))
+    rng.shuffle(perm)
+    block_table = torch.tensor(perm[: B * pps], dtype=torch.int64, device=dev).view(B, pps)
+    k_pool = torch.randn((P, E, dI), generator=g, device=dev, dtype=torch.float32).to(dtype)
+    meta = ForwardMeta.build(list(range(B)), starts, news, device=dev)
+    T = meta.num_tokens
+    q = torch.randn((T, H, dI), generator=g, device=dev, dtype=torch.float32).to(dtype)
+    w = torch.randn((T, H), generator=g, device=dev, dtype=torch.float32) * (dI ** -0.5) * (H ** -0.5)
+
+    got = indexer_topk_triton(q, w, k_pool, block_table, meta, ratio, topk)
+    ref = indexer_topk_reference(q, w, k_pool, block_table, meta, ratio, topk)
+    # score error on a sample of tokens (fp32 torch from the same bf16 inputs), and pick agreement
+    n_max = max(L // ratio for L in lens)
+    rows = sorted(set([0, T - 1] + [rng.randrange(T) for _ in range(6)]))
+    max_abs = max_rel = 0.0
+    for t in rows:
+        b = int(meta.token_seq[t])
+        n = (int(meta.positions[t]) + 1) // ratio
+        if n == 0:
+            continue
+        s = indexer_scores_triton(q, w, k_pool, block_table, meta, ratio, t, t + 1, n_max)[0, :n]
+        wi = torch.arange(n, device=dev)
+        keys = k_pool[block_table[b, wi // E], wi % E].float()
+        r = (torch.einsum("hd,nd->hn", q[t].float(), keys).relu() * w[t, :, None]).sum(0)
+        err = (s - r).abs().max().item()
+        max_abs = max(max_abs, err)
+        max_rel = max(max_rel, err / max(r.abs().max().item(), 1e-30))
+    agree = tot = 0
+    for t in range(T):
+        a = set(got[t].tolist()) - {-1}
+        r_ = set(ref[t].tolist()) - {-1}
+        agree += len(a & r_)
+        tot += len(r_)
+    ms = do_bench(lambda: indexer_topk_triton(q, w, k_pool, block_table, meta, ratio, topk), rep=200)
+    ms_scores = do_bench(lambda: indexer_scores_triton(q, w, k_pool, block_table, meta, ratio, 0,
+                                                       min(T, MAX_SCORE_BYTES // (4 * n_max)), n_max), rep=200)
+    vis_total = int(((meta.positions + 1) // ratio).sum().item())
+    key_bytes = sum(L // ratio for L in lens) * dI * 2  # every cached key read once (decode floor)
+    bytes_moved = key_bytes + T * H * dI * 2 + T * H * 4 + 2 * T * n_max * 4 + T * topk * 8
+    flops = 2 * H * dI * vis_total
+    return {"max_abs_err": max_abs, "max_rel_err": max_rel, "topk_recall": agree / max(tot, 1),
+            "exact_rows": int(sum(set(got[t].tolist()) == set(ref[t].tolist()) for t in range(T))), "rows": T,
+            "triton_ms": ms, "score_kernel_ms": ms_scores, "bytes": bytes_moved, "flops": flops,
+            "roofline_ms": max(bytes_moved / 4.8e12, flops / 790e12) * 1e3}
+
+
+register(indexer_topk, indexer_topk_triton)

@@ -510,7 +510,7 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     num_layers: int | None = None
-    op_overrides: tuple = ()
+    op_overrides: tuple = ()  # ((op name, provider), ...)
     kv_cache_dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

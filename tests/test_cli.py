@@ -185,3 +185,12 @@ def test_kv_cache_too_small_is_a_clear_error(capsys, tiny_dir):
     rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt", "hi",
                        "--kv-cache-memory", "100KiB")
     assert rc == 2 and "cannot hold one request" in err and "--kv-cache-memory" in err
+
+
+def test_op_override_reaches_the_engine(capsys, tiny_dir):
+    rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt-token-ids", "0,5",
+                       "--max-tokens", 1, "--op", "rms_norm=torch", "--json")
+    assert rc == 0, err
+    rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt-token-ids", "0,5",
+                       "--max-tokens", 1, "--op", "rms_norm=triton")
+    assert rc == 2 and "rms_norm=triton" in err and "needs a GPU" in err

@@ -22,7 +22,6 @@ from dsv4.engine.sampling_params import SamplingParams
 from dsv4.engine.scheduler import Scheduler
 from dsv4.model.builder import LoadedModel, build_model, parse_dtype
 from dsv4.ops.meta import ForwardMeta
-from dsv4.ops.registry import parse_overrides
 from dsv4.tokenizer import Tokenizer
 
 log = logging.getLogger("dsv4.engine")
@@ -36,7 +35,7 @@ class LLMEngine:
         self.config = config
         self.lm = lm or build_model(config.model, device=config.device, dtype=config.dtype, numerics=config.numerics,
                                     load_format=config.load_format,
-                                    op_overrides=parse_overrides(list(config.op_overrides)), seed=config.seed,
+                                    op_overrides=dict(config.op_overrides), seed=config.seed,
                                     num_layers=config.num_layers)
         self.cfg = self.lm.cfg
         self.device = self.lm.platform.torch_device

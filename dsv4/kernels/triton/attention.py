@@ -33,7 +33,7 @@ LOG2E = 1.4426950408889634
 # BLOCK_N keys per tile; >= 16 each so tl.dot runs on the tensor cores.
 CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 # FP8 stores decode each key tile to float32 in registers first ([BLOCK_N, D] fp32): twice the warps
-CONFIG_FP8 = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+CONFIG_FP8 = {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}  # H200 sweep 2026-11-22: 2x faster than 16
 MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
 MAX_SPLITS = 64
 

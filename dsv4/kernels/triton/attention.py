@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_decode, fp8_encode, register
+from dsv4.kernels.triton.common import fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max, register
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.attention import sparse_attention as sparse_attention_op
 from dsv4.ops.attention import write_window_op
@@ -286,17 +286,9 @@ def _write_window_kernel(kvn_ptr, kvr_ptr, s_kvt, pos_ptr, tseq_ptr, slots_ptr, 
         mn = (dn < DN) & keep
         x = tl.load(kvn_ptr + t64 * s_kvt + dn, mask=mn, other=0.0).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
-        bits = amax.to(tl.int32, bitcast=True)
-        ea = ((bits >> 23) & 0xFF) - 127
-        # ceil(log2(amax / 448)) exactly: 448 = 1.75 * 2^8, 1.75 has mantissa bits 0x600000
-        e = ea - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-        if FNUZ:
-            e = tl.minimum(tl.maximum(e, -127), 126) + 1
-            qmax = 224.0
-        else:
-            e = tl.minimum(tl.maximum(e, -127), 127)
-            qmax = 448.0
-        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e (exact for the e that occur)
+        e = fp8_block_exponent(amax, FNUZ)
+        qmax = fp8_quant_max(FNUZ)
+        inv = fp8_pow2(-e)
         y = tl.minimum(tl.maximum(x * inv[:, None], -qmax), qmax)
         code = fp8_encode(y, FNUZ)
         tl.store(wb_ptr + slot * wb_s0 + ring * wb_s1 + dn, code, mask=mn)

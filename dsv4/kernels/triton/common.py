@@ -59,3 +59,30 @@ def fp8_encode(x, FNUZ: tl.constexpr):
     code = tl.where(a < min_normal, sub, normal)
     code = tl.where((x < 0) & (code != 0), code | 0x80, code)
     return code.to(tl.uint8)
+
+
+@triton.jit
+def fp8_block_exponent(amax, FNUZ: tl.constexpr):
+    """Exponent e of a block's power-of-two scale (the E8M0 byte is e + 127) for the block max |x| = amax
+    (>= 1e-4, so normal): OCP e = ceil(log2(amax / 448)); FNUZ e + 1 (scale 2s, clamp 224, the same values).
+    Exact from the float32 bits: amax = (1 + M / 2^23) 2^(E - 127) and 448 = 1.75 * 2^8, 1.75 having
+    mantissa bits 0x600000, so e = E - 135 + (M > 0x600000). Use `fp8_pow2(-e)` for 1 / scale."""
+    bits = amax.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    if FNUZ:
+        e = tl.minimum(tl.maximum(e, -127), 126) + 1
+    else:
+        e = tl.minimum(tl.maximum(e, -127), 127)
+    return e
+
+
+@triton.jit
+def fp8_quant_max(FNUZ: tl.constexpr):
+    """The clamp the quantisers use: 448 (OCP) / 224 (FNUZ, with the doubled scale)."""
+    return 224.0 if FNUZ else 448.0
+
+
+@triton.jit
+def fp8_pow2(e):
+    """2^e as float32 from integer e in [-126, 127], exactly (built from the exponent bits)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)

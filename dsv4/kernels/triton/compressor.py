@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_decode, fp8_encode, register
+from dsv4.kernels.triton.common import fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max, register
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.compressor import POSTPROCESS, compress_kv, compress_kv_reference
 from dsv4.ops.kv_format import FP8_BLOCK, Fp8KV
@@ -87,11 +87,6 @@ def _locate(g, ss_ptr, sl_ptr, B, m, DECODE: tl.constexpr, BLOCK_B: tl.constexpr
     return b, j, total
 
 
-@triton.jit
-def _pow2(e):
-    """2^e as fp32 for integer e in [-126, 127]."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
-
 
 @triton.jit
 def _fp8_quant(x, valid, BLOCK_D: tl.constexpr, FNUZ: tl.constexpr):
@@ -101,19 +96,12 @@ def _fp8_quant(x, valid, BLOCK_D: tl.constexpr, FNUZ: tl.constexpr):
     NB: tl.constexpr = BLOCK_D // 64
     a = tl.where(valid, tl.abs(x), 0.0)
     amax = tl.maximum(tl.max(tl.reshape(a, [NB, 64]), axis=1), 1e-4)
-    bits = amax.to(tl.int32, bitcast=True)
-    # exact ceil(log2(amax / 448)): amax = (1 + f) 2^(E-127), 448 = 1.75 * 2^8
-    e = ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-    if FNUZ:
-        e = tl.minimum(tl.maximum(e, -127), 126) + 1
-        qmax = 224.0
-    else:
-        e = tl.minimum(tl.maximum(e, -127), 127)
-        qmax = 448.0
+    e = fp8_block_exponent(amax, FNUZ)
+    qmax = fp8_quant_max(FNUZ)
     eb = tl.reshape(tl.broadcast_to(e[:, None], [NB, 64]), [BLOCK_D])
-    y = tl.minimum(tl.maximum(x * _pow2(-eb), -qmax), qmax)
+    y = tl.minimum(tl.maximum(x * fp8_pow2(-eb), -qmax), qmax)
     code = fp8_encode(y, FNUZ)
-    deq = fp8_decode(code, FNUZ) * _pow2(eb)
+    deq = fp8_decode(code, FNUZ) * fp8_pow2(eb)
     return code, deq, e
 
 
@@ -127,13 +115,13 @@ def _fp4_roundtrip(x, BLOCK_D: tl.constexpr):
     e = ((bits >> 23) & 0xFF) - 129 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)  # 6 = 1.5 * 2^2
     e = tl.minimum(tl.maximum(e, -126), 127)
     eb = tl.reshape(tl.broadcast_to(e[:, None], [NB, 32]), [BLOCK_D])
-    y = tl.minimum(tl.maximum(x * _pow2(-eb), -6.0), 6.0)
+    y = tl.minimum(tl.maximum(x * fp8_pow2(-eb), -6.0), 6.0)
     a = tl.abs(y)
     q = (0.5 * (a > 0.25).to(tl.float32) + 0.5 * (a >= 0.75).to(tl.float32) + 0.5 * (a > 1.25).to(tl.float32)
          + 0.5 * (a >= 1.75).to(tl.float32) + (a > 2.5).to(tl.float32) + (a >= 3.5).to(tl.float32)
          + 2.0 * (a > 5.0).to(tl.float32))
     q = tl.where(y < 0, -q, q)
-    return q * _pow2(eb)
+    return q * fp8_pow2(eb)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_encode, register
+from dsv4.kernels.triton.common import fp8_block_exponent, fp8_encode, fp8_pow2, fp8_quant_max, register
 from dsv4.kernels.triton.norm import bench_ms, roofline
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.quant import fp8_act_quant as fp8_act_quant_op
@@ -37,15 +37,9 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NB, block, sx, sq, ss,
     mask = (bs[:, None] < NB) & (lane[None, :] < block) & (cols < K)
     x = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)
-    bits = amax.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-    if FNUZ:  # FNUZ: the scale is 2x OCP's, the clamp 224 (numerics.Fp8Dialect.quant_max)
-        e = tl.minimum(tl.maximum(e, -127), 126) + 1
-        qmax = 224.0
-    else:
-        e = tl.minimum(tl.maximum(e, -127), 127)
-        qmax = 448.0
-    inv_s = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e exactly (amax in [1e-4, 3.4e38]: e in [-22, 121])
+    e = fp8_block_exponent(amax, FNUZ)  # FNUZ: scale 2x OCP's, clamp 224 (numerics.Fp8Dialect.quant_max)
+    qmax = fp8_quant_max(FNUZ)
+    inv_s = fp8_pow2(-e)  # exact: amax in [1e-4, 3.4e38] gives e in [-22, 121]
     y = tl.minimum(tl.maximum(x * inv_s[:, None], -qmax), qmax)
     tl.store(q_ptr + row * sq + cols, fp8_encode(y, FNUZ), mask=mask)
     tl.store(s_ptr + row * ss + bs, (e + 127).to(tl.uint8), mask=bs < NB)

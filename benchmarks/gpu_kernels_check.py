@@ -16,9 +16,10 @@ import traceback
 
 import torch
 
-MODULES = ("attention", "indexer", "compressor", "norm", "rope", "hyper_connection", "quant")
+MODULES = ("attention", "indexer", "compressor", "norm", "rope", "hyper_connection", "quant", "gemm", "moe")
 REFERENCE_ONLY = {"sparse_attention", "write_window", "indexer_topk", "compress_kv", "rms_norm", "apply_rope",
-                  "hc_pre", "hc_post", "hc_head", "fp8_act_quant"}
+                  "hc_pre", "hc_post", "hc_head", "fp8_act_quant", "linear", "grouped_linear", "moe_route",
+                  "moe_experts"}
 
 
 def run_cases(only: set[str] | None, deadline: float) -> list[dict]:

@@ -10,6 +10,7 @@ from dsv4.config import HASH_MOE, ModelConfig
 from dsv4.model.linear import Linear, weight_dtype, weight_shapes
 from dsv4.model.options import ModelOptions
 from dsv4.ops.moe import swiglu
+from dsv4.ops.moe_dispatch import ExpertMap
 
 
 class Gate(nn.Module):
@@ -27,12 +28,18 @@ class Gate(nn.Module):
 
 class Experts(nn.Module):
     """The routed experts, stacked: w13 = [w1; w3] per expert ([E, 2I, D]), w2 ([E, D, I]).
-    (The checkpoint stores `experts.E.w1/w2/w3` separately; the loader stacks them.)"""
+    (The checkpoint stores `experts.E.w1/w2/w3` separately; the loader stacks them.) With an expert map
+    that is not the identity, row i holds global expert expert_map.local_ids[i]."""
 
     def __init__(self, cfg: ModelConfig, opts: ModelOptions):
         super().__init__()
         fmt = cfg.expert_dtype or "dense"
-        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        D, I = cfg.hidden_size, cfg.moe_intermediate_size
+        self.expert_map = opts.expert_map or ExpertMap.identity(cfg.n_routed_experts)
+        if self.expert_map.num_global != cfg.n_routed_experts:
+            raise ValueError(f"expert map covers {self.expert_map.num_global} experts, the config has "
+                             f"n_routed_experts={cfg.n_routed_experts}")
+        E = self.expert_map.num_local  # only the local experts' weights are held (rows in the map's order)
         self.fmt = fmt
         ws, ss = weight_shapes(2 * I, D, fmt)
         self.register_buffer("w13", torch.empty((E,) + ws, dtype=weight_dtype(fmt, opts)))
@@ -73,7 +80,7 @@ class MoE(nn.Module):
         w, ids = self._route(x, g.weight, g.bias, g.tid2eid, input_ids, c.num_experts_per_tok, c.scoring_func,
                              c.norm_topk_prob, c.routed_scaling_factor)
         y = self._experts(x, e.w13, e.w13_scale, e.w2, e.w2_scale, ids, w, c.swiglu_limit, self.act_quant,
-                          self.dialect)
+                          self.dialect, e.expert_map)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x).float()
         return y.to(x.dtype)

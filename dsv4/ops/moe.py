@@ -7,13 +7,16 @@ moe_route(x, gate_weight, bias, tid2eid, input_ids, top_k, score_func, norm_topk
     (bias only steers the choice). Weights: the selected unbiased scores, normalised over the k chosen
     when norm_topk_prob, times `scaling`.
 
-moe_experts(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect)
+moe_experts(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect, expert_map)
     -> [T, D] float32: sum over the k selected experts e of
        w2_e( (weights[t, e] * silu(min(g, L)) * clamp(u, -L, L)) cast to x's dtype ),
     where (g, u) = x w13_e^T split in halves (w1 = gate first, w3 = up second), computed through
     `linear` in x's dtype and upcast to float32. Routing weight before w2, as the official code does.
     w13: [E, 2I, D] (dense or FP8) or [E, 2I, D/2] packed FP4; w2: [E, D, I] or [E, D, I/2];
-    scales as for `linear`, per expert. Expert ids outside 0..E-1 are an error.
+    scales as for `linear`, per expert. `ids` are GLOBAL expert ids; `expert_map`
+    (dsv4/ops/moe_dispatch.ExpertMap, default: identity over w13's E experts) says which are local and at
+    which index of w13 / w2. Remote experts contribute zero on this rank (the other ranks add theirs).
+    Expert ids outside 0..num_global-1 are an error.
 """
 
 import torch
@@ -55,13 +58,21 @@ def swiglu(gu: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 def moe_experts_reference(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float,
-                          act_quant: bool = False, dialect=Fp8Dialect.OCP):
-    E = w13.shape[0]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
-        raise ValueError(f"expert id out of range 0..{E - 1}: min {int(ids.min())}, max {int(ids.max())}")
+                          act_quant: bool = False, dialect=Fp8Dialect.OCP, expert_map=None):
+    from dsv4.ops.moe_dispatch import ExpertMap, check_expert_ids
+
+    emap = ExpertMap.identity(w13.shape[0]) if expert_map is None else expert_map
+    if emap.num_local != w13.shape[0] or emap.num_local != w2.shape[0]:
+        raise ValueError(f"moe_experts: expert map has {emap.num_local} local experts, weights hold "
+                         f"{w13.shape[0]} / {w2.shape[0]}")
+    check_expert_ids(ids, emap.num_global)
+    local = {g: i for i, g in enumerate(emap.local_ids)}
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
-    for e in torch.unique(ids).tolist():
-        tok, k = torch.where(ids == e)
+    for g in torch.unique(ids).tolist():
+        e = local.get(g)
+        if e is None:  # remote expert: another rank adds its contribution
+            continue
+        tok, k = torch.where(ids == g)
         s13 = None if w13_scale is None else w13_scale[e]
         s2 = None if w2_scale is None else w2_scale[e]
         h = swiglu(linear_reference(x[tok], w13[e], s13, act_quant, dialect), swiglu_limit)

@@ -13,7 +13,8 @@ try:
 except ImportError:  # e.g. a CPU-only install without the test extras
     HAVE_TRITON = False
 
-KERNEL_MODULES: tuple[str, ...] = ("attention", "indexer", "compressor", "norm", "rope", "hyper_connection", "quant")
+KERNEL_MODULES: tuple[str, ...] = ("attention", "indexer", "compressor", "norm", "rope", "hyper_connection", "quant",
+                                  "gemm", "moe")
 
 if HAVE_TRITON:
     for _m in KERNEL_MODULES:

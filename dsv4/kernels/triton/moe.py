@@ -1,0 +1,884 @@
+"""Triton MoE (dsv4/ops/moe.py): the fused router (`moe_route`) and the routed experts (`moe_experts`:
+on-device dispatch, grouped gate-up GEMM with SwiGLU fused, grouped down GEMM, deterministic combine).
+
+moe_experts pipeline (every size from T, k, num_local and the tile choice: no host syncs, graph-capturable):
+  1. dispatch (dsv4/ops/moe_dispatch.py layout): zero the per-expert counters (one memset), then
+     `_dispatch_count_kernel` (fill the padded slot list with -1, map global ids to local through the
+     ExpertMap table, rank each pair inside its expert with an atomic counter) and
+     `_dispatch_place_kernel` (per-expert block starts by a cumsum over the counters, recomputed by every
+     program; scatter each pair to start * block_m + rank; write block_expert and the valid block count).
+     The order inside an expert is whatever the atomics give: results do not depend on it (every output
+     row depends only on its own input row and the expert's weights; no cross-row reduction).
+  2. act_quant: `_act_roundtrip_kernel` rounds x through FP8 per (row, 128) with the fp8_act_quant recipe
+     (power-of-two scales, `dialect`) and writes the exact values back in x's dtype (FP8 x 2^e is exact in
+     bf16 / fp32), so the GEMMs read ordinary activations.
+  3. `_moe_gate_up_kernel`: per block of block_m (token, slot) rows of one expert and BN output columns,
+     x rows gathered by token, two accumulators (w1 rows n, w3 rows I + n), then g, u rounded to x's dtype
+     (as `linear` returns), silu(min(g, L)) * clamp(u, -L, L) * routing weight, rounded to x's dtype ->
+     h [rows, I]. With act_quant the FP8 round trip of h is fused here when the N tile holds whole
+     128-column groups, else `_act_roundtrip_kernel` runs on the valid rows of h.
+  4. `_moe_down_kernel`: h rows times w2[e]^T, rounded to x's dtype, written to y[slot] (each (token, slot)
+     owns one row: no atomics).
+  5. `_moe_combine_kernel`: out[t] = sum over j of y[t * k + j] for the local pairs, fp32, fixed order j =
+     0..k-1 (deterministic, bit-identical across runs and dialects).
+
+Weights (per expert, as `linear`): dense [N, K] (value rounded to x's dtype, or kept fp32 with act_quant);
+FP8 [N, K] + E8M0 per 128 x 128 (raw grid values dotted, block scale applied to the fp32 partial per K tile
+of <= 128); FP4 packed [N, K/2] + E8M0 per (row, 32): decoded in registers. The FP4 decode splits K into
+even / odd columns (low / high nibbles) so no interleave is needed: acc += A_even W_lo + A_odd W_hi, the A
+halves loaded with stride 2. A nibble c becomes fp16 bits ((c & 7) << 9) | ((c & 8) << 12), which is
+e2m1(c) * 2^-14 exactly (the fp16 subnormal range lines up with e2m1's, no flush-to-zero on fp16), and is
+multiplied by 2^(s - 127 + 14) (one fp32 multiply; scale bytes above 240, i.e. block scales > 2^113, are
+not supported). Optionally (GPU only, `FP4_SCALED_DOT`), tl.dot_scaled(bf16, e2m1) does the decode with
+Triton's own converter / native MXFP4 MMA where the hardware has it.
+
+Dot operands: on a GPU bf16 for bf16 activations and for act_quant (FP8 x 2^e activations and FP8 / FP4 x
+2^s weights are exact in bf16, so the products are exact and only the fp32 summation order differs from
+the reference's fp32 matmul); IEEE fp32 for fp32 activations (and dense fp32 weights with act_quant). In
+the interpreter always fp32 (its bf16 dot is wrong), with bf16 roundings done on the bits (its fp32 ->
+bf16 cast truncates).
+
+Tile regimes (rows per hit expert r = T k / min(num_local, T k)):
+  decode  r <= 16: block_m 16, gate-up BN 64, down BN 64, BK 128, 4 warps: a block is one expert's few
+          rows; programs = blocks x (I / 64) and blocks x (D / 64) (~200 / ~400 at T = 1, k = 6), each
+          streaming 64 rows of w13 (2 x 64 x D) or w2 once: HBM-bound on the expert weights.
+  middle  r <= 64: block_m 32, gate-up BN 64, down BN 128.
+  prefill r > 64:  block_m 64, BN 128, 8 warps, 3 stages: tensor-core bound; blocks of one expert are
+          adjacent in the launch order, so w13[e] / w2[e] tiles are reused from L2 across them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
+                                        register)
+from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.ops.linear import weight_format
+from dsv4.ops.moe import moe_experts as moe_experts_op
+from dsv4.ops.moe import moe_route as moe_route_op
+from dsv4.ops.moe_dispatch import ExpertMap, dispatch_sizes
+
+QB = 128  # FP8 activation quantisation block (channels) and FP8 weight block
+W_DENSE, W_FP8, W_FP4 = 0, 1, 2
+CHECK_IDS = True  # device-side assert (torch._assert_async) that every expert id is in range
+FP4_SCALED_DOT = False  # GPU: FP4 experts through tl.dot_scaled (set after the GPU check says it is faster)
+
+_SCORE = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
+
+
+def _interpreting(device: torch.device) -> bool:
+    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_type: str, index: int | None) -> int:
+    """SMs / CUs of the device; 132 (an H100 / H200) for the CPU so the interpreter takes the same paths."""
+    if device_type != "cuda":
+        return 132
+    idx = torch.cuda.current_device() if index is None else index
+    return torch.cuda.get_device_properties(idx).multi_processor_count
+
+
+# ============================================================================= shared jit helpers
+
+
+@triton.jit
+def _round_to(v, DT: tl.constexpr, RNE_BITS: tl.constexpr):
+    """fp32 v rounded to DT (nearest even), returned as fp32. RNE_BITS: bf16 on the bits (the interpreter's
+    fp32 -> bf16 cast truncates)."""
+    if RNE_BITS:
+        b = v.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return v.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _dot(acc, a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc=acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc=acc)
+
+
+@triton.jit
+def _e2m1_x2m14(c):
+    """int32 e2m1 codes (0..15, s|ee|m) -> e2m1 value * 2^-14 as fp32, exactly: the 3 magnitude bits placed
+    in an fp16's exponent / mantissa fields (ee = 0 lands on fp16 subnormals, which scale the same way)."""
+    h = ((c & 7) << 9) | ((c & 8) << 12)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _fp8_roundtrip_groups(v, col_ok, FNUZ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          GW: tl.constexpr):
+    """v [BM, BN] fp32 rounded through FP8 e4m3 per (row, GW columns) with the fp8_act_quant recipe
+    (amax >= 1e-4, power-of-two scale, clamp 448 / 224 fnuz, RNE), dequantised exactly. Columns outside
+    col_ok count as zero (a ragged last group uses the partial amax, as the reference does)."""
+    v = tl.where(col_ok[None, :], v, 0.0)
+    v3 = tl.reshape(v, (BM, BN // GW, GW))
+    amax = tl.maximum(tl.max(tl.abs(v3), axis=2), 1e-4)
+    e = fp8_block_exponent(amax, FNUZ)
+    qmax = fp8_quant_max(FNUZ)
+    y = tl.minimum(tl.maximum(v3 * fp8_pow2(-e)[:, :, None], -qmax), qmax)
+    r = fp8_decode(fp8_encode(y, FNUZ), FNUZ) * fp8_pow2(e)[:, :, None]
+    return tl.reshape(r, (BM, BN))
+
+
+@triton.jit
+def _wdot(acc, a, w_ptr, s_ptr, wr, n_ok, k0, K, s_wn, s_sn, s_sk,
+          W_FMT: tl.constexpr, W_FNUZ: tl.constexpr, VAL_DT: tl.constexpr, VAL_RNE: tl.constexpr,
+          DOT_DT: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr):
+    """acc += a [BM, BK] @ W[wr, k0:k0+BK]^T for one expert's weight (w_ptr / s_ptr at that expert).
+    wr: weight rows [BN]; n_ok their logical mask; K the logical reduction length."""
+    kk = k0 + tl.arange(0, BK)
+    wr64 = wr.to(tl.int64)
+    if W_FMT == 0:  # dense [N, K]: value rounded to x's dtype (plain) / kept fp32 (act_quant)
+        w = tl.load(w_ptr + wr64[None, :] * s_wn + kk[:, None], mask=(kk < K)[:, None] & n_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc = _dot(acc, a, _round_to(w, VAL_DT, VAL_RNE).to(DOT_DT), IEEE)
+    elif W_FMT == 1:  # FP8 [N, K] + E8M0 [N/128, K/128]: raw grid values, block scale on the partial
+        wb = tl.load(w_ptr + wr64[None, :] * s_wn + kk[:, None], mask=(kk < K)[:, None] & n_ok[None, :], other=0)
+        w = fp8_decode(wb, W_FNUZ).to(DOT_DT)
+        sb = tl.load(s_ptr + (wr64 // 128) * s_sn + (k0 // 128) * s_sk, mask=n_ok, other=127).to(tl.int32)
+        if IEEE:
+            part = tl.dot(a, w, input_precision="ieee")
+        else:
+            part = tl.dot(a, w)
+        acc += part * fp8_pow2(sb - 127)[None, :]
+    else:  # FP4 through tl.dot_scaled (GPU only): packed [BK/2, BN] bytes, scales [BN, BK/32]
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        pb = tl.load(w_ptr + wr64[None, :] * s_wn + kb[:, None], mask=(kb < K // 2)[:, None] & n_ok[None, :],
+                     other=0)
+        j = k0 // 32 + tl.arange(0, BK // 32)
+        sc = tl.load(s_ptr + wr64[:, None] * s_sn + j[None, :] * s_sk,
+                     mask=n_ok[:, None] & (j < (K + 31) // 32)[None, :], other=127)
+        acc = tl.dot_scaled(a, None, "bf16", pb, sc, "e2m1", acc=acc)
+    return acc
+
+
+@triton.jit
+def _fp4_dot(acc, a_e, a_o, w_ptr, s_ptr, wr, n_ok, k0, K, s_wn, s_sn, s_sk,
+             DOT_DT: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """acc += A_even W_lo + A_odd W_hi for FP4 rows wr of one expert (K columns k0 .. k0+BK): byte c of
+    the tile holds columns k0 + 2c (low nibble) and k0 + 2c + 1 (high nibble); scale s[wr, (k0 + 2c) / 32]."""
+    c = tl.arange(0, BK // 2)
+    kb = k0 // 2 + c
+    wr64 = wr.to(tl.int64)
+    pb = tl.load(w_ptr + wr64[None, :] * s_wn + kb[:, None], mask=(kb < K // 2)[:, None] & n_ok[None, :],
+                 other=0).to(tl.int32)
+    j = k0 // 32 + tl.arange(0, BK // 32)
+    sb = tl.load(s_ptr + wr64[None, :] * s_sn + j[:, None] * s_sk,
+                 mask=(j < (K + 31) // 32)[:, None] & n_ok[None, :], other=127).to(tl.int32)
+    f = fp8_pow2(tl.minimum(sb, 240) - 113)  # 2^(s - 127) * 2^14, exact
+    f = tl.reshape(tl.broadcast_to(f[:, None, :], (BK // 32, 16, BN)), (BK // 2, BN))
+    w_lo = (_e2m1_x2m14(pb & 15) * f).to(DOT_DT)
+    w_hi = (_e2m1_x2m14(pb >> 4) * f).to(DOT_DT)
+    acc = _dot(acc, a_e, w_lo, IEEE)
+    return _dot(acc, a_o, w_hi, IEEE)
+
+
+# ============================================================================= dispatch kernels
+
+
+# Grid = cdiv(max(N, max_rows), CH). Each program fills CH entries of the padded slot list with -1 and,
+# for its CH pairs p < N, maps the global id through the ExpertMap table and takes a rank in its expert
+# from an atomic counter (remote / out-of-range pairs take none; out-of-range ids are counted in
+# counts[num_local] for the device-side assert). Reads 8 B and writes ~8 B per pair: negligible.
+@triton.jit
+def _dispatch_count_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, N, E_glob, E_loc, max_rows,
+                           CH: tl.constexpr):
+    i = tl.program_id(0) * CH + tl.arange(0, CH)
+    tl.store(slots_ptr + i, tl.full((CH,), -1, tl.int32), mask=i < max_rows)
+    in_n = i < N
+    gid = tl.load(ids_ptr + i, mask=in_n, other=0).to(tl.int64)
+    inr = (gid >= 0) & (gid < E_glob)
+    loc = tl.load(g2l_ptr + tl.where(inr, gid, 0), mask=in_n & inr, other=-1)
+    valid = in_n & (loc >= 0)
+    r = tl.atomic_add(counts_ptr + tl.where(valid, loc, 0), tl.full((CH,), 1, tl.int32), mask=valid,
+                      sem="relaxed")
+    tl.store(rank_ptr + i, r, mask=valid)
+    nbad = tl.sum((in_n & ~inr).to(tl.int32), axis=0)
+    if nbad > 0:
+        tl.atomic_add(counts_ptr + E_loc, nbad, sem="relaxed")
+
+
+# Grid = cdiv(max(N, max_blocks), CH). Every program recomputes the per-expert block starts from the
+# counters ([EP] cumsum: cheaper than another launch), scatters its pairs to start * BM + rank, and writes
+# block_expert for its CH blocks (expert of block b = number of experts whose blocks end at or before b).
+@triton.jit
+def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, bexp_ptr, nvb_ptr, N, E_glob,
+                           E_loc, max_blocks, BM, CH: tl.constexpr, EP: tl.constexpr):
+    pid = tl.program_id(0)
+    e = tl.arange(0, EP)
+    e_ok = e < E_loc
+    cnt = tl.load(counts_ptr + e, mask=e_ok, other=0)
+    nblk = (cnt + BM - 1) // BM
+    bend = tl.cumsum(nblk, axis=0)
+    bstart = bend - nblk
+    total = tl.sum(nblk, axis=0)
+
+    i = pid * CH + tl.arange(0, CH)
+    in_n = i < N
+    gid = tl.load(ids_ptr + i, mask=in_n, other=0).to(tl.int64)
+    inr = (gid >= 0) & (gid < E_glob)
+    loc = tl.load(g2l_ptr + tl.where(inr, gid, 0), mask=in_n & inr, other=-1)
+    valid = in_n & (loc >= 0)
+    r = tl.load(rank_ptr + i, mask=valid, other=0)
+    bs = tl.sum(tl.where(loc[:, None] == e[None, :], bstart[None, :], 0), axis=1)
+    dest = bs * BM + r
+    tl.store(slots_ptr + tl.where(valid, dest, 0), i, mask=valid)
+
+    b = pid * CH + tl.arange(0, CH)
+    eb = tl.sum(((bend[None, :] <= b[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
+    tl.store(bexp_ptr + b, tl.where(b < total, eb, -1), mask=b < max_blocks)
+    if pid == 0:
+        tl.store(nvb_ptr, total)
+
+
+# ============================================================================= activation FP8 round trip
+
+
+# Grid = (rows, cdiv(NB, G)): G groups of 128 channels of one row per program, read once and written once
+# (in place for h). HAS_SLOTS: the rows are dispatch rows; padding rows (slot outside 0..N-1) are skipped.
+@triton.jit
+def _act_roundtrip_kernel(x_ptr, y_ptr, slots_ptr, N, K, NB, s_x, s_y, HAS_SLOTS: tl.constexpr,
+                          G: tl.constexpr, FNUZ: tl.constexpr, OUT_RNE: tl.constexpr):
+    row = tl.program_id(0)
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + row)
+        if (slot < 0) | (slot >= N):
+            return
+    row = row.to(tl.int64)
+    bs = tl.program_id(1) * G + tl.arange(0, G)
+    cols = bs[:, None] * 128 + tl.arange(0, 128)[None, :]
+    mask = (bs[:, None] < NB) & (cols < K)
+    v = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-4)
+    e = fp8_block_exponent(amax, FNUZ)
+    qmax = fp8_quant_max(FNUZ)
+    y = tl.minimum(tl.maximum(v * fp8_pow2(-e)[:, None], -qmax), qmax)
+    r = fp8_decode(fp8_encode(y, FNUZ), FNUZ) * fp8_pow2(e)[:, None]  # exact in bf16 / fp32
+    tl.store(y_ptr + row * s_y + cols, r.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ============================================================================= grouped expert GEMMs
+
+
+# Grid = max_blocks * cdiv(I, BN) (N tile fastest: the programs of one block, i.e. one expert, run together
+# and each streams its own BN rows of w1 and of w3 once). A program whose block is unused (block_expert -1)
+# exits at once. Rows are valid iff their slot is in 0..N-1 (logical bound); invalid rows load zeros, are
+# never stored. Per K step: the gathered x tile [BM, BK] (L2-resident), 2 weight tiles [BK, BN], 2 (FP4:
+# 4) dots. Epilogue: SwiGLU with the clamps and the routing weight, optional FP8 round trip of h, one
+# store of h in x's dtype.
+@triton.jit
+def _moe_gate_up_kernel(x_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, rw_ptr, h_ptr,
+                        N, KTOP, I, D, n_tiles, max_rows, s_x, s_we, s_wn, s_se, s_sn, s_sk, s_h, limit,
+                        W_FMT: tl.constexpr, W_FNUZ: tl.constexpr, SCALED: tl.constexpr,
+                        VAL_DT: tl.constexpr, VAL_RNE: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
+                        OUT_DT: tl.constexpr, OUT_RNE: tl.constexpr, HQ: tl.constexpr, FNUZ: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GW: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_n = pid % n_tiles
+    b = pid // n_tiles
+    e = tl.load(bexp_ptr + b)
+    if e < 0:
+        return
+    rows = b * BM + tl.arange(0, BM)
+    slot = tl.load(slots_ptr + rows, mask=rows < max_rows, other=-1)
+    ok = (slot >= 0) & (slot < N)
+    slot = tl.where(ok, slot, 0)
+    tok = slot // KTOP
+    rw = tl.load(rw_ptr + slot, mask=ok, other=0.0).to(tl.float32)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < I
+    w_e = w_ptr + e.to(tl.int64) * s_we
+    s_e = s_ptr + e.to(tl.int64) * s_se
+    a_rows = x_ptr + tok.to(tl.int64) * s_x
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        if (W_FMT == 2) and (not SCALED):
+            ke = k0 + 2 * tl.arange(0, BK // 2)
+            am = ok[:, None] & (ke < D)[None, :]
+            a_e = tl.load(a_rows[:, None] + ke[None, :], mask=am, other=0.0).to(DOT_DT)
+            a_o = tl.load(a_rows[:, None] + (ke + 1)[None, :], mask=am, other=0.0).to(DOT_DT)
+            acc_g = _fp4_dot(acc_g, a_e, a_o, w_e, s_e, n, n_ok, k0, D, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK, BN)
+            acc_u = _fp4_dot(acc_u, a_e, a_o, w_e, s_e, n + I, n_ok, k0, D, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK,
+                             BN)
+        else:
+            kk = k0 + tl.arange(0, BK)
+            a = tl.load(a_rows[:, None] + kk[None, :], mask=ok[:, None] & (kk < D)[None, :], other=0.0).to(DOT_DT)
+            acc_g = _wdot(acc_g, a, w_e, s_e, n, n_ok, k0, D, s_wn, s_sn, s_sk, W_FMT, W_FNUZ, VAL_DT, VAL_RNE,
+                          DOT_DT, IEEE, BK)
+            acc_u = _wdot(acc_u, a, w_e, s_e, n + I, n_ok, k0, D, s_wn, s_sn, s_sk, W_FMT, W_FNUZ, VAL_DT,
+                          VAL_RNE, DOT_DT, IEEE, BK)
+    g = tl.minimum(_round_to(acc_g, OUT_DT, OUT_RNE), limit)  # linear's output is in x's dtype
+    u = tl.minimum(tl.maximum(_round_to(acc_u, OUT_DT, OUT_RNE), -limit), limit)
+    h = g * tl.sigmoid(g) * u * rw[:, None]  # routing weight before w2 (official order)
+    h = _round_to(h, OUT_DT, OUT_RNE)
+    if HQ:  # act_quant: FP8 round trip of h per (row, 128 channels) (tile = whole groups)
+        h = _fp8_roundtrip_groups(h, n_ok, FNUZ, BM, BN, GW)
+    tl.store(h_ptr + rows.to(tl.int64)[:, None] * s_h + n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=ok[:, None] & n_ok[None, :])
+
+
+# Grid = max_blocks * cdiv(D, BN), N tile fastest. Per K step (over I): the block's h rows [BM, BK]
+# (contiguous, masked by slot validity so padding rows are never read) and one w2 tile [BK, BN]. The
+# result, rounded to x's dtype, goes to y[slot] (one row per (token, slot): no atomics, deterministic).
+@triton.jit
+def _moe_down_kernel(h_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, y_ptr,
+                     N, I, D, n_tiles, max_rows, s_h, s_we, s_wn, s_se, s_sn, s_sk, s_y,
+                     W_FMT: tl.constexpr, W_FNUZ: tl.constexpr, SCALED: tl.constexpr,
+                     VAL_DT: tl.constexpr, VAL_RNE: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
+                     OUT_DT: tl.constexpr, OUT_RNE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_n = pid % n_tiles
+    b = pid // n_tiles
+    e = tl.load(bexp_ptr + b)
+    if e < 0:
+        return
+    rows = b * BM + tl.arange(0, BM)
+    slot = tl.load(slots_ptr + rows, mask=rows < max_rows, other=-1)
+    ok = (slot >= 0) & (slot < N)
+    slot = tl.where(ok, slot, 0)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < D
+    w_e = w_ptr + e.to(tl.int64) * s_we
+    s_e = s_ptr + e.to(tl.int64) * s_se
+    a_rows = h_ptr + rows.to(tl.int64) * s_h
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        if (W_FMT == 2) and (not SCALED):
+            ke = k0 + 2 * tl.arange(0, BK // 2)
+            am = ok[:, None] & (ke < I)[None, :]
+            a_e = tl.load(a_rows[:, None] + ke[None, :], mask=am, other=0.0).to(DOT_DT)
+            a_o = tl.load(a_rows[:, None] + (ke + 1)[None, :], mask=am, other=0.0).to(DOT_DT)
+            acc = _fp4_dot(acc, a_e, a_o, w_e, s_e, n, n_ok, k0, I, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK, BN)
+        else:
+            kk = k0 + tl.arange(0, BK)
+            a = tl.load(a_rows[:, None] + kk[None, :], mask=ok[:, None] & (kk < I)[None, :], other=0.0).to(DOT_DT)
+            acc = _wdot(acc, a, w_e, s_e, n, n_ok, k0, I, s_wn, s_sn, s_sk, W_FMT, W_FNUZ, VAL_DT, VAL_RNE,
+                        DOT_DT, IEEE, BK)
+    y = _round_to(acc, OUT_DT, OUT_RNE)
+    tl.store(y_ptr + slot.to(tl.int64)[:, None] * s_y + n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=ok[:, None] & n_ok[None, :])
+
+
+# Grid = (cdiv(T, BT), cdiv(D, BD)): out[t, d] = sum_{j < k, pair local} y[t k + j, d] in fp32, j in order.
+# Reads the k rows of y once (k D x-dtype bytes per token) and writes D fp32.
+@triton.jit
+def _moe_combine_kernel(y_ptr, ids_ptr, g2l_ptr, out_ptr, T, D, E_glob, s_y, s_o,
+                        KTOP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    t_ok = t < T
+    d_ok = d < D
+    acc = tl.zeros((BT, BD), dtype=tl.float32)
+    for j in tl.static_range(KTOP):
+        p = t.to(tl.int64) * KTOP + j
+        gid = tl.load(ids_ptr + p, mask=t_ok, other=-1).to(tl.int64)
+        inr = (gid >= 0) & (gid < E_glob)
+        loc = tl.load(g2l_ptr + tl.where(inr, gid, 0), mask=t_ok & inr, other=-1)
+        v = t_ok & (loc >= 0)
+        acc += tl.load(y_ptr + p[:, None] * s_y + d[None, :], mask=v[:, None] & d_ok[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * s_o + d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
+
+
+# ============================================================================= router kernels
+
+
+# Logits: grid = (cdiv(T, BT) * cdiv(E, BE), S). Program (tile, s) computes x[t-tile] . W_g[e-tile]^T over
+# its share of D in IEEE fp32 (the reference is an fp32 matmul) and stores the partial to ws[s]. Decode
+# (T small) splits D so that ~2 programs per SM stream the 4 MB gate weight (the HBM floor); prefill uses
+# S = 1 (FMA-bound fp32: 2 T E D FLOPs).
+@triton.jit
+def _router_logits_kernel(x_ptr, w_ptr, p_ptr, T, E, D, s_x, s_w, n_e_tiles, KT_PER,
+                          BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    t = (pid // n_e_tiles) * BT + tl.arange(0, BT)
+    e = (pid % n_e_tiles) * BE + tl.arange(0, BE)
+    t_ok = t < T
+    e_ok = e < E
+    acc = tl.zeros((BT, BE), dtype=tl.float32)
+    kt0 = s * KT_PER
+    kt1 = tl.minimum(kt0 + KT_PER, tl.cdiv(D, BK))
+    for kt in range(kt0, kt1):
+        kk = kt * BK + tl.arange(0, BK)
+        k_ok = kk < D
+        a = tl.load(x_ptr + t.to(tl.int64)[:, None] * s_x + kk[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e.to(tl.int64)[None, :] * s_w + kk[:, None], mask=k_ok[:, None] & e_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc = tl.dot(a, w, acc=acc, input_precision="ieee")
+    tl.store(p_ptr + s.to(tl.int64) * T * E + t.to(tl.int64)[:, None] * E + e[None, :], acc,
+             mask=t_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _log1p(y):
+    """log(1 + y) for y in [0, 1], accurate for tiny y (u - 1 is exact, so log(u) y / (u - 1) corrects it)."""
+    u = 1.0 + y
+    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+
+
+# Selection: grid = cdiv(T, BT). Sums the S partials in order, scores (fp32), then either the hash row
+# tid2eid[input_ids[t]] or top-k of scores + bias by k rounds of argmax (ties to the lower id), gathers
+# the unbiased scores, normalises over the k chosen and scales. [BT, EP] in registers; tiny.
+@triton.jit
+def _router_select_kernel(p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_out, T, E, s_tid, scaling,
+                          KTOP: tl.constexpr, KP: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HASH: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    e = tl.arange(0, EP)
+    t_ok = t < T
+    e_ok = e < E
+    m2 = t_ok[:, None] & e_ok[None, :]
+    lg = tl.zeros((BT, EP), dtype=tl.float32)
+    for s in range(0, S):
+        lg += tl.load(p_ptr + s * s_ps + t.to(tl.int64)[:, None] * E + e[None, :], mask=m2, other=0.0)
+    if SCORE == 0:  # sqrt(softplus), softplus as torch: x beyond 20 is kept
+        sp = tl.where(lg > 20.0, lg, tl.maximum(lg, 0.0) + _log1p(tl.exp(-tl.abs(lg))))
+        sc = tl.sqrt_rn(sp)
+    elif SCORE == 1:
+        sc = tl.sigmoid(lg)
+    else:
+        lgm = tl.where(e_ok[None, :], lg, float("-inf"))
+        ex = tl.exp(lgm - tl.max(lgm, axis=1)[:, None])
+        sc = ex / tl.sum(ex, axis=1)[:, None]
+    sc = tl.where(e_ok[None, :], sc, 0.0)
+    col = tl.arange(0, KP)
+    wt = tl.zeros((BT, KP), dtype=tl.float32)
+    it = tl.zeros((BT, KP), dtype=tl.int64)
+    if HASH:
+        tok = tl.load(inid_ptr + t, mask=t_ok, other=0).to(tl.int64)
+        for j in tl.static_range(KTOP):
+            idj = tl.load(tid_ptr + tok * s_tid + j, mask=t_ok, other=0).to(tl.int64)
+            wj = tl.sum(tl.where(e[None, :] == idj[:, None], sc, 0.0), axis=1)
+            wt = tl.where(col[None, :] == j, wj[:, None], wt)
+            it = tl.where(col[None, :] == j, idj[:, None], it)
+    else:
+        sel = sc
+        if HAS_BIAS:
+            sel = sel + tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+        sel = tl.where(e_ok[None, :], sel, float("-inf"))
+        for j in tl.static_range(KTOP):
+            m = tl.argmax(sel, axis=1, tie_break_left=True)
+            hit = e[None, :] == m[:, None]
+            wj = tl.sum(tl.where(hit, sc, 0.0), axis=1)
+            wt = tl.where(col[None, :] == j, wj[:, None], wt)
+            it = tl.where(col[None, :] == j, m.to(tl.int64)[:, None], it)
+            sel = tl.where(hit, float("-inf"), sel)
+    if NORM:
+        wt = wt / tl.sum(wt, axis=1)[:, None]
+    wt = wt * scaling
+    om = t_ok[:, None] & (col < KTOP)[None, :]
+    off = t.to(tl.int64)[:, None] * KTOP + col[None, :]
+    tl.store(w_out + off, wt, mask=om)
+    tl.store(i_out + off, it, mask=om)
+
+
+# ============================================================================= host side: router
+
+
+def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score_func: str, norm_topk_prob: bool,
+                     scaling: float):
+    if score_func not in _SCORE:
+        raise ValueError(f"unknown scoring_func {score_func!r}")
+    if x.dim() != 2 or gate_weight.dim() != 2 or gate_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"moe_route: x {tuple(x.shape)} and gate weight {tuple(gate_weight.shape)} do not match")
+    T, D = x.shape
+    E = gate_weight.shape[0]
+    hashed = tid2eid is not None
+    k = int(tid2eid.shape[1]) if hashed else int(top_k)
+    if not hashed and k > E:
+        raise ValueError(f"moe_route: top_k {k} > {E} experts")
+    dev = x.device
+    w_out = torch.empty((T, k), dtype=torch.float32, device=dev)
+    i_out = torch.empty((T, k), dtype=torch.int64, device=dev)
+    if T == 0 or k == 0:
+        return w_out, i_out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    gw = gate_weight if gate_weight.stride(1) == 1 else gate_weight.contiguous()
+    # logits (split over D when there are few tiles, so the gate weight streams at the HBM rate)
+    bt = 16 if T <= 16 else (32 if T <= 64 else 64)
+    be = min(64, max(16, triton.next_power_of_2(E)))
+    bk = min(64, max(16, triton.next_power_of_2(D)))
+    n_e = triton.cdiv(E, be)
+    tiles = triton.cdiv(T, bt) * n_e
+    nkt = triton.cdiv(D, bk)
+    split = min(nkt, max(1, triton.cdiv(2 * _num_sms(dev.type, dev.index), tiles)))
+    kt_per = triton.cdiv(nkt, split)
+    split = triton.cdiv(nkt, kt_per)
+    part = torch.empty((split, T, E), dtype=torch.float32, device=dev)
+    _router_logits_kernel[(tiles, split)](x, gw, part, T, E, D, x.stride(0), gw.stride(0), n_e, kt_per,
+                                          BT=bt, BE=be, BK=bk, num_warps=4, num_stages=3)
+    ep = max(16, triton.next_power_of_2(E))
+    bt2 = max(1, min(16, 4096 // ep))
+    if hashed:
+        tid = tid2eid if tid2eid.stride(1) == 1 else tid2eid.contiguous()
+        inid = input_ids.reshape(-1)
+        s_tid = tid.stride(0)
+    else:
+        tid, inid, s_tid = i_out, i_out, 0
+    b_arg = bias if bias is not None else w_out
+    _router_select_kernel[(triton.cdiv(T, bt2),)](
+        part, split, part.stride(0), b_arg, tid, inid, w_out, i_out, T, E, s_tid, float(scaling),
+        KTOP=k, KP=max(2, triton.next_power_of_2(k)), SCORE=_SCORE[score_func], HAS_BIAS=bias is not None and not hashed,
+        HASH=hashed, NORM=bool(norm_topk_prob), BT=bt2, EP=ep, num_warps=4)
+    return w_out, i_out
+
+
+# ============================================================================= host side: dispatch
+
+
+def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int):
+    """The dispatch layout of dsv4/ops/moe_dispatch.py on the device (three launches, no host sync):
+    (sorted_token_slots [max_rows] int32, block_expert [max_blocks] int32, num_valid_blocks int32 scalar,
+    counts [num_local + 1] int32: pairs per local expert, then the number of out-of-range ids)."""
+    T, k = ids.shape
+    N = T * k
+    dev = ids.device
+    E_loc = expert_map.num_local
+    mb, mr = dispatch_sizes(N, E_loc, block_m)
+    g2l = expert_map.global_to_local(dev)
+    ids_c = ids.contiguous()
+    counts = torch.zeros(E_loc + 1, dtype=torch.int32, device=dev)
+    rank = torch.empty(max(N, 1), dtype=torch.int32, device=dev)
+    slots = torch.empty(max(mr, 1), dtype=torch.int32, device=dev)[:mr]
+    bexp = torch.empty(max(mb, 1), dtype=torch.int32, device=dev)[:mb]
+    nvb = torch.zeros(1, dtype=torch.int32, device=dev)
+    if N == 0:
+        return slots, bexp, nvb[0], counts
+    ch = 64
+    _dispatch_count_kernel[(triton.cdiv(max(N, mr), ch),)](ids_c, g2l, counts, rank, slots, N, expert_map.num_global,
+                                                          E_loc, mr, CH=ch, num_warps=2)
+    ep = max(16, triton.next_power_of_2(E_loc))
+    _dispatch_place_kernel[(triton.cdiv(max(N, mb), ch),)](ids_c, g2l, counts, rank, slots, bexp, nvb, N,
+                                                          expert_map.num_global, E_loc, mb, block_m, CH=ch, EP=ep,
+                                                          num_warps=4)
+    return slots, bexp, nvb[0], counts
+
+
+# ============================================================================= host side: experts
+
+
+def moe_tiles(num_pairs: int, num_local: int, I: int, D: int, dot_f32: bool) -> dict:
+    """Tile shapes by rows per hit expert (module docstring: decode / middle / prefill)."""
+    r = num_pairs / max(1, min(num_local, num_pairs))
+    if r <= 16:
+        cfg = dict(block_m=16, bn_gate=64, bn_down=64, num_warps=4, num_stages=4)
+    elif r <= 64:
+        cfg = dict(block_m=32, bn_gate=64, bn_down=128, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(block_m=64, bn_gate=128, bn_down=128, num_warps=8, num_stages=3)
+    if dot_f32:  # fp32 operands: twice the shared memory per stage
+        cfg.update(block_m=min(cfg["block_m"], 32), bn_gate=32, bn_down=64, num_warps=4, num_stages=2)
+    cfg["bn_gate"] = min(cfg["bn_gate"], max(16, triton.next_power_of_2(I)))
+    cfg["bn_down"] = min(cfg["bn_down"], max(16, triton.next_power_of_2(D)))
+    cfg["bk_gate"] = min(128, max(32, triton.next_power_of_2(D)))
+    cfg["bk_down"] = min(128, max(32, triton.next_power_of_2(I)))
+    return cfg
+
+
+_FMT_CODE = {"dense": W_DENSE, "fp8": W_FP8, "fp4": W_FP4}
+
+
+def _weight_args(w: torch.Tensor, s, rows: int, K: int, what: str):
+    """(format code, fnuz, weight tensor to pass, scale tensor to pass, strides (e, n), scale strides (e, n, k))."""
+    fmt = weight_format(w)
+    E = w.shape[0]
+    if fmt == "fp4":
+        want = (E, rows, K // 2)
+    else:
+        want = (E, rows, K)
+    if tuple(w.shape) != want:
+        raise ValueError(f"moe_experts: {what} has shape {tuple(w.shape)}, expected {want} ({fmt})")
+    if w.stride(2) != 1:
+        w = w.contiguous()
+    if fmt == "dense":
+        return W_DENSE, False, w, w, (w.stride(0), w.stride(1)), (0, 0, 0)
+    if s is None:
+        raise ValueError(f"moe_experts: {fmt} {what} has no scale")
+    sb = s.view(torch.uint8) if s.dtype != torch.uint8 else s
+    ws = (E, -(-rows // 128), -(-K // 128)) if fmt == "fp8" else (E, rows, -(-K // 32))
+    if tuple(sb.shape) != ws:
+        raise ValueError(f"moe_experts: {what} scale has shape {tuple(sb.shape)}, expected {ws}")
+    wb = w.view(torch.uint8)
+    fnuz = w.dtype == torch.float8_e4m3fnuz
+    return _FMT_CODE[fmt], fnuz, wb, sb, (wb.stride(0), wb.stride(1)), (sb.stride(0), sb.stride(1), sb.stride(2))
+
+
+def _tl_dtype(dt: torch.dtype):
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt]
+
+
+def act_roundtrip(x: torch.Tensor, dialect=Fp8Dialect.OCP, out: torch.Tensor | None = None, slots=None,
+                  num_pairs: int = 0) -> torch.Tensor:
+    """x [M, K] rounded through FP8 per (row, 128) (fp8_act_quant recipe) and dequantised, in x's dtype
+    (exact). With `slots` (dispatch rows), rows whose slot is outside 0..num_pairs-1 are skipped."""
+    d = Fp8Dialect.parse(dialect)
+    M, K = x.shape
+    y = torch.empty_like(x) if out is None else out
+    if M == 0 or K == 0:
+        return y
+    nb = triton.cdiv(K, 128)
+    g = max(1, min(8, triton.next_power_of_2(nb)))
+    _act_roundtrip_kernel[(M, triton.cdiv(nb, g))](
+        x, y, slots if slots is not None else x, num_pairs, K, nb, x.stride(0), y.stride(0),
+        HAS_SLOTS=slots is not None, G=g, FNUZ=d is Fp8Dialect.FNUZ, OUT_RNE=False, num_warps=4)
+    return y
+
+
+def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
+                     dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, block_m=None, bn_gate=None,
+                     bn_down=None, scaled_dot=None, dispatch=None, h_buf=None, y_buf=None):
+    """`moe_experts` with test hooks: tile overrides, a precomputed dispatch (slots, block_expert), and the
+    h / y workspaces (tests poison them to prove padding rows are never read)."""
+    d = Fp8Dialect.parse(dialect)
+    if x.dim() != 2 or ids.dim() != 2 or weights.shape != ids.shape or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_experts: x {tuple(x.shape)}, ids {tuple(ids.shape)}, weights "
+                         f"{tuple(weights.shape)} do not match")
+    T, D = x.shape
+    E_loc = w13.shape[0]
+    emap = ExpertMap.identity(E_loc) if expert_map is None else expert_map
+    if emap.num_local != E_loc or w2.shape[0] != E_loc:
+        raise ValueError(f"moe_experts: expert map has {emap.num_local} local experts, weights hold "
+                         f"{E_loc} / {w2.shape[0]}")
+    I = w13.shape[1] // 2
+    f13, fnuz13, w13b, s13, sw13, ss13 = _weight_args(w13, w13_scale, 2 * I, D, "w13")
+    f2, fnuz2, w2b, s2, sw2, ss2 = _weight_args(w2, w2_scale, D, I, "w2")
+    k = ids.shape[1]
+    N = T * k
+    dev = x.device
+    out = torch.empty((T, D), dtype=torch.float32, device=dev)
+    if T == 0 or D == 0:
+        return out
+    if N == 0 or I == 0:
+        return out.zero_()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    ids_c = ids.contiguous()
+    rw = weights.contiguous()
+    interp = _interpreting(dev)
+    xdt = x.dtype
+
+    def dot_cfg(fmt, wdtype):
+        """(DOT_DT, IEEE, VAL_DT) for one GEMM."""
+        val_dt = tl.float32 if act_quant else _tl_dtype(xdt)
+        if interp:
+            return tl.float32, False, val_dt
+        exact_bf16 = fmt != W_DENSE or wdtype == torch.bfloat16
+        if act_quant and exact_bf16:
+            return tl.bfloat16, False, val_dt
+        if act_quant or xdt == torch.float32:
+            return tl.float32, True, val_dt
+        return _tl_dtype(xdt), False, val_dt
+
+    dt13, ieee13, val13 = dot_cfg(f13, w13.dtype)
+    dt2, ieee2, val2 = dot_cfg(f2, w2.dtype)
+    cfg = moe_tiles(N, E_loc, I, D, ieee13 or ieee2)
+    bm = block_m or cfg["block_m"]
+    bn1 = bn_gate or cfg["bn_gate"]
+    bn2 = bn_down or cfg["bn_down"]
+    use_scaled = (FP4_SCALED_DOT if scaled_dot is None else scaled_dot) and not interp
+    sc13 = use_scaled and f13 == W_FP4 and dt13 == tl.bfloat16
+    sc2 = use_scaled and f2 == W_FP4 and dt2 == tl.bfloat16
+    rne = interp and xdt == torch.bfloat16
+    out_dt = _tl_dtype(xdt)
+
+    # 1. dispatch
+    if dispatch is None:
+        slots, bexp, _, counts = moe_dispatch_triton(ids_c, emap, bm)
+        if CHECK_IDS:
+            torch._assert_async(counts[E_loc] == 0, "moe_experts: expert id out of range")
+    else:
+        slots, bexp = dispatch[0], dispatch[1]
+    mb, mr = bexp.shape[0], slots.shape[0]
+    g2l = emap.global_to_local(dev)
+    # 2. activations
+    xa = act_roundtrip(x, d) if act_quant else x
+    # 3. gate-up + SwiGLU (+ FP8 round trip of h when the tile holds whole 128-column groups)
+    h = torch.empty((mr, I), dtype=xdt, device=dev) if h_buf is None else h_buf
+    hq = act_quant and (bn1 % QB == 0 or bn1 >= I)
+    gw = min(bn1, QB)
+    n1 = triton.cdiv(I, bn1)
+    if mb:
+        _moe_gate_up_kernel[(mb * n1,)](
+            xa, w13b, s13, slots, bexp, rw, h, N, k, I, D, n1, mr, xa.stride(0), sw13[0], sw13[1],
+            ss13[0], ss13[1], ss13[2], h.stride(0), float(swiglu_limit),
+            W_FMT=f13, W_FNUZ=fnuz13, SCALED=sc13, VAL_DT=val13, VAL_RNE=rne and val13 == tl.bfloat16,
+            DOT_DT=dt13, IEEE=ieee13, OUT_DT=out_dt, OUT_RNE=rne, HQ=hq, FNUZ=d is Fp8Dialect.FNUZ,
+            BM=bm, BN=bn1, BK=cfg["bk_gate"], GW=gw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if act_quant and not hq and mr:
+        act_roundtrip(h, d, out=h, slots=slots, num_pairs=N)
+    # 4. down -> y[slot]
+    y = torch.empty((N, D), dtype=xdt, device=dev) if y_buf is None else y_buf
+    n2 = triton.cdiv(D, bn2)
+    if mb:
+        _moe_down_kernel[(mb * n2,)](
+            h, w2b, s2, slots, bexp, y, N, I, D, n2, mr, h.stride(0), sw2[0], sw2[1], ss2[0], ss2[1], ss2[2],
+            y.stride(0), W_FMT=f2, W_FNUZ=fnuz2, SCALED=sc2, VAL_DT=val2, VAL_RNE=rne and val2 == tl.bfloat16,
+            DOT_DT=dt2, IEEE=ieee2, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn2, BK=cfg["bk_down"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # 5. combine (fixed order over the k slots)
+    bd = min(256, triton.next_power_of_2(D))
+    bt = max(1, min(16, 4096 // bd))
+    _moe_combine_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
+        y, ids_c, g2l, out, T, D, emap.num_global, y.stride(0), out.stride(0), KTOP=k, BT=bt, BD=bd, num_warps=4)
+    return out
+
+
+def moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
+                       dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None):
+    return moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect,
+                            expert_map)
+
+
+
+# ============================================================================= GPU checks
+
+FLASH = dict(D=4096, I=2048, E=256, k=6)
+GPU_TOKENS = (1, 8, 64, 256, 1024, 8192)
+FP32_FMA_FLOPS = 67e12  # H200 fp32 non-tensor rate: the router's IEEE fp32 logits
+
+
+@functools.lru_cache(maxsize=2)
+def _fp4_experts(E: int, D: int, I: int, device: str):
+    """Random MXFP4 experts of the release's layout (random codes; scale bytes 118..120, so |w| <~ 0.05):
+    w13 [E, 2I, D/2] + [E, 2I, D/32], w2 [E, D, I/2] + [E, D, I/32] (uint8). Cached: ~13.4 MB per expert."""
+    g = torch.Generator(device=device).manual_seed(0)
+    w13 = torch.randint(0, 256, (E, 2 * I, D // 2), dtype=torch.uint8, device=device, generator=g)
+    s13 = torch.randint(118, 121, (E, 2 * I, D // 32), dtype=torch.uint8, device=device, generator=g)
+    w2 = torch.randint(0, 256, (E, D, I // 2), dtype=torch.uint8, device=device, generator=g)
+    s2 = torch.randint(118, 121, (E, D, I // 32), dtype=torch.uint8, device=device, generator=g)
+    return w13, s13, w2, s2
+
+
+def _route_inputs(T: int, E: int, k: int, device, seed: int = 1):
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.randn(T, E, device=device, generator=g).topk(k, dim=-1).indices
+    w = 0.1 + 0.4 * torch.rand(T, k, device=device, generator=g)
+    return ids, w
+
+
+def _err(got: torch.Tensor, want: torch.Tensor) -> dict:
+    d = (got.double() - want.double()).abs()
+    ref = float(want.double().abs().max()) if want.numel() else 0.0
+    mx = float(d.max()) if d.numel() else 0.0
+    return {"max_abs_err": mx, "max_rel_err": mx / max(ref, 1e-30), "ref_abs_max": ref}
+
+
+def experts_case(T: int, act_quant: bool, *, D=4096, I=2048, E=256, k=6, device="cuda", scaled_dot=None,
+                 bench: bool = True, dialect=Fp8Dialect.OCP):
+    """moe_experts with FP4 experts at [T, D] (bf16 on a GPU, fp32 on the CPU smoke run) vs the reference.
+    bytes = unique experts hit x (w13 + w2 bytes incl. scales; 13.37 MB at Flash shapes) + x + out;
+    flops = 2 T k (2 I D + D I) at the bf16 rate (the FP8-activation path also dots in bf16)."""
+    from dsv4.kernels.triton.norm import bench_ms, roofline
+    from dsv4.ops.moe import moe_experts_reference
+
+    def run():
+        dev = torch.device(device)
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        w13, s13, w2, s2 = _fp4_experts(E, D, I, str(dev))
+        g = torch.Generator(device=dev).manual_seed(2)
+        x = torch.randn(T, D, device=dev, generator=g).to(dt)
+        ids, w = _route_inputs(T, E, k, dev)
+
+        def fn():
+            return moe_experts_impl(x, w13, s13, w2, s2, ids, w, 10.0, act_quant, dialect, scaled_dot=scaled_dot)
+
+        got = fn()
+        want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, 10.0, act_quant, dialect)
+        out = _err(got, want)
+        uniq = int(torch.unique(ids).numel())
+        per_expert = w13[0].numel() + s13[0].numel() + w2[0].numel() + s2[0].numel()
+        out.update(unique_experts=uniq, weight_bytes=uniq * per_expert)
+        out["bytes"] = uniq * per_expert + T * D * (x.element_size() + 4)
+        out["flops"] = 2.0 * T * k * (2 * I * D + D * I)
+        out["triton_ms"] = bench_ms(fn, dev) if bench else float("nan")
+        cfg = moe_tiles(T * k, E, I, D, False)
+        out["block_m"] = cfg["block_m"]
+        out["dispatch_ms"] = (bench_ms(lambda: moe_dispatch_triton(ids, ExpertMap.identity(E), cfg["block_m"]), dev)
+                              if bench else float("nan"))
+        out = roofline(out)
+        t = out["triton_ms"] * 1e-3
+        out["floor_us"] = max(out["bytes"] / 4.8e12, out["flops"] / 790e12) * 1e6
+        out["roofline_frac"] = out["floor_us"] * 1e-6 / t if t > 0 else float("nan")
+        return out
+
+    return run
+
+
+def route_case(T: int, hashed: bool = False, *, D=4096, E=256, k=6, device="cuda", bench: bool = True):
+    """moe_route at [T, D] (bf16 x, fp32 gate [E, D], bias), sqrtsoftplus, normalised, x1.5, vs the
+    reference: fraction of tokens whose expert set matches, max weight error on those; bytes = gate weight
+    + x + outputs; flops = 2 T E D at the fp32 FMA rate (IEEE fp32 logits, as the reference)."""
+    from dsv4.kernels.triton.norm import bench_ms, roofline
+    from dsv4.ops.moe import moe_route_reference
+
+    def run():
+        dev = torch.device(device)
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        g = torch.Generator(device=dev).manual_seed(3)
+        x = torch.randn(T, D, device=dev, generator=g).to(dt)
+        gw = torch.randn(E, D, device=dev, generator=g) / math.sqrt(D)
+        bias = 0.1 * torch.randn(E, device=dev, generator=g)
+        tid = torch.stack([torch.randperm(E, device=dev, generator=g)[:k] for _ in range(64)]) if hashed else None
+        inid = torch.randint(0, 64, (T,), device=dev, generator=g)
+        b = None if hashed else bias
+
+        def fn():
+            return moe_route_triton(x, gw, b, tid, inid, k, "sqrtsoftplus", True, 1.5)
+
+        gw_, gi = fn()
+        ww, wi = moe_route_reference(x, gw, b, tid, inid, k, "sqrtsoftplus", True, 1.5)
+        same = (gi.sort(-1).values == wi.sort(-1).values).all(-1)
+        out = {"ids_match_frac": float(same.float().mean())}
+        if bool(same.any()):
+            a = gw_.gather(1, gi.argsort(-1))[same]
+            r = ww.gather(1, wi.argsort(-1))[same]
+            out.update(_err(a, r))
+        out["bytes"] = E * D * 4 + T * D * x.element_size() + T * k * 12
+        out["flops"] = 2.0 * T * E * D
+        out["triton_ms"] = bench_ms(fn, dev) if bench else float("nan")
+        return roofline(out, flops_ps=FP32_FMA_FLOPS)
+
+    return run
+
+
+def gpu_check_cases(device="cuda"):
+    """[(name, fn)] at DeepSeek-V4-Flash shapes (D 4096, I 2048, 256 experts, top-6, FP4 experts):
+    router (learned with bias, and hash) and experts with FP8 activations (official) and bf16 activations
+    (plain) for T = 1 .. 8192, plus the tl.dot_scaled FP4 variant (FP4_SCALED_DOT) at a few T. Each
+    returns the error vs the reference, the median Triton time, bytes / FLOPs and roofline fractions."""
+    cases = []
+    for T in GPU_TOKENS:
+        cases.append((f"moe_route learned T={T}", route_case(T, device=device)))
+    for T in (1, 8192):
+        cases.append((f"moe_route hash T={T}", route_case(T, hashed=True, device=device)))
+    for T in GPU_TOKENS:
+        cases.append((f"moe_experts fp4 T={T} fp8-act", experts_case(T, True, device=device)))
+        cases.append((f"moe_experts fp4 T={T} bf16-act", experts_case(T, False, device=device)))
+    for T in (1, 64, 1024, 8192):
+        cases.append((f"moe_experts fp4 T={T} bf16-act dot_scaled", experts_case(T, False, device=device,
+                                                                                scaled_dot=True)))
+        cases.append((f"moe_experts fp4 T={T} fp8-act dot_scaled", experts_case(T, True, device=device,
+                                                                               scaled_dot=True)))
+    return cases
+
+
+register(moe_route_op, moe_route_triton)
+register(moe_experts_op, moe_experts_triton)

@@ -1,0 +1,10 @@
+"""Vendor-library providers (design.md §4): used only where the library is installed AND declares itself
+capable on the platform (each provider's `supported(platform)` says why not). Importing this package
+registers them.
+
+- scaled_mm: `linear` through torch._scaled_mm's cuBLASLt block-scaled FP8 GEMM (1x128 activation and
+  128x128 weight scales, DeepSeek style), official numerics on OCP FP8 weights; delegates every other case
+  to the Triton provider.
+"""
+
+from dsv4.kernels.vendor import scaled_mm  # noqa: F401

@@ -1,0 +1,497 @@
+"""The Triton MoE kernels (dsv4/kernels/triton/moe.py) and the expert map / dispatch layout
+(dsv4/ops/moe_dispatch.py) in the interpreter (fp32), against the references: experts with 0, 1 and many
+tokens, token counts not a multiple of the block, all tokens on one expert (also twice per token), one
+token, 1024+ tokens, every tile regime forced, dense / FP8 (both dialects) / FP4 weights over several
+K and N tiles, act_quant in both dialects (fnuz == OCP bit for bit; fnuz bytes read as OCP must fail), an
+expert map with half the experts remote (vs the reference restricted to local experts, and the proposed
+mapped reference), padding lanes poisoned (sentinel slots past the logical bound, valid-looking slots in
+unused blocks, NaN activation rows around x, sentinel-filled workspaces that must stay untouched), the
+dispatch invariants, and the fused router vs the reference (learned with / without bias, hash, every score
+function, extreme logits). The generic op tests in test_small_ops.py also run these providers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dsv4.kernels.triton import moe as km  # noqa: E402
+from dsv4.numerics.fp4 import quantize_fp4_blocks  # noqa: E402
+from dsv4.numerics.fp8 import Fp8Dialect, ocp_to_fnuz, quantize_fp8_blocks  # noqa: E402
+from dsv4.ops.linear import linear_reference  # noqa: E402
+from dsv4.ops.moe import moe_experts_reference, moe_route_reference, swiglu  # noqa: E402
+from dsv4.ops.moe_dispatch import (ExpertMap, check_expert_ids, dispatch_reference,  # noqa: E402
+                                   dispatch_sizes)
+from dsv4.ops.registry import all_ops  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
+
+OCP, FNUZ = Fp8Dialect.OCP, Fp8Dialect.FNUZ
+LIMIT = 1.5
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ============================================================================= inputs
+
+
+def make_experts(fmt: str, E: int, D: int, I: int, seed: int, dialect=OCP):
+    """Expert weights in `fmt` with magnitudes varying per scale block (so a misplaced scale shows)."""
+    g = gen(seed)
+    w13 = 0.3 * torch.randn(E, 2 * I, D, generator=g)
+    w2 = 0.2 * torch.randn(E, D, I, generator=g)
+    if fmt == "dense":
+        return w13, None, w2, None
+    if fmt == "fp4":
+        w13 = w13 * torch.exp2(torch.randint(-2, 2, (E, 2 * I, D // 32), generator=g).float()).repeat_interleave(32, -1)
+        w2 = w2 * torch.exp2(torch.randint(-2, 2, (E, D, I // 32), generator=g).float()).repeat_interleave(32, -1)
+        a, sa = quantize_fp4_blocks(w13, 32)
+        b, sb = quantize_fp4_blocks(w2, 32)
+        return a, sa, b, sb
+
+    def fp8(w):
+        n, k = w.shape[1], w.shape[2]
+        mag = torch.exp2(torch.randint(-2, 2, (w.shape[0], -(-n // 128), -(-k // 128)), generator=g).float())
+        w = w * mag.repeat_interleave(128, 1)[:, :n].repeat_interleave(128, 2)[:, :, :k]
+        q, s = quantize_fp8_blocks(w, (128, 128), OCP)
+        q = torch.where(q == 0x80, torch.zeros_like(q), q)  # -0 -> +0 (not the fnuz NaN byte)
+        if dialect is FNUZ:
+            q, s = ocp_to_fnuz(q, s)
+        return q.view(dialect.torch_dtype), s
+
+    a, sa = fp8(w13)
+    b, sb = fp8(w2)
+    return a, sa, b, sb
+
+
+def make_inputs(T: int, D: int, ids: torch.Tensor, seed: int):
+    x = torch.randn(T, D, generator=gen(seed))
+    w = 0.2 + torch.rand(ids.shape, generator=gen(seed + 1))
+    return x, w
+
+
+def random_ids(T: int, E: int, k: int, seed: int) -> torch.Tensor:
+    g = gen(seed)
+    return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k,
+                                                                                                       dtype=torch.long)
+
+
+def skewed_ids(T: int = 21, E: int = 8) -> torch.Tensor:
+    """Expert 0: no token; expert 1: exactly one; expert 2: every token; the rest random. k = 3."""
+    g = gen(5)
+    rest = torch.randint(3, E, (T, 2), generator=g)
+    rest[:, 1] = torch.where(rest[:, 1] == rest[:, 0], 3 + (rest[:, 0] - 3 + 1) % (E - 3), rest[:, 1])
+    ids = torch.cat([torch.full((T, 1), 2), rest], dim=1)
+    ids[T // 2, 1] = 1
+    c = torch.bincount(ids.flatten(), minlength=E)
+    assert c[0] == 0 and c[1] == 1 and c[2] == T
+    return ids
+
+
+def check(got, want, atol=1e-5, rtol=1e-5):
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want.float(), atol=atol, rtol=rtol)
+
+
+# ============================================================================= expert map
+
+
+def test_provider_registered():
+    ops = all_ops()
+    assert "triton" in ops["moe_route"].providers and "triton" in ops["moe_experts"].providers
+
+
+def test_expert_map():
+    m = ExpertMap(10, (7, 2, 5))
+    assert m.num_local == 3 and not m.is_identity
+    g2l = m.global_to_local("cpu")
+    assert g2l.dtype == torch.int32 and g2l.tolist() == [-1, -1, 1, -1, -1, 2, -1, 0, -1, -1]
+    assert m.global_to_local("cpu") is g2l  # cached per device
+    assert m == ExpertMap(10, [7, 2, 5]) and hash(m) == hash(ExpertMap(10, (7, 2, 5)))
+    ident = ExpertMap.identity(4)
+    assert ident.is_identity and ident.global_to_local().tolist() == [0, 1, 2, 3]
+    parts = [ExpertMap.contiguous(10, r, 3) for r in range(3)]
+    assert sum((p.local_ids for p in parts), ()) == tuple(range(10))
+    for bad in ((10, (3, 3)), (10, (10,)), (10, (-1,))):
+        with pytest.raises(ValueError):
+            ExpertMap(*bad)
+
+
+def test_max_blocks_bound():
+    """sum_e cdiv(c_e, bm) <= cdiv(N, bm) + min(E_local, N) for every distribution of N pairs."""
+    g = gen(6)
+    for _ in range(300):
+        E = int(torch.randint(1, 40, (1,), generator=g))
+        N = int(torch.randint(0, 300, (1,), generator=g))
+        bm = int(2 ** torch.randint(0, 7, (1,), generator=g))
+        c = torch.bincount(torch.randint(0, E, (N,), generator=g), minlength=E) if N else torch.zeros(E, dtype=torch.long)
+        need = int(((c + bm - 1) // bm).sum())
+        assert need <= dispatch_sizes(N, E, bm)[0]
+
+
+# ============================================================================= dispatch
+
+
+def test_dispatch_reference_layout():
+    ids = torch.tensor([[3, 0], [0, 2], [3, 0]])  # pairs 0..5 -> experts 3, 0, 0, 2, 3, 0
+    m = ExpertMap(4, (0, 3))  # expert 2 remote, expert 3 at local index 1
+    slots, bexp, nvb = dispatch_reference(ids, m, 2)
+    assert dispatch_sizes(6, 2, 2) == (5, 10)
+    assert slots.tolist() == [1, 2, 5, -1, 0, 4, -1, -1, -1, -1]
+    assert bexp.tolist() == [0, 0, 1, -1, -1] and int(nvb) == 3
+
+
+def check_dispatch_invariants(slots, bexp, nvb, ids, emap, bm):
+    N = ids.numel()
+    mb, mr = dispatch_sizes(N, emap.num_local, bm)
+    assert slots.shape == (mr,) and bexp.shape == (mb,) and slots.dtype == bexp.dtype == torch.int32
+    loc = emap.global_to_local()[ids.reshape(-1)]
+    nv = int(nvb)
+    assert (bexp[:nv] >= 0).all() and (bexp[nv:] == -1).all()
+    assert (bexp[:nv].diff() >= 0).all()  # experts in local order, each contiguous
+    assert (slots[nv * bm:] == -1).all()
+    seen = []
+    for b in range(nv):
+        blk = slots[b * bm:(b + 1) * bm]
+        valid = blk[blk >= 0]
+        assert valid.numel() > 0  # a used block holds at least one pair
+        assert (blk[: valid.numel()] >= 0).all()  # padding only at the end of a block
+        assert (loc[valid.long()] == bexp[b]).all()  # single-expert blocks
+        seen += valid.tolist()
+    want = sorted(i for i in range(N) if loc[i] >= 0)
+    assert sorted(seen) == want  # every local pair exactly once, remote pairs nowhere
+
+
+DISPATCH_CASES = {
+    "skewed": (lambda: skewed_ids(), ExpertMap.identity(8), 4),
+    "one_expert_twice": (lambda: torch.full((19, 2), 5), ExpertMap.identity(8), 16),
+    "one_token": (lambda: torch.tensor([[5, 0, 3]]), ExpertMap.identity(8), 16),
+    "half_remote": (lambda: random_ids(37, 16, 4, 7), ExpertMap(16, (13, 2, 7, 0, 9, 4, 15, 10)), 8),
+    "all_remote": (lambda: torch.tensor([[1, 3], [3, 5]]), ExpertMap(8, (0, 2)), 16),
+    "many": (lambda: random_ids(1100, 8, 2, 8), ExpertMap.identity(8), 64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DISPATCH_CASES))
+def test_dispatch(case):
+    mk, emap, bm = DISPATCH_CASES[case]
+    ids = mk()
+    ref = dispatch_reference(ids, emap, bm)
+    check_dispatch_invariants(*ref, ids, emap, bm)
+    slots, bexp, nvb, counts = km.moe_dispatch_triton(ids, emap, bm)
+    check_dispatch_invariants(slots, bexp, nvb, ids, emap, bm)
+    assert torch.equal(bexp, ref[1]) and int(nvb) == int(ref[2])
+    loc = emap.global_to_local()[ids.reshape(-1)]
+    assert counts[:-1].tolist() == [int((loc == e).sum()) for e in range(emap.num_local)] and int(counts[-1]) == 0
+    for b in range(int(nvb)):  # same pairs per expert (order inside an expert is free)
+        e = int(bexp[b])
+        mine = slots[(bexp == e).repeat_interleave(bm)]
+        theirs = ref[0][(ref[1] == e).repeat_interleave(bm)]
+        assert sorted(mine.tolist()) == sorted(theirs.tolist())
+
+
+def test_dispatch_counts_out_of_range_ids():
+    ids = torch.tensor([[0, 9], [-1, 2]])
+    _, _, _, counts = km.moe_dispatch_triton(ids, ExpertMap.identity(4), 16)
+    assert counts.tolist() == [1, 0, 1, 0, 2]  # two bad ids counted in the last slot
+
+
+# ============================================================================= experts vs reference
+
+
+SCEN = {
+    "skewed": lambda E: skewed_ids(21, E),  # 0 / 1 / every token per expert; 21 rows: not a multiple of 16
+    "one_expert": lambda E: torch.full((19, 1), 4),
+    "one_expert_twice": lambda E: torch.full((9, 2), 3),  # the same expert in both slots of a token
+    "one_token": lambda E: torch.tensor([[5, 0, 3, 7, 1, 6]]),
+    "random": lambda E: random_ids(33, E, 4, 9),
+}
+
+
+@pytest.mark.parametrize("fmt", ["dense", "fp4", "fp8"])
+@pytest.mark.parametrize("scen", sorted(SCEN))
+def test_experts_plain(fmt, scen):
+    E, D, I = 8, 64, 32
+    ids = SCEN[scen](E)
+    w13, s13, w2, s2 = make_experts(fmt, E, D, I, seed=10)
+    x, w = make_inputs(ids.shape[0], D, ids, seed=11)
+    got = km.moe_experts_triton(x, w13, s13, w2, s2, ids, w, LIMIT, False)
+    check(got, moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, False))
+
+
+@pytest.mark.parametrize("fmt", ["dense", "fp4", "fp8"])
+@pytest.mark.parametrize("scen", ["skewed", "one_token", "one_expert_twice"])
+@pytest.mark.parametrize("dialect", [OCP, FNUZ])
+def test_experts_act_quant(fmt, scen, dialect):
+    E, D, I = 8, 64, 32
+    ids = SCEN[scen](E)
+    w13, s13, w2, s2 = make_experts(fmt, E, D, I, seed=12)
+    x, w = make_inputs(ids.shape[0], D, ids, seed=13)
+    got = km.moe_experts_triton(x, w13, s13, w2, s2, ids, w, LIMIT, True, dialect)
+    check(got, moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, True, dialect))
+
+
+def test_experts_many_tokens():
+    """1100 tokens x k 2 on 8 experts: the prefill regime (block_m 64, ~4 blocks per expert)."""
+    E, D, I = 8, 64, 32
+    ids = random_ids(1100, E, 2, 14)
+    w13, s13, w2, s2 = make_experts("fp4", E, D, I, seed=15)
+    x, w = make_inputs(1100, D, ids, seed=16)
+    assert km.moe_tiles(2200, E, I, D, False)["block_m"] == 64
+    got = km.moe_experts_triton(x, w13, s13, w2, s2, ids, w, LIMIT, False)
+    check(got, moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, False))
+
+
+@pytest.mark.parametrize("fmt,dialect", [("fp4", OCP), ("fp8", OCP), ("fp8", FNUZ)])
+def test_experts_several_tiles(fmt, dialect):
+    """D 256 / I 128: two K tiles in the gate-up GEMM, FP8 scale blocks along both N (w1 vs w3 rows
+    straddle a 128-row block) and K, several N tiles; the act_quant h round trip as a separate pass
+    (bn_gate 64 < I) and fused (bn_gate 128) must agree bit for bit."""
+    E, D, I = 4, 256, 128
+    ids = random_ids(7, E, 2, 17)
+    w13, s13, w2, s2 = make_experts(fmt, E, D, I, seed=18, dialect=dialect)
+    x, w = make_inputs(7, D, ids, seed=19)
+    check(km.moe_experts_triton(x, w13, s13, w2, s2, ids, w, LIMIT, False),
+          moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, False))
+    want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, True)
+    sep = km.moe_experts_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True, bn_gate=64)
+    fused = km.moe_experts_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True, bn_gate=128)
+    check(sep, want)
+    assert torch.equal(sep, fused)
+
+
+@pytest.mark.parametrize("block_m,bn_gate,bn_down", [(16, 16, 16), (32, 32, 64), (64, 16, 32), (128, 32, 16)])
+def test_experts_forced_tiles(block_m, bn_gate, bn_down):
+    """Every regime's tile shapes (and ones the chooser never picks) give the same result."""
+    E, D, I = 8, 64, 32
+    ids = skewed_ids(21, E)
+    w13, s13, w2, s2 = make_experts("fp4", E, D, I, seed=20)
+    x, w = make_inputs(21, D, ids, seed=21)
+    want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, True)
+    got = km.moe_experts_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True, block_m=block_m, bn_gate=bn_gate,
+                              bn_down=bn_down)
+    check(got, want)
+
+
+def test_tile_regimes():
+    cfg = [km.moe_tiles(T * 6, 256, 2048, 4096, False) for T in (1, 64, 256, 1024, 8192)]
+    assert [c["block_m"] for c in cfg] == [16, 16, 16, 32, 64]
+    assert cfg[0]["bn_gate"] == 64 and cfg[-1]["bn_gate"] == 128
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_act_quant_fnuz_equals_ocp_exactly(fmt):
+    """Activations quantised in fnuz (scale x2, clamp 224) give the very same values as OCP; FP8 weights
+    converted to fnuz exactly give the same result; the same fnuz bytes read as OCP are off by 2x."""
+    E, D, I = 8, 64, 32
+    ids = skewed_ids(21, E)
+    x, w = make_inputs(21, D, ids, seed=23)
+    a, sa, b, sb = make_experts(fmt, E, D, I, seed=22)
+    ocp = km.moe_experts_triton(x, a, sa, b, sb, ids, w, LIMIT, True, OCP)
+    assert torch.equal(ocp, km.moe_experts_triton(x, a, sa, b, sb, ids, w, LIMIT, True, FNUZ))
+    if fmt == "fp8":
+        fa, fsa, fb, fsb = make_experts(fmt, E, D, I, seed=22, dialect=FNUZ)
+        assert torch.equal(ocp, km.moe_experts_triton(x, fa, fsa, fb, fsb, ids, w, LIMIT, True, FNUZ))
+        assert torch.equal(ocp, km.moe_experts_triton(x, fa, fsa, fb, fsb, ids, w, LIMIT, True, OCP))
+        wrong = km.moe_experts_triton(x, fa.view(torch.float8_e4m3fn), fsa, fb.view(torch.float8_e4m3fn), fsb,
+                                      ids, w, LIMIT, True, OCP)
+        assert not torch.allclose(wrong, ocp, atol=1e-3, rtol=1e-2)  # the factor-of-two trap is visible
+
+
+def test_experts_bf16_activations():
+    """bf16 x (the interpreter dots in fp32, roundings to bf16 on the bits): close to the bf16 reference."""
+    E, D, I = 8, 64, 32
+    ids = skewed_ids(21, E)
+    w13, s13, w2, s2 = make_experts("fp4", E, D, I, seed=24)
+    x, w = make_inputs(21, D, ids, seed=25)
+    xb = x.to(torch.bfloat16)
+    for aq in (False, True):
+        got = km.moe_experts_triton(xb, w13, s13, w2, s2, ids, w, LIMIT, aq)
+        want = moe_experts_reference(xb, w13, s13, w2, s2, ids, w, LIMIT, aq)
+        check(got, want, atol=3e-2, rtol=3e-2)
+        assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+def test_experts_empty_and_errors():
+    E, D, I = 8, 64, 32
+    w13, s13, w2, s2 = make_experts("fp4", E, D, I, seed=26)
+    out = km.moe_experts_triton(torch.randn(0, D), w13, s13, w2, s2, torch.zeros(0, 2, dtype=torch.long),
+                                torch.zeros(0, 2), LIMIT, False)
+    assert out.shape == (0, D)
+    x = torch.randn(2, D)
+    for bad in (E, -1, 100):
+        with pytest.raises((ValueError, RuntimeError)):
+            km.moe_experts_triton(x, w13, s13, w2, s2, torch.tensor([[0, 1], [bad, 2]]), torch.ones(2, 2), LIMIT,
+                                  False)
+    with pytest.raises(ValueError):  # map with more local experts than the weights hold
+        km.moe_experts_triton(x, w13, s13, w2, s2, torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2), LIMIT, False,
+                              OCP, ExpertMap.identity(E + 1))
+
+
+# ============================================================================= expert parallel map
+
+
+LOCAL_A = (13, 2, 7, 0, 9, 4, 15, 10)  # half of 16 experts, in a shuffled local order
+
+
+@pytest.mark.parametrize("fmt,act_quant", [("fp4", False), ("fp4", True), ("fp8", True), ("dense", False)])
+def test_experts_half_remote(fmt, act_quant):
+    """Weights hold only the local experts (in the map's order); remote pairs contribute nothing. Equals
+    (1) the reference on all experts with the remote pairs' routing weights zeroed, (2) the proposed mapped
+    reference; and the two complementary halves add up to the single-rank result."""
+    E, D, I = 16, 64, 32
+    ids = random_ids(37, E, 4, 27)
+    ids[5] = torch.tensor([1, 3, 5, 6])  # a token whose experts are all remote on map A
+    w13, s13, w2, s2 = make_experts(fmt, E, D, I, seed=28)
+    x, w = make_inputs(37, D, ids, seed=29)
+    full = km.moe_experts_triton(x, w13, s13, w2, s2, ids, w, LIMIT, act_quant)
+    total = torch.zeros_like(full)
+    for local in (LOCAL_A, tuple(sorted(set(range(E)) - set(LOCAL_A)))):
+        emap = ExpertMap(E, local)
+        sel = torch.tensor(local)
+        lw = [None if t is None else t[sel] for t in (w13, s13, w2, s2)]
+        got = km.moe_experts_triton(x, lw[0], lw[1], lw[2], lw[3], ids, w, LIMIT, act_quant, OCP, emap)
+        is_local = (emap.global_to_local()[ids] >= 0).float()
+        want = moe_experts_reference(x, w13, s13, w2, s2, ids, w * is_local, LIMIT, act_quant)
+        check(got, want)
+        check(got, moe_experts_reference(x, lw[0], lw[1], lw[2], lw[3], ids, w, LIMIT, act_quant, OCP, emap))
+        if local == LOCAL_A:
+            assert (got[5] == 0).all()
+        total += got
+    check(total, full, atol=1e-5, rtol=1e-5)
+
+
+def test_mapped_reference_identity_is_reference():
+    E, D, I = 8, 64, 32
+    ids = skewed_ids(21, E)
+    w13, s13, w2, s2 = make_experts("fp4", E, D, I, seed=30)
+    x, w = make_inputs(21, D, ids, seed=31)
+    assert torch.equal(moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT),
+                       moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT))
+
+
+# ============================================================================= padding lanes
+
+
+@pytest.mark.parametrize("sentinel", ["N", "huge"])
+@pytest.mark.parametrize("remote", [False, True])
+def test_padding_lanes_poisoned(sentinel, remote):
+    """Padding slots replaced by values past the LOGICAL bound (N: the token row just past x, which is
+    NaN in the storage x is a view of; or 2^30), unused blocks filled with the valid-looking slot 0, x a
+    view between NaN rows, h / y workspaces pre-filled with sentinels. A kernel masking rows by their
+    position in the padded buffer instead of by slot validity would read the NaN row, store padding
+    rows of h, or write y rows past N; the result must be exactly the clean one and nothing outside the
+    written region may change."""
+    E, D, I, T, k = 8, 64, 32, 21, 3
+    ids = skewed_ids(T, E)
+    emap = ExpertMap(E, (2, 5, 1, 6)) if remote else ExpertMap.identity(E)
+    sel = torch.tensor(emap.local_ids)
+    w13, s13, w2, s2 = (t[sel] for t in make_experts("fp4", E, D, I, seed=32))
+    x0, w = make_inputs(T, D, ids, seed=33)
+    clean = km.moe_experts_triton(x0, w13, s13, w2, s2, ids, w, LIMIT, True, OCP, emap)
+    N = T * k
+    bm = 16
+    slots, bexp, nvb, _ = km.moe_dispatch_triton(ids, emap, bm)
+    nv = int(nvb)
+    poisoned = slots.clone()
+    pad = poisoned == -1
+    poisoned[pad] = N if sentinel == "N" else 2 ** 30
+    poisoned[nv * bm:] = 0  # unused blocks (block_expert -1): a valid-looking pair that must not be used
+    store = torch.full((T + 2, D), float("nan"))
+    store[1:T + 1] = x0
+    x = store[1:T + 1]
+    mr = slots.shape[0]
+    h_store = torch.full((mr, I), 12345.0)
+    y_store = torch.full((N + 8, D), 777.0)
+    got = km.moe_experts_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True, OCP, emap, block_m=bm,
+                              dispatch=(poisoned, bexp), h_buf=h_store, y_buf=y_store[:N])
+    assert torch.equal(got, clean) and torch.isfinite(got).all()
+    assert (h_store[pad] == 12345.0).all()  # padding rows of h never written
+    assert (h_store[~pad].ne(12345.0)).any(dim=-1).all()  # valid rows written
+    assert (y_store[N:] == 777.0).all()  # nothing written past the N (token, slot) rows
+    loc = emap.global_to_local()[ids.reshape(-1)]
+    assert (y_store[:N][loc < 0] == 777.0).all()  # remote pairs' rows untouched
+
+
+# ============================================================================= router
+
+
+def route_inputs(T, E, D, seed):
+    g = gen(seed)
+    x = torch.randn(T, D, generator=g)
+    gw = 0.3 * torch.randn(E, D, generator=g)
+    bias = 0.8 * torch.randn(E, generator=g)
+    tid2eid = torch.stack([torch.randperm(E, generator=g)[:6] for _ in range(50)])
+    input_ids = torch.randint(0, 50, (T,), generator=g)
+    return x, gw, bias, tid2eid, input_ids
+
+
+@pytest.mark.parametrize("func", ["sqrtsoftplus", "sigmoid", "softmax"])
+@pytest.mark.parametrize("use_bias,norm", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("T,E,D,k", [(1, 16, 200, 6), (21, 16, 48, 6), (70, 8, 32, 2)])
+def test_route_learned(func, use_bias, norm, T, E, D, k):
+    """Top-k of scores (+ bias), in the reference's (descending) order; weights the unbiased scores.
+    T 1 with D 200: split-K logits (4 partial sums); T 21 / 70: several token tiles."""
+    x, gw, bias, _, _ = route_inputs(T, E, D, seed=40 + T)
+    b = bias if use_bias else None
+    w, i = km.moe_route_triton(x, gw, b, None, None, k, func, norm, 2.5)
+    ww, wi = moe_route_reference(x, gw, b, None, None, k, func, norm, 2.5)
+    assert i.dtype == torch.int64 and w.dtype == torch.float32 and i.shape == (T, k)
+    assert torch.equal(i, wi)
+    torch.testing.assert_close(w, ww, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("func", ["sqrtsoftplus", "softmax"])
+def test_route_hash(func):
+    x, gw, _, tid2eid, input_ids = route_inputs(21, 16, 48, seed=50)
+    w, i = km.moe_route_triton(x, gw, None, tid2eid, input_ids, 6, func, True, 1.5)
+    ww, wi = moe_route_reference(x, gw, None, tid2eid, input_ids, 6, func, True, 1.5)
+    assert torch.equal(i, wi)
+    torch.testing.assert_close(w, ww, atol=1e-6, rtol=1e-5)
+
+
+def test_route_extreme_logits():
+    """Logits of +-40: softplus keeps x past 20, and tiny scores (sqrt(softplus(-40)) ~ 2e-9) keep their
+    relative accuracy (log1p), as hash routing can select such experts."""
+    T, E, D = 4, 16, 32
+    x = torch.zeros(T, D)
+    x[:, 0] = 1.0
+    gw = torch.zeros(E, D)
+    gw[:, 0] = torch.linspace(-40, 40, E)
+    tid2eid = torch.stack([torch.arange(0, 6), torch.arange(10, 16)])
+    ids_in = torch.tensor([0, 1, 0, 1])
+    w, i = km.moe_route_triton(x, gw, None, tid2eid, ids_in, 6, "sqrtsoftplus", False, 1.0)
+    ww, wi = moe_route_reference(x, gw, None, tid2eid, ids_in, 6, "sqrtsoftplus", False, 1.0)
+    assert torch.equal(i, wi)
+    torch.testing.assert_close(w, ww, atol=0, rtol=1e-5)
+    w2, i2 = km.moe_route_triton(x, gw, None, None, None, 3, "sqrtsoftplus", True, 1.0)
+    assert (i2 == torch.tensor([15, 14, 13])).all()
+
+
+def test_route_bf16_input():
+    x, gw, bias, _, _ = route_inputs(9, 16, 64, seed=51)
+    xb = x.to(torch.bfloat16)
+    w, i = km.moe_route_triton(xb, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
+    ww, wi = moe_route_reference(xb, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
+    assert torch.equal(i, wi)
+    torch.testing.assert_close(w, ww, atol=1e-6, rtol=1e-5)
+
+
+# ============================================================================= GPU check code
+
+
+def test_gpu_check_cases_listed_and_runnable():
+    cases = km.gpu_check_cases()
+    names = [n for n, _ in cases]
+    assert len(names) == len(set(names)) and all(callable(f) for _, f in cases)
+    for T in km.GPU_TOKENS:
+        assert f"moe_route learned T={T}" in names
+        assert f"moe_experts fp4 T={T} fp8-act" in names and f"moe_experts fp4 T={T} bf16-act" in names
+    # the check code itself, at tiny shapes on the CPU (no timing)
+    r = km.experts_case(9, True, D=64, I=32, E=16, k=4, device="cpu", bench=False)()
+    assert r["max_rel_err"] < 1e-5 and r["unique_experts"] > 1 and r["flops"] == 2 * 9 * 4 * 3 * 32 * 64
+    r = km.route_case(5, D=64, E=16, k=4, device="cpu", bench=False)()
+    assert r["ids_match_frac"] == 1.0 and r["max_rel_err"] < 1e-5

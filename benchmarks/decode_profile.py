@@ -1,0 +1,147 @@
+"""Where a decode step's time goes (GPU): full-width DeepSeek-V4-Flash with dummy weights, the first
+`--layers` layers, `--batch` sequences prefilled to `--ctx` tokens, then decode steps of one token each.
+
+Reports: eager step time (model forward + logits, synchronised), the number of Triton kernel
+compilations during the timed steps (must be 0 once warm), and a torch.profiler table of the busiest
+CUDA kernels and CPU ops over a few steps.
+
+    PYTHONPATH=. python3 benchmarks/decode_profile.py --layers 4 --batch 32 --ctx 256 --out $OUT/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def triton_cache_entries() -> int:
+    """Compiled kernel variants across every Triton JIT function loaded so far."""
+    import gc
+
+    from triton.runtime.jit import JITFunction
+
+    n = 0
+    for o in gc.get_objects():
+        if isinstance(o, JITFunction):
+            for c in getattr(o, "device_caches", {}).values():
+                n += len(c[0]) if isinstance(c, tuple) else len(c)
+    return n
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--prefill-seqs", type=int, default=8)
+    ap.add_argument("--numerics", default="official")
+    ap.add_argument("--kv-fp8", action="store_true")
+    ap.add_argument("--op", action="append", default=[])
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    from dsv4.cache.model_cache import ModelCache
+    from dsv4.model import build_model
+    from dsv4.ops.meta import ForwardMeta
+    from dsv4.ops.registry import parse_overrides
+
+    t0 = time.time()
+    lm = build_model("deepseek-v4-flash", device="cuda", dtype="bfloat16", numerics=a.numerics, load_format="dummy",
+                     num_layers=a.layers, op_overrides=parse_overrides(a.op))
+    print(f"built in {time.time() - t0:.1f} s; providers:", {c.op: c.provider for c in lm.ops.choices.values()},
+          flush=True)
+    B, L = a.batch, a.ctx
+    cache = ModelCache(lm.cfg, B, L + a.steps + 64, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
+    slots = [cache.allocate() for _ in range(B)]
+    g = torch.Generator().manual_seed(0)
+    res = {"layers": a.layers, "batch": B, "ctx": L, "numerics": a.numerics, "kv_fp8": a.kv_fp8,
+           "device": torch.cuda.get_device_name()}
+    t = time.time()
+    for i in range(0, B, 8):  # prefill 8 sequences per step
+        grp = slots[i:i + 8]
+        ids = torch.randint(0, lm.cfg.vocab_size, (L * len(grp),), generator=g).cuda()
+        meta = ForwardMeta.build(grp, [0] * len(grp), [L] * len(grp), "cuda")
+        lm.model(ids, meta, cache)
+    torch.cuda.synchronize()
+    res["prefill_s"] = time.time() - t
+    pos = L
+
+    def step():
+        nonlocal pos
+        ids = torch.randint(0, lm.cfg.vocab_size, (B,), generator=g).cuda()
+        meta = ForwardMeta.build(slots, [pos] * B, [1] * B, "cuda")
+        lm.model.logits(lm.model(ids, meta, cache))
+        pos += 1
+
+    step()
+    step()
+    torch.cuda.synchronize()
+    n0 = triton_cache_entries()
+    times = []
+    for _ in range(a.steps):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    res["eager_step_ms"] = times
+    res["eager_step_ms_median"] = sorted(times)[len(times) // 2]
+    res["triton_compiles_during_steps"] = triton_cache_entries() - n0
+    print(json.dumps({k: v for k, v in res.items()}), flush=True)
+
+    res["decode"] = profile_table(step, 3)
+    # a prefill step as the engine schedules it: `--prefill-seqs` new sequences of `--ctx` tokens in one step
+    P = a.prefill_seqs
+    pcache = ModelCache(lm.cfg, P, L + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
+
+    def prefill():
+        pcache.reset(list(range(P)))
+        ids = torch.randint(0, lm.cfg.vocab_size, (P * L,), generator=g).cuda()
+        meta = ForwardMeta.build(list(range(P)), [0] * P, [L] * P, "cuda")
+        lm.model.logits(lm.model(ids, meta, pcache)[meta.query_start[1:] - 1])
+
+    prefill()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    prefill()
+    torch.cuda.synchronize()
+    res["prefill_step_ms"] = (time.perf_counter() - t) * 1e3
+    res["prefill_tokens"] = P * L
+    print(f"prefill step of {P} x {L} tokens: {res['prefill_step_ms']:.1f} ms", flush=True)
+    res["prefill"] = profile_table(prefill, 1)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def profile_table(fn, n: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    res = {}
+    ka = prof.key_averages()
+    cuda_rows = sorted((e for e in ka if e.device_time_total > 0), key=lambda e: -e.device_time_total)[:30]
+    cpu_rows = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:30]
+    res["cuda_top"] = [{"name": e.key[:80], "calls": e.count, "cuda_ms_per_step": e.device_time_total / n / 1e3}
+                       for e in cuda_rows]
+    res["cpu_top"] = [{"name": e.key[:80], "calls": e.count, "self_cpu_ms_per_step": e.self_cpu_time_total / n / 1e3}
+                      for e in cpu_rows]
+    res["cuda_total_ms_per_step"] = sum(e.self_device_time_total for e in ka) / n / 1e3
+    print("CUDA kernels (ms per step):")
+    for r in res["cuda_top"]:
+        print(f"  {r['cuda_ms_per_step']:9.3f}  x{r['calls']:<5} {r['name']}")
+    print("CPU self time (ms per step):")
+    for r in res["cpu_top"]:
+        print(f"  {r['self_cpu_ms_per_step']:9.3f}  x{r['calls']:<5} {r['name']}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

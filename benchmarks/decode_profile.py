@@ -43,7 +43,10 @@ def main() -> None:
     ap.add_argument("--kv-fp8", action="store_true")
     ap.add_argument("--op", action="append", default=[])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--engine", action="store_true", help="profile the whole engine (LLM.generate) instead")
     a = ap.parse_args()
+    if a.engine:
+        return engine_profile(a)
 
     from dsv4.cache.model_cache import ModelCache
     from dsv4.model import build_model
@@ -116,6 +119,48 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def engine_profile(a) -> None:
+    """LLM.generate of `--batch` prompts of `--ctx` tokens, `--steps` output tokens: per-step wall times of the
+    engine (LLMEngine.step), host hot spots (cProfile) and the CUDA kernel table."""
+    import cProfile
+    import io
+    import pstats
+
+    from dsv4.engine.llm import LLM
+    from dsv4.engine.sampling_params import SamplingParams
+
+    llm = LLM("deepseek-v4-flash", load_format="dummy", num_layers=a.layers, device="cuda",
+              kv_cache_memory=8 << 30, op_overrides=tuple(tuple(o.split("=", 1)) for o in a.op))
+    eng = llm.engine
+    times = []
+    orig = eng.step
+
+    def timed_step():
+        t = time.perf_counter()
+        out = orig()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+        return out
+
+    eng.step = timed_step
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 120000, (a.ctx,), generator=g).tolist() for _ in range(a.batch)]
+    sp = SamplingParams(max_tokens=a.steps, temperature=0, ignore_eos=True)
+    llm.generate(prompts, sp, use_tqdm=False)  # warm (compiles)
+    times.clear()
+    pr = cProfile.Profile()
+    pr.enable()
+    llm.generate(prompts, sp, use_tqdm=False)
+    pr.disable()
+    print("engine step ms:", [round(t, 1) for t in times], flush=True)
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(45)
+    print(buf.getvalue()[-9000:], flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"engine_step_ms": times}, f)
 
 
 def profile_table(fn, n: int) -> dict:

@@ -364,13 +364,25 @@ def test_experts_half_remote(fmt, act_quant):
     check(total, full, atol=1e-5, rtol=1e-5)
 
 
-def test_mapped_reference_identity_is_reference():
+def test_reference_expert_map_permuted_and_split():
+    """The reference reads the map: a permuted map over permuted weights equals the identity; two
+    complementary halves add up to the whole (in float32, up to summation order)."""
     E, D, I = 8, 64, 32
     ids = skewed_ids(21, E)
     w13, s13, w2, s2 = make_experts("fp4", E, D, I, seed=30)
     x, w = make_inputs(21, D, ids, seed=31)
-    assert torch.equal(moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT),
-                       moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT))
+    full = moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT)
+    perm = [5, 2, 7, 0, 3, 6, 1, 4]
+    pm = ExpertMap(E, tuple(perm))
+    got = moe_experts_reference(x, w13[perm], s13[perm], w2[perm], s2[perm], ids, w, LIMIT, expert_map=pm)
+    assert torch.equal(got, full)
+    halves = [(0, 2, 4, 6), (1, 3, 5, 7)]
+    parts = [moe_experts_reference(x, w13[list(h)], s13[list(h)], w2[list(h)], s2[list(h)], ids, w, LIMIT,
+                                   expert_map=ExpertMap(E, h)) for h in halves]
+    assert not torch.equal(parts[0], full)
+    torch.testing.assert_close(parts[0] + parts[1], full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="expert map"):
+        moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, expert_map=ExpertMap(E, halves[0]))
 
 
 # ============================================================================= padding lanes

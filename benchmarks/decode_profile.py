@@ -44,9 +44,13 @@ def main() -> None:
     ap.add_argument("--op", action="append", default=[])
     ap.add_argument("--out", default=None)
     ap.add_argument("--engine", action="store_true", help="profile the whole engine (LLM.generate) instead")
+    ap.add_argument("--graph-sweep", default="", help="comma-separated batch sizes: eager vs graph-replayed "
+                    "decode step time at each (model only), instead of the profile")
     a = ap.parse_args()
     if a.engine:
         return engine_profile(a)
+    if a.graph_sweep:
+        return graph_sweep(a)
 
     from dsv4.cache.model_cache import ModelCache
     from dsv4.model import build_model
@@ -119,6 +123,62 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def graph_sweep(a) -> None:
+    """Per batch size B: prefill B sequences to --ctx tokens, then time decode steps eagerly and replayed
+    from a captured graph (DecodeGraphs), checking the replayed logits against the eager ones."""
+    from dsv4.cache.model_cache import ModelCache
+    from dsv4.engine.cuda_graphs import DecodeGraphs
+    from dsv4.model import build_model
+    from dsv4.ops.meta import ForwardMeta
+    from dsv4.ops.registry import parse_overrides
+
+    lm = build_model("deepseek-v4-flash", device="cuda", dtype="bfloat16", numerics=a.numerics, load_format="dummy",
+                     num_layers=a.layers, op_overrides=parse_overrides(a.op))
+    out = {"layers": a.layers, "ctx": a.ctx, "numerics": a.numerics, "kv_fp8": a.kv_fp8,
+           "device": torch.cuda.get_device_name(), "rows": []}
+    g = torch.Generator().manual_seed(0)
+    for B in [int(x) for x in a.graph_sweep.split(",")]:
+        L = a.ctx
+        n_steps = a.steps
+        ce = ModelCache(lm.cfg, B + 1, L + 4 * n_steps + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
+        cg = ModelCache(lm.cfg, B + 1, L + 4 * n_steps + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
+        slots = list(range(B))
+        for i in range(0, B, 8):
+            grp = slots[i:i + 8]
+            ids = torch.randint(0, lm.cfg.vocab_size, (L * len(grp),), generator=g).cuda()
+            for c in (ce, cg):
+                lm.model(ids, ForwardMeta.build(grp, [0] * len(grp), [L] * len(grp), "cuda"), c)
+        graphs = DecodeGraphs(lm.model, cg, B, max_batch=B, batch_buckets=(B,), min_context=1024)
+        pos = L
+        te, tg, worst, agree = [], [], 0.0, 0
+        for k in range(n_steps + 2):
+            ids = torch.randint(0, lm.cfg.vocab_size, (B,), generator=g)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            want = lm.model.logits(lm.model(ids.cuda(), ForwardMeta.build(slots, [pos] * B, [1] * B, "cuda"), ce))
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            got = graphs.run(ids, slots, [pos] * B)
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            if k >= 2:  # the first two: compilation and capture
+                te.append((t1 - t) * 1e3)
+                tg.append((t2 - t1) * 1e3)
+            worst = max(worst, (got.float() - want.float()).abs().max().item())
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+            pos += 1
+        row = {"batch": B, "eager_ms": sorted(te)[len(te) // 2], "graph_ms": sorted(tg)[len(tg) // 2],
+               "graph_ms_per_layer": sorted(tg)[len(tg) // 2] / a.layers, "max_abs_logit_diff": worst,
+               "argmax_agree_frac": agree / (B * (n_steps + 2)), "graphs_captured": len(graphs.graphs)}
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        del ce, cg, graphs
+        torch.cuda.empty_cache()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 def engine_profile(a) -> None:

@@ -45,6 +45,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "--gpu-memory-utilization on a GPU, 1 GiB on the CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--page-tokens", type=int, default=None, help="raw tokens per cache page")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never replay captured decode graphs (default: capture them where the device and "
+                        "every op's provider allow)")
 
 
 def engine_config(a: argparse.Namespace):
@@ -57,7 +60,8 @@ def engine_config(a: argparse.Namespace):
         kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         page_tokens=a.page_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
-        kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory))
+        kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory),
+        enforce_eager=a.enforce_eager)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -103,8 +107,12 @@ def cmd_bench_throughput(a: argparse.Namespace) -> int:
     from dsv4.engine.llm import LLM
 
     llm = LLM.from_config(engine_config(a))
+    for _ in range(a.warmup):  # untimed: compiles kernels and captures decode graphs
+        run_throughput(llm, a.num_prompts, a.input_len, a.output_len, seed=a.seed or 0,
+                       temperature=a.temperature, progress=False)
     r = run_throughput(llm, a.num_prompts, a.input_len, a.output_len, seed=a.seed or 0,
                        temperature=a.temperature, progress=not a.json)
+    r["warmup_passes"] = a.warmup
     print(json.dumps(r) if a.json else format_report(r))
     return 0
 
@@ -196,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--input-len", type=int, default=128)
     bt.add_argument("--output-len", type=int, default=64)
     bt.add_argument("--temperature", type=float, default=0.0)
+    bt.add_argument("--warmup", type=int, default=1,
+                    help="untimed passes of the same workload first (Triton compilation, graph capture)")
     bt.add_argument("--json", action="store_true", help="print the results as JSON")
     bt.set_defaults(fn=cmd_bench_throughput)
 

@@ -499,7 +499,9 @@ class EngineConfig:
 
     kv_cache_dtype: "auto" stores window and compressed KV in the activation dtype; "fp8" stores the
     non-rotary dims in FP8 (platform dialect, per-64 power-of-two scales) and the rotary dims in the
-    activation dtype. Cache memory: `kv_cache_memory` bytes if given, else `gpu_memory_utilization` of
+    activation dtype. Decode steps replay captured device graphs (engine/cuda_graphs.py) where the
+    platform supports graphs and every op's provider is capturable, unless `enforce_eager`. Cache memory:
+    `kv_cache_memory` bytes if given, else `gpu_memory_utilization` of
     the GPU's memory minus weights and the profiled activation peak (on the CPU: 1 GiB by default).
     """
 
@@ -518,6 +520,7 @@ class EngineConfig:
     page_tokens: int | None = None
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False  # True: never use captured decode graphs
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):

@@ -28,7 +28,7 @@ def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=temperature,
                             seed=seed if temperature > 0 else None, detokenize=False)
     eng = llm.engine
-    steps0 = eng.num_steps
+    steps0, gsteps0 = eng.num_steps, eng.runner.graph_steps
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
     elapsed = time.perf_counter() - t0
@@ -44,6 +44,7 @@ def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, 
         "output_tokens": n_out, "output_tok_s": n_out / elapsed,
         "total_tok_s": (n_out + num_prompts * input_len) / elapsed, "requests_s": num_prompts / elapsed,
         "preemptions": sum(x.num_preemptions for x in m), "errors": errors,
+        "graph_steps": eng.runner.graph_steps - gsteps0,  # decode steps replayed from captured graphs
         "latency_s": percentiles([x.latency for x in m if x.latency is not None]),
         "ttft_s": percentiles([x.ttft for x in m if x.ttft is not None]),
         "tpot_s": percentiles([x.tpot for x in m if x.tpot is not None]),
@@ -56,7 +57,8 @@ def format_report(r: dict) -> str:
         f"{r['num_prompts']} requests x ({r['input_len']} in, {r['output_len']} out) on {r['device']}, "
         f"{r['dtype']}, kv {r['kv_cache_dtype']}, {r['numerics']} numerics",
         r["cache"],
-        f"elapsed {r['elapsed_s']:.2f} s over {r['engine_steps']} steps, {r['preemptions']} preemptions, "
+        f"elapsed {r['elapsed_s']:.2f} s over {r['engine_steps']} steps ({r['graph_steps']} from graphs), "
+        f"{r['preemptions']} preemptions, "
         f"{len(r['errors'])} errors",
         f"output {r['output_tok_s']:.1f} tok/s, total {r['total_tok_s']:.1f} tok/s, {r['requests_s']:.2f} req/s",
         f"latency  p50 {lat['p50']:.3f} s  p90 {lat['p90']:.3f} s  p99 {lat['p99']:.3f} s",

@@ -81,6 +81,15 @@ class KVCacheManager:
         self.cache.reset([req.slot])
         return True
 
+    def take_scratch_slot(self) -> int:
+        """A slot no request will ever get (bucket-padding rows of captured decode graphs write there)."""
+        if not self._free_slots:
+            raise RuntimeError("no free slot left for the scratch slot")
+        s = self._free_slots.pop(0)  # the highest-numbered slot
+        self._owner[s] = "<scratch>"
+        self.cache.reset([s])
+        return s
+
     def reserve(self, req: Holder, num_tokens: int) -> bool:
         """Make `req` own the pages for its first `num_tokens` tokens; False (nothing taken) if the
         pool is short."""

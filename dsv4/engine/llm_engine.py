@@ -13,6 +13,7 @@ from dsv4.cache.kv_manager import KVCacheManager
 from dsv4.cache.model_cache import CacheLayout, ModelCache
 from dsv4.cache.planner import CacheDoesNotFit, CachePlan, gib, plan_cache
 from dsv4.config import EngineConfig
+from dsv4.engine.cuda_graphs import DecodeGraphs, capture_blockers
 from dsv4.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from dsv4.engine.model_runner import ModelRunner
 from dsv4.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -46,15 +47,30 @@ class LLMEngine:
         layout = CacheLayout.of(self.cfg, kv_dtype, kv_fp8, config.page_tokens)
         self.plan: CachePlan = plan_cache(layout, self._cache_budget(), config.max_num_seqs, self.max_model_len)
         log.info(self.plan.describe())
-        self.cache = ModelCache(self.cfg, self.plan.num_slots, self.max_model_len, self.device, kv_dtype,
-                                page_tokens=layout.page_tokens, num_pages=self.plan.num_pages, kv_fp8=kv_fp8,
-                                dialect=self.lm.platform.fp8_dialect)
+        graphs_ok = self._graphs_wanted()
+        # with graphs, one extra slot (0.5 MiB for Flash) is the scratch slot of bucket-padding rows
+        self.cache = ModelCache(self.cfg, self.plan.num_slots + int(graphs_ok), self.max_model_len, self.device,
+                                kv_dtype, page_tokens=layout.page_tokens, num_pages=self.plan.num_pages,
+                                kv_fp8=kv_fp8, dialect=self.lm.platform.fp8_dialect)
         self.kv = KVCacheManager(self.cache)
+        graphs = None
+        if graphs_ok:
+            graphs = DecodeGraphs(self.lm.model, self.cache, self.kv.take_scratch_slot(),
+                                  max_batch=min(config.max_num_seqs, self.plan.num_slots))
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.lm, self.cache, Sampler())
+        self.runner = ModelRunner(self.lm, self.cache, Sampler(), graphs=graphs)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+
+    def _graphs_wanted(self) -> bool:
+        if self.config.enforce_eager or not self.lm.platform.supports_graphs:
+            return False
+        blockers = capture_blockers(self.lm.ops)
+        if blockers:
+            log.warning("decode graphs off: these ops run providers that cannot be captured: %s", ", ".join(blockers))
+            return False
+        return True
 
     # ---- capacity ---------------------------------------------------------------------------------
     def _cache_budget(self) -> int:

@@ -1,6 +1,7 @@
 """One engine step on the device: flatten the scheduled requests to T tokens (varlen, no padding),
 build the step's metadata once, run the model, and sample the next token of every request whose
-scheduled tokens reach its end (plus prompt logprobs where asked)."""
+scheduled tokens reach its end (plus prompt logprobs where asked). Pure decode steps replay a captured
+graph (engine/cuda_graphs.py) when the engine made one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.cache.model_cache import ModelCache
+from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.request import Request
 from dsv4.engine.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
 from dsv4.model.builder import LoadedModel
@@ -23,11 +25,31 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, cache: ModelCache, sampler: Sampler | None = None):
+    def __init__(self, lm: LoadedModel, cache: ModelCache, sampler: Sampler | None = None,
+                 graphs: DecodeGraphs | None = None):
         self.lm, self.cache = lm, cache
         self.model = lm.model
         self.device = lm.platform.torch_device
         self.sampler = sampler or Sampler()
+        self.graphs = graphs
+        self.graph_steps = 0
+
+    def _graph_step(self, reqs, starts, ns) -> bool:
+        """A pure decode step (one token per request, each reaching its end, no prompt logprobs) that fits a
+        graph bucket."""
+        return (self.graphs is not None and len(reqs) <= self.graphs.batch_buckets[-1]
+                and all(n == 1 and s + 1 == r.num_tokens and r.params.prompt_logprobs is None
+                        for r, s, n in zip(reqs, starts, ns)))
+
+    def _sample(self, logits, reqs, sample_at, results) -> None:
+        srows = [SamplingRow(params=reqs[i].params, prompt_token_ids=reqs[i].prompt_token_ids,
+                             output_token_ids=reqs[i].output_token_ids, generator=reqs[i].generator,
+                             stop_ids=reqs[i].eos_token_ids | frozenset(reqs[i].params.stop_token_ids))
+                 for i, _ in sample_at]
+        toks, lps = self.sampler(logits[[k for _, k in sample_at]], srows)
+        for (i, _), t, lp in zip(sample_at, toks, lps):
+            results[i].token_id = t
+            results[i].logprobs = lp
 
     @torch.no_grad()
     def execute(self, scheduled: list[tuple[Request, int]]) -> list[StepResult]:
@@ -35,10 +57,15 @@ class ModelRunner:
         ns = [n for _, n in scheduled]
         starts = [r.num_computed_tokens for r in reqs]
         ids = [t for r, s, n in zip(reqs, starts, ns) for t in r.token_slice(s, s + n)]
+        results = [StepResult() for _ in reqs]
+        if self._graph_step(reqs, starts, ns):
+            logits = self.graphs.run(torch.tensor(ids, dtype=torch.int64), [r.slot for r in reqs], starts)
+            self.graph_steps += 1
+            self._sample(logits, reqs, [(i, i) for i in range(len(reqs))], results)
+            return results
         meta = ForwardMeta.build([r.slot for r in reqs], starts, ns, self.device)
         X = self.model(torch.tensor(ids, dtype=torch.int64, device=self.device), meta, self.cache)
 
-        results = [StepResult() for _ in reqs]
         rows: list[int] = []  # token rows of X whose logits we need
         sample_at: list[tuple[int, int]] = []  # (request index, row position in `rows`)
         plp_at: list[tuple[int, int, int, list[int]]] = []  # (request index, first row, count, next ids)
@@ -59,14 +86,7 @@ class ModelRunner:
             return results
         logits = self.model.logits(X[torch.tensor(rows, device=self.device)])
         if sample_at:
-            srows = [SamplingRow(params=reqs[i].params, prompt_token_ids=reqs[i].prompt_token_ids,
-                                 output_token_ids=reqs[i].output_token_ids, generator=reqs[i].generator,
-                                 stop_ids=reqs[i].eos_token_ids | frozenset(reqs[i].params.stop_token_ids))
-                     for i, _ in sample_at]
-            toks, lps = self.sampler(logits[[k for _, k in sample_at]], srows)
-            for (i, _), t, lp in zip(sample_at, toks, lps):
-                results[i].token_id = t
-                results[i].logprobs = lp
+            self._sample(logits, reqs, sample_at, results)
         for i, k, c, nxt in plp_at:
             results[i].prompt_logprobs = prompt_logprobs(logits[k:k + c], nxt, reqs[i].params.prompt_logprobs)
         return results

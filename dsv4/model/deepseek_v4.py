@@ -79,8 +79,9 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(cfg, opts) for _ in range(cfg.num_mtp_layers if with_mtp else 0))
         self._hc_head = opts.ops.hc_head
 
-    def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, cache) -> torch.Tensor:
-        cache.begin_step(meta)
+    def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, cache, check_cache: bool = True) -> torch.Tensor:
+        if check_cache:  # a captured graph's caller does this with the real step's values
+            cache.begin_step(meta)
         x = self.embed.weight[input_ids].to(self.opts.dtype)
         X = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):

@@ -4,6 +4,10 @@ A step runs T tokens of B sequences flattened one after another (varlen, no padd
 tokens query_start[b] .. query_start[b+1]-1, which sit at positions seq_start[b] .. seq_lens[b]-1, and
 its per-request state lives in cache slot seq_slots[b]. Decode is the case of one token per sequence,
 prefill (or one chunk of it) the case of many; both mix freely in one step.
+
+Kernels size grids from shapes, num_tokens / num_seqs and `max_seq_len` only; the other host mirrors are
+for the reference ops and host bookkeeping. A captured decode graph (engine/cuda_graphs.py) replaces them
+by mirrors that raise when read, so a kernel that reads per-step host values fails at capture.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ class ForwardMeta:
     seq_start_host: list[int]
     seq_lens_host: list[int]
     seq_slots_host: list[int]
+    # an upper bound on seq_lens that kernels may size work by (None: max(seq_lens_host)); a captured
+    # graph sets it to its context bucket, so the kernels never read per-step host values
+    seq_len_bound: int | None = None
+
+    @property
+    def max_seq_len(self) -> int:
+        """What kernels size per-sequence work by: seq_len_bound if set, else the longest sequence."""
+        if self.seq_len_bound is not None:
+            return self.seq_len_bound
+        return max(self.seq_lens_host) if self.seq_lens_host else 0
 
     @property
     def num_tokens(self) -> int:

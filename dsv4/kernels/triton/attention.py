@@ -388,7 +388,7 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
         if mode == 1:
             max_keys = W + Kk
         elif mode == 2:
-            max_keys = W + max(meta.seq_lens_host) // ratio
+            max_keys = W + meta.max_seq_len // ratio
         else:
             max_keys = W
         num_splits = _auto_splits(q.device, T * nhb, max_keys)

@@ -227,7 +227,7 @@ def indexer_topk_triton(q, weights, k_pool, block_table, meta: ForwardMeta, rati
     out = torch.full((T, topk), -1, dtype=torch.int64, device=q.device)
     if T == 0 or topk <= 0 or meta.num_seqs == 0:
         return out
-    n_max = max(L // ratio for L in meta.seq_lens_host)
+    n_max = meta.max_seq_len // ratio
     if n_max == 0:
         return out
     k = min(topk, n_max)

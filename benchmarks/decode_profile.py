@@ -144,15 +144,16 @@ def graph_sweep(a) -> None:
         n_steps = a.steps
         ce = ModelCache(lm.cfg, B + 1, L + 4 * n_steps + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
         cg = ModelCache(lm.cfg, B + 1, L + 4 * n_steps + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
+        cb = ModelCache(lm.cfg, B + 1, L + 4 * n_steps + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
         slots = list(range(B))
         for i in range(0, B, 8):
             grp = slots[i:i + 8]
             ids = torch.randint(0, lm.cfg.vocab_size, (L * len(grp),), generator=g).cuda()
-            for c in (ce, cg):
+            for c in (ce, cg, cb):
                 lm.model(ids, ForwardMeta.build(grp, [0] * len(grp), [L] * len(grp), "cuda"), c)
         graphs = DecodeGraphs(lm.model, cg, B, max_batch=B, batch_buckets=(B,), min_context=1024)
         pos = L
-        te, tg, worst, agree = [], [], 0.0, 0
+        te, tg, worst, agree, worst_b = [], [], 0.0, 0, 0.0
         for k in range(n_steps + 2):
             ids = torch.randint(0, lm.cfg.vocab_size, (B,), generator=g)
             torch.cuda.synchronize()
@@ -167,14 +168,20 @@ def graph_sweep(a) -> None:
                 te.append((t1 - t) * 1e3)
                 tg.append((t2 - t1) * 1e3)
             worst = max(worst, (got.float() - want.float()).abs().max().item())
+            # eager with the graph's context bound: the same launches as the graph, so equal bit for bit
+            mb = ForwardMeta.build(slots, [pos] * B, [1] * B, "cuda")
+            mb.seq_len_bound = graphs.bucket(B, pos + 1)[1]
+            want_b = lm.model.logits(lm.model(ids.cuda(), mb, cb))
+            worst_b = max(worst_b, (got.float() - want_b.float()).abs().max().item())
             agree += int((got.argmax(-1) == want.argmax(-1)).sum())
             pos += 1
         row = {"batch": B, "eager_ms": sorted(te)[len(te) // 2], "graph_ms": sorted(tg)[len(tg) // 2],
                "graph_ms_per_layer": sorted(tg)[len(tg) // 2] / a.layers, "max_abs_logit_diff": worst,
+               "max_abs_logit_diff_same_bound": worst_b,
                "argmax_agree_frac": agree / (B * (n_steps + 2)), "graphs_captured": len(graphs.graphs)}
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
-        del ce, cg, graphs
+        del ce, cg, cb, graphs
         torch.cuda.empty_cache()
     if a.out:
         with open(a.out, "w") as f:

@@ -33,7 +33,8 @@ from dsv4.ops.meta import ForwardMeta
 log = logging.getLogger("dsv4.graphs")
 
 # providers whose wrappers launch fixed work from shapes and meta.max_seq_len, with no host syncs
-CAPTURABLE_PROVIDERS = frozenset({"triton", "scaled_mm"})
+CAPTURABLE_PROVIDERS = frozenset({"triton", "scaled_mm", "cublas_f32out"})
+CAPTURABLE_REFERENCES = frozenset({"lm_head"})  # references with no host reads (plain torch on whole tensors)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MIN_CONTEXT_BUCKET = 1024
 
@@ -59,7 +60,8 @@ class _FrozenMirror(list):
 
 def capture_blockers(ops) -> list[str]:
     """Ops whose chosen provider is not declared capturable (empty: graphs are allowed)."""
-    return [f"{c.op}={c.provider}" for c in ops.choices.values() if c.provider not in CAPTURABLE_PROVIDERS]
+    return [f"{c.op}={c.provider}" for c in ops.choices.values()
+            if c.provider not in CAPTURABLE_PROVIDERS and not (c.op in CAPTURABLE_REFERENCES and c.provider == "torch")]
 
 
 def context_buckets(max_len: int, smallest: int = MIN_CONTEXT_BUCKET) -> list[int]:

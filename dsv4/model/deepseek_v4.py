@@ -92,4 +92,4 @@ class Transformer(nn.Module):
         c = self.cfg
         h = self._hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.rms_norm_eps, c.hc_eps)
         h = self.norm(h)
-        return h.float() @ self.head.weight.float().t()
+        return self.opts.ops.lm_head(h, self.head.weight)

@@ -31,11 +31,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::R
 
 
 def triton_table(platform, overrides=None):
-    """Every op through its Triton provider (the interpreter on the CPU)."""
+    """Every op through its Triton provider where it has one (the interpreter on the CPU)."""
     t = real_resolve(platform, overrides)
     ops = all_ops()
-    fns = {n: ops[n].providers["triton"].fn for n in t.choices}
-    choices = {n: type(c)(c.op, "triton", "test: interpreted Triton", ()) for n, c in t.choices.items()}
+    fns, choices = {}, {}
+    for n, c in t.choices.items():
+        p = "triton" if "triton" in ops[n].providers else c.provider
+        fns[n] = ops[n].providers[p].fn
+        choices[n] = type(c)(c.op, p, "test: interpreted Triton", ())
     return OpTable(platform, choices, fns)
 
 

@@ -5,6 +5,14 @@ value rounding to zero is always 0x00, where the numerics module keeps OCP's -0 
 Exponent, exactly: with amax = (1 + M / 2^23) 2^(E - 127) (float32 fields E, M; amax >= 1e-4 is normal)
 and 448 = 0.875 * 2^9, ceil(log2(amax / 448)) = (E - 126) - 9 + (M > 0x600000), the frexp identity of
 numerics.pow2_scale_exponent (mantissa 0.5 + M / 2^24 compared with 0.875) on the bits, no rounding.
+
+Triton fp8_roundtrip / fp4_roundtrip (dsv4/ops/quant.py): the quantise-dequantise round trips of the
+"official" numerics, bit-identical to dsv4.numerics.fp8.fp8_roundtrip / dsv4.numerics.fp4.fp4_roundtrip
+(signed zeros included) for finite inputs, one read of x in its dtype and one write of the result, no host
+syncs (graph-capturable). FP4 exponent, exactly: amax = (1 + M / 2^23) 2^(E - 127), 6 = 0.75 * 2^3, so
+ceil(log2(amax / 6)) = (E - 126) - 3 + (M > 0x400000). Both results are exact in bf16 (4 resp. 2
+significant bits times a power of two within bf16's exponent range), so the final cast needs no
+rounding (the interpreter's truncating fp32 -> bf16 cast is exact here too).
 """
 
 from __future__ import annotations
@@ -13,11 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_block_exponent, fp8_encode, fp8_pow2, fp8_quant_max, register
+from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
+                                        register)
 from dsv4.kernels.triton.norm import bench_ms, roofline
 from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.ops.quant import fp4_roundtrip as fp4_roundtrip_op
+from dsv4.ops.quant import fp4_roundtrip_reference
 from dsv4.ops.quant import fp8_act_quant as fp8_act_quant_op
 from dsv4.ops.quant import fp8_act_quant_reference
+from dsv4.ops.quant import fp8_roundtrip as fp8_roundtrip_op
+from dsv4.ops.quant import fp8_roundtrip_reference
 
 # Work decomposition: grid = (M, cdiv(nb, G)) with nb = ceil(K / block) blocks per row. A program loads a
 # [G, BLOCK_P] tile (G blocks of one row, BLOCK_P = next_pow2(block), ~4096 elements; lanes past the block
@@ -69,12 +82,135 @@ def fp8_act_quant_triton(x: torch.Tensor, block: int = 128, dialect=Fp8Dialect.O
     return q, s
 
 
+# ----------------------------------------------------------------------------- round trips (fp8 / fp4)
+
+# Work decomposition (both round trips): x is viewed as R rows x K with nb = ceil(K / BLOCK) blocks per row;
+# the R * nb (row, block) pairs are numbered row-major and grid = cdiv(R * nb, G): a program owns G
+# consecutive pairs (a group of blocks of one row, or of consecutive rows when rows are short, e.g. the
+# 7 x 64 KV blocks of a 448-wide row or the 4 x 32 FP4 blocks of a 128-wide indexer head) as a
+# [G, BLOCK_P] tile (BLOCK_P = next_pow2(BLOCK), lanes past the block or past K masked). It loads the tile
+# once in x's dtype, reduces amax per block in fp32, derives the power-of-two scale from amax's bits,
+# rounds every element (FP8: common.fp8_encode / fp8_decode; FP4: seven exact comparisons with the e2m1
+# midpoints), multiplies back by the scale and stores once in x's dtype. Bytes = 2 R K elt, the copy
+# roofline; ~20 ALU ops per element, far below the compute roof. G grows with the work (up to
+# TILE_ELEMS / BLOCK_P, ~4096 elements per program) but keeps >= ~256 programs when there is enough
+# work, so small batches still spread over the SMs.
+
+
+@triton.jit
+def _rt_tile(x_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, G: tl.constexpr):
+    """The program's [G, BLOCK_P] tile: (fp32 values, x-side offsets, y-side offsets, mask); masked lanes
+    get offset 0 (no pointer past the logical bounds) and value 0."""
+    j = tl.program_id(0) * G + tl.arange(0, G)  # flattened (row, block) ids, < 2^31
+    jv = j < NBT
+    j = tl.minimum(j, NBT - 1)
+    row = (j // NB).to(tl.int64)
+    lane = tl.arange(0, BLOCK_P)
+    cols = (j % NB)[:, None] * BLOCK + lane[None, :]
+    mask = jv[:, None] & (lane[None, :] < BLOCK) & (cols < K)
+    cols = tl.where(mask, cols, 0)
+    xo = row[:, None] * sx + cols
+    yo = row[:, None] * K + cols
+    v = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
+    return v, yo, mask
+
+
+@triton.jit
+def _fp8_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                          G: tl.constexpr, FNUZ: tl.constexpr, DEC_FNUZ: tl.constexpr):
+    # DEC_FNUZ is FNUZ except in the test that proves the dialect flag matters (bytes read in the other
+    # dialect are off by exactly 2x).
+    v, yo, mask = _rt_tile(x_ptr, NBT, NB, K, sx, BLOCK, BLOCK_P, G)
+    amax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-4)
+    e = fp8_block_exponent(amax, FNUZ)  # in [-22, 121] for amax in [1e-4, 3.4e38]: 2^+-e exact normals
+    qmax = fp8_quant_max(FNUZ)
+    y = tl.minimum(tl.maximum(v * fp8_pow2(-e)[:, None], -qmax), qmax)
+    r = fp8_decode(fp8_encode(y, FNUZ), DEC_FNUZ) * fp8_pow2(e)[:, None]
+    if not FNUZ:  # OCP keeps the sign of a value rounding to zero (0x80, -0.0); FNUZ has no -0
+        r = tl.where((r == 0.0) & (v.to(tl.int32, bitcast=True) < 0), -r, r)
+    tl.store(y_ptr + yo, r.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp4_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                          G: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+    v, yo, mask = _rt_tile(x_ptr, NBT, NB, K, sx, BLOCK, BLOCK_P, G)
+    amax = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR)  # 6 * 2^-126 = 1.5 * 2^-124: an fp32 normal
+    bits = amax.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 129 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)  # ceil(log2(amax / 6))
+    e = tl.minimum(tl.maximum(e, -126), 126)  # finite amax >= the floor gives e in [-126, 126] anyway
+    a = tl.minimum(tl.abs(v) * fp8_pow2(-e)[:, None], 6.0)
+    # e2m1 magnitude: one step per midpoint passed, ties to the even mantissa (> at 0.25 1.25 2.5 5,
+    # >= at 0.75 1.75 3.5), exactly numerics.fp4.fp4_encode's rule; the sums are exact
+    m = ((a > 0.25).to(tl.float32) + (a >= 0.75).to(tl.float32) + (a > 1.25).to(tl.float32)
+         + (a >= 1.75).to(tl.float32)) * 0.5
+    m = m + (a > 2.5).to(tl.float32) + (a >= 3.5).to(tl.float32) + (a > 5.0).to(tl.float32) * 2.0
+    m = tl.where(v.to(tl.int32, bitcast=True) < 0, -m, m)  # x's sign bit, also on zeros (code 8 = -0)
+    r = m * fp8_pow2(e)[:, None]
+    tl.store(y_ptr + yo, r.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+RT_TARGET_PROGRAMS = 256
+FP4_AMAX_FLOOR = 6 * 2.0**-126  # numerics.fp4's floor, exact in fp32
+
+
+def _rows_k(x: torch.Tensor):
+    """(x or a contiguous copy, rows, K, row stride): x [..., K] as rows x K with unit column stride; a copy
+    only when the leading dims cannot be walked with one stride."""
+    if x.dim() == 0:
+        raise ValueError("round trip: x needs at least one dimension")
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if x.dim() == 1:
+        return x if x.stride(0) == 1 else x.contiguous(), rows, K, K
+    lead = [(n, st) for n, st in zip(x.shape[:-1], x.stride()[:-1]) if n != 1]
+    ok = x.stride(-1) == 1 or K == 1
+    sx = lead[-1][1] if lead else K
+    expect = sx
+    for n, st in reversed(lead):
+        ok = ok and st == expect
+        expect = st * n
+    if not ok:
+        x = x.contiguous()
+        sx = K
+    return x, rows, K, sx
+
+
+def _rt_launch(kernel, x: torch.Tensor, block: int, **flags) -> torch.Tensor:
+    if not x.is_floating_point():
+        raise TypeError(f"round trip: x must be floating point, got {x.dtype}")
+    block = int(block)
+    if block <= 0:
+        raise ValueError(f"block must be positive, got {block}")
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    xs, rows, K, sx = _rows_k(x)
+    if rows == 0 or K == 0:
+        return y
+    nb = -(-K // block)
+    nbt = rows * nb
+    block_p = triton.next_power_of_2(block)
+    g = max(1, min(max(1, TILE_ELEMS // block_p), triton.next_power_of_2(triton.cdiv(nbt, RT_TARGET_PROGRAMS))))
+    kernel[(triton.cdiv(nbt, g),)](xs, y, nbt, nb, K, sx, BLOCK=block, BLOCK_P=block_p, G=g, **flags,
+                                   num_warps=max(1, min(8, g * block_p // 512)))
+    return y
+
+
+def fp8_roundtrip_triton(x: torch.Tensor, block: int = 64, dialect=Fp8Dialect.OCP) -> torch.Tensor:
+    fnuz = Fp8Dialect.parse(dialect) is Fp8Dialect.FNUZ
+    return _rt_launch(_fp8_roundtrip_kernel, x, block, FNUZ=fnuz, DEC_FNUZ=fnuz)
+
+
+def fp4_roundtrip_triton(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    return _rt_launch(_fp4_roundtrip_kernel, x, block, AMAX_FLOOR=FP4_AMAX_FLOOR)
+
+
 # ----------------------------------------------------------------------------- GPU checks
 
 
 def gpu_check_cases(device="cuda"):
     """[(name, fn)]: fp8_act_quant [T, 4096] bf16 in both dialects vs the reference: bytes must be equal
-    (zeros compared by value), timed (median ms)."""
+    (zeros compared by value), timed (median ms); fp8_roundtrip [T, 448] (T = 1, 256, 8192) and
+    fp4_roundtrip [T * 64, 128] (T = 1, 256, 4096) bf16 at the model's shapes, equal to the reference."""
     from dsv4.numerics.fp8 import fp8_decode
 
     def case(M, K=4096, dialect=Fp8Dialect.OCP):
@@ -95,9 +231,47 @@ def gpu_check_cases(device="cuda"):
             return roofline(out)
         return run
 
+    def rt_case(kind, T, dialect=Fp8Dialect.OCP):
+        """fp8: the KV rows' non-RoPE part, a [T, 448] view of the [T, 512] bf16 kv (row stride 512) as
+        attention.py passes it, per 64; fp4: the Hadamard-rotated indexer queries [T, 64, 128] bf16
+        (= [T * 64, 128]) per 32. Results must be equal to the reference (torch.equal), timed."""
+        def run():
+            g = torch.Generator(device=device).manual_seed(1)
+            if kind == "fp8":
+                full = torch.randn(T, 512, device=device, generator=g)
+                mag = torch.exp2(torch.randint(-8, 8, (T, 8), device=device, generator=g).float())
+                x = (full * mag.repeat_interleave(64, dim=1)).to(torch.bfloat16)[:, :448]
+                fn = lambda: fp8_roundtrip_triton(x, 64, dialect)  # noqa: E731
+                ref = lambda: fp8_roundtrip_reference(x, 64, dialect)  # noqa: E731
+            else:
+                x = torch.randn(T, 64, 128, device=device, generator=g)
+                mag = torch.exp2(torch.randint(-8, 8, (T, 64, 4), device=device, generator=g).float())
+                x = (x * mag.repeat_interleave(32, dim=-1)).to(torch.bfloat16)
+                fn = lambda: fp4_roundtrip_triton(x, 32)  # noqa: E731
+                ref = lambda: fp4_roundtrip_reference(x, 32)  # noqa: E731
+            got, want = fn(), ref()
+            out = {"equal": bool(torch.equal(got, want)), "mismatch": int((got != want).sum()),
+                   "max_abs": float((got.float() - want.float()).abs().max()),
+                   "contiguous_out": got.is_contiguous() and got.shape == x.shape}
+            out["triton_ms"] = bench_ms(fn, device)
+            out["torch_ms"] = bench_ms(ref, device)
+            out["bytes"] = 2 * x.numel() * x.element_size()
+            out["flops"] = 20 * x.numel()
+            return roofline(out)
+        return run
+
     return [("fp8_act_quant[256,4096] bf16 ocp", case(256)),
             ("fp8_act_quant[8192,4096] bf16 ocp", case(8192)),
-            ("fp8_act_quant[8192,4096] bf16 fnuz", case(8192, dialect=Fp8Dialect.FNUZ))]
+            ("fp8_act_quant[8192,4096] bf16 fnuz", case(8192, dialect=Fp8Dialect.FNUZ)),
+            ("fp8_roundtrip[1,448/512] bf16 ocp", rt_case("fp8", 1)),
+            ("fp8_roundtrip[256,448/512] bf16 ocp", rt_case("fp8", 256)),
+            ("fp8_roundtrip[8192,448/512] bf16 ocp", rt_case("fp8", 8192)),
+            ("fp8_roundtrip[8192,448/512] bf16 fnuz", rt_case("fp8", 8192, Fp8Dialect.FNUZ)),
+            ("fp4_roundtrip[1*64,128] bf16", rt_case("fp4", 1)),
+            ("fp4_roundtrip[256*64,128] bf16", rt_case("fp4", 256)),
+            ("fp4_roundtrip[4096*64,128] bf16", rt_case("fp4", 4096))]
 
 
 register(fp8_act_quant_op, fp8_act_quant_triton)
+register(fp8_roundtrip_op, fp8_roundtrip_triton)
+register(fp4_roundtrip_op, fp4_roundtrip_triton)

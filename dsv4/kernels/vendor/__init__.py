@@ -5,6 +5,7 @@ registers them.
 - scaled_mm: `linear` through torch._scaled_mm's cuBLASLt block-scaled FP8 GEMM (1x128 activation and
   128x128 weight scales, DeepSeek style), official numerics on OCP FP8 weights; delegates every other case
   to the Triton provider.
+- lm_head: float32 logits from one bf16 GEMM with float32 output (no per-step fp32 copy of the head).
 """
 
-from dsv4.kernels.vendor import scaled_mm  # noqa: F401
+from dsv4.kernels.vendor import lm_head, scaled_mm  # noqa: F401

@@ -117,6 +117,45 @@ def cmd_bench_throughput(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_latency(a: argparse.Namespace) -> int:
+    from dsv4.bench import latency as bl
+    from dsv4.model.builder import parse_dtype
+
+    sizes = [int(x) for x in a.batch_sizes.split(",") if x.strip()]
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"--batch-sizes {a.batch_sizes!r}: expected positive integers, e.g. 1,32,64")
+    rows: list[dict] = []
+    cfg = engine_config(a)
+    if a.engine in ("dsv4", "both"):
+        import dataclasses
+
+        from dsv4.engine.llm import LLM
+
+        llm = LLM.from_config(dataclasses.replace(cfg, max_num_seqs=max(cfg.max_num_seqs, max(sizes))))
+        dev = str(llm.engine.device)
+        rows += bl.dsv4_rows(llm, sizes, a.input_len, a.output_len, seed=a.seed or 0, progress=not a.json)
+        del llm
+    else:
+        dev = a.device or ("cuda" if torch_cuda() else "cpu")
+    if a.engine in ("transformers", "both"):
+        rows += bl.transformers_rows(a.model, a.num_layers, dev, parse_dtype(a.dtype), sizes, a.input_len,
+                                     a.output_len, seed=a.seed or 0, progress=not a.json)
+    res = {"model": str(a.model), "num_layers": a.num_layers, "device": dev, "dtype": a.dtype,
+           "numerics": a.numerics, "input_len": a.input_len, "output_len": a.output_len, "rows": rows}
+    if a.plot:
+        bl.plot(rows, a.plot, f"{a.model} ({a.num_layers or 'all'} layers) on {dev}, "
+                f"{a.input_len} in / {a.output_len} out")
+    if a.json:
+        print(json.dumps(res))
+    return 0
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     import logging
 
@@ -208,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="untimed passes of the same workload first (Triton compilation, graph capture)")
     bt.add_argument("--json", action="store_true", help="print the results as JSON")
     bt.set_defaults(fn=cmd_bench_throughput)
+    bl = bsub.add_parser("latency", help="concurrency sweep: TTFT, TPOT, per-user and total tok/s "
+                         "(optionally side by side with transformers)")
+    _add_engine_args(bl)
+    bl.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated concurrencies")
+    bl.add_argument("--input-len", type=int, default=256)
+    bl.add_argument("--output-len", type=int, default=32)
+    bl.add_argument("--engine", default="dsv4", choices=["dsv4", "transformers", "both"],
+                    help="transformers: its DeepseekV4ForCausalLM with random bf16 weights on the same config")
+    bl.add_argument("--plot", default=None, help="write a PNG of the sweep here (needs matplotlib)")
+    bl.add_argument("--json", action="store_true", help="print the results as JSON")
+    bl.set_defaults(fn=cmd_bench_latency)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     sv.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",

@@ -181,6 +181,22 @@ def test_bench_throughput(capsys, tiny_dir):
     assert "output" in out and "tok/s" in out and "TTFT" in out and "kv fp8" in out
 
 
+def test_bench_latency_side_by_side(capsys, tiny_dir, tmp_path):
+    png = tmp_path / "lat.png"
+    rc, out, err = run(capsys, "bench", "latency", "--model", tiny_dir, "--device", "cpu", "--batch-sizes", "1,2",
+                       "--input-len", 6, "--output-len", 3, "--engine", "both", "--json", "--plot", str(png))
+    assert rc == 0, err
+    r = json.loads(out)
+    got = {(x["engine"], x["batch"]) for x in r["rows"]}
+    assert got == {("dsv4", 1), ("dsv4", 2), ("transformers", 1), ("transformers", 2)}
+    for x in r["rows"]:
+        assert x["tpot_ms"] > 0 and x["output_tok_s"] > 0 and x["ttft_s"] > 0
+        assert abs(x["tpot_ms_per_layer"] * 5 - x["tpot_ms"]) < 1e-6 * x["tpot_ms"] + 1e-9  # tiny: 5 layers
+    assert png.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="positive"):
+        run(capsys, "bench", "latency", "--model", tiny_dir, "--device", "cpu", "--batch-sizes", "0")
+
+
 def test_kv_cache_too_small_is_a_clear_error(capsys, tiny_dir):
     rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt", "hi",
                        "--kv-cache-memory", "100KiB")

@@ -1,0 +1,120 @@
+"""`dsv4 bench latency`: a concurrency sweep. For each batch size B, B requests of fixed input / output
+lengths run together (after an untimed warm-up pass of the same workload): TTFT, TPOT, per-user tok/s and
+total output tok/s. `--engine transformers` runs transformers' DeepseekV4ForCausalLM (random bf16 weights,
+the same config and layer count, `generate` with greedy decoding) on the same workloads in the same
+command, so the two are compared side by side; per-layer decode time = TPOT / layers for both."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dsv4.bench.throughput import run_throughput
+
+ENGINES = ("dsv4", "transformers", "both")
+
+
+def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0,
+              progress: bool = True) -> list[dict]:
+    layers = llm.engine.cfg.num_layers
+    rows = []
+    for B in batch_sizes:
+        run_throughput(llm, B, input_len, output_len, seed=seed, progress=False)  # warm-up
+        r = run_throughput(llm, B, input_len, output_len, seed=seed, progress=False)
+        tpot = r["tpot_s"]["p50"]
+        rows.append({"engine": "dsv4", "batch": B, "ttft_s": r["ttft_s"]["p50"], "tpot_ms": tpot * 1e3,
+                     "tpot_ms_per_layer": tpot * 1e3 / layers, "user_tok_s": 1 / tpot if tpot else float("nan"),
+                     "output_tok_s": r["output_tok_s"], "graph_steps": r["graph_steps"],
+                     "engine_steps": r["engine_steps"], "errors": r["errors"]})
+        if progress:
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def transformers_model(model: str, num_layers: int | None, device: str, dtype: torch.dtype):
+    """transformers' DeepseekV4ForCausalLM on the same config (first `num_layers` layers), random weights in
+    `dtype` made on `device` (no checkpoint: this measures speed only)."""
+    import transformers
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    from dsv4.model.builder import resolve_model
+
+    transformers.logging.set_verbosity_error()
+    _, cfg = resolve_model(model)
+    d = cfg.to_official_dict()
+    d.pop("quantization_config", None)  # bf16 weights: the speed of its bf16 path
+    L = num_layers or cfg.num_layers
+    d["num_hidden_layers"] = L
+    for k in ("compress_ratios", "layer_types"):
+        if isinstance(d.get(k), list):
+            d[k] = d[k][:L]
+    d["num_nextn_predict_layers"] = 0
+    hf_cfg = DeepseekV4Config(**d)
+    with torch.device(device):
+        m = DeepseekV4ForCausalLM._from_config(hf_cfg, torch_dtype=dtype)
+    return m.eval(), L
+
+
+@torch.no_grad()
+def transformers_rows(model: str, num_layers: int | None, device: str, dtype: torch.dtype, batch_sizes: list[int],
+                      input_len: int, output_len: int, seed: int = 0, progress: bool = True) -> list[dict]:
+    m, layers = transformers_model(model, num_layers, device, dtype)
+    V = m.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+
+    def timed(ids, n):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    for B in batch_sizes:
+        ids = torch.randint(0, V, (B, input_len), generator=g).to(device)
+        timed(ids, 2)  # warm-up
+        ttft = timed(ids, 1)
+        total = timed(ids, output_len)
+        tpot = (total - ttft) / max(1, output_len - 1)
+        rows.append({"engine": "transformers", "batch": B, "ttft_s": ttft, "tpot_ms": tpot * 1e3,
+                     "tpot_ms_per_layer": tpot * 1e3 / layers, "user_tok_s": 1 / tpot if tpot > 0 else float("nan"),
+                     "output_tok_s": B * output_len / total})
+        if progress:
+            print(format_row(rows[-1]), flush=True)
+    del m
+    return rows
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['engine']:>12}  batch {r['batch']:>4}  TTFT {r['ttft_s'] * 1e3:9.1f} ms  TPOT {r['tpot_ms']:8.2f} ms "
+            f"({r['tpot_ms_per_layer']:.3f} ms/layer)  {r['user_tok_s']:8.1f} tok/s/user  "
+            f"{r['output_tok_s']:9.1f} tok/s total")
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit(f"--plot {path}: matplotlib is not installed ({e}); the JSON has the numbers") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for eng in sorted({r["engine"] for r in rows}):
+        rs = sorted((r for r in rows if r["engine"] == eng), key=lambda r: r["batch"])
+        b = [r["batch"] for r in rs]
+        axes[0].plot(b, [r["tpot_ms_per_layer"] for r in rs], "o-", label=eng)
+        axes[1].plot(b, [r["output_tok_s"] for r in rs], "o-", label=eng)
+    for ax, yl in zip(axes, ("decode ms per layer (TPOT / layers)", "output tok/s (all users)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent requests (batch)")
+        ax.set_ylabel(yl)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)

@@ -10,7 +10,6 @@ from dsv4.config import CSA, HCA, SWA, ModelConfig
 from dsv4.model.compressor import Compressor, Indexer
 from dsv4.model.linear import Linear, RMSNorm
 from dsv4.model.options import ModelOptions
-from dsv4.numerics.fp8 import fp8_roundtrip
 from dsv4.ops.meta import ForwardMeta
 from dsv4.ops.rope import rope_inv_freq
 
@@ -47,6 +46,7 @@ class Attention(nn.Module):
         o = opts.ops
         self._norm, self._rope, self._attn, self._write = o.rms_norm, o.apply_rope, o.sparse_attention, o.write_window
         self._grouped = o.grouped_linear
+        self._fp8_rt = o.fp8_roundtrip
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
         T = x.shape[0]
@@ -57,7 +57,7 @@ class Attention(nn.Module):
         kv = self._rope(self.kv_norm(self.wkv(x)), pos, self.inv_freq)
         if self.official:
             nope = self.head_dim - self.rope_dim
-            kv = torch.cat([fp8_roundtrip(kv[:, :nope], 64, self.dialect), kv[:, nope:]], dim=-1)
+            kv = torch.cat([self._fp8_rt(kv[:, :nope], 64, self.dialect), kv[:, nope:]], dim=-1)
         topk_idx = None
         if self.compressor is not None:
             self.compressor(x, meta, lc.state, lc.prev, lc.pool, block_table)

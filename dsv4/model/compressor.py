@@ -8,7 +8,6 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.model.linear import Linear
 from dsv4.model.options import ModelOptions
-from dsv4.numerics.fp4 import fp4_roundtrip
 from dsv4.numerics.hadamard import hadamard_transform
 from dsv4.ops.meta import ForwardMeta
 
@@ -56,12 +55,13 @@ class Indexer(nn.Module):
         self.official = opts.official
         self._rope = opts.ops.apply_rope
         self._topk = opts.ops.indexer_topk
+        self._fp4_rt = opts.ops.fp4_roundtrip
 
     def forward(self, x, qr, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
         self.compressor(x, meta, lc.idx_state, lc.idx_prev, lc.idx_pool, block_table)
         q = self.wq_b(qr).view(x.shape[0], self.n_heads, self.head_dim)
         q = self._rope(q, meta.positions, self.inv_freq)
         if self.official:
-            q = fp4_roundtrip(hadamard_transform(q), 32)
+            q = self._fp4_rt(hadamard_transform(q), 32)
         w = self.weights_proj(x).float() * self.weight_scale
         return self._topk(q, w, lc.idx_pool, block_table, meta, self.ratio, self.topk)

@@ -99,8 +99,8 @@ def fp8_act_quant_triton(x: torch.Tensor, block: int = 128, dialect=Fp8Dialect.O
 
 @triton.jit
 def _rt_tile(x_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, G: tl.constexpr):
-    """The program's [G, BLOCK_P] tile: (fp32 values, x-side offsets, y-side offsets, mask); masked lanes
-    get offset 0 (no pointer past the logical bounds) and value 0."""
+    """The program's [G, BLOCK_P] tile of x as (fp32 values, offsets into the contiguous output, mask);
+    masked lanes get offset 0 (no pointer past the logical bounds) and value 0."""
     j = tl.program_id(0) * G + tl.arange(0, G)  # flattened (row, block) ids, < 2^31
     jv = j < NBT
     j = tl.minimum(j, NBT - 1)
@@ -116,6 +116,14 @@ def _rt_tile(x_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, 
 
 
 @triton.jit
+def _or_sign(r, v):
+    """fp32 r with v's sign bit OR-ed in (r >= 0 or already carrying v's sign), on the bits: Triton's unary
+    minus is 0 - x, which turns 0.0 into +0.0, not -0.0."""
+    vb = v.to(tl.int32, bitcast=True)
+    return (r.to(tl.int32, bitcast=True) | ((vb >> 31) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fp8_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
                           G: tl.constexpr, FNUZ: tl.constexpr, DEC_FNUZ: tl.constexpr):
     # DEC_FNUZ is FNUZ except in the test that proves the dialect flag matters (bytes read in the other
@@ -126,8 +134,8 @@ def _fp8_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLO
     qmax = fp8_quant_max(FNUZ)
     y = tl.minimum(tl.maximum(v * fp8_pow2(-e)[:, None], -qmax), qmax)
     r = fp8_decode(fp8_encode(y, FNUZ), DEC_FNUZ) * fp8_pow2(e)[:, None]
-    if not FNUZ:  # OCP keeps the sign of a value rounding to zero (0x80, -0.0); FNUZ has no -0
-        r = tl.where((r == 0.0) & (v.to(tl.int32, bitcast=True) < 0), -r, r)
+    if not FNUZ:  # OCP keeps the sign of a value rounding to zero (0x80 = -0.0); FNUZ has no -0
+        r = _or_sign(r, v)
     tl.store(y_ptr + yo, r.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -145,8 +153,7 @@ def _fp4_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLO
     m = ((a > 0.25).to(tl.float32) + (a >= 0.75).to(tl.float32) + (a > 1.25).to(tl.float32)
          + (a >= 1.75).to(tl.float32)) * 0.5
     m = m + (a > 2.5).to(tl.float32) + (a >= 3.5).to(tl.float32) + (a > 5.0).to(tl.float32) * 2.0
-    m = tl.where(v.to(tl.int32, bitcast=True) < 0, -m, m)  # x's sign bit, also on zeros (code 8 = -0)
-    r = m * fp8_pow2(e)[:, None]
+    r = _or_sign(m * fp8_pow2(e)[:, None], v)  # x's sign bit, also on zeros (code 8 = -0.0)
     tl.store(y_ptr + yo, r.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -176,18 +183,22 @@ def _rows_k(x: torch.Tensor):
     return x, rows, K, sx
 
 
-def _rt_launch(kernel, x: torch.Tensor, block: int, **flags) -> torch.Tensor:
+def _rt_launch(kernel, x: torch.Tensor, block: int, out: torch.Tensor | None = None, **flags) -> torch.Tensor:
+    """Launch a round-trip kernel; `out` (tests only: a larger sentinel-filled contiguous buffer whose first
+    x.numel() elements receive the result) defaults to a fresh tensor of x's shape and dtype."""
     if not x.is_floating_point():
         raise TypeError(f"round trip: x must be floating point, got {x.dtype}")
     block = int(block)
     if block <= 0:
         raise ValueError(f"block must be positive, got {block}")
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     xs, rows, K, sx = _rows_k(x)
     if rows == 0 or K == 0:
         return y
     nb = -(-K // block)
     nbt = rows * nb
+    if nbt >= 2**31:
+        raise ValueError(f"round trip: {nbt} blocks exceed the kernel's int32 block ids")
     block_p = triton.next_power_of_2(block)
     g = max(1, min(max(1, TILE_ELEMS // block_p), triton.next_power_of_2(triton.cdiv(nbt, RT_TARGET_PROGRAMS))))
     kernel[(triton.cdiv(nbt, g),)](xs, y, nbt, nb, K, sx, BLOCK=block, BLOCK_P=block_p, G=g, **flags,

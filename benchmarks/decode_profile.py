@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--op", action="append", default=[])
     ap.add_argument("--out", default=None)
     ap.add_argument("--engine", action="store_true", help="profile the whole engine (LLM.generate) instead")
+    ap.add_argument("--profile-graphs", action="store_true", help="with --graph-sweep: kernel table of replays")
     ap.add_argument("--graph-sweep", default="", help="comma-separated batch sizes: eager vs graph-replayed "
                     "decode step time at each (model only), instead of the profile")
     a = ap.parse_args()
@@ -179,6 +180,18 @@ def graph_sweep(a) -> None:
                "graph_ms_per_layer": sorted(tg)[len(tg) // 2] / a.layers, "max_abs_logit_diff": worst,
                "max_abs_logit_diff_same_bound": worst_b,
                "argmax_agree_frac": agree / (B * (n_steps + 2)), "graphs_captured": len(graphs.graphs)}
+        if a.profile_graphs:  # per-kernel GPU time inside the replayed graph
+            from torch.profiler import ProfilerActivity, profile
+
+            ids = torch.randint(0, lm.cfg.vocab_size, (B,), generator=g)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    graphs.run(ids, slots, [pos] * B)
+                    pos += 1
+                torch.cuda.synchronize()
+            ka = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+            row["kernels_ms_per_step"] = [(e.key[:70], round(e.device_time_total / 3e3, 4), e.count // 3) for e in ka[:25]]
+            row["gpu_ms_per_step"] = sum(e.self_device_time_total for e in ka) / 3e3
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
         del ce, cg, cb, graphs

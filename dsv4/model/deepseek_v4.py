@@ -74,7 +74,9 @@ class Transformer(nn.Module):
             Block(cfg, t, r, m, opts) for t, r, m in zip(cfg.layer_types, cfg.compress_ratios, cfg.mlp_layer_types))
         self.norm = RMSNorm(D, cfg.rms_norm_eps, opts)
         self.head = nn.Module()
-        self.head.register_buffer("weight", torch.empty(cfg.vocab_size, D, dtype=torch.float32))
+        # the checkpoint's head is BF16, so holding it in the activation dtype (bf16) is exact; logits stay fp32
+        # (lm_head op). The official code upcasts it to fp32: same values, twice the bytes read per step.
+        self.head.register_buffer("weight", torch.empty(cfg.vocab_size, D, dtype=opts.dtype))
         _hc_buffers(self, "hc_head", cfg.hc_mult, cfg.hc_mult * D, 1)
         self.mtp = nn.ModuleList(MTPBlock(cfg, opts) for _ in range(cfg.num_mtp_layers if with_mtp else 0))
         self._hc_head = opts.ops.hc_head

@@ -133,7 +133,8 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
 
         llm = LLM.from_config(dataclasses.replace(cfg, max_num_seqs=max(cfg.max_num_seqs, max(sizes))))
         dev = str(llm.engine.device)
-        rows += bl.dsv4_rows(llm, sizes, a.input_len, a.output_len, seed=a.seed or 0, progress=not a.json)
+        rows += bl.dsv4_rows(llm, sizes, a.input_len, a.output_len, seed=a.seed or 0, progress=not a.json,
+                             with_breakdown=a.breakdown)
         del llm
     else:
         dev = a.device or ("cuda" if torch_cuda() else "cpu")
@@ -256,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--engine", default="dsv4", choices=["dsv4", "transformers", "both"],
                     help="transformers: its DeepseekV4ForCausalLM with random bf16 weights on the same config")
     bl.add_argument("--plot", default=None, help="write a PNG of the sweep here (needs matplotlib)")
+    bl.add_argument("--breakdown", action="store_true",
+                    help="per-kernel (GPU) / per-op (CPU) time of one more pass at each batch size (torch.profiler)")
     bl.add_argument("--json", action="store_true", help="print the results as JSON")
     bl.set_defaults(fn=cmd_bench_latency)
 

@@ -15,20 +15,64 @@ from dsv4.bench.throughput import run_throughput
 ENGINES = ("dsv4", "transformers", "both")
 
 
+def weight_flops_per_token(model) -> float:
+    """Matrix FLOPs per token through the layers' weights (2 x in x out per linear, the top-k routed experts'
+    share of the expert GEMMs); attention scores, the LM head and MTP are not counted."""
+    from dsv4.model.linear import Linear
+    from dsv4.model.moe import Experts
+
+    cfg = model.cfg
+    total = 0.0
+    for name, m in model.layers.named_modules():
+        if isinstance(m, Linear):
+            total += 2.0 * m.in_features * m.out_features
+        elif isinstance(m, Experts):
+            total += 2.0 * cfg.num_experts_per_tok * 3 * cfg.moe_intermediate_size * cfg.hidden_size
+    return total
+
+
+def breakdown(fn, top: int = 15) -> list[dict]:
+    """Per-kernel (GPU) or per-op (CPU) time of fn() under torch.profiler: the `top` busiest, with shares."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if gpu:
+            torch.cuda.synchronize()
+    ev = prof.key_averages()
+    key = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
+    ev = [e for e in ev if key(e) > 0]
+    total = sum(key(e) for e in ev) or 1.0
+    return [{"name": e.key[:90], "calls": e.count, "ms": key(e) / 1e3, "share": key(e) / total}
+            for e in sorted(ev, key=lambda e: -key(e))[:top]]
+
+
 def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, with_breakdown: bool = False) -> list[dict]:
     layers = llm.engine.cfg.num_layers
+    fpt = weight_flops_per_token(llm.engine.lm.model)
     rows = []
     for B in batch_sizes:
         run_throughput(llm, B, input_len, output_len, seed=seed, progress=False)  # warm-up
         r = run_throughput(llm, B, input_len, output_len, seed=seed, progress=False)
         tpot = r["tpot_s"]["p50"]
-        rows.append({"engine": "dsv4", "batch": B, "ttft_s": r["ttft_s"]["p50"], "tpot_ms": tpot * 1e3,
+        ttft = r["ttft_s"]["p50"]
+        rows.append({"engine": "dsv4", "batch": B, "ttft_s": ttft, "tpot_ms": tpot * 1e3,
                      "tpot_ms_per_layer": tpot * 1e3 / layers, "user_tok_s": 1 / tpot if tpot else float("nan"),
                      "output_tok_s": r["output_tok_s"], "graph_steps": r["graph_steps"],
-                     "engine_steps": r["engine_steps"], "errors": r["errors"]})
+                     "engine_steps": r["engine_steps"], "errors": r["errors"],
+                     # prefill matrix rate: weight FLOPs of every prompt token over the run's median TTFT
+                     # (meaningful for batch 1, or when the whole batch is prefilled before the first token)
+                     "prefill_weight_tflops_s": fpt * input_len * B / ttft / 1e12 if ttft else float("nan")})
+        if with_breakdown:
+            rows[-1]["breakdown"] = breakdown(
+                lambda: run_throughput(llm, B, input_len, output_len, seed=seed, progress=False))
         if progress:
             print(format_row(rows[-1]), flush=True)
+            for k in rows[-1].get("breakdown", []):
+                print(f"      {k['ms']:10.3f} ms  {100 * k['share']:5.1f}%  x{k['calls']:<6} {k['name']}")
     return rows
 
 

@@ -212,10 +212,20 @@ def cmd_doctor(a: argparse.Namespace) -> int:
     from dsv4.ops.registry import parse_overrides, resolve
     from dsv4.platforms import detect
 
+    from dsv4.engine.cuda_graphs import capture_blockers
+
     p = detect(a.device)
     print(f"torch {torch.__version__}")
     print(f"platform: {p.describe()}")
-    print(resolve(p, parse_overrides(a.op)).report())
+    table = resolve(p, parse_overrides(a.op))
+    print(table.report())
+    blockers = capture_blockers(table)
+    if not p.supports_graphs:
+        print("decode graphs: no (the platform has no device graphs)")
+    elif blockers:
+        print(f"decode graphs: no (ops on providers that cannot be captured: {', '.join(blockers)})")
+    else:
+        print("decode graphs: yes")
     return 0
 
 

@@ -86,6 +86,7 @@ def test_doctor_lists_every_op(capsys):
     assert len(ops) >= 10
     for name in ops:
         assert name in first_words, name  # one row per op: name, chosen provider, why
+    assert "decode graphs: no (the platform has no device graphs)" in out
 
 
 def test_missing_model_folder(capsys, tmp_path):

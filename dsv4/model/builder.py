@@ -71,7 +71,7 @@ def resolve_model(model: str | Path) -> tuple[Path | None, ModelConfig]:
 def build_model(model: str | Path = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype = "bfloat16",
                 numerics: str = "official", load_format: str = "auto", op_overrides: dict | None = None,
                 seed: int = 0, num_layers: int | None = None, with_mtp: bool | None = None,
-                progress: bool = False) -> LoadedModel:
+                progress: bool = False, expert_map=None) -> LoadedModel:
     """Resolve `model`, pick the platform and the ops, construct the model on the device and fill it."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
@@ -80,7 +80,7 @@ def build_model(model: str | Path = DEFAULT_MODEL, device: str | None = None, dt
         cfg = cfg.replace(num_layers=num_layers)
     platform = detect(device)
     opts = ModelOptions(dtype=parse_dtype(dtype), numerics=numerics, fp8_dialect=platform.fp8_dialect,
-                        ops=resolve(platform, op_overrides), device=platform.torch_device)
+                        ops=resolve(platform, op_overrides), device=platform.torch_device, expert_map=expert_map)
     if load_format == "auto":
         load_format = "safetensors" if path is not None else "dummy"
     ckpt = None
@@ -102,7 +102,7 @@ def build_model(model: str | Path = DEFAULT_MODEL, device: str | None = None, dt
     with torch.device(platform.torch_device):
         net = Transformer(cfg, opts, with_mtp=bool(with_mtp))
     if ckpt is not None:
-        load_checkpoint(net, ckpt, progress=progress)
+        load_checkpoint(net, ckpt, progress=progress, expert_map=expert_map)
     else:
         fill_dummy(net, seed)
     net.eval()

@@ -10,8 +10,9 @@ tensor and the file; all problems of a checkpoint are reported together.
 
 from __future__ import annotations
 
+
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -158,7 +159,16 @@ def _fill(dst: torch.Tensor, src: torch.Tensor, sdtype: str, name: str, file: Pa
     return None
 
 
-def load_checkpoint(model: torch.nn.Module, ckpt: CheckpointIndex, progress: bool = False) -> None:
+def _is_expert_buffer(name: str) -> bool:
+    return name.endswith((".experts.w13", ".experts.w13_scale", ".experts.w2", ".experts.w2_scale"))
+
+
+def load_checkpoint(model: torch.nn.Module, ckpt: CheckpointIndex, progress: bool = False,
+                    expert_map=None) -> None:
+    """Fill the model's buffers from the checkpoint. `expert_map` (dsv4/ops/moe_dispatch.ExpertMap; None = all
+    experts local): routed-expert tensors of remote experts are not read at all, local ones land at their
+    local index (per-expert tensors), and stacked [E, ...] tensors (transformers' layout) are read and
+    their local rows kept."""
     persistent = model.state_dict(keep_vars=True)  # once: calling state_dict() per buffer was quadratic
     buffers = {n: b for n, b in model.named_buffers() if n in persistent}
     device = str(next(iter(buffers.values())).device)
@@ -167,12 +177,31 @@ def load_checkpoint(model: torch.nn.Module, ckpt: CheckpointIndex, progress: boo
     plan: dict[Path, list[tuple[str, Target]]] = {}
     present_but_bad: list[Target] = []  # reported for their shape / dtype, so not again as missing
     unexpected = []
+    local = None
+    if expert_map is not None and not expert_map.is_identity:
+        local = {g: i for i, g in enumerate(expert_map.local_ids)}
+    stacked_rows: dict[str, list[int]] = {}  # stacked expert tensors: the global rows this rank keeps
     for name, file in ckpt.files.items():
         t = target_of(name)
         if t.name not in buffers:
             unexpected.append(f"{name!r} ({file.name})")
             continue
         shape, sdtype = ckpt.shapes[name]
+        if local is not None and _is_expert_buffer(t.name):
+            if t.expert is not None:
+                if t.expert not in local:
+                    if not 0 <= t.expert < expert_map.num_global:
+                        problems.append(f"tensor {name!r} in {file}: expert {t.expert} out of range "
+                                        f"(model has {expert_map.num_global})")
+                    continue  # a remote expert: another rank reads it
+                t = replace(t, expert=local[t.expert])
+            else:
+                if not shape or shape[0] != expert_map.num_global:
+                    problems.append(f"tensor {name!r} in {file}: stacked experts {list(shape)}, expected "
+                                    f"{expert_map.num_global} rows")
+                    continue
+                stacked_rows[name] = list(expert_map.local_ids)
+                shape = [expert_map.num_local, *shape[1:]]
         region = _region(buffers[t.name], t) if t.expert is None or t.expert < buffers[t.name].shape[0] else None
         if region is None:
             problems.append(f"tensor {name!r} in {file}: expert {t.expert} out of range "
@@ -221,6 +250,8 @@ def load_checkpoint(model: torch.nn.Module, ckpt: CheckpointIndex, progress: boo
             for name, t in plan[file]:
                 try:
                     src = f.get_tensor(name)
+                    if name in stacked_rows:
+                        src = src[stacked_rows[name]]
                 except Exception as e:
                     raise CheckpointError(f"tensor {name!r} in {file}: cannot be read ({type(e).__name__}: {e})") from None
                 d = _fill(_region(buffers[t.name], t), src, ckpt.shapes[name][1], name, file, t.name.endswith("scale"))

@@ -71,16 +71,23 @@ def resolve_model(model: str | Path) -> tuple[Path | None, ModelConfig]:
 def build_model(model: str | Path = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype = "bfloat16",
                 numerics: str = "official", load_format: str = "auto", op_overrides: dict | None = None,
                 seed: int = 0, num_layers: int | None = None, with_mtp: bool | None = None,
-                progress: bool = False, expert_map=None) -> LoadedModel:
-    """Resolve `model`, pick the platform and the ops, construct the model on the device and fill it."""
+                progress: bool = False, expert_map=None, expert_parallel=None) -> LoadedModel:
+    """Resolve `model`, pick the platform and the ops, construct the model on the device and fill it.
+    `expert_parallel` (dsv4.parallel.ExpertParallel): hold and load only this rank's share of the routed experts
+    and exchange tokens with the other ranks in every MoE layer (implies its expert map)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     path, cfg = resolve_model(model)
     if num_layers is not None and num_layers != cfg.num_layers:
         cfg = cfg.replace(num_layers=num_layers)
     platform = detect(device)
+    if expert_parallel is not None:
+        if expert_map is not None:
+            raise ValueError("give expert_map or expert_parallel, not both")
+        expert_map = expert_parallel.expert_map(cfg.n_routed_experts)
     opts = ModelOptions(dtype=parse_dtype(dtype), numerics=numerics, fp8_dialect=platform.fp8_dialect,
-                        ops=resolve(platform, op_overrides), device=platform.torch_device, expert_map=expert_map)
+                        ops=resolve(platform, op_overrides), device=platform.torch_device, expert_map=expert_map,
+                        expert_parallel=expert_parallel)
     if load_format == "auto":
         load_format = "safetensors" if path is not None else "dummy"
     ckpt = None

@@ -27,6 +27,7 @@ map of local routed experts every MoE implementation reads (dsv4/ops/moe_dispatc
     ops: OpTable
     device: torch.device
     expert_map: ExpertMap | None = None  # which routed experts this rank holds; None = all (identity)
+    expert_parallel: object | None = None  # dsv4.parallel.ExpertParallel: exchange tokens with the other ranks
 
     def __post_init__(self):
         if self.numerics not in NUMERICS_MODES:

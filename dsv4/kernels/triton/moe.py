@@ -169,6 +169,17 @@ def _wdot(acc, a, w_ptr, s_ptr, wr, n_ok, k0, K, s_wn, s_sn, s_sk,
 
 
 @triton.jit
+def _a_even_odd(a_rows, ok, k0, K, DOT_DT: tl.constexpr, BK: tl.constexpr):
+    """The activation tile of columns k0 .. k0+BK split into even and odd columns (for the FP4 low / high
+    nibbles), rows masked by ok, columns by the logical K."""
+    ke = k0 + 2 * tl.arange(0, BK // 2)
+    am = ok[:, None] & (ke < K)[None, :]
+    a_e = tl.load(a_rows[:, None] + ke[None, :], mask=am, other=0.0).to(DOT_DT)
+    a_o = tl.load(a_rows[:, None] + (ke + 1)[None, :], mask=am, other=0.0).to(DOT_DT)
+    return a_e, a_o
+
+
+@triton.jit
 def _fp4_dot(acc, a_e, a_o, w_ptr, s_ptr, wr, n_ok, k0, K, s_wn, s_sn, s_sk,
              DOT_DT: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
     """acc += A_even W_lo + A_odd W_hi for FP4 rows wr of one expert (K columns k0 .. k0+BK): byte c of
@@ -310,10 +321,7 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, rw_ptr, h_ptr,
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
         if (W_FMT == 2) and (not SCALED):
-            ke = k0 + 2 * tl.arange(0, BK // 2)
-            am = ok[:, None] & (ke < D)[None, :]
-            a_e = tl.load(a_rows[:, None] + ke[None, :], mask=am, other=0.0).to(DOT_DT)
-            a_o = tl.load(a_rows[:, None] + (ke + 1)[None, :], mask=am, other=0.0).to(DOT_DT)
+            a_e, a_o = _a_even_odd(a_rows, ok, k0, D, DOT_DT, BK)
             acc_g = _fp4_dot(acc_g, a_e, a_o, w_e, s_e, n, n_ok, k0, D, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK, BN)
             acc_u = _fp4_dot(acc_u, a_e, a_o, w_e, s_e, n + I, n_ok, k0, D, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK,
                              BN)
@@ -362,10 +370,7 @@ def _moe_down_kernel(h_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, y_ptr,
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, I, BK):
         if (W_FMT == 2) and (not SCALED):
-            ke = k0 + 2 * tl.arange(0, BK // 2)
-            am = ok[:, None] & (ke < I)[None, :]
-            a_e = tl.load(a_rows[:, None] + ke[None, :], mask=am, other=0.0).to(DOT_DT)
-            a_o = tl.load(a_rows[:, None] + (ke + 1)[None, :], mask=am, other=0.0).to(DOT_DT)
+            a_e, a_o = _a_even_odd(a_rows, ok, k0, I, DOT_DT, BK)
             acc = _fp4_dot(acc, a_e, a_o, w_e, s_e, n, n_ok, k0, I, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK, BN)
         else:
             kk = k0 + tl.arange(0, BK)

@@ -2,7 +2,8 @@
 holding the attention and 1/N of the routed experts of DeepSeek-V4-Flash (dummy weights, all layers unless
 --layers), serving its own --batch sequences prefilled to --ctx tokens; eager decode steps in lockstep.
 Prints per-step time and output tok/s per GPU (dummy weights: a speed measurement; correctness of the
-exchange is the gloo test's, tests/parallel/).
+exchange is the gloo test's, tests/parallel/). `--graphs`: decode steps replay captured graphs, NCCL
+collectives included (every rank runs the same bucket).
 
     PYTHONPATH=. python3 benchmarks/ep_decode.py --gpus 2 --batch 64 --ctx 1024 --steps 8 --out $OUT/ep.json
 """
@@ -38,8 +39,13 @@ def rank_main(a, rank: int) -> None:
     build_s = time.time() - t0
     weights_gib = sum(b.numel() * b.element_size() for b in lm.model.buffers()) / 2**30
     B, L = a.batch, a.ctx
-    cache = ModelCache(lm.cfg, B, L + a.steps + 8, f"cuda:{rank}", torch.bfloat16)
+    cache = ModelCache(lm.cfg, B + 1, L + a.steps + 8, f"cuda:{rank}", torch.bfloat16)
     slots = [cache.allocate() for _ in range(B)]
+    graphs = None
+    if a.graphs:
+        from dsv4.engine.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(lm.model, cache, cache.allocate(), max_batch=B, batch_buckets=(B,), min_context=1024)
     g = torch.Generator().manual_seed(rank)
     t0 = time.time()
     with torch.no_grad():
@@ -56,13 +62,16 @@ def rank_main(a, rank: int) -> None:
             dist.barrier()
             torch.cuda.synchronize()
             t = time.perf_counter()
-            lm.model.logits(lm.model(ids, ForwardMeta.build(slots, [pos] * B, [1] * B, "cuda"), cache))
+            if graphs is not None:  # every rank has B sequences at the same position: the same bucket
+                graphs.run(ids.cpu(), slots, [pos] * B)
+            else:
+                lm.model.logits(lm.model(ids, ForwardMeta.build(slots, [pos] * B, [1] * B, "cuda"), cache))
             torch.cuda.synchronize()
             if k >= 2:
                 times.append((time.perf_counter() - t) * 1e3)
             pos += 1
     step = sorted(times)[len(times) // 2]
-    res = {"rank": rank, "gpus": a.gpus, "layers": lm.cfg.num_layers, "batch_per_gpu": B, "ctx": L,
+    res = {"rank": rank, "gpus": a.gpus, "graphs": a.graphs, "layers": lm.cfg.num_layers, "batch_per_gpu": B, "ctx": L,
            "local_experts": lm.opts.expert_map.num_local, "weights_gib": weights_gib, "build_s": build_s,
            "prefill_s": prefill_s, "step_ms": times, "step_ms_median": step,
            "output_tok_s_per_gpu": B / (step / 1e3), "tok_s_per_user": 1e3 / step,
@@ -70,7 +79,11 @@ def rank_main(a, rank: int) -> None:
     with open(os.path.join(a.outdir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     print(json.dumps(res), flush=True)
-    dist.destroy_process_group()
+    if graphs is None:
+        dist.destroy_process_group()
+    else:  # observed 2026-11-22 (torch 2.11, 2 x H200): teardown with NCCL calls captured in graphs hung
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def main() -> None:
@@ -82,6 +95,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--numerics", default="official")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--graphs", action="store_true", help="replay captured decode graphs (collectives inside)")
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rdv", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--outdir", default=None, help=argparse.SUPPRESS)
@@ -93,6 +107,8 @@ def main() -> None:
             "--steps", str(a.steps), "--numerics", a.numerics, "--rdv", os.path.join(tmp, "rdv"), "--outdir", tmp]
     if a.layers:
         args += ["--layers", str(a.layers)]
+    if a.graphs:
+        args += ["--graphs"]
     procs = [subprocess.Popen(args + ["--rank", str(r)]) for r in range(a.gpus)]
     rcs = [p.wait() for p in procs]
     rows = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(a.gpus)

@@ -137,7 +137,20 @@ class DecodeGraphs:
         self.seq_lens[B:].fill_(1)
         self.slots[B:].fill_(self.scratch)
 
+    def _uniform(self, on: bool) -> None:
+        """Expert parallelism: every rank runs the same bucket, so the token-count exchange is skipped."""
+        ep = getattr(self.model.opts, "expert_parallel", None)
+        if ep is not None:
+            ep.uniform_tokens = on
+
     def capture(self, Bb: int, C: int) -> None:
+        self._uniform(True)
+        try:
+            self._capture(Bb, C)
+        finally:
+            self._uniform(False)
+
+    def _capture(self, Bb: int, C: int) -> None:
         key = (Bb, C)
         self._pad_to_scratch(0)
         torch.cuda.synchronize(self.device)
@@ -158,11 +171,17 @@ class DecodeGraphs:
         log.info("captured decode graph: batch %d, context %d", Bb, C)
 
     # ---- one step -----------------------------------------------------------------------------------
-    def run(self, ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, slots: list[int], positions: list[int],
+            bucket: tuple[int, int] | None = None) -> torch.Tensor:
+        """`bucket`: the (batch, context) bucket to use, at least this step's own (expert-parallel ranks
+        pass the one they agreed on, so that all replay graphs with the same collectives)."""
         B = len(slots)
         meta = ForwardMeta.build(slots, positions, [1] * B, "cpu")  # host-side bookkeeping only
         self.cache.begin_step(meta)
-        key = self.bucket(B, max(positions) + 1)
+        own = self.bucket(B, max(positions) + 1)
+        key = own if bucket is None else tuple(bucket)
+        if key[0] < own[0] or key[1] < own[1] or key[0] not in self.batch_buckets or key[1] not in self.ctx_buckets:
+            raise ValueError(f"bucket {key} cannot hold this step (needs at least {own})")
         if self.use_capture and key not in self.graphs:
             # capturing runs the model on scratch rows only; the real step below replays the new graph
             self.capture(*key)
@@ -186,5 +205,9 @@ class DecodeGraphs:
         if self.use_capture:
             self.graphs[key].replay()
         else:
-            self.logits[:key[0]].copy_(self._forward(*key, frozen=True))
+            self._uniform(True)
+            try:
+                self.logits[:key[0]].copy_(self._forward(*key, frozen=True))
+            finally:
+                self._uniform(False)
         return self.logits[:B]

@@ -13,6 +13,10 @@ layer the ranks exchange tokens:
 
 The router runs before the exchange, on the rank's own tokens (hash routing needs its token ids). Ranks
 must call every MoE layer in lockstep (a rank with no tokens still takes part, with a count of 0).
+
+`uniform_tokens` (set by whoever runs the step, e.g. decode graphs whose ranks agreed on one batch bucket):
+every rank presents the same token count, so the count exchange (a host sync) is skipped and the step can
+be captured in a device graph with its collectives.
 Tokens / weights move as float32 / int64 so the exchange itself rounds nothing.
 """
 
@@ -36,6 +40,7 @@ class ExpertParallel:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
+        self.uniform_tokens = False  # see the module docstring
 
     def expert_map(self, num_experts: int) -> ExpertMap:
         """This rank's share of the routed experts (contiguous ranges, sizes differing by at most one)."""
@@ -51,14 +56,19 @@ class ExpertParallel:
         """The routed-expert output [T, D] float32 of this rank's T tokens, summed over every rank's experts.
         `local_experts(x, ids, weights)` computes this rank's experts' contribution for any tokens."""
         T, D = x.shape
-        n = torch.tensor([T], dtype=torch.int64, device=x.device)
-        sizes = self._all_gather(n).tolist()  # host: the padded size sets the buffers' shapes
-        tmax = max(sizes)
+        if self.uniform_tokens:
+            tmax = T
+        else:
+            n = torch.tensor([T], dtype=torch.int64, device=x.device)
+            tmax = max(self._all_gather(n).tolist())  # host: the padded size sets the buffers' shapes
         k = ids.shape[1]
-        xp = torch.zeros(tmax, D, dtype=x.dtype, device=x.device)
-        ip = torch.zeros(tmax, k, dtype=torch.int64, device=x.device)
-        wp = torch.zeros(tmax, k, dtype=torch.float32, device=x.device)
-        xp[:T], ip[:T], wp[:T] = x, ids, weights.float()
+        if tmax == T:
+            xp, ip, wp = x, ids.long(), weights.float()
+        else:
+            xp = torch.zeros(tmax, D, dtype=x.dtype, device=x.device)
+            ip = torch.zeros(tmax, k, dtype=torch.int64, device=x.device)
+            wp = torch.zeros(tmax, k, dtype=torch.float32, device=x.device)
+            xp[:T], ip[:T], wp[:T] = x, ids, weights.float()
         xa, ia, wa = self._all_gather(xp), self._all_gather(ip), self._all_gather(wp)
         y = local_experts(xa, ia, wa).float()  # [world * tmax, D]: this rank's experts over every token
         if self.backend == "nccl":

@@ -169,6 +169,20 @@ def _wdot(acc, a, w_ptr, s_ptr, wr, n_ok, k0, K, s_wn, s_sn, s_sk,
 
 
 @triton.jit
+def _block_rows(bexp_ptr, slots_ptr, n_tiles, max_rows, N, BM: tl.constexpr):
+    """This program's N tile, expert (-1: unused block, exit), dispatch rows, their (token, slot) pair index
+    (0 where invalid) and validity: 0 <= slot < N, the LOGICAL bound, never the padded buffer's."""
+    pid = tl.program_id(0)
+    pid_n = pid % n_tiles
+    b = pid // n_tiles
+    e = tl.load(bexp_ptr + b)
+    rows = b * BM + tl.arange(0, BM)
+    slot = tl.load(slots_ptr + rows, mask=rows < max_rows, other=-1)
+    ok = (slot >= 0) & (slot < N)
+    return pid_n, e, rows, tl.where(ok, slot, 0), ok
+
+
+@triton.jit
 def _a_even_odd(a_rows, ok, k0, K, DOT_DT: tl.constexpr, BK: tl.constexpr):
     """The activation tile of columns k0 .. k0+BK split into even and odd columns (for the FP4 low / high
     nibbles), rows masked by ok, columns by the logical K."""
@@ -300,16 +314,9 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, rw_ptr, h_ptr,
                         VAL_DT: tl.constexpr, VAL_RNE: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
                         OUT_DT: tl.constexpr, OUT_RNE: tl.constexpr, HQ: tl.constexpr, FNUZ: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GW: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_n = pid % n_tiles
-    b = pid // n_tiles
-    e = tl.load(bexp_ptr + b)
+    pid_n, e, rows, slot, ok = _block_rows(bexp_ptr, slots_ptr, n_tiles, max_rows, N, BM)
     if e < 0:
         return
-    rows = b * BM + tl.arange(0, BM)
-    slot = tl.load(slots_ptr + rows, mask=rows < max_rows, other=-1)
-    ok = (slot >= 0) & (slot < N)
-    slot = tl.where(ok, slot, 0)
     tok = slot // KTOP
     rw = tl.load(rw_ptr + slot, mask=ok, other=0.0).to(tl.float32)
     n = pid_n * BN + tl.arange(0, BN)
@@ -352,16 +359,9 @@ def _moe_down_kernel(h_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, y_ptr,
                      VAL_DT: tl.constexpr, VAL_RNE: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
                      OUT_DT: tl.constexpr, OUT_RNE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_n = pid % n_tiles
-    b = pid // n_tiles
-    e = tl.load(bexp_ptr + b)
+    pid_n, e, rows, slot, ok = _block_rows(bexp_ptr, slots_ptr, n_tiles, max_rows, N, BM)
     if e < 0:
         return
-    rows = b * BM + tl.arange(0, BM)
-    slot = tl.load(slots_ptr + rows, mask=rows < max_rows, other=-1)
-    ok = (slot >= 0) & (slot < N)
-    slot = tl.where(ok, slot, 0)
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < D
     w_e = w_ptr + e.to(tl.int64) * s_we

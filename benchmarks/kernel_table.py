@@ -47,7 +47,7 @@ def main() -> None:
         ok = [r for r in rs if r[4] == r[4]]
         fig, ax = plt.subplots(figsize=(10, 0.22 * len(ok) + 1))
         colors = {"attention": "C0", "indexer": "C1", "compressor": "C2", "norm": "C3", "rope": "C4",
-                  "hyper_connection": "C5", "quant": "C6", "gemm": "C8", "moe": "C9"}
+                  "hyper_connection": "C5", "quant": "C6", "gemm": "C8", "moe": "C9", "router": "C9"}
         ax.barh(range(len(ok)), [r[4] for r in ok], color=[colors.get(r[0], "C7") for r in ok])
         ax.set_yticks(range(len(ok)), [r[1] for r in ok], fontsize=6)
         ax.invert_yaxis()

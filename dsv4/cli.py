@@ -137,7 +137,9 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
                              with_breakdown=a.breakdown)
         del llm
     else:
-        dev = a.device or ("cuda" if torch_cuda() else "cpu")
+        from dsv4.platforms import detect
+
+        dev = str(detect(a.device).torch_device)
     if a.engine in ("transformers", "both"):
         rows += bl.transformers_rows(a.model, a.num_layers, dev, parse_dtype(a.dtype), sizes, a.input_len,
                                      a.output_len, seed=a.seed or 0, progress=not a.json)
@@ -149,12 +151,6 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(res))
     return 0
-
-
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def cmd_serve(a: argparse.Namespace) -> int:

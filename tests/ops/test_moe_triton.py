@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 from dsv4.kernels.triton import moe as km  # noqa: E402
+from dsv4.kernels.triton import router as kr  # noqa: E402
 from dsv4.numerics.fp4 import quantize_fp4_blocks  # noqa: E402
 from dsv4.numerics.fp8 import Fp8Dialect, ocp_to_fnuz, quantize_fp8_blocks  # noqa: E402
 from dsv4.ops.linear import linear_reference  # noqa: E402
@@ -449,7 +450,7 @@ def test_route_learned(func, use_bias, norm, T, E, D, k):
     T 1 with D 200: split-K logits (4 partial sums); T 21 / 70: several token tiles."""
     x, gw, bias, _, _ = route_inputs(T, E, D, seed=40 + T)
     b = bias if use_bias else None
-    w, i = km.moe_route_triton(x, gw, b, None, None, k, func, norm, 2.5)
+    w, i = kr.moe_route_triton(x, gw, b, None, None, k, func, norm, 2.5)
     ww, wi = moe_route_reference(x, gw, b, None, None, k, func, norm, 2.5)
     assert i.dtype == torch.int64 and w.dtype == torch.float32 and i.shape == (T, k)
     assert torch.equal(i, wi)
@@ -459,7 +460,7 @@ def test_route_learned(func, use_bias, norm, T, E, D, k):
 @pytest.mark.parametrize("func", ["sqrtsoftplus", "softmax"])
 def test_route_hash(func):
     x, gw, _, tid2eid, input_ids = route_inputs(21, 16, 48, seed=50)
-    w, i = km.moe_route_triton(x, gw, None, tid2eid, input_ids, 6, func, True, 1.5)
+    w, i = kr.moe_route_triton(x, gw, None, tid2eid, input_ids, 6, func, True, 1.5)
     ww, wi = moe_route_reference(x, gw, None, tid2eid, input_ids, 6, func, True, 1.5)
     assert torch.equal(i, wi)
     torch.testing.assert_close(w, ww, atol=1e-6, rtol=1e-5)
@@ -475,18 +476,18 @@ def test_route_extreme_logits():
     gw[:, 0] = torch.linspace(-40, 40, E)
     tid2eid = torch.stack([torch.arange(0, 6), torch.arange(10, 16)])
     ids_in = torch.tensor([0, 1, 0, 1])
-    w, i = km.moe_route_triton(x, gw, None, tid2eid, ids_in, 6, "sqrtsoftplus", False, 1.0)
+    w, i = kr.moe_route_triton(x, gw, None, tid2eid, ids_in, 6, "sqrtsoftplus", False, 1.0)
     ww, wi = moe_route_reference(x, gw, None, tid2eid, ids_in, 6, "sqrtsoftplus", False, 1.0)
     assert torch.equal(i, wi)
     torch.testing.assert_close(w, ww, atol=0, rtol=1e-5)
-    w2, i2 = km.moe_route_triton(x, gw, None, None, None, 3, "sqrtsoftplus", True, 1.0)
+    w2, i2 = kr.moe_route_triton(x, gw, None, None, None, 3, "sqrtsoftplus", True, 1.0)
     assert (i2 == torch.tensor([15, 14, 13])).all()
 
 
 def test_route_bf16_input():
     x, gw, bias, _, _ = route_inputs(9, 16, 64, seed=51)
     xb = x.to(torch.bfloat16)
-    w, i = km.moe_route_triton(xb, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
+    w, i = kr.moe_route_triton(xb, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
     ww, wi = moe_route_reference(xb, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
     assert torch.equal(i, wi)
     torch.testing.assert_close(w, ww, atol=1e-6, rtol=1e-5)
@@ -496,7 +497,7 @@ def test_route_bf16_input():
 
 
 def test_gpu_check_cases_listed_and_runnable():
-    cases = km.gpu_check_cases()
+    cases = km.gpu_check_cases() + kr.gpu_check_cases()
     names = [n for n, _ in cases]
     assert len(names) == len(set(names)) and all(callable(f) for _, f in cases)
     for T in km.GPU_TOKENS:
@@ -505,5 +506,5 @@ def test_gpu_check_cases_listed_and_runnable():
     # the check code itself, at tiny shapes on the CPU (no timing)
     r = km.experts_case(9, True, D=64, I=32, E=16, k=4, device="cpu", bench=False)()
     assert r["max_rel_err"] < 1e-5 and r["unique_experts"] > 1 and r["flops"] == 2 * 9 * 4 * 3 * 32 * 64
-    r = km.route_case(5, D=64, E=16, k=4, device="cpu", bench=False)()
+    r = kr.route_case(5, D=64, E=16, k=4, device="cpu", bench=False)()
     assert r["ids_match_frac"] == 1.0 and r["max_rel_err"] < 1e-5

@@ -14,13 +14,13 @@ split count come from argument shapes and the host mirrors of ForwardMeta) and a
 
 from __future__ import annotations
 
-from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max, register
+from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
+                                        register, sm_count)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.attention import sparse_attention as sparse_attention_op
 from dsv4.ops.attention import write_window_op
@@ -324,14 +324,8 @@ def _store_args(store, D: int):
     return [store, store.stride(0), store.stride(1)] * 3, False, False, D
 
 
-@lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _auto_splits(device: torch.device, progs: int, max_keys: int) -> int:
-    n_sm = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    n_sm = sm_count(device) or 4
     if progs >= n_sm:
         return 1
     want = triton.cdiv(2 * n_sm, progs)

@@ -8,6 +8,10 @@ value = (-1)^s * (e == 0 ? m : 8 + m) * 2^(max(e, 1) - bias - 3)
 
 from __future__ import annotations
 
+import functools
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -23,6 +27,23 @@ def triton_supported(platform: Platform) -> str | None:
 
 def register(op, fn, priority: int = 100) -> None:
     op.register("triton", fn, supported=triton_supported, priority=priority, interpretable=True)
+
+
+def interpreting(device: torch.device | None = None) -> bool:
+    """Kernels run in the Triton interpreter: TRITON_INTERPRET is set (tests), or `device` is the CPU."""
+    return (device is not None and device.type == "cpu") or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int | None:
+    """SMs / CUs of a CUDA (or ROCm) device; None elsewhere (each wrapper picks its interpreter stand-in)."""
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit

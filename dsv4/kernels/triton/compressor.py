@@ -68,6 +68,17 @@ def _round_to(x, KIND: tl.constexpr):
 
 
 @triton.jit
+def _online_update(M, L, A, z, v):
+    """One chunk [rows, C] of scores z / values v into a per-channel online softmax (max M, sum L, weighted
+    sum A); -inf safe: a series may see no row in a chunk."""
+    mn = tl.maximum(M, tl.reduce(z, 0, _MAX))
+    ms = tl.where(mn == float("-inf"), 0.0, mn)
+    al = tl.exp(M - ms)
+    e = tl.exp(z - ms[None, :])
+    return mn, L * al + tl.reduce(e, 0, _SUM), A * al + tl.reduce(e * v, 0, _SUM)
+
+
+@triton.jit
 def _locate(g, ss_ptr, sl_ptr, B, m, DECODE: tl.constexpr, BLOCK_B: tl.constexpr):
     """Touched window g -> (sequence b, window index j within the sequence's touched windows, total)."""
     if DECODE:
@@ -232,13 +243,7 @@ def _pool_kernel(
             z = tl.load(sc_ptr + t[:, None] * s_sc + cho[None, :], mask=om, other=float("-inf")).to(tl.float32)
             z += tl.load(ape_ptr + jj[:, None] * s_ape + cho[None, :], mask=om, other=0.0).to(tl.float32)
             v = tl.load(kv_ptr + t[:, None] * s_kv + cho[None, :], mask=om, other=0.0).to(tl.float32)
-            mn = tl.maximum(M, tl.reduce(z, 0, _MAX))
-            ms = tl.where(mn == float("-inf"), 0.0, mn)
-            al = tl.exp(M - ms)
-            e = tl.exp(z - ms[None, :])
-            L = L * al + tl.reduce(e, 0, _SUM)
-            A = A * al + tl.reduce(e * v, 0, _SUM)
-            M = mn
+            M, L, A = _online_update(M, L, A, z, v)
             if OVERLAP:
                 pv = tm & (pos < w0)
                 am = ((pv | (own & need_aw))[:, None]) & cm[None, :]
@@ -246,21 +251,9 @@ def _pool_kernel(
                 za += tl.load(ape_ptr + jj[:, None] * s_ape + ch[None, :], mask=am, other=0.0).to(tl.float32)
                 va = tl.load(kv_ptr + t[:, None] * s_kv + ch[None, :], mask=am, other=0.0).to(tl.float32)
                 zw = tl.where(own[:, None], za, float("-inf"))
-                mn = tl.maximum(MW, tl.reduce(zw, 0, _MAX))
-                ms = tl.where(mn == float("-inf"), 0.0, mn)
-                al = tl.exp(MW - ms)
-                e = tl.exp(zw - ms[None, :])
-                LW = LW * al + tl.reduce(e, 0, _SUM)
-                AW = AW * al + tl.reduce(e * va, 0, _SUM)
-                MW = mn
+                MW, LW, AW = _online_update(MW, LW, AW, zw, va)
                 zp = tl.where(pv[:, None], za, float("-inf"))
-                mn = tl.maximum(MP, tl.reduce(zp, 0, _MAX))
-                ms = tl.where(mn == float("-inf"), 0.0, mn)
-                al = tl.exp(MP - ms)
-                e = tl.exp(zp - ms[None, :])
-                LP = LP * al + tl.reduce(e, 0, _SUM)
-                AP = AP * al + tl.reduce(e * va, 0, _SUM)
-                MP = mn
+                MP, LP, AP = _online_update(MP, LP, AP, zp, va)
         if OVERLAP:
             mx = tl.maximum(MP, M)
             mx = tl.where(mx == float("-inf"), 0.0, mx)

@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_decode, fp8_pow2, register
+from dsv4.kernels.triton.common import fp8_decode, fp8_pow2, interpreting, register
 from dsv4.kernels.triton.quant import TILE_ELEMS, _act_quant_kernel, fp8_act_quant_triton
 from dsv4.numerics.fp8 import Fp8Dialect, dequantize_fp8_blocks
 from dsv4.ops.linear import grouped_linear as grouped_linear_op
@@ -74,10 +73,6 @@ def _device_facts(device_type: str, index: int | None) -> tuple[int, int, bool]:
 
 def _facts(device: torch.device) -> tuple[int, int, bool]:
     return _device_facts(device.type, device.index)
-
-
-def _interpreting(device: torch.device) -> bool:
-    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -379,7 +374,7 @@ def linear_impl(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Diale
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     dev = x.device
-    interp = _interpreting(dev)
+    interp = interpreting(dev)
     out_dtype = torch.float32 if interp else x.dtype  # interpreter: the final rounding is torch's (RNE)
     out = torch.empty((M, N), dtype=out_dtype, device=dev)
     if M == 0 or N == 0:
@@ -431,7 +426,7 @@ def grouped_linear_impl(x, weight, scale=None, *, block_m=None, block_n=None, sp
     wbytes = weight.view(torch.uint8)
     sb = _check_weight(wbytes, scale, N, Kg, fmt, "grouped_linear")
     dev = x.device
-    interp = _interpreting(dev)
+    interp = interpreting(dev)
     out = torch.empty((M, G, R), dtype=torch.float32 if interp else x.dtype, device=dev)
     if M == 0 or R == 0:
         return out.to(x.dtype)

@@ -14,14 +14,13 @@ the second read is the practical floor here (bytes = 2 X + u + fn; see gpu_check
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import register
-from dsv4.kernels.triton.norm import bench_ms, bf16_rne_bits, cast_out, interpreting, roofline
+from dsv4.kernels.triton.common import interpreting, register, sm_count
+from dsv4.kernels.triton.norm import bench_ms, bf16_rne_bits, cast_out, roofline
 from dsv4.ops.hyper_connection import hc_head as hc_head_op
 from dsv4.ops.hyper_connection import hc_head_reference, hc_post_reference, hc_pre_reference
 from dsv4.ops.hyper_connection import hc_post as hc_post_op
@@ -169,15 +168,9 @@ def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, D, sf_t, sx_t, sx
 # ----------------------------------------------------------------------------- wrappers
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # interpreter: exercise the K split in tests without many programs
+    n = sm_count(device)
+    return 2 * n if n else 4  # interpreter: exercise the K split in tests without many programs
 
 
 def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:

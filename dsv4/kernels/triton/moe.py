@@ -1,5 +1,5 @@
-"""Triton MoE (dsv4/ops/moe.py): the fused router (`moe_route`) and the routed experts (`moe_experts`:
-on-device dispatch, grouped gate-up GEMM with SwiGLU fused, grouped down GEMM, deterministic combine).
+"""Triton MoE experts (dsv4/ops/moe.py `moe_experts`: on-device dispatch, grouped gate-up GEMM with SwiGLU
+fused, grouped down GEMM, deterministic combine). The router (`moe_route`) is in router.py.
 
 moe_experts pipeline (every size from T, k, num_local and the tile choice: no host syncs, graph-capturable):
   1. dispatch (dsv4/ops/moe_dispatch.py layout): zero the per-expert counters (one memset), then
@@ -50,19 +50,16 @@ Tile regimes (rows per hit expert r = T k / min(num_local, T k)):
 from __future__ import annotations
 
 import functools
-import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
-                                        register)
+                                        interpreting, register)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.ops.moe import moe_experts as moe_experts_op
-from dsv4.ops.moe import moe_route as moe_route_op
 from dsv4.ops.moe_dispatch import ExpertMap, dispatch_sizes
 
 QB = 128  # FP8 activation quantisation block (channels) and FP8 weight block
@@ -73,20 +70,6 @@ CHECK_IDS = True  # device-side assert (torch._assert_async) that every expert i
 # ROCm until measured there (the register decode is the portable path).
 FP4_SCALED_DOT = True
 
-_SCORE = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
-
-
-def _interpreting(device: torch.device) -> bool:
-    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_type: str, index: int | None) -> int:
-    """SMs / CUs of the device; 132 (an H100 / H200) for the CPU so the interpreter takes the same paths."""
-    if device_type != "cuda":
-        return 132
-    idx = torch.cuda.current_device() if index is None else index
-    return torch.cuda.get_device_properties(idx).multi_processor_count
 
 
 # ============================================================================= shared jit helpers
@@ -403,152 +386,6 @@ def _moe_combine_kernel(y_ptr, ids_ptr, g2l_ptr, out_ptr, T, D, E_glob, s_y, s_o
     tl.store(out_ptr + t.to(tl.int64)[:, None] * s_o + d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
 
 
-# ============================================================================= router kernels
-
-
-# Logits: grid = (cdiv(T, BT) * cdiv(E, BE), S). Program (tile, s) computes x[t-tile] . W_g[e-tile]^T over
-# its share of D in IEEE fp32 (the reference is an fp32 matmul) and stores the partial to ws[s]. Decode
-# (T small) splits D so that ~2 programs per SM stream the 4 MB gate weight (the HBM floor); prefill uses
-# S = 1 (FMA-bound fp32: 2 T E D FLOPs).
-@triton.jit
-def _router_logits_kernel(x_ptr, w_ptr, p_ptr, T, E, D, s_x, s_w, n_e_tiles, KT_PER,
-                          BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
-    pid = tl.program_id(0)
-    s = tl.program_id(1)
-    t = (pid // n_e_tiles) * BT + tl.arange(0, BT)
-    e = (pid % n_e_tiles) * BE + tl.arange(0, BE)
-    t_ok = t < T
-    e_ok = e < E
-    acc = tl.zeros((BT, BE), dtype=tl.float32)
-    kt0 = s * KT_PER
-    kt1 = tl.minimum(kt0 + KT_PER, tl.cdiv(D, BK))
-    for kt in range(kt0, kt1):
-        kk = kt * BK + tl.arange(0, BK)
-        k_ok = kk < D
-        a = tl.load(x_ptr + t.to(tl.int64)[:, None] * s_x + kk[None, :], mask=t_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + e.to(tl.int64)[None, :] * s_w + kk[:, None], mask=k_ok[:, None] & e_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc = tl.dot(a, w, acc=acc, input_precision="ieee")
-    tl.store(p_ptr + s.to(tl.int64) * T * E + t.to(tl.int64)[:, None] * E + e[None, :], acc,
-             mask=t_ok[:, None] & e_ok[None, :])
-
-
-@triton.jit
-def _log1p(y):
-    """log(1 + y) for y in [0, 1], accurate for tiny y (u - 1 is exact, so log(u) y / (u - 1) corrects it)."""
-    u = 1.0 + y
-    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
-
-
-# Selection: grid = cdiv(T, BT). Sums the S partials in order, scores (fp32), then either the hash row
-# tid2eid[input_ids[t]] or top-k of scores + bias by k rounds of argmax (ties to the lower id), gathers
-# the unbiased scores, normalises over the k chosen and scales. [BT, EP] in registers; tiny.
-@triton.jit
-def _router_select_kernel(p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_out, T, E, s_tid, scaling,
-                          KTOP: tl.constexpr, KP: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HASH: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr):
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    e = tl.arange(0, EP)
-    t_ok = t < T
-    e_ok = e < E
-    m2 = t_ok[:, None] & e_ok[None, :]
-    lg = tl.zeros((BT, EP), dtype=tl.float32)
-    for s in range(0, S):
-        lg += tl.load(p_ptr + s * s_ps + t.to(tl.int64)[:, None] * E + e[None, :], mask=m2, other=0.0)
-    if SCORE == 0:  # sqrt(softplus), softplus as torch: x beyond 20 is kept
-        sp = tl.where(lg > 20.0, lg, tl.maximum(lg, 0.0) + _log1p(tl.exp(-tl.abs(lg))))
-        sc = tl.sqrt_rn(sp)
-    elif SCORE == 1:
-        sc = tl.sigmoid(lg)
-    else:
-        lgm = tl.where(e_ok[None, :], lg, float("-inf"))
-        ex = tl.exp(lgm - tl.max(lgm, axis=1)[:, None])
-        sc = ex / tl.sum(ex, axis=1)[:, None]
-    sc = tl.where(e_ok[None, :], sc, 0.0)
-    col = tl.arange(0, KP)
-    wt = tl.zeros((BT, KP), dtype=tl.float32)
-    it = tl.zeros((BT, KP), dtype=tl.int64)
-    if HASH:
-        tok = tl.load(inid_ptr + t, mask=t_ok, other=0).to(tl.int64)
-        for j in tl.static_range(KTOP):
-            idj = tl.load(tid_ptr + tok * s_tid + j, mask=t_ok, other=0).to(tl.int64)
-            wj = tl.sum(tl.where(e[None, :] == idj[:, None], sc, 0.0), axis=1)
-            wt = tl.where(col[None, :] == j, wj[:, None], wt)
-            it = tl.where(col[None, :] == j, idj[:, None], it)
-    else:
-        sel = sc
-        if HAS_BIAS:
-            sel = sel + tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
-        sel = tl.where(e_ok[None, :], sel, float("-inf"))
-        for j in tl.static_range(KTOP):
-            m = tl.argmax(sel, axis=1, tie_break_left=True)
-            hit = e[None, :] == m[:, None]
-            wj = tl.sum(tl.where(hit, sc, 0.0), axis=1)
-            wt = tl.where(col[None, :] == j, wj[:, None], wt)
-            it = tl.where(col[None, :] == j, m.to(tl.int64)[:, None], it)
-            sel = tl.where(hit, float("-inf"), sel)
-    if NORM:
-        wt = wt / tl.sum(wt, axis=1)[:, None]
-    wt = wt * scaling
-    om = t_ok[:, None] & (col < KTOP)[None, :]
-    off = t.to(tl.int64)[:, None] * KTOP + col[None, :]
-    tl.store(w_out + off, wt, mask=om)
-    tl.store(i_out + off, it, mask=om)
-
-
-# ============================================================================= host side: router
-
-
-def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score_func: str, norm_topk_prob: bool,
-                     scaling: float):
-    if score_func not in _SCORE:
-        raise ValueError(f"unknown scoring_func {score_func!r}")
-    if x.dim() != 2 or gate_weight.dim() != 2 or gate_weight.shape[1] != x.shape[1]:
-        raise ValueError(f"moe_route: x {tuple(x.shape)} and gate weight {tuple(gate_weight.shape)} do not match")
-    T, D = x.shape
-    E = gate_weight.shape[0]
-    hashed = tid2eid is not None
-    k = int(tid2eid.shape[1]) if hashed else int(top_k)
-    if not hashed and k > E:
-        raise ValueError(f"moe_route: top_k {k} > {E} experts")
-    dev = x.device
-    w_out = torch.empty((T, k), dtype=torch.float32, device=dev)
-    i_out = torch.empty((T, k), dtype=torch.int64, device=dev)
-    if T == 0 or k == 0:
-        return w_out, i_out
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    gw = gate_weight if gate_weight.stride(1) == 1 else gate_weight.contiguous()
-    # logits (split over D when there are few tiles, so the gate weight streams at the HBM rate)
-    bt = 16 if T <= 16 else (32 if T <= 64 else 64)
-    be = min(64, max(16, triton.next_power_of_2(E)))
-    bk = min(64, max(16, triton.next_power_of_2(D)))
-    n_e = triton.cdiv(E, be)
-    tiles = triton.cdiv(T, bt) * n_e
-    nkt = triton.cdiv(D, bk)
-    split = min(nkt, max(1, triton.cdiv(2 * _num_sms(dev.type, dev.index), tiles)))
-    kt_per = triton.cdiv(nkt, split)
-    split = triton.cdiv(nkt, kt_per)
-    part = torch.empty((split, T, E), dtype=torch.float32, device=dev)
-    _router_logits_kernel[(tiles, split)](x, gw, part, T, E, D, x.stride(0), gw.stride(0), n_e, kt_per,
-                                          BT=bt, BE=be, BK=bk, num_warps=4, num_stages=3)
-    ep = max(16, triton.next_power_of_2(E))
-    bt2 = max(1, min(16, 4096 // ep))
-    if hashed:
-        tid = tid2eid if tid2eid.stride(1) == 1 else tid2eid.contiguous()
-        inid = input_ids.reshape(-1)
-        s_tid = tid.stride(0)
-    else:
-        tid, inid, s_tid = i_out, i_out, 0
-    b_arg = bias if bias is not None else w_out
-    _router_select_kernel[(triton.cdiv(T, bt2),)](
-        part, split, part.stride(0), b_arg, tid, inid, w_out, i_out, T, E, s_tid, float(scaling),
-        KTOP=k, KP=max(2, triton.next_power_of_2(k)), SCORE=_SCORE[score_func], HAS_BIAS=bias is not None and not hashed,
-        HASH=hashed, NORM=bool(norm_topk_prob), BT=bt2, EP=ep, num_warps=4)
-    return w_out, i_out
-
-
 # ============================================================================= host side: dispatch
 
 
@@ -680,7 +517,7 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
         x = x.contiguous()
     ids_c = ids.contiguous()
     rw = weights.contiguous()
-    interp = _interpreting(dev)
+    interp = interpreting(dev)
     xdt = x.dtype
 
     def dot_cfg(fmt, wdtype):
@@ -761,7 +598,6 @@ def moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_lim
 
 FLASH = dict(D=4096, I=2048, E=256, k=6)
 GPU_TOKENS = (1, 8, 64, 256, 1024, 8192)
-FP32_FMA_FLOPS = 67e12  # H200 fp32 non-tensor rate: the router's IEEE fp32 logits
 
 
 @functools.lru_cache(maxsize=2)
@@ -831,53 +667,12 @@ def experts_case(T: int, act_quant: bool, *, D=4096, I=2048, E=256, k=6, device=
     return run
 
 
-def route_case(T: int, hashed: bool = False, *, D=4096, E=256, k=6, device="cuda", bench: bool = True):
-    """moe_route at [T, D] (bf16 x, fp32 gate [E, D], bias), sqrtsoftplus, normalised, x1.5, vs the
-    reference: fraction of tokens whose expert set matches, max weight error on those; bytes = gate weight
-    + x + outputs; flops = 2 T E D at the fp32 FMA rate (IEEE fp32 logits, as the reference)."""
-    from dsv4.kernels.triton.norm import bench_ms, roofline
-    from dsv4.ops.moe import moe_route_reference
-
-    def run():
-        dev = torch.device(device)
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        g = torch.Generator(device=dev).manual_seed(3)
-        x = torch.randn(T, D, device=dev, generator=g).to(dt)
-        gw = torch.randn(E, D, device=dev, generator=g) / math.sqrt(D)
-        bias = 0.1 * torch.randn(E, device=dev, generator=g)
-        tid = torch.stack([torch.randperm(E, device=dev, generator=g)[:k] for _ in range(64)]) if hashed else None
-        inid = torch.randint(0, 64, (T,), device=dev, generator=g)
-        b = None if hashed else bias
-
-        def fn():
-            return moe_route_triton(x, gw, b, tid, inid, k, "sqrtsoftplus", True, 1.5)
-
-        gw_, gi = fn()
-        ww, wi = moe_route_reference(x, gw, b, tid, inid, k, "sqrtsoftplus", True, 1.5)
-        same = (gi.sort(-1).values == wi.sort(-1).values).all(-1)
-        out = {"ids_match_frac": float(same.float().mean())}
-        if bool(same.any()):
-            a = gw_.gather(1, gi.argsort(-1))[same]
-            r = ww.gather(1, wi.argsort(-1))[same]
-            out.update(_err(a, r))
-        out["bytes"] = E * D * 4 + T * D * x.element_size() + T * k * 12
-        out["flops"] = 2.0 * T * E * D
-        out["triton_ms"] = bench_ms(fn, dev) if bench else float("nan")
-        return roofline(out, flops_ps=FP32_FMA_FLOPS)
-
-    return run
-
-
 def gpu_check_cases(device="cuda"):
     """[(name, fn)] at DeepSeek-V4-Flash shapes (D 4096, I 2048, 256 experts, top-6, FP4 experts):
-    router (learned with bias, and hash) and experts with FP8 activations (official) and bf16 activations
+    experts with FP8 activations (official) and bf16 activations
     (plain) for T = 1 .. 8192, plus the register-decode FP4 variant (FP4_SCALED_DOT off) at a few T. Each
     returns the error vs the reference, the median Triton time, bytes / FLOPs and roofline fractions."""
     cases = []
-    for T in GPU_TOKENS:
-        cases.append((f"moe_route learned T={T}", route_case(T, device=device)))
-    for T in (1, 8192):
-        cases.append((f"moe_route hash T={T}", route_case(T, hashed=True, device=device)))
     for T in GPU_TOKENS:
         cases.append((f"moe_experts fp4 T={T} fp8-act", experts_case(T, True, device=device)))
         cases.append((f"moe_experts fp4 T={T} bf16-act", experts_case(T, False, device=device)))
@@ -889,5 +684,4 @@ def gpu_check_cases(device="cuda"):
     return cases
 
 
-register(moe_route_op, moe_route_triton)
 register(moe_experts_op, moe_experts_triton)

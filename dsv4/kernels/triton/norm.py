@@ -7,20 +7,14 @@ interpreter the bf16 rounding is done on the float32 bits; on a GPU it is the na
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import register
+from dsv4.kernels.triton.common import interpreting, register
 from dsv4.ops.norm import rms_norm as rms_norm_op
 from dsv4.ops.norm import rms_norm_reference
-
-
-def interpreting() -> bool:
-    """True under the Triton CPU interpreter (TRITON_INTERPRET=1, tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def bf16_rne_bits(dtype: torch.dtype) -> bool:

@@ -45,9 +45,36 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "--gpu-memory-utilization on a GPU, 1 GiB on the CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--page-tokens", type=int, default=None, help="raw tokens per cache page")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="expert parallelism over this many GPUs of this node: one rank each, holding the attention "
+                        "and 1/N of the routed experts, serving its own requests; one front end (several nodes: "
+                        "start with torchrun instead, see README)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay captured decode graphs (default: capture them where the device and "
                         "every op's provider allow)")
+
+
+def _max_num_seqs(a: argparse.Namespace) -> int:
+    """bench latency runs its largest batch at once: room for it on each rank (the front end spreads a batch
+    evenly over the ranks). Every rank computes the same value (under torchrun each parses the command)."""
+    sizes = getattr(a, "batch_sizes", None)
+    if not sizes:
+        return a.max_num_seqs
+    from dsv4.parallel.launch import DistSpec
+
+    spec = DistSpec.from_env()
+    ranks = max(a.gpus, spec.world if spec else 1)
+    return max(a.max_num_seqs, -(-max(_sizes(sizes)) // ranks))
+
+
+def _sizes(s: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"--batch-sizes {s!r}: expected positive integers, e.g. 1,32,64")
+    return sizes
 
 
 def engine_config(a: argparse.Namespace):
@@ -57,18 +84,18 @@ def engine_config(a: argparse.Namespace):
     return EngineConfig(
         model=str(a.model), device=a.device, dtype=a.dtype, numerics=a.numerics, load_format=a.load_format,
         seed=a.seed or 0, num_layers=a.num_layers, op_overrides=tuple(parse_overrides(a.op).items()),
-        kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=a.max_num_seqs,
+        kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=_max_num_seqs(a),
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         page_tokens=a.page_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
         kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory),
-        enforce_eager=a.enforce_eager)
+        enforce_eager=a.enforce_eager, gpus=a.gpus)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from dsv4.engine.llm import LLM
     from dsv4.engine.sampling_params import SamplingParams
 
-    llm = LLM.from_config(engine_config(a))
+    llm = LLM.from_config(engine_config(a), dist=a.dist)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0)
     prompts = list(a.prompt) if a.prompt else [a.prompt_token_ids]
@@ -77,6 +104,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(f"warning: tokenizer ({tok.source}) has {tok.vocab_size} ids, the model {llm.engine.cfg.vocab_size}",
               file=sys.stderr)
     outs = llm.generate(prompts, params, use_tqdm=False)
+    llm.shutdown()
     errors = [o.error for o in outs if o.error]
     if errors:
         raise ValueError("; ".join(errors))
@@ -106,13 +134,14 @@ def cmd_bench_throughput(a: argparse.Namespace) -> int:
     from dsv4.bench.throughput import format_report, run_throughput
     from dsv4.engine.llm import LLM
 
-    llm = LLM.from_config(engine_config(a))
+    llm = LLM.from_config(engine_config(a), dist=a.dist)
     for _ in range(a.warmup):  # untimed: compiles kernels and captures decode graphs
         run_throughput(llm, a.num_prompts, a.input_len, a.output_len, seed=a.seed or 0,
                        temperature=a.temperature, progress=False)
     r = run_throughput(llm, a.num_prompts, a.input_len, a.output_len, seed=a.seed or 0,
                        temperature=a.temperature, progress=not a.json)
     r["warmup_passes"] = a.warmup
+    llm.shutdown()
     print(json.dumps(r) if a.json else format_report(r))
     return 0
 
@@ -121,20 +150,17 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
     from dsv4.bench import latency as bl
     from dsv4.model.builder import parse_dtype
 
-    sizes = [int(x) for x in a.batch_sizes.split(",") if x.strip()]
-    if not sizes or min(sizes) < 1:
-        raise SystemExit(f"--batch-sizes {a.batch_sizes!r}: expected positive integers, e.g. 1,32,64")
+    sizes = _sizes(a.batch_sizes)
     rows: list[dict] = []
     cfg = engine_config(a)
     if a.engine in ("dsv4", "both"):
-        import dataclasses
-
         from dsv4.engine.llm import LLM
 
-        llm = LLM.from_config(dataclasses.replace(cfg, max_num_seqs=max(cfg.max_num_seqs, max(sizes))))
+        llm = LLM.from_config(cfg, dist=a.dist)
         dev = str(llm.engine.device)
         rows += bl.dsv4_rows(llm, sizes, a.input_len, a.output_len, seed=a.seed or 0, progress=not a.json,
                              with_breakdown=a.breakdown)
+        llm.shutdown()
         del llm
     else:
         from dsv4.platforms import detect
@@ -143,7 +169,8 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
     if a.engine in ("transformers", "both"):
         rows += bl.transformers_rows(a.model, a.num_layers, dev, parse_dtype(a.dtype), sizes, a.input_len,
                                      a.output_len, seed=a.seed or 0, progress=not a.json)
-    res = {"model": str(a.model), "num_layers": a.num_layers, "device": dev, "dtype": a.dtype,
+    res = {"model": str(a.model), "num_layers": a.num_layers, "device": dev,
+           "gpus": max(a.gpus, a.dist.world if a.dist else 1), "dtype": a.dtype,
            "numerics": a.numerics, "input_len": a.input_len, "output_len": a.output_len, "rows": rows}
     if a.plot:
         bl.plot(rows, a.plot, f"{a.model} ({a.num_layers or 'all'} layers) on {dev}, "
@@ -161,9 +188,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from dsv4.serve.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if a.model_pos is not None:
-        a.model = a.model_pos
-    llm = AsyncLLM(engine_config(a))
+    llm = AsyncLLM(engine_config(a), dist=a.dist)
     name = a.served_model_name or (a.model if "/" not in str(a.model) else str(a.model).rstrip("/").split("/")[-1])
     print(f"dsv4: serving {name!r} on http://{a.host}:{a.port}/v1 ({llm.engine.plan.describe()})", file=sys.stderr)
     serve(llm, name, host=a.host, port=a.port, api_key=a.api_key, limits=ServeLimits(max_queued=a.max_queued),
@@ -179,7 +204,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
     from dsv4.serve.handlers import OpenAIServing, ServeLimits
 
     async def main():
-        llm = AsyncLLM(engine_config(a))
+        llm = AsyncLLM(engine_config(a), dist=a.dist)
         name = a.served_model_name or str(a.model)
         serving = OpenAIServing(llm, name, ServeLimits(max_queued=1 << 30))
         try:
@@ -311,6 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     from dsv4.platforms import PlatformError
 
     try:
+        if getattr(a, "model_pos", None) is not None:
+            a.model = a.model_pos
+        if hasattr(a, "gpus"):  # an engine command: under torchrun, ranks other than 0 serve steps only
+            from dsv4.parallel.launch import DistSpec, run_worker
+
+            a.dist = DistSpec.from_env()
+            if a.dist is not None and a.dist.rank != 0:
+                run_worker(engine_config(a), a.dist)
+                return 0
         return a.fn(a)
     except (ConfigError, CheckpointError, OpResolutionError, PlatformError, FileNotFoundError, ValueError) as e:
         print(f"dsv4 {a.cmd}: error: {e}", file=sys.stderr)

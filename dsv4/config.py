@@ -503,6 +503,9 @@ class EngineConfig:
     platform supports graphs and every op's provider is capturable, unless `enforce_eager`. Cache memory:
     `kv_cache_memory` bytes if given, else `gpu_memory_utilization` of
     the GPU's memory minus weights and the profiled activation peak (on the CPU: 1 GiB by default).
+    `gpus` > 1: that many ranks (processes) on this node, each holding the attention and 1/gpus of the
+    routed experts and serving its own requests (on the CPU: ranks sharing the CPU, for tests); cache limits
+    (max_num_seqs, memory) are per rank.
     """
 
     model: str = "tiny"
@@ -521,9 +524,10 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # True: never use captured decode graphs
+    gpus: int = 1  # > 1: expert parallelism over GPUs 0..gpus-1 of this node, one front end (dsv4/parallel)
 
     def validate(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "gpus"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")

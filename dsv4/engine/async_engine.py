@@ -33,8 +33,12 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None, **kwargs):
-        self.engine = engine or LLMEngine(config or EngineConfig(**kwargs))
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None, dist=None, **kwargs):
+        """`engine`: one already built (an LLMEngine, or rank 0's DPEngine of several ranks); `dist`: this
+        process is rank 0 of a torchrun-started group (dsv4.parallel.launch.DistSpec)."""
+        from dsv4.engine.llm import _start
+
+        self.engine = engine or _start(config or EngineConfig(**kwargs), dist)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
@@ -90,6 +94,9 @@ class AsyncLLM:
         self._cmds.put(("stop",))
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        stop = getattr(self.engine, "shutdown", None)  # the other ranks of an expert-parallel engine
+        if stop is not None:
+            stop()
 
     # ---- engine thread ----------------------------------------------------------------------------
     def _push(self, rid: str, item) -> None:

@@ -137,18 +137,19 @@ class DecodeGraphs:
         self.seq_lens[B:].fill_(1)
         self.slots[B:].fill_(self.scratch)
 
-    def _uniform(self, on: bool) -> None:
-        """Expert parallelism: every rank runs the same bucket, so the token-count exchange is skipped."""
+    def _uniform(self, Bb: int | None) -> None:
+        """Expert parallelism: every rank runs the same bucket (Bb tokens), so the token-count exchange is
+        skipped (None: back to exchanging)."""
         ep = getattr(self.model.opts, "expert_parallel", None)
         if ep is not None:
-            ep.uniform_tokens = on
+            ep.step_tokens = Bb
 
     def capture(self, Bb: int, C: int) -> None:
-        self._uniform(True)
+        self._uniform(Bb)
         try:
             self._capture(Bb, C)
         finally:
-            self._uniform(False)
+            self._uniform(None)
 
     def _capture(self, Bb: int, C: int) -> None:
         key = (Bb, C)
@@ -175,10 +176,10 @@ class DecodeGraphs:
             bucket: tuple[int, int] | None = None) -> torch.Tensor:
         """`bucket`: the (batch, context) bucket to use, at least this step's own (expert-parallel ranks
         pass the one they agreed on, so that all replay graphs with the same collectives)."""
-        B = len(slots)
-        meta = ForwardMeta.build(slots, positions, [1] * B, "cpu")  # host-side bookkeeping only
-        self.cache.begin_step(meta)
-        own = self.bucket(B, max(positions) + 1)
+        B = len(slots)  # 0: an expert-parallel rank with no work of its own replays the agreed bucket
+        if B:
+            self.cache.begin_step(ForwardMeta.build(slots, positions, [1] * B, "cpu"))  # host bookkeeping only
+        own = self.bucket(max(B, 1), max(positions, default=0) + 1)
         key = own if bucket is None else tuple(bucket)
         if key[0] < own[0] or key[1] < own[1] or key[0] not in self.batch_buckets or key[1] not in self.ctx_buckets:
             raise ValueError(f"bucket {key} cannot hold this step (needs at least {own})")
@@ -205,9 +206,9 @@ class DecodeGraphs:
         if self.use_capture:
             self.graphs[key].replay()
         else:
-            self._uniform(True)
+            self._uniform(key[0])
             try:
                 self.logits[:key[0]].copy_(self._forward(*key, frozen=True))
             finally:
-                self._uniform(False)
+                self._uniform(None)
         return self.logits[:B]

@@ -13,6 +13,14 @@ from dsv4.engine.sampling_params import SamplingParams
 Prompt = str | list[int] | dict
 
 
+def _start(config: EngineConfig, dist=None) -> LLMEngine:
+    if config.gpus == 1 and dist is None:
+        return LLMEngine(config)
+    from dsv4.parallel.launch import start_engine
+
+    return start_engine(config, dist)
+
+
 def _normalise_prompts(prompts) -> list[str | list[int]]:
     if isinstance(prompts, (str, dict)):
         prompts = [prompts]
@@ -41,13 +49,20 @@ class LLM:
     """
 
     def __init__(self, model: str = "tiny", **kwargs):
-        self.engine = LLMEngine(EngineConfig(model=str(model), **kwargs))
+        self.engine = _start(EngineConfig(model=str(model), **kwargs))
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLM":
+    def from_config(cls, config: EngineConfig, dist=None) -> "LLM":
+        """`dist` (dsv4.parallel.launch.DistSpec): this process is rank 0 of a torchrun-started group."""
         self = cls.__new__(cls)
-        self.engine = LLMEngine(config)
+        self.engine = _start(config, dist)
         return self
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of an expert-parallel engine (nothing to do for one device)."""
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None:
+            stop()
 
     @property
     def tokenizer(self):

@@ -31,13 +31,20 @@ DEFAULT_MAX_MODEL_LEN = 16384
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, lm: LoadedModel | None = None, tokenizer: Tokenizer | None = None):
+    """`rank` (dsv4.parallel.launch.RankContext): this engine is one rank of an expert-parallel group; it
+    holds its share of the routed experts, serves its own requests and steps in lockstep with the others
+    (driven by dsv4.parallel.dp_engine)."""
+
+    def __init__(self, config: EngineConfig, lm: LoadedModel | None = None, tokenizer: Tokenizer | None = None,
+                 rank=None):
         config.validate()
         self.config = config
+        self.rank = rank
         self.lm = lm or build_model(config.model, device=config.device, dtype=config.dtype, numerics=config.numerics,
                                     load_format=config.load_format,
                                     op_overrides=dict(config.op_overrides), seed=config.seed,
-                                    num_layers=config.num_layers)
+                                    num_layers=config.num_layers,
+                                    expert_parallel=None if rank is None else rank.ep)
         self.cfg = self.lm.cfg
         self.device = self.lm.platform.torch_device
         self.tokenizer = tokenizer or _load_tokenizer(self.lm)
@@ -45,20 +52,27 @@ class LLMEngine:
         kv_fp8 = config.kv_cache_dtype == "fp8"
         kv_dtype = self.lm.opts.dtype if config.kv_cache_dtype in ("auto", "fp8") else parse_dtype(config.kv_cache_dtype)
         layout = CacheLayout.of(self.cfg, kv_dtype, kv_fp8, config.page_tokens)
-        self.plan: CachePlan = plan_cache(layout, self._cache_budget(), config.max_num_seqs, self.max_model_len)
+        budget = self._cache_budget()
+        if rank is not None:  # every rank gets the same plan, so that all have the same graph buckets
+            budget = rank.min_over_ranks(budget)
+        self.plan: CachePlan = plan_cache(layout, budget, config.max_num_seqs, self.max_model_len)
         log.info(self.plan.describe())
         graphs_ok = self._graphs_wanted()
-        # with graphs, one extra slot (0.5 MiB for Flash) is the scratch slot of bucket-padding rows
-        self.cache = ModelCache(self.cfg, self.plan.num_slots + int(graphs_ok), self.max_model_len, self.device,
+        # one extra slot (0.5 MiB for Flash) is the scratch slot: bucket-padding rows of decode graphs, and the
+        # one-token step of an expert-parallel rank with no work of its own
+        scratch = graphs_ok or rank is not None
+        self.cache = ModelCache(self.cfg, self.plan.num_slots + int(scratch), self.max_model_len, self.device,
                                 kv_dtype, page_tokens=layout.page_tokens, num_pages=self.plan.num_pages,
                                 kv_fp8=kv_fp8, dialect=self.lm.platform.fp8_dialect)
         self.kv = KVCacheManager(self.cache)
+        scratch_slot = self.kv.take_scratch_slot() if scratch else None
         graphs = None
         if graphs_ok:
-            graphs = DecodeGraphs(self.lm.model, self.cache, self.kv.take_scratch_slot(),
+            graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot,
                                   max_batch=min(config.max_num_seqs, self.plan.num_slots))
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.lm, self.cache, Sampler(), graphs=graphs)
+        self.runner = ModelRunner(self.lm, self.cache, Sampler(), graphs=graphs,
+                                  sync=None if rank is None else rank.sync, scratch_slot=scratch_slot)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -113,6 +127,14 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> Request:
         """Validate and queue a request. A bad request raises ValueError and changes nothing."""
+        req = self.make_request(prompt, params, request_id, arrival_time)
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     request_id: str | None = None, arrival_time: float | None = None) -> Request:
+        """A validated (and tokenised) request, not queued. Raises ValueError naming what is wrong."""
         params = params or SamplingParams()
         params.validate(self.cfg.vocab_size)
         if params.n != 1:
@@ -141,8 +163,6 @@ class LLMEngine:
         if params.detokenize:
             req.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             req.stop_matcher = StopStringMatcher(list(params.stop), params.include_stop_str_in_output)
-        self.requests[rid] = req
-        self.scheduler.add(req)
         return req
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -160,6 +180,12 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
 
+    def load(self) -> dict:
+        """Queue and cache occupancy (server metrics; summed over ranks by the expert-parallel front end)."""
+        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "free_pages": self.kv.num_free_pages, "pages": self.cache.num_pages,
+                "free_slots": self.kv.num_free_slots, "slots": self.cache.num_slots}
+
     # ---- stepping ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         so = self.scheduler.schedule()
@@ -167,10 +193,10 @@ class LLMEngine:
         for req in so.failed:
             self._finish(req, "error")
             outs.append(self._output(req))
-        if not so.scheduled:
+        if not so.scheduled and self.rank is None:
             return outs
-        self.num_steps += 1
-        results = self.runner.execute(so.scheduled)
+        results = self.runner.execute(so.scheduled)  # (expert parallel: also with nothing scheduled here)
+        self.num_steps += bool(so.scheduled)
         now = time.monotonic()
         for (req, n), res in zip(so.scheduled, results):
             req.num_computed_tokens += n

@@ -1,7 +1,8 @@
 """One engine step on the device: flatten the scheduled requests to T tokens (varlen, no padding),
 build the step's metadata once, run the model, and sample the next token of every request whose
 scheduled tokens reach its end (plus prompt logprobs where asked). Pure decode steps replay a captured
-graph (engine/cuda_graphs.py) when the engine made one."""
+graph (engine/cuda_graphs.py) when the engine made one. Under expert parallelism (`sync`), the ranks first
+agree on the step (parallel/step_sync.py) and a rank with nothing scheduled still takes part."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dsv4.engine.request import Request
 from dsv4.engine.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
 from dsv4.model.builder import LoadedModel
 from dsv4.ops.meta import ForwardMeta
+from dsv4.parallel.step_sync import EAGER, GRAPH, NONE, StepSync
 
 
 @dataclass
@@ -26,8 +28,11 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, cache: ModelCache, sampler: Sampler | None = None,
-                 graphs: DecodeGraphs | None = None):
+                 graphs: DecodeGraphs | None = None, sync: StepSync | None = None, scratch_slot: int | None = None):
+        if sync is not None and scratch_slot is None:
+            raise ValueError("lockstep (expert-parallel) steps need a scratch cache slot for ranks without work")
         self.lm, self.cache = lm, cache
+        self.sync, self.scratch = sync, scratch_slot
         self.model = lm.model
         self.device = lm.platform.torch_device
         self.sampler = sampler or Sampler()
@@ -58,10 +63,29 @@ class ModelRunner:
         starts = [r.num_computed_tokens for r in reqs]
         ids = [t for r, s, n in zip(reqs, starts, ns) for t in r.token_slice(s, s + n)]
         results = [StepResult() for _ in reqs]
-        if self._graph_step(reqs, starts, ns):
-            logits = self.graphs.run(torch.tensor(ids, dtype=torch.int64), [r.slot for r in reqs], starts)
+        graph = bool(reqs) and self._graph_step(reqs, starts, ns)
+        if self.sync is None:
+            return self._run(reqs, starts, ns, ids, results, graph, None)
+        plan = self.sync.agree(NONE if not reqs else GRAPH if graph else EAGER, len(reqs),
+                               max((s + n for s, n in zip(starts, ns)), default=0), len(ids))
+        if plan.kind == NONE:
+            return results
+        if plan.kind == GRAPH:
+            return self._run(reqs, starts, ns, ids, results, True, self.graphs.bucket(plan.batch, plan.max_len))
+        with self.sync.tokens(plan.tokens):
+            if not reqs:  # the others run a step: take part with one token on the scratch slot
+                meta = ForwardMeta.build([self.scratch], [0], [1], self.device)
+                self.model(torch.zeros(1, dtype=torch.int64, device=self.device), meta, self.cache, check_cache=False)
+                return results
+            return self._run(reqs, starts, ns, ids, results, False, None)
+
+    def _run(self, reqs, starts, ns, ids, results, graph: bool, bucket) -> list[StepResult]:
+        if graph:
+            logits = self.graphs.run(torch.tensor(ids, dtype=torch.int64), [r.slot for r in reqs], starts,
+                                     bucket=bucket)
             self.graph_steps += 1
-            self._sample(logits, reqs, [(i, i) for i in range(len(reqs))], results)
+            if reqs:
+                self._sample(logits, reqs, [(i, i) for i in range(len(reqs))], results)
             return results
         meta = ForwardMeta.build([r.slot for r in reqs], starts, ns, self.device)
         X = self.model(torch.tensor(ids, dtype=torch.int64, device=self.device), meta, self.cache)

@@ -14,9 +14,10 @@ layer the ranks exchange tokens:
 The router runs before the exchange, on the rank's own tokens (hash routing needs its token ids). Ranks
 must call every MoE layer in lockstep (a rank with no tokens still takes part, with a count of 0).
 
-`uniform_tokens` (set by whoever runs the step, e.g. decode graphs whose ranks agreed on one batch bucket):
-every rank presents the same token count, so the count exchange (a host sync) is skipped and the step can
-be captured in a device graph with its collectives.
+`step_tokens` (set by whoever runs the step and already knows it): the largest token count of any rank in
+this step. The engine's ranks agree on it once per step (parallel/step_sync.py), and decode graphs run one
+agreed batch bucket on every rank; then the per-layer count exchange (a host sync in each of the 43 MoE
+layers) is skipped, and a decode step can be captured in a device graph with its collectives.
 Tokens / weights move as float32 / int64 so the exchange itself rounds nothing.
 """
 
@@ -40,7 +41,7 @@ class ExpertParallel:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
-        self.uniform_tokens = False  # see the module docstring
+        self.step_tokens: int | None = None  # see the module docstring
 
     def expert_map(self, num_experts: int) -> ExpertMap:
         """This rank's share of the routed experts (contiguous ranges, sizes differing by at most one)."""
@@ -56,8 +57,10 @@ class ExpertParallel:
         """The routed-expert output [T, D] float32 of this rank's T tokens, summed over every rank's experts.
         `local_experts(x, ids, weights)` computes this rank's experts' contribution for any tokens."""
         T, D = x.shape
-        if self.uniform_tokens:
-            tmax = T
+        if self.step_tokens is not None:
+            tmax = self.step_tokens
+            if T > tmax:
+                raise RuntimeError(f"this rank has {T} tokens but the step was agreed at most {tmax}")
         else:
             n = torch.tensor([T], dtype=torch.int64, device=x.device)
             tmax = max(self._all_gather(n).tolist())  # host: the padded size sets the buffers' shapes

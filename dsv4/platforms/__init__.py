@@ -35,6 +35,15 @@ class Platform:
     def is_gpu(self) -> bool:
         return self.name in ("cuda", "rocm")
 
+    @property
+    def dist_backend(self) -> str:
+        """torch.distributed backend for tensors on this device (ROCm's RCCL answers to "nccl")."""
+        return "nccl" if self.is_gpu else "gloo"
+
+    def rank_device(self, local_rank: int) -> str:
+        """The device of the rank with this node-local index (GPUs: one each; the CPU: shared)."""
+        return f"cuda:{local_rank}" if self.is_gpu else "cpu"
+
     def describe(self) -> str:
         caps = [f"fp8={self.fp8_dialect.value}", f"fp8_mma={self.has_fp8_mma}", f"fp4_mma={self.has_fp4_mma}",
                 f"graphs={self.supports_graphs}"]

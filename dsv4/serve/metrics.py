@@ -10,18 +10,22 @@ _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 30
 _TPOT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 
+def _used(load: dict, what: str) -> float:
+    return 1 - load[f"free_{what}"] / max(1, load[what])
+
+
 class ServerMetrics:
     def __init__(self, engine):
         self.engine = engine
         r = self.registry = CollectorRegistry()
         Gauge("dsv4_num_requests_waiting", "Requests queued for admission", registry=r).set_function(
-            lambda: len(engine.scheduler.waiting))
+            lambda: engine.load()["waiting"])
         Gauge("dsv4_num_requests_running", "Requests holding a cache slot", registry=r).set_function(
-            lambda: len(engine.scheduler.running))
+            lambda: engine.load()["running"])
         Gauge("dsv4_kv_cache_usage", "Fraction of KV cache pages in use", registry=r).set_function(
-            lambda: 1 - engine.kv.num_free_pages / max(1, engine.cache.num_pages))
+            lambda: _used(engine.load(), "pages"))
         Gauge("dsv4_kv_cache_slots_usage", "Fraction of request slots in use", registry=r).set_function(
-            lambda: 1 - engine.kv.num_free_slots / max(1, engine.cache.num_slots))
+            lambda: _used(engine.load(), "slots"))
         self.prompt_tokens = Counter("dsv4_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("dsv4_generation_tokens", "Generated tokens of finished requests",
                                          registry=r)

@@ -1,0 +1,86 @@
+"""Rank 0 of a two-rank expert-parallel engine on the CPU (gloo), driven by test_dp_engine.py in a fresh
+process (the process group must not leak into the test process). Writes what it saw as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from dsv4.engine.async_engine import AsyncLLM
+from dsv4.engine.llm import LLM
+from dsv4.engine.sampling_params import SamplingParams
+
+ENGINE = dict(device="cpu", dtype="float32", numerics="plain", max_model_len=256)
+PROMPTS = [[0, 1234, 56, 789, 10], [0, 42], [0, 7, 7, 99, 1000, 3, 17, 5, 2048, 11, 12], [0, 5, 6]]
+
+
+def params() -> list[SamplingParams]:
+    greedy = dict(temperature=0.0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    return [SamplingParams(max_tokens=6, **greedy), SamplingParams(max_tokens=7, temperature=0.9, seed=3, ignore_eos=True),
+            SamplingParams(max_tokens=5, **greedy), SamplingParams(max_tokens=4, temperature=0.7, seed=11, ignore_eos=True)]
+
+
+def lp(x):
+    return None if x is None else [None if t is None else [t.token_id, t.logprob, t.rank] for t in x]
+
+
+def row(o) -> dict:
+    c = o.outputs[0]
+    return {"token_ids": c.token_ids, "text": c.text, "logprobs": lp(c.logprobs), "prompt_logprobs": lp(o.prompt_logprobs),
+            "finish_reason": c.finish_reason, "num_generated": o.metrics.num_generated_tokens, "error": o.error}
+
+
+def reference(tiny: str) -> dict:
+    llm = LLM(tiny, **ENGINE)
+    return {"batch": [row(o) for o in llm.generate(PROMPTS, params(), use_tqdm=False)]}
+
+
+async def streams(llm: AsyncLLM) -> list[dict]:
+    async def one(i):
+        toks, text, last = [], "", None
+        async for o in llm.generate(PROMPTS[i], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)):
+            toks += o.outputs[0].delta_token_ids
+            text += o.outputs[0].delta_text
+            last = o
+        return {"delta_tokens": toks, "delta_text": text, "final": row(last)}
+    return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+
+
+def two_ranks(tiny: str) -> dict:
+    llm = LLM(tiny, gpus=2, **ENGINE)
+    eng = llm.engine
+    res = {"world": eng.world}
+    try:
+        eng.add_request([0, 10**9], SamplingParams(max_tokens=3))
+        res["bad"] = None
+    except ValueError as e:
+        res["bad"] = str(e)
+    res["unfinished_after_bad"] = eng.num_unfinished_requests()
+    res["batch"] = [row(o) for o in llm.generate(PROMPTS, params(), use_tqdm=False)]
+    # a remote request aborted while it runs: its final output comes back with the next step
+    a = eng.add_request([0, 1, 2], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), request_id="a")
+    b = eng.add_request([0, 3, 4], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), request_id="b")
+    res["owners"] = {"a": eng._owner["a"], "b": eng._owner["b"]}
+    for _ in range(3):
+        eng.step()
+    res["load_running"] = eng.load()["running"]
+    res["abort_return"] = eng.abort_request(b.request_id)
+    final = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                final[o.request_id] = row(o)
+    res["aborted"], res["other"] = final["b"], final["a"]
+    res["load_after"] = eng.load()
+    res["streams"] = asyncio.run(streams(AsyncLLM(engine=eng)))
+    llm.shutdown()
+    res["children_exit"] = [p.exitcode for p in eng.children]
+    assert a.request_id == "a"
+    return res
+
+
+if __name__ == "__main__":
+    tiny, mode, out = sys.argv[1:4]
+    with open(out, "w") as f:
+        json.dump(two_ranks(tiny) if mode == "two" else reference(tiny), f)

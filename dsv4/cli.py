@@ -159,7 +159,7 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
         llm = LLM.from_config(cfg, dist=a.dist)
         dev = str(llm.engine.device)
         rows += bl.dsv4_rows(llm, sizes, a.input_len, a.output_len, seed=a.seed or 0, progress=not a.json,
-                             with_breakdown=a.breakdown)
+                             with_breakdown=a.breakdown, warmup_output_len=a.warmup_output_len)
         llm.shutdown()
         del llm
     else:
@@ -175,6 +175,9 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
     if a.plot:
         bl.plot(rows, a.plot, f"{a.model} ({a.num_layers or 'all'} layers) on {dev}, "
                 f"{a.input_len} in / {a.output_len} out")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
     if a.json:
         print(json.dumps(res))
     return 0
@@ -288,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--engine", default="dsv4", choices=["dsv4", "transformers", "both"],
                     help="transformers: its DeepseekV4ForCausalLM with random bf16 weights on the same config")
     bl.add_argument("--plot", default=None, help="write a PNG of the sweep here (needs matplotlib)")
+    bl.add_argument("--out", default=None, help="write the results as JSON here")
+    bl.add_argument("--warmup-output-len", type=int, default=None,
+                    help="output tokens of each untimed warm-up pass (default: --output-len)")
     bl.add_argument("--breakdown", action="store_true",
                     help="per-kernel (GPU) / per-op (CPU) time of one more pass at each batch size (torch.profiler)")
     bl.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -327,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _finish(rc: int) -> int:
+    """Processes that ran NCCL collectives in device graphs leave at once (see parallel/launch.py)."""
+    if "dsv4.parallel.launch" in sys.modules:
+        sys.modules["dsv4.parallel.launch"].hard_exit_if_needed(rc)
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -344,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             a.dist = DistSpec.from_env()
             if a.dist is not None and a.dist.rank != 0:
                 run_worker(engine_config(a), a.dist)
-                return 0
-        return a.fn(a)
+                return _finish(0)
+        return _finish(a.fn(a))
     except (ConfigError, CheckpointError, OpResolutionError, PlatformError, FileNotFoundError, ValueError) as e:
         print(f"dsv4 {a.cmd}: error: {e}", file=sys.stderr)
         return 2

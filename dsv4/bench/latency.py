@@ -50,18 +50,24 @@ def breakdown(fn, top: int = 15) -> list[dict]:
 
 
 def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0,
-              progress: bool = True, with_breakdown: bool = False) -> list[dict]:
+              progress: bool = True, with_breakdown: bool = False, warmup_output_len: int | None = None) -> list[dict]:
+    """`warmup_output_len`: output tokens of the untimed warm-up pass (default: output_len). Fewer is enough to
+    compile and capture when the run's sequences stay in one context bucket (all equal lengths do)."""
     layers = llm.engine.cfg.num_layers
+    gpus = getattr(llm.engine, "world", 1)  # expert-parallel ranks
     fpt = weight_flops_per_token(llm.engine.lm.model)
     rows = []
     for B in batch_sizes:
-        run_throughput(llm, B, input_len, output_len, seed=seed, progress=False)  # warm-up
+        run_throughput(llm, B, input_len, warmup_output_len or output_len, seed=seed, progress=False)  # warm-up
         r = run_throughput(llm, B, input_len, output_len, seed=seed, progress=False)
         tpot = r["tpot_s"]["p50"]
         ttft = r["ttft_s"]["p50"]
         rows.append({"engine": "dsv4", "batch": B, "ttft_s": ttft, "tpot_ms": tpot * 1e3,
                      "tpot_ms_per_layer": tpot * 1e3 / layers, "user_tok_s": 1 / tpot if tpot else float("nan"),
-                     "output_tok_s": r["output_tok_s"], "graph_steps": r["graph_steps"],
+                     "output_tok_s": r["output_tok_s"], "gpus": gpus, "output_tok_s_per_gpu": r["output_tok_s"] / gpus,
+                     # decode rate once every sequence is running: B / TPOT over the GPUs
+                     "decode_tok_s_per_gpu": B / tpot / gpus if tpot else float("nan"),
+                     "elapsed_s": r["elapsed_s"], "graph_steps": r["graph_steps"],
                      "engine_steps": r["engine_steps"], "errors": r["errors"],
                      # prefill matrix rate: weight FLOPs of every prompt token over the run's median TTFT
                      # (meaningful for batch 1, or when the whole batch is prefilled before the first token)
@@ -135,7 +141,9 @@ def transformers_rows(model: str, num_layers: int | None, device: str, dtype: to
 def format_row(r: dict) -> str:
     return (f"{r['engine']:>12}  batch {r['batch']:>4}  TTFT {r['ttft_s'] * 1e3:9.1f} ms  TPOT {r['tpot_ms']:8.2f} ms "
             f"({r['tpot_ms_per_layer']:.3f} ms/layer)  {r['user_tok_s']:8.1f} tok/s/user  "
-            f"{r['output_tok_s']:9.1f} tok/s total")
+            f"{r['output_tok_s']:9.1f} tok/s total"
+            + (f" ({r['output_tok_s_per_gpu']:.1f} per GPU over {r['gpus']}; decode {r['decode_tok_s_per_gpu']:.1f} "
+               f"per GPU)" if r.get("gpus", 1) > 1 else ""))
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

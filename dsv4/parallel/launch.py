@@ -120,6 +120,7 @@ def _child_main(config: EngineConfig, spec: DistSpec) -> None:
     """Ranks 1..N-1 started by `start_engine`."""
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank {spec.rank} %(levelname)s %(name)s: %(message)s")
     run_worker(config, spec)
+    hard_exit_if_needed(0)
 
 
 def run_worker(config: EngineConfig, spec: DistSpec) -> None:
@@ -135,11 +136,27 @@ def run_worker(config: EngineConfig, spec: DistSpec) -> None:
         _teardown()
 
 
+_hard_exit = False
+
+
 def _teardown() -> None:
-    # With NCCL collectives captured in device graphs, destroying the group was seen to hang (torch 2.11,
-    # 2 x H200): GPU ranks leave without it; the process exit releases everything.
-    if dist.is_initialized() and dist.get_backend() == "gloo":
+    # With NCCL collectives captured in device graphs, destroying the group (and the interpreter's own exit)
+    # was seen to hang (torch 2.11, 2 x H200): GPU ranks skip it and leave through `hard_exit_if_needed`.
+    global _hard_exit
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
         dist.destroy_process_group()
+    else:
+        _hard_exit = True
+
+
+def hard_exit_if_needed(rc: int) -> None:
+    """Called last by a process that ran a GPU expert-parallel engine: flush and leave now."""
+    if _hard_exit:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
 
 
 def start_engine(config: EngineConfig, spec: DistSpec | None = None):

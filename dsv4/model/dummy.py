@@ -2,7 +2,8 @@
 the real shapes and dtypes) and for `make-tiny` (dense values that are then quantised).
 
 Values are seeded per tensor name (so they do not depend on load order or on which tensors a rank
-owns) and scaled so activations stay O(1): linear weights ~ N(0, 1/in_features), norms ~ 1, mHC
+owns; stacked routed experts per global expert, so a rank holding experts 128..255 holds exactly those
+rows of the whole model) and scaled so activations stay O(1): linear weights ~ N(0, 1/in_features), norms ~ 1, mHC
 mixing weights small, sinks / ape / biases non-zero, tid2eid rows of distinct experts.
 """
 
@@ -63,9 +64,22 @@ _FP4_RMS = math.sqrt(sum(v * v for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)) / 8)
 def fill_dummy(model: torch.nn.Module, seed: int = 0) -> None:
     """Fill every persistent buffer of `model` in place with random valid values of its dtype."""
     bufs = {n: b for n, b in model.named_buffers() if n in model.state_dict()}
+    stacked = {f"{m}.{w}": mod.expert_map.local_ids for m, mod in model.named_modules()
+               if hasattr(mod, "expert_map") and hasattr(mod, "w13") for w in ("w13", "w2")}
     for name, b in bufs.items():
+        if name in stacked:
+            for i, e in enumerate(stacked[name]):  # row i is global expert e: the same values on any rank
+                _fill(f"{name}.{e}", b[i], bufs, seed, row_of=name)
+            continue
+        _fill(name, b, bufs, seed)
+
+
+def _fill(name: str, b: torch.Tensor, bufs: dict, seed: int, row_of: str | None = None) -> None:
+    """`row_of`: b is one expert's row of that stacked buffer (seeded by `name`, which names the expert)."""
+    with torch.no_grad():
         dev = b.device
         g = generator(seed, name, dev)
+        name = row_of or name
         if b.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
             b.copy_(torch.randn(b.shape, generator=g, device=dev).to(b.dtype))
         elif b.dtype == torch.uint8 and name.endswith("scale"):

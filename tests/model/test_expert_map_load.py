@@ -94,3 +94,20 @@ def test_stacked_transformers_format(tmp_path):
 def test_map_must_cover_the_config(tiny_dir):
     with pytest.raises(ValueError, match="n_routed_experts"):
         build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain", expert_map=ExpertMap(7, (0, 1)))
+
+
+def test_dummy_weights_of_a_rank_are_rows_of_the_whole_model():
+    """--load-format dummy: a rank holding experts 8..15 holds exactly those experts of the one-device model
+    (seeded per global expert), so multi-GPU dummy runs compute the same model as one GPU."""
+    kw = dict(device="cpu", dtype="float32", numerics="plain", load_format="dummy", num_layers=2)
+    full = build_model("tiny", **kw).model.state_dict()
+    half = build_model("tiny", expert_map=ExpertMap.contiguous(16, 1, 2), **kw).model.state_dict()
+    assert full.keys() == half.keys()
+    stacked = 0
+    for k, v in half.items():
+        w = full[k]
+        if v.shape != w.shape:
+            w, stacked = w[8:], stacked + 1
+        assert torch.equal(v.view(torch.uint8) if v.element_size() == 1 else v,
+                           w.view(torch.uint8) if w.element_size() == 1 else w), k
+    assert stacked >= 4

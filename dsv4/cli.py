@@ -159,7 +159,8 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
         llm = LLM.from_config(cfg, dist=a.dist)
         dev = str(llm.engine.device)
         rows += bl.dsv4_rows(llm, sizes, a.input_len, a.output_len, seed=a.seed or 0, progress=not a.json,
-                             with_breakdown=a.breakdown, warmup_output_len=a.warmup_output_len)
+                             with_breakdown=a.breakdown, warmup_output_len=a.warmup_output_len,
+                             warmup_prompts=a.warmup_prompts)
         llm.shutdown()
         del llm
     else:
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--out", default=None, help="write the results as JSON here")
     bl.add_argument("--warmup-output-len", type=int, default=None,
                     help="output tokens of each untimed warm-up pass (default: --output-len)")
+    bl.add_argument("--warmup-prompts", type=int, default=None,
+                    help="requests of each untimed warm-up pass (default: the batch size)")
     bl.add_argument("--breakdown", action="store_true",
                     help="per-kernel (GPU) / per-op (CPU) time of one more pass at each batch size (torch.profiler)")
     bl.add_argument("--json", action="store_true", help="print the results as JSON")

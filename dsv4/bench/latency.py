@@ -50,15 +50,19 @@ def breakdown(fn, top: int = 15) -> list[dict]:
 
 
 def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0,
-              progress: bool = True, with_breakdown: bool = False, warmup_output_len: int | None = None) -> list[dict]:
-    """`warmup_output_len`: output tokens of the untimed warm-up pass (default: output_len). Fewer is enough to
-    compile and capture when the run's sequences stay in one context bucket (all equal lengths do)."""
+              progress: bool = True, with_breakdown: bool = False, warmup_output_len: int | None = None,
+              warmup_prompts: int | None = None) -> list[dict]:
+    """`warmup_output_len` / `warmup_prompts`: output tokens / requests of the untimed warm-up pass (default:
+    those of the timed one). Fewer tokens are enough to compile and capture when the run's sequences stay in
+    one context bucket (all equal lengths do); fewer requests compile the kernels but leave the capture of
+    the batch's own graph bucket (about a second per bucket) inside the timed pass."""
     layers = llm.engine.cfg.num_layers
     gpus = getattr(llm.engine, "world", 1)  # expert-parallel ranks
     fpt = weight_flops_per_token(llm.engine.lm.model)
     rows = []
     for B in batch_sizes:
-        run_throughput(llm, B, input_len, warmup_output_len or output_len, seed=seed, progress=False)  # warm-up
+        run_throughput(llm, min(B, warmup_prompts or B), input_len, warmup_output_len or output_len, seed=seed,
+                       progress=False)  # warm-up
         r = run_throughput(llm, B, input_len, output_len, seed=seed, progress=False)
         tpot = r["tpot_s"]["p50"]
         ttft = r["ttft_s"]["p50"]

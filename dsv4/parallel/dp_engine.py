@@ -171,9 +171,12 @@ class DPEngine:
             outs = self.local.step()
             gathered = [None] * self.world
             dist.gather_object(None, gathered, dst=0, group=self.ctx.ctrl)
-        except Exception:
-            log.critical("an expert-parallel step failed on rank 0; the ranks cannot continue without it",
-                         exc_info=True)
+        except BaseException as e:
+            # The other ranks may be waiting inside this step's collectives, where no STOP message can reach
+            # them: stop them outright (also on Ctrl-C, which the spawned ranks leave to rank 0).
+            if isinstance(e, Exception):
+                log.critical("an expert-parallel step failed on rank 0; the ranks cannot continue without it",
+                             exc_info=True)
             self._abandon()
             raise
         for r in range(1, self.world):

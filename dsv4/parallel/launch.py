@@ -22,6 +22,7 @@ import datetime
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -119,6 +120,9 @@ def _free_port() -> int:
 def _child_main(config: EngineConfig, spec: DistSpec) -> None:
     """Ranks 1..N-1 started by `start_engine`."""
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank {spec.rank} %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C reaches the whole process group; rank 0 handles it and stops this rank (or, if rank 0 dies, the
+    # control group breaks and this rank leaves). A KeyboardInterrupt here would only break the clean stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     run_worker(config, spec)
     hard_exit_if_needed(0)
 

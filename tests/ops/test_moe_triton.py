@@ -278,9 +278,50 @@ def test_experts_forced_tiles(block_m, bn_gate, bn_down):
 
 
 def test_tile_regimes():
-    cfg = [km.moe_tiles(T * 6, 256, 2048, 4096, False) for T in (1, 64, 256, 1024, 8192)]
-    assert [c["block_m"] for c in cfg] == [16, 16, 16, 32, 64]
-    assert cfg[0]["bn_gate"] == 64 and cfg[-1]["bn_gate"] == 128
+    cfg = [km.moe_tiles(T * 6, 256, 2048, 4096, False) for T in (1, 64, 256, 1024, 2048, 8192)]
+    assert [c["block_m"] for c in cfg] == [16, 16, 16, 32, 64, 64]
+    assert [(c["bn_gate"], c["bn_down"]) for c in cfg[3:]] == [(64, 64), (64, 128), (128, 128)]
+    # two ranks, 128 local experts, 1024 gathered tokens: r = 48, the 64-row middle tiles
+    assert km.moe_tiles(1024 * 6, 128, 2048, 4096, False)["block_m"] == 64
+
+
+def test_packed_fp4_decode_arithmetic():
+    """The packed PTX decode (_fp4_unpack_bf16x2) step by step in torch bf16, for every code and every scale
+    byte it serves (0..240): magnitude bits to bf16 bits 6..8 and the sign to bit 15 (e2m1 * 2^-126, code
+    0b001 a bf16 subnormal), times 2^112, times 2^(s - 113) = e2m1 * 2^(s - 127) exactly."""
+    from dsv4.numerics.fp4 import fp4_decode
+
+    codes = torch.arange(16, dtype=torch.int32)
+    bits = ((codes & 7) << 6) | ((codes & 8) << 12)
+    m = bits.to(torch.int16).view(torch.bfloat16)
+    assert torch.equal(m.float(), fp4_decode(codes.to(torch.uint8)).float() * 2.0**-126)
+    m = m * torch.tensor(2.0**112, dtype=torch.bfloat16)
+    s = torch.arange(0, 241, dtype=torch.int32)
+    f = ((s + 14) << 7).to(torch.int16).view(torch.bfloat16)  # the kernel's factor bits
+    assert torch.equal(f.double(), 2.0 ** (s.double() - 113))
+    got = (m[:, None] * f[None, :]).double()
+    want = fp4_decode(codes.to(torch.uint8)).double()[:, None] * 2.0 ** (s.double()[None, :] - 127)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="NVIDIA GPU only (PTX)")
+def test_packed_fp4_decode_equals_register_decode_gpu():
+    """On an NVIDIA GPU: the packed PTX decode gives the per-value decode's output bit for bit, scale bytes
+    over the whole supported range, bf16 activations and FP8 (act_quant)."""
+    E, D, I = 8, 256, 128
+    ids = random_ids(37, E, 2, 31).cuda()
+    w13, s13, w2, s2 = (t.cuda() for t in make_experts("fp4", E, D, I, seed=32))
+    g = torch.Generator().manual_seed(33)
+    s13 = torch.randint(100, 141, s13.shape, generator=g, dtype=torch.uint8).cuda()
+    s2 = torch.randint(100, 141, s2.shape, generator=g, dtype=torch.uint8).cuda()
+    x, w = make_inputs(37, D, ids.cpu(), seed=34)
+    x, w = (x * 2.0**-20).bfloat16().cuda(), w.cuda()
+    for aq in (False, True):
+        reg = km.moe_experts_impl(x, w13, s13, w2, s2, ids, w, 1e30, aq, scaled_dot=False, packed=False)
+        pk = km.moe_experts_impl(x, w13, s13, w2, s2, ids, w, 1e30, aq, scaled_dot=False, packed=True)
+        assert torch.equal(reg, pk)
+        want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, 1e30, aq)
+        assert ((pk.double() - want.double()).abs().max() <= 1e-2 * want.double().abs().max())
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])

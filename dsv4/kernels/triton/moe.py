@@ -30,7 +30,9 @@ halves loaded with stride 2. A nibble c becomes fp16 bits ((c & 7) << 9) | ((c &
 e2m1(c) * 2^-14 exactly (the fp16 subnormal range lines up with e2m1's, no flush-to-zero on fp16), and is
 multiplied by 2^(s - 127 + 14) (one fp32 multiply; scale bytes above 240, i.e. block scales > 2^113, are
 not supported). Optionally (GPU only, `FP4_SCALED_DOT`), tl.dot_scaled(bf16, e2m1) does the decode with
-Triton's own converter / native MXFP4 MMA where the hardware has it.
+Triton's own converter / native MXFP4 MMA where the hardware has it; in the decode regime on NVIDIA the
+register decode runs in packed PTX instead (`_fp4_unpack_bf16x2`: two values per 32-bit instruction), which
+is faster there (FP4_PACKED_DECODE).
 
 Dot operands: on a GPU bf16 for bf16 activations and for act_quant (FP8 x 2^e activations and FP8 / FP4 x
 2^s weights are exact in bf16, so the products are exact and only the fp32 summation order differs from
@@ -42,7 +44,8 @@ Tile regimes (rows per hit expert r = T k / min(num_local, T k)):
   decode  r <= 16: block_m 16, gate-up BN 64, down BN 64, BK 128, 4 warps: a block is one expert's few
           rows; programs = blocks x (I / 64) and blocks x (D / 64) (~200 / ~400 at T = 1, k = 6), each
           streaming 64 rows of w13 (2 x 64 x D) or w2 once: HBM-bound on the expert weights.
-  middle  r <= 64: block_m 32, gate-up BN 64, down BN 128.
+  middle  r <= 32: block_m 32, BN 64 / 64; r <= 64: block_m 64, gate-up BN 64, down BN 128 (fewer
+          decodes of each weight tile: expert-parallel decode at high concurrency lands here).
   prefill r > 64:  block_m 64, BN 128, 8 warps, 3 stages: tensor-core bound; blocks of one expert are
           adjacent in the launch order, so w13[e] / w2[e] tiles are reused from L2 across them.
 """
@@ -69,6 +72,10 @@ CHECK_IDS = True  # device-side assert (torch._assert_async) that every expert i
 # at T = 8192, 2.1x at 1024, 1.15x at 64, equal at 1, with identical errors vs the reference. Not enabled on
 # ROCm until measured there (the register decode is the portable path).
 FP4_SCALED_DOT = True
+# The register decode in packed PTX (two values per 32-bit op; NVIDIA only) in the decode tile regime, where
+# it beats tl.dot_scaled on an H200: 1.3x at T = 64, 1.15x at T = 256 (docs/perf.md, 2026-12-03); above it,
+# tl.dot_scaled is faster (benchmarks/fp4_decode_sweep.py).
+FP4_PACKED_DECODE = True
 
 
 
@@ -177,8 +184,69 @@ def _a_even_odd(a_rows, ok, k0, K, DOT_DT: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _fp4_unpack_bf16x2(pb, f):
+    """FP4 bytes pb (uint8; low nibble = even column, high = odd) and bf16 factors f = 2^(s - 113) -> the
+    (low, high) nibble values e2m1 * 2^(s - 127) in bf16, exactly, in PTX on packed pairs: prmt spreads two
+    bytes into the two 16-bit lanes of a register; the 3 magnitude bits go to bf16 bits 6..8 and the sign to
+    bit 15 (a bf16 equal to e2m1 * 2^-126: ee = 0 lands on bf16 subnormals, which scale the same way); one
+    fma.rn.bf16x2 by 2^112 (+ -0.0) makes that e2m1 * 2^-14 (normal), a second by f applies the block scale.
+    Every product is exact (powers of two on values of <= 2 significant bits, in the normal range for scale
+    bytes 0..240, the per-value path's range). ~3 instructions per value against ~10 for the per-value
+    int -> fp16 -> fp32 -> bf16 path."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1, m, sg, nz, c;
+        mov.b32 nz, 0x80008000;
+        mov.b32 c, 0x77807780;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        shl.b32 m, t0, 6;
+        and.b32 m, m, 0x01C001C0;
+        shl.b32 sg, t0, 12;
+        and.b32 sg, sg, 0x80008000;
+        or.b32 m, m, sg;
+        fma.rn.bf16x2 m, m, c, nz;
+        fma.rn.bf16x2 $0, m, $5, nz;
+        shl.b32 m, t1, 6;
+        and.b32 m, m, 0x01C001C0;
+        shl.b32 sg, t1, 12;
+        and.b32 sg, sg, 0x80008000;
+        or.b32 m, m, sg;
+        fma.rn.bf16x2 m, m, c, nz;
+        fma.rn.bf16x2 $1, m, $6, nz;
+        shl.b32 m, t0, 2;
+        and.b32 m, m, 0x01C001C0;
+        shl.b32 sg, t0, 8;
+        and.b32 sg, sg, 0x80008000;
+        or.b32 m, m, sg;
+        fma.rn.bf16x2 m, m, c, nz;
+        fma.rn.bf16x2 $2, m, $5, nz;
+        shl.b32 m, t1, 2;
+        and.b32 m, m, 0x01C001C0;
+        shl.b32 sg, t1, 8;
+        and.b32 sg, sg, 0x80008000;
+        or.b32 m, m, sg;
+        fma.rn.bf16x2 m, m, c, nz;
+        fma.rn.bf16x2 $3, m, $6, nz;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r",
+        args=[pb, f], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _fp4_values(pb, sb, DOT_DT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """FP4 bytes pb [BK/2, BN] (int32) and scale bytes sb [BK/32, BN] -> the low / high nibble values in
+    DOT_DT, one value at a time (portable)."""
+    f = fp8_pow2(tl.minimum(sb, 240) - 113)  # 2^(s - 127) * 2^14, exact
+    f = tl.reshape(tl.broadcast_to(f[:, None, :], (BK // 32, 16, BN)), (BK // 2, BN))
+    return (_e2m1_x2m14(pb & 15) * f).to(DOT_DT), (_e2m1_x2m14(pb >> 4) * f).to(DOT_DT)
+
+
+@triton.jit
 def _fp4_dot(acc, a_e, a_o, w_ptr, s_ptr, wr, n_ok, k0, K, s_wn, s_sn, s_sk,
-             DOT_DT: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+             DOT_DT: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PACKED: tl.constexpr):
     """acc += A_even W_lo + A_odd W_hi for FP4 rows wr of one expert (K columns k0 .. k0+BK): byte c of
     the tile holds columns k0 + 2c (low nibble) and k0 + 2c + 1 (high nibble); scale s[wr, (k0 + 2c) / 32]."""
     c = tl.arange(0, BK // 2)
@@ -189,10 +257,12 @@ def _fp4_dot(acc, a_e, a_o, w_ptr, s_ptr, wr, n_ok, k0, K, s_wn, s_sn, s_sk,
     j = k0 // 32 + tl.arange(0, BK // 32)
     sb = tl.load(s_ptr + wr64[None, :] * s_sn + j[:, None] * s_sk,
                  mask=(j < (K + 31) // 32)[:, None] & n_ok[None, :], other=127).to(tl.int32)
-    f = fp8_pow2(tl.minimum(sb, 240) - 113)  # 2^(s - 127) * 2^14, exact
-    f = tl.reshape(tl.broadcast_to(f[:, None, :], (BK // 32, 16, BN)), (BK // 2, BN))
-    w_lo = (_e2m1_x2m14(pb & 15) * f).to(DOT_DT)
-    w_hi = (_e2m1_x2m14(pb >> 4) * f).to(DOT_DT)
+    if PACKED:  # NVIDIA sm_80+, bf16 dots: two values per 32-bit op
+        f = ((tl.minimum(sb, 240) + 14) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 2^(s - 113)
+        f = tl.reshape(tl.broadcast_to(f[:, None, :], (BK // 32, 16, BN)), (BK // 2, BN))
+        w_lo, w_hi = _fp4_unpack_bf16x2(pb.to(tl.uint8), f)
+    else:
+        w_lo, w_hi = _fp4_values(pb, sb, DOT_DT, BK, BN)
     acc = _dot(acc, a_e, w_lo, IEEE)
     return _dot(acc, a_o, w_hi, IEEE)
 
@@ -293,7 +363,7 @@ def _act_roundtrip_kernel(x_ptr, y_ptr, slots_ptr, N, K, NB, s_x, s_y, HAS_SLOTS
 @triton.jit
 def _moe_gate_up_kernel(x_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, rw_ptr, h_ptr,
                         N, KTOP, I, D, n_tiles, max_rows, s_x, s_we, s_wn, s_se, s_sn, s_sk, s_h, limit,
-                        W_FMT: tl.constexpr, W_FNUZ: tl.constexpr, SCALED: tl.constexpr,
+                        W_FMT: tl.constexpr, W_FNUZ: tl.constexpr, SCALED: tl.constexpr, PACKED: tl.constexpr,
                         VAL_DT: tl.constexpr, VAL_RNE: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
                         OUT_DT: tl.constexpr, OUT_RNE: tl.constexpr, HQ: tl.constexpr, FNUZ: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GW: tl.constexpr):
@@ -312,9 +382,10 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, rw_ptr, h_ptr,
     for k0 in range(0, D, BK):
         if (W_FMT == 2) and (not SCALED):
             a_e, a_o = _a_even_odd(a_rows, ok, k0, D, DOT_DT, BK)
-            acc_g = _fp4_dot(acc_g, a_e, a_o, w_e, s_e, n, n_ok, k0, D, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK, BN)
+            acc_g = _fp4_dot(acc_g, a_e, a_o, w_e, s_e, n, n_ok, k0, D, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK, BN,
+                              PACKED)
             acc_u = _fp4_dot(acc_u, a_e, a_o, w_e, s_e, n + I, n_ok, k0, D, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK,
-                             BN)
+                             BN, PACKED)
         else:
             kk = k0 + tl.arange(0, BK)
             a = tl.load(a_rows[:, None] + kk[None, :], mask=ok[:, None] & (kk < D)[None, :], other=0.0).to(DOT_DT)
@@ -338,7 +409,7 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, rw_ptr, h_ptr,
 @triton.jit
 def _moe_down_kernel(h_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, y_ptr,
                      N, I, D, n_tiles, max_rows, s_h, s_we, s_wn, s_se, s_sn, s_sk, s_y,
-                     W_FMT: tl.constexpr, W_FNUZ: tl.constexpr, SCALED: tl.constexpr,
+                     W_FMT: tl.constexpr, W_FNUZ: tl.constexpr, SCALED: tl.constexpr, PACKED: tl.constexpr,
                      VAL_DT: tl.constexpr, VAL_RNE: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
                      OUT_DT: tl.constexpr, OUT_RNE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -354,7 +425,7 @@ def _moe_down_kernel(h_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, y_ptr,
     for k0 in range(0, I, BK):
         if (W_FMT == 2) and (not SCALED):
             a_e, a_o = _a_even_odd(a_rows, ok, k0, I, DOT_DT, BK)
-            acc = _fp4_dot(acc, a_e, a_o, w_e, s_e, n, n_ok, k0, I, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK, BN)
+            acc = _fp4_dot(acc, a_e, a_o, w_e, s_e, n, n_ok, k0, I, s_wn, s_sn, s_sk, DOT_DT, IEEE, BK, BN, PACKED)
         else:
             kk = k0 + tl.arange(0, BK)
             a = tl.load(a_rows[:, None] + kk[None, :], mask=ok[:, None] & (kk < I)[None, :], other=0.0).to(DOT_DT)
@@ -425,8 +496,10 @@ def moe_tiles(num_pairs: int, num_local: int, I: int, D: int, dot_f32: bool) -> 
     r = num_pairs / max(1, min(num_local, num_pairs))
     if r <= 16:
         cfg = dict(block_m=16, bn_gate=64, bn_down=64, num_warps=4, num_stages=4)
-    elif r <= 64:
-        cfg = dict(block_m=32, bn_gate=64, bn_down=128, num_warps=4, num_stages=4)
+    elif r <= 32:
+        cfg = dict(block_m=32, bn_gate=64, bn_down=64, num_warps=4, num_stages=4)
+    elif r <= 64:  # 64-row blocks: each weight tile decoded once for up to 64 rows (1.6x at r = 48, H200)
+        cfg = dict(block_m=64, bn_gate=64, bn_down=128, num_warps=4, num_stages=4)
     else:
         cfg = dict(block_m=64, bn_gate=128, bn_down=128, num_warps=8, num_stages=3)
     if dot_f32:  # fp32 operands: twice the shared memory per stage
@@ -489,7 +562,7 @@ def act_roundtrip(x: torch.Tensor, dialect=Fp8Dialect.OCP, out: torch.Tensor | N
 
 def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
                      dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, block_m=None, bn_gate=None,
-                     bn_down=None, scaled_dot=None, dispatch=None, h_buf=None, y_buf=None):
+                     bn_down=None, scaled_dot=None, packed=None, dispatch=None, h_buf=None, y_buf=None):
     """`moe_experts` with test hooks: tile overrides, a precomputed dispatch (slots, block_expert), and the
     h / y workspaces (tests poison them to prove padding rows are never read)."""
     d = Fp8Dialect.parse(dialect)
@@ -538,10 +611,16 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
     bm = block_m or cfg["block_m"]
     bn1 = bn_gate or cfg["bn_gate"]
     bn2 = bn_down or cfg["bn_down"]
-    default_scaled = FP4_SCALED_DOT and not getattr(torch.version, "hip", None)
-    use_scaled = (default_scaled if scaled_dot is None else scaled_dot) and not interp
+    if packed is None:  # the packed register decode in the decode regime (measured faster there), NVIDIA
+        packed = FP4_PACKED_DECODE and torch.version.cuda is not None and dev.type == "cuda" and cfg["block_m"] == 16
+    if scaled_dot is None:
+        scaled_dot = FP4_SCALED_DOT and not getattr(torch.version, "hip", None) and not packed
+    use_scaled = scaled_dot and not interp
+    use_packed = packed and not interp
     sc13 = use_scaled and f13 == W_FP4 and dt13 == tl.bfloat16
     sc2 = use_scaled and f2 == W_FP4 and dt2 == tl.bfloat16
+    pk13 = use_packed and not sc13 and f13 == W_FP4 and dt13 == tl.bfloat16
+    pk2 = use_packed and not sc2 and f2 == W_FP4 and dt2 == tl.bfloat16
     rne = interp and xdt == torch.bfloat16
     out_dt = _tl_dtype(xdt)
 
@@ -565,7 +644,7 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
         _moe_gate_up_kernel[(mb * n1,)](
             xa, w13b, s13, slots, bexp, rw, h, N, k, I, D, n1, mr, xa.stride(0), sw13[0], sw13[1],
             ss13[0], ss13[1], ss13[2], h.stride(0), float(swiglu_limit),
-            W_FMT=f13, W_FNUZ=fnuz13, SCALED=sc13, VAL_DT=val13, VAL_RNE=rne and val13 == tl.bfloat16,
+            W_FMT=f13, W_FNUZ=fnuz13, SCALED=sc13, PACKED=pk13, VAL_DT=val13, VAL_RNE=rne and val13 == tl.bfloat16,
             DOT_DT=dt13, IEEE=ieee13, OUT_DT=out_dt, OUT_RNE=rne, HQ=hq, FNUZ=d is Fp8Dialect.FNUZ,
             BM=bm, BN=bn1, BK=cfg["bk_gate"], GW=gw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if act_quant and not hq and mr:
@@ -576,7 +655,7 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
     if mb:
         _moe_down_kernel[(mb * n2,)](
             h, w2b, s2, slots, bexp, y, N, I, D, n2, mr, h.stride(0), sw2[0], sw2[1], ss2[0], ss2[1], ss2[2],
-            y.stride(0), W_FMT=f2, W_FNUZ=fnuz2, SCALED=sc2, VAL_DT=val2, VAL_RNE=rne and val2 == tl.bfloat16,
+            y.stride(0), W_FMT=f2, W_FNUZ=fnuz2, SCALED=sc2, PACKED=pk2, VAL_DT=val2, VAL_RNE=rne and val2 == tl.bfloat16,
             DOT_DT=dt2, IEEE=ieee2, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn2, BK=cfg["bk_down"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     # 5. combine (fixed order over the k slots)

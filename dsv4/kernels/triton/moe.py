@@ -76,6 +76,7 @@ FP4_SCALED_DOT = True
 # it beats tl.dot_scaled on an H200: 1.3x at T = 64, 1.15x at T = 256 (docs/perf.md, 2026-12-03); above it,
 # tl.dot_scaled is faster (benchmarks/fp4_decode_sweep.py).
 FP4_PACKED_DECODE = True
+FP4_PACKED_MAX_R = 8  # rows per hit expert up to which the packed decode is used
 
 
 
@@ -611,8 +612,9 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
     bm = block_m or cfg["block_m"]
     bn1 = bn_gate or cfg["bn_gate"]
     bn2 = bn_down or cfg["bn_down"]
-    if packed is None:  # the packed register decode in the decode regime (measured faster there), NVIDIA
-        packed = FP4_PACKED_DECODE and torch.version.cuda is not None and dev.type == "cuda" and cfg["block_m"] == 16
+    if packed is None:  # the packed register decode where measured faster (few rows per expert), NVIDIA
+        packed = (FP4_PACKED_DECODE and torch.version.cuda is not None and dev.type == "cuda"
+                  and N / max(1, min(E_loc, N)) <= FP4_PACKED_MAX_R)
     if scaled_dot is None:
         scaled_dot = FP4_SCALED_DOT and not getattr(torch.version, "hip", None) and not packed
     use_scaled = scaled_dot and not interp

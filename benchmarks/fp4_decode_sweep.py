@@ -18,6 +18,34 @@ VARIANTS = {"scaled": dict(scaled_dot=True, packed=False), "register": dict(scal
             "packed": dict(scaled_dot=False, packed=True), "default": {}}
 
 
+D, I, E, K_TOP = 4096, 2048, 256, 6
+
+
+def _experts():
+    from dsv4.kernels.triton import moe as km
+
+    return km._fp4_experts(E, D, I, "cuda")
+
+
+def _inputs(T: int, seed: int, x_scale: float = 1.0):
+    """bf16 activations and uniform random top-6 routing over the 256 experts."""
+    from dsv4.kernels.triton import moe as km
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.randn(T, D, device="cuda", generator=g) * x_scale).bfloat16()
+    ids, w = km._route_inputs(T, E, K_TOP, "cuda")
+    return x, ids, w
+
+
+def _record(rows: list, r: dict) -> None:
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+
+
+def _max_err(got, want) -> float:
+    return (got.double() - want.double()).abs().max().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,64,256,1024,2048,8192")
@@ -25,74 +53,63 @@ def main() -> None:
     ap.add_argument("--tiles", default="", help="T values for a tile sweep (block_m x (bn_gate, bn_down)) of the "
                     "packed and scaled paths, bf16 activations, instead of the default comparison")
     a = ap.parse_args()
-    from triton.testing import do_bench
-
-    from dsv4.kernels.triton import moe as km
-    from dsv4.ops.moe import moe_experts_reference
-
-    D, I, E, k = 4096, 2048, 256, 6
-    w13, s13, w2, s2 = km._fp4_experts(E, D, I, "cuda")
-    rows = []
+    rows: list[dict] = []
     if a.tiles:
-        tile_sweep([int(t) for t in a.tiles.split(",")], rows, a.out)
-        return
-    for T in [int(t) for t in a.tokens.split(",")]:
-        for aq in (False, True):
-            g = torch.Generator(device="cuda").manual_seed(2)
-            x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
-            ids, w = km._route_inputs(T, E, k, "cuda")
-            want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, 10.0, aq)
-            outs = {}
-            for name, kw in VARIANTS.items():
-                def fn():
-                    return km.moe_experts_impl(x, w13, s13, w2, s2, ids, w, 10.0, aq, **kw)
-                try:
-                    outs[name] = fn()
-                    us = do_bench(fn, return_mode="median") * 1e3
-                except Exception as e:  # record and go on
-                    r = {"T": T, "act_quant": aq, "variant": name, "error": f"{type(e).__name__}: {str(e)[-1500:]}"}
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
-                    continue
-                err = (outs[name].double() - want.double()).abs().max().item()
-                r = {"T": T, "act_quant": aq, "variant": name, "us": us, "max_abs_err": err,
-                     "ref_abs_max": want.abs().max().item()}
-                if name == "packed" and "register" in outs:
-                    r["equal_to_register"] = bool(torch.equal(outs["packed"], outs["register"]))
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-    # Block scales around 2 (bytes 127..130): tiles holding a byte above 128 take the per-value path inside
-    # the packed kernel; the result must still equal the register decode's.
-    T = 64
-    g = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(T, D, device="cuda", generator=g).bfloat16() * 1e-3
-    ids, w = km._route_inputs(T, E, k, "cuda")
-    s13b, s2b = s13 + 9, s2 + 9
-    want = moe_experts_reference(x, w13, s13b, w2, s2b, ids, w, 1e4, False)
-    outs = {n: km.moe_experts_impl(x, w13, s13b, w2, s2b, ids, w, 1e4, False, **VARIANTS[n])
-            for n in ("register", "packed")}
-    r = {"T": T, "variant": "packed, scale bytes 127..130", "max_abs_err": (outs["packed"].double()
-         - want.double()).abs().max().item(), "ref_abs_max": want.abs().max().item(),
-         "equal_to_register": bool(torch.equal(outs["packed"], outs["register"]))}
-    rows.append(r)
-    print(json.dumps(r), flush=True)
+        tile_sweep([int(t) for t in a.tiles.split(",")], rows)
+    else:
+        compare_paths([int(t) for t in a.tokens.split(",")], rows)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
-def tile_sweep(tokens, rows, out) -> None:
+def compare_paths(tokens, rows) -> None:
     from triton.testing import do_bench
 
     from dsv4.kernels.triton import moe as km
     from dsv4.ops.moe import moe_experts_reference
 
-    D, I, E, k = 4096, 2048, 256, 6
-    w13, s13, w2, s2 = km._fp4_experts(E, D, I, "cuda")
+    w13, s13, w2, s2 = _experts()
     for T in tokens:
-        g = torch.Generator(device="cuda").manual_seed(2)
-        x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
-        ids, w = km._route_inputs(T, E, k, "cuda")
+        for aq in (False, True):
+            x, ids, w = _inputs(T, 2)
+            want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, 10.0, aq)
+            outs = {}
+            for name, kw in VARIANTS.items():
+                def fn():
+                    return km.moe_experts_impl(x, w13, s13, w2, s2, ids, w, 10.0, aq, **kw)
+                r = {"T": T, "act_quant": aq, "variant": name}
+                try:
+                    outs[name] = fn()
+                    r["us"] = do_bench(fn, return_mode="median") * 1e3
+                except Exception as e:  # record and go on
+                    _record(rows, {**r, "error": f"{type(e).__name__}: {str(e)[-1500:]}"})
+                    continue
+                r.update(max_abs_err=_max_err(outs[name], want), ref_abs_max=want.abs().max().item())
+                if name == "packed" and "register" in outs:
+                    r["equal_to_register"] = bool(torch.equal(outs["packed"], outs["register"]))
+                _record(rows, r)
+    # Block scales around 2..8 (bytes 127..130, above the random experts' 118..120): the packed decode's
+    # two power-of-two multiplies must still give the per-value decode's result.
+    x, ids, w = _inputs(64, 3, 1e-3)
+    s13b, s2b = s13 + 9, s2 + 9
+    want = moe_experts_reference(x, w13, s13b, w2, s2b, ids, w, 1e4, False)
+    outs = {n: km.moe_experts_impl(x, w13, s13b, w2, s2b, ids, w, 1e4, False, **VARIANTS[n])
+            for n in ("register", "packed")}
+    _record(rows, {"T": 64, "variant": "packed, scale bytes 127..130", "max_abs_err": _max_err(outs["packed"], want),
+                   "ref_abs_max": want.abs().max().item(),
+                   "equal_to_register": bool(torch.equal(outs["packed"], outs["register"]))})
+
+
+def tile_sweep(tokens, rows) -> None:
+    from triton.testing import do_bench
+
+    from dsv4.kernels.triton import moe as km
+    from dsv4.ops.moe import moe_experts_reference
+
+    w13, s13, w2, s2 = _experts()
+    for T in tokens:
+        x, ids, w = _inputs(T, 2)
         want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, 10.0, False)
         for name in ("packed", "scaled"):
             for bm in (16, 32, 64):
@@ -102,19 +119,14 @@ def tile_sweep(tokens, rows, out) -> None:
                                                    bn_gate=bn1, bn_down=bn2, **VARIANTS[name])
                     r = {"T": T, "variant": name, "block_m": bm, "bn_gate": bn1, "bn_down": bn2}
                     try:
-                        r["max_abs_err"] = (fn().double() - want.double()).abs().max().item()
+                        r["max_abs_err"] = _max_err(fn(), want)
                         r["us"] = do_bench(fn, return_mode="median") * 1e3
                     except Exception as e:
                         r["error"] = f"{type(e).__name__}: {str(e)[-300:]}"
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
-        for name in ("packed", "scaled"):
+                    _record(rows, r)
             ok = [r for r in rows if r["T"] == T and r["variant"] == name and "us" in r]
             if ok:
                 print("best", json.dumps(min(ok, key=lambda r: r["us"])), flush=True)
-    if out:
-        with open(out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ halves loaded with stride 2. A nibble c becomes fp16 bits ((c & 7) << 9) | ((c &
 e2m1(c) * 2^-14 exactly (the fp16 subnormal range lines up with e2m1's, no flush-to-zero on fp16), and is
 multiplied by 2^(s - 127 + 14) (one fp32 multiply; scale bytes above 240, i.e. block scales > 2^113, are
 not supported). Optionally (GPU only, `FP4_SCALED_DOT`), tl.dot_scaled(bf16, e2m1) does the decode with
-Triton's own converter / native MXFP4 MMA where the hardware has it; in the decode regime on NVIDIA the
-register decode runs in packed PTX instead (`_fp4_unpack_bf16x2`: two values per 32-bit instruction), which
-is faster there (FP4_PACKED_DECODE).
+Triton's own converter / native MXFP4 MMA where the hardware has it; with few rows per expert on NVIDIA
+(r <= FP4_PACKED_MAX_R) the register decode runs in packed PTX instead (`_fp4_unpack_bf16x2`: two values
+per 32-bit instruction), which is faster there.
 
 Dot operands: on a GPU bf16 for bf16 activations and for act_quant (FP8 x 2^e activations and FP8 / FP4 x
 2^s weights are exact in bf16, so the products are exact and only the fp32 summation order differs from
@@ -72,9 +72,9 @@ CHECK_IDS = True  # device-side assert (torch._assert_async) that every expert i
 # at T = 8192, 2.1x at 1024, 1.15x at 64, equal at 1, with identical errors vs the reference. Not enabled on
 # ROCm until measured there (the register decode is the portable path).
 FP4_SCALED_DOT = True
-# The register decode in packed PTX (two values per 32-bit op; NVIDIA only) in the decode tile regime, where
-# it beats tl.dot_scaled on an H200: 1.3x at T = 64, 1.15x at T = 256 (docs/perf.md, 2026-12-03); above it,
-# tl.dot_scaled is faster (benchmarks/fp4_decode_sweep.py).
+# The register decode in packed PTX (two values per 32-bit op; NVIDIA only) up to FP4_PACKED_MAX_R rows per
+# hit expert, where it beats tl.dot_scaled on an H200: 1.3x at T = 64, 1.15x at T = 256 (docs/perf.md,
+# 2026-12-03); with more rows tl.dot_scaled is faster (benchmarks/fp4_decode_sweep.py).
 FP4_PACKED_DECODE = True
 FP4_PACKED_MAX_R = 8  # rows per hit expert up to which the packed decode is used
 
@@ -184,6 +184,23 @@ def _a_even_odd(a_rows, ok, k0, K, DOT_DT: tl.constexpr, BK: tl.constexpr):
     return a_e, a_o
 
 
+def _fp4_unpack_asm() -> str:
+    """PTX of `_fp4_unpack_bf16x2`: per output register (two bf16 lanes) from the spread bytes t0 (bytes 0, 1)
+    or t1 (bytes 2, 3): magnitude bits to 6..8, sign to 15, x 2^112, x the lanes' scale factors."""
+    lines = [".reg .b32 t0, t1, m, sg, nz, c;", "mov.b32 nz, 0x80008000;", "mov.b32 c, 0x77807780;",
+             "prmt.b32 t0, $4, 0, 0x4140;", "prmt.b32 t1, $4, 0, 0x4342;"]
+    # outputs $0, $1: low nibbles (bits 0..3 of each lane); $2, $3: high nibbles (bits 4..7)
+    for out, (src, mag_shift, sign_shift, scale) in enumerate([("t0", 6, 12, "$5"), ("t1", 6, 12, "$6"),
+                                                                ("t0", 2, 8, "$5"), ("t1", 2, 8, "$6")]):
+        lines += [f"shl.b32 m, {src}, {mag_shift};", "and.b32 m, m, 0x01C001C0;",
+                  f"shl.b32 sg, {src}, {sign_shift};", "and.b32 sg, sg, 0x80008000;", "or.b32 m, m, sg;",
+                  "fma.rn.bf16x2 m, m, c, nz;", f"fma.rn.bf16x2 ${out}, m, {scale}, nz;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_FP4_UNPACK_ASM = tl.constexpr(_fp4_unpack_asm())
+
+
 @triton.jit
 def _fp4_unpack_bf16x2(pb, f):
     """FP4 bytes pb (uint8; low nibble = even column, high = odd) and bf16 factors f = 2^(s - 113) -> the
@@ -195,54 +212,15 @@ def _fp4_unpack_bf16x2(pb, f):
     bytes 0..240, the per-value path's range). ~3 instructions per value against ~10 for the per-value
     int -> fp16 -> fp32 -> bf16 path."""
     return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 t0, t1, m, sg, nz, c;
-        mov.b32 nz, 0x80008000;
-        mov.b32 c, 0x77807780;
-        prmt.b32 t0, $4, 0, 0x4140;
-        prmt.b32 t1, $4, 0, 0x4342;
-        shl.b32 m, t0, 6;
-        and.b32 m, m, 0x01C001C0;
-        shl.b32 sg, t0, 12;
-        and.b32 sg, sg, 0x80008000;
-        or.b32 m, m, sg;
-        fma.rn.bf16x2 m, m, c, nz;
-        fma.rn.bf16x2 $0, m, $5, nz;
-        shl.b32 m, t1, 6;
-        and.b32 m, m, 0x01C001C0;
-        shl.b32 sg, t1, 12;
-        and.b32 sg, sg, 0x80008000;
-        or.b32 m, m, sg;
-        fma.rn.bf16x2 m, m, c, nz;
-        fma.rn.bf16x2 $1, m, $6, nz;
-        shl.b32 m, t0, 2;
-        and.b32 m, m, 0x01C001C0;
-        shl.b32 sg, t0, 8;
-        and.b32 sg, sg, 0x80008000;
-        or.b32 m, m, sg;
-        fma.rn.bf16x2 m, m, c, nz;
-        fma.rn.bf16x2 $2, m, $5, nz;
-        shl.b32 m, t1, 2;
-        and.b32 m, m, 0x01C001C0;
-        shl.b32 sg, t1, 8;
-        and.b32 sg, sg, 0x80008000;
-        or.b32 m, m, sg;
-        fma.rn.bf16x2 m, m, c, nz;
-        fma.rn.bf16x2 $3, m, $6, nz;
-        }
-        """,
+        asm=_FP4_UNPACK_ASM,
         constraints="=r,=r,=r,=r,r,r,r",
         args=[pb, f], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
 
 @triton.jit
-def _fp4_values(pb, sb, DOT_DT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """FP4 bytes pb [BK/2, BN] (int32) and scale bytes sb [BK/32, BN] -> the low / high nibble values in
-    DOT_DT, one value at a time (portable)."""
-    f = fp8_pow2(tl.minimum(sb, 240) - 113)  # 2^(s - 127) * 2^14, exact
-    f = tl.reshape(tl.broadcast_to(f[:, None, :], (BK // 32, 16, BN)), (BK // 2, BN))
-    return (_e2m1_x2m14(pb & 15) * f).to(DOT_DT), (_e2m1_x2m14(pb >> 4) * f).to(DOT_DT)
+def _per_byte(f, BK: tl.constexpr, BN: tl.constexpr):
+    """Per-(32 columns) factors [BK/32, BN] repeated for each of the 16 bytes of their block: [BK/2, BN]."""
+    return tl.reshape(tl.broadcast_to(f[:, None, :], (BK // 32, 16, BN)), (BK // 2, BN))
 
 
 @triton.jit
@@ -260,10 +238,11 @@ def _fp4_dot(acc, a_e, a_o, w_ptr, s_ptr, wr, n_ok, k0, K, s_wn, s_sn, s_sk,
                  mask=(j < (K + 31) // 32)[:, None] & n_ok[None, :], other=127).to(tl.int32)
     if PACKED:  # NVIDIA sm_80+, bf16 dots: two values per 32-bit op
         f = ((tl.minimum(sb, 240) + 14) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 2^(s - 113)
-        f = tl.reshape(tl.broadcast_to(f[:, None, :], (BK // 32, 16, BN)), (BK // 2, BN))
-        w_lo, w_hi = _fp4_unpack_bf16x2(pb.to(tl.uint8), f)
+        w_lo, w_hi = _fp4_unpack_bf16x2(pb.to(tl.uint8), _per_byte(f, BK, BN))
     else:
-        w_lo, w_hi = _fp4_values(pb, sb, DOT_DT, BK, BN)
+        f = _per_byte(fp8_pow2(tl.minimum(sb, 240) - 113), BK, BN)  # 2^(s - 127) * 2^14, exact
+        w_lo = (_e2m1_x2m14(pb & 15) * f).to(DOT_DT)
+        w_hi = (_e2m1_x2m14(pb >> 4) * f).to(DOT_DT)
     acc = _dot(acc, a_e, w_lo, IEEE)
     return _dot(acc, a_o, w_hi, IEEE)
 
@@ -646,8 +625,9 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
         _moe_gate_up_kernel[(mb * n1,)](
             xa, w13b, s13, slots, bexp, rw, h, N, k, I, D, n1, mr, xa.stride(0), sw13[0], sw13[1],
             ss13[0], ss13[1], ss13[2], h.stride(0), float(swiglu_limit),
-            W_FMT=f13, W_FNUZ=fnuz13, SCALED=sc13, PACKED=pk13, VAL_DT=val13, VAL_RNE=rne and val13 == tl.bfloat16,
-            DOT_DT=dt13, IEEE=ieee13, OUT_DT=out_dt, OUT_RNE=rne, HQ=hq, FNUZ=d is Fp8Dialect.FNUZ,
+            W_FMT=f13, W_FNUZ=fnuz13, SCALED=sc13, PACKED=pk13, VAL_DT=val13,
+            VAL_RNE=rne and val13 == tl.bfloat16, DOT_DT=dt13, IEEE=ieee13, OUT_DT=out_dt, OUT_RNE=rne, HQ=hq,
+            FNUZ=d is Fp8Dialect.FNUZ,
             BM=bm, BN=bn1, BK=cfg["bk_gate"], GW=gw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if act_quant and not hq and mr:
         act_roundtrip(h, d, out=h, slots=slots, num_pairs=N)
@@ -657,7 +637,8 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
     if mb:
         _moe_down_kernel[(mb * n2,)](
             h, w2b, s2, slots, bexp, y, N, I, D, n2, mr, h.stride(0), sw2[0], sw2[1], ss2[0], ss2[1], ss2[2],
-            y.stride(0), W_FMT=f2, W_FNUZ=fnuz2, SCALED=sc2, PACKED=pk2, VAL_DT=val2, VAL_RNE=rne and val2 == tl.bfloat16,
+            y.stride(0), W_FMT=f2, W_FNUZ=fnuz2, SCALED=sc2, PACKED=pk2, VAL_DT=val2,
+            VAL_RNE=rne and val2 == tl.bfloat16,
             DOT_DT=dt2, IEEE=ieee2, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn2, BK=cfg["bk_down"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     # 5. combine (fixed order over the k slots)

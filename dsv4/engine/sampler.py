@@ -3,12 +3,18 @@
 Per row, in this order:
 
 (a) logprobs, when asked, are those of the RAW model distribution (log_softmax of the logits as they
-    came from the model, before penalties, temperature or truncation), as in vLLM's default;
+    came from the model, before penalties, temperature or truncation), as in vLLM's default; the
+    top-n list is ordered by logprob, exactly tied entries by lowest id first (which of several
+    tokens exactly tied at the n-th place makes the list is not defined); the rank is 1 + the number
+    of tokens strictly more likely, so tied tokens share a rank. Two batchings of one request agree
+    on logprobs to rounding (~1e-6), not bit for bit, so near-tied tokens may swap places and a deep
+    rank may move by the number of tokens within rounding of the chosen one;
 (b) repetition penalty over prompt + output tokens (a positive logit is divided by the penalty, a
     negative one multiplied), then frequency (x count) and presence (x [count > 0]) penalties over
     the OUTPUT tokens only, subtracted;
 (c) while fewer than min_tokens tokens are out, the row's stop ids (EOS + stop_token_ids) get -inf;
-(d) greedy rows (temperature 0) take the argmax of the processed logits (the lowest id on ties);
+(d) greedy rows (temperature 0) take the argmax of the processed logits, the lowest id on exact
+    ties (torch.argmax's first maximum, on every device; any other provider must follow this rule);
 (e) other rows: divide by the temperature, keep the top-k, then the top-p nucleus (the smallest set
     of most likely tokens whose probability mass reaches top_p; the most likely token always stays),
     then drop tokens below min_p x the largest probability, renormalise, and sample by the
@@ -184,7 +190,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], ns: Sequence[
         tv, ti = tv.tolist(), ti.tolist()
     out = []
     for j, (c, r, n) in enumerate(zip(chosen[:, 0].tolist(), rank.tolist(), ns)):
-        top = list(zip(ti[j][:n], tv[j][:n])) if kmax > 0 and n > 0 else []
+        top = sorted(zip(ti[j][:n], tv[j][:n]), key=lambda e: (-e[1], e[0])) if kmax > 0 and n > 0 else []
         out.append(TokenLogprobs(token_id=int(token_ids[j]), logprob=c, rank=r, top=top))
     return out
 

@@ -74,6 +74,14 @@ def test_greedy_ignores_truncation_and_takes_lowest_id_on_ties():
     assert Sampler()(logits, [row(p)])[0] == [3]
 
 
+def test_top_logprobs_list_exact_ties_lowest_id_first():
+    logits = torch.zeros(2, V)
+    logits[:, [40, 7, 3, 55]] = torch.tensor([5.0, 5.0, 5.0, 6.0])
+    for lp in prompt_logprobs(logits, [7, 55], 4):
+        assert [t for t, _ in lp.top] == [55, 3, 7, 40]
+    assert [lp.rank for lp in prompt_logprobs(logits, [7, 40], 1)] == [2, 2]  # tied tokens share a rank
+
+
 # ---- seeded reproducibility -------------------------------------------------------------------------
 
 TARGET = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234)

@@ -7,6 +7,9 @@ import asyncio
 import json
 import sys
 
+import torch
+
+from dsv4.engine import sampler as sampler_mod
 from dsv4.engine.async_engine import AsyncLLM
 from dsv4.engine.llm import LLM
 from dsv4.engine.sampling_params import SamplingParams
@@ -21,8 +24,34 @@ def params() -> list[SamplingParams]:
             SamplingParams(max_tokens=5, **greedy), SamplingParams(max_tokens=4, temperature=0.7, seed=11, ignore_eos=True)]
 
 
+# Two batchings of the same model give logprobs that agree to ~1e-6, not bit for bit: which of two
+# (nearly) tied tokens ranks first, or makes the top-n cut, is not defined. The one-process reference
+# therefore also records, per entry, what any other batching may legitimately report: the band of
+# ranks the chosen token can take when every logprob moves by up to TIE, and every token (with its
+# logprob) whose logprob lies within TIE of the n-th best, i.e. every id that may appear in a top-n.
+TIE = 1e-4
+
+
+def _with_tie_bands(orig):
+    def token_logprobs(logits, token_ids, ns):
+        out = orig(logits, token_ids, ns)
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        for j, t in enumerate(out):
+            d = lp[j] - lp[j, t.token_id]
+            above_tie = int((d > TIE).sum())
+            t.rank_band = [1 + above_tie, above_tie + int(((d > -TIE) & (d <= TIE)).sum())]
+            if t.top:
+                near = torch.nonzero(lp[j] >= t.top[-1][1] - TIE).flatten()
+                t.may_top = [[int(i), float(lp[j, i])] for i in near.tolist()]
+        return out
+    return token_logprobs
+
+
 def lp(x):
-    return None if x is None else [None if t is None else [t.token_id, t.logprob, t.rank] for t in x]
+    return None if x is None else [None if t is None else
+                                   {"id": t.token_id, "logprob": t.logprob, "rank": t.rank, "top": t.top,
+                                    "rank_band": getattr(t, "rank_band", None), "may_top": getattr(t, "may_top", None)}
+                                   for t in x]
 
 
 def row(o) -> dict:
@@ -32,6 +61,7 @@ def row(o) -> dict:
 
 
 def reference(tiny: str) -> dict:
+    sampler_mod.token_logprobs = _with_tie_bands(sampler_mod.token_logprobs)
     llm = LLM(tiny, **ENGINE)
     return {"batch": [row(o) for o in llm.generate(PROMPTS, params(), use_tqdm=False)]}
 

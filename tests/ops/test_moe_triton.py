@@ -285,6 +285,29 @@ def test_tile_regimes():
     assert km.moe_tiles(1024 * 6, 128, 2048, 4096, False)["block_m"] == 64
 
 
+@pytest.mark.parametrize("limit", [232448, 166912, 101376, 65536])  # H100/H200, A100, sm86/89, MI300X LDS
+def test_tiles_fit_shared_memory(limit):
+    """Every regime x weight format x activation dtype x shape fits the device's shared memory after fit_smem
+    (bf16 dense experts at prefill tiles asked an H200 for 245,760 bytes and failed to launch); tiles that
+    already fit are left alone."""
+    raw = {"fp4": 0.5, "fp8": 1, "bf16": 2, "fp32": 4}
+    for D, I in [(1024, 256), (4096, 2048), (7168, 2048), (256, 64)]:
+        for T in (1, 64, 512, 8192):
+            for fmt, xb in [("fp4", 2), ("fp8", 2), ("bf16", 2), ("fp32", 4)]:
+                cfg = km.moe_tiles(T * 6, 16, I, D, xb == 4)
+                fit = km.fit_smem(cfg, limit, xb, raw[fmt], raw[fmt])
+                for bn, bk, tiles, wb in [("bn_gate", "bk_gate", 2, raw[fmt]), ("bn_down", "bk_down", 1, raw[fmt])]:
+                    assert km.tile_smem_bytes(fit["block_m"], fit[bn], fit[bk], fit["num_stages"], xb, wb,
+                                              tiles) * 1.1 <= limit, (D, I, T, fmt, fit)
+                if 1.1 * max(km.tile_smem_bytes(cfg["block_m"], cfg[b], cfg[k], cfg["num_stages"], xb, raw[fmt], n)
+                             for b, k, n in [("bn_gate", "bk_gate", 2), ("bn_down", "bk_down", 1)]) <= limit:
+                    assert fit == cfg
+    bf16_prefill = km.moe_tiles(8192 * 6, 16, 256, 1024, False)
+    assert km.tile_smem_bytes(bf16_prefill["block_m"], bf16_prefill["bn_gate"], bf16_prefill["bk_gate"],
+                              bf16_prefill["num_stages"], 2, 2, 2) > 232448  # the crash this guards against
+    assert km.fit_smem(bf16_prefill, None, 2, 2, 2) == bf16_prefill  # the interpreter: no limit
+
+
 def test_packed_fp4_decode_arithmetic():
     """The packed PTX decode (_fp4_unpack_bf16x2) step by step in torch bf16, for every code and every scale
     byte it serves (0..240): magnitude bits to bf16 bits 6..8 and the sign to bit 15 (e2m1 * 2^-126, code

@@ -46,6 +46,19 @@ def sm_count(device: torch.device) -> int | None:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=None)
+def _max_shared_mem(index: int) -> int:
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def max_shared_mem(device: torch.device) -> int | None:
+    """Bytes of shared memory (LDS on AMD) one program may use on a CUDA / ROCm device (H200: 232,448;
+    MI300X: 65,536); None elsewhere (the interpreter has no limit)."""
+    if device.type != "cuda" or interpreting(device):
+        return None
+    return _max_shared_mem(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @triton.jit
 def fp8_decode(b, FNUZ: tl.constexpr):
     """uint8 (any int) codes -> float32 values. NaN codes are not special-cased (never stored)."""

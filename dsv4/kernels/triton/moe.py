@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
-                                        interpreting, register)
+                                        interpreting, max_shared_mem, register)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.ops.moe import moe_experts as moe_experts_op
@@ -437,6 +437,32 @@ def _moe_combine_kernel(y_ptr, ids_ptr, g2l_ptr, out_ptr, T, D, E_glob, s_y, s_o
     tl.store(out_ptr + t.to(tl.int64)[:, None] * s_o + d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
 
 
+# Grid = (T * k, cdiv(I, BN)): for pair row p (token p // k, slot p % k) of a [T k, 2I] gate|up GEMM output
+# (in x's dtype, as `linear` returns), h[p] = silu(min(g, L)) * clamp(u, -L, L) * w[p] rounded to x's dtype,
+# then (HQ) the FP8 round trip per 128 channels: what _moe_gate_up_kernel's epilogue does, for a gate-up
+# GEMM done elsewhere (a vendor provider). Rows of remote experts are skipped (never read downstream).
+@triton.jit
+def _swiglu_rows_kernel(gu_ptr, ids_ptr, g2l_ptr, rw_ptr, h_ptr, I, E_glob, s_gu, s_h, limit,
+                        OUT_RNE: tl.constexpr, OUT_DT: tl.constexpr, HQ: tl.constexpr, FNUZ: tl.constexpr,
+                        BN: tl.constexpr, GW: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    gid = tl.load(ids_ptr + p).to(tl.int64)
+    inr = (gid >= 0) & (gid < E_glob)
+    loc = tl.load(g2l_ptr + tl.where(inr, gid, 0))
+    if (not inr) | (loc < 0):
+        return
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = n < I
+    g = tl.load(gu_ptr + p * s_gu + n, mask=n_ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + p * s_gu + I + n, mask=n_ok, other=0.0).to(tl.float32)
+    g = tl.minimum(g, limit)
+    u = tl.minimum(tl.maximum(u, -limit), limit)
+    h = _round_to(g * tl.sigmoid(g) * u * tl.load(rw_ptr + p).to(tl.float32), OUT_DT, OUT_RNE)
+    if HQ:
+        h = tl.reshape(_fp8_roundtrip_groups(tl.reshape(h, (1, BN)), n_ok, FNUZ, 1, BN, GW), (BN,))
+    tl.store(h_ptr + p * s_h + n, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+
+
 # ============================================================================= host side: dispatch
 
 
@@ -491,6 +517,47 @@ def moe_tiles(num_pairs: int, num_local: int, I: int, D: int, dot_f32: bool) -> 
     return cfg
 
 
+def tile_smem_bytes(block_m: int, bn: int, bk: int, stages: int, x_bytes: int, w_bytes: float, w_tiles: int) -> int:
+    """Shared memory a pipelined grouped-GEMM program asks for, estimated from what it stages per K step:
+    the activation tile [block_m, bk] and w_tiles weight tiles [bk, bn] as loaded (w_bytes per value: 2 bf16,
+    4 fp32, 1 FP8, 0.5 packed FP4), `stages` deep, plus one fp32 [block_m, bn] tile for the epilogue's layout
+    conversion."""
+    per_stage = block_m * bk * x_bytes + w_tiles * int(bk * bn * w_bytes)
+    return stages * per_stage + block_m * bn * 4
+
+
+def fit_smem(cfg: dict, limit: int | None, x_bytes: int, w13_bytes: float, w2_bytes: float) -> dict:
+    """`cfg` with num_stages, then N tiles, then K tiles lowered until both GEMMs' estimated shared memory
+    (tile_smem_bytes, plus 10% headroom for what the compiler adds) fits `limit` (None: no limit, the
+    interpreter). Without this, bf16 / fp32 dense experts at prefill tiles asked an H200 for 245,760 bytes
+    (3 stages of 64 x 128 + 2 x 128 x 128 bf16) and failed to launch; FP4 / FP8 tiles are smaller."""
+    if limit is None:
+        return cfg
+    cfg = dict(cfg)
+
+    def need():
+        g = tile_smem_bytes(cfg["block_m"], cfg["bn_gate"], cfg["bk_gate"], cfg["num_stages"], x_bytes, w13_bytes, 2)
+        d = tile_smem_bytes(cfg["block_m"], cfg["bn_down"], cfg["bk_down"], cfg["num_stages"], x_bytes, w2_bytes, 1)
+        return int(1.1 * max(g, d))
+
+    while need() > limit:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif max(cfg["bn_gate"], cfg["bn_down"]) > 32:
+            key = "bn_gate" if cfg["bn_gate"] >= cfg["bn_down"] else "bn_down"
+            cfg[key] //= 2
+        elif max(cfg["bk_gate"], cfg["bk_down"]) > 32:
+            key = "bk_gate" if cfg["bk_gate"] >= cfg["bk_down"] else "bk_down"
+            cfg[key] //= 2
+        elif cfg["block_m"] > 16:
+            cfg["block_m"] //= 2
+        elif cfg["num_stages"] > 1:
+            cfg["num_stages"] -= 1
+        else:
+            break  # the smallest tiles: nothing left to lower
+    return cfg
+
+
 _FMT_CODE = {"dense": W_DENSE, "fp8": W_FP8, "fp4": W_FP4}
 
 
@@ -538,6 +605,39 @@ def act_roundtrip(x: torch.Tensor, dialect=Fp8Dialect.OCP, out: torch.Tensor | N
         x, y, slots if slots is not None else x, num_pairs, K, nb, x.stride(0), y.stride(0),
         HAS_SLOTS=slots is not None, G=g, FNUZ=d is Fp8Dialect.FNUZ, OUT_RNE=False, num_warps=4)
     return y
+
+
+def moe_combine(y: torch.Tensor, ids: torch.Tensor, expert_map: ExpertMap, out: torch.Tensor) -> torch.Tensor:
+    """out [T, D] fp32 = sum over j of y[t k + j] for the local (token, slot) pairs, j in order 0..k-1."""
+    T, D = out.shape
+    k = ids.shape[1]
+    bd = min(256, triton.next_power_of_2(max(D, 1)))
+    bt = max(1, min(16, 4096 // bd))
+    if T and D:
+        _moe_combine_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
+            y, ids, expert_map.global_to_local(out.device), out, T, D, expert_map.num_global, y.stride(0),
+            out.stride(0), KTOP=k, BT=bt, BD=bd, num_warps=4)
+    return out
+
+
+def swiglu_rows(gu: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert_map: ExpertMap, limit: float,
+                act_quant: bool, dialect=Fp8Dialect.OCP, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gu [T k, 2I] (gate | up per (token, slot) pair, in x's dtype) -> h [T k, I] in gu's dtype: the SwiGLU
+    with the clamps, times the routing weight, rounded, then (act_quant) rounded through FP8 per 128 channels
+    exactly as the fused gate-up epilogue does. Rows of pairs whose expert is remote are left unwritten."""
+    d = Fp8Dialect.parse(dialect)
+    P, I2 = gu.shape
+    I = I2 // 2
+    h = torch.empty((P, I), dtype=gu.dtype, device=gu.device) if out is None else out
+    if P == 0 or I == 0:
+        return h
+    bn = min(QB, max(16, triton.next_power_of_2(I)))
+    rne = interpreting(gu.device) and gu.dtype == torch.bfloat16
+    _swiglu_rows_kernel[(P, triton.cdiv(I, bn))](
+        gu, ids.contiguous(), expert_map.global_to_local(gu.device), weights.contiguous(), h, I,
+        expert_map.num_global, gu.stride(0), h.stride(0), float(limit), OUT_RNE=rne, OUT_DT=_tl_dtype(gu.dtype),
+        HQ=bool(act_quant), FNUZ=d is Fp8Dialect.FNUZ, BN=bn, GW=min(bn, QB), num_warps=4)
+    return h
 
 
 def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
@@ -588,9 +688,19 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
     dt13, ieee13, val13 = dot_cfg(f13, w13.dtype)
     dt2, ieee2, val2 = dot_cfg(f2, w2.dtype)
     cfg = moe_tiles(N, E_loc, I, D, ieee13 or ieee2)
-    bm = block_m or cfg["block_m"]
-    bn1 = bn_gate or cfg["bn_gate"]
-    bn2 = bn_down or cfg["bn_down"]
+    if block_m:
+        cfg["block_m"] = block_m
+    if bn_gate:
+        cfg["bn_gate"] = bn_gate
+    if bn_down:
+        cfg["bn_down"] = bn_down
+    dot_bytes = {tl.float32: 4, tl.bfloat16: 2, tl.float16: 2}
+    raw = {W_FP4: 0.5, W_FP8: 1}
+    cfg = fit_smem(cfg, max_shared_mem(dev), max(dot_bytes[dt13], dot_bytes[dt2], x.element_size()),
+                   raw.get(f13, w13.element_size()), raw.get(f2, w2.element_size()))
+    bm = cfg["block_m"]
+    bn1 = cfg["bn_gate"]
+    bn2 = cfg["bn_down"]
     if packed is None:  # the packed register decode where measured faster (few rows per expert), NVIDIA
         packed = (FP4_PACKED_DECODE and torch.version.cuda is not None and dev.type == "cuda"
                   and N / max(1, min(E_loc, N)) <= FP4_PACKED_MAX_R)
@@ -613,7 +723,6 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
     else:
         slots, bexp = dispatch[0], dispatch[1]
     mb, mr = bexp.shape[0], slots.shape[0]
-    g2l = emap.global_to_local(dev)
     # 2. activations
     xa = act_roundtrip(x, d) if act_quant else x
     # 3. gate-up + SwiGLU (+ FP8 round trip of h when the tile holds whole 128-column groups)
@@ -642,11 +751,7 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
             DOT_DT=dt2, IEEE=ieee2, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn2, BK=cfg["bk_down"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     # 5. combine (fixed order over the k slots)
-    bd = min(256, triton.next_power_of_2(D))
-    bt = max(1, min(16, 4096 // bd))
-    _moe_combine_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
-        y, ids_c, g2l, out, T, D, emap.num_global, y.stride(0), out.stride(0), KTOP=k, BT=bt, BD=bd, num_warps=4)
-    return out
+    return moe_combine(y, ids_c, emap, out)
 
 
 def moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,

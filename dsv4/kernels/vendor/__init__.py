@@ -6,6 +6,8 @@ registers them.
   128x128 weight scales, DeepSeek style), official numerics on OCP FP8 weights; delegates every other case
   to the Triton provider.
 - lm_head: float32 logits from one bf16 GEMM with float32 output (no per-step fp32 copy of the head).
+- humming: `moe_experts` (MXFP4 routed experts) through humming-kernels' W4A16 MoE GEMM, an optional extra
+  (`pip install dsv4[nvidia]`), imported only when asked whether it can run on a CUDA platform.
 """
 
-from dsv4.kernels.vendor import lm_head, scaled_mm  # noqa: F401
+from dsv4.kernels.vendor import humming_moe, lm_head, scaled_mm  # noqa: F401

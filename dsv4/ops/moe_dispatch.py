@@ -22,6 +22,7 @@ row as valid iff 0 <= slot < N (its LOGICAL bound), never by its position in the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -60,8 +61,9 @@ class ExpertMap:
 
     @classmethod
     def identity(cls, num_experts: int) -> "ExpertMap":
-        """Every expert local, at its own index (single rank / no expert parallelism)."""
-        return cls(int(num_experts), tuple(range(int(num_experts))))
+        """Every expert local, at its own index (single rank / no expert parallelism). One object per size,
+        so its device table is built once (a provider called without a map inside a graph capture finds it)."""
+        return _identity(int(num_experts))
 
     @classmethod
     def contiguous(cls, num_experts: int, rank: int, world: int) -> "ExpertMap":
@@ -98,6 +100,11 @@ class ExpertMap:
         """Build the device table now (before CUDA-graph capture)."""
         self.global_to_local(device)
         return self
+
+
+@functools.lru_cache(maxsize=None)
+def _identity(num_experts: int) -> ExpertMap:
+    return ExpertMap(num_experts, tuple(range(num_experts)))
 
 
 def check_expert_ids(ids: torch.Tensor, num_global: int) -> None:

@@ -33,14 +33,19 @@ class IndexedStandIn:
 
     calls: list = []
 
-    def __init__(self, w, s, bm):
-        self.w, self.s, self.bm = w, s, bm
+    def __init__(self, w, s, bm, a8=False):
+        self.w, self.s, self.bm, self.a8 = w, s, bm, a8
 
     def block_m(self, rows):
         return self.bm
 
-    def __call__(self, a, top_k, sorted_ids, expert_ids, num_padded, out):
+    def __call__(self, a, top_k, sorted_ids, expert_ids, num_padded, out, a_scale=None):
         rows = a.shape[0] * top_k
+        if self.a8:  # FP8 e4m3 rows with fp32 scales per (row, 128)
+            assert a.dtype == torch.float8_e4m3fn and a_scale.shape == (a.shape[0], a.shape[1] // 128)
+            a = a.float() * a_scale.repeat_interleave(128, dim=1)
+        else:
+            assert a_scale is None and a.dtype in (torch.float32, torch.bfloat16)
         assert sorted_ids.dtype == torch.int32 and sorted_ids.numel() % self.bm == 0
         assert int(sorted_ids.min()) >= 0, "padding must be >= T k (humming has no -1 padding)"
         out.fill_(float("nan"))
@@ -52,7 +57,7 @@ class IndexedStandIn:
             for slot in sorted_ids[b * self.bm:(b + 1) * self.bm].tolist():
                 if slot < rows:
                     out[slot] = linear_reference(a[slot // top_k][None], self.w[e], self.s[e]).to(out.dtype)[0]
-        IndexedStandIn.calls.append((tuple(a.shape), top_k, self.bm, n_blocks))
+        IndexedStandIn.calls.append((tuple(a.shape), top_k, self.bm, n_blocks, self.a8))
         return out
 
 
@@ -60,9 +65,9 @@ def stand_in(bm13, bm2):
     """The provider asks for the gate-up weight first, then the down weight."""
     made = []
 
-    def gemm(w, s):
+    def gemm(w, s, a8=False):
         made.append(w)
-        return IndexedStandIn(w, s, bm13 if len(made) % 2 == 1 else bm2)
+        return IndexedStandIn(w, s, bm13 if len(made) % 2 == 1 else bm2, a8)
     return gemm
 
 
@@ -95,8 +100,41 @@ def test_pipeline_equals_reference(T, bm13, bm2, act_quant):
     got = hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, act_quant, gemm=stand_in(bm13, bm2))
     want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, act_quant)
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
-    (a13, k13, b13, _), (a2, k2, b2, _) = IndexedStandIn.calls
+    (a13, k13, b13, _, q13), (a2, k2, b2, _, q2) = IndexedStandIn.calls
     assert (a13, k13, b13) == ((T, D), k, bm13) and (a2, k2, b2) == ((T * k, I), 1, bm2)
+    assert not q13 and not q2  # W4A16 unless asked (W4A8_MIN_ROWS)
+
+
+@pytest.mark.parametrize("T", [1, 13])
+def test_w4a8_pipeline_equals_reference(T):
+    """W4A8: x and h quantised by the official 1x128 recipe into FP8 bytes + fp32 power-of-two scales (h
+    quantised again after its round trip gives back the same values); plain numerics never take W4A8."""
+    E, D, I, k = 8, 256, 128, 3
+    w13, s13, w2, s2 = experts(E, D, I, seed=T + 10)
+    x, ids, w = inputs(T, D, E, k, seed=T + 11)
+    IndexedStandIn.calls = []
+    got = hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, gemm=stand_in(16, 32), a8=True)
+    want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, True)
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+    assert [c[-1] for c in IndexedStandIn.calls] == [True, True]
+    IndexedStandIn.calls = []
+    hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, False, gemm=stand_in(16, 32), a8=True)
+    assert [c[-1] for c in IndexedStandIn.calls] == [False, False]
+    assert hm.pick_mode(10**9, False) is False and hm.pick_mode(0, True) is False
+
+
+def test_w4a8_scale_window():
+    """The load-time check: scales of blocks with a nonzero code within W4A8_SCALE_WINDOW binades per row;
+    an all-zero block's scale does not count; one row over the window fails the whole weight."""
+    E, N, K = 2, 4, 128
+    w = torch.randint(1, 256, (E, N, K // 2), dtype=torch.uint8)
+    s = torch.full((E, N, K // 32), 120, dtype=torch.uint8)
+    s[:, :, 0] = 120 - hm.W4A8_SCALE_WINDOW
+    assert hm.scale_window_ok(w, s)
+    s[1, 2, 3] = 121
+    assert not hm.scale_window_ok(w, s)
+    w[1, 2, 48:64] = 0  # the block with the high scale holds only zeros
+    assert hm.scale_window_ok(w, s)
 
 
 def test_pipeline_half_remote_and_fnuz():

@@ -29,6 +29,7 @@ takes one path): activations not bf16, experts not MXFP4, N or K of a GEMM not a
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
@@ -40,14 +41,19 @@ from dsv4.ops.moe_dispatch import ExpertMap
 
 try:
     from dsv4.kernels.triton import moe as km
+    from dsv4.kernels.triton.gemm import act_quant_into
 
     _HAVE_TRITON = True
 except ImportError:
     _HAVE_TRITON = False
 
+log = logging.getLogger(__name__)
+QB = 128
 VERIFIED_ARCHS = ("sm90",)  # checked against the reference on an H200 (docs/perf.md)
 BATCH_INVARIANT = True  # no stream-K: fp32 sums only (stream-K adds partial sums in bf16)
 ALIGN = 64  # humming needs N and K multiples of 64 (FP8 inputs; 32 for bf16) without padding
+W4A8_SCALE_WINDOW = 11  # binades of 32-block scales per row that humming's W4A8 transform keeps exactly
+W4A8_MIN_ROWS = 1 << 62  # (token, slot) rows from which W4A8 runs (set from benchmarks/moe_floor.py)
 
 
 def _humming():
@@ -63,14 +69,16 @@ def _humming():
 
 
 class HummingExperts:
-    """One stacked expert weight ([E, N, K/2] FP4 + [E, N, K/32] E8M0) in humming's layout, W4A16 bf16."""
+    """One stacked expert weight ([E, N, K/2] FP4 + [E, N, K/32] E8M0) in humming's layout: W4A16 (bf16
+    activations) or, with a8, W4A8 (FP8 e4m3 activations with fp32 scales per (row, 128 channels))."""
 
-    def __init__(self, w: torch.Tensor, s: torch.Tensor, hm: dict):
+    def __init__(self, w: torch.Tensor, s: torch.Tensor, hm: dict, a8: bool = False):
         E, N, K2 = w.shape
-        self.E, self.N, self.K = E, N, 2 * K2
+        self.E, self.N, self.K, self.a8 = E, N, 2 * K2, a8
         self.hm = hm
         ws = hm["weight_schema"](b_dtype="float4e2m1", bs_dtype="float8e8m0", weight_scale_group_size=32)
-        ins = hm["input_schema"](a_dtype="bfloat16")
+        ins = (hm["input_schema"](a_dtype="float8e4m3", input_scale_group_size=QB) if a8
+               else hm["input_schema"](a_dtype="bfloat16"))
         t = {"weight": w.contiguous().view(torch.int32), "weight_scale": s.contiguous().view(torch.float8_e8m0fnu)}
         cfg = hm["prepare_config"](shape_n=N, shape_k=self.K, weight_schema=ws, input_schema=ins, num_experts=E,
                                    torch_dtype=torch.bfloat16, device=w.device, tensors=t)
@@ -90,24 +98,46 @@ class HummingExperts:
             bm = self._bm[rows] = int(c["block_shape"][0])
         return bm
 
-    def __call__(self, a: torch.Tensor, top_k: int, sorted_ids, expert_ids, num_padded, out: torch.Tensor):
+    def __call__(self, a: torch.Tensor, top_k: int, sorted_ids, expert_ids, num_padded, out: torch.Tensor,
+                 a_scale: torch.Tensor | None = None):
         t = self.tensors
         return self.hm["forward"](self.cfg, inputs=a, weight=t["weight"], weight_scale=t.get("weight_scale"),
-                                  weight_scale_2=t.get("weight_scale_2"), outputs=out, sorted_ids=sorted_ids,
-                                  expert_ids=expert_ids, num_tokens_padded=num_padded, locks=self.locks,
-                                  top_k=top_k, compute_config=self.compute)
+                                  weight_scale_2=t.get("weight_scale_2"), outputs=out, input_scale=a_scale,
+                                  sorted_ids=sorted_ids, expert_ids=expert_ids, num_tokens_padded=num_padded,
+                                  locks=self.locks, top_k=top_k, compute_config=self.compute)
 
 
-_CACHE: dict[int, tuple] = {}
+def scale_window_ok(w: torch.Tensor, s: torch.Tensor) -> bool:
+    """True when, in every row of every expert, the E8M0 scales of the 32-blocks holding a nonzero code span
+    at most W4A8_SCALE_WINDOW binades: then humming's W4A8 weight transform (one scale per expert or row
+    plus bounded per-block exponents) keeps every FP4 value exactly; blocks outside it would be re-quantized.
+    One pass over the weight on its device (load time)."""
+    E, N, K2 = w.shape
+    nz = (w.reshape(E, N, K2 // 16, 16) != 0).any(-1)
+    sb = s.view(torch.uint8).to(torch.int16)
+    hi = torch.where(nz, sb, -1).amax(dim=-1)
+    lo = torch.where(nz, sb, 999).amin(dim=-1)
+    spread = torch.where(hi >= 0, hi - lo, 0)
+    return bool((spread <= W4A8_SCALE_WINDOW).all())
 
 
-def prepared(w: torch.Tensor, s: torch.Tensor) -> HummingExperts:
-    """The humming form of (w, s), transformed once per weight tensor (cached by identity and version)."""
-    key = id(w)
+_CACHE: dict[tuple[int, bool], tuple] = {}
+
+
+def prepared(w: torch.Tensor, s: torch.Tensor, a8: bool = False) -> HummingExperts | None:
+    """The humming form of (w, s), transformed once per weight tensor and mode (cached by identity and
+    version). W4A8: None when the weight's scales do not fit the exact window (scale_window_ok), counted in
+    the log once; the caller then takes W4A16, which is exact for every scale."""
+    key = (id(w), a8)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is w and hit[1] == w._version:
         return hit[2]
-    conv = HummingExperts(w, s, _humming())
+    conv = None
+    if not a8 or scale_window_ok(w, s):
+        conv = HummingExperts(w, s, _humming(), a8)
+    else:
+        log.warning("humming W4A8: expert weight %s has 32-block scales spanning more than %d binades in a row; "
+                    "served by W4A16 (exact)", tuple(w.shape), W4A8_SCALE_WINDOW)
     _CACHE[key] = (weakref.ref(w), w._version, conv)
     return conv
 
@@ -142,10 +172,28 @@ def _slots_for(ids: torch.Tensor, emap: ExpertMap, bm: int):
     return slots, bexp, (nvb * bm).reshape(1)
 
 
+def _fp8_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a [M, K] -> (OCP FP8 e4m3 [M, K], fp32 scales [M, K/128]): the official 1x128 quantisation
+    (power-of-two scales), so q x scale is exactly what act_roundtrip gives, in either dialect (the fnuz
+    recipe yields the same values: tests/ops/test_moe_triton.py::test_act_quant_fnuz_equals_ocp_exactly)."""
+    M, K = a.shape
+    q = torch.empty((M, K), dtype=torch.uint8, device=a.device)
+    sb = torch.empty((M, K // QB), dtype=torch.uint8, device=a.device)
+    act_quant_into(a, q, sb, Fp8Dialect.OCP)
+    return q.view(torch.float8_e4m3fn), torch.exp2(sb.to(torch.float32) - 127.0)
+
+
+def pick_mode(rows: int, act_quant: bool) -> bool:
+    """W4A8 (True) or W4A16 for `rows` (token, slot) rows: W4A8 only under official numerics (the FP8
+    activations are then exactly the official ones), from W4A8_MIN_ROWS rows up (measured)."""
+    return act_quant and rows >= W4A8_MIN_ROWS
+
+
 def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
-                        dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, gemm=prepared):
-    """`moe_experts` through humming (module docstring). `gemm` builds the expert GEMM callable for a weight
-    (tests substitute a plain-PyTorch stand-in with humming's documented indexed semantics)."""
+                        dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, gemm=prepared, a8=None):
+    """`moe_experts` through humming (module docstring). `gemm(w, s, a8)` builds the expert GEMM callable for a
+    weight (tests substitute a plain-PyTorch stand-in with humming's documented indexed semantics); `a8`
+    forces W4A8 (True) or W4A16 (False) instead of pick_mode."""
     if delegate_reason(x, w13, w2) is not None and gemm is prepared:
         return km.moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect,
                                      expert_map)
@@ -162,16 +210,30 @@ def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_li
     if N == 0 or I == 0 or D == 0:
         return out.zero_()
     ids_c = ids.contiguous()
-    g13, g2 = gemm(w13, w13_scale), gemm(w2, w2_scale)
+    use8 = pick_mode(N, act_quant) if a8 is None else (a8 and act_quant)
+    g13 = g2 = None
+    if use8:
+        g13, g2 = gemm(w13, w13_scale, True), gemm(w2, w2_scale, True)
+        use8 = g13 is not None and g2 is not None
+    if not use8:
+        g13, g2 = gemm(w13, w13_scale, False), gemm(w2, w2_scale, False)
     bm13, bm2 = g13.block_m(N), g2.block_m(N)
     d13 = _slots_for(ids_c, emap, bm13)
     d2 = d13 if bm2 == bm13 else _slots_for(ids_c, emap, bm2)
-    xa = km.act_roundtrip(x.contiguous(), dialect) if act_quant else x.contiguous()
     gu = torch.empty((N, 2 * I), dtype=x.dtype, device=x.device)
-    g13(xa, k, *d13, out=gu)
+    if use8:
+        xq, xs = _fp8_rows(x.contiguous())
+        g13(xq, k, *d13, out=gu, a_scale=xs)
+    else:
+        xa = km.act_roundtrip(x.contiguous(), dialect) if act_quant else x.contiguous()
+        g13(xa, k, *d13, out=gu)
     h = km.swiglu_rows(gu, ids_c, weights, emap, swiglu_limit, act_quant, dialect)
     y = torch.empty((N, D), dtype=x.dtype, device=x.device)
-    g2(h, 1, *d2, out=y)
+    if use8:  # h already holds FP8 x 2^e values: quantising again gives back exactly those codes and scales
+        hq, hs = _fp8_rows(h)
+        g2(hq, 1, *d2, out=y, a_scale=hs)
+    else:
+        g2(h, 1, *d2, out=y)
     return km.moe_combine(y, ids_c, emap, out)
 
 

@@ -252,13 +252,57 @@ def smem_check(rows) -> None:
                 _record(rows, r)
 
 
+@torch.no_grad()
+def profile(tokens, rows) -> None:
+    """Kernel table of the humming provider's graph replay (W4A16 and W4A8) at each T: where the time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from dsv4.kernels.triton import moe as km
+    from dsv4.kernels.vendor import humming_moe as hm
+
+    w13, s13, w2, s2 = km._fp4_experts(E, D, I, "cuda")
+    for T in tokens:
+        for a8 in (False, True):
+            x = torch.randn(T, D, device="cuda").bfloat16()
+            ids, w = km._route_inputs(T, E, K_TOP, "cuda", seed=3)
+
+            def fn():
+                return hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, a8=a8)
+            graph_us(fn)  # warm-up (compiles) and one capture
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    g.replay()
+                torch.cuda.synchronize()
+            kern = {}
+            for ev in prof.key_averages():
+                if ev.device_time_total > 0:
+                    kern[ev.key[:80]] = round(ev.device_time_total / 20, 2)
+            _record(rows, {"check": "profile", "T": T, "a8": a8, "kernels_us": dict(sorted(kern.items(),
+                                                                                          key=lambda kv: -kv[1]))})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,8,64,256,1024,8192")
     ap.add_argument("--paths", default="triton,humming-w4a16,humming-w4a8,scaled-grouped-mm")
     ap.add_argument("--checks", default="graph,window,smem")
+    ap.add_argument("--profile", default="", help="T values: kernel table of the humming provider's replay only")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.profile:
+        rows = []
+        profile([int(t) for t in a.profile.split(",")], rows)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        return
     rows: list[dict] = []
     t0 = time.time()
     bw = copy_bandwidth()

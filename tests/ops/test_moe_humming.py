@@ -123,6 +123,19 @@ def test_w4a8_pipeline_equals_reference(T):
     assert hm.pick_mode(10**9, False) is False and hm.pick_mode(0, True) is False
 
 
+def test_no_memory_for_the_copy_falls_back_to_triton():
+    """prepared() returns None when the device cannot hold humming's copy: the call runs the Triton kernels
+    (same result as the reference), never a half-converted pipeline."""
+    E, D, I, k, T = 8, 128, 64, 2, 7
+    w13, s13, w2, s2 = experts(E, D, I, seed=8)
+    x, ids, w = inputs(T, D, E, k, seed=9)
+    IndexedStandIn.calls = []
+    got = hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, gemm=lambda w_, s_, a8=False: None)
+    torch.testing.assert_close(got, moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, True).float(),
+                               atol=1e-5, rtol=1e-5)
+    assert IndexedStandIn.calls == []
+
+
 def test_w4a8_scale_window():
     """The load-time check: scales of blocks with a nonzero code within W4A8_SCALE_WINDOW binades per row;
     an all-zero block's scale does not count; one row over the window fails the whole weight."""

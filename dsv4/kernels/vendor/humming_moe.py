@@ -1,14 +1,16 @@
-"""Vendor provider "humming" for `moe_experts` (dsv4/ops/moe.py): the routed MXFP4 experts through
-humming-kernels (Apache-2.0; vLLM's quantized-GEMM backend, kernels JIT-compiled through NVRTC; optional:
-`pip install dsv4[nvidia]`), W4A16: bf16 activations times MXFP4 weights decoded inside its GEMM, fp32
-accumulation, bf16 output.
+"""Vendor providers "humming" and "humming_w4a8" for `moe_experts` (dsv4/ops/moe.py): the routed MXFP4
+experts through humming-kernels (Apache-2.0; vLLM's quantized-GEMM backend, kernels JIT-compiled through
+NVRTC; optional: `pip install dsv4[nvidia]`). "humming": W4A16, bf16 activations times MXFP4 weights decoded
+inside its GEMM, fp32 accumulation, bf16 output. "humming_w4a8" (opt-in, never chosen by itself): FP8
+activations on FP8 tensor cores, faster but outside the reference's tolerance on Hopper (pick_mode).
 
 Pipeline per call (every size from T, k and the tile choice; no host syncs: graph-capturable once each
 bucket has run eagerly, which compiles its kernels):
   1. dispatch: dsv4's own on-device dispatch (kernels/triton/moe.py) at humming's block M for T k rows,
      padding slots moved from -1 to T k (humming masks slots >= T k), num_tokens_padded = blocks x BM;
   2. act_quant: x rounded through FP8 per (row, 128) (the official recipe) and kept in bf16, where it is
-     exact, so the W4A16 GEMM computes exactly the official FP8-activation products;
+     exact, so the W4A16 GEMM computes exactly the official FP8-activation products (W4A8: x, and h in
+     step 5, go in as the FP8 bytes with fp32 power-of-two scales per (row, 128) instead);
   3. gate-up: humming's "indexed" MoE GEMM gathers x[slot // k] itself and writes row `slot` of
      gu [T k, 2I] (bf16, as `linear` returns);
   4. `swiglu_rows` (Triton): SwiGLU with the clamps, routing weight, bf16, FP8 round trip of h;
@@ -19,8 +21,10 @@ bf16), fp32 sums in another order, the same roundings. humming's stream-K splits
 bf16 (lossy, order-dependent); BATCH_INVARIANT turns stream-K off.
 
 Weights: transformed into humming's layout on first use and cached by the weight tensor (a second copy
-of the expert weights; the checkpoint layout stays for the other providers). Expert parallelism: the
-ExpertMap's local experts are the weights' rows; remote pairs are dispatched nowhere.
+of the expert weights; the checkpoint layout stays for the other providers). The engine's memory profile
+step runs the first forward, so the copies count against the KV-cache budget; a weight whose copy does
+not fit in free memory stays on the Triton kernels (logged). Expert parallelism: the ExpertMap's local
+experts are the weights' rows; remote pairs are dispatched nowhere.
 
 Capability: CUDA, an architecture this integration was checked on (VERIFIED_ARCHS), humming importable.
 Delegated to the Triton provider (same results, decided from shapes and dtypes only, so one model always
@@ -52,6 +56,9 @@ QB = 128
 VERIFIED_ARCHS = ("sm90",)  # checked against the reference on an H200 (docs/perf.md)
 BATCH_INVARIANT = True  # no stream-K: fp32 sums only (stream-K adds partial sums in bf16)
 ALIGN = 64  # humming needs N and K multiples of 64 (FP8 inputs; 32 for bf16) without padding
+# free device memory asked for before transforming a weight, in weight bytes (the copy, plus humming's
+# padded intermediate; measured peak not yet recorded): with less, that weight stays on the Triton kernels
+TRANSFORM_MEMORY_FACTOR = 2.2
 W4A8_SCALE_WINDOW = 11  # binades of 32-block scales per row that humming's W4A8 transform keeps exactly
 # (token, slot) rows from which provider "humming" takes W4A8 by itself: never, since its results are not
 # within the reference's tolerance (the opt-in provider "humming_w4a8" takes it at every size)
@@ -128,14 +135,21 @@ _CACHE: dict[tuple[int, bool], tuple] = {}
 
 def prepared(w: torch.Tensor, s: torch.Tensor, a8: bool = False) -> HummingExperts | None:
     """The humming form of (w, s), transformed once per weight tensor and mode (cached by identity and
-    version). W4A8: None when the weight's scales do not fit the exact window (scale_window_ok), counted in
-    the log once; the caller then takes W4A16, which is exact for every scale."""
+    version). None, with a warning in the log once, when the device has too little free memory for the copy
+    (the caller then runs the Triton kernels), or, for W4A8, when the weight's scales do not fit the exact
+    window (scale_window_ok; the caller then takes W4A16, which is exact for every scale)."""
     key = (id(w), a8)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is w and hit[1] == w._version:
         return hit[2]
     conv = None
-    if not a8 or scale_window_ok(w, s):
+    need = int(TRANSFORM_MEMORY_FACTOR * (w.numel() * w.element_size() + s.numel() * s.element_size()))
+    free = torch.cuda.mem_get_info(w.device)[0] if w.is_cuda else need
+    if free < need:
+        log.warning("humming: %.2f GiB free on %s, its copy of expert weight %s needs ~%.2f GiB: this weight is "
+                    "served by the Triton kernels (same results up to summation order)", free / 2**30, w.device,
+                    tuple(w.shape), need / 2**30)
+    elif not a8 or scale_window_ok(w, s):
         conv = HummingExperts(w, s, _humming(), a8)
     else:
         log.warning("humming W4A8: expert weight %s has 32-block scales spanning more than %d binades in a row; "
@@ -219,6 +233,9 @@ def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_li
         use8 = g13 is not None and g2 is not None
     if not use8:
         g13, g2 = gemm(w13, w13_scale, False), gemm(w2, w2_scale, False)
+        if g13 is None or g2 is None:  # no memory for humming's copy of these weights
+            return km.moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant,
+                                         dialect, expert_map)
     bm13, bm2 = g13.block_m(N), g2.block_m(N)
     d13 = _slots_for(ids_c, emap, bm13)
     d2 = d13 if bm2 == bm13 else _slots_for(ids_c, emap, bm2)

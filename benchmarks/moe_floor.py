@@ -53,10 +53,9 @@ def copy_bandwidth() -> float:
     return 2 * (2 << 30) / (ms * 1e-3)
 
 
-def graph_us(fn) -> float:
-    """Median replay time (us) of fn captured in a CUDA graph (after an eager warm-up on a side stream)."""
-    from triton.testing import do_bench
-
+def capture(fn):
+    """(graph, its output): fn run eagerly once on a side stream (compiles kernels, builds lazy caches),
+    then captured in a CUDA graph."""
     st = torch.cuda.Stream()
     st.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(st):
@@ -64,8 +63,15 @@ def graph_us(fn) -> float:
     torch.cuda.current_stream().wait_stream(st)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
-    return do_bench(g.replay, return_mode="median") * 1e3
+        out = fn()
+    return g, out
+
+
+def graph_us(fn) -> float:
+    """Median replay time (us) of fn captured in a CUDA graph."""
+    from triton.testing import do_bench
+
+    return do_bench(capture(fn)[0].replay, return_mode="median") * 1e3
 
 
 def floor_row(T: int, path: str, us: float, ids, per_expert: int, bw: float, flops: float, **extra) -> dict:
@@ -164,15 +170,7 @@ def graph_check(rows) -> None:
     for T, a8 in ((1, False), (64, False), (1, True), (64, True)):
         x = torch.randn(T, D, device="cuda").bfloat16()
         ids, w = km._route_inputs(T, E, K_TOP, "cuda", seed=5)
-        hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, a8=a8)  # compile + transform, eagerly
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, a8=a8)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, a8=a8)
+        graph, out = capture(lambda: hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, a8=a8))
         res = []
         for seed in (6, 7):
             ids2, w2_ = km._route_inputs(T, E, K_TOP, "cuda", seed=seed)
@@ -269,10 +267,7 @@ def profile(tokens, rows) -> None:
 
             def fn():
                 return hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, a8=a8)
-            graph_us(fn)  # warm-up (compiles) and one capture
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
+            g, _ = capture(fn)
             for _ in range(3):
                 g.replay()
             torch.cuda.synchronize()

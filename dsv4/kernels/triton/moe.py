@@ -2,13 +2,9 @@
 fused, grouped down GEMM, deterministic combine). The router (`moe_route`) is in router.py.
 
 moe_experts pipeline (every size from T, k, num_local and the tile choice: no host syncs, graph-capturable):
-  1. dispatch (dsv4/ops/moe_dispatch.py layout): zero the per-expert counters (one memset), then
-     `_dispatch_count_kernel` (fill the padded slot list with -1, map global ids to local through the
-     ExpertMap table, rank each pair inside its expert with an atomic counter) and
-     `_dispatch_place_kernel` (per-expert block starts by a cumsum over the counters, recomputed by every
-     program; scatter each pair to start * block_m + rank; write block_expert and the valid block count).
-     The order inside an expert is whatever the atomics give: results do not depend on it (every output
-     row depends only on its own input row and the expert's weights; no cross-row reduction).
+  1. dispatch (dsv4/ops/moe_dispatch.py layout, built by moe_dispatch.py in this folder, padding -1). The
+     order inside an expert is whatever the atomics give: results do not depend on it (every output row
+     depends only on its own input row and the expert's weights; no cross-row reduction).
   2. act_quant: `_act_roundtrip_kernel` rounds x through FP8 per (row, 128) with the fp8_act_quant recipe
      (power-of-two scales, `dialect`) and writes the exact values back in x's dtype (FP8 x 2^e is exact in
      bf16 / fp32), so the GEMMs read ordinary activations.
@@ -63,7 +59,8 @@ from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_enco
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.ops.moe import moe_experts as moe_experts_op
-from dsv4.ops.moe_dispatch import ExpertMap, dispatch_sizes
+from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
+from dsv4.ops.moe_dispatch import ExpertMap
 
 QB = 128  # FP8 activation quantisation block (channels) and FP8 weight block
 W_DENSE, W_FP8, W_FP4 = 0, 1, 2
@@ -247,64 +244,6 @@ def _fp4_dot(acc, a_e, a_o, w_ptr, s_ptr, wr, n_ok, k0, K, s_wn, s_sn, s_sk,
     return _dot(acc, a_o, w_hi, IEEE)
 
 
-# ============================================================================= dispatch kernels
-
-
-# Grid = cdiv(max(N, max_rows), CH). Each program fills CH entries of the padded slot list with -1 and,
-# for its CH pairs p < N, maps the global id through the ExpertMap table and takes a rank in its expert
-# from an atomic counter (remote / out-of-range pairs take none; out-of-range ids are counted in
-# counts[num_local] for the device-side assert). Reads 8 B and writes ~8 B per pair: negligible.
-@triton.jit
-def _dispatch_count_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, N, E_glob, E_loc, max_rows,
-                           CH: tl.constexpr):
-    i = tl.program_id(0) * CH + tl.arange(0, CH)
-    tl.store(slots_ptr + i, tl.full((CH,), -1, tl.int32), mask=i < max_rows)
-    in_n = i < N
-    gid = tl.load(ids_ptr + i, mask=in_n, other=0).to(tl.int64)
-    inr = (gid >= 0) & (gid < E_glob)
-    loc = tl.load(g2l_ptr + tl.where(inr, gid, 0), mask=in_n & inr, other=-1)
-    valid = in_n & (loc >= 0)
-    r = tl.atomic_add(counts_ptr + tl.where(valid, loc, 0), tl.full((CH,), 1, tl.int32), mask=valid,
-                      sem="relaxed")
-    tl.store(rank_ptr + i, r, mask=valid)
-    nbad = tl.sum((in_n & ~inr).to(tl.int32), axis=0)
-    if nbad > 0:
-        tl.atomic_add(counts_ptr + E_loc, nbad, sem="relaxed")
-
-
-# Grid = cdiv(max(N, max_blocks), CH). Every program recomputes the per-expert block starts from the
-# counters ([EP] cumsum: cheaper than another launch), scatters its pairs to start * BM + rank, and writes
-# block_expert for its CH blocks (expert of block b = number of experts whose blocks end at or before b).
-@triton.jit
-def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, bexp_ptr, nvb_ptr, N, E_glob,
-                           E_loc, max_blocks, BM, CH: tl.constexpr, EP: tl.constexpr):
-    pid = tl.program_id(0)
-    e = tl.arange(0, EP)
-    e_ok = e < E_loc
-    cnt = tl.load(counts_ptr + e, mask=e_ok, other=0)
-    nblk = (cnt + BM - 1) // BM
-    bend = tl.cumsum(nblk, axis=0)
-    bstart = bend - nblk
-    total = tl.sum(nblk, axis=0)
-
-    i = pid * CH + tl.arange(0, CH)
-    in_n = i < N
-    gid = tl.load(ids_ptr + i, mask=in_n, other=0).to(tl.int64)
-    inr = (gid >= 0) & (gid < E_glob)
-    loc = tl.load(g2l_ptr + tl.where(inr, gid, 0), mask=in_n & inr, other=-1)
-    valid = in_n & (loc >= 0)
-    r = tl.load(rank_ptr + i, mask=valid, other=0)
-    bs = tl.sum(tl.where(loc[:, None] == e[None, :], bstart[None, :], 0), axis=1)
-    dest = bs * BM + r
-    tl.store(slots_ptr + tl.where(valid, dest, 0), i, mask=valid)
-
-    b = pid * CH + tl.arange(0, CH)
-    eb = tl.sum(((bend[None, :] <= b[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
-    tl.store(bexp_ptr + b, tl.where(b < total, eb, -1), mask=b < max_blocks)
-    if pid == 0:
-        tl.store(nvb_ptr, total)
-
-
 # ============================================================================= activation FP8 round trip
 
 
@@ -463,37 +402,6 @@ def _swiglu_rows_kernel(gu_ptr, ids_ptr, g2l_ptr, rw_ptr, h_ptr, I, E_glob, s_gu
     tl.store(h_ptr + p * s_h + n, h.to(h_ptr.dtype.element_ty), mask=n_ok)
 
 
-# ============================================================================= host side: dispatch
-
-
-def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int):
-    """The dispatch layout of dsv4/ops/moe_dispatch.py on the device (three launches, no host sync):
-    (sorted_token_slots [max_rows] int32, block_expert [max_blocks] int32, num_valid_blocks int32 scalar,
-    counts [num_local + 1] int32: pairs per local expert, then the number of out-of-range ids)."""
-    T, k = ids.shape
-    N = T * k
-    dev = ids.device
-    E_loc = expert_map.num_local
-    mb, mr = dispatch_sizes(N, E_loc, block_m)
-    g2l = expert_map.global_to_local(dev)
-    ids_c = ids.contiguous()
-    counts = torch.zeros(E_loc + 1, dtype=torch.int32, device=dev)
-    rank = torch.empty(max(N, 1), dtype=torch.int32, device=dev)
-    slots = torch.empty(max(mr, 1), dtype=torch.int32, device=dev)[:mr]
-    bexp = torch.empty(max(mb, 1), dtype=torch.int32, device=dev)[:mb]
-    nvb = torch.zeros(1, dtype=torch.int32, device=dev)
-    if N == 0:
-        return slots, bexp, nvb[0], counts
-    ch = 64
-    _dispatch_count_kernel[(triton.cdiv(max(N, mr), ch),)](ids_c, g2l, counts, rank, slots, N, expert_map.num_global,
-                                                          E_loc, mr, CH=ch, num_warps=2)
-    ep = max(16, triton.next_power_of_2(E_loc))
-    _dispatch_place_kernel[(triton.cdiv(max(N, mb), ch),)](ids_c, g2l, counts, rank, slots, bexp, nvb, N,
-                                                          expert_map.num_global, E_loc, mb, block_m, CH=ch, EP=ep,
-                                                          num_warps=4)
-    return slots, bexp, nvb[0], counts
-
-
 # ============================================================================= host side: experts
 
 
@@ -559,6 +467,8 @@ def fit_smem(cfg: dict, limit: int | None, x_bytes: int, w13_bytes: float, w2_by
 
 
 _FMT_CODE = {"dense": W_DENSE, "fp8": W_FP8, "fp4": W_FP4}
+_DOT_BYTES = {tl.float32: 4, tl.bfloat16: 2, tl.float16: 2}  # staged operand bytes per value (fit_smem)
+_RAW_BYTES = {W_FP4: 0.5, W_FP8: 1}  # weight bytes per value as loaded; dense: the tensor's element size
 
 
 def _weight_args(w: torch.Tensor, s, rows: int, K: int, what: str):
@@ -694,10 +604,8 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
         cfg["bn_gate"] = bn_gate
     if bn_down:
         cfg["bn_down"] = bn_down
-    dot_bytes = {tl.float32: 4, tl.bfloat16: 2, tl.float16: 2}
-    raw = {W_FP4: 0.5, W_FP8: 1}
-    cfg = fit_smem(cfg, max_shared_mem(dev), max(dot_bytes[dt13], dot_bytes[dt2], x.element_size()),
-                   raw.get(f13, w13.element_size()), raw.get(f2, w2.element_size()))
+    cfg = fit_smem(cfg, max_shared_mem(dev), max(_DOT_BYTES[dt13], _DOT_BYTES[dt2], x.element_size()),
+                   _RAW_BYTES.get(f13, w13.element_size()), _RAW_BYTES.get(f2, w2.element_size()))
     bm = cfg["block_m"]
     bn1 = cfg["bn_gate"]
     bn2 = cfg["bn_down"]

@@ -2,12 +2,12 @@
 experts through humming-kernels (Apache-2.0; vLLM's quantized-GEMM backend, kernels JIT-compiled through
 NVRTC; optional: `pip install dsv4[nvidia]`). "humming": W4A16, bf16 activations times MXFP4 weights decoded
 inside its GEMM, fp32 accumulation, bf16 output. "humming_w4a8" (opt-in, never chosen by itself): FP8
-activations on FP8 tensor cores, faster but outside the reference's tolerance on Hopper (pick_mode).
+activations on FP8 tensor cores, faster but outside the reference's tolerance on Hopper.
 
 Pipeline per call (every size from T, k and the tile choice; no host syncs: graph-capturable once each
 bucket has run eagerly, which compiles its kernels):
-  1. dispatch: dsv4's own on-device dispatch (kernels/triton/moe.py) at humming's block M for T k rows,
-     padding slots moved from -1 to T k (humming masks slots >= T k), num_tokens_padded = blocks x BM;
+  1. dispatch: dsv4's own on-device dispatch (kernels/triton/moe_dispatch.py) at humming's block M for
+     T k rows, padding slots = T k (humming skips slots >= T k), num_tokens_padded = blocks x BM;
   2. act_quant: x rounded through FP8 per (row, 128) (the official recipe) and kept in bf16, where it is
      exact, so the W4A16 GEMM computes exactly the official FP8-activation products (W4A8: x, and h in
      step 5, go in as the FP8 bytes with fp32 power-of-two scales per (row, 128) instead);
@@ -38,7 +38,7 @@ import weakref
 
 import torch
 
-from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.numerics.fp8 import Fp8Dialect, e8m0_to_float
 from dsv4.ops.linear import weight_format
 from dsv4.ops.moe import moe_experts as moe_experts_op
 from dsv4.ops.moe_dispatch import ExpertMap
@@ -46,6 +46,7 @@ from dsv4.ops.moe_dispatch import ExpertMap
 try:
     from dsv4.kernels.triton import moe as km
     from dsv4.kernels.triton.gemm import act_quant_into
+    from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
 
     _HAVE_TRITON = True
 except ImportError:
@@ -60,9 +61,6 @@ ALIGN = 64  # humming needs N and K multiples of 64 (FP8 inputs; 32 for bf16) wi
 # padded intermediate; measured peak not yet recorded): with less, that weight stays on the Triton kernels
 TRANSFORM_MEMORY_FACTOR = 2.2
 W4A8_SCALE_WINDOW = 11  # binades of 32-block scales per row that humming's W4A8 transform keeps exactly
-# (token, slot) rows from which provider "humming" takes W4A8 by itself: never, since its results are not
-# within the reference's tolerance (the opt-in provider "humming_w4a8" takes it at every size)
-W4A8_MIN_ROWS = 1 << 62
 
 
 def _humming():
@@ -83,13 +81,12 @@ class HummingExperts:
 
     def __init__(self, w: torch.Tensor, s: torch.Tensor, hm: dict, a8: bool = False):
         E, N, K2 = w.shape
-        self.E, self.N, self.K, self.a8 = E, N, 2 * K2, a8
         self.hm = hm
         ws = hm["weight_schema"](b_dtype="float4e2m1", bs_dtype="float8e8m0", weight_scale_group_size=32)
         ins = (hm["input_schema"](a_dtype="float8e4m3", input_scale_group_size=QB) if a8
                else hm["input_schema"](a_dtype="bfloat16"))
         t = {"weight": w.contiguous().view(torch.int32), "weight_scale": s.contiguous().view(torch.float8_e8m0fnu)}
-        cfg = hm["prepare_config"](shape_n=N, shape_k=self.K, weight_schema=ws, input_schema=ins, num_experts=E,
+        cfg = hm["prepare_config"](shape_n=N, shape_k=2 * K2, weight_schema=ws, input_schema=ins, num_experts=E,
                                    torch_dtype=torch.bfloat16, device=w.device, tensors=t)
         cfg, t = hm["prepare_scale"](cfg, t)
         self.cfg = cfg
@@ -180,11 +177,9 @@ def delegate_reason(x, w13, w2) -> str | None:
 def _slots_for(ids: torch.Tensor, emap: ExpertMap, bm: int):
     """dsv4's dispatch at block bm in humming's indexed form: (sorted_ids int32 with padding = T k,
     expert_ids int32 per block, num_tokens_padded int32 [1])."""
-    N = ids.numel()
-    slots, bexp, nvb, counts = km.moe_dispatch_triton(ids, emap, bm)
+    slots, bexp, nvb, counts = moe_dispatch_triton(ids, emap, bm, pad=ids.numel())
     if km.CHECK_IDS:
         torch._assert_async(counts[emap.num_local] == 0, "moe_experts: expert id out of range")
-    slots = torch.where(slots < 0, torch.full_like(slots, N), slots)
     return slots, bexp, (nvb * bm).reshape(1)
 
 
@@ -196,20 +191,16 @@ def _fp8_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((M, K), dtype=torch.uint8, device=a.device)
     sb = torch.empty((M, K // QB), dtype=torch.uint8, device=a.device)
     act_quant_into(a, q, sb, Fp8Dialect.OCP)
-    return q.view(torch.float8_e4m3fn), torch.exp2(sb.to(torch.float32) - 127.0)
-
-
-def pick_mode(rows: int, act_quant: bool) -> bool:
-    """W4A8 (True) or W4A16 for `rows` (token, slot) rows: W4A8 only under official numerics (the FP8
-    activations are then exactly the official ones), from W4A8_MIN_ROWS rows up (measured)."""
-    return act_quant and rows >= W4A8_MIN_ROWS
+    return q.view(torch.float8_e4m3fn), e8m0_to_float(sb)
 
 
 def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
-                        dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, gemm=prepared, a8=None):
+                        dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, gemm=prepared,
+                        a8: bool = False):
     """`moe_experts` through humming (module docstring). `gemm(w, s, a8)` builds the expert GEMM callable for a
-    weight (tests substitute a plain-PyTorch stand-in with humming's documented indexed semantics); `a8`
-    forces W4A8 (True) or W4A16 (False) instead of pick_mode."""
+    weight (tests substitute a plain-PyTorch stand-in with humming's documented indexed semantics). `a8`:
+    W4A8 where official numerics allow it (act_quant: the FP8 activations are then exactly the official
+    ones) and the weights pass the window check; W4A16 otherwise."""
     if delegate_reason(x, w13, w2) is not None and gemm is prepared:
         return km.moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect,
                                      expert_map)
@@ -226,8 +217,7 @@ def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_li
     if N == 0 or I == 0 or D == 0:
         return out.zero_()
     ids_c = ids.contiguous()
-    use8 = pick_mode(N, act_quant) if a8 is None else (a8 and act_quant)
-    g13 = g2 = None
+    use8 = a8 and act_quant
     if use8:
         g13, g2 = gemm(w13, w13_scale, True), gemm(w2, w2_scale, True)
         use8 = g13 is not None and g2 is not None

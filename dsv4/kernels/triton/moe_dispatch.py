@@ -1,0 +1,103 @@
+"""Triton dispatch of (token, slot) pairs to their experts: the layout of dsv4/ops/moe_dispatch.py built on
+the device in three launches with no host sync (graph-capturable; sizes from T, k, num_local and block_m).
+
+Zero the per-expert counters (one memset), then `_dispatch_count_kernel` (fill the padded slot list with the
+pad value, map global ids to local through the ExpertMap table, rank each pair inside its expert with an
+atomic counter) and `_dispatch_place_kernel` (per-expert block starts by a cumsum over the counters,
+recomputed by every program; scatter each pair to start * block_m + rank; write block_expert and the valid
+block count). The order inside an expert is whatever the atomics give: consumers must not depend on it.
+Used by the Triton MoE (moe.py) and the humming provider (dsv4/kernels/vendor/humming_moe.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.ops.moe_dispatch import ExpertMap, dispatch_sizes
+
+
+# Grid = cdiv(max(N, max_rows), CH). Each program fills CH entries of the padded slot list with PAD and,
+# for its CH pairs p < N, maps the global id through the ExpertMap table and takes a rank in its expert
+# from an atomic counter (remote / out-of-range pairs take none; out-of-range ids are counted in
+# counts[num_local] for the device-side assert). Reads 8 B and writes ~8 B per pair: negligible.
+@triton.jit
+def _dispatch_count_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, N, E_glob, E_loc, max_rows, PAD,
+                           CH: tl.constexpr):
+    i = tl.program_id(0) * CH + tl.arange(0, CH)
+    tl.store(slots_ptr + i, tl.full((CH,), 0, tl.int32) + PAD, mask=i < max_rows)
+    in_n = i < N
+    gid = tl.load(ids_ptr + i, mask=in_n, other=0).to(tl.int64)
+    inr = (gid >= 0) & (gid < E_glob)
+    loc = tl.load(g2l_ptr + tl.where(inr, gid, 0), mask=in_n & inr, other=-1)
+    valid = in_n & (loc >= 0)
+    r = tl.atomic_add(counts_ptr + tl.where(valid, loc, 0), tl.full((CH,), 1, tl.int32), mask=valid,
+                      sem="relaxed")
+    tl.store(rank_ptr + i, r, mask=valid)
+    nbad = tl.sum((in_n & ~inr).to(tl.int32), axis=0)
+    if nbad > 0:
+        tl.atomic_add(counts_ptr + E_loc, nbad, sem="relaxed")
+
+
+# Grid = cdiv(max(N, max_blocks), CH). Every program recomputes the per-expert block starts from the
+# counters ([EP] cumsum: cheaper than another launch), scatters its pairs to start * BM + rank, and writes
+# block_expert for its CH blocks (expert of block b = number of experts whose blocks end at or before b).
+@triton.jit
+def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, bexp_ptr, nvb_ptr, N, E_glob,
+                           E_loc, max_blocks, BM, CH: tl.constexpr, EP: tl.constexpr):
+    pid = tl.program_id(0)
+    e = tl.arange(0, EP)
+    e_ok = e < E_loc
+    cnt = tl.load(counts_ptr + e, mask=e_ok, other=0)
+    nblk = (cnt + BM - 1) // BM
+    bend = tl.cumsum(nblk, axis=0)
+    bstart = bend - nblk
+    total = tl.sum(nblk, axis=0)
+
+    i = pid * CH + tl.arange(0, CH)
+    in_n = i < N
+    gid = tl.load(ids_ptr + i, mask=in_n, other=0).to(tl.int64)
+    inr = (gid >= 0) & (gid < E_glob)
+    loc = tl.load(g2l_ptr + tl.where(inr, gid, 0), mask=in_n & inr, other=-1)
+    valid = in_n & (loc >= 0)
+    r = tl.load(rank_ptr + i, mask=valid, other=0)
+    bs = tl.sum(tl.where(loc[:, None] == e[None, :], bstart[None, :], 0), axis=1)
+    dest = bs * BM + r
+    tl.store(slots_ptr + tl.where(valid, dest, 0), i, mask=valid)
+
+    b = pid * CH + tl.arange(0, CH)
+    eb = tl.sum(((bend[None, :] <= b[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
+    tl.store(bexp_ptr + b, tl.where(b < total, eb, -1), mask=b < max_blocks)
+    if pid == 0:
+        tl.store(nvb_ptr, total)
+
+
+def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int, pad: int = -1):
+    """The dispatch layout of dsv4/ops/moe_dispatch.py on the device (three launches, no host sync):
+    (sorted_token_slots [max_rows] int32, block_expert [max_blocks] int32, num_valid_blocks int32 scalar,
+    counts [num_local + 1] int32: pairs per local expert, then the number of out-of-range ids). Padding and
+    unused slots hold `pad`: -1 as the layout defines, or any value outside 0..N-1 a consumer asks for
+    (humming's indexed GEMM skips slots >= N, not -1)."""
+    T, k = ids.shape
+    N = T * k
+    dev = ids.device
+    E_loc = expert_map.num_local
+    mb, mr = dispatch_sizes(N, E_loc, block_m)
+    g2l = expert_map.global_to_local(dev)
+    ids_c = ids.contiguous()
+    counts = torch.zeros(E_loc + 1, dtype=torch.int32, device=dev)
+    rank = torch.empty(max(N, 1), dtype=torch.int32, device=dev)
+    slots = torch.empty(max(mr, 1), dtype=torch.int32, device=dev)[:mr]
+    bexp = torch.empty(max(mb, 1), dtype=torch.int32, device=dev)[:mb]
+    nvb = torch.zeros(1, dtype=torch.int32, device=dev)
+    if N == 0:
+        return slots, bexp, nvb[0], counts
+    ch = 64
+    _dispatch_count_kernel[(triton.cdiv(max(N, mr), ch),)](ids_c, g2l, counts, rank, slots, N, expert_map.num_global,
+                                                          E_loc, mr, int(pad), CH=ch, num_warps=2)
+    ep = max(16, triton.next_power_of_2(E_loc))
+    _dispatch_place_kernel[(triton.cdiv(max(N, mb), ch),)](ids_c, g2l, counts, rank, slots, bexp, nvb, N,
+                                                          expert_map.num_global, E_loc, mb, block_m, CH=ch, EP=ep,
+                                                          num_warps=4)
+    return slots, bexp, nvb[0], counts

@@ -38,7 +38,7 @@ import weakref
 
 import torch
 
-from dsv4.numerics.fp8 import Fp8Dialect, e8m0_to_float
+from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.ops.moe import moe_experts as moe_experts_op
 from dsv4.ops.moe_dispatch import ExpertMap
@@ -191,7 +191,9 @@ def _fp8_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((M, K), dtype=torch.uint8, device=a.device)
     sb = torch.empty((M, K // QB), dtype=torch.uint8, device=a.device)
     act_quant_into(a, q, sb, Fp8Dialect.OCP)
-    return q.view(torch.float8_e4m3fn), e8m0_to_float(sb)
+    # act_quant_into's scale bytes are never 0 or 255, the cases numerics.fp8.e8m0_to_float special-cases with
+    # four more launches per call (measured on the H200: W4A8 at T = 1 80 -> 88 us); exp2 is exact here
+    return q.view(torch.float8_e4m3fn), torch.exp2(sb.to(torch.float32) - 127.0)
 
 
 def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,

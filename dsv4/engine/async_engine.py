@@ -7,8 +7,9 @@ of outputs (streaming), and can be aborted at any moment (e.g. when its client d
     await llm.shutdown()
 
 A request that fails validation raises ValueError from `generate` before anything is queued; an error
-inside the engine step fails the requests in flight (each gets the exception) and the engine keeps
-serving new ones.
+inside the engine step fails the requests in flight (each gets an `EngineStepError`) and the engine
+keeps serving new ones; `health()` says whether it can. Every request that ends (finished, aborted,
+failed) is reported once to the `finish_listeners` (metrics), from the engine thread.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator
 
 from dsv4.config import EngineConfig
@@ -29,7 +31,15 @@ log = logging.getLogger("dsv4.async")
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine is shut down (or shutting down) and cannot take or finish this request."""
+
+
+class EngineStepError(RuntimeError):
+    """An engine step failed while this request was in flight; the request was stopped."""
+
+
+# a failed step makes the engine unhealthy until a step succeeds, or until this long without one
+FAILED_STEP_UNHEALTHY_S = 30.0
 
 
 class AsyncLLM:
@@ -43,6 +53,10 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = False
+        self._closing: str | None = None  # why new requests are refused (shutdown under way)
+        self.finish_listeners: list = []  # callables(RequestOutput): every request that ends, once
+        self._failed_steps = 0  # consecutive failed steps
+        self._last_failure: tuple[float, str] | None = None
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="dsv4-engine", daemon=True)
         self._thread.start()
@@ -54,17 +68,23 @@ class AsyncLLM:
     # ---- client side ------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        if self._stop:
-            raise EngineDeadError("the engine is shut down")
+        if self._stop or self._closing:
+            raise EngineDeadError(self._closing or "the engine is shut down")
         loop = asyncio.get_running_loop()
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         added = loop.create_future()
         self._cmds.put(("add", (prompt, params, rid), loop, q, added))
         self._wake.set()
-        await added  # raises the validation error, if any
         finished = False
         try:
+            # a cancellation while the engine thread admits the request still aborts it (the abort
+            # command queues behind the add); a validation error raises here and aborts nothing
+            try:
+                await added
+            except ValueError:
+                finished = True
+                raise
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -86,11 +106,41 @@ class AsyncLLM:
     def num_unfinished(self) -> int:
         return self.engine.num_unfinished_requests()
 
+    def health(self) -> str | None:
+        """None when the engine can serve; otherwise why not (for /health)."""
+        if self._stop or not self._thread.is_alive():
+            return "the engine is shut down"
+        if self._closing:
+            return self._closing
+        if getattr(self.engine, "closed", False):  # an expert-parallel group that stopped its ranks
+            why = self._last_failure[1] if self._last_failure else "its ranks were stopped"
+            return f"the expert-parallel engine cannot serve: {why}"
+        if self._failed_steps and self._last_failure is not None:
+            at, why = self._last_failure
+            if time.monotonic() - at < FAILED_STEP_UNHEALTHY_S:
+                return f"the last {self._failed_steps} engine step(s) failed: {why}"
+        return None
+
+    async def drain(self, timeout: float, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests; let those in flight finish for up to `timeout` s, then fail the rest
+        with an EngineDeadError naming `reason` (clients get a readable error, not a cut connection)."""
+        self._closing = reason
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._streams and loop.time() < deadline and self._thread.is_alive():
+            await asyncio.sleep(0.02)
+        if self._streams and self._thread.is_alive():
+            log.warning("%d request(s) still running after the %.1f s grace period: stopping them",
+                        len(self._streams), timeout)
+            done = loop.create_future()
+            self._cmds.put(("fail_all", f"{reason}; the request was stopped after the {timeout:g} s grace period",
+                            loop, done))
+            self._wake.set()
+            await done
+
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Let in-flight requests finish for up to `timeout` s, then fail the rest and stop."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self._streams and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
+        await self.drain(timeout)
         self._cmds.put(("stop",))
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
@@ -99,7 +149,21 @@ class AsyncLLM:
             stop()
 
     # ---- engine thread ----------------------------------------------------------------------------
+    def _ended(self, out: RequestOutput, reason: str | None = None) -> None:
+        """Report a request that ended (once) to the finish listeners; `reason` overrides its
+        finish reason (an engine failure ends requests as "error")."""
+        if reason is not None:
+            for c in out.outputs:
+                c.finish_reason = reason
+        for f in self.finish_listeners:
+            try:
+                f(out)
+            except Exception:  # a broken listener must not take the engine down
+                log.exception("finish listener failed")
+
     def _push(self, rid: str, item) -> None:
+        if not isinstance(item, BaseException) and item.finished:
+            self._ended(item)
         s = self._streams.get(rid)
         if s is None:
             return
@@ -109,7 +173,16 @@ class AsyncLLM:
         try:
             loop.call_soon_threadsafe(q.put_nowait, item)
         except RuntimeError:  # the client's loop is closed: drop the stream, free the request
-            self.engine.abort_request(rid)
+            out = self.engine.abort_request(rid)
+            if out is not None:
+                self._ended(out)
+
+    def _fail(self, rid: str, err: BaseException) -> None:
+        """Stop a request in flight and hand its client `err`."""
+        out = self.engine.abort_request(rid)
+        if out is not None:
+            self._ended(out, "error")
+        self._push(rid, err)
 
     def _drain(self) -> None:
         while True:
@@ -129,6 +202,11 @@ class AsyncLLM:
                 out = self.engine.abort_request(cmd[1])
                 if out is not None:
                     self._push(cmd[1], out)
+            elif cmd[0] == "fail_all":
+                reason, loop, fut = cmd[1:]
+                for rid in list(self._streams):
+                    self._fail(rid, EngineDeadError(reason))
+                loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
             elif cmd[0] == "stop":
                 self._stop = True
 
@@ -145,12 +223,14 @@ class AsyncLLM:
                 outs = self.engine.step()
             except Exception as e:  # fail what is in flight, keep the engine alive for new requests
                 log.exception("engine step failed; failing the requests in flight")
+                why = f"engine step failed: {type(e).__name__}: {e}"
+                self._failed_steps += 1
+                self._last_failure = (time.monotonic(), why)
                 for rid in list(self._streams):
-                    self.engine.abort_request(rid)
-                    self._push(rid, RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
+                    self._fail(rid, EngineStepError(why))
                 continue
+            self._failed_steps = 0
             for o in outs:
                 self._push(o.request_id, o)
         for rid in list(self._streams):
-            self.engine.abort_request(rid)
-            self._push(rid, EngineDeadError("the engine shut down before this request finished"))
+            self._fail(rid, EngineDeadError("the engine shut down before this request finished"))

@@ -11,7 +11,8 @@ Per row, in this order:
     rank may move by the number of tokens within rounding of the chosen one;
 (b) repetition penalty over prompt + output tokens (a positive logit is divided by the penalty, a
     negative one multiplied), then frequency (x count) and presence (x [count > 0]) penalties over
-    the OUTPUT tokens only, subtracted;
+    the OUTPUT tokens only, subtracted; then the request's logit_bias is added (OpenAI's semantics:
+    -100 bans a token in practice, +100 all but forces it);
 (c) while fewer than min_tokens tokens are out, the row's stop ids (EOS + stop_token_ids) get -inf;
 (d) greedy rows (temperature 0) take the argmax of the processed logits, the lowest id on exact
     ties (torch.argmax's first maximum, on every device; any other provider must follow this rule);
@@ -108,7 +109,7 @@ class Sampler:
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """(b): repetition penalty over prompt + output tokens, frequency and presence penalties over
-    output tokens. Returns a new tensor (the input is left as it is)."""
+    output tokens, then logit_bias. Returns a new tensor (the input is left as it is)."""
     x = logits.clone()
     V = x.shape[1]
     rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
@@ -125,6 +126,16 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         freq = _col([rows[i].params.frequency_penalty for i in fp], x)
         pres = _col([rows[i].params.presence_penalty for i in fp], x)
         x[fi] = x[fi] - freq * counts - pres * (counts > 0).float()
+    ri, ti, bv = [], [], []
+    for i, r in enumerate(rows):
+        for t, b in (r.params.logit_bias or {}).items():
+            if 0 <= t < V:
+                ri.append(i)
+                ti.append(t)
+                bv.append(float(b))
+    if ri:
+        x.index_put_((torch.tensor(ri, device=x.device), torch.tensor(ti, device=x.device)),
+                     torch.tensor(bv, dtype=x.dtype, device=x.device), accumulate=True)
     return x
 
 

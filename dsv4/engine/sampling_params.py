@@ -31,6 +31,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are suppressed until this many tokens are out
     stop: str | list[str] | None = None  # stop strings (normalised to a list)
     stop_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI: -100..100)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n alternatives per generated token; 0 = the chosen token only
@@ -105,6 +106,17 @@ class SamplingParams:
                 raise ValueError(f"stop must hold strings, got {s!r}")
             if not s:
                 raise ValueError("stop must not hold an empty string, got ''")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+            for t, b in self.logit_bias.items():
+                _int("logit_bias token id", t)
+                if t < 0 or (vocab_size is not None and t >= vocab_size):
+                    hi = "" if vocab_size is None else f"..{vocab_size - 1}"
+                    raise ValueError(f"logit_bias token ids must lie in 0{hi}, got {t}")
+                _real(f"logit_bias[{t}]", b)
+                if not -100 <= b <= 100:
+                    raise ValueError(f"logit_bias values must lie in [-100, 100], got {b} for token {t}")
         if not isinstance(self.stop_token_ids, list):
             raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         for t in self.stop_token_ids:

@@ -192,6 +192,12 @@ class DPEngine:
         return outs
 
     # ---- lifetime ---------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once the ranks were stopped (shut down, or abandoned after a failed step): every
+        further step fails."""
+        return self._closed
+
     def shutdown(self) -> None:
         """Stop every rank (requests still unfinished are dropped)."""
         if self._closed:

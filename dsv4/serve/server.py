@@ -1,21 +1,27 @@
 """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 
-Every failure a client can cause is an OpenAI-style 4xx that fails that request only; a client that
-disconnects aborts its request (freeing its cache); a full queue answers 429; an optional API key
-guards /v1; shutdown lets in-flight requests finish for a grace period, then fails the rest cleanly.
+Every failure a client can cause is an OpenAI-style 4xx that fails that request only (unknown paths
+too); a client that disconnects aborts its request (freeing its cache); a full queue answers 429; an
+optional API key guards /v1; /health answers 503 (with the reason) when the engine cannot serve.
+Shutdown (SIGINT / SIGTERM) refuses new requests at once, lets those in flight finish for a grace
+period, then ends the rest with an error their clients can read, and exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.engine.async_engine import AsyncLLM
 from dsv4.serve.handlers import ApiError, OpenAIServing, ServeLimits
@@ -38,11 +44,26 @@ def _validation_message(e: ValidationError | RequestValidationError) -> tuple[st
     return f"{loc}: {first.get('msg', 'invalid')}" if loc else first.get("msg", "invalid request"), loc or None
 
 
+class _TicketedStream(StreamingResponse):
+    """A streaming response that releases its request's queue ticket when the response ends, whether
+    its body ran to the end, failed, or never started (the client left before the first byte)."""
+
+    def __init__(self, content, ticket, **kw):
+        super().__init__(content, **kw)
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
+
+
 def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, limits: ServeLimits | None = None,
-              shutdown_grace_s: float = 30.0) -> FastAPI:
+              shutdown_grace_s: float = 5.0) -> FastAPI:
     serving = OpenAIServing(llm, model_name, limits)
     metrics = ServerMetrics(llm.engine)
-    serving.on_finish = metrics.observe
+    llm.finish_listeners.append(metrics.observe)  # every request that ends, aborted and failed ones included
 
     @asynccontextmanager
     async def lifespan(app):
@@ -50,7 +71,8 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, limits
         await llm.shutdown(timeout=shutdown_grace_s)
 
     app = FastAPI(title="dsv4", lifespan=lifespan)
-    app.state.serving, app.state.metrics = serving, metrics
+    app.state.serving, app.state.metrics, app.state.llm = serving, metrics, llm
+    app.state.shutdown_grace_s = shutdown_grace_s
 
     def check_key(request: Request) -> None:
         if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
@@ -67,6 +89,18 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, limits
         msg, param = _validation_message(e)
         metrics.http_errors.labels("400").inc()
         return _error(400, msg, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):  # unknown path, wrong method: OpenAI's shape
+        metrics.http_errors.labels(str(e.status_code)).inc()
+        if e.status_code == 404:
+            msg, code = f"Invalid URL ({request.method} {request.url.path})", "unknown_url"
+        elif e.status_code == 405:
+            msg, code = f"Method {request.method} is not allowed on {request.url.path}", "method_not_allowed"
+        else:
+            msg, code = str(e.detail), None
+        return JSONResponse(ApiError(e.status_code, msg, "invalid_request_error", code=code).body(),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -103,8 +137,9 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, limits
 
     @app.get("/health")
     async def health():
-        if llm._stop:
-            return _error(503, "the engine is shut down", "service_unavailable")
+        why = llm.health()
+        if why is not None:
+            return _error(503, why, "service_unavailable", code="unhealthy")
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -122,7 +157,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, limits
         r = await _parse(request, CompletionRequest)
         if r.stream:
             setup = serving._completion_setup(r)
-            return StreamingResponse(serving.completions_stream(r, setup), media_type="text/event-stream")
+            return _TicketedStream(serving.completions_stream(r, setup), setup[-1], media_type="text/event-stream")
         return await _until_disconnect(request, serving.completions(r))
 
     @app.post("/v1/chat/completions")
@@ -131,15 +166,67 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, limits
         r = await _parse(request, ChatCompletionRequest)
         if r.stream:
             setup = serving._chat_setup(r)
-            return StreamingResponse(serving.chat_stream(r, setup), media_type="text/event-stream")
+            return _TicketedStream(serving.chat_stream(r, setup), setup[-1], media_type="text/event-stream")
         return await _until_disconnect(request, serving.chat(r))
 
     return app
 
 
-def serve(llm: AsyncLLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServeLimits | None = None, log_level: str = "info") -> None:
-    import uvicorn
+class Server(uvicorn.Server):
+    """uvicorn's server with dsv4's shutdown: on SIGINT / SIGTERM the engine refuses new requests and
+    gives those in flight the app's grace period before failing them with a readable error (so
+    uvicorn's wait for open connections ends by itself), and the process exits 0, not by the signal."""
 
-    app = build_app(llm, model_name, api_key, limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=35)
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self.drain_task: asyncio.Task | None = None
+
+    async def shutdown(self, sockets=None):
+        app = self.config.app
+        llm = getattr(app.state, "llm", None) if hasattr(app, "state") else None
+        if llm is not None:
+            self.drain_task = asyncio.ensure_future(llm.drain(app.state.shutdown_grace_s))
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            getattr(self, "_captured_signals", []).clear()  # handled: exit normally rather than re-raise it
+
+
+def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                  **kw) -> uvicorn.Config:
+    """The uvicorn config for `app`: uvicorn's own graceful wait outlasts the app's grace period."""
+    grace = getattr(app.state, "shutdown_grace_s", 5.0)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=int(grace) + 10, **kw)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now (before a model load of minutes), or raise OSError naming the
+    address: the port in use, or the host unknown."""
+    if not 0 <= port <= 65535:
+        raise OSError(f"port {port} is outside 0..65535")
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(llm: AsyncLLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: ServeLimits | None = None, log_level: str = "info", sock: socket.socket | None = None,
+          shutdown_grace_s: float = 5.0) -> None:
+    """Serve until SIGINT / SIGTERM. `sock`: a socket bound beforehand with `bind` (the CLI binds before
+    loading the model, so a busy port is reported at once)."""
+    app = build_app(llm, model_name, api_key, limits, shutdown_grace_s=shutdown_grace_s)
+    server = Server(server_config(app, host, port, log_level))
+    server.run(sockets=[sock] if sock is not None else None)

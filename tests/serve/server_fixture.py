@@ -7,13 +7,12 @@ import threading
 import time
 
 import httpx
-import uvicorn
 
 from dsv4.config import EngineConfig
 from dsv4.engine.async_engine import AsyncLLM
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.serve.handlers import ServeLimits
-from dsv4.serve.server import build_app
+from dsv4.serve.server import Server, build_app, server_config
 
 
 def free_port() -> int:
@@ -23,18 +22,17 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, lm, model_name="tiny", api_key=None, max_queued=1024, **engine_kw):
+    def __init__(self, lm, model_name="tiny", api_key=None, max_queued=1024, shutdown_grace_s=5.0, **engine_kw):
         kw = dict(model="unused", device="cpu", dtype="float32", numerics="plain", max_model_len=512,
                   max_num_seqs=256, max_num_batched_tokens=2048)
         kw.update(engine_kw)
         self.engine = LLMEngine(EngineConfig(**kw), lm=lm)
         self.llm = AsyncLLM(engine=self.engine)
         self.app = build_app(self.llm, model_name, api_key=api_key, limits=ServeLimits(max_queued=max_queued),
-                             shutdown_grace_s=5)
+                             shutdown_grace_s=shutdown_grace_s)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=10))
+        self.server = Server(server_config(self.app, "127.0.0.1", self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):

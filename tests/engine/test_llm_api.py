@@ -105,6 +105,8 @@ def test_async_streaming_and_abort(lm):
 
     async def main():
         llm = AsyncLLM(engine=engine)
+        llm.finish_listeners.append(lambda o: ended.update({o.request_id: (o.outputs[0].finish_reason,
+                                                                            len(o.outputs[0].token_ids))}))
         params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
         async def collect(prompt):
@@ -116,10 +118,13 @@ def test_async_streaming_and_abort(lm):
 
         async def abandon(prompt):  # a client that disconnects after two outputs
             n = 0
-            async for _ in llm.generate(prompt, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)):
+            gen = llm.generate(prompt, SamplingParams(max_tokens=580, temperature=0, ignore_eos=True),
+                               request_id="abandoned")
+            async for _ in gen:
                 n += 1
                 if n == 2:
                     break
+            await gen.aclose()  # what the server does when its client goes away
             return n
 
         results = await asyncio.gather(collect("Hello"), collect([0, 7, 8]), abandon("long one"), collect("x"))
@@ -133,7 +138,10 @@ def test_async_streaming_and_abort(lm):
         await llm.shutdown()
         return results
 
+    ended = {}
     results = asyncio.run(main())
+    reason, n = ended["abandoned"]
+    assert reason == "abort" and n < 100, ended["abandoned"]  # stopped when abandoned, not at max_tokens
     for text, last in (results[0], results[1], results[3]):
         assert last.finished and text == last.outputs[0].text and len(last.outputs[0].token_ids) == 8
     assert results[2] == 2
@@ -143,6 +151,51 @@ def test_async_streaming_and_abort(lm):
     # the streamed greedy tokens equal the offline ones
     offline = ref.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
     assert offline[0].outputs[0].text == results[0][0]
+
+
+def test_cancel_while_admission_is_pending_aborts(lm):
+    """A consumer cancelled while the engine thread has not yet admitted its request (it awaits the
+    admission) must not leave the request generating to max_tokens."""
+    import time
+
+    engine = LLMEngine(EngineConfig(model="unused", device="cpu", dtype="float32", numerics="plain",
+                                    max_model_len=600), lm=lm)
+    real_add = engine.add_request
+
+    def slow_add(*a, **kw):  # the engine thread is busy when the request arrives
+        time.sleep(0.3)
+        return real_add(*a, **kw)
+
+    engine.add_request = slow_add
+    ended = {}
+
+    async def main():
+        llm = AsyncLLM(engine=engine)
+        llm.finish_listeners.append(lambda o: ended.update({o.request_id: (o.outputs[0].finish_reason,
+                                                                            len(o.outputs[0].token_ids))}))
+
+        async def consume():
+            async for _ in llm.generate([0, 5, 6], SamplingParams(max_tokens=580, ignore_eos=True), request_id="z"):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)  # inside `await added`
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            if "z" in ended:
+                break
+            await asyncio.sleep(0.01)
+        await llm.shutdown(timeout=0)
+
+    asyncio.run(main())
+    assert "z" in ended, "the cancelled request was never stopped"
+    reason, n = ended["z"]
+    assert reason == "abort" and n < 100, ended["z"]
+    assert engine.num_unfinished_requests() == 0
+    engine.kv.check()
+    assert engine.kv.num_free_pages == engine.cache.num_pages
 
 
 def test_capacity_planner(tiny_dir):

@@ -188,8 +188,9 @@ def test_200_streaming_clients_with_disconnects(srv):
     rng = random.Random(1)
     plan = [(i, rng.random() < 0.3, rng.randint(1, 4)) for i in range(200)]  # (id, disconnects, after k chunks)
 
-    async def one(c, i, leave, k):
-        body = {"prompt": [0, 100 + i], "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True}
+    async def one(c, i, leave, k):  # a client that leaves asks for far more than it reads
+        body = {"prompt": [0, 100 + i], "max_tokens": 300 if leave else 6, "temperature": 0, "ignore_eos": True,
+                "stream": True}
         text, n = "", 0
         async with c.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -210,6 +211,7 @@ def test_200_streaming_clients_with_disconnects(srv):
         async with httpx.AsyncClient(base_url=srv.base, timeout=300, limits=limits) as c:
             return await asyncio.gather(*(one(c, i, leave, k) for i, leave, k in plan))
 
+    mark = len(srv.ended)
     results = dict(asyncio.run(main()))
     finished = {i: r for i, r in results.items() if r is not None}
     assert len(finished) == sum(1 for _, leave, _ in plan if not leave)
@@ -220,15 +222,11 @@ def test_200_streaming_clients_with_disconnects(srv):
                                                                "temperature": 0, "ignore_eos": True}, timeout=60)
         assert full.json()["choices"][0]["text"] == finished[i][0]
     srv.assert_no_leaks()
-
-
-def test_non_streaming_client_disconnect_aborts(srv):
-    """A client that gives up on a non-streaming request frees the request's cache at once."""
-    body = {"prompt": [0, 7, 7, 7], "max_tokens": 400, "ignore_eos": True, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.base + "/v1/completions", json=body, timeout=0.5)
-    srv.assert_no_leaks()  # waits until the engine has nothing in flight
-    assert srv.engine.num_steps < 10_000
+    # every client that left stopped its request early: an abort, far short of its 300 tokens
+    import time
+    time.sleep(0.3)
+    aborted = [(r, n) for _, r, n in srv.ended[mark:] if r == "abort"]
+    assert len(aborted) == sum(1 for _, leave, _ in plan if leave) and max(n for _, n in aborted) < 150
 
 
 def test_graceful_shutdown_finishes_in_flight(lm):

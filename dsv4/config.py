@@ -519,6 +519,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # decode-latency budget: at most this many prefill tokens share a step with decodes (None: the whole
+    # max_num_batched_tokens); a long prompt arriving then slows running decodes by a bounded amount
+    prefill_tokens_with_decodes: int | None = None
     max_model_len: int | None = None
     page_tokens: int | None = None
     kv_cache_memory: int | None = None
@@ -531,6 +534,9 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        v = self.prefill_tokens_with_decodes
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"prefill_tokens_with_decodes must be a positive integer or None, got {v!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -70,7 +70,8 @@ class LLMEngine:
         if graphs_ok:
             graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot,
                                   max_batch=min(config.max_num_seqs, self.plan.num_slots))
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.prefill_tokens_with_decodes)
         self.runner = ModelRunner(self.lm, self.cache, Sampler(), graphs=graphs,
                                   sync=None if rank is None else rank.sync, scratch_slot=scratch_slot)
         self.requests: dict[str, Request] = {}

@@ -62,9 +62,9 @@ def run_staggered(eng, prompts, rng, abort_ids=()):
     return final
 
 
-@pytest.mark.parametrize("budget", [7, 64, 1000])
-def test_continuous_batching_matches_single_request(lm, prompts, reference, budget):
-    eng = engine(lm, max_num_seqs=5, max_num_batched_tokens=budget)
+@pytest.mark.parametrize("budget,with_decodes", [(7, None), (64, None), (1000, None), (64, 5), (1000, 1)])
+def test_continuous_batching_matches_single_request(lm, prompts, reference, budget, with_decodes):
+    eng = engine(lm, max_num_seqs=5, max_num_batched_tokens=budget, prefill_tokens_with_decodes=with_decodes)
     final = run_staggered(eng, prompts, random.Random(budget))
     for i, ref in enumerate(reference):
         assert final[i].outputs[0].token_ids == ref, f"request {i} (prompt {LENGTHS[i]} tokens)"
@@ -72,11 +72,13 @@ def test_continuous_batching_matches_single_request(lm, prompts, reference, budg
     assert eng.kv.num_free_pages == eng.cache.num_pages and eng.kv.num_free_slots == eng.cache.num_slots
 
 
-def test_preemption_recomputes_exactly(lm, prompts, reference):
+@pytest.mark.parametrize("with_decodes", [None, 40])
+def test_preemption_recomputes_exactly(lm, prompts, reference, with_decodes):
     layout = engine(lm, max_num_seqs=1).plan.layout
     # room for 4 slots but only 5 pages (1,280 tokens) for requests wanting up to 2 pages each
     budget = 4 * layout.slot_bytes + 5 * layout.page_bytes
-    eng = engine(lm, max_num_seqs=4, max_num_batched_tokens=48, kv_cache_memory=budget)
+    eng = engine(lm, max_num_seqs=4, max_num_batched_tokens=48, kv_cache_memory=budget,
+                 prefill_tokens_with_decodes=with_decodes)
     assert eng.plan.num_slots == 4 and eng.plan.num_pages == 5
     final = run_staggered(eng, prompts, random.Random(0))
     assert sum(o.metrics.num_preemptions for o in final.values()) > 0, "the cache was not tight enough"

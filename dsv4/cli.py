@@ -19,10 +19,35 @@ def _token_ids(s: str) -> list[int]:
     return ids
 
 
+def _device(s: str) -> str:
+    """--device: cpu, cuda or cuda:N (checked here, so a typo is one argparse error, not torch's traceback)."""
+    kind, _, idx = s.partition(":")
+    if kind not in ("cpu", "cuda") or (idx and not idx.isdigit()):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a device: expected cpu, cuda or cuda:N")
+    if idx and kind == "cuda":
+        import torch
+
+        if torch.cuda.is_available() and int(idx) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{s!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return s
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint folder, or a built-in name: tiny (default), deepseek-v4-flash (config only)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
+    p.add_argument("--device", default=None, type=_device,
+                   help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="activation dtype")
     p.add_argument("--numerics", default="official", choices=["official", "plain"],
                    help="official: simulate the release's FP8/FP4 numerics; plain: no simulation")
@@ -45,7 +70,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "--gpu-memory-utilization on a GPU, 1 GiB on the CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--page-tokens", type=int, default=None, help="raw tokens per cache page")
-    p.add_argument("--gpus", type=int, default=1,
+    p.add_argument("--gpus", type=_positive_int, default=1,
                    help="expert parallelism over this many GPUs of this node: one rank each, holding the attention "
                         "and 1/N of the routed experts, serving its own requests; one front end (several nodes: "
                         "start with torchrun instead, see README)")
@@ -91,6 +116,27 @@ def engine_config(a: argparse.Namespace):
         enforce_eager=a.enforce_eager, gpus=a.gpus)
 
 
+def _warn_max_tokens_cap(a: argparse.Namespace, llm, prompts: list) -> None:
+    """The engine caps each request's output at max_model_len minus its prompt, silently: say so up front
+    (a huge --max-tokens would otherwise run for a long time with no word of what it will stop at)."""
+    limit = llm.engine.max_model_len
+    lens = [len(llm.tokenizer.encode(p)) if isinstance(p, str) else len(p) for p in prompts]
+    caps = sorted({limit - n for n in lens if 0 < limit - n < a.max_tokens})
+    if not caps:
+        return
+    to = f"{caps[0]:,}" if len(caps) == 1 else f"{caps[0]:,}..{caps[-1]:,} (by prompt)"
+    most = llm.engine.cfg.max_position_embeddings
+    if a.max_model_len and a.max_model_len > limit:
+        why = f"--max-model-len {a.max_model_len:,} is more than the model's {most:,} positions"
+    elif limit >= most:
+        why = "the model's positions"
+    else:
+        why = (f"{'--max-model-len' if a.max_model_len else 'the default'}; --max-model-len raises it, up to the "
+               f"model's {most:,} positions")
+    print(f"dsv4 generate: warning: --max-tokens {a.max_tokens:,} capped to {to}: max_model_len {limit:,} "
+          f"holds prompt + output ({why})", file=sys.stderr)
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from dsv4.engine.llm import LLM
     from dsv4.engine.sampling_params import SamplingParams
@@ -103,6 +149,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.prompt and tok.vocab_size > llm.engine.cfg.vocab_size:
         print(f"warning: tokenizer ({tok.source}) has {tok.vocab_size} ids, the model {llm.engine.cfg.vocab_size}",
               file=sys.stderr)
+    _warn_max_tokens_cap(a, llm, prompts)
     outs = llm.generate(prompts, params, use_tqdm=False)
     llm.shutdown()
     errors = [o.error for o in outs if o.error]
@@ -226,7 +273,10 @@ def cmd_batch(a: argparse.Namespace) -> int:
 def cmd_make_tiny(a: argparse.Namespace) -> int:
     from dsv4.tiny import make_tiny
 
-    out = make_tiny(a.out, seed=a.seed, num_shards=a.num_shards)
+    try:
+        out = make_tiny(a.out, seed=a.seed, num_shards=a.num_shards)
+    except OSError as e:  # a file in the way, no permission, a full disk: one line, no traceback
+        raise ValueError(f"cannot write {e.filename or a.out}: {e.strerror}" if e.strerror else str(e)) from None
     print(f"wrote a tiny DeepSeek-V4 checkpoint to {out}")
     return 0
 
@@ -319,18 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     bj.add_argument("output")
     _add_engine_args(bj)
     bj.add_argument("--served-model-name", default=None)
-    bj.add_argument("--max-concurrency", type=int, default=256)
+    bj.add_argument("--max-concurrency", type=_positive_int, default=256)
     bj.add_argument("--quiet", action="store_true", help="no progress bar")
     bj.set_defaults(fn=cmd_batch)
 
     t = sub.add_parser("make-tiny", help="write a small random checkpoint in the release's format")
     t.add_argument("out")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--num-shards", type=int, default=3)
+    t.add_argument("--num-shards", type=_positive_int, default=3)
     t.set_defaults(fn=cmd_make_tiny)
 
     d = sub.add_parser("doctor", help="platform, capabilities, and the provider chosen for each op")
-    d.add_argument("--device", default=None)
+    d.add_argument("--device", default=None, type=_device)
     d.add_argument("--op", action="append", default=[], metavar="NAME=PROVIDER")
     d.set_defaults(fn=cmd_doctor)
     return ap

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from dsv4.config import ModelConfig
 from dsv4.envs import dsv4_home
@@ -96,7 +96,9 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg_dict: dict, out: Path
     weight_map, size = {}, 0
     for i, grp in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        save_file({n: tensors[n].contiguous() for n in grp}, str(out / fname), metadata={"format": "pt"})
+        # through write_bytes, not save_file: safetensors creates its files 0600, these follow the umask like
+        # the other files of the folder
+        (out / fname).write_bytes(save({n: tensors[n].contiguous() for n in grp}, metadata={"format": "pt"}))
         for n in grp:
             weight_map[n] = fname
             size += tensors[n].numel() * tensors[n].element_size()
@@ -113,6 +115,8 @@ def copy_tokenizer(out: Path) -> None:
 
 def make_tiny(out: str | Path, seed: int = 0, num_shards: int = 3, config: dict | None = None) -> Path:
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
     cfg_dict = dict(config or TINY_CONFIG)
     cfg = ModelConfig.from_dict(cfg_dict, source="tiny config")
     write_checkpoint(release_tensors(cfg, seed), cfg_dict, out, num_shards)

@@ -217,3 +217,100 @@ def test_op_override_reaches_the_engine(capsys, tiny_dir):
     rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt-token-ids", "0,5",
                        "--max-tokens", 1, "--op", "rms_norm=triton")
     assert rc == 2 and "rms_norm=triton" in err and "needs a GPU" in err
+
+
+def one_line_error(capsys, *argv):
+    """Run a command that must fail: argparse-style (SystemExit 2) or a returned 1/2; one line on stderr,
+    no traceback, nothing on stdout."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert rc in (1, 2), (rc, err)
+    assert out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("dsv4"), err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cpu:x", "cuda:-1"])
+def test_bad_device_is_a_one_line_error(capsys, tiny_dir, device):
+    err = one_line_error(capsys, "generate", "--model", tiny_dir, "--device", device, "--prompt", "hi")
+    assert "--device" in err and repr(device) in err and "cpu, cuda" in err
+    err = one_line_error(capsys, "doctor", "--device", device)
+    assert "--device" in err and repr(device) in err
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_gpus_below_one_is_a_one_line_error(capsys, tiny_dir, n):
+    err = one_line_error(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--gpus", n, "--prompt", "hi")
+    assert "--gpus" in err and f"'{n}'" in err and "TCPStore" not in err
+
+
+def test_make_tiny_onto_an_existing_file(capsys, tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("mine")
+    err = one_line_error(capsys, "make-tiny", f)
+    assert str(f) in err and "not a folder" in err
+    assert f.read_text() == "mine"
+
+
+def test_kv_cache_too_small_shows_sizes_and_the_minimum(capsys, tiny_dir):
+    """The refusal shows the budget and the need in readable units (not "0.00 GiB ... needs 0.00 GiB"),
+    names the flag and a minimum that, given back, works."""
+    from dsv4.config import parse_bytes
+
+    err = one_line_error(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt-token-ids", "0,5",
+                         "--kv-cache-memory", "1KiB", "--max-model-len", 64, "--max-tokens", 2)
+    assert "0.00 GiB" not in err and "1,024 bytes" in err and "1.00 KiB" in err
+    m = re.search(r"needs ([\d.]+ [KMG]iB) \(([\d,]+) bytes\)", err)
+    assert m, err
+    need = int(m.group(2).replace(",", ""))
+    m2 = re.search(r"--kv-cache-memory (\S+)", err)
+    assert m2 and m2.group(1) != "or", err
+    suggested = m2.group(1)
+    assert parse_bytes(suggested) >= need
+    rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt-token-ids", "0,5",
+                       "--kv-cache-memory", suggested, "--max-model-len", 64, "--max-tokens", 2)
+    assert rc == 0, err
+
+
+def test_python_dash_m_dsv4():
+    p = subprocess.run([sys.executable, "-m", "dsv4", "make-tiny", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: dsv4 make-tiny")
+
+
+def test_max_tokens_cap_is_announced(capsys, tiny_dir):
+    rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt-token-ids", "0,5",
+                       "--max-model-len", 8, "--max-tokens", 1000000000, "--temperature", 0, "--ignore-eos",
+                       "--json")
+    assert rc == 0, err
+    assert len(json.loads(out)["outputs"][0]["token_ids"]) == 6
+    (line,) = [x for x in err.splitlines() if "warning" in x]
+    assert "--max-tokens 1,000,000,000" in line and "capped to 6" in line and "max_model_len 8" in line
+    # within the limit: no warning
+    rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt-token-ids", "0,5",
+                       "--max-model-len", 8, "--max-tokens", 6, "--temperature", 0, "--json")
+    assert rc == 0 and "warning" not in err, err
+
+
+def test_make_tiny_file_modes_follow_the_umask(tmp_path, tiny_dir):
+    """Shards get the same permissions as every other file: 0666 less the umask (safetensors alone
+    writes 0600)."""
+    import stat
+
+    import torch
+
+    from dsv4.tiny import write_checkpoint
+
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in Path(tiny_dir).iterdir()}
+    assert len(set(modes.values())) == 1, modes
+    old = os.umask(0o027)
+    try:
+        write_checkpoint({"a.weight": torch.zeros(2), "b.weight": torch.ones(3)}, {"x": 1}, tmp_path / "ck", 2)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ck").iterdir()}
+    assert len(modes) == 4 and set(modes.values()) == {0o640}, modes

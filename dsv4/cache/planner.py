@@ -17,6 +17,26 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def human_bytes(n: int) -> str:
+    """A size in the largest binary unit it reaches (1.00 KiB, 3.52 MiB, ...; below 1 KiB: 12 B)."""
+    for unit, size in _UNITS:
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def at_least(n: int) -> str:
+    """A memory size flag value (e.g. 3.53MiB) that parses back to n bytes or more, rounded up."""
+    unit, size = next(((u, s) for u, s in _UNITS if n >= s), ("B", 1))
+    v = math.ceil(n * 100 / size) / 100
+    while int(float(f"{v:g}") * size) < n:  # float rounding: parse_bytes truncates
+        v += 0.01
+    return f"{v:g}{unit}"
+
+
 @dataclass(frozen=True)
 class CachePlan:
     num_slots: int
@@ -45,9 +65,9 @@ def plan_cache(layout: CacheLayout, budget_bytes: int, max_num_seqs: int, max_mo
     one = layout.slot_bytes + math.ceil(max_model_len / layout.page_tokens) * layout.page_bytes
     if budget_bytes < one:
         raise CacheDoesNotFit(
-            f"the KV cache budget ({gib(budget_bytes)}) cannot hold one request of max_model_len "
-            f"{max_model_len:,} tokens, which needs {gib(one)}; raise --kv-cache-memory or "
-            f"--gpu-memory-utilization, or lower --max-model-len")
+            f"the KV cache budget ({human_bytes(budget_bytes)}, {budget_bytes:,} bytes) cannot hold one request "
+            f"of max_model_len {max_model_len:,} tokens, which needs {human_bytes(one)} ({one:,} bytes); give "
+            f"--kv-cache-memory {at_least(one)} or more, raise --gpu-memory-utilization, or lower --max-model-len")
     pages_one = math.ceil(max_model_len / layout.page_tokens)
     slots = max(1, min(max_num_seqs, (budget_bytes - pages_one * layout.page_bytes) // max(1, layout.slot_bytes)))
     if layout.page_bytes == 0:  # no compressed layers: pages cost nothing, give every slot a full sequence

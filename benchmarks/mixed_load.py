@@ -1,0 +1,59 @@
+"""Decode TPOT under mixed load on one GPU (issue 16 item 6): `--decoders` requests decode while
+`--prefills` prompts of `--prefill-len` tokens arrive, for several decode-latency budgets
+(`prefill_tokens_with_decodes`: prefill tokens allowed in a step that has decodes). Per budget: pure and
+mixed TPOT p50 / p99 (per-token gaps), the prompts' TTFT and prefill rate (dsv4/bench/mixed.py).
+
+    PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/mixed_load.py --num-layers 4 --out $OUT/mixed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from dsv4.bench.mixed import format_mixed, run_mixed
+from dsv4.config import EngineConfig, parse_bytes
+from dsv4.engine.llm import LLM
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="deepseek-v4-flash")
+    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--decoders", type=int, default=8)
+    ap.add_argument("--prefills", type=int, default=8)
+    ap.add_argument("--prefill-len", type=int, default=8192)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--budgets", default="none,2048,512,256,128", help="prefill_tokens_with_decodes values")
+    ap.add_argument("--kv-cache-memory", default="16GiB")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    cfg = EngineConfig(model=a.model, load_format="dummy", num_layers=a.num_layers,
+                       max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.prefill_len + 2048,
+                       max_num_seqs=max(64, a.decoders + a.prefills), kv_cache_memory=parse_bytes(a.kv_cache_memory))
+    t0 = time.time()
+    llm = LLM.from_config(cfg)
+    print(f"engine up in {time.time() - t0:.1f} s: {llm.engine.plan.describe()}", flush=True)
+    eng = llm.engine
+    # warm-up: compile the kernels, capture the decoders' graph bucket
+    run_mixed(llm, a.decoders, 2, 2048, pure_steps=8, progress=False)
+    rows = []
+    for b in a.budgets.split(","):
+        cap = None if b == "none" else int(b)
+        eng.scheduler.prefill_tokens_with_decodes = cap
+        object.__setattr__(eng.config, "prefill_tokens_with_decodes", cap)
+        r = run_mixed(llm, a.decoders, a.prefills, a.prefill_len, progress=False)
+        r.update(model=a.model, num_layers=a.num_layers, device=str(eng.device))
+        rows.append(r)
+        print(format_mixed(r), flush=True)
+        print(json.dumps(r), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"command": "benchmarks/mixed_load.py " + " ".join(f"--{k.replace('_', '-')} {v}"
+                                                                        for k, v in vars(a).items() if k != "out"),
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -65,6 +65,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fp8: non-rotary KV dims in FP8 (platform dialect, per-64 power-of-two scales)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--prefill-tokens-with-decodes", type=_positive_int, default=None,
+                   help="decode-latency budget: at most this many prefill tokens share a step with running decodes "
+                        "(default: the whole step budget)")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 8GiB (default: from "
                    "--gpu-memory-utilization on a GPU, 1 GiB on the CPU)")
@@ -77,6 +80,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay captured decode graphs (default: capture them where the device and "
                         "every op's provider allow)")
+
+
+def _port(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a TCP port (0..65535)")
+    return v
 
 
 def _max_num_seqs(a: argparse.Namespace) -> int:
@@ -111,6 +124,7 @@ def engine_config(a: argparse.Namespace):
         seed=a.seed or 0, num_layers=a.num_layers, op_overrides=tuple(parse_overrides(a.op).items()),
         kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=_max_num_seqs(a),
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
+        prefill_tokens_with_decodes=a.prefill_tokens_with_decodes,
         page_tokens=a.page_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
         kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory),
         enforce_eager=a.enforce_eager, gpus=a.gpus)
@@ -208,6 +222,14 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
         rows += bl.dsv4_rows(llm, sizes, a.input_len, a.output_len, seed=a.seed or 0, progress=not a.json,
                              with_breakdown=a.breakdown, warmup_output_len=a.warmup_output_len,
                              warmup_prompts=a.warmup_prompts)
+        if a.mixed_prefills:
+            from dsv4.bench.mixed import format_mixed, run_mixed
+
+            for rep in range(2):  # the first pass compiles the mixed steps' kernel variants: untimed
+                mixed = run_mixed(llm, max(sizes), a.mixed_prefills, a.mixed_prefill_len,
+                                  decode_input_len=a.input_len, seed=a.seed or 0, progress=False)
+            if not a.json:
+                print(format_mixed(mixed), flush=True)
         llm.shutdown()
         del llm
     else:
@@ -218,6 +240,7 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
         rows += bl.transformers_rows(a.model, a.num_layers, dev, parse_dtype(a.dtype), sizes, a.input_len,
                                      a.output_len, seed=a.seed or 0, progress=not a.json)
     res = {"model": str(a.model), "num_layers": a.num_layers, "device": dev,
+           "mixed": mixed if a.engine in ("dsv4", "both") and a.mixed_prefills else None,
            "gpus": max(a.gpus, a.dist.world if a.dist else 1), "dtype": a.dtype,
            "numerics": a.numerics, "input_len": a.input_len, "output_len": a.output_len, "rows": rows}
     if a.plot:
@@ -236,14 +259,19 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from dsv4.engine.async_engine import AsyncLLM
     from dsv4.serve.handlers import ServeLimits
-    from dsv4.serve.server import serve
+    from dsv4.serve.server import bind, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # before the model load (minutes for the real checkpoint): a busy port is reported at once
+        sock = bind(a.host, a.port)
+    except OSError as e:
+        print(f"dsv4 serve: error: {e}", file=sys.stderr)
+        return 1
     llm = AsyncLLM(engine_config(a), dist=a.dist)
     name = a.served_model_name or (a.model if "/" not in str(a.model) else str(a.model).rstrip("/").split("/")[-1])
     print(f"dsv4: serving {name!r} on http://{a.host}:{a.port}/v1 ({llm.engine.plan.describe()})", file=sys.stderr)
     serve(llm, name, host=a.host, port=a.port, api_key=a.api_key, limits=ServeLimits(max_queued=a.max_queued),
-          log_level=a.log_level)
+          log_level=a.log_level, sock=sock, shutdown_grace_s=a.shutdown_grace)
     return 0
 
 
@@ -347,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output tokens of each untimed warm-up pass (default: --output-len)")
     bl.add_argument("--warmup-prompts", type=int, default=None,
                     help="requests of each untimed warm-up pass (default: the batch size)")
+    bl.add_argument("--mixed-prefills", type=int, default=0, metavar="N",
+                    help="then: TPOT p50 / p99 of the largest batch's requests while N prompts of --mixed-prefill-len "
+                         "tokens arrive and prefill (decode under mixed load; see --prefill-tokens-with-decodes)")
+    bl.add_argument("--mixed-prefill-len", type=int, default=8192)
     bl.add_argument("--breakdown", action="store_true",
                     help="per-kernel (GPU) / per-op (CPU) time of one more pass at each batch size (torch.profiler)")
     bl.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -357,11 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint folder or built-in name (default: tiny); same as --model")
     _add_engine_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000)
     sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1")
     sv.add_argument("--served-model-name", default=None)
     sv.add_argument("--max-queued", type=int, default=512, help="requests waiting or running before 429")
     sv.add_argument("--log-level", default="info")
+    sv.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
+                    help="on SIGINT / SIGTERM: new requests get 503 at once, those running get this long to finish, "
+                         "then end with an error their clients can read; exit 0")
     sv.set_defaults(fn=cmd_serve)
 
     bj = sub.add_parser("batch", help="run an OpenAI batch file (JSONL) through the engine")

@@ -41,6 +41,15 @@ def ref_kept(logits, temperature, top_k, top_p, min_p):
     return {i for i in kept if math.exp(z[i] - m) >= min_p}
 
 
+def ref_logprobs(logits_row):
+    """float64 log-softmax of one row of logits, in plain Python (max-shifted, math.fsum): shares no code with
+    the sampler's torch.log_softmax."""
+    xs = [float(x) for x in logits_row]
+    m = max(xs)
+    lse = m + math.log(math.fsum(math.exp(x - m) for x in xs))
+    return [x - lse for x in xs]
+
+
 def ref_probs(logits, kept, temperature):
     z = {i: logits[i] / temperature for i in kept}
     m = max(z.values())
@@ -305,7 +314,7 @@ def test_logprobs_are_raw_with_rank_and_ordered_top():
     rows = [row(p, prompt=[0, 1, 2, 3], output=[int(logits[0].argmax())] * 3,
                 gen=make_generator(p.seed, "cpu")) for p in params]
     toks, lps = Sampler()(logits, rows)
-    raw = torch.log_softmax(logits.double(), dim=-1)
+    raw = torch.tensor([ref_logprobs(r) for r in logits.tolist()], dtype=torch.float64)
     assert lps[3] is None
     for i in range(3):
         lp = lps[i]
@@ -335,14 +344,22 @@ def test_prompt_logprobs():
     logits = rand_logits(6, v=30, seed=21)
     nxt = [4, 0, 29, 7, 7, 13]
     out = prompt_logprobs(logits, nxt, 3)
-    raw = torch.log_softmax(logits.double(), dim=-1)
     assert len(out) == 6
     for j, lp in enumerate(out):
+        ref = ref_logprobs(logits[j].tolist())
+        best = sorted(range(len(ref)), key=lambda t: -ref[t])
         assert lp.token_id == nxt[j]
-        assert lp.logprob == pytest.approx(raw[j, nxt[j]].item(), abs=1e-5)
-        assert lp.rank == 1 + int((raw[j] > raw[j, nxt[j]]).sum())
-        assert [t for t, _ in lp.top] == raw[j].argsort(descending=True)[:3].tolist()
-        assert sum(math.exp(v) for v in raw[j].tolist()) == pytest.approx(1.0)
+        assert lp.logprob == pytest.approx(ref[nxt[j]], abs=1e-5)
+        assert lp.rank == 1 + sum(v > ref[nxt[j]] for v in ref)
+        assert [t for t, _ in lp.top] == best[:3]
+        for t, v in lp.top:
+            assert v == pytest.approx(ref[t], abs=1e-5), (j, t)
+    # top-n over the whole vocabulary: every logprob, and together they are a distribution
+    for j, lp in enumerate(prompt_logprobs(logits, nxt, 30)):
+        ref = ref_logprobs(logits[j].tolist())
+        assert sorted(t for t, _ in lp.top) == list(range(30))
+        assert all(v == pytest.approx(ref[t], abs=1e-5) for t, v in lp.top)
+        assert math.fsum(math.exp(v) for _, v in lp.top) == pytest.approx(1.0, abs=1e-5)
     assert [lp.top for lp in prompt_logprobs(logits, nxt, 0)] == [[]] * 6
     # rank 1 <=> the next token is the argmax
     am = logits.argmax(dim=-1).tolist()

@@ -17,11 +17,7 @@ import random
 import pytest
 import torch
 
-from dsv4.kernels.triton.attention import (
-    gpu_check_cases,
-    sparse_attention_impl,
-    write_window_triton,
-)
+from dsv4.kernels.triton.attention import sparse_attention_impl, write_window_triton
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.attention import sparse_attention_reference, write_window
 from dsv4.ops.kv_format import FP8_BLOCK, Fp8KV, kv_read, kv_write
@@ -338,12 +334,48 @@ def test_split_counts_agree_on_one_decode_token():
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda s: f"num_splits={splits}: {s}")
 
 
-def test_gpu_check_cases_listed():
-    cases = gpu_check_cases()
-    names = [n for n, _ in cases]
-    assert len(names) == len(set(names)) and all(callable(f) for _, f in cases)
-    for want in ("decode csa fp8 b1 ctx1024", "decode hca fp8 b256 ctx131072", "prefill csa bf16 4096"):
-        assert any(want in n for n in names), want
+def test_gpu_check_cases_measure_flash_attention(monkeypatch):
+    """The GPU check measures the attention the model runs: every case at DeepSeek-V4-Flash shapes (heads,
+    head / rope dims, window, top-k, HCA ratio, the cache's page size, all from the config); CSA, HCA and
+    window-only layers each in decode and prefill; decode in every KV format the engine stores (bf16, FP8
+    OCP and fnuz), from one sequence to at least the engine's default batch, and with more CSA entries than
+    top-k (the selection does select); KV writes in decode and prefill; record names unique."""
+    import inspect
+    import json
+    from importlib import resources
+
+    import dsv4.kernels.triton.attention as ka
+    from dsv4.cache.model_cache import default_page_tokens
+    from dsv4.config import HCA, EngineConfig, ModelConfig
+
+    cfg = ModelConfig.from_dict(json.loads(resources.files("dsv4.configs").joinpath("deepseek-v4-flash.json")
+                                           .read_text()))
+    calls = {"_gpu_case": [], "_gpu_write_case": []}
+    for fn, log in calls.items():  # each case's arguments, the function's own defaults applied
+        sig = inspect.signature(getattr(ka, fn))
+        monkeypatch.setattr(ka, fn, lambda *a, _s=sig, _l=log, **kw: _l.append(_s.bind(*a, **kw)))
+    names = [n for n, _ in ka.gpu_check_cases()]
+    assert len(names) == len(set(names))
+    for b in calls["_gpu_case"] + calls["_gpu_write_case"]:
+        b.apply_defaults()
+    attn = [b.arguments for b in calls["_gpu_case"]]
+    writes = [b.arguments for b in calls["_gpu_write_case"]]
+    (hca_ratio,) = {r for t, r in zip(cfg.layer_types, cfg.compress_ratios) if t == HCA}
+    flash = dict(H=cfg.num_heads, D=cfg.head_dim, r=cfg.rope_head_dim, W=cfg.sliding_window, K=cfg.index_topk,
+                 hca_ratio=hca_ratio, page_tokens=default_page_tokens(cfg))
+    for a in attn:
+        assert {k: a[k] for k in flash} == flash, a
+        assert a["ctx"] <= cfg.max_position_embeddings and a["device"] == "cuda" and a["bench"], a
+    for mode in ("csa", "hca", "swa"):
+        assert {a["prefill"] for a in attn if a["mode"] == mode} == {False, True}, mode
+    decode = [a for a in attn if not a["prefill"]]
+    assert {a["kv_kind"] for a in decode} == {"bf16", "fp8", "fp8-fnuz"}
+    batches = {a["batch"] for a in decode}
+    assert min(batches) == 1 and max(batches) >= EngineConfig().max_num_seqs, batches
+    assert any(a["ctx"] // cfg.csa_ratio() > cfg.index_topk for a in decode if a["mode"] == "csa")
+    for w in writes:
+        assert (w["D"], w["r"], w["W"]) == (cfg.head_dim, cfg.rope_head_dim, cfg.sliding_window), w
+    assert {w["n_new"] == 1 for w in writes} == {True, False}
 
 
 @pytest.mark.parametrize("mode,prefill,kind", [("csa", False, "fp8"), ("hca", False, "fp8-fnuz"),

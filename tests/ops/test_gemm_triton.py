@@ -9,6 +9,8 @@ CUDA. The generic op tests in test_small_ops.py also run these providers."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -349,12 +351,59 @@ def test_scaled_mm_delegates_what_it_does_not_take():
 # ============================================================================= GPU check code
 
 
-def test_gpu_check_cases_listed():
+def flash_config():
+    import json
+    from importlib import resources
+
+    from dsv4.config import ModelConfig
+
+    return ModelConfig.from_dict(json.loads(resources.files("dsv4.configs").joinpath("deepseek-v4-flash.json")
+                                            .read_text()))
+
+
+def record_calls(fn, log: list):
+    """A stand-in for `fn` that appends its bound arguments (defaults applied) to `log`."""
+    sig = inspect.signature(fn)
+
+    def rec(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        log.append(dict(bound.arguments))
+
+    return rec
+
+
+def test_gpu_check_cases_cover_every_flash_fp8_linear(monkeypatch):
+    """The GPU check measures the GEMMs the model runs: the FP8 weight shapes of the DeepSeek-V4-Flash
+    checkpoint (its official tensor inventory, MTP included) are exactly the linear cases' shapes plus the
+    grouped wo_a; each shape in both numerics and through scaled_mm, from one token (decode) up to at least
+    the engine's largest step; the grouped case at the config's o_groups; record names unique."""
+    from dsv4.config import EngineConfig
+    from dsv4.model.checkpoint_format import official_tensors
+
+    cfg = flash_config()
+    fp8 = {}  # weight shape -> the tensor names that have it (per layer names folded)
+    for t in official_tensors(cfg):
+        if t.role == "fp8_weight":
+            fp8.setdefault(t.shape, set()).add(t.name.split(".", 2)[-1])
+    (wo_a,) = [shape for shape, names in fp8.items() if "attn.wo_a.weight" in names]
+    calls = {"_gpu_linear_case": [], "_gpu_grouped_case": []}
+    for fn, log in calls.items():  # each case's arguments, the function's own defaults applied
+        monkeypatch.setattr(kg, fn, record_calls(getattr(kg, fn), log))
     names = [n for n, _ in kg.gpu_check_cases()]
-    assert len(names) == len(set(names)) == 8 * 5 * 3 + 3
-    for want in ("linear wq_b 32768x1024 M=1 official triton", "linear wo_b 4096x8192 M=8192 plain triton",
-                 "linear e_h_proj 4096x4096 M=256 official scaled_mm", "grouped_linear wo_a 8x1024x4096 M=8192"):
-        assert any(want in n for n in names), want
+    assert len(names) == len(set(names))
+    linear = {}
+    for a in calls["_gpu_linear_case"]:
+        linear.setdefault((a["N"], a["K"]), set()).add((a["M"], a["act_quant"], a["provider"]))
+    grouped = [(a["M"], a["G"], a["R"], a["Kg"]) for a in calls["_gpu_grouped_case"]]
+    assert set(linear) == set(fp8) - {wo_a}, (sorted(set(fp8) - {wo_a} - set(linear)), sorted(set(linear) - set(fp8)))
+    biggest = EngineConfig().max_num_batched_tokens
+    for shape, runs in linear.items():
+        for variant in ((False, "triton"), (True, "triton"), (True, "scaled_mm")):
+            ms = {m for m, *v in runs if tuple(v) == variant}
+            assert 1 in ms and max(ms) >= biggest, (shape, variant, sorted(ms))
+    assert {(G * R, Kg) for _, G, R, Kg in grouped} == {wo_a} and {G for _, G, _, _ in grouped} == {cfg.o_groups}
+    assert 1 in {m for m, *_ in grouped} and max(m for m, *_ in grouped) >= biggest
 
 
 def test_gpu_case_smoke():

@@ -327,10 +327,15 @@ def test_packed_fp4_decode_arithmetic():
     assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="NVIDIA GPU only (PTX)")
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.version.cuda is None, reason="NVIDIA GPU only (PTX)")
 def test_packed_fp4_decode_equals_register_decode_gpu():
     """On an NVIDIA GPU: the packed PTX decode gives the per-value decode's output bit for bit, scale bytes
-    over the whole supported range, bf16 activations and FP8 (act_quant)."""
+    over the whole supported range, bf16 activations and FP8 (act_quant). Compiled kernels only: the
+    interpreter turns the packed decode off (the comparison would be of one path with itself)."""
+    from dsv4.kernels.triton.common import interpreting
+
+    assert not interpreting(torch.device("cuda")), "the Triton interpreter is on: packed=True would not be packed"
     E, D, I = 8, 256, 128
     ids = random_ids(37, E, 2, 31).cuda()
     w13, s13, w2, s2 = (t.cuda() for t in make_experts("fp4", E, D, I, seed=32))
@@ -560,13 +565,43 @@ def test_route_bf16_input():
 # ============================================================================= GPU check code
 
 
-def test_gpu_check_cases_listed_and_runnable():
-    cases = km.gpu_check_cases() + kr.gpu_check_cases()
-    names = [n for n, _ in cases]
-    assert len(names) == len(set(names)) and all(callable(f) for _, f in cases)
-    for T in km.GPU_TOKENS:
-        assert f"moe_route learned T={T}" in names
-        assert f"moe_experts fp4 T={T} fp8-act" in names and f"moe_experts fp4 T={T} bf16-act" in names
+def test_gpu_check_cases_measure_flash_moe_and_run(monkeypatch):
+    """The GPU check measures the MoE the model runs: every experts / routing case at DeepSeek-V4-Flash shapes
+    (hidden size, expert width, experts, top-k, all from the config); experts with FP8 and bf16 activations,
+    each also through the register decode (scaled dot off); learned and hash routing; from one token up to at
+    least the engine's largest step; record names unique. Then the check code itself runs at tiny shapes."""
+    import inspect
+    import json
+    from importlib import resources
+
+    from dsv4.config import EngineConfig, ModelConfig
+
+    cfg = ModelConfig.from_dict(json.loads(resources.files("dsv4.configs").joinpath("deepseek-v4-flash.json")
+                                           .read_text()))
+    calls = {(km, "experts_case"): [], (kr, "route_case"): []}
+    for (mod, fn), log in calls.items():  # each case's arguments, the function's own defaults applied
+        sig = inspect.signature(getattr(mod, fn))
+        monkeypatch.setattr(mod, fn, lambda *a, _s=sig, _l=log, **kw: _l.append(_s.bind(*a, **kw)))
+    names = [n for n, _ in km.gpu_check_cases() + kr.gpu_check_cases()]
+    assert len(names) == len(set(names))
+    for log in calls.values():
+        for b in log:
+            b.apply_defaults()
+    experts = [b.arguments for b in calls[(km, "experts_case")]]
+    routes = [b.arguments for b in calls[(kr, "route_case")]]
+    flash = dict(D=cfg.hidden_size, I=cfg.moe_intermediate_size, E=cfg.n_routed_experts, k=cfg.num_experts_per_tok)
+    for a in experts + routes:
+        assert {n: a[n] for n in flash if n in a} == {n: v for n, v in flash.items() if n in a}, a
+        assert a["device"] == "cuda" and a["bench"], a
+    biggest = EngineConfig().max_num_batched_tokens
+    for aq in (True, False):
+        for register_decode in (False, True):
+            ts = {a["T"] for a in experts if a["act_quant"] == aq and (a["scaled_dot"] is False) == register_decode}
+            assert ts and min(ts) == 1 and max(ts) >= biggest, (aq, register_decode, sorted(ts))
+    for hashed in (False, True):
+        ts = {a["T"] for a in routes if a["hashed"] == hashed}
+        assert ts and min(ts) == 1 and max(ts) >= biggest, (hashed, sorted(ts))
+    monkeypatch.undo()
     # the check code itself, at tiny shapes on the CPU (no timing)
     r = km.experts_case(9, True, D=64, I=32, E=16, k=4, device="cpu", bench=False)()
     assert r["max_rel_err"] < 1e-5 and r["unique_experts"] > 1 and r["flops"] == 2 * 9 * 4 * 3 * 32 * 64

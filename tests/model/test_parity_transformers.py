@@ -2,9 +2,10 @@
 transformers model's own `save_pretrained` output through our loader.
 
 Layer patterns: sliding-window + CSA + HCA with hash and learned routing; window-only; HCA-heavy with a
-different hc_mult; and partial indexer top-k with well-separated scores. Each compares the logits of
-every position for one-shot prefill, chunked prefill and token-by-token decode, and a batch of
-several sequences of different lengths advancing in mixed prefill/decode steps."""
+different hc_mult. Each compares the logits of every position for one-shot prefill, chunked prefill and
+token-by-token decode, and a batch of several sequences of different lengths advancing in mixed
+prefill/decode steps. Then partial indexer top-k (index_topk below the visible entry count, scores well
+separated): chunked prefill, token-by-token decode and batched decode steps."""
 
 import random
 import sys
@@ -131,45 +132,131 @@ def test_batched_mixed_steps(pair):
         assert err <= TOL, f"{name}: sequence {b} (length {len(s)}) max |diff| {err:.2e}"
 
 
-def test_partial_topk_well_separated(tmp_path):
-    """index_topk smaller than the number of compressed entries. Random weights give near-ties in the
-    indexer scores that would make the selected set depend on rounding; a large indexer head weight
-    spreads the scores, and the test first checks that the chosen set is unambiguous (a clear gap at
-    the k-th score) before comparing logits."""
-    cfg = dict(CONFIGS["swa-csa-hca"], index_topk=3, index_n_heads=16)
+# ---- partial indexer top-k: index_topk below the number of visible compressed entries ------------------
+# The configs above have index_topk >= every query's visible entry count, so the indexer keeps everything
+# and its selection is never tested. Here index_topk = 3 over up to 20 entries (CSA ratio 4, 80 tokens).
+# Random weights give near-ties in the indexer scores that would make the selected set depend on rounding;
+# a large indexer head weight spreads the scores, and a spy checks that every selection is unambiguous (a
+# clear gap at the k-th score) before the logits are compared with transformers.
+
+PARTIAL_TOPK = 3
+
+
+@pytest.fixture(scope="module")
+def partial_pair(tmp_path_factory):
+    cfg = dict(CONFIGS["swa-csa-hca"], index_topk=PARTIAL_TOPK, index_n_heads=16)
     hf = make_hf_model(seed=5, **cfg)
     with torch.no_grad():
         for layer in hf.model.layers:
             comp = layer.self_attn.compressor
             if comp is not None and hasattr(comp, "indexer"):
                 comp.indexer.scorer.weights_proj.weight.mul_(30.0)
-    hf.save_pretrained(tmp_path)
-    ours = build_model(tmp_path, device="cpu", dtype="float32", numerics="plain")
+    d = tmp_path_factory.mktemp("hf-partial")
+    hf.save_pretrained(d)
+    return hf, build_model(d, device="cpu", dtype="float32", numerics="plain")
+
+
+class SelectionSpy:
+    """Wraps each CSA layer's indexer_topk. For every query with more visible entries than top-k it records
+    the relative gap between the k-th and (k+1)-th naive score (float32, recomputed from the cached keys),
+    and whether the query was a decode token (its sequence advanced by one token in that step)."""
+
+    def __init__(self, lm):
+        self.gaps, self.decode_selections = [], 0
+        self.indexers = [layer.attn.indexer for layer in lm.model.layers if layer.attn.indexer is not None]
+        assert self.indexers, "no CSA layer"
+        self.wrapped = [ix._topk for ix in self.indexers]
+        for ix, fn in zip(self.indexers, self.wrapped):
+            ix._topk = self._spy(fn)
+
+    def remove(self):
+        for ix, fn in zip(self.indexers, self.wrapped):
+            ix._topk = fn
+
+    def _spy(self, fn):
+        def spy(q, w, k_pool, block_table, meta, ratio, topk):
+            for b in range(meta.num_seqs):
+                t0, t1 = meta.seq_range(b)
+                n = meta.seq_lens_host[b] // ratio
+                E = k_pool.shape[1]
+                ent = torch.arange(n)
+                keys = k_pool[block_table[meta.seq_slots_host[b], ent // E], ent % E].float()
+                s = (torch.einsum("thd,nd->thn", q[t0:t1].float(), keys).relu() * w[t0:t1, :, None]).sum(1)
+                vis = (meta.positions[t0:t1] + 1) // ratio
+                for i in range(t1 - t0):
+                    v = s[i, : vis[i]].sort(descending=True).values
+                    if len(v) > topk:
+                        self.gaps.append(((v[topk - 1] - v[topk]) / v.abs().max().clamp(min=1e-30)).item())
+                        self.decode_selections += t1 - t0 == 1
+            return fn(q, w, k_pool, block_table, meta, ratio, topk)
+
+        return spy
+
+    def check_separated(self):
+        gap = min(self.gaps, default=0.0)
+        assert gap > 1e-4, f"indexer scores not well separated (min relative gap {gap:.2e}): change the seed"
+
+
+def run_spied(lm, seqs, schedule):
+    spy = SelectionSpy(lm)
+    try:
+        got = run_ours(lm, seqs, schedule)
+    finally:
+        spy.remove()
+    spy.check_separated()
+    return got, spy
+
+
+def test_partial_topk_well_separated(partial_pair):
+    """Prefill in two chunks of 40 tokens."""
+    hf, ours = partial_pair
     ids = _ids(4, N, hf.config.vocab_size)
-
-    gaps = []
-    from dsv4.ops import indexer as indexer_mod
-    orig = indexer_mod.indexer_topk_reference
-
-    def spy(q, w, k_pool, block_table, meta, ratio, topk):
-        for b in range(meta.num_seqs):
-            t0, t1 = meta.seq_range(b)
-            n = meta.seq_lens_host[b] // ratio
-            keys = k_pool[block_table[meta.seq_slots_host[b], torch.arange(n) // k_pool.shape[1]],
-                          torch.arange(n) % k_pool.shape[1]].float()
-            s = (torch.einsum("thd,nd->thn", q[t0:t1].float(), keys).relu() * w[t0:t1, :, None]).sum(1)
-            vis = (meta.positions[t0:t1] + 1) // ratio
-            for i in range(t1 - t0):
-                v = s[i, : vis[i]].sort(descending=True).values
-                if len(v) > topk:
-                    gaps.append(((v[topk - 1] - v[topk]) / v.abs().max().clamp(min=1e-30)).item())
-        return orig(q, w, k_pool, block_table, meta, ratio, topk)
-
-    ours.ops.indexer_topk = spy
-    for layer in ours.model.layers:
-        if layer.attn.indexer is not None:
-            layer.attn.indexer._topk = spy
-    got = run_ours(ours, [ids], [[(0, 40)], [(0, 40)]])[0]
-    assert gaps and min(gaps) > 1e-4, f"indexer scores not well separated (min relative gap {min(gaps):.2e})"
-    err = (got - hf_logits(hf, ids)).abs().max().item()
+    got, _ = run_spied(ours, [ids], [[(0, 40)], [(0, 40)]])
+    err = (got[0] - hf_logits(hf, ids)).abs().max().item()
     assert err <= TOL, f"partial top-k: max |diff| {err:.2e}"
+
+
+def test_partial_topk_decode(partial_pair):
+    """Token-by-token decode: from position 15 on, every CSA query selects 3 of 4..20 visible entries (the
+    newest one included whenever a window has just completed)."""
+    hf, ours = partial_pair
+    ids = _ids(6, N, hf.config.vocab_size)
+    got, spy = run_spied(ours, [ids], [[(0, 1)] for _ in range(N)])
+    assert spy.decode_selections >= N - 4 * (PARTIAL_TOPK + 1), spy.decode_selections
+    ref = hf_logits(hf, ids)
+    assert (hf_logits(hf, ids, [1] * N) - ref).abs().max().item() <= TOL  # transformers agrees with itself
+    err = (got[0] - ref).abs().max().item()
+    assert err <= TOL, f"partial top-k decode: max |diff| {err:.2e}"
+    # the selection matters: keeping every visible entry instead moves the decode logits far beyond TOL
+    first = 4 * (PARTIAL_TOPK + 1) - 1  # the first position with more than top-k visible entries
+    for ix in spy.indexers:
+        ix.topk = 10 * N
+    try:
+        keep_all = run_ours(ours, [ids], [[(0, 1)] for _ in range(N)])[0]
+    finally:
+        for ix in spy.indexers:
+            ix.topk = PARTIAL_TOPK
+    assert (keep_all[first:] - ref[first:]).abs().max().item() > 100 * TOL
+    assert (keep_all[:first] - ref[:first]).abs().max().item() <= TOL
+
+
+def test_partial_topk_batched_mixed_steps(partial_pair):
+    """Several sequences at different lengths in shared steps: each joins at its own step with a prefill
+    chunk, then decodes one token per step, so most steps mix decode tokens of different block tables
+    (selecting their top-k at once) with another sequence's prefill."""
+    hf, ours = partial_pair
+    lengths, prefill, join = [N, 37, 61, 52], [30, 9, 25, 1], [0, 0, 5, 12]
+    seqs = [_ids(30 + i, n, hf.config.vocab_size) for i, n in enumerate(lengths)]
+    done, schedule = [0] * len(seqs), []
+    while done != lengths:
+        step = []
+        for b in range(len(seqs)):
+            if len(schedule) >= join[b] and done[b] < lengths[b]:
+                step.append((b, prefill[b] if done[b] == 0 else 1))
+                done[b] += step[-1][1]
+        schedule.append(step)
+    got, spy = run_spied(ours, seqs, schedule)
+    assert spy.decode_selections > 200, spy.decode_selections
+    for b, s in enumerate(seqs):
+        err = (got[b] - hf_logits(hf, s)).abs().max().item()
+        assert err <= TOL, f"partial top-k, sequence {b} (length {len(s)}): max |diff| {err:.2e}"

@@ -3,7 +3,7 @@
 On the CPU the padded static-buffer step runs without capture, every op through its Triton provider in
 the interpreter, with the frozen host mirrors: this proves the kernels read no per-step host value and that
 bucket padding (scratch-slot rows) does not disturb real rows. On a CUDA device the same scenario captures
-and replays graphs (run there with `python -m pytest tests/engine/test_decode_graphs.py`).
+and replays graphs (marker `gpu`: run there with `benchmarks/gpu_tests.sh`, i.e. `pytest --gpu`, compiled Triton).
 
 Scenario: sequences prefilled to different lengths, then decode steps in which the batch size changes
 (bucket padding 3 -> 4, a single entry, back up), a sequence joins at position 0 (an empty cache), and
@@ -12,6 +12,8 @@ logits equal the eager step's on an identical cache.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -112,10 +114,12 @@ def _scenario(device: str, tiny_dir, monkeypatch, dtype="float32", numerics="pla
     return worst
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="runs the Triton kernels on CPU tensors: needs the interpreter (TRITON_INTERPRET=1)")
 def test_padded_static_step_matches_eager_cpu(tiny_dir, monkeypatch):
     assert _scenario("cpu", tiny_dir, monkeypatch) < 1e-4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_captured_graphs_match_eager_cuda(tiny_dir, monkeypatch):
     assert _scenario("cuda", tiny_dir, monkeypatch) < 1e-4

@@ -72,7 +72,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 8GiB (default: from "
                    "--gpu-memory-utilization on a GPU, 1 GiB on the CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--page-tokens", type=int, default=None, help="raw tokens per cache page")
+    p.add_argument("--page-tokens", type=_positive_int, default=None, help="raw tokens per cache page")
     p.add_argument("--gpus", type=_positive_int, default=1,
                    help="expert parallelism over this many GPUs of this node: one rank each, holding the attention "
                         "and 1/N of the routed experts, serving its own requests; one front end (several nodes: "

@@ -247,6 +247,12 @@ def test_gpus_below_one_is_a_one_line_error(capsys, tiny_dir, n):
     assert "--gpus" in err and f"'{n}'" in err and "TCPStore" not in err
 
 
+@pytest.mark.parametrize("n", ["0", "-256"])
+def test_page_tokens_below_one_is_a_one_line_error(capsys, tiny_dir, n):
+    err = one_line_error(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--page-tokens", n, "--prompt", "hi")
+    assert "--page-tokens" in err and f"'{n}'" in err
+
+
 def test_make_tiny_onto_an_existing_file(capsys, tmp_path):
     f = tmp_path / "taken"
     f.write_text("mine")

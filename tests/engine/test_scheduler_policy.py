@@ -66,3 +66,5 @@ def test_config_rejects_bad_budget():
     for bad in (0, -3, 1.5, True):
         with pytest.raises(ConfigError, match="prefill_tokens_with_decodes"):
             EngineConfig(prefill_tokens_with_decodes=bad).validate()
+        with pytest.raises(ConfigError, match="page_tokens"):
+            EngineConfig(page_tokens=bad).validate()

@@ -210,7 +210,9 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
             self._append_token(req, res.token_id, res.logprobs)
-            outs.append(self._output(req))
+            out = self._output(req)
+            if out is not None:
+                outs.append(out)
         return outs
 
     def _append_token(self, req: Request, tok: int, lp) -> None:
@@ -242,12 +244,26 @@ class LLMEngine:
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)
 
-    def _output(self, req: Request) -> RequestOutput:
+    def _output(self, req: Request) -> RequestOutput | None:
+        """The request's output now, shaped by params.output_kind (None: a final_only request that has
+        not ended; its next output then carries everything since the last one)."""
+        kind = req.params.output_kind
+        if kind == "final_only" and not req.finished:
+            return None
+        first = req._emitted_tokens == 0
         new_ids = req.output_token_ids[req._emitted_tokens:]
         new_text = req.text[req._emitted_text:]
+        if kind == "delta":
+            ids = new_ids
+            lps = req.logprobs[req._emitted_tokens:] if req.params.logprobs is not None else None
+        else:
+            ids = list(req.output_token_ids)
+            lps = list(req.logprobs) if req.params.logprobs is not None else None
         req._emitted_tokens, req._emitted_text = len(req.output_token_ids), len(req.text)
-        comp = CompletionOutput(index=0, text=req.text, token_ids=list(req.output_token_ids),
-                                logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+        plp = None
+        if req.params.prompt_logprobs is not None and (kind != "delta" or first or req.finished):
+            plp = list(req.prompt_logprobs)
+        comp = CompletionOutput(index=0, text=req.text, token_ids=ids, logprobs=lps,
                                 finish_reason=req.finish_reason, stop_reason=req.stop_reason, delta_text=new_text,
                                 delta_token_ids=new_ids)
         m = RequestMetrics(arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
@@ -255,8 +271,7 @@ class LLMEngine:
                            num_prompt_tokens=req.num_prompt_tokens, num_generated_tokens=len(req.output_token_ids),
                            num_preemptions=req.num_preemptions)
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs is not None
-                             else None, outputs=[comp], finished=req.finished, metrics=m, error=req.error)
+                             prompt_logprobs=plp, outputs=[comp], finished=req.finished, metrics=m, error=req.error)
 
 
 def _load_tokenizer(lm: LoadedModel) -> Tokenizer:

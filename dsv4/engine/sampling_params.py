@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 # Temperatures below this act as 0 (greedy): dividing logits by a near-zero temperature overflows.
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for prompt tokens
     skip_special_tokens: bool = True
     detokenize: bool = True
+    # what each output carries: "cumulative" (every output: all tokens / logprobs so far), "delta" (each
+    # output: only its new tokens / logprobs, so a long stream costs O(n) in all, not O(n^2); text stays
+    # cumulative), "final_only" (one output, when the request ends, with everything)
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -99,6 +104,8 @@ class SamplingParams:
                 _int(name, v)
                 if not 0 <= v <= MAX_LOGPROBS:
                     raise ValueError(f"{name} must be in 0..{MAX_LOGPROBS} (or None), got {v}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
         if not isinstance(self.stop, list):
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         for s in self.stop:

@@ -73,6 +73,7 @@ class _Mirror:
         self.text = ""
         self.logprobs = [] if req.params.logprobs is not None else None
         self.prompt_logprobs = None
+        self.delta = req.params.output_kind == "delta"
 
     def apply(self, d: _Delta) -> RequestOutput:
         self.token_ids += d.token_ids
@@ -81,8 +82,11 @@ class _Mirror:
             self.logprobs += d.logprobs
         if d.prompt_logprobs is not None:
             self.prompt_logprobs = d.prompt_logprobs
-        comp = CompletionOutput(index=0, text=self.text, token_ids=list(self.token_ids),
-                                logprobs=None if self.logprobs is None else list(self.logprobs),
+        if self.delta:  # the request asked for new tokens only: no O(n) copies per output
+            ids, lps = list(d.token_ids), None if self.logprobs is None else list(d.logprobs or [])
+        else:
+            ids, lps = list(self.token_ids), None if self.logprobs is None else list(self.logprobs)
+        comp = CompletionOutput(index=0, text=self.text, token_ids=ids, logprobs=lps,
                                 finish_reason=d.finish_reason, stop_reason=d.stop_reason, delta_text=d.text,
                                 delta_token_ids=list(d.token_ids))
         return RequestOutput(request_id=d.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,

@@ -150,7 +150,10 @@ class OpenAIServing:
                   repetition_penalty=1.0 if r.repetition_penalty is None else r.repetition_penalty,
                   max_tokens=max_tokens if max_tokens is not None else room, min_tokens=r.min_tokens or 0,
                   stop=r.stop, stop_token_ids=r.stop_token_ids or [], ignore_eos=r.ignore_eos,
-                  include_stop_str_in_output=r.include_stop_str_in_output, logit_bias=self._logit_bias(r))
+                  include_stop_str_in_output=r.include_stop_str_in_output, logit_bias=self._logit_bias(r),
+                  # a stream needs each step's new tokens only, a plain response only the end: no per-step
+                  # copies of everything generated so far (quadratic in the output length)
+                  output_kind="delta" if r.stream else "final_only")
         kw.update(extra)
         try:
             p = SamplingParams(**kw)
@@ -331,7 +334,7 @@ class OpenAIServing:
                             "choices": [{"index": j, "text": c.delta_text, "logprobs": lp,
                                          "finish_reason": c.finish_reason if out.finished else None}]})
             if out.finished:
-                n_out += len(c.token_ids)
+                n_out += out.metrics.num_generated_tokens
         if r.stream_options and r.stream_options.include_usage:
             yield _sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                         "choices": [], "usage": self._usage(n_prompt, n_out)})
@@ -488,7 +491,7 @@ class OpenAIServing:
                     yield chunk(i, delta, logprobs=lp)
                     lp = None
             if out.finished:
-                n_out += len(c.token_ids)
+                n_out += out.metrics.num_generated_tokens
                 finish = "tool_calls" if saw_tools[i] and c.finish_reason == "stop" else c.finish_reason
                 yield chunk(i, {}, finish)
         if r.stream_options and r.stream_options.include_usage:

@@ -30,7 +30,7 @@ class LiveServer:
         self.llm = AsyncLLM(engine=self.engine)
         self.ended = []  # (request id, finish reason, generated tokens) of every request that ended
         self.llm.finish_listeners.append(
-            lambda o: self.ended.append((o.request_id, o.outputs[0].finish_reason, len(o.outputs[0].token_ids))))
+            lambda o: self.ended.append((o.request_id, o.outputs[0].finish_reason, o.metrics.num_generated_tokens)))
         self.app = build_app(self.llm, model_name, api_key=api_key, limits=ServeLimits(max_queued=max_queued),
                              shutdown_grace_s=shutdown_grace_s)
         self.port = free_port()

@@ -41,8 +41,7 @@ def main() -> None:
         cap = None if b == "none" else int(b)
         eng.scheduler.prefill_tokens_with_decodes = cap
         object.__setattr__(eng.config, "prefill_tokens_with_decodes", cap)
-        for _ in range(2):  # the first pass compiles the kernel variants of this budget's step shapes: untimed
-            r = run_mixed(llm, a.decoders, a.prefills, a.prefill_len, progress=False)
+        r = run_mixed(llm, a.decoders, a.prefills, a.prefill_len, progress=False)  # (after an untimed pass)
         r.update(model=a.model, num_layers=a.num_layers, device=str(eng.device))
         rows.append(r)
         print(format_mixed(r), flush=True)

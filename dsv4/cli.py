@@ -225,9 +225,8 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
         if a.mixed_prefills:
             from dsv4.bench.mixed import format_mixed, run_mixed
 
-            for rep in range(2):  # the first pass compiles the mixed steps' kernel variants: untimed
-                mixed = run_mixed(llm, max(sizes), a.mixed_prefills, a.mixed_prefill_len,
-                                  decode_input_len=a.input_len, seed=a.seed or 0, progress=False)
+            mixed = run_mixed(llm, max(sizes), a.mixed_prefills, a.mixed_prefill_len,
+                              decode_input_len=a.input_len, seed=a.seed or 0, progress=False)
             if not a.json:
                 print(format_mixed(mixed), flush=True)
         llm.shutdown()

@@ -71,3 +71,11 @@ def tiny_dir(tmp_path_factory):
     from dsv4.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    """The tiny model in fp32 with plain numerics on the CPU (one per test module)."""
+    from dsv4.model import build_model
+
+    return build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")

@@ -19,7 +19,11 @@ from dsv4.engine.sampling_params import SamplingParams
 
 
 def run_mixed(llm, decoders: int, prefills: int, prefill_len: int, decode_input_len: int = 128,
-              pure_steps: int = 32, seed: int = 0, progress: bool = True) -> dict:
+              pure_steps: int = 32, seed: int = 0, progress: bool = True, warm: bool = True) -> dict:
+    """`warm`: run the same workload once untimed first (it compiles the kernel variants of the mixed
+    steps' shapes and captures the decoders' graphs, which would otherwise land in the timed pass)."""
+    if warm:
+        run_mixed(llm, decoders, prefills, prefill_len, decode_input_len, pure_steps, seed, False, warm=False)
     if decoders < 1 or prefills < 1 or prefill_len < 1 or decode_input_len < 1:
         raise ValueError("decoders, prefills, prefill_len and decode_input_len must be >= 1")
     eng = llm.engine

@@ -169,9 +169,16 @@ def _scan_tag(buf: str, i: int):
     def run_out():
         return ("bad", stop) if lim == stop else ("partial", None)
 
+    def skip(k, keep):  # past the characters `keep` accepts, up to the limit
+        while k < lim and keep(buf[k]):
+            k += 1
+        return k
+
+    def space(c):
+        return c in _TAG_SPACE
+
     start = k
-    while k < lim and _is_name_char(buf[k]):
-        k += 1
+    k = skip(k, _is_name_char)
     if k == lim:
         return run_out()
     name = buf[start:k]
@@ -180,8 +187,7 @@ def _scan_tag(buf: str, i: int):
     attrs = {}
     while True:
         ws = k
-        while k < lim and buf[k] in _TAG_SPACE:
-            k += 1
+        k = skip(k, space)
         if k == lim:
             return run_out()
         if buf[k] == ">":
@@ -189,26 +195,17 @@ def _scan_tag(buf: str, i: int):
         if k == ws or not _is_attr_char(buf[k]):
             return "bad", k
         a = k
-        while k < lim and _is_attr_char(buf[k]):
-            k += 1
+        k = skip(k, _is_attr_char)
         key = buf[a:k]
-        while k < lim and buf[k] in _TAG_SPACE:
+        for want in "=\"":  # KEY = "VALUE": spaces allowed around the =
+            k = skip(k, space)
+            if k == lim:
+                return run_out()
+            if buf[k] != want:
+                return "bad", k
             k += 1
-        if k == lim:
-            return run_out()
-        if buf[k] != "=":
-            return "bad", k
-        k += 1
-        while k < lim and buf[k] in _TAG_SPACE:
-            k += 1
-        if k == lim:
-            return run_out()
-        if buf[k] != '"':
-            return "bad", k
-        k += 1
         v = k
-        while k < lim and buf[k] not in '"<\n':
-            k += 1
+        k = skip(k, lambda c: c not in '"<\n')
         if k == lim:
             return run_out()
         if buf[k] != '"':

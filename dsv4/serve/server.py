@@ -179,13 +179,12 @@ class Server(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config):
         super().__init__(config)
-        self.drain_task: asyncio.Task | None = None
+        self.drain_task: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
 
     async def shutdown(self, sockets=None):
-        app = self.config.app
-        llm = getattr(app.state, "llm", None) if hasattr(app, "state") else None
-        if llm is not None:
-            self.drain_task = asyncio.ensure_future(llm.drain(app.state.shutdown_grace_s))
+        state = getattr(self.config.app, "state", None)
+        if getattr(state, "llm", None) is not None:
+            self.drain_task = asyncio.ensure_future(state.llm.drain(state.shutdown_grace_s))
         await super().shutdown(sockets)
 
     @contextlib.contextmanager

@@ -12,15 +12,9 @@ from dsv4.config import EngineConfig
 from dsv4.engine.generate import generate
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.sampling_params import SamplingParams
-from dsv4.model import build_model
 
 LENGTHS = [1, 5, 130, 300, 64, 257, 17, 200]
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_dir):
-    return build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")
 
 
 @pytest.fixture(scope="module")

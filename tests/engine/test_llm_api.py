@@ -14,12 +14,6 @@ from dsv4.engine.async_engine import AsyncLLM
 from dsv4.engine.llm import LLM
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.sampling_params import SamplingParams
-from dsv4.model import build_model
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_dir):
-    return build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")
 
 
 def make_llm(lm, **kw):

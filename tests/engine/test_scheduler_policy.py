@@ -6,12 +6,6 @@ import pytest
 from dsv4.config import ConfigError, EngineConfig
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.sampling_params import SamplingParams
-from dsv4.model import build_model
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_dir):
-    return build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")
 
 
 def engine(lm, **kw):

@@ -3,19 +3,12 @@
 import asyncio
 import json
 
-import pytest
 
 from dsv4.config import EngineConfig
 from dsv4.engine.async_engine import AsyncLLM
 from dsv4.engine.llm_engine import LLMEngine
-from dsv4.model import build_model
 from dsv4.serve.batch import run_batch
 from dsv4.serve.handlers import OpenAIServing, ServeLimits
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_dir):
-    return build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")
 
 
 def lines():

@@ -20,7 +20,10 @@ from pathlib import Path
 import pytest
 
 from dsv4.serve.encoding import ASSISTANT, EOS, THINK_END, encode_messages, render_tool_calls
-from dsv4.serve.parsing import ChatStreamParser, parse_completion
+from dsv4.serve.parsing import parse_completion
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_parsing import CASES, check_deltas, run, summary  # noqa: E402  (the same drivers and checks)
 
 D = "｜DSML｜"
 OPEN, CLOSE = f"<{D}tool_calls>", f"</{D}tool_calls>"
@@ -47,54 +50,18 @@ def block(*invokes):
     return "\n\n" + OPEN + "\n" + "\n".join(invokes) + "\n" + CLOSE
 
 
-def ids(i):
-    return f"call_{i}"
-
-
-def run(pieces, thinking, tools):
-    p = ChatStreamParser(thinking, tools, id_factory=ids)
-    deltas = [p.feed(x) for x in pieces] + [p.finish()]
-    return p, deltas
-
-
-def summary(p):
-    return p.reasoning, p.content, [(c.id, c.name, c.arguments) for c in p.tool_calls]
-
-
-def check(p, deltas, well_formed):
-    """Deltas add up to the final fields; every final call has JSON-object arguments; in well-formed
-    (or recovered) output no DSML markup reaches reasoning or content."""
-    assert "".join(d.reasoning for d in deltas) == p.reasoning
-    assert "".join(d.content for d in deltas) == p.content
-    calls: dict[int, list] = {}
-    for d in deltas:
-        for t in d.tool_calls:
-            if t.index not in calls:
-                assert t.index == len(calls) and t.id is not None and t.name is not None
-                calls[t.index] = [t.id, t.name, ""]
-            else:
-                assert t.id is None and t.name is None
-            calls[t.index][2] += t.arguments
-    assert [tuple(calls[i]) for i in range(len(calls))] == [(c.id, c.name, c.arguments) for c in p.tool_calls]
-    for c in p.tool_calls:
-        assert isinstance(json.loads(c.arguments), dict), c.arguments
-    if well_formed:
-        for d in deltas:
-            assert D not in d.reasoning + d.content and "｜" not in d.reasoning + d.content
-
-
 def all_splits(text, thinking, tools, well_formed):
     """One piece, every split into two pieces, and char by char: the same final fields."""
     p, deltas = run([text], thinking, tools)
-    check(p, deltas, well_formed)
+    check_deltas(p, deltas, well_formed)
     ref = summary(p)
     for k in range(len(text) + 1):
         p, deltas = run([text[:k], text[k:]], thinking, tools)
         assert summary(p) == ref, k
-        check(p, deltas, well_formed)
+        check_deltas(p, deltas, well_formed)
     p, deltas = run(list(text), thinking, tools)
     assert summary(p) == ref, "char by char"
-    check(p, deltas, well_formed)
+    check_deltas(p, deltas, well_formed)
     return ref
 
 
@@ -251,9 +218,6 @@ def test_round_trip_whitespace():
 def test_every_split_of_existing_cases():
     """The cases of test_parsing.py: every two-piece split and char-by-char feeding agree, and no
     finished call carries arguments that are not a JSON object."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_parsing import CASES  # noqa: PLC0415
-
     for name, (text, thinking, tools, _, well_formed) in CASES.items():
         all_splits(text, thinking, tools, well_formed)
 

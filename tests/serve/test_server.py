@@ -16,12 +16,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from server_fixture import LiveServer  # noqa: E402
 
-from dsv4.model import build_model  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_dir):
-    return build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")
 
 
 @pytest.fixture(scope="module")

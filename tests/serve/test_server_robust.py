@@ -17,14 +17,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from server_fixture import LiveServer  # noqa: E402
 
-from dsv4.model import build_model  # noqa: E402
 
 LONG = 400  # tokens a disconnecting client asks for; an abort must stop it far earlier
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_dir):
-    return build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +58,6 @@ def _metric(srv, name: str, **labels) -> float:
     return 0.0
 
 
-def _ended_since(srv, mark: int, prefix: str = ""):
-    return [e for e in srv.ended[mark:] if e[0].startswith(prefix)]
-
-
 def test_stream_n4_disconnect_unwinds_cleanly_and_counts_aborts(srv, errors):
     """Item 1 + 10: a streaming n=4 request whose client leaves ends every choice as an abort (in
     /metrics too), with no 'aclose(): asynchronous generator is already running' error or 500."""
@@ -86,7 +76,7 @@ def test_stream_n4_disconnect_unwinds_cleanly_and_counts_aborts(srv, errors):
                     break  # leave mid-stream
     srv.assert_no_leaks()
     time.sleep(0.3)
-    ended = _ended_since(srv, mark)
+    ended = srv.ended[mark:]
     assert len(ended) == 4, ended
     assert all(reason == "abort" and n < LONG // 2 for _, reason, n in ended), ended
     assert not [r for r in errors if "aclose" in r.getMessage() or r.exc_info], [r.getMessage() for r in errors]
@@ -123,7 +113,7 @@ def test_streaming_disconnects_stop_their_requests(srv):
     assert got == ["left" if i % 3 == 0 else "length" for i in range(12)]
     srv.assert_no_leaks()
     time.sleep(0.3)
-    ended = _ended_since(srv, mark)
+    ended = srv.ended[mark:]
     aborted = [e for e in ended if e[1] == "abort"]
     assert len(aborted) == 4 and all(n < LONG // 2 for _, _, n in aborted), ended
 
@@ -135,7 +125,7 @@ def test_non_streaming_disconnect_stops_the_request(srv):
         httpx.post(srv.base + "/v1/completions", json=body, timeout=0.5)
     srv.assert_no_leaks()
     time.sleep(0.3)
-    ended = _ended_since(srv, mark)
+    ended = srv.ended[mark:]
     assert len(ended) == 1 and ended[0][1] == "abort" and ended[0][2] < LONG // 2, ended
 
 

@@ -1,7 +1,13 @@
-"""Allocation of cache slots and pages to requests (pure bookkeeping + block-table rows on the device).
+"""Allocation of cache slots and pages to requests, and the lengths they hold (host bookkeeping; the
+block table reaches the device once per step).
 
 A request holds one slot (its fixed state: window rings, compressor accumulators) from admission to
 finish / preemption / abort, and the pages covering its first `len(pages) * page_tokens` raw tokens.
+Pages are 1..cache.num_pages; page 0 is the cache's reserved null page (ModelCache.NULL_PAGE).
+The manager owns each slot's length (tokens in the cache): `begin_step` checks that a step continues
+every sequence exactly where its slot stopped and fits the cache, and records the new lengths.
+Block-table changes are made in a host copy and sent to the device by `sync_block_table` (the runner
+calls it once per step): one copy for all the rows that changed.
 Invariants (tests/engine/test_kv_manager.py checks them under random sequences of operations):
 every page and slot is either free or owned by exactly one request; freeing returns everything.
 """
@@ -13,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from dsv4.cache.model_cache import UNUSED_PAGE, ModelCache
+from dsv4.cache.model_cache import NULL_PAGE, ModelCache
 
 
 class Holder(Protocol):
@@ -23,9 +29,11 @@ class Holder(Protocol):
 
 
 class PagePool:
+    """Pages 1..num_pages (0 is the null page)."""
+
     def __init__(self, num_pages: int):
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))
+        self._free = list(range(num_pages, 0, -1))
         self._used: set[int] = set()
 
     @property
@@ -50,13 +58,15 @@ class PagePool:
 
 class KVCacheManager:
     def __init__(self, cache: ModelCache):
-        if not cache.paged:
-            raise ValueError("KVCacheManager needs a paged ModelCache (num_pages given)")
         self.cache = cache
         self.page_tokens = cache.page_tokens
         self.pages = PagePool(cache.num_pages)
         self._free_slots = list(range(cache.num_slots - 1, -1, -1))
         self._owner: dict[int, str] = {}
+        self._lens = [0] * cache.num_slots
+        self.table = torch.full(tuple(cache.block_table.shape), NULL_PAGE, dtype=torch.int64)  # host copy
+        self._dirty: set[int] = set()  # slots whose block-table row changed since the last sync
+        self.table_syncs = 0  # host -> device block-table copies made (tests check they are batched)
 
     @property
     def num_free_slots(self) -> int:
@@ -78,6 +88,7 @@ class KVCacheManager:
         req.slot = self._free_slots.pop()
         self._owner[req.slot] = req.request_id
         req.pages = []
+        self._lens[req.slot] = 0
         self.cache.reset([req.slot])
         return True
 
@@ -87,6 +98,7 @@ class KVCacheManager:
             raise RuntimeError("no free slot left for the scratch slot")
         s = self._free_slots.pop(0)  # the highest-numbered slot
         self._owner[s] = "<scratch>"
+        self._lens[s] = 0
         self.cache.reset([s])
         return s
 
@@ -103,8 +115,8 @@ class KVCacheManager:
             return False
         start = len(req.pages)
         req.pages.extend(new)
-        self.cache.block_table[req.slot, start:start + need] = torch.tensor(new, dtype=torch.int64).to(
-            self.cache.block_table.device, non_blocking=True)
+        self.table[req.slot, start:start + need] = torch.tensor(new, dtype=torch.int64)
+        self._dirty.add(req.slot)
         return True
 
     def release(self, req: Holder) -> None:
@@ -112,13 +124,45 @@ class KVCacheManager:
         if req.pages:
             self.pages.free(req.pages)
             if req.slot is not None:
-                self.cache.block_table[req.slot, :len(req.pages)] = UNUSED_PAGE
+                self.table[req.slot, :len(req.pages)] = NULL_PAGE
+                self._dirty.add(req.slot)
             req.pages = []
         if req.slot is not None:
             if self._owner.pop(req.slot, None) != req.request_id:
                 raise RuntimeError(f"slot {req.slot} released by {req.request_id}, not its owner")
             self._free_slots.append(req.slot)
             req.slot = None
+
+    def sync_block_table(self) -> None:
+        """Send the block-table rows changed since the last call to the device (one copy)."""
+        if not self._dirty:
+            return
+        rows = torch.tensor(sorted(self._dirty), dtype=torch.int64)
+        self._dirty.clear()
+        dev = self.cache.block_table
+        if dev.device.type == "cpu":
+            dev[rows] = self.table[rows]
+        else:
+            src = self.table[rows].pin_memory()
+            dev.index_copy_(0, rows.to(dev.device, non_blocking=True), src.to(dev.device, non_blocking=True))
+        self.table_syncs += 1
+
+    # ---- lengths ----------------------------------------------------------------------------------
+    def seq_len(self, slot: int) -> int:
+        """Tokens in the cache for `slot`."""
+        return self._lens[slot]
+
+    def begin_step(self, slots: list[int], starts: list[int], ends: list[int]) -> None:
+        """Check that each sequence continues exactly where its slot stopped, fits the cache and its pages,
+        and record the new lengths. Raises ValueError (nothing recorded) otherwise."""
+        cap = self.cache.max_seq_len
+        for s, p0, p1 in zip(slots, starts, ends):
+            if p0 != self._lens[s]:
+                raise ValueError(f"slot {s} holds {self._lens[s]} tokens but the step starts at position {p0}")
+            if p1 > cap:
+                raise ValueError(f"sequence in slot {s} would reach {p1} tokens; this cache holds {cap}")
+        for s, p1 in zip(slots, ends):
+            self._lens[s] = p1
 
     def check(self) -> None:
         """Raise if the bookkeeping is inconsistent (used by tests)."""
@@ -128,5 +172,7 @@ class KVCacheManager:
             raise AssertionError("slots leaked")
         if len(set(self.pages._free)) != len(self.pages._free) or set(self.pages._free) & self.pages._used:
             raise AssertionError("page bookkeeping inconsistent")
+        if NULL_PAGE in self.pages._free or NULL_PAGE in self.pages._used:
+            raise AssertionError("the null page was handed out")
         if len(self.pages._free) + len(self.pages._used) != self.pages.num_pages:
             raise AssertionError("pages leaked")

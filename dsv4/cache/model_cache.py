@@ -13,9 +13,13 @@ ratio m, that sequence's entries p*page_tokens/m .. (p+1)*page_tokens/m - 1:
 Window rings and compressed pools are KV stores (ops/kv_format.py): float rows, or FP8 (`kv_fp8`) with
 per-64 power-of-two scales on the non-rotary dims and float rotary dims. Indexer keys stay float.
 
-Pages: with `num_pages=None` every slot owns a fixed range of pages (simple single-process use, e.g.
-`generate`); otherwise the block table starts empty and a `KVCacheManager` fills rows as it allocates
-pages from the shared pool.
+Page NULL_PAGE (0) is reserved: no request ever owns it. It fills every block-table entry not
+(yet) assigned, so a stray read of an unassigned entry reads the null page, never another request's
+data; `num_pages` counts the pages requests can own (1..num_pages).
+
+This class holds storage only. Who owns which slot and page, and how many tokens each slot holds, is
+the KVCacheManager's (cache/kv_manager.py); tests and benchmarks that drive the model directly use
+dsv4.cache.direct.DirectCache.
 """
 
 from __future__ import annotations
@@ -29,9 +33,8 @@ from dsv4.config import CSA, SWA, ModelConfig
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.compressor import reset_compressor_state
 from dsv4.ops.kv_format import KVStore, kv_alloc, kv_row_bytes
-from dsv4.ops.meta import ForwardMeta
 
-UNUSED_PAGE = 0  # block-table filler for pages not (yet) assigned; entries there are never read
+NULL_PAGE = 0  # reserved: the block-table filler for pages not (yet) assigned; no request owns it
 
 
 @dataclass
@@ -83,27 +86,23 @@ class CacheLayout:
 
 class ModelCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_seq_len: int, device, dtype: torch.dtype,
-                 page_tokens: int | None = None, num_pages: int | None = None, kv_fp8: bool = False,
+                 page_tokens: int | None = None, num_pages: int = 0, kv_fp8: bool = False,
                  dialect: Fp8Dialect = Fp8Dialect.OCP):
-        if num_slots < 1 or max_seq_len < 1:
-            raise ValueError(f"num_slots and max_seq_len must be positive, got {num_slots}, {max_seq_len}")
+        """`num_pages`: pages requests can own (one more, the null page, is allocated)."""
+        if num_slots < 1 or max_seq_len < 1 or num_pages < 0:
+            raise ValueError(f"num_slots and max_seq_len must be positive and num_pages >= 0, got {num_slots}, "
+                             f"{max_seq_len}, {num_pages}")
         self.cfg, self.num_slots, self.max_seq_len = cfg, num_slots, max_seq_len
         self.page_tokens = page_tokens or default_page_tokens(cfg)
         for r in cfg.compress_ratios:
             if r and self.page_tokens % r:
                 raise ValueError(f"page_tokens {self.page_tokens} is not a multiple of compress ratio {r}")
         self.pages_per_seq = math.ceil(max_seq_len / self.page_tokens)
-        self.paged = num_pages is not None
-        if self.paged:
-            self.num_pages = num_pages
-            self.block_table = torch.full((num_slots, self.pages_per_seq), UNUSED_PAGE, dtype=torch.int64,
-                                          device=device)
-        else:
-            self.num_pages = num_slots * self.pages_per_seq
-            self.block_table = torch.arange(self.num_pages, device=device, dtype=torch.int64).view(num_slots, -1)
+        self.num_pages = num_pages
+        self.block_table = torch.full((num_slots, self.pages_per_seq), NULL_PAGE, dtype=torch.int64, device=device)
         self.kv_fp8, self.dtype, self.device = kv_fp8, dtype, torch.device(device)
         D, W, dI, r = cfg.head_dim, cfg.sliding_window, cfg.index_head_dim, cfg.rope_head_dim
-        P = max(1, self.num_pages)
+        P = 1 + self.num_pages  # the null page first
 
         def store(lead):
             return kv_alloc(lead, D, r, kv_fp8, dtype, device, dialect)
@@ -122,47 +121,20 @@ class ModelCache:
                 lc.idx_state = torch.empty(num_slots, 3, 2 * dI, **f32)
                 lc.idx_prev = torch.empty(num_slots, 3, dI, **f32)
             self.layers.append(lc)
-        self._free = list(range(num_slots - 1, -1, -1))
-        self._lens = [0] * num_slots
         self.reset(list(range(num_slots)))
+
+    @staticmethod
+    def pages_needed(cfg: ModelConfig, num_tokens: int, page_tokens: int | None = None) -> int:
+        """Pages covering `num_tokens` tokens of one sequence."""
+        return math.ceil(num_tokens / (page_tokens or default_page_tokens(cfg)))
 
     @property
     def layout(self) -> CacheLayout:
         return CacheLayout.of(self.cfg, self.dtype, self.kv_fp8, self.page_tokens)
 
     def reset(self, slots: list[int]) -> None:
-        """Empty the per-slot state (compressor accumulators; lengths) of `slots`."""
+        """Empty the per-slot state (compressor accumulators) of `slots`."""
         for lc in self.layers:
             for state, prev in lc.states():
                 if state is not None:
                     reset_compressor_state(state, prev, slots)
-        for s in slots:
-            self._lens[s] = 0
-
-    # ---- simple slot management (non-paged use) -------------------------------------------------
-    def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError(f"all {self.num_slots} cache slots are in use")
-        s = self._free.pop()
-        self.reset([s])
-        return s
-
-    def free(self, slot: int) -> None:
-        if slot in self._free or not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot {slot} is not allocated")
-        self._free.append(slot)
-
-    # ---- per step ----------------------------------------------------------------------------------
-    def begin_step(self, meta: ForwardMeta) -> None:
-        """Check that each sequence continues exactly where its slot stopped and fits the cache, and
-        record the new lengths."""
-        for s, p0, p1 in zip(meta.seq_slots_host, meta.seq_start_host, meta.seq_lens_host):
-            if p0 != self._lens[s]:
-                raise ValueError(f"slot {s} holds {self._lens[s]} tokens but the step starts at position {p0}")
-            if p1 > self.max_seq_len:
-                raise ValueError(f"sequence in slot {s} would reach {p1} tokens; this cache holds {self.max_seq_len}")
-        for s, p1 in zip(meta.seq_slots_host, meta.seq_lens_host):
-            self._lens[s] = p1
-
-    def seq_len(self, slot: int) -> int:
-        return self._lens[slot]

@@ -51,7 +51,7 @@ class CachePlan:
 
     @property
     def bytes(self) -> int:
-        return self.num_slots * self.layout.slot_bytes + self.num_pages * self.layout.page_bytes
+        return self.num_slots * self.layout.slot_bytes + (self.num_pages + 1) * self.layout.page_bytes  # + null page
 
     def describe(self) -> str:
         L = self.layout
@@ -62,17 +62,20 @@ class CachePlan:
 
 
 def plan_cache(layout: CacheLayout, budget_bytes: int, max_num_seqs: int, max_model_len: int) -> CachePlan:
-    one = layout.slot_bytes + math.ceil(max_model_len / layout.page_tokens) * layout.page_bytes
+    """`num_pages` counts the pages requests can own; the cache adds the reserved null page, whose bytes the
+    plan counts (CachePlan.bytes <= budget_bytes)."""
+    one = layout.slot_bytes + (math.ceil(max_model_len / layout.page_tokens) + 1) * layout.page_bytes
     if budget_bytes < one:
         raise CacheDoesNotFit(
             f"the KV cache budget ({human_bytes(budget_bytes)}, {budget_bytes:,} bytes) cannot hold one request "
             f"of max_model_len {max_model_len:,} tokens, which needs {human_bytes(one)} ({one:,} bytes); give "
             f"--kv-cache-memory {at_least(one)} or more, raise --gpu-memory-utilization, or lower --max-model-len")
     pages_one = math.ceil(max_model_len / layout.page_tokens)
-    slots = max(1, min(max_num_seqs, (budget_bytes - pages_one * layout.page_bytes) // max(1, layout.slot_bytes)))
+    slots = max(1, min(max_num_seqs, (budget_bytes - (pages_one + 1) * layout.page_bytes)
+                       // max(1, layout.slot_bytes)))
     if layout.page_bytes == 0:  # no compressed layers: pages cost nothing, give every slot a full sequence
         pages = slots * pages_one
     else:
-        pages = (budget_bytes - slots * layout.slot_bytes) // layout.page_bytes
+        pages = (budget_bytes - slots * layout.slot_bytes) // layout.page_bytes - 1
     return CachePlan(num_slots=int(slots), num_pages=int(max(pages, pages_one)), layout=layout,
                      budget_bytes=budget_bytes, max_model_len=max_model_len)

@@ -3,10 +3,10 @@
 A decode step (every scheduled sequence adds exactly one token) of B sequences runs the graph of the
 smallest batch bucket Bb >= B captured for the smallest context bucket C >= the longest sequence:
 
-- Every per-step value lives in buffers allocated once, before any capture, and written in place before
-  each replay: token ids, positions, sequence slots, start / end lengths ([Bmax] int64 each), the token ->
-  sequence map and query starts (fixed for decode: arange). Block tables are the cache's own tensor
-  (updated in place by the page allocator). Logits come back in a static [Bmax, V] buffer.
+- Every per-step value lives in the engine's step buffers (engine/step_batch.py: one device buffer written
+  by one copy per step), at offsets fixed by the bucket: token ids, positions, sequence slots, start / end
+  lengths, the token -> sequence map and query starts. Block tables are the cache's own tensor (updated
+  in place by the KV manager). Logits come back in a static [Bmax, V] buffer.
 - Rows B..Bb-1 (bucket padding) are one-token sequences at position 0 of a scratch cache slot that no
   request ever holds; they write only that slot's window row and compressor state, and read nothing
   else (a one-token sequence sees no compressed entries). Their logits are never read.
@@ -19,15 +19,19 @@ smallest batch bucket Bb >= B captured for the smallest context bucket C >= the 
   (3) torch's sync debug mode is "error" during capture (any device -> host sync raises); (4) each bucket
   runs eagerly once before its capture so lazily built caches (weight layouts, expert tables, Triton
   compilation) exist before capture.
+- The engine captures every bucket at start-up (`capture_all`, largest first so that one memory pool sized
+  by the largest serves all); a bucket missing at run time is captured then, with a warning.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 import torch
 
+from dsv4.engine.step_batch import StepBuffers, stage_decode
 from dsv4.ops.meta import ForwardMeta
 
 log = logging.getLogger("dsv4.graphs")
@@ -75,14 +79,15 @@ def context_buckets(max_len: int, smallest: int = MIN_CONTEXT_BUCKET) -> list[in
 
 
 class DecodeGraphs:
-    """Captured decode graphs of `model` over `cache` (see the module docstring). `run(ids, slots,
-    positions)` returns float32 logits [B, V] of one decode step (a view of a static buffer, valid until the
-    next call), capturing the needed graph on first
-    use (lazily: a bucket pair costs one eager warm-up step and one capture)."""
+    """Captured decode graphs of `model` over `cache` (see the module docstring). The engine's runner stages
+    a step into `buffers` (step_batch.stage_decode) and calls `replay(bucket)`; `run(ids, slots, positions)`
+    does both (direct use: tests, benchmarks). Logits: float32 [B, V], a view of a static buffer valid until
+    the next step. `ep_tokens`: under expert parallelism, every rank replays the same bucket, so the MoE
+    exchange pads to the bucket's batch (no per-layer count exchange)."""
 
     def __init__(self, model, cache, scratch_slot: int, max_batch: int,
                  batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS, min_context: int = MIN_CONTEXT_BUCKET,
-                 capture: bool = True):
+                 capture: bool = True, buffers: StepBuffers | None = None, expert_parallel: bool = False):
         blockers = capture_blockers(model.opts.ops)
         if blockers:
             raise GraphCaptureError("graph capture needs capturable providers for every op; these run "
@@ -93,17 +98,12 @@ class DecodeGraphs:
         self.batch_buckets = buckets
         self.ctx_buckets = context_buckets(cache.max_seq_len, min_context)
         self.use_capture = capture  # False: run the same padded static-buffer step eagerly (tests, debugging)
+        self.expert_parallel = expert_parallel
         Bm = buckets[-1]
-        li = dict(dtype=torch.int64, device=self.device)
-        self.ids = torch.zeros(Bm, **li)
-        self.positions = torch.zeros(Bm, **li)
-        self.slots = torch.full((Bm,), scratch_slot, **li)
-        self.seq_start = torch.zeros(Bm, **li)
-        self.seq_lens = torch.ones(Bm, **li)
-        self.token_seq = torch.arange(Bm, **li)
-        self.query_start = torch.arange(Bm + 1, **li)
-        self.staging = torch.zeros(3, Bm, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        self._copied: torch.cuda.Event | None = None
+        self.buffers = buffers or StepBuffers(Bm, Bm, self.device)
+        if self.buffers.max_tokens < Bm or self.buffers.max_seqs < Bm:
+            raise ValueError(f"step buffers of {self.buffers.max_tokens} tokens / {self.buffers.max_seqs} sequences "
+                             f"cannot hold the largest graph bucket ({Bm})")
         self.logits = torch.empty(Bm, model.head.weight.shape[0], dtype=torch.float32, device=self.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -117,43 +117,41 @@ class DecodeGraphs:
         return (self.batch_buckets[bisect.bisect_left(self.batch_buckets, batch)],
                 self.ctx_buckets[bisect.bisect_left(self.ctx_buckets, max_len)])
 
+    def all_buckets(self) -> list[tuple[int, int]]:
+        return [(b, c) for b in self.batch_buckets for c in self.ctx_buckets]
+
     def _meta(self, Bb: int, C: int, frozen: bool) -> ForwardMeta:
         mirror = _FrozenMirror if frozen else list
+        d = self.buffers.device_views(Bb, Bb)
         return ForwardMeta(
-            positions=self.positions[:Bb], token_seq=self.token_seq[:Bb], seq_slots=self.slots[:Bb],
-            query_start=self.query_start[:Bb + 1], seq_start=self.seq_start[:Bb], seq_lens=self.seq_lens[:Bb],
-            query_start_host=list(range(Bb + 1)), seq_start_host=mirror([0] * Bb),
-            seq_lens_host=mirror([1] * Bb), seq_slots_host=mirror([self.scratch] * Bb), seq_len_bound=C)
+            positions=d["positions"], token_seq=d["token_seq"], seq_slots=d["slots"], query_start=d["query_start"],
+            seq_start=d["seq_start"], seq_lens=d["seq_lens"], query_start_host=list(range(Bb + 1)),
+            seq_start_host=mirror([0] * Bb), seq_lens_host=mirror([1] * Bb), seq_slots_host=mirror([self.scratch] * Bb),
+            seq_len_bound=C, block_table=self.cache.block_table, ep_tokens=Bb if self.expert_parallel else None)
 
     def _forward(self, Bb: int, C: int, frozen: bool) -> torch.Tensor:
-        X = self.model(self.ids[:Bb], self._meta(Bb, C, frozen), self.cache, check_cache=False)
+        X = self.model(self.buffers.device_views(Bb, Bb)["ids"], self._meta(Bb, C, frozen), self.cache)
         return self.model.logits(X)
 
-    def _pad_to_scratch(self, B: int) -> None:
-        """Rows from B on: one-token sequences at position 0 of the scratch slot."""
-        self.ids[B:].zero_()
-        self.positions[B:].zero_()
-        self.seq_start[B:].zero_()
-        self.seq_lens[B:].fill_(1)
-        self.slots[B:].fill_(self.scratch)
-
-    def _uniform(self, Bb: int | None) -> None:
-        """Expert parallelism: every rank runs the same bucket (Bb tokens), so the token-count exchange is
-        skipped (None: back to exchanging)."""
-        ep = getattr(self.model.opts, "expert_parallel", None)
-        if ep is not None:
-            ep.step_tokens = Bb
+    def capture_all(self, progress: bool = False) -> float:
+        """Capture every (batch, context) bucket not captured yet, largest first; the seconds it took."""
+        t0 = time.perf_counter()
+        todo = [k for k in sorted(self.all_buckets(), reverse=True) if k not in self.graphs]
+        bar = None
+        if progress and todo:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), desc="capturing decode graphs", unit="graph", disable=None)  # None: TTY only
+        for k in todo:
+            self.capture(*k)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return time.perf_counter() - t0
 
     def capture(self, Bb: int, C: int) -> None:
-        self._uniform(Bb)
-        try:
-            self._capture(Bb, C)
-        finally:
-            self._uniform(None)
-
-    def _capture(self, Bb: int, C: int) -> None:
         key = (Bb, C)
-        self._pad_to_scratch(0)
+        stage_decode(self.buffers, Bb, self.scratch, [], [], [])  # every row a scratch row
         torch.cuda.synchronize(self.device)
         self._forward(Bb, C, frozen=False)  # warm-up: compile kernels, build lazy caches
         torch.cuda.synchronize(self.device)
@@ -169,46 +167,36 @@ class DecodeGraphs:
             torch.cuda.set_sync_debug_mode(prev)
         self.pool = g.pool()
         self.graphs[key] = g
-        log.info("captured decode graph: batch %d, context %d", Bb, C)
+        log.debug("captured decode graph: batch %d, context %d", Bb, C)
 
     # ---- one step -----------------------------------------------------------------------------------
-    def run(self, ids: torch.Tensor, slots: list[int], positions: list[int],
+    def ensure(self, key: tuple[int, int]) -> None:
+        """Capture bucket `key` if it was not (call before staging the step: capturing stages scratch rows)."""
+        if self.use_capture and key not in self.graphs:
+            log.warning("decode graph bucket %s was not captured at start-up: capturing it now", key)
+            self.capture(*key)
+
+    def replay(self, key: tuple[int, int]) -> torch.Tensor:
+        """Run bucket `key` over what was staged for it (step_batch.stage_decode); logits [Bb, V]."""
+        if key[0] not in self.batch_buckets or key[1] not in self.ctx_buckets:
+            raise ValueError(f"{key} is not a graph bucket")
+        if not self.use_capture:
+            self.logits[:key[0]].copy_(self._forward(*key, frozen=True))
+            return self.logits[:key[0]]
+        self.graphs[key].replay()
+        return self.logits[:key[0]]
+
+    def run(self, ids, slots: list[int], positions: list[int],
             bucket: tuple[int, int] | None = None) -> torch.Tensor:
-        """`bucket`: the (batch, context) bucket to use, at least this step's own (expert-parallel ranks
-        pass the one they agreed on, so that all replay graphs with the same collectives)."""
-        B = len(slots)  # 0: an expert-parallel rank with no work of its own replays the agreed bucket
-        if B:
-            self.cache.begin_step(ForwardMeta.build(slots, positions, [1] * B, "cpu"))  # host bookkeeping only
+        """Stage and replay one decode step (direct use). `bucket`: at least this step's own."""
+        B = len(slots)
         own = self.bucket(max(B, 1), max(positions, default=0) + 1)
         key = own if bucket is None else tuple(bucket)
-        if key[0] < own[0] or key[1] < own[1] or key[0] not in self.batch_buckets or key[1] not in self.ctx_buckets:
+        if key[0] < own[0] or key[1] < own[1]:
             raise ValueError(f"bucket {key} cannot hold this step (needs at least {own})")
         if self.use_capture and key not in self.graphs:
-            # capturing runs the model on scratch rows only; the real step below replays the new graph
-            self.capture(*key)
-        # one host -> device copy of the step's values through a pinned staging buffer, rewritten only
-        # once the previous step's copy has completed
-        if self._copied is not None:
-            self._copied.synchronize()  # (a CPU device never records one)
-        self.staging[0, :B] = torch.tensor(positions, dtype=torch.int64)
-        self.staging[1, :B] = torch.tensor(slots, dtype=torch.int64)
-        self.staging[2, :B] = ids
-        dev = self.staging[:, :B].to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        self._pad_to_scratch(B)
-        self.ids[:B].copy_(dev[2])
-        self.positions[:B].copy_(dev[0])
-        self.seq_start[:B].copy_(dev[0])
-        self.seq_lens[:B].copy_(dev[0] + 1)
-        self.slots[:B].copy_(dev[1])
-        if self.use_capture:
-            self.graphs[key].replay()
-        else:
-            self._uniform(key[0])
-            try:
-                self.logits[:key[0]].copy_(self._forward(*key, frozen=True))
-            finally:
-                self._uniform(None)
-        return self.logits[:B]
+            self.capture(*key)  # runs scratch rows only; staged below, after it
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        stage_decode(self.buffers, key[0], self.scratch, ids, slots, positions)
+        return self.replay(key)[:B]
+

@@ -9,10 +9,12 @@ import time
 
 import torch
 
+from dsv4.cache.direct import DirectCache
 from dsv4.cache.kv_manager import KVCacheManager
 from dsv4.cache.model_cache import CacheLayout, ModelCache
 from dsv4.cache.planner import CacheDoesNotFit, CachePlan, gib, plan_cache
 from dsv4.config import EngineConfig
+from dsv4.engine.coordinator import SingleRank, StepCoordinator
 from dsv4.engine.cuda_graphs import DecodeGraphs, capture_blockers
 from dsv4.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from dsv4.engine.model_runner import ModelRunner
@@ -21,8 +23,8 @@ from dsv4.engine.request import Request, RequestStatus
 from dsv4.engine.sampler import Sampler, make_generator
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.step_batch import StepBuffers
 from dsv4.model.builder import LoadedModel, build_model, parse_dtype
-from dsv4.ops.meta import ForwardMeta
 from dsv4.tokenizer import Tokenizer
 
 log = logging.getLogger("dsv4.engine")
@@ -31,20 +33,20 @@ DEFAULT_MAX_MODEL_LEN = 16384
 
 
 class LLMEngine:
-    """`rank` (dsv4.parallel.launch.RankContext): this engine is one rank of an expert-parallel group; it
-    holds its share of the routed experts, serves its own requests and steps in lockstep with the others
-    (driven by dsv4.parallel.dp_engine)."""
+    """`coordinator` (engine/coordinator.py): how this engine's steps meet other ranks'. Default: it is the
+    only rank. An expert-parallel rank gets parallel/step_sync.py's: it holds its share of the routed
+    experts, serves its own requests and steps in lockstep with the others (driven by
+    dsv4.parallel.dp_engine)."""
 
     def __init__(self, config: EngineConfig, lm: LoadedModel | None = None, tokenizer: Tokenizer | None = None,
-                 rank=None):
+                 coordinator: StepCoordinator | None = None):
         config.validate()
         self.config = config
-        self.rank = rank
+        self.coord = coord = coordinator or SingleRank()
         self.lm = lm or build_model(config.model, device=config.device, dtype=config.dtype, numerics=config.numerics,
                                     load_format=config.load_format,
                                     op_overrides=dict(config.op_overrides), seed=config.seed,
-                                    num_layers=config.num_layers,
-                                    expert_parallel=None if rank is None else rank.ep)
+                                    num_layers=config.num_layers, expert_parallel=coord.expert_parallel)
         self.cfg = self.lm.cfg
         self.device = self.lm.platform.torch_device
         self.tokenizer = tokenizer or _load_tokenizer(self.lm)
@@ -52,28 +54,31 @@ class LLMEngine:
         kv_fp8 = config.kv_cache_dtype == "fp8"
         kv_dtype = self.lm.opts.dtype if config.kv_cache_dtype in ("auto", "fp8") else parse_dtype(config.kv_cache_dtype)
         layout = CacheLayout.of(self.cfg, kv_dtype, kv_fp8, config.page_tokens)
-        budget = self._cache_budget()
-        if rank is not None:  # every rank gets the same plan, so that all have the same graph buckets
-            budget = rank.min_over_ranks(budget)
+        graphs_ok = self._graphs_wanted()
+        budget = self._cache_budget(graphs_ok)
+        budget = coord.min_over_ranks(budget)  # every rank gets the same plan, so that all have the same buckets
         self.plan: CachePlan = plan_cache(layout, budget, config.max_num_seqs, self.max_model_len)
         log.info(self.plan.describe())
-        graphs_ok = self._graphs_wanted()
         # one extra slot (0.5 MiB for Flash) is the scratch slot: bucket-padding rows of decode graphs, and the
         # one-token step of an expert-parallel rank with no work of its own
-        scratch = graphs_ok or rank is not None
+        scratch = graphs_ok or coord.lockstep
         self.cache = ModelCache(self.cfg, self.plan.num_slots + int(scratch), self.max_model_len, self.device,
                                 kv_dtype, page_tokens=layout.page_tokens, num_pages=self.plan.num_pages,
                                 kv_fp8=kv_fp8, dialect=self.lm.platform.fp8_dialect)
         self.kv = KVCacheManager(self.cache)
         scratch_slot = self.kv.take_scratch_slot() if scratch else None
+        max_batch = min(config.max_num_seqs, self.plan.num_slots)
+        self.buffers = StepBuffers(max(config.max_num_batched_tokens, max_batch), max_batch, self.device)
         graphs = None
         if graphs_ok:
-            graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot,
-                                  max_batch=min(config.max_num_seqs, self.plan.num_slots))
+            graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot, max_batch=max_batch,
+                                  buffers=self.buffers, expert_parallel=coord.lockstep)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.prefill_tokens_with_decodes)
-        self.runner = ModelRunner(self.lm, self.cache, Sampler(), graphs=graphs,
-                                  sync=None if rank is None else rank.sync, scratch_slot=scratch_slot)
+        self.runner = ModelRunner(self.lm, self.kv, self.buffers, Sampler(), graphs=graphs, coordinator=coord,
+                                  scratch_slot=scratch_slot)
+        if graphs is not None:
+            self._capture_graphs(graphs)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -87,8 +92,20 @@ class LLMEngine:
             return False
         return True
 
+    def _capture_graphs(self, graphs: DecodeGraphs) -> None:
+        """Every decode graph bucket, now (not inside a live step), inside the memory plan."""
+        before = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
+        secs = graphs.capture_all(progress=True)
+        if self.device.type == "cuda":
+            used = torch.cuda.memory_reserved(self.device) - before
+            log.info("captured %d decode graphs in %.1f s (%s; %s reserved for them)", len(graphs.graphs), secs,
+                     gib(used), gib(self._graph_reserve))
+            self.graph_memory = used
+
     # ---- capacity ---------------------------------------------------------------------------------
-    def _cache_budget(self) -> int:
+    _graph_reserve = 0
+
+    def _cache_budget(self, graphs: bool) -> int:
         c = self.config
         if c.kv_cache_memory is not None:
             return c.kv_cache_memory
@@ -96,9 +113,11 @@ class LLMEngine:
             return CPU_DEFAULT_KV_BYTES
         torch.cuda.synchronize(self.device)
         weights = torch.cuda.memory_allocated(self.device)
-        activations = self._profile_activations()
+        activations = self._profile_activations(c.max_num_batched_tokens)
+        if graphs:  # the graphs' memory pool holds about one forward's activations at the largest bucket
+            self._graph_reserve = self._profile_activations(min(c.max_num_seqs, 256))
         total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = int(c.gpu_memory_utilization * total) - weights - activations
+        budget = int(c.gpu_memory_utilization * total) - weights - activations - self._graph_reserve
         if budget <= 0:
             raise CacheDoesNotFit(
                 f"the model does not fit: weights {gib(weights)} + activation peak {gib(activations)} (at "
@@ -108,15 +127,14 @@ class LLMEngine:
         return budget
 
     @torch.no_grad()
-    def _profile_activations(self) -> int:
-        """Peak memory of one forward at the step token budget, beyond the weights."""
-        n = self.config.max_num_batched_tokens
-        tmp = ModelCache(self.cfg, 1, n, self.device, self.lm.opts.dtype)
+    def _profile_activations(self, n: int) -> int:
+        """Peak memory of one forward of n tokens, beyond the weights."""
+        tmp = DirectCache(self.cfg, 1, n, self.device, self.lm.opts.dtype)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        s = tmp.allocate()
+        s = tmp.add()
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        X = self.lm.model(ids, ForwardMeta.build([s], [0], [n], self.device), tmp)
+        X = self.lm.model(ids, tmp.meta([s], [0], [n]), tmp.cache)
         self.lm.model.logits(X[-1:])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
@@ -194,7 +212,7 @@ class LLMEngine:
         for req in so.failed:
             self._finish(req, "error")
             outs.append(self._output(req))
-        if not so.scheduled and self.rank is None:
+        if not so.scheduled and not self.coord.lockstep:
             return outs
         results = self.runner.execute(so.scheduled)  # (expert parallel: also with nothing scheduled here)
         self.num_steps += bool(so.scheduled)

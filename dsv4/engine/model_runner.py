@@ -1,8 +1,10 @@
-"""One engine step on the device: flatten the scheduled requests to T tokens (varlen, no padding),
-build the step's metadata once, run the model, and sample the next token of every request whose
-scheduled tokens reach its end (plus prompt logprobs where asked). Pure decode steps replay a captured
-graph (engine/cuda_graphs.py) when the engine made one. Under expert parallelism (`sync`), the ranks first
-agree on the step (parallel/step_sync.py) and a rank with nothing scheduled still takes part."""
+"""One engine step on the device: turn the scheduled requests into one StepBatch (engine/step_batch.py:
+T tokens, varlen, no padding; or a decode graph bucket), agree on it with the other ranks through the
+coordinator (engine/coordinator.py; a lone engine's agrees with itself), run the model, and sample the
+next token of every request whose scheduled tokens reach its end (plus prompt logprobs where asked). Pure
+decode steps replay a captured graph (engine/cuda_graphs.py) when the engine made one. In lockstep
+(expert parallelism) a rank with nothing scheduled still takes part (a one-token step on its scratch slot,
+or the agreed graph over scratch rows)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4.cache.model_cache import ModelCache
+from dsv4.cache.kv_manager import KVCacheManager
+from dsv4.engine.coordinator import EAGER, GRAPH, NONE, SingleRank, StepCoordinator
 from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.request import Request
 from dsv4.engine.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
+from dsv4.engine.step_batch import StepBatch, StepBuffers, build_eager, stage_decode
 from dsv4.model.builder import LoadedModel
-from dsv4.ops.meta import ForwardMeta
-from dsv4.parallel.step_sync import EAGER, GRAPH, NONE, StepSync
 
 
 @dataclass
@@ -27,17 +29,20 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, cache: ModelCache, sampler: Sampler | None = None,
-                 graphs: DecodeGraphs | None = None, sync: StepSync | None = None, scratch_slot: int | None = None):
-        if sync is not None and scratch_slot is None:
+    def __init__(self, lm: LoadedModel, kv: KVCacheManager, buffers: StepBuffers, sampler: Sampler | None = None,
+                 graphs: DecodeGraphs | None = None, coordinator: StepCoordinator | None = None,
+                 scratch_slot: int | None = None):
+        self.coord = coordinator or SingleRank()
+        if self.coord.lockstep and scratch_slot is None:
             raise ValueError("lockstep (expert-parallel) steps need a scratch cache slot for ranks without work")
-        self.lm, self.cache = lm, cache
-        self.sync, self.scratch = sync, scratch_slot
+        self.lm, self.kv, self.cache = lm, kv, kv.cache
+        self.buffers, self.scratch = buffers, scratch_slot
         self.model = lm.model
         self.device = lm.platform.torch_device
         self.sampler = sampler or Sampler()
         self.graphs = graphs
         self.graph_steps = 0
+        self.last_batch: StepBatch | None = None  # (tests: what the model received)
 
     def _graph_step(self, reqs, starts, ns) -> bool:
         """A pure decode step (one token per request, each reaching its end, no prompt logprobs) that fits a
@@ -61,39 +66,43 @@ class ModelRunner:
         reqs = [r for r, _ in scheduled]
         ns = [n for _, n in scheduled]
         starts = [r.num_computed_tokens for r in reqs]
-        ids = [t for r, s, n in zip(reqs, starts, ns) for t in r.token_slice(s, s + n)]
         results = [StepResult() for _ in reqs]
         graph = bool(reqs) and self._graph_step(reqs, starts, ns)
-        if self.sync is None:
-            return self._run(reqs, starts, ns, ids, results, graph, None)
-        plan = self.sync.agree(NONE if not reqs else GRAPH if graph else EAGER, len(reqs),
-                               max((s + n for s, n in zip(starts, ns)), default=0), len(ids))
+        plan = self.coord.agree(NONE if not reqs else GRAPH if graph else EAGER, len(reqs),
+                                max((s + n for s, n in zip(starts, ns)), default=0), sum(ns))
         if plan.kind == NONE:
             return results
+        slots = [r.slot for r in reqs]
+        self.kv.begin_step(slots, starts, [s + n for s, n in zip(starts, ns)])
+        self.kv.sync_block_table()
+        ep_tokens = plan.tokens if self.coord.lockstep else None
         if plan.kind == GRAPH:
-            return self._run(reqs, starts, ns, ids, results, True, self.graphs.bucket(plan.batch, plan.max_len))
-        with self.sync.tokens(plan.tokens):
-            if not reqs:  # the others run a step: take part with one token on the scratch slot
-                meta = ForwardMeta.build([self.scratch], [0], [1], self.device)
-                self.model(torch.zeros(1, dtype=torch.int64, device=self.device), meta, self.cache, check_cache=False)
-                return results
-            return self._run(reqs, starts, ns, ids, results, False, None)
-
-    def _run(self, reqs, starts, ns, ids, results, graph: bool, bucket) -> list[StepResult]:
-        if graph:
-            logits = self.graphs.run(torch.tensor(ids, dtype=torch.int64), [r.slot for r in reqs], starts,
-                                     bucket=bucket)
+            key = self.graphs.bucket(plan.batch, plan.max_len)
+            self.graphs.ensure(key)
+            ids = [r.token_slice(s, s + 1)[0] for r, s in zip(reqs, starts)]
+            dev_ids = stage_decode(self.buffers, key[0], self.scratch, ids, slots, starts)
+            self.last_batch = StepBatch(reqs, starts, ns, dev_ids, None, key)
+            logits = self.graphs.replay(key)
             self.graph_steps += 1
             if reqs:
                 self._sample(logits, reqs, [(i, i) for i in range(len(reqs))], results)
             return results
-        meta = ForwardMeta.build([r.slot for r in reqs], starts, ns, self.device)
-        X = self.model(torch.tensor(ids, dtype=torch.int64, device=self.device), meta, self.cache)
+        if not reqs:  # the others run a step: take part with one token on the scratch slot (lengths unrecorded)
+            batch = build_eager(self.buffers, [], [0], [1], [self.scratch], self.cache.block_table, ep_tokens, ids=[0])
+            self.last_batch = batch
+            self.model(batch.ids, batch.meta, self.cache)
+            return results
+        batch = build_eager(self.buffers, reqs, starts, ns, slots, self.cache.block_table, ep_tokens)
+        self.last_batch = batch
+        return self._run_eager(batch, results)
 
+    def _run_eager(self, batch: StepBatch, results: list[StepResult]) -> list[StepResult]:
+        meta, reqs = batch.meta, batch.reqs
+        X = self.model(batch.ids, meta, self.cache)
         rows: list[int] = []  # token rows of X whose logits we need
         sample_at: list[tuple[int, int]] = []  # (request index, row position in `rows`)
         plp_at: list[tuple[int, int, int, list[int]]] = []  # (request index, first row, count, next ids)
-        for i, (r, s, n) in enumerate(zip(reqs, starts, ns)):
+        for i, (r, s, n) in enumerate(zip(reqs, batch.starts, batch.num_new)):
             q0 = meta.query_start_host[i]
             want = r.params.prompt_logprobs
             if want is not None:

@@ -33,14 +33,14 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, mlp_type, opts)
         self._pre, self._post = opts.ops.hc_pre, opts.ops.hc_post
 
-    def forward(self, X, input_ids, meta: ForwardMeta, lc, block_table):
+    def forward(self, X, input_ids, meta: ForwardMeta, lc):
         c = self.cfg
         u, post, comb = self._pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.rms_norm_eps,
                                   c.hc_eps, c.hc_sinkhorn_iters)
-        X = self._post(self.attn(self.attn_norm(u), meta, lc, block_table), X, post, comb)
+        X = self._post(self.attn(self.attn_norm(u), meta, lc, meta.block_table), X, post, comb)
         u, post, comb = self._pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.rms_norm_eps,
                                   c.hc_eps, c.hc_sinkhorn_iters)
-        return self._post(self.ffn(self.ffn_norm(u), input_ids), X, post, comb)
+        return self._post(self.ffn(self.ffn_norm(u), input_ids, meta.ep_tokens), X, post, comb)
 
 
 class MTPBlock(Block):
@@ -62,7 +62,9 @@ class MTPBlock(Block):
 class Transformer(nn.Module):
     """forward(input_ids [T], meta, cache) -> residual streams [T, hc_mult, D] before the hc_head;
     logits(streams[rows]) -> float32 logits. The model keeps no per-request state itself: the window
-    rings, compressor states and compressed pools live in the cache it is given."""
+    rings, compressor states and compressed pools live in the cache it is given, paged through
+    meta.block_table. It reads and checks no lengths: whoever builds the step's metadata (the engine's
+    runner, or dsv4.cache.direct.DirectCache) owns them."""
 
     def __init__(self, cfg: ModelConfig, opts: ModelOptions, with_mtp: bool = False):
         super().__init__()
@@ -81,13 +83,11 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(cfg, opts) for _ in range(cfg.num_mtp_layers if with_mtp else 0))
         self._hc_head = opts.ops.hc_head
 
-    def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, cache, check_cache: bool = True) -> torch.Tensor:
-        if check_cache:  # a captured graph's caller does this with the real step's values
-            cache.begin_step(meta)
+    def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, cache) -> torch.Tensor:
         x = self.embed.weight[input_ids].to(self.opts.dtype)
         X = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
-            X = layer(X, input_ids, meta, cache.layers[i], cache.block_table)
+            X = layer(X, input_ids, meta, cache.layers[i])
         return X
 
     def logits(self, X: torch.Tensor) -> torch.Tensor:

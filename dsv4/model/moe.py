@@ -76,7 +76,8 @@ class MoE(nn.Module):
         self._route, self._experts = opts.ops.moe_route, opts.ops.moe_experts
         self.ep = opts.expert_parallel  # None: every routed expert is here
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor, ep_tokens: int | None = None) -> torch.Tensor:
+        """`ep_tokens`: expert parallelism's agreed step token count (ForwardMeta.ep_tokens)."""
         c, g, e = self.cfg, self.gate, self.experts
         w, ids = self._route(x, g.weight, g.bias, g.tid2eid, input_ids, c.num_experts_per_tok, c.scoring_func,
                              c.norm_topk_prob, c.routed_scaling_factor)
@@ -84,7 +85,7 @@ class MoE(nn.Module):
             return self._experts(xs, e.w13, e.w13_scale, e.w2, e.w2_scale, ids_, w_, c.swiglu_limit, self.act_quant,
                                  self.dialect, e.expert_map)
 
-        y = local(x, ids, w) if self.ep is None else self.ep.routed(x, ids, w, local)
+        y = local(x, ids, w) if self.ep is None else self.ep.routed(x, ids, w, local, ep_tokens)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x).float()
         return y.to(x.dtype)

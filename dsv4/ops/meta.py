@@ -33,6 +33,12 @@ class ForwardMeta:
     # an upper bound on seq_lens that kernels may size work by (None: max(seq_lens_host)); a captured
     # graph sets it to its context bucket, so the kernels never read per-step host values
     seq_len_bound: int | None = None
+    # the cache's block table [slots, pages per sequence] int64 (row seq_slots[b] pages sequence b's
+    # compressed entries; None: no paged state is read or written, e.g. a model of window layers only)
+    block_table: torch.Tensor | None = None
+    # expert parallelism: the largest token count of any rank in this step, agreed before it (the MoE
+    # exchange pads to it and skips exchanging counts); None: exchange the counts in each MoE layer
+    ep_tokens: int | None = None
 
     @property
     def max_seq_len(self) -> int:
@@ -54,7 +60,10 @@ class ForwardMeta:
 
     @classmethod
     def build(cls, slots: list[int], start_positions: list[int], num_new: list[int],
-              device: torch.device | str = "cpu") -> "ForwardMeta":
+              device: torch.device | str = "cpu", block_table: torch.Tensor | None = None,
+              ep_tokens: int | None = None) -> "ForwardMeta":
+        """Metadata from host lists (references, tests and direct model use; the engine builds its steps'
+        through one staging buffer, engine/step_batch.py)."""
         if not (len(slots) == len(start_positions) == len(num_new)):
             raise ValueError("slots, start_positions and num_new must have one entry per sequence")
         if len(set(slots)) != len(slots):
@@ -70,4 +79,5 @@ class ForwardMeta:
         li = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
         return cls(positions=li(pos), token_seq=li(tseq), seq_slots=li(slots), query_start=li(qs),
                    seq_start=li(start_positions), seq_lens=li(lens), query_start_host=qs,
-                   seq_start_host=list(start_positions), seq_lens_host=lens, seq_slots_host=list(slots))
+                   seq_start_host=list(start_positions), seq_lens_host=lens, seq_slots_host=list(slots),
+                   block_table=block_table, ep_tokens=ep_tokens)

@@ -14,8 +14,8 @@ layer the ranks exchange tokens:
 The router runs before the exchange, on the rank's own tokens (hash routing needs its token ids). Ranks
 must call every MoE layer in lockstep (a rank with no tokens still takes part, with a count of 0).
 
-`step_tokens` (set by whoever runs the step and already knows it): the largest token count of any rank in
-this step. The engine's ranks agree on it once per step (parallel/step_sync.py), and decode graphs run one
+`step_tokens` (from the step's metadata, ForwardMeta.ep_tokens, when the runner already knows it): the
+largest token count of any rank in this step. The engine's ranks agree on it once per step (parallel/step_sync.py), and decode graphs run one
 agreed batch bucket on every rank; then the per-layer count exchange (a host sync in each of the 43 MoE
 layers) is skipped, and a decode step can be captured in a device graph with its collectives.
 Tokens / weights move as float32 / int64 so the exchange itself rounds nothing.
@@ -41,7 +41,6 @@ class ExpertParallel:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
-        self.step_tokens: int | None = None  # see the module docstring
 
     def expert_map(self, num_experts: int) -> ExpertMap:
         """This rank's share of the routed experts (contiguous ranges, sizes differing by at most one)."""
@@ -53,12 +52,14 @@ class ExpertParallel:
         return torch.cat(out)
 
     def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-               local_experts: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+               local_experts: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+               step_tokens: int | None = None) -> torch.Tensor:
         """The routed-expert output [T, D] float32 of this rank's T tokens, summed over every rank's experts.
-        `local_experts(x, ids, weights)` computes this rank's experts' contribution for any tokens."""
+        `local_experts(x, ids, weights)` computes this rank's experts' contribution for any tokens;
+        `step_tokens`: see the module docstring (None: exchange the counts here)."""
         T, D = x.shape
-        if self.step_tokens is not None:
-            tmax = self.step_tokens
+        if step_tokens is not None:
+            tmax = step_tokens
             if T > tmax:
                 raise RuntimeError(f"this rank has {T} tokens but the step was agreed at most {tmax}")
         else:

@@ -69,12 +69,7 @@ class RankContext:
     spec: DistSpec
     ctrl: object  # gloo process group for host messages
     ep: ExpertParallel
-    sync: StepSync
-
-    def min_over_ranks(self, v: int) -> int:
-        t = torch.tensor([v], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.ctrl)
-        return int(t.item())
+    sync: StepSync  # the engine's StepCoordinator
 
 
 def rank_config(config: EngineConfig, spec: DistSpec) -> EngineConfig:
@@ -135,7 +130,7 @@ def run_worker(config: EngineConfig, spec: DistSpec) -> None:
     cfg = rank_config(config, spec)
     ctx = init_rank(cfg, spec)
     try:
-        worker_loop(LLMEngine(cfg, rank=ctx), ctx)
+        worker_loop(LLMEngine(cfg, coordinator=ctx.sync), ctx)
     finally:
         _teardown()
 
@@ -196,7 +191,7 @@ def start_engine(config: EngineConfig, spec: DistSpec | None = None):
     cfg = rank_config(config, spec)
     try:
         ctx = init_rank(cfg, spec)
-        return DPEngine(LLMEngine(cfg, rank=ctx), ctx, children)
+        return DPEngine(LLMEngine(cfg, coordinator=ctx.sync), ctx, children)
     except BaseException:
         for p in children:
             p.terminate()

@@ -7,7 +7,7 @@ and all take the maximum (one all-reduce of four integers on the CPU control gro
 - batch and max_len: the decode graph bucket every rank replays (a rank with fewer sequences pads; a rank
   with none replays scratch rows only);
 - tokens: the largest token count of any rank; the MoE exchange pads to it instead of exchanging counts
-  in each layer.
+  in each layer (the runner puts it in the step's metadata, ForwardMeta.ep_tokens).
 
 A rank with no work of its own still runs the step (a one-token forward on its scratch slot, or the
 agreed graph over scratch rows): every MoE layer is a collective, and the others wait for it.
@@ -15,38 +15,27 @@ agreed graph over scratch rows): every MoE layer is a collective, and the others
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-NONE, GRAPH, EAGER = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    kind: int
-    batch: int
-    max_len: int
-    tokens: int
+from dsv4.engine.coordinator import StepPlan
 
 
 class StepSync:
+    """The engine's StepCoordinator (dsv4/engine/coordinator.py) for one rank of an expert-parallel group."""
+
+    lockstep = True
+
     def __init__(self, group, expert_parallel):
         self.group = group  # a gloo group: the agreement is host data
-        self.ep = expert_parallel
+        self.expert_parallel = expert_parallel
 
     def agree(self, kind: int, batch: int, max_len: int, tokens: int) -> StepPlan:
         t = torch.tensor([kind, batch, max_len, tokens], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return StepPlan(*t.tolist())
 
-    @contextmanager
-    def tokens(self, n: int):
-        """The MoE exchange pads to `n` tokens inside this block (no per-layer count exchange)."""
-        self.ep.step_tokens = n
-        try:
-            yield
-        finally:
-            self.ep.step_tokens = None
+    def min_over_ranks(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())

@@ -1,0 +1,145 @@
+"""One engine step's batch, derived once: the runner turns the scheduler's (request, new tokens) pairs into
+a `StepBatch` (token ids, positions, the token -> sequence map, slots, start / end lengths, query starts,
+the block table, the graph bucket, expert parallelism's agreed token count) and the model receives its one
+`ForwardMeta`. Eager and graph steps are built alike, through one pinned host staging buffer and ONE host
+-> device copy per step (`StepBuffers`); a decode graph reads the same device buffer at the offsets of its
+bucket, so replaying it needs nothing else written.
+
+Lengths are the KV manager's (cache/kv_manager.py: `begin_step` checks that each sequence continues where
+its slot stopped); the model reads none itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.engine.request import Request
+from dsv4.ops.meta import ForwardMeta
+
+_FIELDS = ("ids", "positions", "token_seq", "slots", "seq_start", "seq_lens", "query_start")
+
+
+class StepBuffers:
+    """Per-step int64 values in one device buffer, written through one pinned staging buffer of the same
+    size. A step of Tp token rows and Bp sequence rows lays them out back to back: ids, positions, token_seq
+    ([Tp] each), slots, seq_start, seq_lens ([Bp] each), query_start ([Bp + 1]); the layout depends only on
+    (Tp, Bp), so a graph captured for a bucket (Tp = Bp = batch) finds its inputs at fixed addresses."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, device):
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
+        self.device = torch.device(device)
+        n = 3 * max_tokens + 4 * max_seqs + 1
+        self.host = torch.zeros(n, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        self.dev = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._copied: torch.cuda.Event | None = None
+        self.copies = 0  # host -> device copies made (one per step)
+
+    def _views(self, buf: torch.Tensor, Tp: int, Bp: int) -> dict[str, torch.Tensor]:
+        if Tp > self.max_tokens or Bp > self.max_seqs:
+            raise ValueError(f"a step of {Tp} tokens / {Bp} sequences exceeds the step buffers' "
+                             f"{self.max_tokens} / {self.max_seqs}")
+        sizes = (Tp, Tp, Tp, Bp, Bp, Bp, Bp + 1)
+        out, o = {}, 0
+        for name, n in zip(_FIELDS, sizes):
+            out[name] = buf[o:o + n]
+            o += n
+        return out
+
+    def size(self, Tp: int, Bp: int) -> int:
+        return 3 * Tp + 4 * Bp + 1
+
+    def stage(self, Tp: int, Bp: int) -> dict[str, torch.Tensor]:
+        """Host views to fill (waits until the previous step's copy has left the staging buffer)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+        return self._views(self.host, Tp, Bp)
+
+    def send(self, Tp: int, Bp: int) -> dict[str, torch.Tensor]:
+        """Copy what was staged to the device (one copy); the device views."""
+        n = self.size(Tp, Bp)
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        self.copies += 1
+        return self._views(self.dev, Tp, Bp)
+
+    def device_views(self, Tp: int, Bp: int) -> dict[str, torch.Tensor]:
+        return self._views(self.dev, Tp, Bp)
+
+
+@dataclass
+class StepBatch:
+    reqs: list[Request]
+    starts: list[int]  # tokens in each request's cache before the step
+    num_new: list[int]  # tokens each request adds
+    ids: torch.Tensor  # [T] (graph steps: [bucket batch]) int64, on the device
+    meta: ForwardMeta | None  # None for a graph step (the graph holds its own)
+    graph: tuple[int, int] | None = None  # the decode graph bucket (batch, context) replayed, or None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+
+def _token_ids(reqs: list[Request], starts: list[int], ns: list[int]) -> list[int]:
+    return list(itertools.chain.from_iterable(r.token_slice(s, s + n) for r, s, n in zip(reqs, starts, ns)))
+
+
+def build_eager(buffers: StepBuffers, reqs: list[Request], starts: list[int], ns: list[int], slots: list[int],
+                block_table: torch.Tensor, ep_tokens: int | None = None,
+                ids: list[int] | None = None) -> StepBatch:
+    """A varlen step of T = sum(ns) tokens (no padding). `slots`: each sequence's cache slot (the requests'
+    own, or a scratch slot); `ids` (default: the requests' tokens) for steps with no requests."""
+    B = len(slots)
+    if not (B == len(starts) == len(ns)) or B == 0:
+        raise ValueError("a step needs one slot, start and token count per sequence, and at least one")
+    qs = [0]
+    for n in ns:
+        if n < 1:
+            raise ValueError(f"every scheduled sequence needs at least one new token, got {ns}")
+        qs.append(qs[-1] + n)
+    T = qs[-1]
+    lens = [s + n for s, n in zip(starts, ns)]
+    tok = _token_ids(reqs, starts, ns) if ids is None else ids
+    h = buffers.stage(T, B)
+    h["ids"].copy_(torch.tensor(tok, dtype=torch.int64))
+    n_t = torch.tensor(ns, dtype=torch.int64)
+    h["slots"].copy_(torch.tensor(slots, dtype=torch.int64))
+    h["seq_start"].copy_(torch.tensor(starts, dtype=torch.int64))
+    h["seq_lens"].copy_(torch.tensor(lens, dtype=torch.int64))
+    h["query_start"].copy_(torch.tensor(qs, dtype=torch.int64))
+    h["token_seq"].copy_(torch.repeat_interleave(torch.arange(B, dtype=torch.int64), n_t))
+    # position of token t of sequence b: seq_start[b] + (t - query_start[b])
+    h["positions"].copy_(torch.arange(T, dtype=torch.int64)
+                         + torch.repeat_interleave(h["seq_start"] - h["query_start"][:-1], n_t))
+    d = buffers.send(T, B)
+    meta = ForwardMeta(positions=d["positions"], token_seq=d["token_seq"], seq_slots=d["slots"],
+                       query_start=d["query_start"], seq_start=d["seq_start"], seq_lens=d["seq_lens"],
+                       query_start_host=qs, seq_start_host=list(starts), seq_lens_host=lens,
+                       seq_slots_host=list(slots), block_table=block_table, ep_tokens=ep_tokens)
+    return StepBatch(reqs, starts, ns, d["ids"], meta)
+
+
+def stage_decode(buffers: StepBuffers, Bb: int, scratch: int, ids: list[int], slots: list[int],
+                 positions: list[int]) -> torch.Tensor:
+    """Stage and send a decode step of B = len(slots) sequences padded to bucket Bb: rows B..Bb-1 are
+    one-token sequences at position 0 of the scratch slot. Returns the device ids [Bb]."""
+    B = len(slots)
+    h = buffers.stage(Bb, Bb)
+    pos = torch.tensor(positions, dtype=torch.int64)
+    h["ids"].zero_()
+    h["ids"][:B] = torch.tensor(ids, dtype=torch.int64)
+    h["positions"].zero_()
+    h["positions"][:B] = pos
+    h["token_seq"].copy_(torch.arange(Bb, dtype=torch.int64))
+    h["slots"].fill_(scratch)
+    h["slots"][:B] = torch.tensor(slots, dtype=torch.int64)
+    h["seq_start"].copy_(h["positions"])
+    h["seq_lens"].copy_(h["positions"] + 1)
+    h["query_start"].copy_(torch.arange(Bb + 1, dtype=torch.int64))
+    return buffers.send(Bb, Bb)["ids"]

@@ -53,9 +53,8 @@ def main() -> None:
     if a.graph_sweep:
         return graph_sweep(a)
 
-    from dsv4.cache.model_cache import ModelCache
+    from dsv4.cache.direct import DirectCache
     from dsv4.model import build_model
-    from dsv4.ops.meta import ForwardMeta
     from dsv4.ops.registry import parse_overrides
 
     t0 = time.time()
@@ -64,8 +63,8 @@ def main() -> None:
     print(f"built in {time.time() - t0:.1f} s; providers:", {c.op: c.provider for c in lm.ops.choices.values()},
           flush=True)
     B, L = a.batch, a.ctx
-    cache = ModelCache(lm.cfg, B, L + a.steps + 64, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
-    slots = [cache.allocate() for _ in range(B)]
+    dc = DirectCache(lm.cfg, B, L + a.steps + 64, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
+    slots = [dc.add() for _ in range(B)]
     g = torch.Generator().manual_seed(0)
     res = {"layers": a.layers, "batch": B, "ctx": L, "numerics": a.numerics, "kv_fp8": a.kv_fp8,
            "device": torch.cuda.get_device_name()}
@@ -73,8 +72,7 @@ def main() -> None:
     for i in range(0, B, 8):  # prefill 8 sequences per step
         grp = slots[i:i + 8]
         ids = torch.randint(0, lm.cfg.vocab_size, (L * len(grp),), generator=g).cuda()
-        meta = ForwardMeta.build(grp, [0] * len(grp), [L] * len(grp), "cuda")
-        lm.model(ids, meta, cache)
+        lm.model(ids, dc.meta(grp, [0] * len(grp), [L] * len(grp)), dc.cache)
     torch.cuda.synchronize()
     res["prefill_s"] = time.time() - t
     pos = L
@@ -82,8 +80,7 @@ def main() -> None:
     def step():
         nonlocal pos
         ids = torch.randint(0, lm.cfg.vocab_size, (B,), generator=g).cuda()
-        meta = ForwardMeta.build(slots, [pos] * B, [1] * B, "cuda")
-        lm.model.logits(lm.model(ids, meta, cache))
+        lm.model.logits(lm.model(ids, dc.meta(slots, [pos] * B, [1] * B), dc.cache))
         pos += 1
 
     step()
@@ -104,13 +101,15 @@ def main() -> None:
     res["decode"] = profile_table(step, 3)
     # a prefill step as the engine schedules it: `--prefill-seqs` new sequences of `--ctx` tokens in one step
     P = a.prefill_seqs
-    pcache = ModelCache(lm.cfg, P, L + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
+    pc = DirectCache(lm.cfg, P, L + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
 
     def prefill():
-        pcache.reset(list(range(P)))
+        for s in list(pc._seqs):
+            pc.remove(s)
+        new = [pc.add() for _ in range(P)]
         ids = torch.randint(0, lm.cfg.vocab_size, (P * L,), generator=g).cuda()
-        meta = ForwardMeta.build(list(range(P)), [0] * P, [L] * P, "cuda")
-        lm.model.logits(lm.model(ids, meta, pcache)[meta.query_start[1:] - 1])
+        meta = pc.meta(new, [0] * P, [L] * P)
+        lm.model.logits(lm.model(ids, meta, pc.cache)[meta.query_start[1:] - 1])
 
     prefill()
     torch.cuda.synchronize()
@@ -129,10 +128,9 @@ def main() -> None:
 def graph_sweep(a) -> None:
     """Per batch size B: prefill B sequences to --ctx tokens, then time decode steps eagerly and replayed
     from a captured graph (DecodeGraphs), checking the replayed logits against the eager ones."""
-    from dsv4.cache.model_cache import ModelCache
+    from dsv4.cache.direct import DirectCache
     from dsv4.engine.cuda_graphs import DecodeGraphs
     from dsv4.model import build_model
-    from dsv4.ops.meta import ForwardMeta
     from dsv4.ops.registry import parse_overrides
 
     lm = build_model("deepseek-v4-flash", device="cuda", dtype="bfloat16", numerics=a.numerics, load_format="dummy",
@@ -143,23 +141,22 @@ def graph_sweep(a) -> None:
     for B in [int(x) for x in a.graph_sweep.split(",")]:
         L = a.ctx
         n_steps = a.steps
-        ce = ModelCache(lm.cfg, B + 1, L + 4 * n_steps + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
-        cg = ModelCache(lm.cfg, B + 1, L + 4 * n_steps + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
-        cb = ModelCache(lm.cfg, B + 1, L + 4 * n_steps + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
-        slots = list(range(B))
+        ce, cg, cb = (DirectCache(lm.cfg, B + 1, L + 4 * n_steps + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
+                      for _ in range(3))
+        slots = [[c.add() for _ in range(B)] for c in (ce, cg, cb)][0]  # 0..B-1 in each; slot B: scratch
         for i in range(0, B, 8):
             grp = slots[i:i + 8]
             ids = torch.randint(0, lm.cfg.vocab_size, (L * len(grp),), generator=g).cuda()
             for c in (ce, cg, cb):
-                lm.model(ids, ForwardMeta.build(grp, [0] * len(grp), [L] * len(grp), "cuda"), c)
-        graphs = DecodeGraphs(lm.model, cg, B, max_batch=B, batch_buckets=(B,), min_context=1024)
+                lm.model(ids, c.meta(grp, [0] * len(grp), [L] * len(grp)), c.cache)
+        graphs = DecodeGraphs(lm.model, cg.cache, B, max_batch=B, batch_buckets=(B,), min_context=1024)
         pos = L
         te, tg, worst, agree, worst_b = [], [], 0.0, 0, 0.0
         for k in range(n_steps + 2):
             ids = torch.randint(0, lm.cfg.vocab_size, (B,), generator=g)
             torch.cuda.synchronize()
             t = time.perf_counter()
-            want = lm.model.logits(lm.model(ids.cuda(), ForwardMeta.build(slots, [pos] * B, [1] * B, "cuda"), ce))
+            want = lm.model.logits(lm.model(ids.cuda(), ce.meta(slots, [pos] * B, [1] * B), ce.cache))
             torch.cuda.synchronize()
             t1 = time.perf_counter()
             got = graphs.run(ids, slots, [pos] * B)
@@ -170,9 +167,9 @@ def graph_sweep(a) -> None:
                 tg.append((t2 - t1) * 1e3)
             worst = max(worst, (got.float() - want.float()).abs().max().item())
             # eager with the graph's context bound: the same launches as the graph, so equal bit for bit
-            mb = ForwardMeta.build(slots, [pos] * B, [1] * B, "cuda")
+            mb = cb.meta(slots, [pos] * B, [1] * B)
             mb.seq_len_bound = graphs.bucket(B, pos + 1)[1]
-            want_b = lm.model.logits(lm.model(ids.cuda(), mb, cb))
+            want_b = lm.model.logits(lm.model(ids.cuda(), mb, cb.cache))
             worst_b = max(worst_b, (got.float() - want_b.float()).abs().max().item())
             agree += int((got.argmax(-1) == want.argmax(-1)).sum())
             pos += 1

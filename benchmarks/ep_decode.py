@@ -23,9 +23,8 @@ def rank_main(a, rank: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from dsv4.cache.model_cache import ModelCache
+    from dsv4.cache.direct import DirectCache
     from dsv4.model import build_model
-    from dsv4.ops.meta import ForwardMeta
     from dsv4.parallel import ExpertParallel
 
     torch.cuda.set_device(rank)
@@ -39,20 +38,21 @@ def rank_main(a, rank: int) -> None:
     build_s = time.time() - t0
     weights_gib = sum(b.numel() * b.element_size() for b in lm.model.buffers()) / 2**30
     B, L = a.batch, a.ctx
-    cache = ModelCache(lm.cfg, B + 1, L + a.steps + 8, f"cuda:{rank}", torch.bfloat16)
-    slots = [cache.allocate() for _ in range(B)]
+    dc = DirectCache(lm.cfg, B + 1, L + a.steps + 8, f"cuda:{rank}", torch.bfloat16)
+    slots = [dc.add() for _ in range(B)]
     graphs = None
     if a.graphs:
         from dsv4.engine.cuda_graphs import DecodeGraphs
 
-        graphs = DecodeGraphs(lm.model, cache, cache.allocate(), max_batch=B, batch_buckets=(B,), min_context=1024)
+        graphs = DecodeGraphs(lm.model, dc.cache, dc.add(), max_batch=B, batch_buckets=(B,), min_context=1024,
+                              expert_parallel=True)
     g = torch.Generator().manual_seed(rank)
     t0 = time.time()
     with torch.no_grad():
         for i in range(0, B, 8):
             grp = slots[i:i + 8]
             ids = torch.randint(0, lm.cfg.vocab_size, (L * len(grp),), generator=g).cuda()
-            lm.model(ids, ForwardMeta.build(grp, [0] * len(grp), [L] * len(grp), "cuda"), cache)
+            lm.model(ids, dc.meta(grp, [0] * len(grp), [L] * len(grp)), dc.cache)
         torch.cuda.synchronize()
         prefill_s = time.time() - t0
         times = []
@@ -65,7 +65,7 @@ def rank_main(a, rank: int) -> None:
             if graphs is not None:  # every rank has B sequences at the same position: the same bucket
                 graphs.run(ids.cpu(), slots, [pos] * B)
             else:
-                lm.model.logits(lm.model(ids, ForwardMeta.build(slots, [pos] * B, [1] * B, "cuda"), cache))
+                lm.model.logits(lm.model(ids, dc.meta(slots, [pos] * B, [1] * B), dc.cache))
             torch.cuda.synchronize()
             if k >= 2:
                 times.append((time.perf_counter() - t) * 1e3)

@@ -18,21 +18,21 @@ import time
 
 import torch
 
-from dsv4.cache.model_cache import ModelCache
-from dsv4.engine.generate import generate
+from dsv4.cache.direct import DirectCache
+from dsv4.config import EngineConfig
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine.sampling_params import SamplingParams
 from dsv4.model import build_model
-from dsv4.ops.meta import ForwardMeta
 
 
 def run_logits(lm, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     dev = lm.platform.torch_device
-    cache = ModelCache(lm.cfg, 1, len(ids), dev, lm.opts.dtype)
-    s = cache.allocate()
+    dc = DirectCache(lm.cfg, 1, len(ids), dev, lm.opts.dtype)
+    s = dc.add()
     out, p = [], 0
     with torch.no_grad():
         for c in chunks:
-            meta = ForwardMeta.build([s], [p], [c], dev)
-            out.append(lm.model.logits(lm.model(ids[p:p + c].to(dev), meta, cache)).cpu())
+            out.append(lm.model.logits(lm.model(ids[p:p + c].to(dev), dc.meta([s], [p], [c]), dc.cache)).cpu())
             p += c
     return torch.cat(out)
 
@@ -70,9 +70,18 @@ def check_tiny(res: dict) -> None:
         }
         print(numerics, res[f"tiny_{numerics}_fp32"], flush=True)
     lm = build_model(d, device="cuda", dtype="bfloat16", numerics="official")
-    out = generate(lm, [[0, 1234, 56]], max_tokens=32, temperature=0)
-    res["tiny_bf16_official_generate"] = {"tokens": out.outputs[0].token_ids[:8],
-                                         "decode_tok_s": out.decode_tokens_per_second}
+    eng = LLMEngine(EngineConfig(model="unused", device="cuda", max_model_len=64, enforce_eager=True), lm=lm)
+    eng.add_request([0, 1234, 56], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    t, toks = None, []
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            toks = o.outputs[0].token_ids
+        if t is None:  # after the prefill step
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+    torch.cuda.synchronize()
+    res["tiny_bf16_official_generate"] = {"tokens": toks[:8],
+                                         "decode_tok_s": (len(toks) - 1) / (time.perf_counter() - t)}
     print(res["tiny_bf16_official_generate"], flush=True)
 
 
@@ -91,27 +100,27 @@ def check_flash(res: dict, num_layers: int) -> None:
     ids = torch.randint(0, cfg.vocab_size, (1024,), device=dev)
 
     def prefill():
-        cache = ModelCache(cfg, 1, 2048, dev, torch.bfloat16)
-        s = cache.allocate()
+        dc = DirectCache(cfg, 1, 2048, dev, torch.bfloat16)
+        s = dc.add()
         with torch.no_grad():
-            X = lm.model(ids, ForwardMeta.build([s], [0], [1024], dev), cache)
+            X = lm.model(ids, dc.meta([s], [0], [1024]), dc.cache)
             return lm.model.logits(X[-1:])
 
     logits = prefill()
     r["prefill_logits_finite"] = bool(torch.isfinite(logits).all())
     r["prefill_1024_s"] = timed(prefill, 2)
     for B in (1, 32):
-        cache = ModelCache(cfg, B, 1200, dev, torch.bfloat16)
-        slots = [cache.allocate() for _ in range(B)]
+        dc = DirectCache(cfg, B, 1200, dev, torch.bfloat16)
+        slots = [dc.add() for _ in range(B)]
         with torch.no_grad():
             lm.model(torch.randint(0, cfg.vocab_size, (B * 256,), device=dev),
-                     ForwardMeta.build(slots, [0] * B, [256] * B, dev), cache)
+                     dc.meta(slots, [0] * B, [256] * B), dc.cache)
         pos = [256]
 
         def step():
             with torch.no_grad():
-                meta = ForwardMeta.build(slots, [pos[0]] * B, [1] * B, dev)
-                X = lm.model(torch.randint(0, cfg.vocab_size, (B,), device=dev), meta, cache)
+                meta = dc.meta(slots, [pos[0]] * B, [1] * B)
+                X = lm.model(torch.randint(0, cfg.vocab_size, (B,), device=dev), meta, dc.cache)
                 lm.model.logits(X)
             pos[0] += 1
 

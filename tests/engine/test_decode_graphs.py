@@ -21,11 +21,10 @@ import torch
 pytest.importorskip("triton")
 
 import dsv4.model.builder as builder  # noqa: E402
-from dsv4.cache.model_cache import ModelCache  # noqa: E402
+from dsv4.cache.direct import DirectCache  # noqa: E402
 from dsv4.engine.cuda_graphs import (DecodeGraphs, GraphCaptureError, _FrozenMirror, capture_blockers,  # noqa: E402
                                      context_buckets)
 from dsv4.model import build_model  # noqa: E402
-from dsv4.ops.meta import ForwardMeta  # noqa: E402
 from dsv4.ops.registry import OpTable, all_ops  # noqa: E402
 from dsv4.ops.registry import resolve as real_resolve  # noqa: E402
 
@@ -58,17 +57,17 @@ def test_frozen_mirror_and_buckets():
 def test_references_block_capture(tiny_dir):
     lm = build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")
     assert "rms_norm=torch" in capture_blockers(lm.ops)
-    cache = ModelCache(lm.cfg, 2, 64, "cpu", torch.float32)
+    dc = DirectCache(lm.cfg, 2, 64, "cpu", torch.float32)
     with pytest.raises(GraphCaptureError, match="references"):
-        DecodeGraphs(lm.model, cache, 1, max_batch=1, capture=False)
+        DecodeGraphs(lm.model, dc.cache, 1, max_batch=1, capture=False)
 
 
 def test_reference_op_reading_host_mirror_fails_loudly(tiny_dir, monkeypatch):
     """The guard: a provider that reads per-step host values raises under the frozen meta."""
     lm = build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")
-    cache = ModelCache(lm.cfg, 3, 64, "cpu", torch.float32)
+    dc = DirectCache(lm.cfg, 3, 64, "cpu", torch.float32)
     monkeypatch.setattr("dsv4.engine.cuda_graphs.capture_blockers", lambda ops: [])  # let references through
-    g = DecodeGraphs(lm.model, cache, 2, max_batch=2, min_context=64, capture=False)
+    g = DecodeGraphs(lm.model, dc.cache, 2, max_batch=2, min_context=64, capture=False)
     with pytest.raises(GraphCaptureError, match="host mirror"):
         g.run(torch.tensor([5, 6]), [0, 1], [0, 0])
 
@@ -80,10 +79,11 @@ def _scenario(device: str, tiny_dir, monkeypatch, dtype="float32", numerics="pla
     assert not capture_blockers(lm.ops)
     dt = lm.opts.dtype
     S, L = 5, 96
-    eager_cache = ModelCache(lm.cfg, S, L, device, dt)
-    graph_cache = ModelCache(lm.cfg, S, L, device, dt)
-    scratch = S - 1
-    graphs = DecodeGraphs(lm.model, graph_cache, scratch, max_batch=4, batch_buckets=(1, 2, 4),
+    eager, graph = DirectCache(lm.cfg, S, L, device, dt), DirectCache(lm.cfg, S, L, device, dt)
+    for dc in (eager, graph):
+        assert [dc.add() for _ in range(S - 1)] == [0, 1, 2, 3]
+    scratch = S - 1  # never added: its block-table row is the null page
+    graphs = DecodeGraphs(lm.model, graph.cache, scratch, max_batch=4, batch_buckets=(1, 2, 4),
                           min_context=32, capture=torch.device(device).type == "cuda")
     gen = torch.Generator().manual_seed(0)
     lens = {0: 0, 1: 0, 2: 0, 3: 0}
@@ -91,8 +91,8 @@ def _scenario(device: str, tiny_dir, monkeypatch, dtype="float32", numerics="pla
         # prefill slots 0..2 to different lengths on both caches (slot 3 stays empty: joins later)
         for slot, n in ((0, 13), (1, 6), (2, 29)):
             ids = torch.randint(0, 129280, (n,), generator=gen)
-            for c in (eager_cache, graph_cache):
-                ref.model(ids.to(device), ForwardMeta.build([slot], [0], [n], device), c)
+            for dc in (eager, graph):
+                ref.model(ids.to(device), dc.meta([slot], [0], [n]), dc.cache)
             lens[slot] = n
         # (slots decoding this step): batch 3 (padded to 4), 1 (single), 4 with slot 3 joining at position 0,
         # then 2 and 3 (padded) again; slots cross multiples of 4 (CSA entries and indexer keys emitted inside the graph)
@@ -101,8 +101,8 @@ def _scenario(device: str, tiny_dir, monkeypatch, dtype="float32", numerics="pla
         for slots in plan:
             pos = [lens[s] for s in slots]
             ids = torch.randint(0, 129280, (len(slots),), generator=gen)
-            want = lm.model.logits(lm.model(ids.to(device), ForwardMeta.build(slots, pos, [1] * len(slots), device),
-                                            eager_cache)).float()
+            want = lm.model.logits(lm.model(ids.to(device), eager.meta(slots, pos, [1] * len(slots)),
+                                            eager.cache)).float()
             got = graphs.run(ids, slots, pos).float()
             worst = max(worst, (got - want).abs().max().item())
             assert torch.equal(got.argmax(-1), want.argmax(-1)), (slots, pos)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsv4.config import EngineConfig
-from dsv4.engine.generate import generate
+from oracle import generate
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.sampling_params import SamplingParams
 
@@ -70,7 +70,7 @@ def test_continuous_batching_matches_single_request(lm, prompts, reference, budg
 def test_preemption_recomputes_exactly(lm, prompts, reference, with_decodes):
     layout = engine(lm, max_num_seqs=1).plan.layout
     # room for 4 slots but only 5 pages (1,280 tokens) for requests wanting up to 2 pages each
-    budget = 4 * layout.slot_bytes + 5 * layout.page_bytes
+    budget = 4 * layout.slot_bytes + (5 + 1) * layout.page_bytes  # + the reserved null page
     eng = engine(lm, max_num_seqs=4, max_num_batched_tokens=48, kv_cache_memory=budget,
                  prefill_tokens_with_decodes=with_decodes)
     assert eng.plan.num_slots == 4 and eng.plan.num_pages == 5

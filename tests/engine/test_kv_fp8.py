@@ -9,23 +9,23 @@ bit for bit (scale x2, clamp 224)."""
 import pytest
 import torch
 
-from dsv4.cache.model_cache import CacheLayout, ModelCache
+from dsv4.cache.direct import DirectCache
+from dsv4.cache.model_cache import CacheLayout
 from dsv4.model import build_model
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.kv_format import Fp8KV, kv_alloc, kv_read, kv_write
-from dsv4.ops.meta import ForwardMeta
 
 CHUNKS = (100, 37, 1, 1, 128, 33)
 
 
 def logits(lm, ids, kv_fp8, dialect=Fp8Dialect.OCP):
-    cache = ModelCache(lm.cfg, 1, 512, "cpu", torch.float32, kv_fp8=kv_fp8, dialect=dialect)
-    assert isinstance(cache.layers[0].window, Fp8KV) == kv_fp8
-    s = cache.allocate()
+    dc = DirectCache(lm.cfg, 1, 512, "cpu", torch.float32, kv_fp8=kv_fp8, dialect=dialect)
+    assert isinstance(dc.cache.layers[0].window, Fp8KV) == kv_fp8
+    s = dc.add()
     out, p = [], 0
     with torch.no_grad():
         for c in CHUNKS:
-            out.append(lm.model.logits(lm.model(ids[p:p + c], ForwardMeta.build([s], [p], [c]), cache)))
+            out.append(lm.model.logits(lm.model(ids[p:p + c], dc.meta([s], [p], [c]), dc.cache)))
             p += c
     return torch.cat(out)
 

@@ -1,14 +1,17 @@
 """Page pool and slot bookkeeping under random admit / grow / finish / abort / preempt sequences:
-nothing leaks, nothing is owned twice, block-table rows match the pages each request owns."""
+nothing leaks, nothing is owned twice, the null page is never handed out, block-table rows (on the device,
+after the once-per-step sync) match the pages each request owns. Lengths: a step must continue each slot
+where it stopped."""
 
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
 from dsv4.cache.kv_manager import KVCacheManager, PagePool
-from dsv4.cache.model_cache import UNUSED_PAGE, ModelCache
+from dsv4.cache.model_cache import NULL_PAGE, ModelCache
 from dsv4.config import ModelConfig
 from dsv4.tiny import TINY_CONFIG
 
@@ -31,6 +34,7 @@ def make_manager(num_slots=4, num_pages=10, max_len=PAGE * 6):
 
 def check_invariants(kv: KVCacheManager, live: list[Holder]) -> None:
     kv.check()
+    kv.sync_block_table()
     owned = [p for h in live for p in h.pages]
     assert len(owned) == len(set(owned)), "a page owned twice"
     assert len(owned) + kv.num_free_pages == kv.cache.num_pages, "pages leaked"
@@ -42,8 +46,10 @@ def check_invariants(kv: KVCacheManager, live: list[Holder]) -> None:
             row = kv.cache.block_table[h.slot, :len(h.pages)].tolist()
             assert row == h.pages
             rest = kv.cache.block_table[h.slot, len(h.pages):]
-            assert bool((rest == UNUSED_PAGE).all())
+            assert bool((rest == NULL_PAGE).all())
+            assert NULL_PAGE not in h.pages
             assert kv.pages_for(h.tokens) <= len(h.pages)
+    assert torch.equal(kv.cache.block_table, kv.table)
 
 
 OPS = st.lists(st.tuples(st.sampled_from(["admit", "grow", "finish", "abort", "preempt"]),
@@ -134,3 +140,39 @@ def test_release_by_a_non_owner_is_detected():
         assert "not its owner" in str(e)
     else:
         raise AssertionError("foreign release not detected")
+
+
+def test_block_table_rows_reach_the_device_in_one_copy_per_sync():
+    kv = make_manager(num_slots=4, num_pages=20)
+    hs = [Holder(f"r{i}") for i in range(4)]
+    for h in hs:
+        assert kv.admit(h) and kv.reserve(h, PAGE * 3)
+    assert bool((kv.cache.block_table == NULL_PAGE).all())  # nothing sent before the sync
+    kv.sync_block_table()
+    assert kv.table_syncs == 1
+    for h in hs:
+        assert kv.cache.block_table[h.slot, :3].tolist() == h.pages
+    kv.sync_block_table()  # nothing changed: no copy
+    assert kv.table_syncs == 1
+    kv.release(hs[0])
+    assert kv.reserve(hs[1], PAGE * 5)
+    kv.sync_block_table()
+    assert kv.table_syncs == 2
+    assert torch.equal(kv.cache.block_table, kv.table)
+
+
+def test_steps_must_continue_where_the_slot_stopped():
+    kv = make_manager(num_slots=2, max_len=PAGE * 2)
+    a = Holder("a")
+    assert kv.admit(a)
+    kv.begin_step([a.slot], [0], [5])
+    assert kv.seq_len(a.slot) == 5
+    with pytest.raises(ValueError, match="holds 5 tokens but the step starts at position 4"):
+        kv.begin_step([a.slot], [4], [6])
+    with pytest.raises(ValueError, match="would reach"):
+        kv.begin_step([a.slot], [5], [PAGE * 2 + 1])
+    assert kv.seq_len(a.slot) == 5  # a refused step records nothing
+    kv.begin_step([a.slot], [5], [6])
+    kv.release(a)
+    b = Holder("b")
+    assert kv.admit(b) and kv.seq_len(b.slot) == 0  # admission empties the length

@@ -72,19 +72,18 @@ def test_stop_string_and_stop_token(lm):
 def test_prompt_logprobs_survive_chunking(lm):
     """prompt_logprobs from a prefill split into 7-token chunks equal a direct log_softmax of the
     model's logits at every prompt position."""
-    from dsv4.cache.model_cache import ModelCache
-    from dsv4.ops.meta import ForwardMeta
+    from dsv4.cache.direct import DirectCache
 
     prompt = torch.randint(0, 129280, (30,), generator=torch.Generator().manual_seed(2)).tolist()
     llm = make_llm(lm, max_num_batched_tokens=7)
     out = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2), use_tqdm=False)[0]
     plp = out.prompt_logprobs
     assert len(plp) == len(prompt) and plp[0] is None
-    cache = ModelCache(lm.cfg, 1, 64, "cpu", torch.float32)
-    s = cache.allocate()
+    dc = DirectCache(lm.cfg, 1, 64, "cpu", torch.float32)
+    s = dc.add()
     with torch.no_grad():
-        ref = torch.log_softmax(lm.model.logits(lm.model(torch.tensor(prompt), ForwardMeta.build([s], [0], [30]),
-                                                         cache)), dim=-1)
+        ref = torch.log_softmax(lm.model.logits(lm.model(torch.tensor(prompt), dc.meta([s], [0], [30]), dc.cache)),
+                                dim=-1)
     for p in range(1, len(prompt)):
         assert plp[p].token_id == prompt[p]
         assert plp[p].logprob == pytest.approx(ref[p - 1, prompt[p]].item(), abs=1e-4)
@@ -201,15 +200,18 @@ def test_capacity_planner(tiny_dir):
     assert plan.num_slots == 32 and plan.bytes <= 64 * 2**20
     assert plan.max_cached_tokens == plan.num_pages * L.page_tokens >= 4096
     assert "32 concurrent requests" in plan.describe() and "cached tokens" in plan.describe()
-    few = plan_cache(L, L.slot_bytes * 3 + math.ceil(4096 / L.page_tokens) * L.page_bytes, 32, 4096)
-    assert few.num_slots == 3
+    need = L.slot_bytes * 3 + (math.ceil(4096 / L.page_tokens) + 1) * L.page_bytes  # + the reserved null page
+    few = plan_cache(L, need, 32, 4096)
+    assert few.num_slots == 3 and few.bytes <= need
+    assert plan_cache(L, need - 1, 32, 4096).num_slots == 2
     with pytest.raises(CacheDoesNotFit, match="cannot hold one request of max_model_len 4,096"):
         plan_cache(L, L.slot_bytes, 32, 4096)
     flash = ModelConfig.from_file(__import__("dsv4").__path__[0] + "/configs/deepseek-v4-flash.json")
     F = CacheLayout.of(flash, torch.bfloat16, True)
     p = plan_cache(F, 40 * 2**30, 256, 131072)
     # FP8 KV: ~4.5 KB per token (main entries in FP8, indexer keys bf16), 3.6 MiB fixed state per request
-    assert p.num_slots == 256 and p.num_pages == (40 * 2**30 - 256 * F.slot_bytes) // F.page_bytes
+    assert p.num_slots == 256 and p.num_pages == (40 * 2**30 - 256 * F.slot_bytes) // F.page_bytes - 1
+    assert p.bytes <= 40 * 2**30
     assert 9_000_000 < p.max_cached_tokens < 9_500_000
 
 

@@ -563,13 +563,12 @@ def test_ocp_checkpoint_on_a_fnuz_platform(tiny_dir, tiny_lm, tiny_bufs, monkeyp
 
 
 def _last_logits(lm, ids):
-    from dsv4.cache.model_cache import ModelCache
-    from dsv4.ops.meta import ForwardMeta
+    from dsv4.cache.direct import DirectCache
 
-    cache = ModelCache(lm.cfg, 1, 64, "cpu", lm.opts.dtype)
-    slot = cache.allocate()
+    dc = DirectCache(lm.cfg, 1, 64, "cpu", lm.opts.dtype)
+    slot = dc.add()
     with torch.no_grad():
-        X = lm.model(ids, ForwardMeta.build([slot], [0], [len(ids)]), cache)
+        X = lm.model(ids, dc.meta([slot], [0], [len(ids)]), dc.cache)
         return lm.model.logits(X[-1:]).float()
 
 

@@ -17,9 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_reference import hf_logits, make_hf_model  # noqa: E402
 
-from dsv4.cache.model_cache import ModelCache  # noqa: E402
+from dsv4.cache.direct import DirectCache  # noqa: E402
 from dsv4.model import build_model  # noqa: E402
-from dsv4.ops.meta import ForwardMeta  # noqa: E402
 
 TOL = 1e-4
 N = 80
@@ -54,15 +53,15 @@ def pair(request, tmp_path_factory):
 
 def run_ours(lm, seqs: list[torch.Tensor], schedule: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
     """Run `schedule` (steps of (sequence, n_new_tokens)) and return the logits of every position."""
-    cache = ModelCache(lm.cfg, len(seqs), max(len(s) for s in seqs), "cpu", torch.float32)
-    slots = [cache.allocate() for _ in seqs]
+    dc = DirectCache(lm.cfg, len(seqs), max(len(s) for s in seqs), "cpu", torch.float32)
+    slots = [dc.add() for _ in seqs]
     done = [0] * len(seqs)
     out = [[] for _ in seqs]
     with torch.no_grad():
         for step in schedule:
-            meta = ForwardMeta.build([slots[b] for b, _ in step], [done[b] for b, _ in step], [n for _, n in step])
+            meta = dc.meta([slots[b] for b, _ in step], [done[b] for b, _ in step], [n for _, n in step])
             ids = torch.cat([seqs[b][done[b]:done[b] + n] for b, n in step])
-            logits = lm.model.logits(lm.model(ids, meta, cache))
+            logits = lm.model.logits(lm.model(ids, meta, dc.cache))
             for (b, n), (t0, t1) in zip(step, zip(meta.query_start_host, meta.query_start_host[1:])):
                 out[b].append(logits[t0:t1])
                 done[b] += n

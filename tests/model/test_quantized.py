@@ -9,12 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv4.cache.model_cache import ModelCache
+from dsv4.cache.direct import DirectCache
 from dsv4.model import build_model
 from dsv4.model import builder as builder_mod
 from dsv4.numerics.fp4 import dequantize_fp4_blocks
 from dsv4.numerics.fp8 import Fp8Dialect, dequantize_fp8_blocks, ocp_to_fnuz
-from dsv4.ops.meta import ForwardMeta
 from dsv4.platforms.cpu import cpu_platform
 
 N = 150  # crosses a 128-token HCA window and the 128-token sliding window
@@ -75,12 +74,12 @@ def ids():
 
 
 def logits_of(lm, ids, chunks=(N,)):
-    cache = ModelCache(lm.cfg, 1, N, "cpu", torch.float32)
-    s = cache.allocate()
+    dc = DirectCache(lm.cfg, 1, N, "cpu", torch.float32)
+    s = dc.add()
     out, p = [], 0
     with torch.no_grad():
         for c in chunks:
-            out.append(lm.model.logits(lm.model(ids[p:p + c], ForwardMeta.build([s], [p], [c]), cache)))
+            out.append(lm.model.logits(lm.model(ids[p:p + c], dc.meta([s], [p], [c]), dc.cache)))
             p += c
     return torch.cat(out)
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dsv4.engine.generate import generate
+from oracle import generate
 from dsv4.model import build_model
 
 WORKER = Path(__file__).with_name("ep_worker.py")

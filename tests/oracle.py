@@ -1,5 +1,7 @@
-"""A plain batched generation loop over one model (the `dsv4 generate` command): every prompt is
-prefilled in one step, then all sequences decode together until each meets EOS or max_tokens."""
+"""The test oracle: a plain batched generation loop over one model, without the engine (no scheduler, no
+pages to reuse, no graphs, one sampler of its own). Every prompt is prefilled in one step, then all
+sequences decode together until each meets EOS or max_tokens. The engine's outputs are checked against it
+(tests/engine/test_engine_consistency.py, tests/parallel/)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.cache.model_cache import ModelCache
-from dsv4.engine.sampling import sample, validate_sampling
+from dsv4.cache.direct import DirectCache
 from dsv4.model.builder import LoadedModel
-from dsv4.ops.meta import ForwardMeta
+
+
+def validate_sampling(temperature: float, top_p: float) -> None:
+    if not (temperature >= 0):
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """[B, V] float32 logits -> [B] int64 token ids: greedy (temperature 0), temperature, nucleus (top-p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sp, si = probs.sort(dim=-1, descending=True)
+        keep = sp.cumsum(dim=-1) - sp < top_p  # the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp * keep)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 @dataclass
@@ -55,8 +74,8 @@ def generate(lm: LoadedModel, prompts: list[list[int]], max_tokens: int = 32, te
     stop = set(lm.cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
     dev = lm.platform.torch_device
     model = lm.model
-    cache = ModelCache(lm.cfg, len(prompts), max(len(p) for p in prompts) + max_tokens, dev, lm.opts.dtype)
-    slots = [cache.allocate() for _ in prompts]
+    dc = DirectCache(lm.cfg, len(prompts), max(len(p) for p in prompts) + max_tokens, dev, lm.opts.dtype)
+    slots = [dc.add() for _ in prompts]
     gen = None
     if seed is not None:
         gen = torch.Generator(device=dev)
@@ -64,9 +83,9 @@ def generate(lm: LoadedModel, prompts: list[list[int]], max_tokens: int = 32, te
     outs = [Generation(list(p)) for p in prompts]
 
     def step(active: list[int], start: list[int], tokens: list[list[int]]) -> None:
-        meta = ForwardMeta.build([slots[i] for i in active], start, [len(t) for t in tokens], dev)
+        meta = dc.meta([slots[i] for i in active], start, [len(t) for t in tokens])
         ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.int64, device=dev)
-        X = model(ids, meta, cache)
+        X = model(ids, meta, dc.cache)
         last = torch.tensor(meta.query_start_host[1:], device=dev) - 1
         logits = model.logits(X[last])
         nxt = sample(logits, temperature, top_p, gen)
@@ -93,7 +112,7 @@ def generate(lm: LoadedModel, prompts: list[list[int]], max_tokens: int = 32, te
     _sync(dev)
     t2 = time.perf_counter()
     for s in slots:
-        cache.free(s)
+        dc.remove(s)
     return GenerateResult(outs, t1 - t0, t2 - t1)
 
 

@@ -22,18 +22,18 @@ D, I, E, K_TOP = 4096, 2048, 256, 6
 
 
 def _experts():
-    from dsv4.kernels.triton import moe as km
+    from benchmarks.kernel_cases import moe as kc
 
-    return km._fp4_experts(E, D, I, "cuda")
+    return kc._fp4_experts(E, D, I, "cuda")
 
 
 def _inputs(T: int, seed: int, x_scale: float = 1.0):
     """bf16 activations and uniform random top-6 routing over the 256 experts."""
-    from dsv4.kernels.triton import moe as km
+    from benchmarks.kernel_cases import moe as kc
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = (torch.randn(T, D, device="cuda", generator=g) * x_scale).bfloat16()
-    ids, w = km._route_inputs(T, E, K_TOP, "cuda")
+    ids, w = kc._route_inputs(T, E, K_TOP, "cuda")
     return x, ids, w
 
 

@@ -1,6 +1,7 @@
-"""GPU check of the Triton kernels (Kernels I): every module's `gpu_check_cases()` at DeepSeek-V4-Flash
-shapes (error vs the PyTorch reference, median time, bytes / FLOPs, fraction of the H200 roofline), and
-the model end to end with the Triton providers vs the reference providers.
+"""GPU check of the Triton kernels (Kernels I): the `gpu_check_cases()` of every module in
+benchmarks/kernel_cases/ (one per dsv4/kernels/triton module) at DeepSeek-V4-Flash shapes (error vs the
+PyTorch reference, median time, bytes / FLOPs, fraction of the H200 roofline), and the model end to end
+with the Triton providers vs the reference providers.
 
     PYTHONPATH=. python3 benchmarks/gpu_kernels_check.py --out $OUT/kernels.json [--only attention,indexer]
 """
@@ -27,7 +28,7 @@ def run_cases(only: set[str] | None, deadline: float) -> list[dict]:
     for m in MODULES:
         if only and m not in only:
             continue
-        mod = importlib.import_module(f"dsv4.kernels.triton.{m}")
+        mod = importlib.import_module(f"benchmarks.kernel_cases.{m}")
         for name, fn in mod.gpu_check_cases():
             if time.time() > deadline:
                 out.append({"module": m, "case": name, "skipped": "time budget"})

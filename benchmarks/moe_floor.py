@@ -105,11 +105,12 @@ def scaled_grouped(x, ids, w, f13, s13f, f2, s2f):
 def sweep(tokens, paths, rows, bw) -> None:
     from triton.testing import do_bench
 
+    from benchmarks.kernel_cases import moe as kc
     from dsv4.kernels.triton import moe as km
     from dsv4.kernels.vendor import humming_moe as hm
     from dsv4.ops.moe import moe_experts_reference
 
-    w13, s13, w2, s2 = km._fp4_experts(E, D, I, "cuda")
+    w13, s13, w2, s2 = kc._fp4_experts(E, D, I, "cuda")
     per_expert = w13[0].numel() + s13[0].numel() + w2[0].numel() + s2[0].numel()
     fp8 = None
     if "scaled-grouped-mm" in paths:  # FP8 copies (rowwise scales) of random weights of similar magnitude
@@ -121,7 +122,7 @@ def sweep(tokens, paths, rows, bw) -> None:
         x, ids, w = None, None, None
         g = torch.Generator(device="cuda").manual_seed(T)
         x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
-        ids, w = km._route_inputs(T, E, K_TOP, "cuda", seed=T + 1)
+        ids, w = kc._route_inputs(T, E, K_TOP, "cuda", seed=T + 1)
         flops = 2.0 * T * K_TOP * 3 * I * D
         want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, True)
 
@@ -163,17 +164,17 @@ def sweep(tokens, paths, rows, bw) -> None:
 @torch.no_grad()
 def graph_check(rows) -> None:
     """The humming provider captured in a CUDA graph at one routing, replayed at two others: equal to eager."""
-    from dsv4.kernels.triton import moe as km
+    from benchmarks.kernel_cases import moe as kc
     from dsv4.kernels.vendor import humming_moe as hm
 
-    w13, s13, w2, s2 = km._fp4_experts(E, D, I, "cuda")
+    w13, s13, w2, s2 = kc._fp4_experts(E, D, I, "cuda")
     for T, a8 in ((1, False), (64, False), (1, True), (64, True)):
         x = torch.randn(T, D, device="cuda").bfloat16()
-        ids, w = km._route_inputs(T, E, K_TOP, "cuda", seed=5)
+        ids, w = kc._route_inputs(T, E, K_TOP, "cuda", seed=5)
         graph, out = capture(lambda: hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, a8=a8))
         res = []
         for seed in (6, 7):
-            ids2, w2_ = km._route_inputs(T, E, K_TOP, "cuda", seed=seed)
+            ids2, w2_ = kc._route_inputs(T, E, K_TOP, "cuda", seed=seed)
             ids.copy_(ids2)
             w.copy_(w2_)
             x.copy_(torch.randn(T, D, device="cuda").bfloat16())
@@ -188,7 +189,7 @@ def window_check(rows) -> None:
     """W4A8 vs W4A16 vs the reference on experts whose 32-block scales spread over `spread` binades in every
     row (bytes 127 - spread .. 127, codes random): W4A8 must match as well as W4A16 up to the window
     (hm.W4A8_SCALE_WINDOW) and the check must refuse beyond it."""
-    from dsv4.kernels.triton import moe as km
+    from benchmarks.kernel_cases import moe as kc
     from dsv4.kernels.vendor import humming_moe as hm
     from dsv4.ops.moe import moe_experts_reference
 
@@ -203,7 +204,7 @@ def window_check(rows) -> None:
         s13[:, :, 0], s13[:, :, 1] = 127, 127 - spread  # every row spans the whole spread
         s2[:, :, 0], s2[:, :, 1] = 127, 127 - spread
         x = (torch.randn(T, d, device="cuda", generator=g) * 0.05).bfloat16()
-        ids, w = km._route_inputs(T, e, 4, "cuda", seed=spread)
+        ids, w = kc._route_inputs(T, e, 4, "cuda", seed=spread)
         want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, True)
         r = {"check": "w4a8-window", "spread": spread, "window_ok": hm.scale_window_ok(w13, s13)}
         try:
@@ -223,6 +224,7 @@ def window_check(rows) -> None:
 def smem_check(rows) -> None:
     """The Triton MoE at bf16 dense and FP4 experts over several sizes (prefill tiles asked an H200 for
     more shared memory than it has with bf16 dense experts)."""
+    from benchmarks.kernel_cases import moe as kc
     from dsv4.kernels.triton import moe as km
     from dsv4.numerics.fp4 import quantize_fp4_blocks
     from dsv4.ops.moe import moe_experts_reference
@@ -238,7 +240,7 @@ def smem_check(rows) -> None:
             else:
                 a, b, sa, sb = a.bfloat16(), b.bfloat16(), None, None
             for T in (1, 64, 4096):
-                ids, w = km._route_inputs(T, e, 4, "cuda", seed=T)
+                ids, w = kc._route_inputs(T, e, 4, "cuda", seed=T)
                 x = torch.randn(T, d, device="cuda", generator=g).bfloat16()
                 r = {"check": "smem", "fmt": fmt, "D": d, "I": i, "E": e, "T": T}
                 try:
@@ -256,14 +258,14 @@ def profile(tokens, rows) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from dsv4.kernels.triton import moe as km
+    from benchmarks.kernel_cases import moe as kc
     from dsv4.kernels.vendor import humming_moe as hm
 
-    w13, s13, w2, s2 = km._fp4_experts(E, D, I, "cuda")
+    w13, s13, w2, s2 = kc._fp4_experts(E, D, I, "cuda")
     for T in tokens:
         for a8 in (False, True):
             x = torch.randn(T, D, device="cuda").bfloat16()
-            ids, w = km._route_inputs(T, E, K_TOP, "cuda", seed=3)
+            ids, w = kc._route_inputs(T, E, K_TOP, "cuda", seed=3)
 
             def fn():
                 return hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, a8=a8)

@@ -23,17 +23,18 @@ def main() -> None:
     a = ap.parse_args()
     from triton.testing import do_bench
 
+    from benchmarks.kernel_cases import moe as kc
     from dsv4.kernels.triton import moe as km
     from dsv4.ops.moe import moe_experts_reference
 
     D, I, E, k = 4096, 2048, 256, 6
-    w13, s13, w2, s2 = km._fp4_experts(E, D, I, "cuda")
+    w13, s13, w2, s2 = kc._fp4_experts(E, D, I, "cuda")
     per_expert = w13[0].numel() + s13[0].numel() + w2[0].numel() + s2[0].numel()
     rows = []
     for T in [int(t) for t in a.tokens.split(",")]:
         g = torch.Generator(device="cuda").manual_seed(2)
         x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
-        ids, w = km._route_inputs(T, E, k, "cuda")
+        ids, w = kc._route_inputs(T, E, k, "cuda")
         want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, 10.0, False)
         floor_us = int(torch.unique(ids).numel()) * per_expert / 4.8e12 * 1e6
         for scaled in (True, False):

@@ -339,12 +339,13 @@ def test_gpu_check_cases_measure_flash_attention(monkeypatch):
     head / rope dims, window, top-k, HCA ratio, the cache's page size, all from the config); CSA, HCA and
     window-only layers each in decode and prefill; decode in every KV format the engine stores (bf16, FP8
     OCP and fnuz), from one sequence to at least the engine's default batch, and with more CSA entries than
-    top-k (the selection does select); KV writes in decode and prefill; record names unique."""
+    top-k (the selection does select); KV writes in decode and prefill; record names unique. The cases:
+    benchmarks/kernel_cases/attention.py."""
     import inspect
     import json
     from importlib import resources
 
-    import dsv4.kernels.triton.attention as ka
+    import benchmarks.kernel_cases.attention as ka
     from dsv4.cache.model_cache import default_page_tokens
     from dsv4.config import HCA, EngineConfig, ModelConfig
 
@@ -383,7 +384,7 @@ def test_gpu_check_cases_measure_flash_attention(monkeypatch):
 def test_gpu_check_case_smoke(mode, prefill, kind):
     """The GPU check code itself (input building, reference comparison, byte counts) at tiny shapes on
     the CPU, without timing: the lead runs it once on the GPU."""
-    from dsv4.kernels.triton.attention import _gpu_case, _gpu_write_case
+    from benchmarks.kernel_cases.attention import _gpu_case, _gpu_write_case
 
     kw = dict(device="cpu", H=4, D=64, r=16, W=8, K=6, page_tokens=16, hca_ratio=8, bench=False)
     res = _gpu_case(mode, 6 if prefill else 2, 36, kind, prefill=prefill, sweep=[dict(num_splits=2, block_n=16)],

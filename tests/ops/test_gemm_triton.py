@@ -186,7 +186,9 @@ def test_forced_tiles_and_split_k(bm, bn, split, act_quant):
 
 def test_tile_regimes_at_flash_shapes():
     """Decode: one M tile and split-K so ~2 programs per SM; prefill: 128 x 128 tiles, no split."""
-    for _, N, K in kg.FLASH_LINEARS:
+    from benchmarks.kernel_cases.gemm import FLASH_LINEARS
+
+    for _, N, K in FLASH_LINEARS:
         c1 = kg._pick_tiles(1, N, K, 1, 1.0, 132, False)
         assert c1["block_m"] == 16 and (c1["split_k"] > 1 or N // c1["block_n"] >= 132), (N, K, c1)
         c64 = kg._pick_tiles(64, N, K, 1, 1.0, 132, False)
@@ -377,7 +379,9 @@ def test_gpu_check_cases_cover_every_flash_fp8_linear(monkeypatch):
     """The GPU check measures the GEMMs the model runs: the FP8 weight shapes of the DeepSeek-V4-Flash
     checkpoint (its official tensor inventory, MTP included) are exactly the linear cases' shapes plus the
     grouped wo_a; each shape in both numerics and through scaled_mm, from one token (decode) up to at least
-    the engine's largest step; the grouped case at the config's o_groups; record names unique."""
+    the engine's largest step; the grouped case at the config's o_groups; record names unique. The cases:
+    benchmarks/kernel_cases/gemm.py."""
+    from benchmarks.kernel_cases import gemm as kcg
     from dsv4.config import EngineConfig
     from dsv4.model.checkpoint_format import official_tensors
 
@@ -389,8 +393,8 @@ def test_gpu_check_cases_cover_every_flash_fp8_linear(monkeypatch):
     (wo_a,) = [shape for shape, names in fp8.items() if "attn.wo_a.weight" in names]
     calls = {"_gpu_linear_case": [], "_gpu_grouped_case": []}
     for fn, log in calls.items():  # each case's arguments, the function's own defaults applied
-        monkeypatch.setattr(kg, fn, record_calls(getattr(kg, fn), log))
-    names = [n for n, _ in kg.gpu_check_cases()]
+        monkeypatch.setattr(kcg, fn, record_calls(getattr(kcg, fn), log))
+    names = [n for n, _ in kcg.gpu_check_cases()]
     assert len(names) == len(set(names))
     linear = {}
     for a in calls["_gpu_linear_case"]:
@@ -409,9 +413,11 @@ def test_gpu_check_cases_cover_every_flash_fp8_linear(monkeypatch):
 def test_gpu_case_smoke():
     """The GPU check code itself (inputs, reference comparison, byte / FLOP counts) at tiny shapes on the
     CPU, without timing."""
+    from benchmarks.kernel_cases import gemm as kcg
+
     for aq in (False, True):
-        r = kg._gpu_linear_case(256, 512, 3, aq, device="cpu", bench=False)()
+        r = kcg._gpu_linear_case(256, 512, 3, aq, device="cpu", bench=False)()
         assert r["max_rel_err"] < 1e-5 and r["bytes"] > 256 * 512 and r["flops"] == 2 * 3 * 256 * 512, r
-    assert "skipped" in kg._gpu_linear_case(256, 512, 3, True, "scaled_mm", device="cpu", bench=False)()
-    r = kg._gpu_grouped_case(2, G=2, R=64, Kg=256, device="cpu", bench=False)()
+    assert "skipped" in kcg._gpu_linear_case(256, 512, 3, True, "scaled_mm", device="cpu", bench=False)()
+    r = kcg._gpu_grouped_case(2, G=2, R=64, Kg=256, device="cpu", bench=False)()
     assert r["max_rel_err"] < 1e-5 and r["flops"] == 2 * 2 * 2 * 64 * 256

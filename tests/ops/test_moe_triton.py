@@ -569,26 +569,29 @@ def test_gpu_check_cases_measure_flash_moe_and_run(monkeypatch):
     """The GPU check measures the MoE the model runs: every experts / routing case at DeepSeek-V4-Flash shapes
     (hidden size, expert width, experts, top-k, all from the config); experts with FP8 and bf16 activations,
     each also through the register decode (scaled dot off); learned and hash routing; from one token up to at
-    least the engine's largest step; record names unique. Then the check code itself runs at tiny shapes."""
+    least the engine's largest step; record names unique. Then the check code itself runs at tiny shapes. The
+    cases: benchmarks/kernel_cases/moe.py and router.py."""
     import inspect
     import json
     from importlib import resources
 
+    from benchmarks.kernel_cases import moe as kcm
+    from benchmarks.kernel_cases import router as kcr
     from dsv4.config import EngineConfig, ModelConfig
 
     cfg = ModelConfig.from_dict(json.loads(resources.files("dsv4.configs").joinpath("deepseek-v4-flash.json")
                                            .read_text()))
-    calls = {(km, "experts_case"): [], (kr, "route_case"): []}
+    calls = {(kcm, "experts_case"): [], (kcr, "route_case"): []}
     for (mod, fn), log in calls.items():  # each case's arguments, the function's own defaults applied
         sig = inspect.signature(getattr(mod, fn))
         monkeypatch.setattr(mod, fn, lambda *a, _s=sig, _l=log, **kw: _l.append(_s.bind(*a, **kw)))
-    names = [n for n, _ in km.gpu_check_cases() + kr.gpu_check_cases()]
+    names = [n for n, _ in kcm.gpu_check_cases() + kcr.gpu_check_cases()]
     assert len(names) == len(set(names))
     for log in calls.values():
         for b in log:
             b.apply_defaults()
-    experts = [b.arguments for b in calls[(km, "experts_case")]]
-    routes = [b.arguments for b in calls[(kr, "route_case")]]
+    experts = [b.arguments for b in calls[(kcm, "experts_case")]]
+    routes = [b.arguments for b in calls[(kcr, "route_case")]]
     flash = dict(D=cfg.hidden_size, I=cfg.moe_intermediate_size, E=cfg.n_routed_experts, k=cfg.num_experts_per_tok)
     for a in experts + routes:
         assert {n: a[n] for n in flash if n in a} == {n: v for n, v in flash.items() if n in a}, a
@@ -603,7 +606,7 @@ def test_gpu_check_cases_measure_flash_moe_and_run(monkeypatch):
         assert ts and min(ts) == 1 and max(ts) >= biggest, (hashed, sorted(ts))
     monkeypatch.undo()
     # the check code itself, at tiny shapes on the CPU (no timing)
-    r = km.experts_case(9, True, D=64, I=32, E=16, k=4, device="cpu", bench=False)()
+    r = kcm.experts_case(9, True, D=64, I=32, E=16, k=4, device="cpu", bench=False)()
     assert r["max_rel_err"] < 1e-5 and r["unique_experts"] > 1 and r["flops"] == 2 * 9 * 4 * 3 * 32 * 64
-    r = kr.route_case(5, D=64, E=16, k=4, device="cpu", bench=False)()
+    r = kcr.route_case(5, D=64, E=16, k=4, device="cpu", bench=False)()
     assert r["ids_match_frac"] == 1.0 and r["max_rel_err"] < 1e-5

@@ -79,9 +79,11 @@ def random_rows(R: int, K: int, dtype, seed: int, block: int, pad: int = 0, lo: 
 
 
 def test_registered():
+    from benchmarks.kernel_cases import quant as kc_quant
+
     for name in ("fp8_roundtrip", "fp4_roundtrip"):
         assert "triton" in [p for p, _ in providers(name)], name
-    names = [n for n, f in kquant.gpu_check_cases()]
+    names = [n for n, f in kc_quant.gpu_check_cases()]
     assert sum(n.startswith("fp8_roundtrip[") for n in names) >= 3
     assert sum(n.startswith("fp4_roundtrip[") for n in names) >= 3
 

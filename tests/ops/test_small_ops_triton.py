@@ -38,12 +38,16 @@ def padded_view(shape, pad: int, seed: int, scale: float = 1.0, dtype=torch.floa
 
 
 def test_providers_registered():
+    from benchmarks.kernel_cases import hyper_connection as kc_hc
+    from benchmarks.kernel_cases import norm as kc_norm
+    from benchmarks.kernel_cases import quant as kc_quant
+    from benchmarks.kernel_cases import rope as kc_rope
     from dsv4.ops.registry import all_ops
 
     ops = all_ops()
     for name in ("rms_norm", "apply_rope", "hc_pre", "hc_post", "hc_head", "fp8_act_quant"):
         assert "triton" in ops[name].providers, name
-    for mod in (knorm, krope, khc, kquant):
+    for mod in (kc_norm, kc_rope, kc_hc, kc_quant):  # their GPU check cases (benchmarks/kernel_cases/)
         cases = mod.gpu_check_cases()
         assert cases and all(isinstance(n, str) and callable(f) for n, f in cases)
 

@@ -14,7 +14,6 @@ import triton.language as tl
 
 from dsv4.kernels.triton.common import interpreting, register
 from dsv4.ops.norm import rms_norm as rms_norm_op
-from dsv4.ops.norm import rms_norm_reference
 
 
 def bf16_rne_bits(dtype: torch.dtype) -> bool:
@@ -119,59 +118,6 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) ->
             x2, w, y, N, x2.stride(0), y.stride(0), float(eps),
             HAS_W=weight is not None, CHUNK=CHUNK, RNE_BITS=rne, num_warps=_num_warps(CHUNK) * 2)
     return y.view(x.shape)
-
-
-# ----------------------------------------------------------------------------- GPU checks
-
-
-def bench_ms(fn, device) -> float:
-    """Median time of fn() in ms (triton.testing.do_bench) on a GPU; NaN elsewhere (dry runs of the
-    check code in the interpreter)."""
-    if torch.device(device).type == "cpu":
-        return float("nan")
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, return_mode="median"))
-
-
-def roofline(out: dict, hbm_bps: float = 4.8e12, flops_ps: float = 790e12) -> dict:
-    """Add the fractions of the H200 HBM and bf16 FLOP rooflines reached by out["triton_ms"]."""
-    t = out.get("triton_ms", float("nan")) * 1e-3
-    out["hbm_roofline_frac"] = out["bytes"] / hbm_bps / t if t > 0 else float("nan")
-    out["flop_roofline_frac"] = out["flops"] / flops_ps / t if t > 0 else float("nan")
-    return out
-
-
-def _err(got: torch.Tensor, want: torch.Tensor) -> dict:
-    g, w = got.double(), want.double()
-    d = (g - w).abs()
-    return {"max_abs": float(d.max()), "max_rel": float((d / w.abs().clamp_min(1e-6)).max()),
-            "ref_max": float(w.abs().max())}
-
-
-def gpu_check_cases(device="cuda"):
-    """[(name, fn)]: rms_norm at the model's shapes on `device` (CUDA), vs the reference, timed (median
-    ms); bytes = what must move (x read, y written, weight), for the fraction of the HBM roofline."""
-    def case(M, N, dtype=torch.bfloat16, weighted=True):
-        def run():
-            g = torch.Generator(device=device).manual_seed(0)
-            x = (2.0 * torch.randn(M, N, device=device, generator=g)).to(dtype)
-            w = (1.0 + 0.3 * torch.randn(N, device=device, generator=g)) if weighted else None
-            got = rms_norm_triton(x, w, 1e-6)
-            want = rms_norm_reference(x, w, 1e-6)
-            out = _err(got, want)
-            out["bf16_equal_frac"] = float((got == want).float().mean())
-            out["triton_ms"] = bench_ms(lambda: rms_norm_triton(x, w, 1e-6), device)
-            out["torch_ms"] = bench_ms(lambda: rms_norm_reference(x, w, 1e-6), device)
-            out["bytes"] = 2 * M * N * x.element_size() + (N * 4 if weighted else 0)
-            out["flops"] = 4 * M * N
-            return roofline(out)
-        return run
-
-    return [("rms_norm[256,4096] bf16", case(256, 4096)),
-            ("rms_norm[8192,4096] bf16", case(8192, 4096)),
-            ("rms_norm[8192*64,512] bf16 unweighted (per-head q norm)", case(8192 * 64, 512, weighted=False)),
-            ("rms_norm[256,16384] bf16 (chunked path)", case(256, 16384))]
 
 
 register(rms_norm_op, rms_norm_triton)

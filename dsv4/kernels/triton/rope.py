@@ -9,9 +9,8 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import register
-from dsv4.kernels.triton.norm import bench_ms, bf16_rne_bits, cast_out, roofline
+from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
 from dsv4.ops.rope import apply_rope as apply_rope_op
-from dsv4.ops.rope import apply_rope_reference
 
 # Work decomposition: x viewed as [T, H, D] (H = product of the middle dims, 1 for [T, D]).
 # grid = (T, cdiv(H, BLOCK_H)); a program takes one token and BLOCK_H rows (heads, ~4096 elements):
@@ -83,42 +82,6 @@ def apply_rope_triton(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.
                        HALF_P=triton.next_power_of_2(max(1, half)), RNE_BITS=bf16_rne_bits(x.dtype),
                        num_warps=max(1, min(8, block_h * block_c // 512)))
     return y.view(x.shape)
-
-
-# ----------------------------------------------------------------------------- GPU checks
-
-
-def gpu_check_cases(device="cuda"):
-    """[(name, fn)]: apply_rope on q [T, 64, 512] bf16 (64 rotary dims, YaRN table), positions up to
-    1,000,000, forward and inverse, vs the reference, timed (median ms)."""
-    from dsv4.config import YarnScaling
-    from dsv4.ops.rope import rope_inv_freq
-
-    def case(T, H=64, D=512, inverse=False):
-        def run():
-            g = torch.Generator(device=device).manual_seed(0)
-            shape = (T, D) if H == 1 else (T, H, D)  # kv is [T, 512]
-            x = torch.randn(*shape, device=device, generator=g).to(torch.bfloat16)
-            pos = torch.randint(0, 1_000_000, (T,), device=device, generator=g)
-            inv = rope_inv_freq(160000.0, 64, YarnScaling(factor=16.0, original_max_position_embeddings=65536))
-            inv = inv.to(device)
-            got = apply_rope_triton(x, pos, inv, inverse)
-            want = apply_rope_reference(x, pos, inv, inverse)
-            d = (got.double() - want.double()).abs()
-            out = {"max_abs": float(d.max()), "max_rel": float((d / want.double().abs().clamp_min(1e-3)).max()),
-                   "bf16_equal_frac": float((got == want).float().mean()),
-                   "copied_dims_equal": bool(torch.equal(got[..., :D - 64], x[..., :D - 64]))}
-            out["triton_ms"] = bench_ms(lambda: apply_rope_triton(x, pos, inv, inverse), device)
-            out["torch_ms"] = bench_ms(lambda: apply_rope_reference(x, pos, inv, inverse), device)
-            out["bytes"] = 2 * x.numel() * x.element_size() + T * 8
-            out["flops"] = 6 * T * H * 64
-            return roofline(out)
-        return run
-
-    return [("apply_rope q[256,64,512] bf16", case(256)),
-            ("apply_rope q[8192,64,512] bf16", case(8192)),
-            ("apply_rope q[8192,64,512] bf16 inverse", case(8192, inverse=True)),
-            ("apply_rope kv[8192,512] bf16", case(8192, H=1))]
 
 
 register(apply_rope_op, apply_rope_triton)

@@ -5,18 +5,14 @@ selected unbiased scores normalised and scaled. Two kernels: split-K logits, the
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import register, sm_count
-from dsv4.kernels.triton.moe import GPU_TOKENS, _err
 from dsv4.ops.moe import moe_route as moe_route_op
 
 _SCORE = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
-FP32_FMA_FLOPS = 67e12  # H200 fp32 non-tensor rate: the router's IEEE fp32 logits
 
 
 # Logits: grid = (cdiv(T, BT) * cdiv(E, BE), S). Program (tile, s) computes x[t-tile] . W_g[e-tile]^T over
@@ -160,54 +156,6 @@ def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score
         KTOP=k, KP=max(2, triton.next_power_of_2(k)), SCORE=_SCORE[score_func], HAS_BIAS=bias is not None and not hashed,
         HASH=hashed, NORM=bool(norm_topk_prob), BT=bt2, EP=ep, num_warps=4)
     return w_out, i_out
-
-
-# ============================================================================= GPU checks
-
-
-def route_case(T: int, hashed: bool = False, *, D=4096, E=256, k=6, device="cuda", bench: bool = True):
-    """moe_route at [T, D] (bf16 x, fp32 gate [E, D], bias), sqrtsoftplus, normalised, x1.5, vs the
-    reference: fraction of tokens whose expert set matches, max weight error on those; bytes = gate weight
-    + x + outputs; flops = 2 T E D at the fp32 FMA rate (IEEE fp32 logits, as the reference)."""
-    from dsv4.kernels.triton.norm import bench_ms, roofline
-    from dsv4.ops.moe import moe_route_reference
-
-    def run():
-        dev = torch.device(device)
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        g = torch.Generator(device=dev).manual_seed(3)
-        x = torch.randn(T, D, device=dev, generator=g).to(dt)
-        gw = torch.randn(E, D, device=dev, generator=g) / math.sqrt(D)
-        bias = 0.1 * torch.randn(E, device=dev, generator=g)
-        tid = torch.stack([torch.randperm(E, device=dev, generator=g)[:k] for _ in range(64)]) if hashed else None
-        inid = torch.randint(0, 64, (T,), device=dev, generator=g)
-        b = None if hashed else bias
-
-        def fn():
-            return moe_route_triton(x, gw, b, tid, inid, k, "sqrtsoftplus", True, 1.5)
-
-        gw_, gi = fn()
-        ww, wi = moe_route_reference(x, gw, b, tid, inid, k, "sqrtsoftplus", True, 1.5)
-        same = (gi.sort(-1).values == wi.sort(-1).values).all(-1)
-        out = {"ids_match_frac": float(same.float().mean())}
-        if bool(same.any()):
-            a = gw_.gather(1, gi.argsort(-1))[same]
-            r = ww.gather(1, wi.argsort(-1))[same]
-            out.update(_err(a, r))
-        out["bytes"] = E * D * 4 + T * D * x.element_size() + T * k * 12
-        out["flops"] = 2.0 * T * E * D
-        out["triton_ms"] = bench_ms(fn, dev) if bench else float("nan")
-        return roofline(out, flops_ps=FP32_FMA_FLOPS)
-
-    return run
-
-
-def gpu_check_cases(device="cuda"):
-    """[(name, fn)] at DeepSeek-V4-Flash shapes (D 4096, 256 experts, top-6): learned routing with bias for
-    T = 1 .. 8192 and hash routing at T = 1 and 8192, each vs the reference (expert sets, weights) and timed."""
-    cases = [(f"moe_route learned T={T}", route_case(T, device=device)) for T in GPU_TOKENS]
-    cases += [(f"moe_route hash T={T}", route_case(T, hashed=True, device=device)) for T in (1, 8192)]
-    return cases
 
 
 register(moe_route_op, moe_route_triton)

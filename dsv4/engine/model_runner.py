@@ -56,7 +56,9 @@ class ModelRunner:
                              output_token_ids=reqs[i].output_token_ids, generator=reqs[i].generator,
                              stop_ids=reqs[i].eos_token_ids | frozenset(reqs[i].params.stop_token_ids))
                  for i, _ in sample_at]
-        toks, lps = self.sampler(logits[[k for _, k in sample_at]], srows)
+        ks = [k for _, k in sample_at]
+        rows = logits[:len(ks)] if ks == list(range(len(ks))) else logits[ks]  # (decode: a view, no [B, V] copy)
+        toks, lps = self.sampler(rows, srows)
         for (i, _), t, lp in zip(sample_at, toks, lps):
             results[i].token_id = t
             results[i].logprobs = lp

@@ -52,11 +52,10 @@ def run_cases(only: set[str] | None, deadline: float) -> list[dict]:
 def end_to_end() -> dict:
     """Tiny model: Triton providers vs forced reference providers, float32 plain numerics (tight) and
     bf16 official numerics (greedy tokens); the engine runs with the Triton path."""
-    from dsv4.cache.model_cache import ModelCache
+    from dsv4.cache.direct import DirectCache
     from dsv4.engine.llm import LLM
     from dsv4.engine.sampling_params import SamplingParams
     from dsv4.model import build_model
-    from dsv4.ops.meta import ForwardMeta
     from dsv4.tiny import make_tiny
 
     d = make_tiny("/tmp/dsv4-tiny-e2e")
@@ -69,12 +68,11 @@ def end_to_end() -> dict:
         for label, ov in (("triton", None), ("torch", force_ref)):
             lm = build_model(d, device="cuda", dtype="float32", numerics="plain", op_overrides=ov)
             chosen = {c.op: c.provider for c in lm.ops.choices.values()}
-            cache = ModelCache(lm.cfg, 1, 512, "cuda", torch.float32, kv_fp8=kv_fp8)
-            s = cache.allocate()
+            dc = DirectCache(lm.cfg, 1, 512, "cuda", torch.float32, kv_fp8=kv_fp8)
+            s = dc.add()
             outs, p = [], 0
             for c in chunks:
-                outs.append(lm.model.logits(lm.model(ids[p:p + c].cuda(), ForwardMeta.build([s], [p], [c], "cuda"),
-                                                     cache)).cpu())
+                outs.append(lm.model.logits(lm.model(ids[p:p + c].cuda(), dc.meta([s], [p], [c]), dc.cache)).cpu())
                 p += c
             logits[label] = torch.cat(outs)
             res.setdefault("providers_" + label, chosen)

@@ -28,6 +28,15 @@ Per row, in this order:
 Everything but the random draws is vectorised across rows; nothing a row gets depends on the other
 rows. A row left with no finite logit is a bug upstream (NaN logits, or min_tokens suppressing the
 whole vocabulary) and raises.
+
+State (which changes no number above): a row that names its request (`SamplingRow.request_id`) and
+uses a penalty or logit_bias keeps, in the Sampler, on the logits' device, what (b) needs: a "seen in
+prompt + output" mask (repetition penalty), the output token counts (frequency / presence) and its
+logit_bias entries. They are built from the token lists the first time the request is sampled, then
+each call adds only the output tokens appended since the previous one, so a call's host work and
+copies grow with the batch, not with the outputs' length. The engine drops a request's state with
+`Sampler.release(request_id)` when the request finishes or is aborted (a preempted request keeps its
+output tokens, hence its state). A row without request_id gets its state built for that call only.
 """
 
 from __future__ import annotations
@@ -56,6 +65,9 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None
     stop_ids: frozenset[int]  # EOS ids + params.stop_token_ids: what min_tokens suppresses
+    # set: the Sampler keeps this request's penalty / logit_bias state across calls (pass the request's own
+    # prompt and output lists, the same objects every call; the output list only grows)
+    request_id: str | None = None
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:
@@ -69,7 +81,28 @@ def make_generator(seed: int | None, device) -> torch.Generator | None:
 
 class Sampler:
     """`sampler(logits, rows) -> (token ids, logprobs)`; logprobs[i] is None unless
-    rows[i].params.logprobs is set."""
+    rows[i].params.logprobs is set. Rows with a request_id keep their penalty / logit_bias state here
+    until `release(request_id)`."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, _RowState] = {}
+        self._where: tuple | None = None  # (V, device, logits dtype) of the pools and states
+        self._seen: _Pool | None = None  # bool rows: token in prompt + output (repetition penalty)
+        self._counts: _Pool | None = None  # float32 rows: count of the token in the output (frequency / presence)
+
+    def release(self, request_id: str) -> None:
+        """Drop the state kept for `request_id` (call when the request finishes or is aborted; not on
+        preemption). Idempotent, O(1); the pools go once no request holds state."""
+        st = self._states.pop(request_id, None)
+        if st is not None:
+            self._free(st)
+            if not self._states:
+                self._seen = self._counts = None
+
+    @property
+    def num_states(self) -> int:
+        """Requests holding state (tests, metrics)."""
+        return len(self._states)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
@@ -78,7 +111,7 @@ class Sampler:
         B, V = logits.shape
         if B == 0:
             return [], []
-        x = apply_penalties(logits, rows)
+        x = self.apply_penalties(logits, rows)
         x = suppress_stop_ids(x, rows)
 
         tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
@@ -106,37 +139,189 @@ class Sampler:
                 lps[i] = lp
         return token_list, lps
 
+    def apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """(b): repetition penalty over prompt + output tokens, frequency and presence penalties over
+        output tokens, then logit_bias. Returns a new tensor (the input is left as it is)."""
+        x = logits.clone()
+        V = x.shape[1]
+        states, scratch = self._row_states(rows, V, x.device, x.dtype)
+        try:
+            rep = [i for i, st in enumerate(states) if st is not None and st.seen is not None]
+            if rep:
+                ix = torch.tensor([rep, [states[i].seen for i in rep]], device=x.device)
+                seen = self._seen.data[ix[1]][:, :V]
+                pen = _col([rows[i].params.repetition_penalty for i in rep], x)
+                sub = x[ix[0]]
+                x[ix[0]] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+            fp = [i for i, st in enumerate(states) if st is not None and st.counts is not None]
+            if fp:
+                ix = torch.tensor([fp, [states[i].counts for i in fp]], device=x.device)
+                counts = self._counts.data[ix[1]][:, :V]
+                freq = _col([rows[i].params.frequency_penalty for i in fp], x)
+                pres = _col([rows[i].params.presence_penalty for i in fp], x)
+                x[ix[0]] = x[ix[0]] - freq * counts - pres * (counts > 0).float()
+            bi = [i for i, st in enumerate(states) if st is not None and st.bias is not None]
+            if bi:
+                toks = [states[i].bias[0] for i in bi]
+                vals = [states[i].bias[1] for i in bi]
+                ri = torch.tensor(bi).repeat_interleave(torch.tensor([len(t) for t in toks])).to(x.device)
+                x.index_put_((ri, torch.cat(toks)), torch.cat(vals), accumulate=True)
+        finally:
+            for st in scratch:
+                self._free(st)
+        return x
+
+    # ---- per-request state ----------------------------------------------------------------------------
+
+    def _row_states(self, rows: Sequence[SamplingRow], V: int, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[list[_RowState | None], list[_RowState]]:
+        """Each row's state (None: no penalty, no logit_bias), brought up to date with the row's output
+        tokens; and the states to free after this call (rows without request_id, stale ones)."""
+        if self._where != (V, device, dtype):
+            self._where, self._states = (V, device, dtype), {}
+            self._seen = self._counts = None
+        states: list[_RowState | None] = [None] * len(rows)
+        fresh: list[tuple[SamplingRow, _RowState]] = []
+        scratch: list[_RowState] = []
+        seen_r: list[int] = []  # incremental updates: (pool row, token) pairs
+        seen_t: list[int] = []
+        cnt_r: list[int] = []
+        cnt_t: list[int] = []
+        try:
+            for i, r in enumerate(rows):
+                p = r.params
+                rep = p.repetition_penalty != 1.0
+                fp = p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+                if not (rep or fp or p.logit_bias):
+                    continue
+                out = r.output_token_ids
+                rid = r.request_id
+                st = self._states.get(rid) if rid is not None else None
+                if st is not None and st.params is p and st.output is out and st.counted <= len(out):
+                    if st.counted < len(out):
+                        new = out[st.counted:]
+                        if st.seen is not None:
+                            seen_r += [st.seen] * len(new)
+                            seen_t += new
+                        if st.counts is not None:
+                            cnt_r += [st.counts] * len(new)
+                            cnt_t += new
+                        st.counted = len(out)
+                else:
+                    if st is not None:  # another request under this id, or its lists were replaced: start over
+                        scratch.append(self._states.pop(rid))  # (freed after the call: a row above may use it)
+                    st = _RowState(p, out, len(out))
+                    if rep:
+                        st.seen = self._pool("_seen", torch.bool, V, device).take()
+                    if fp:
+                        st.counts = self._pool("_counts", torch.float32, V, device).take()
+                    fresh.append((r, st))
+                    if rid is not None:
+                        self._states[rid] = st
+                    else:
+                        scratch.append(st)
+                states[i] = st
+            if seen_r:
+                ix = torch.tensor([seen_r, seen_t], device=device)
+                self._seen.data[ix[0], ix[1]] = True
+            if cnt_r:
+                ix = torch.tensor([cnt_r, cnt_t], device=device)
+                self._counts.data.index_put_((ix[0], ix[1]), torch.ones(len(cnt_r), device=device),
+                                             accumulate=True)
+            if fresh:
+                self._build(fresh, V, device, dtype)
+        except BaseException:  # (bad token ids): forget every state this call touched; later calls rebuild them
+            for r in rows:
+                if r.request_id is not None and r.request_id in self._states:
+                    scratch.append(self._states.pop(r.request_id))
+            for st in scratch:
+                self._free(st)
+            raise
+        return states, scratch
+
+    def _build(self, fresh: list[tuple[SamplingRow, _RowState]], V: int, device: torch.device,
+               dtype: torch.dtype) -> None:
+        """Fill new states from the rows' token lists (once per request)."""
+        rep = [(r, st) for r, st in fresh if st.seen is not None]
+        if rep:
+            lists = [list(r.prompt_token_ids) + list(r.output_token_ids) for r, _ in rep]
+            self._seen.data[torch.tensor([st.seen for _, st in rep], device=device)] = _token_mask(
+                lists, V, device, pad=True)
+        fp = [(r, st) for r, st in fresh if st.counts is not None]
+        if fp:
+            lists = [r.output_token_ids for r, _ in fp]
+            self._counts.data[torch.tensor([st.counts for _, st in fp], device=device)] = _token_counts(
+                lists, V, device, pad=True)
+        ti: list[int] = []
+        bv: list[float] = []
+        sizes: list[int] = []
+        biased = []
+        for r, st in fresh:
+            n = len(ti)
+            for t, b in (r.params.logit_bias or {}).items():
+                if 0 <= t < V:
+                    ti.append(t)
+                    bv.append(float(b))
+            if len(ti) > n:
+                biased.append(st)
+                sizes.append(len(ti) - n)
+        if biased:
+            tt = torch.tensor(ti, device=device).split(sizes)
+            vv = torch.tensor(bv, dtype=dtype, device=device).split(sizes)
+            for st, t, v in zip(biased, tt, vv):
+                st.bias = (t, v)
+
+    def _pool(self, name: str, dtype: torch.dtype, V: int, device: torch.device) -> _Pool:
+        pool = getattr(self, name)
+        if pool is None:
+            pool = _Pool(V + 1, dtype, device)  # a last column for out-of-vocabulary padding (never read)
+            setattr(self, name, pool)
+        return pool
+
+    def _free(self, st: _RowState) -> None:
+        if st.seen is not None and self._seen is not None:
+            self._seen.give(st.seen)
+        if st.counts is not None and self._counts is not None:
+            self._counts.give(st.counts)
+        st.seen = st.counts = st.bias = None
+
+
+class _RowState:
+    """A request's sampling state: pool rows (Sampler._seen / _counts) or None, its logit_bias entries
+    within the vocabulary as (token ids, values) device tensors or None, and how many of its output
+    tokens are counted. `params` and `output` tell whether a row still belongs to it."""
+    __slots__ = ("params", "output", "counted", "seen", "counts", "bias")
+
+    def __init__(self, params: SamplingParams, output: Sequence[int], counted: int):
+        self.params, self.output, self.counted = params, output, counted
+        self.seen: int | None = None
+        self.counts: int | None = None
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class _Pool:
+    """Rows of one [capacity, width] device tensor, handed out and back (capacity doubles when short)."""
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device):
+        self.data = torch.zeros(0, width, dtype=dtype, device=device)
+        self.free: list[int] = []
+
+    def take(self) -> int:
+        if not self.free:
+            cap = self.data.shape[0]
+            grown = self.data.new_zeros(max(8, 2 * cap), self.data.shape[1])
+            grown[:cap] = self.data
+            self.data = grown
+            self.free = list(range(grown.shape[0] - 1, cap - 1, -1))
+        return self.free.pop()
+
+    def give(self, row: int) -> None:
+        self.free.append(row)
+
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """(b): repetition penalty over prompt + output tokens, frequency and presence penalties over
-    output tokens, then logit_bias. Returns a new tensor (the input is left as it is)."""
-    x = logits.clone()
-    V = x.shape[1]
-    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-    if rep:
-        seen = _token_mask([list(rows[i].prompt_token_ids) + list(rows[i].output_token_ids) for i in rep], V, x.device)
-        ri = torch.tensor(rep, device=x.device)
-        pen = _col([rows[i].params.repetition_penalty for i in rep], x)
-        sub = x[ri]
-        x[ri] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
-    fp = [i for i, r in enumerate(rows) if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
-    if fp:
-        counts = _token_counts([rows[i].output_token_ids for i in fp], V, x.device)
-        fi = torch.tensor(fp, device=x.device)
-        freq = _col([rows[i].params.frequency_penalty for i in fp], x)
-        pres = _col([rows[i].params.presence_penalty for i in fp], x)
-        x[fi] = x[fi] - freq * counts - pres * (counts > 0).float()
-    ri, ti, bv = [], [], []
-    for i, r in enumerate(rows):
-        for t, b in (r.params.logit_bias or {}).items():
-            if 0 <= t < V:
-                ri.append(i)
-                ti.append(t)
-                bv.append(float(b))
-    if ri:
-        x.index_put_((torch.tensor(ri, device=x.device), torch.tensor(ti, device=x.device)),
-                     torch.tensor(bv, dtype=x.dtype, device=x.device), accumulate=True)
-    return x
+    """(b) with every row's state built for this call only (a fresh Sampler)."""
+    return Sampler().apply_penalties(logits, rows)
 
 
 def suppress_stop_ids(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -232,18 +417,20 @@ def _padded(lists: Sequence[Sequence[int]], V: int, device) -> torch.Tensor:
     return idx.to(device)
 
 
-def _token_counts(lists: Sequence[Sequence[int]], V: int, device) -> torch.Tensor:
+def _token_counts(lists: Sequence[Sequence[int]], V: int, device, pad: bool = False) -> torch.Tensor:
+    """[n, V] float32 counts of each token in each list ([n, V + 1] with the padding column if `pad`)."""
     idx = _padded(lists, V, device)
     counts = torch.zeros(len(lists), V + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float32, device=device))
-    return counts[:, :V]
+    return counts if pad else counts[:, :V]
 
 
-def _token_mask(lists: Sequence[Sequence[int]], V: int, device) -> torch.Tensor:
+def _token_mask(lists: Sequence[Sequence[int]], V: int, device, pad: bool = False) -> torch.Tensor:
+    """[n, V] bool: token in list ([n, V + 1] with the padding column if `pad`)."""
     idx = _padded(lists, V, device)
     mask = torch.zeros(len(lists), V + 1, dtype=torch.bool, device=device)
     mask.scatter_(1, idx, True)
-    return mask[:, :V]
+    return mask if pad else mask[:, :V]
 
 
 def _race_noise(gens: Sequence[torch.Generator | None], V: int, device: torch.device) -> torch.Tensor:

@@ -14,12 +14,17 @@ Each step:
    queue and later recomputes its prompt and the tokens it had generated), until the pages fit. A
    request that cannot fit even alone fails with an error.
 Nothing blocks: a step either schedules work or has none; abort frees everything at any time.
+
+Cost: one `schedule()` is O(running requests + requests it schedules, admits or preempts); `remove` is
+O(1). The queues are ordered sets (membership and removal by identity in O(1)), and the search for the
+newest running request not yet scheduled walks the step's running list once, from its newest end.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from dsv4.cache.kv_manager import KVCacheManager
@@ -37,6 +42,62 @@ class SchedulerOutput:
         return sum(n for _, n in self.scheduled)
 
 
+class RequestQueue:
+    """Requests in order, with O(1) membership, removal, and insertion or removal at either end; keyed by
+    identity. Iterates (and `len`, truth) like the list or deque it replaces."""
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: OrderedDict[int, Request] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __bool__(self) -> bool:
+        return bool(self._d)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._d.values())
+
+    def __contains__(self, req: object) -> bool:
+        return id(req) in self._d
+
+    def __repr__(self) -> str:
+        return f"RequestQueue({[r.request_id for r in self]})"
+
+    def append(self, req: Request) -> None:
+        self._d[id(req)] = req
+
+    def appendleft(self, req: Request) -> None:
+        self._d[id(req)] = req
+        self._d.move_to_end(id(req), last=False)
+
+    def first(self) -> Request:
+        return next(iter(self._d.values()))
+
+    def popleft(self) -> Request:
+        return self._d.popitem(last=False)[1]
+
+    def remove(self, req: Request) -> None:
+        del self._d[id(req)]
+
+    def discard(self, req: Request) -> bool:
+        """Remove `req` if present; whether it was."""
+        return self._d.pop(id(req), None) is not None
+
+
+class _Step:
+    """One schedule() call's bookkeeping: what it scheduled, and the running requests as they were at its
+    start (admission order) with a cursor for the victim search: every request above the cursor is
+    scheduled, preempted, failed or the one being placed, none of which can become a victim later."""
+    __slots__ = ("scheduled", "order", "cursor")
+
+    def __init__(self, order: list[Request]):
+        self.scheduled: set[int] = set()
+        self.order = order
+        self.cursor = len(order)
+
+
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  prefill_tokens_with_decodes: int | None = None):
@@ -44,8 +105,8 @@ class Scheduler:
         self.max_num_seqs = min(max_num_seqs, kv.cache.num_slots)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_tokens_with_decodes = prefill_tokens_with_decodes  # None: the whole budget
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in admission order
+        self.waiting = RequestQueue()  # preempted requests at the front, then arrivals in order
+        self.running = RequestQueue()  # in admission order
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -56,10 +117,8 @@ class Scheduler:
 
     def remove(self, req: Request) -> None:
         """Take `req` out of the queues and free what it holds (finish, abort, error)."""
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
+        if not self.running.discard(req):
+            self.waiting.discard(req)
         self.kv.release(req)
         req.status = RequestStatus.FINISHED
 
@@ -72,19 +131,30 @@ class Scheduler:
         self.waiting.appendleft(req)
         out.preempted.append(req)
 
-    def _place(self, req: Request, n: int, out: SchedulerOutput, scheduled_ids: set) -> bool:
+    def _victim(self, req: Request, step: _Step) -> Request | None:
+        """The newest running request other than `req` not yet scheduled this step, or None."""
+        order, i = step.order, step.cursor
+        while i > 0:
+            r = order[i - 1]
+            if r is not req and id(r) not in step.scheduled and r in self.running:
+                break
+            i -= 1  # (req itself: scheduled, preempted or failed before the next search)
+        step.cursor = i
+        return order[i - 1] if i > 0 else None
+
+    def _place(self, req: Request, n: int, out: SchedulerOutput, step: _Step) -> bool:
         """Reserve pages for n more tokens of running `req`, preempting the newest running requests not
         yet scheduled this step as needed; schedule it, or preempt / fail it when it cannot fit."""
         while not self.kv.reserve(req, req.num_computed_tokens + n):
-            victims = [r for r in self.running if r is not req and id(r) not in scheduled_ids]
-            if not victims:
+            victim = self._victim(req, step)
+            if victim is None:
                 break
-            self._preempt(victims[-1], out)
+            self._preempt(victim, out)
         else:
             out.scheduled.append((req, n))
-            scheduled_ids.add(id(req))
+            step.scheduled.add(id(req))
             return True
-        if not [r for r in self.running if r is not req]:  # alone and still too big: never servable
+        if len(self.running) == 1:  # alone (req is running) and still too big: never servable
             req.error = (f"request needs {self.kv.pages_for(req.num_computed_tokens + n)} cache pages, "
                          f"more than the cache holds ({self.kv.cache.num_pages})")
             self.running.remove(req)
@@ -98,17 +168,17 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         now = time.monotonic()
-        scheduled_ids: set[int] = set()
+        step = _Step(list(self.running))
 
         def need(r: Request) -> int:
             return r.num_tokens - r.num_computed_tokens
 
-        decodes = [r for r in self.running if need(r) == 1]
-        prefills = [r for r in self.running if need(r) > 1]
+        decodes = [r for r in step.order if need(r) == 1]
+        prefills = [r for r in step.order if need(r) > 1]
         for req in decodes:
             if budget == 0:
                 break
-            if req in self.running and self._place(req, 1, out, scheduled_ids):  # (not preempted meanwhile)
+            if req in self.running and self._place(req, 1, out, step):  # (not preempted meanwhile)
                 budget -= 1
         prefill_left = budget
         if out.scheduled and self.prefill_tokens_with_decodes is not None:
@@ -119,10 +189,10 @@ class Scheduler:
             if req not in self.running:
                 continue
             n = min(need(req), prefill_left)
-            if self._place(req, n, out, scheduled_ids):
+            if self._place(req, n, out, step):
                 prefill_left -= n
         while self.waiting and prefill_left > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+            req = self.waiting.first()
             n = min(need(req), prefill_left)
             if not self.kv.admit(req):
                 break

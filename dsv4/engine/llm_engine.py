@@ -260,6 +260,7 @@ class LLMEngine:
         req.finish_reason, req.stop_reason = reason, stop_reason
         req.finish_time = time.monotonic()
         self.scheduler.remove(req)
+        self.runner.sampler.release(req.request_id)  # its penalty state on the device
         self.requests.pop(req.request_id, None)
 
     def _output(self, req: Request) -> RequestOutput | None:

@@ -54,7 +54,7 @@ class ModelRunner:
     def _sample(self, logits, reqs, sample_at, results) -> None:
         srows = [SamplingRow(params=reqs[i].params, prompt_token_ids=reqs[i].prompt_token_ids,
                              output_token_ids=reqs[i].output_token_ids, generator=reqs[i].generator,
-                             stop_ids=reqs[i].eos_token_ids | frozenset(reqs[i].params.stop_token_ids))
+                             stop_ids=reqs[i].stop_ids, request_id=reqs[i].request_id)
                  for i, _ in sample_at]
         ks = [k for _, k in sample_at]
         rows = logits[:len(ks)] if ks == list(range(len(ks))) else logits[ks]  # (decode: a view, no [B, V] copy)

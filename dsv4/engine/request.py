@@ -57,6 +57,14 @@ class Request:
     _emitted_text: int = 0
 
     @property
+    def stop_ids(self) -> frozenset:
+        """EOS ids + params.stop_token_ids: what min_tokens suppresses (built once per request)."""
+        s = self.__dict__.get("_stop_ids")
+        if s is None:
+            s = self.__dict__["_stop_ids"] = self.eos_token_ids | frozenset(self.params.stop_token_ids)
+        return s
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 

@@ -87,3 +87,19 @@ def test_the_model_receives_one_meta_per_step(lm, monkeypatch):
         assert len(seen[-1]) == lm.cfg.num_layers and len(set(seen[-1])) == 1
     assert eng.buffers.copies - copies0 == steps
     assert eng.kv.table_syncs - syncs0 <= steps
+
+
+def test_finished_and_aborted_requests_release_their_sampler_state(lm):
+    eng = LLMEngine(EngineConfig(model="unused", device="cpu", dtype="float32", numerics="plain", max_model_len=128),
+                    lm=lm)
+    pen = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, repetition_penalty=1.2, frequency_penalty=0.5)
+    a = eng.add_request([1, 2, 3, 4], pen)
+    b = eng.add_request([5, 6, 7], pen)
+    eng.step()
+    eng.step()
+    assert set(eng.runner.sampler._states) == {a.request_id, b.request_id}
+    eng.abort_request(b.request_id)
+    assert set(eng.runner.sampler._states) == {a.request_id}
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert not eng.runner.sampler._states

@@ -152,8 +152,8 @@ def _warn_max_tokens_cap(a: argparse.Namespace, llm, prompts: list) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from dsv4.engine.llm import LLM
     from dsv4.engine.sampling_params import SamplingParams
+    from dsv4.entry import LLM
 
     llm = LLM.from_config(engine_config(a), dist=a.dist)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
@@ -193,7 +193,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def cmd_bench_throughput(a: argparse.Namespace) -> int:
     from dsv4.bench.throughput import format_report, run_throughput
-    from dsv4.engine.llm import LLM
+    from dsv4.entry import LLM
 
     llm = LLM.from_config(engine_config(a), dist=a.dist)
     for _ in range(a.warmup):  # untimed: compiles kernels and captures decode graphs
@@ -215,7 +215,7 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
     rows: list[dict] = []
     cfg = engine_config(a)
     if a.engine in ("dsv4", "both"):
-        from dsv4.engine.llm import LLM
+        from dsv4.entry import LLM
 
         llm = LLM.from_config(cfg, dist=a.dist)
         dev = str(llm.engine.device)
@@ -256,7 +256,7 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     import logging
 
-    from dsv4.engine.async_engine import AsyncLLM
+    from dsv4.entry import AsyncLLM
     from dsv4.serve.handlers import ServeLimits
     from dsv4.serve.server import bind, serve
 
@@ -277,7 +277,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_batch(a: argparse.Namespace) -> int:
     import asyncio
 
-    from dsv4.engine.async_engine import AsyncLLM
+    from dsv4.entry import AsyncLLM
     from dsv4.serve.batch import run_batch
     from dsv4.serve.handlers import OpenAIServing, ServeLimits
 
@@ -311,15 +311,15 @@ def cmd_make_tiny(a: argparse.Namespace) -> int:
 def cmd_doctor(a: argparse.Namespace) -> int:
     import torch
 
-    from dsv4.ops.registry import parse_overrides, resolve
-    from dsv4.platforms import detect
-
     from dsv4.engine.cuda_graphs import capture_blockers
+    from dsv4.model.builder import resolve_ops
+    from dsv4.ops.registry import parse_overrides
+    from dsv4.platforms import detect
 
     p = detect(a.device)
     print(f"torch {torch.__version__}")
     print(f"platform: {p.describe()}")
-    table = resolve(p, parse_overrides(a.op))
+    table = resolve_ops(p, parse_overrides(a.op))
     print(table.report())
     blockers = capture_blockers(table)
     if not p.supports_graphs:
@@ -421,9 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _finish(rc: int) -> int:
-    """Processes that ran NCCL collectives in device graphs leave at once (see parallel/launch.py)."""
-    if "dsv4.parallel.launch" in sys.modules:
-        sys.modules["dsv4.parallel.launch"].hard_exit_if_needed(rc)
+    """Processes that ran NCCL collectives in device graphs leave at once (see parallel/teardown.py)."""
+    if "dsv4.parallel.teardown" in sys.modules:
+        sys.modules["dsv4.parallel.teardown"].hard_exit_if_needed(rc)
     return rc
 
 

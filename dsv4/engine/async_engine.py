@@ -23,7 +23,8 @@ import time
 from typing import AsyncIterator
 
 from dsv4.config import EngineConfig
-from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine.client import EngineClient
+from dsv4.engine.llm import start_one_rank
 from dsv4.engine.outputs import RequestOutput
 from dsv4.engine.sampling_params import SamplingParams
 
@@ -43,12 +44,17 @@ FAILED_STEP_UNHEALTHY_S = 30.0
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None, dist=None, **kwargs):
-        """`engine`: one already built (an LLMEngine, or rank 0's DPEngine of several ranks); `dist`: this
-        process is rank 0 of a torchrun-started group (dsv4.parallel.launch.DistSpec)."""
-        from dsv4.engine.llm import _start
+    """The engine is an EngineClient (engine/client.py): one given, or one made by `start_engine(config,
+    dist)`: here one device only; the public dsv4.AsyncLLM (dsv4/entry.py) binds
+    dsv4.parallel.launch.start_engine, which starts one rank or many."""
 
-        self.engine = engine or _start(config or EngineConfig(**kwargs), dist)
+    start_engine = staticmethod(start_one_rank)
+
+    def __init__(self, config: EngineConfig | None = None, engine: EngineClient | None = None, dist=None,
+                 **kwargs):
+        """`engine`: one already started (an LLMEngine, or rank 0's DPEngine of several ranks); `dist`: this
+        process is rank 0 of a torchrun-started group (dsv4.parallel.launch.DistSpec)."""
+        self.engine: EngineClient = engine or self.start_engine(config or EngineConfig(**kwargs), dist)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from dsv4.config import EngineConfig
+from dsv4.config import ConfigError, EngineConfig
+from dsv4.engine.client import EngineClient
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.outputs import RequestOutput
 from dsv4.engine.sampling_params import SamplingParams
@@ -13,12 +14,14 @@ from dsv4.engine.sampling_params import SamplingParams
 Prompt = str | list[int] | dict
 
 
-def _start(config: EngineConfig, dist=None) -> LLMEngine:
-    if config.gpus == 1 and dist is None:
-        return LLMEngine(config)
-    from dsv4.parallel.launch import start_engine
-
-    return start_engine(config, dist)
+def start_one_rank(config: EngineConfig, dist=None) -> LLMEngine:
+    """The engine of a front end of this package: one device. Several ranks are started by
+    dsv4.parallel.launch.start_engine, a layer above, which the public dsv4.LLM / dsv4.AsyncLLM use."""
+    if config.gpus > 1 or dist is not None:
+        raise ConfigError(f"dsv4.engine's LLM / AsyncLLM run on one device (gpus={config.gpus}"
+                          f"{', under torchrun' if dist is not None else ''}): use dsv4.LLM / dsv4.AsyncLLM, "
+                          "which start several ranks")
+    return LLMEngine(config)
 
 
 def _normalise_prompts(prompts) -> list[str | list[int]]:
@@ -45,17 +48,30 @@ class LLM:
     """Runs the engine to completion over a batch of prompts (continuous batching inside).
 
     LLM(model="tiny" | checkpoint folder, device=..., dtype=..., kv_cache_dtype=..., max_num_seqs=...,
-        max_num_batched_tokens=..., max_model_len=..., kv_cache_memory=..., ...)  (EngineConfig fields)
+        max_num_batched_tokens=..., max_model_len=..., kv_cache_memory=..., gpus=..., ...)  (EngineConfig fields)
+
+    The engine is an EngineClient (engine/client.py), made by `start_engine(config, dist)`: here one device
+    only; the public dsv4.LLM (dsv4/entry.py) binds dsv4.parallel.launch.start_engine, which starts one rank
+    or many.
     """
 
+    start_engine = staticmethod(start_one_rank)
+
     def __init__(self, model: str = "tiny", **kwargs):
-        self.engine = _start(EngineConfig(model=str(model), **kwargs))
+        self.engine: EngineClient = self.start_engine(EngineConfig(model=str(model), **kwargs), None)
 
     @classmethod
     def from_config(cls, config: EngineConfig, dist=None) -> "LLM":
         """`dist` (dsv4.parallel.launch.DistSpec): this process is rank 0 of a torchrun-started group."""
         self = cls.__new__(cls)
-        self.engine = _start(config, dist)
+        self.engine = cls.start_engine(config, dist)
+        return self
+
+    @classmethod
+    def from_engine(cls, engine: EngineClient) -> "LLM":
+        """Drive an engine that is already started."""
+        self = cls.__new__(cls)
+        self.engine = engine
         return self
 
     def shutdown(self) -> None:

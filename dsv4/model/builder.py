@@ -52,7 +52,7 @@ def resolve_model(model: str | Path) -> tuple[Path | None, ModelConfig]:
     """(folder with weights and tokenizer or None, config) for a path or a built-in name."""
     s = str(model)
     if s == "tiny":
-        from dsv4.tiny import ensure_builtin_tiny
+        from dsv4.model.tiny import ensure_builtin_tiny
         path = ensure_builtin_tiny()
         return path, ModelConfig.from_file(path)
     if s in BUILTIN_CONFIGS and not Path(s).exists():
@@ -66,6 +66,14 @@ def resolve_model(model: str | Path) -> tuple[Path | None, ModelConfig]:
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"model folder {p} has no config.json")
     return p, ModelConfig.from_file(p)
+
+
+def resolve_ops(platform: Platform, overrides: dict | None = None) -> OpTable:
+    """Bind every op to its provider on `platform`. The providers (dsv4.kernels) register against the ops
+    when imported: they sit above dsv4.ops, so they are imported here, where the op table is made."""
+    import dsv4.kernels  # noqa: F401
+
+    return resolve(platform, overrides)
 
 
 def build_model(model: str | Path = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype = "bfloat16",
@@ -86,7 +94,7 @@ def build_model(model: str | Path = DEFAULT_MODEL, device: str | None = None, dt
             raise ValueError("give expert_map or expert_parallel, not both")
         expert_map = expert_parallel.expert_map(cfg.n_routed_experts)
     opts = ModelOptions(dtype=parse_dtype(dtype), numerics=numerics, fp8_dialect=platform.fp8_dialect,
-                        ops=resolve(platform, op_overrides), device=platform.torch_device, expert_map=expert_map,
+                        ops=resolve_ops(platform, op_overrides), device=platform.torch_device, expert_map=expert_map,
                         expert_parallel=expert_parallel)
     if load_format == "auto":
         load_format = "safetensors" if path is not None else "dummy"

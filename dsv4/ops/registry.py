@@ -1,7 +1,8 @@
 """The op registry: every op has one semantic definition (its plain-PyTorch `reference`) and any
 number of providers registered against it. `resolve()` picks one provider per op, once, at start-up,
 and records why each candidate was taken or skipped; the model then calls the bound functions with
-no dispatch work in the forward pass.
+no dispatch work in the forward pass. The registry resolves among the providers registered: the kernel
+packages sit above dsv4.ops and register when imported (dsv4.model.builder.resolve_ops does both).
 
 Rules (design.md §4):
 - a provider declares `supported(platform) -> None | reason` (None: it can run here);
@@ -63,14 +64,11 @@ def define_op(name: str, reference: Callable, doc: str = "") -> Op:
 
 
 def all_ops() -> dict[str, Op]:
-    _import_providers()
+    """Every op with the providers registered so far. The ops are defined by their modules, which importing
+    dsv4.ops (the parent of this module, so always imported first) imports; the providers register when
+    their packages are imported: dsv4.kernels, a layer above this one (model/builder.py's `resolve_ops`
+    imports it, then resolves)."""
     return dict(_OPS)
-
-
-def _import_providers() -> None:
-    # Importing the op modules defines the ops; kernel packages register their providers on import.
-    import dsv4.ops  # noqa: F401
-    import dsv4.kernels  # noqa: F401
 
 
 @dataclass(frozen=True)

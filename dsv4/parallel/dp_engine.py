@@ -1,8 +1,8 @@
 """One front end over N expert-parallel ranks (data-parallel attention: each rank serves its own requests).
 
-`DPEngine` lives on rank 0 and has the interface of `LLMEngine` (add_request / abort_request / step /
-has_unfinished_requests ...), so `LLM`, `AsyncLLM`, the HTTP server and the benchmarks drive N ranks as
-they drive one. Each `step()` is one lockstep iteration of every rank:
+`DPEngine` lives on rank 0 and is an `EngineClient` (engine/client.py), as `LLMEngine` is, so `LLM`,
+`AsyncLLM`, the HTTP server and the benchmarks drive N ranks as they drive one. Each `step()` is one
+lockstep iteration of every rank:
 
   1. rank 0 broadcasts the commands gathered since the last step (new requests with the rank they go to,
      aborts) over the gloo control group; every rank applies its own;
@@ -33,6 +33,7 @@ from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from dsv4.engine.request import Request
 from dsv4.engine.sampling_params import SamplingParams
+from dsv4.parallel.teardown import teardown
 
 log = logging.getLogger("dsv4.parallel")
 STOP = "stop"
@@ -95,14 +96,12 @@ class _Mirror:
 
 
 class DPEngine:
+    """Rank 0's EngineClient over every rank; `local` is rank 0's own engine (one rank of the group)."""
+
     def __init__(self, local: LLMEngine, ctx, children=()):
         self.local, self.ctx = local, ctx
         self.world = ctx.spec.world
         self.children = list(children)
-        # what callers of an LLMEngine read
-        self.config, self.cfg, self.lm = local.config, local.cfg, local.lm
-        self.tokenizer, self.max_model_len, self.device = local.tokenizer, local.max_model_len, local.device
-        self.plan, self.scheduler, self.runner = local.plan, local.scheduler, local.runner
         self.num_steps = 0
         self._pending: list[tuple] = []  # commands for the next step
         self._owner: dict[str, int] = {}  # unfinished request id -> its rank
@@ -114,6 +113,40 @@ class DPEngine:
         if self.children:
             threading.Thread(target=self._watch, name="dsv4-rank-watch", daemon=True).start()
         atexit.register(self.shutdown)
+
+    # ---- EngineClient: what front ends read; rank 0's, the same on every rank (config, model, cache plan) --
+    @property
+    def config(self):
+        return self.local.config
+
+    @property
+    def cfg(self):
+        return self.local.cfg
+
+    @property
+    def lm(self):
+        return self.local.lm
+
+    @property
+    def tokenizer(self):
+        return self.local.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.local.max_model_len
+
+    @property
+    def device(self):
+        return self.local.device
+
+    @property
+    def plan(self):
+        return self.local.plan
+
+    @property
+    def graph_steps(self) -> int:
+        """Steps replayed from decode graphs: rank 0's count, which is every rank's (they agree on each step)."""
+        return self.local.runner.graph_steps
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -215,9 +248,7 @@ class DPEngine:
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-        from dsv4.parallel.launch import _teardown
-
-        _teardown()
+        teardown()
 
     def _abandon(self) -> None:
         """After a failed step: stop the other ranks and forget every request (callers fail them)."""

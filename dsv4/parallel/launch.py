@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import signal
 import socket
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,8 +31,12 @@ import torch
 import torch.distributed as dist
 
 from dsv4.config import ConfigError, EngineConfig
+from dsv4.engine.client import EngineClient
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.parallel.dp_engine import DPEngine, worker_loop
 from dsv4.parallel.ep import ExpertParallel
 from dsv4.parallel.step_sync import StepSync
+from dsv4.parallel.teardown import hard_exit_if_needed, teardown
 from dsv4.platforms import detect
 
 log = logging.getLogger("dsv4.parallel")
@@ -124,47 +127,20 @@ def _child_main(config: EngineConfig, spec: DistSpec) -> None:
 
 def run_worker(config: EngineConfig, spec: DistSpec) -> None:
     """A rank other than 0: build its engine and serve steps until rank 0 stops."""
-    from dsv4.engine.llm_engine import LLMEngine
-    from dsv4.parallel.dp_engine import worker_loop
-
     cfg = rank_config(config, spec)
     ctx = init_rank(cfg, spec)
     try:
         worker_loop(LLMEngine(cfg, coordinator=ctx.sync), ctx)
     finally:
-        _teardown()
+        teardown()
 
 
-_hard_exit = False
-
-
-def _teardown() -> None:
-    # With NCCL collectives captured in device graphs, destroying the group (and the interpreter's own exit)
-    # was seen to hang (torch 2.11, 2 x H200): GPU ranks skip it and leave through `hard_exit_if_needed`.
-    global _hard_exit
-    if not dist.is_initialized():
-        return
-    if dist.get_backend() == "gloo":
-        dist.destroy_process_group()
-    else:
-        _hard_exit = True
-
-
-def hard_exit_if_needed(rc: int) -> None:
-    """Called last by a process that ran a GPU expert-parallel engine: flush and leave now."""
-    if _hard_exit:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
-
-
-def start_engine(config: EngineConfig, spec: DistSpec | None = None):
-    """The engine this process drives: a plain LLMEngine for one device; for several ranks, rank 0's
-    DPEngine (starting ranks 1..N-1 here when `config.gpus` > 1). Under torchrun, call only on rank 0 (the
-    CLI runs `run_worker` on the others)."""
-    from dsv4.engine.llm_engine import LLMEngine
-    from dsv4.parallel.dp_engine import DPEngine
-
+def start_engine(config: EngineConfig, spec: DistSpec | None = None) -> EngineClient:
+    """The one place that decides one rank or many: the engine this process drives is a plain LLMEngine for
+    one device; for several ranks, rank 0's DPEngine (starting ranks 1..N-1 here when `config.gpus` > 1).
+    Under torchrun, call only on rank 0 (the CLI runs `run_worker` on the others). The public dsv4.LLM and
+    dsv4.AsyncLLM start their engine here (dsv4/entry.py)."""
+    config.validate()
     if spec is not None and config.gpus > 1:
         raise ConfigError(f"gpus={config.gpus} starts ranks on this node; under torchrun (world size {spec.world}) "
                           "the ranks are torchrun's: leave gpus at 1")
@@ -196,12 +172,3 @@ def start_engine(config: EngineConfig, spec: DistSpec | None = None):
         for p in children:
             p.terminate()
         raise
-
-
-def exit_if_worker(config: EngineConfig) -> None:
-    """Under torchrun: ranks other than 0 serve steps here and exit; rank 0 returns (and goes on to drive)."""
-    spec = DistSpec.from_env()
-    if spec is None or spec.rank == 0:
-        return
-    run_worker(config, spec)
-    sys.exit(0)

@@ -9,10 +9,8 @@ import sys
 
 import torch
 
+from dsv4 import LLM, AsyncLLM, SamplingParams
 from dsv4.engine import sampler as sampler_mod
-from dsv4.engine.async_engine import AsyncLLM
-from dsv4.engine.llm import LLM
-from dsv4.engine.sampling_params import SamplingParams
 
 ENGINE = dict(device="cpu", dtype="float32", numerics="plain", max_model_len=256)
 PROMPTS = [[0, 1234, 56, 789, 10], [0, 42], [0, 7, 7, 99, 1000, 3, 17, 5, 2048, 11, 12], [0, 5, 6]]

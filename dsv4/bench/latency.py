@@ -57,7 +57,7 @@ def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed
     one context bucket (all equal lengths do); fewer requests compile the kernels but leave the capture of
     the batch's own graph bucket (about a second per bucket) inside the timed pass."""
     layers = llm.engine.cfg.num_layers
-    gpus = getattr(llm.engine, "world", 1)  # expert-parallel ranks
+    gpus = llm.engine.world  # expert-parallel ranks
     fpt = weight_flops_per_token(llm.engine.lm.model)
     rows = []
     for B in batch_sizes:

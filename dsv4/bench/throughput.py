@@ -7,7 +7,6 @@ import time
 
 import torch
 
-from dsv4.engine.client import EngineClient
 from dsv4.engine.llm import LLM
 from dsv4.engine.sampling_params import SamplingParams
 
@@ -17,12 +16,6 @@ def percentiles(xs: list[float], ps=(50, 90, 99)) -> dict[str, float]:
         return {f"p{p}": float("nan") for p in ps}
     t = torch.tensor(xs, dtype=torch.float64)
     return {f"p{p}": float(torch.quantile(t, p / 100)) for p in ps} | {"mean": float(t.mean())}
-
-
-def graph_steps(eng: EngineClient) -> int:
-    """EngineClient.graph_steps (an LLMEngine without that property yet: its runner's count)."""
-    n = getattr(eng, "graph_steps", None)
-    return eng.runner.graph_steps if n is None else n
 
 
 def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, seed: int = 0,
@@ -35,7 +28,7 @@ def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=temperature,
                             seed=seed if temperature > 0 else None, detokenize=False)
     eng = llm.engine
-    steps0, gsteps0 = eng.num_steps, graph_steps(eng)
+    steps0, gsteps0 = eng.num_steps, eng.graph_steps
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
     elapsed = time.perf_counter() - t0
@@ -52,7 +45,7 @@ def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, 
         "output_tokens": n_out, "output_tok_s": n_out / elapsed,
         "total_tok_s": (n_out + num_prompts * input_len) / elapsed, "requests_s": num_prompts / elapsed,
         "preemptions": sum(x.num_preemptions for x in m), "errors": errors,
-        "graph_steps": graph_steps(eng) - gsteps0,  # decode steps replayed from captured graphs
+        "graph_steps": eng.graph_steps - gsteps0,  # decode steps replayed from captured graphs
         "latency_s": percentiles([x.latency for x in m if x.latency is not None]),
         "ttft_s": percentiles([x.ttft for x in m if x.ttft is not None]),
         "tpot_s": percentiles([x.tpot for x in m if x.tpot is not None]),

@@ -118,7 +118,7 @@ class AsyncLLM:
             return "the engine is shut down"
         if self._closing:
             return self._closing
-        if getattr(self.engine, "closed", False):  # an expert-parallel group that stopped its ranks
+        if self.engine.closed:  # an expert-parallel group that stopped its ranks
             why = self._last_failure[1] if self._last_failure else "its ranks were stopped"
             return f"the expert-parallel engine cannot serve: {why}"
         if self._failed_steps and self._last_failure is not None:
@@ -150,9 +150,7 @@ class AsyncLLM:
         self._cmds.put(("stop",))
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        stop = getattr(self.engine, "shutdown", None)  # the other ranks of an expert-parallel engine
-        if stop is not None:
-            stop()
+        self.engine.shutdown()  # the other ranks of an expert-parallel engine
 
     # ---- engine thread ----------------------------------------------------------------------------
     def _ended(self, out: RequestOutput, reason: str | None = None) -> None:

@@ -76,9 +76,7 @@ class LLM:
 
     def shutdown(self) -> None:
         """Stop the other ranks of an expert-parallel engine (nothing to do for one device)."""
-        stop = getattr(self.engine, "shutdown", None)
-        if stop is not None:
-            stop()
+        self.engine.shutdown()
 
     @property
     def tokenizer(self):

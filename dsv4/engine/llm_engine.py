@@ -199,6 +199,21 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
 
+    # ---- EngineClient (engine/client.py): what front ends read besides the attributes above ---------------
+    world = 1  # ranks: a lone engine
+
+    @property
+    def graph_steps(self) -> int:
+        """Steps replayed from captured decode graphs so far."""
+        return self.runner.graph_steps
+
+    @property
+    def closed(self) -> bool:
+        return False  # a lone engine can always step
+
+    def shutdown(self) -> None:
+        """Nothing to release: a lone engine holds no other ranks."""
+
     def load(self) -> dict:
         """Queue and cache occupancy (server metrics; summed over ranks by the expert-parallel front end)."""
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),

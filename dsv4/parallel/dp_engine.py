@@ -146,7 +146,7 @@ class DPEngine:
     @property
     def graph_steps(self) -> int:
         """Steps replayed from decode graphs: rank 0's count, which is every rank's (they agree on each step)."""
-        return self.local.runner.graph_steps
+        return self.local.graph_steps
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

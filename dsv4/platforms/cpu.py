@@ -3,8 +3,8 @@
 import platform as _pf
 
 from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.platforms.base import Platform
 
 
 def cpu_platform():
-    from dsv4.platforms import Platform
     return Platform(name="cpu", device="cpu", arch=_pf.machine() or "cpu", fp8_dialect=Fp8Dialect.OCP)

@@ -3,12 +3,12 @@
 import torch
 
 from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.platforms.base import Platform
 
 DENY: dict = {}  # {op: {provider: reason}} for providers known broken on some NVIDIA arch
 
 
 def cuda_platform(index: int):
-    from dsv4.platforms import Platform
     props = torch.cuda.get_device_properties(index)
     cc = (props.major, props.minor)
     return Platform(

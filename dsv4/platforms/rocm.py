@@ -4,13 +4,13 @@
 import torch
 
 from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.platforms.base import Platform
 
 FNUZ_ARCHS = ("gfx940", "gfx941", "gfx942")
 DENY: dict = {}  # {op: {provider: reason}}
 
 
 def rocm_platform(index: int):
-    from dsv4.platforms import Platform
     props = torch.cuda.get_device_properties(index)
     arch = getattr(props, "gcnArchName", "gfx").split(":")[0]
     fnuz = arch in FNUZ_ARCHS

@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+import dsv4.kernels  # noqa: F401  (registers the Triton and vendor providers: the op registry does not import them)
 from dsv4.ops.registry import all_ops
 from dsv4.platforms.cpu import cpu_platform
 

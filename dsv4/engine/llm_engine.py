@@ -207,9 +207,7 @@ class LLMEngine:
         """Steps replayed from captured decode graphs so far."""
         return self.runner.graph_steps
 
-    @property
-    def closed(self) -> bool:
-        return False  # a lone engine can always step
+    closed = False  # a lone engine can always step (an expert-parallel one reports its stopped ranks)
 
     def shutdown(self) -> None:
         """Nothing to release: a lone engine holds no other ranks."""

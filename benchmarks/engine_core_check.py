@@ -55,12 +55,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,32,64")
     ap.add_argument("--budget", default=None, help="kv_cache_memory in bytes (default: planned from the GPU)")
+    ap.add_argument("--only", default=None, help="graphs | eager")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     batches = [int(x) for x in a.batches.split(",")]
     kw = {} if a.budget is None else {"kv_cache_memory": int(a.budget)}
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "runs": [one("graphs", batches, **kw), one("eager", batches, enforce_eager=True, **kw)]}
+           "runs": []}
+    if a.only in (None, "graphs"):
+        out["runs"].append(one("graphs", batches, **kw))
+    if a.only in (None, "eager"):
+        out["runs"].append(one("eager", batches, enforce_eager=True, **kw))
+    if len(out["runs"]) == 1:
+        print(json.dumps(out["runs"][0]["rows"]))
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     ga, ea = out["runs"][0]["tokens"], out["runs"][1]["tokens"]
     same = sum(x == y for a_, b_ in zip(ga, ea) for x, y in zip(a_, b_))
     out["graph_vs_eager_token_agreement"] = same / sum(len(x) for x in ga)

@@ -106,6 +106,7 @@ class DecodeGraphs:
                              f"cannot hold the largest graph bucket ({Bm})")
         self.logits = torch.empty(Bm, model.head.weight.shape[0], dtype=torch.float32, device=self.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.capture_s: dict[tuple[int, int], float] = {}  # seconds each start-up capture took
         self.pool = None
 
     # ---- buckets ------------------------------------------------------------------------------------
@@ -142,7 +143,9 @@ class DecodeGraphs:
             from tqdm import tqdm
             bar = tqdm(total=len(todo), desc="capturing decode graphs", unit="graph", disable=None)  # None: TTY only
         for k in todo:
+            t = time.perf_counter()
             self.capture(*k)
+            self.capture_s[k] = time.perf_counter() - t
             if bar is not None:
                 bar.update(1)
         if bar is not None:

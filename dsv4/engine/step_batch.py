@@ -22,16 +22,23 @@ from dsv4.ops.meta import ForwardMeta
 _FIELDS = ("ids", "positions", "token_seq", "slots", "seq_start", "seq_lens", "query_start")
 
 
+def _aligned(n: int) -> int:
+    """Each field starts on a 128-byte boundary (16 int64), as a tensor of its own would: kernels see the
+    same pointer alignment (Triton specialises on it) as with separate allocations."""
+    return (n + 15) // 16 * 16
+
+
 class StepBuffers:
     """Per-step int64 values in one device buffer, written through one pinned staging buffer of the same
-    size. A step of Tp token rows and Bp sequence rows lays them out back to back: ids, positions, token_seq
-    ([Tp] each), slots, seq_start, seq_lens ([Bp] each), query_start ([Bp + 1]); the layout depends only on
+    size. A step of Tp token rows and Bp sequence rows lays them out one after another (each 128-byte
+    aligned): ids, positions, token_seq ([Tp] each), slots, seq_start, seq_lens ([Bp] each), query_start
+    ([Bp + 1]); the layout depends only on
     (Tp, Bp), so a graph captured for a bucket (Tp = Bp = batch) finds its inputs at fixed addresses."""
 
     def __init__(self, max_tokens: int, max_seqs: int, device):
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.device = torch.device(device)
-        n = 3 * max_tokens + 4 * max_seqs + 1
+        n = self.size(max_tokens, max_seqs)
         self.host = torch.zeros(n, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         self.dev = torch.zeros(n, dtype=torch.int64, device=self.device)
         self._copied: torch.cuda.Event | None = None
@@ -41,15 +48,18 @@ class StepBuffers:
         if Tp > self.max_tokens or Bp > self.max_seqs:
             raise ValueError(f"a step of {Tp} tokens / {Bp} sequences exceeds the step buffers' "
                              f"{self.max_tokens} / {self.max_seqs}")
-        sizes = (Tp, Tp, Tp, Bp, Bp, Bp, Bp + 1)
         out, o = {}, 0
-        for name, n in zip(_FIELDS, sizes):
+        for name, n in zip(_FIELDS, self._sizes(Tp, Bp)):
             out[name] = buf[o:o + n]
-            o += n
+            o += _aligned(n)
         return out
 
+    @staticmethod
+    def _sizes(Tp: int, Bp: int) -> tuple[int, ...]:
+        return (Tp, Tp, Tp, Bp, Bp, Bp, Bp + 1)
+
     def size(self, Tp: int, Bp: int) -> int:
-        return 3 * Tp + 4 * Bp + 1
+        return sum(_aligned(n) for n in self._sizes(Tp, Bp))
 
     def stage(self, Tp: int, Bp: int) -> dict[str, torch.Tensor]:
         """Host views to fill (waits until the previous step's copy has left the staging buffer)."""

@@ -266,7 +266,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except OSError as e:
         print(f"dsv4 serve: error: {e}", file=sys.stderr)
         return 1
-    llm = AsyncLLM(engine_config(a), dist=a.dist)
+    llm = AsyncLLM(engine_config(a), dist=a.dist, engine_process=a.engine_process)
     name = a.served_model_name or (a.model if "/" not in str(a.model) else str(a.model).rstrip("/").split("/")[-1])
     print(f"dsv4: serving {name!r} on http://{a.host}:{a.port}/v1 ({llm.engine.plan.describe()})", file=sys.stderr)
     serve(llm, name, host=a.host, port=a.port, api_key=a.api_key, limits=ServeLimits(max_queued=a.max_queued),
@@ -396,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
                     help="on SIGINT / SIGTERM: new requests get 503 at once, those running get this long to finish, "
                          "then end with an error their clients can read; exit 0")
+    sv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the engine core (scheduler, model, sampler) in its own process, so that HTTP handling, "
+                         "tokenisation and detokenisation do not share its interpreter lock (default); "
+                         "--no-engine-process runs it on a thread of the server process")
     sv.set_defaults(fn=cmd_serve)
 
     bj = sub.add_parser("batch", help="run an OpenAI batch file (JSONL) through the engine")

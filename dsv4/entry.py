@@ -6,6 +6,8 @@ upward; the CLI starts its engines here too.
 
     llm = LLM(model="tiny", gpus=2)               # or LLM.from_config(EngineConfig(...), dist)
     llm = AsyncLLM(EngineConfig(model="tiny"))    # or AsyncLLM(engine=<an EngineClient>)
+    llm = AsyncLLM(EngineConfig(model="tiny", gpus=2), engine_process=True)   # the engine in a core process
+                                                  # (it starts the other ranks itself)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class LLM(llm.LLM):
 
 class AsyncLLM(async_engine.AsyncLLM):
     """The async front end for serving (dsv4.engine.async_engine.AsyncLLM) on one device or several ranks:
-    AsyncLLM(config, dist=None) or AsyncLLM(**EngineConfig fields), or AsyncLLM(engine=...) to drive one."""
+    AsyncLLM(config, dist=None) or AsyncLLM(**EngineConfig fields), or AsyncLLM(engine=...) to drive one;
+    `engine_process=True` starts the engine (through this same start_engine) in a core process
+    (engine/core_process.py), which `dsv4 serve` does by default."""
 
     start_engine = staticmethod(start_engine)

@@ -65,7 +65,8 @@ from pathlib import Path
 import torch
 
 from dsv4.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from dsv4.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from dsv4.engine.outputs import RequestOutput, finish_text, shape_output
+from dsv4.engine.request import validate_request
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.tokenizer import Tokenizer
 
@@ -237,20 +238,20 @@ class _Request:
     """One request as the front end sees it: its tokens, text (detokenised and cut at stop strings here),
     logprobs and metrics, and the output of each output_kind shaped as LLMEngine._output shapes it."""
 
-    __slots__ = ("rid", "key", "prompt", "prompt_token_ids", "params", "arrival_time", "detok", "matcher",
-                 "token_ids", "logprobs", "prompt_logprobs", "text", "finish_reason", "stop_reason", "error",
+    __slots__ = ("request_id", "key", "prompt", "prompt_token_ids", "params", "arrival_time", "detok", "stop_matcher",
+                 "output_token_ids", "logprobs", "prompt_logprobs", "text", "finish_reason", "stop_reason", "error",
                  "first_scheduled_time", "first_token_time", "finish_time", "num_preemptions", "emitted_tokens",
                  "emitted_text")
 
     def __init__(self, rid: str, key: int, prompt: str | None, ids: list[int], params: SamplingParams,
                  arrival_time: float, tokenizer):
-        self.rid, self.key, self.prompt, self.prompt_token_ids, self.params = rid, key, prompt, ids, params
+        self.request_id, self.key, self.prompt, self.prompt_token_ids, self.params = rid, key, prompt, ids, params
         self.arrival_time = arrival_time
-        self.detok = self.matcher = None
+        self.detok = self.stop_matcher = None
         if params.detokenize:
             self.detok = IncrementalDetokenizer(tokenizer, ids, params.skip_special_tokens)
-            self.matcher = StopStringMatcher(list(params.stop), params.include_stop_str_in_output)
-        self.token_ids: list[int] = []
+            self.stop_matcher = StopStringMatcher(list(params.stop), params.include_stop_str_in_output)
+        self.output_token_ids: list[int] = []
         self.logprobs: list | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list = []
         self.text = ""
@@ -272,11 +273,11 @@ class _Request:
         self.first_scheduled_time, self.first_token_time, self.num_preemptions = t_sched, t_first, preempt
         p = self.params
         for i, tok in enumerate(ids):
-            self.token_ids.append(tok)
+            self.output_token_ids.append(tok)
             if self.logprobs is not None:
                 self.logprobs.append(lps[i])
             if self.detok is not None:
-                emit, stopped = self.matcher.feed(self.detok.add(tok), check_stop=len(self.token_ids) >= p.min_tokens)
+                emit, stopped = self.stop_matcher.feed(self.detok.add(tok), check_stop=len(self.output_token_ids) >= p.min_tokens)
                 self.text += emit
                 if stopped is not None:  # what LLMEngine._append_token does: tokens after it are dropped
                     self.finish("stop", stopped, time.monotonic())
@@ -287,43 +288,13 @@ class _Request:
         return self.output(), False
 
     def finish(self, reason: str, stop_reason=None, at: float | None = None) -> None:
-        """End the request here (LLMEngine._finish's text handling: release the held-back tail unless a stop
-        string ended it)."""
-        if self.matcher is not None and not isinstance(stop_reason, str):
-            tail, _ = self.matcher.feed(self.detok.flush(), check_stop=False)
-            self.text += tail + self.matcher.flush()
-        self.finish_reason, self.stop_reason = reason, stop_reason
-        self.finish_time = at if at is not None else time.monotonic()
+        """End the request here (as LLMEngine._finish does: outputs.finish_text)."""
+        finish_text(self, reason, stop_reason, at)
 
     def output(self) -> RequestOutput | None:
-        """The output now, shaped by params.output_kind exactly as LLMEngine._output shapes it (None: a
-        final_only request that has not ended)."""
-        p = self.params
-        kind = p.output_kind
-        finished = self.finished
-        if kind == "final_only" and not finished:
-            return None
-        first = self.emitted_tokens == 0
-        new_ids = self.token_ids[self.emitted_tokens:]
-        new_text = self.text[self.emitted_text:]
-        if kind == "delta":
-            ids = new_ids
-            lps = self.logprobs[self.emitted_tokens:] if self.logprobs is not None else None
-        else:
-            ids = list(self.token_ids)
-            lps = list(self.logprobs) if self.logprobs is not None else None
-        self.emitted_tokens, self.emitted_text = len(self.token_ids), len(self.text)
-        plp = None
-        if p.prompt_logprobs is not None and (kind != "delta" or first or finished):
-            plp = list(self.prompt_logprobs)
-        comp = CompletionOutput(index=0, text=self.text, token_ids=ids, logprobs=lps, finish_reason=self.finish_reason,
-                                stop_reason=self.stop_reason, delta_text=new_text, delta_token_ids=new_ids)
-        m = RequestMetrics(arrival_time=self.arrival_time, first_scheduled_time=self.first_scheduled_time,
-                           first_token_time=self.first_token_time, finish_time=self.finish_time,
-                           num_prompt_tokens=len(self.prompt_token_ids), num_generated_tokens=len(self.token_ids),
-                           num_preemptions=self.num_preemptions)
-        return RequestOutput(request_id=self.rid, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-                             prompt_logprobs=plp, outputs=[comp], finished=finished, metrics=m, error=self.error)
+        """The output now, shaped by params.output_kind exactly as LLMEngine shapes it (outputs.shape_output;
+        None: a final_only request that has not ended)."""
+        return shape_output(self)
 
 
 def _load_tokenizer(source: str | None) -> Tokenizer:
@@ -477,23 +448,7 @@ class CoreClient:
         """Validate (ValueError, naming what is wrong: as LLMEngine.make_request) and send a request to the core."""
         if self.death is not None:
             raise self._dead_error(self.death)
-        params = params or SamplingParams()
-        params.validate(self.vocab_size)
-        if params.n != 1:
-            raise ValueError("the engine takes n=1 requests; LLM.generate and the server expand n > 1")
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, ids = None, [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        V = self.vocab_size
-        bad = [t for t in ids if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary 0..{V - 1}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
-                             f"(prompt + at least one generated token)")
+        params, text, ids = validate_request(prompt, params, self.tokenizer, self.vocab_size, self.max_model_len)
         core_params = replace(params, detokenize=False, stop=[], include_stop_str_in_output=False,
                               output_kind="delta")
         now = time.monotonic()
@@ -523,12 +478,12 @@ class CoreClient:
     def _end_failed(self, req: _Request, err: BaseException) -> None:
         self._forget(req)
         req.finish("abort")
-        self._fail(req.rid, err, req.output())
+        self._fail(req.request_id, err, req.output())
 
     def _forget(self, req: _Request) -> None:
         self._reqs.pop(req.key, None)
-        if self._by_rid.get(req.rid) is req:
-            del self._by_rid[req.rid]
+        if self._by_rid.get(req.request_id) is req:
+            del self._by_rid[req.request_id]
 
     # ---- threads ---------------------------------------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -547,7 +502,7 @@ class CoreClient:
                         req = self._reqs.get(cmd[1])
                         if req is not None:
                             self._forget(req)
-                            self._deliver([(req.rid, e)])
+                            self._deliver([(req.request_id, e)])
 
     def _recv_loop(self) -> None:
         while True:
@@ -578,7 +533,7 @@ class CoreClient:
                     if stopped:
                         self._sendq.put(("abort", req.key))
                     if out is not None:
-                        ready.append((req.rid, out))
+                        ready.append((req.request_id, out))
                 if ready:
                     self._deliver(ready)
             if self.status[5]:
@@ -589,7 +544,7 @@ class CoreClient:
                 req = self._reqs.get(key)
                 if req is not None:
                     self._forget(req)
-                    self._deliver([(req.rid, err)])
+                    self._deliver([(req.request_id, err)])
         elif tag == "step_failed":
             _, why, keys, self.status = msg
             self._on_step(why)

@@ -18,8 +18,8 @@ from dsv4.engine.coordinator import SingleRank, StepCoordinator
 from dsv4.engine.cuda_graphs import DecodeGraphs, capture_blockers
 from dsv4.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from dsv4.engine.model_runner import ModelRunner
-from dsv4.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from dsv4.engine.request import Request, RequestStatus
+from dsv4.engine.outputs import RequestOutput, finish_text, shape_output
+from dsv4.engine.request import Request, RequestStatus, validate_request
 from dsv4.engine.sampler import Sampler, make_generator
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.engine.scheduler import Scheduler
@@ -155,25 +155,11 @@ class LLMEngine:
     def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                      request_id: str | None = None, arrival_time: float | None = None) -> Request:
         """A validated (and tokenised) request, not queued. Raises ValueError naming what is wrong."""
-        params = params or SamplingParams()
-        params.validate(self.cfg.vocab_size)
-        if params.n != 1:
-            raise ValueError("the engine takes n=1 requests; LLM.generate and the server expand n > 1")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, ids = None, [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
-                             f"(prompt + at least one generated token)")
+        params, text, ids = validate_request(prompt, params, self.tokenizer, self.cfg.vocab_size,
+                                             self.max_model_len)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         req = Request(request_id=rid, prompt_token_ids=ids, params=params, max_tokens=max_tokens,
@@ -268,43 +254,14 @@ class LLMEngine:
             self._finish(req, "length")
 
     def _finish(self, req: Request, reason: str, stop_reason=None) -> None:
-        if req.stop_matcher is not None and not isinstance(stop_reason, str):  # a stop string ends the text
-            tail, _ = req.stop_matcher.feed(req.detok.flush(), check_stop=False)  # a last partial character
-            req.text += tail + req.stop_matcher.flush()
-        req.finish_reason, req.stop_reason = reason, stop_reason
-        req.finish_time = time.monotonic()
+        finish_text(req, reason, stop_reason)
         self.scheduler.remove(req)
         self.runner.sampler.release(req.request_id)  # its penalty state on the device
         self.requests.pop(req.request_id, None)
 
     def _output(self, req: Request) -> RequestOutput | None:
-        """The request's output now, shaped by params.output_kind (None: a final_only request that has
-        not ended; its next output then carries everything since the last one)."""
-        kind = req.params.output_kind
-        if kind == "final_only" and not req.finished:
-            return None
-        first = req._emitted_tokens == 0
-        new_ids = req.output_token_ids[req._emitted_tokens:]
-        new_text = req.text[req._emitted_text:]
-        if kind == "delta":
-            ids = new_ids
-            lps = req.logprobs[req._emitted_tokens:] if req.params.logprobs is not None else None
-        else:
-            ids = list(req.output_token_ids)
-            lps = list(req.logprobs) if req.params.logprobs is not None else None
-        req._emitted_tokens, req._emitted_text = len(req.output_token_ids), len(req.text)
-        plp = None
-        if req.params.prompt_logprobs is not None and (kind != "delta" or first or req.finished):
-            plp = list(req.prompt_logprobs)
-        comp = CompletionOutput(index=0, text=req.text, token_ids=ids, logprobs=lps,
-                                finish_reason=req.finish_reason, stop_reason=req.stop_reason, delta_text=new_text,
-                                delta_token_ids=new_ids)
-        m = RequestMetrics(arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
-                           first_token_time=req.first_token_time, finish_time=req.finish_time,
-                           num_prompt_tokens=req.num_prompt_tokens, num_generated_tokens=len(req.output_token_ids),
-                           num_preemptions=req.num_preemptions)
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             prompt_logprobs=plp, outputs=[comp], finished=req.finished, metrics=m, error=req.error)
+        """The request's output now, shaped by params.output_kind (outputs.shape_output)."""
+        return shape_output(req)
 
 
 def _load_tokenizer(lm: LoadedModel) -> Tokenizer:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from dsv4.engine.sampling_params import SamplingParams
+from dsv4.engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -53,8 +51,8 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    _emitted_tokens: int = 0
-    _emitted_text: int = 0
+    emitted_tokens: int = 0  # what outputs have carried so far (outputs.shape_output)
+    emitted_text: int = 0
 
     @property
     def stop_ids(self) -> frozenset:
@@ -85,3 +83,25 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+
+def validate_request(prompt, params, tokenizer, vocab_size: int, max_model_len: int):
+    """What every front door checks before a request reaches a scheduler (LLMEngine.make_request, the core
+    process client): (params, prompt text or None, prompt ids). Raises ValueError naming what is wrong."""
+    params = params or SamplingParams()
+    params.validate(vocab_size)
+    if params.n != 1:
+        raise ValueError("the engine takes n=1 requests; LLM.generate and the server expand n > 1")
+    if isinstance(prompt, str):
+        text, ids = prompt, tokenizer.encode(prompt)
+    else:
+        text, ids = None, [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {max_model_len} "
+                         f"(prompt + at least one generated token)")
+    return params, text, ids

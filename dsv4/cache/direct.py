@@ -31,10 +31,11 @@ class _Seq:
 
 class DirectCache:
     def __init__(self, cfg: ModelConfig, num_seqs: int, max_seq_len: int, device, dtype: torch.dtype,
-                 kv_fp8: bool = False, dialect: Fp8Dialect = Fp8Dialect.OCP, page_tokens: int | None = None):
+                 kv_fp8: bool = False, dialect: Fp8Dialect = Fp8Dialect.OCP, page_tokens: int | None = None,
+                 with_mtp: bool = False):
         probe = ModelCache.pages_needed(cfg, max_seq_len, page_tokens)
         self.cache = ModelCache(cfg, num_seqs, max_seq_len, device, dtype, page_tokens=page_tokens,
-                                num_pages=num_seqs * probe, kv_fp8=kv_fp8, dialect=dialect)
+                                num_pages=num_seqs * probe, kv_fp8=kv_fp8, dialect=dialect, with_mtp=with_mtp)
         self.kv = KVCacheManager(self.cache)
         self._seqs: dict[int, _Seq] = {}
         self._ids = itertools.count()

@@ -1,7 +1,8 @@
 """Per-request model state on the device (design.md §3).
 
 Fixed-size state, one row per cache slot (a slot is held by one request from admission to finish):
-  - `window`   [S, W, D]: ring of the last W raw K=V vectors, slot position % W (every layer);
+  - `window`   [S, W, D]: ring of the last W raw K=V vectors, slot position % W (every layer; also each MTP
+               block's own ring in `mtp_layers`, allocated with `with_mtp`: the MTP block is SWA-only);
   - `state`    [S, 3, c*D] float32: the compressor's online-softmax accumulator of the open window
                (CSA, HCA), `prev` [S, 3, D]: CSA's A-series statistics of the last completed window;
   - `idx_state`/`idx_prev`: the same for the indexer's private compressor (CSA).
@@ -66,7 +67,9 @@ class CacheLayout:
     page_bytes: int
 
     @classmethod
-    def of(cls, cfg: ModelConfig, dtype: torch.dtype, kv_fp8: bool, page_tokens: int | None = None) -> "CacheLayout":
+    def of(cls, cfg: ModelConfig, dtype: torch.dtype, kv_fp8: bool, page_tokens: int | None = None,
+           with_mtp: bool = False) -> "CacheLayout":
+        """`with_mtp`: count the MTP blocks' window rings too (ModelCache(with_mtp=True))."""
         pt = page_tokens or default_page_tokens(cfg)
         D, W, dI, r = cfg.head_dim, cfg.sliding_window, cfg.index_head_dim, cfg.rope_head_dim
         row = kv_row_bytes(D, r, kv_fp8, dtype)
@@ -81,14 +84,17 @@ class CacheLayout:
             if t == CSA:
                 slot += 3 * 2 * dI * 4 + 3 * dI * 4
                 page += (pt // m) * dI * fb
+        if with_mtp:
+            slot += cfg.num_mtp_layers * W * row
         return cls(pt, slot, page)
 
 
 class ModelCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_seq_len: int, device, dtype: torch.dtype,
                  page_tokens: int | None = None, num_pages: int = 0, kv_fp8: bool = False,
-                 dialect: Fp8Dialect = Fp8Dialect.OCP):
-        """`num_pages`: pages requests can own (one more, the null page, is allocated)."""
+                 dialect: Fp8Dialect = Fp8Dialect.OCP, with_mtp: bool = False):
+        """`num_pages`: pages requests can own (one more, the null page, is allocated). `with_mtp`: also
+        allocate `mtp_layers`, one window ring per MTP block of `cfg` (otherwise it is empty)."""
         if num_slots < 1 or max_seq_len < 1 or num_pages < 0:
             raise ValueError(f"num_slots and max_seq_len must be positive and num_pages >= 0, got {num_slots}, "
                              f"{max_seq_len}, {num_pages}")
@@ -121,6 +127,9 @@ class ModelCache:
                 lc.idx_state = torch.empty(num_slots, 3, 2 * dI, **f32)
                 lc.idx_prev = torch.empty(num_slots, 3, dI, **f32)
             self.layers.append(lc)
+        self.with_mtp = with_mtp
+        self.mtp_layers: list[LayerCache] = [LayerCache(window=store((num_slots, W)))
+                                             for _ in range(cfg.num_mtp_layers if with_mtp else 0)]
         self.reset(list(range(num_slots)))
 
     @staticmethod
@@ -130,11 +139,12 @@ class ModelCache:
 
     @property
     def layout(self) -> CacheLayout:
-        return CacheLayout.of(self.cfg, self.dtype, self.kv_fp8, self.page_tokens)
+        return CacheLayout.of(self.cfg, self.dtype, self.kv_fp8, self.page_tokens, self.with_mtp)
 
     def reset(self, slots: list[int]) -> None:
-        """Empty the per-slot state (compressor accumulators) of `slots`."""
-        for lc in self.layers:
+        """Empty the per-slot state (compressor accumulators) of `slots`. Window rings, the MTP blocks' too,
+        need nothing: they are indexed by position and read only below a sequence's length."""
+        for lc in self.layers + self.mtp_layers:
             for state, prev in lc.states():
                 if state is not None:
                     reset_compressor_state(state, prev, slots)

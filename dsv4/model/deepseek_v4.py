@@ -1,5 +1,5 @@
 """The DeepSeek-V4 transformer (spec §2): embedding -> mHC streams -> blocks -> hc_head -> norm -> head.
-Also the MTP block (spec §6), whose weights load with the model for later speculative decoding."""
+Also the MTP block (spec §6): Transformer.mtp_forward / mtp_logits, for speculative decoding."""
 
 from __future__ import annotations
 
@@ -61,10 +61,10 @@ class MTPBlock(Block):
 
 class Transformer(nn.Module):
     """forward(input_ids [T], meta, cache) -> residual streams [T, hc_mult, D] before the hc_head;
-    logits(streams[rows]) -> float32 logits. The model keeps no per-request state itself: the window
-    rings, compressor states and compressed pools live in the cache it is given, paged through
-    meta.block_table. It reads and checks no lengths: whoever builds the step's metadata (the engine's
-    runner, or dsv4.cache.direct.DirectCache) owns them."""
+    logits(streams[rows]) -> float32 logits; mtp_forward / mtp_logits: the same for the MTP block. The
+    model keeps no per-request state itself: the window rings, compressor states and compressed pools
+    live in the cache it is given, paged through meta.block_table. It reads and checks no lengths: whoever
+    builds the step's metadata (the engine's runner, or dsv4.cache.direct.DirectCache) owns them."""
 
     def __init__(self, cfg: ModelConfig, opts: ModelOptions, with_mtp: bool = False):
         super().__init__()
@@ -95,3 +95,23 @@ class Transformer(nn.Module):
         h = self._hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.rms_norm_eps, c.hc_eps)
         h = self.norm(h)
         return self.opts.ops.lm_head(h, self.head.weight)
+
+    def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, meta: ForwardMeta, cache,
+                    k: int = 0) -> torch.Tensor:
+        """MTP block k (spec §6 steps 1-3) on rows aligned by the caller: streams[t] [hc_mult, D] are the
+        main model's streams (forward's output) at position meta.positions[t], next_ids[t] the token at the
+        position after it. Writes the block's window ring, cache.mtp_layers[k]; returns its output streams
+        [T, hc_mult, D] (before its hc_head: mtp_logits, or the next draft step's `streams`)."""
+        blk = self.mtp[k]
+        T, n, D = streams.shape
+        # the official MTPBlock does not zero the embedding at position 0 (vLLM does): neither do we
+        e = blk.e_proj(blk.enorm(self.embed.weight[next_ids].to(self.opts.dtype)))
+        h = blk.h_proj(blk.hnorm(streams.reshape(T * n, D))).view(T, n, D)
+        X = (h + e.unsqueeze(1)).contiguous()
+        return blk(X, next_ids, meta, cache.mtp_layers[k])
+
+    def mtp_logits(self, X: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """float32 logits [T, V] of MTP block k's output streams X: its own hc_head and norm, the shared head."""
+        blk, c = self.mtp[k], self.cfg
+        h = self._hc_head(X, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, c.rms_norm_eps, c.hc_eps)
+        return self.opts.ops.lm_head(blk.norm(h), self.head.weight)

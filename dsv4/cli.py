@@ -77,6 +77,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="expert parallelism over this many GPUs of this node: one rank each, holding the attention "
                         "and 1/N of the routed experts, serving its own requests; one front end (several nodes: "
                         "start with torchrun instead, see README)")
+    p.add_argument("--speculative-tokens", type=int, default=0,
+                   help="speculative decoding: draft this many tokens per step with the checkpoint's MTP block and "
+                        "verify them in one forward (1-3 typical; 0: off)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay captured decode graphs (default: capture them where the device and "
                         "every op's provider allow)")
@@ -127,7 +130,7 @@ def engine_config(a: argparse.Namespace):
         prefill_tokens_with_decodes=a.prefill_tokens_with_decodes,
         page_tokens=a.page_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
         kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory),
-        enforce_eager=a.enforce_eager, gpus=a.gpus)
+        enforce_eager=a.enforce_eager, gpus=a.gpus, speculative_tokens=a.speculative_tokens)
 
 
 def _warn_max_tokens_cap(a: argparse.Namespace, llm, prompts: list) -> None:

@@ -493,6 +493,9 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8")
 
 
+MAX_SPECULATIVE_TOKENS = 8
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to run a model: what to load, on which device, and the serving limits.
@@ -528,6 +531,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # True: never use captured decode graphs
     gpus: int = 1  # > 1: expert parallelism over GPUs 0..gpus-1 of this node, one front end (dsv4/parallel)
+    # speculative decoding: drafts per step from the checkpoint's MTP block, verified in one target forward
+    # (engine/spec_decode.py); 0: off
+    speculative_tokens: int = 0
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "gpus"):
@@ -546,6 +552,11 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0):
             raise ConfigError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
+        n = self.speculative_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"speculative_tokens must be an integer in 0..{MAX_SPECULATIVE_TOKENS}, got {n!r}")
+        if n and self.gpus > 1:
+            raise ConfigError("speculative_tokens > 0 is not supported with expert parallelism (gpus > 1) yet")
 
 
 def parse_bytes(s: str | int) -> int:

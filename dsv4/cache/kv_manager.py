@@ -152,6 +152,12 @@ class KVCacheManager:
         """Tokens in the cache for `slot`."""
         return self._lens[slot]
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Cut the tokens recorded in `slot` back to `length` (speculative decoding: rejected drafts)."""
+        if not 0 <= length <= self._lens[slot]:
+            raise ValueError(f"slot {slot} holds {self._lens[slot]} tokens; cannot cut it back to {length}")
+        self._lens[slot] = length
+
     def begin_step(self, slots: list[int], starts: list[int], ends: list[int]) -> None:
         """Check that each sequence continues exactly where its slot stopped, fits the cache and its pages,
         and record the new lengths. Raises ValueError (nothing recorded) otherwise."""

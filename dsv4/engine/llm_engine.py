@@ -23,6 +23,7 @@ from dsv4.engine.request import Request, RequestStatus, validate_request
 from dsv4.engine.sampler import Sampler, make_generator
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.spec_decode import MTPDrafter, SpecStats
 from dsv4.engine.step_batch import StepBuffers
 from dsv4.model.builder import LoadedModel, build_model, parse_dtype
 from dsv4.tokenizer import Tokenizer
@@ -54,7 +55,11 @@ class LLMEngine:
         kv_fp8 = config.kv_cache_dtype == "fp8"
         kv_dtype = self.lm.opts.dtype if config.kv_cache_dtype in ("auto", "fp8") else parse_dtype(config.kv_cache_dtype)
         layout = CacheLayout.of(self.cfg, kv_dtype, kv_fp8, config.page_tokens)
+        spec = config.speculative_tokens
         graphs_ok = self._graphs_wanted()
+        if spec and graphs_ok:
+            log.info("speculative decoding: steps run eagerly (verify steps are not captured in graphs yet)")
+            graphs_ok = False
         budget = self._cache_budget(graphs_ok)
         budget = coord.min_over_ranks(budget)  # every rank gets the same plan, so that all have the same buckets
         self.plan: CachePlan = plan_cache(layout, budget, config.max_num_seqs, self.max_model_len)
@@ -64,7 +69,7 @@ class LLMEngine:
         scratch = graphs_ok or coord.lockstep
         self.cache = ModelCache(self.cfg, self.plan.num_slots + int(scratch), self.max_model_len, self.device,
                                 kv_dtype, page_tokens=layout.page_tokens, num_pages=self.plan.num_pages,
-                                kv_fp8=kv_fp8, dialect=self.lm.platform.fp8_dialect)
+                                kv_fp8=kv_fp8, dialect=self.lm.platform.fp8_dialect, **({"with_mtp": True} if spec else {}))
         self.kv = KVCacheManager(self.cache)
         scratch_slot = self.kv.take_scratch_slot() if scratch else None
         max_batch = min(config.max_num_seqs, self.plan.num_slots)
@@ -75,8 +80,10 @@ class LLMEngine:
                                   buffers=self.buffers, expert_parallel=coord.lockstep)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.prefill_tokens_with_decodes)
+        drafter = MTPDrafter(self.lm.model, self.cache, spec) if spec else None
+        self.spec_stats = SpecStats()  # speculative decoding: verify steps, drafted and accepted tokens
         self.runner = ModelRunner(self.lm, self.kv, self.buffers, Sampler(), graphs=graphs, coordinator=coord,
-                                  scratch_slot=scratch_slot)
+                                  scratch_slot=scratch_slot, drafter=drafter)
         if graphs is not None:
             self._capture_graphs(graphs)
         self.requests: dict[str, Request] = {}
@@ -218,6 +225,23 @@ class LLMEngine:
         self.num_steps += bool(so.scheduled)
         now = time.monotonic()
         for (req, n), res in zip(so.scheduled, results):
+            if res.tokens is not None:  # verified drafts: emits accepted drafts + one, keeps as many
+                req.num_computed_tokens += res.kept
+                req.num_draft_tokens += res.drafted
+                req.num_accepted_tokens += res.kept - 1
+                self.spec_stats.steps += 1
+                self.spec_stats.drafted += res.drafted
+                self.spec_stats.accepted += res.kept - 1
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                for tok, lp in zip(res.tokens, res.token_logprobs):
+                    self._append_token(req, tok, lp)
+                    if req.finished:
+                        break
+                out = self._output(req)
+                if out is not None:
+                    outs.append(out)
+                continue
             req.num_computed_tokens += n
             if res.prompt_logprobs:
                 if not req.prompt_logprobs:

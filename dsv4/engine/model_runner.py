@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.cache.kv_manager import KVCacheManager
+from dsv4.cache.spec_state import StateSnapshot, rollback
 from dsv4.engine.coordinator import EAGER, GRAPH, NONE, SingleRank, StepCoordinator
 from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.request import Request
 from dsv4.engine.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
+from dsv4.engine.spec_decode import verify
 from dsv4.engine.step_batch import StepBatch, StepBuffers, build_eager, stage_decode
 from dsv4.model.builder import LoadedModel
 
@@ -26,12 +28,21 @@ class StepResult:
     token_id: int | None = None  # sampled next token (None: a prefill chunk that did not reach the end)
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None  # for prompt positions covered by this step
+    # speculative decoding: the step verified drafts; it emits `tokens` (accepted drafts + one) and keeps
+    # the first `kept` = len(tokens) of its scheduled tokens in the cache (the rest were rejected drafts)
+    tokens: list[int] | None = None
+    token_logprobs: list[TokenLogprobs | None] | None = None
+    drafted: int = 0
+
+    @property
+    def kept(self) -> int | None:
+        return None if self.tokens is None else len(self.tokens)
 
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, kv: KVCacheManager, buffers: StepBuffers, sampler: Sampler | None = None,
                  graphs: DecodeGraphs | None = None, coordinator: StepCoordinator | None = None,
-                 scratch_slot: int | None = None):
+                 scratch_slot: int | None = None, drafter=None):
         self.coord = coordinator or SingleRank()
         if self.coord.lockstep and scratch_slot is None:
             raise ValueError("lockstep (expert-parallel) steps need a scratch cache slot for ranks without work")
@@ -41,13 +52,14 @@ class ModelRunner:
         self.device = lm.platform.torch_device
         self.sampler = sampler or Sampler()
         self.graphs = graphs
+        self.drafter = drafter  # speculative decoding (engine/spec_decode.py), or None
         self.graph_steps = 0
         self.last_batch: StepBatch | None = None  # (tests: what the model received)
 
     def _graph_step(self, reqs, starts, ns) -> bool:
         """A pure decode step (one token per request, each reaching its end, no prompt logprobs) that fits a
         graph bucket."""
-        return (self.graphs is not None and len(reqs) <= self.graphs.batch_buckets[-1]
+        return (self.graphs is not None and self.drafter is None and len(reqs) <= self.graphs.batch_buckets[-1]
                 and all(n == 1 and s + 1 == r.num_tokens and r.params.prompt_logprobs is None
                         for r, s, n in zip(reqs, starts, ns)))
 
@@ -100,12 +112,25 @@ class ModelRunner:
 
     def _run_eager(self, batch: StepBatch, results: list[StepResult]) -> list[StepResult]:
         meta, reqs = batch.meta, batch.reqs
+        # drafts in this step: sequence i runs its last token and k[i] drafts (engine/spec_decode.py)
+        k = [s + n - r.num_tokens for r, s, n in zip(reqs, batch.starts, batch.num_new)]
+        spec = [i for i, ki in enumerate(k) if ki > 0]
+        snap = None
+        if spec:
+            meta.redo = []
+            snap = StateSnapshot(self.cache.layers, [meta.seq_slots_host[i] for i in spec],
+                                 [batch.starts[i] for i in spec], [batch.num_new[i] for i in spec])
         X = self.model(batch.ids, meta, self.cache)
         rows: list[int] = []  # token rows of X whose logits we need
         sample_at: list[tuple[int, int]] = []  # (request index, row position in `rows`)
+        verify_at: list[tuple[int, int]] = []  # (request index, first of its k + 1 rows in `rows`)
         plp_at: list[tuple[int, int, int, list[int]]] = []  # (request index, first row, count, next ids)
         for i, (r, s, n) in enumerate(zip(reqs, batch.starts, batch.num_new)):
             q0 = meta.query_start_host[i]
+            if k[i] > 0:
+                verify_at.append((i, len(rows)))
+                rows.extend(range(q0, q0 + n))
+                continue
             want = r.params.prompt_logprobs
             if want is not None:
                 # prompt positions p (< prompt length - 1) in this step whose logprobs are not yet recorded
@@ -117,11 +142,48 @@ class ModelRunner:
             if s + n == r.num_tokens:
                 sample_at.append((i, len(rows)))
                 rows.append(q0 + n - 1)
-        if not rows:
-            return results
-        logits = self.model.logits(X[torch.tensor(rows, device=self.device)])
-        if sample_at:
-            self._sample(logits, reqs, sample_at, results)
-        for i, k, c, nxt in plp_at:
-            results[i].prompt_logprobs = prompt_logprobs(logits[k:k + c], nxt, reqs[i].params.prompt_logprobs)
+        if rows:
+            logits = self.model.logits(X[torch.tensor(rows, device=self.device)])
+            if sample_at:
+                self._sample(logits, reqs, sample_at, results)
+            for i, j, c, nxt in plp_at:
+                results[i].prompt_logprobs = prompt_logprobs(logits[j:j + c], nxt, reqs[i].params.prompt_logprobs)
+            keep: dict[int, int] = {}
+            for i, j in verify_at:
+                r, n = reqs[i], batch.num_new[i]
+                res = results[i]
+                res.drafted = k[i]
+                res.tokens, res.token_logprobs = verify(self.sampler, logits[j:j + n], r, r.spec_ids[:k[i]])
+                if res.kept < n:
+                    keep[i] = res.kept
+                    self.kv.truncate(meta.seq_slots_host[i], batch.starts[i] + res.kept)
+            rollback(self.cache, snap, meta, keep)
+        if self.drafter is not None:
+            self._draft(batch, X, results)
+        elif spec:
+            for i in spec:
+                reqs[i].spec_ids = []
         return results
+
+    def _draft(self, batch: StepBatch, X: torch.Tensor, results: list[StepResult]) -> None:
+        """Drafts for the next step (the drafter sets each sampling request's spec_ids)."""
+        reqs, meta = batch.reqs, batch.meta
+        kept, nxt, sample = [], [], []
+        for i, (r, s, n) in enumerate(zip(reqs, batch.starts, batch.num_new)):
+            res = results[i]
+            if res.tokens is not None:  # verified: its kept tokens, then the new one
+                kept.append(res.kept)
+                nxt.append(r.spec_ids[:res.kept - 1] + [res.tokens[-1]])
+                sample.append(True)
+            else:
+                kept.append(n)
+                after = [res.token_id] if res.token_id is not None else r.token_slice(s + n, s + n + 1)
+                nxt.append(r.token_slice(s + 1, s + n) + after)
+                sample.append(res.token_id is not None)
+            if sample[-1]:
+                r.spec_ids = []
+        if getattr(self.drafter, "needs_streams", False):
+            self.drafter.propose(reqs, X=X, meta=meta, kept=kept, next_ids=nxt, sample=sample)
+        else:  # (tokens this step emits: not yet in the requests' outputs)
+            new = [res.tokens if res.tokens is not None else [res.token_id] for res in results]
+            self.drafter.propose([r for r, f in zip(reqs, sample) if f], new=[t for t, f in zip(new, sample) if f])

@@ -46,6 +46,11 @@ class Request:
     error: str | None = None
     detok: object | None = None
     stop_matcher: object | None = None
+    # speculative decoding: drafts of the tokens after the last one, to verify in the next step (tokens
+    # num_tokens .. num_tokens + len - 1 of token_slice); the drafter sets them, the scheduler trims them
+    spec_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0  # drafts verified so far
+    num_accepted_tokens: int = 0  # of which accepted
     # bookkeeping
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
@@ -75,10 +80,15 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens start .. end - 1 (past num_tokens: the drafts in spec_ids)."""
         p = self.num_prompt_tokens
         if end <= p:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids[start:] if start < p else []) + self.output_token_ids[max(0, start - p):end - p]
+        out = (self.prompt_token_ids[start:] if start < p else []) + self.output_token_ids[max(0, start - p):end - p]
+        n = self.num_tokens
+        if end > n:
+            out += self.spec_ids[max(0, start - n):end - n]
+        return out
 
     @property
     def finished(self) -> bool:

@@ -126,6 +126,7 @@ class Scheduler:
         self.running.remove(req)
         self.kv.release(req)
         req.num_computed_tokens = 0
+        req.spec_ids.clear()
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
@@ -178,8 +179,13 @@ class Scheduler:
         for req in decodes:
             if budget == 0:
                 break
-            if req in self.running and self._place(req, 1, out, step):  # (not preempted meanwhile)
-                budget -= 1
+            if req.spec_ids:  # drafts to verify with the last token (speculative decoding): as many as fit
+                room = min(budget - 1, req.max_tokens - len(req.output_token_ids) - 1,
+                           self.kv.cache.max_seq_len - req.num_tokens)
+                del req.spec_ids[max(0, room):]
+            n = 1 + len(req.spec_ids)
+            if req in self.running and self._place(req, n, out, step):  # (not preempted meanwhile)
+                budget -= n
         prefill_left = budget
         if out.scheduled and self.prefill_tokens_with_decodes is not None:
             prefill_left = min(budget, self.prefill_tokens_with_decodes)

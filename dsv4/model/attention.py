@@ -65,6 +65,8 @@ class Attention(nn.Module):
             topk_idx = self.indexer(x, qr, meta, lc, block_table)
         o = self._attn(q, kv, lc.window, self.attn_sink, self.scale, meta, lc.pool, block_table, topk_idx, self.ratio)
         self._write(lc.window, kv, meta)
+        if meta.redo is not None:
+            meta.redo.append(lambda rows, m, w=lc.window, kv=kv: self._write(w, kv[rows], m))
         o = self._rope(o, pos, self.inv_freq, inverse=True)
         z = self._grouped(o.view(T, self.o_groups, -1), self.wo_a.weight, self.wo_a.scale)
         return self.wo_b(z.flatten(1))

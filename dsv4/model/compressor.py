@@ -34,8 +34,13 @@ class Compressor(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta, state, prev, pool, block_table) -> None:
         xf = x.float()
-        self._compress(self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, self.inv_freq, state, prev, pool,
-                       block_table, meta, self.ratio, self.eps, self.act_dtype, self.post, self.dialect)
+        kv, score = self.wkv(xf), self.wgate(xf)
+        self._compress(kv, score, self.ape, self.norm.weight, self.inv_freq, state, prev, pool, block_table, meta,
+                       self.ratio, self.eps, self.act_dtype, self.post, self.dialect)
+        if meta.redo is not None:  # the accumulators are not indexed by position: a rejected draft must be undone
+            meta.redo.append(lambda rows, m: self._compress(
+                kv[rows], score[rows], self.ape, self.norm.weight, self.inv_freq, state, prev, pool, m.block_table, m,
+                self.ratio, self.eps, self.act_dtype, self.post, self.dialect))
 
 
 class Indexer(nn.Module):

@@ -39,6 +39,11 @@ class ForwardMeta:
     # expert parallelism: the largest token count of any rank in this step, agreed before it (the MoE
     # exchange pads to it and skips exchanging counts); None: exchange the counts in each MoE layer
     ep_tokens: int | None = None
+    # speculative (verify) steps: every write of per-slot state that is not indexed by position (window ring
+    # rows, compressor accumulators) also appends a redo function f(rows, meta) here, which repeats that write
+    # for token rows `rows` of this step under another step's meta. The engine restores the state of requests
+    # whose drafts were rejected and redoes the writes of the tokens it kept (cache/spec_state.py).
+    redo: list | None = None
 
     @property
     def max_seq_len(self) -> int:

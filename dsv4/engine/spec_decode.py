@@ -1,0 +1,182 @@
+"""Speculative decoding: drafts proposed for each decoding request, verified in the next step's one target
+forward (the last token and its k drafts as one chunk), accepted so that the output keeps the target's
+distribution exactly.
+
+- Verification (`verify`): greedy requests accept the drafts while each equals the target's greedy token
+  (penalties, logit_bias and min_tokens applied per position as the sampler applies them), then emit the
+  target's token at the first mismatch (or the bonus token after the last draft): the output is the one of
+  plain decoding. Sampled requests use rejection sampling for a deterministic (greedy) drafter: draft d at
+  position j is accepted with probability p_j(d) (the target's processed distribution: penalties,
+  temperature, top-k / top-p / min-p); on rejection the token is drawn from p_j without d, renormalised; all
+  accepted, the bonus token is drawn from p_k. Every draw comes from the request's own generator, so a
+  seeded request is reproducible (its tokens differ from those of the same seed without speculation: other
+  draws).
+- Rollback: what the rejected drafts wrote into per-slot state is undone (cache/spec_state.py).
+- Drafters: `MTPDrafter` runs the checkpoint's MTP block (spec §6) over the step's kept positions (filling
+  its own window ring), then k - 1 more single-token steps fed by its own output streams; `OracleDrafter`
+  (benchmarks and tests only) replays known continuations, each draft kept with a chosen probability and
+  otherwise replaced by a wrong token, so step costs and speed-up can be measured against acceptance
+  without real weights.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.cache.spec_state import StateSnapshot
+from dsv4.engine.request import Request
+from dsv4.engine.sampler import (Sampler, SamplingRow, TokenLogprobs, apply_penalties, suppress_stop_ids,
+                                 token_logprobs, truncate)
+from dsv4.ops.meta import ForwardMeta
+
+
+def _rows(req: Request, drafts: list[int]) -> list[SamplingRow]:
+    """One sampling row per verified position j (output so far + the drafts before j)."""
+    return [SamplingRow(params=req.params, prompt_token_ids=req.prompt_token_ids,
+                        output_token_ids=list(req.output_token_ids) + drafts[:j], generator=req.generator,
+                        stop_ids=req.stop_ids) for j in range(len(drafts) + 1)]
+
+
+def verify(sampler: Sampler, logits: torch.Tensor, req: Request,
+           drafts: list[int]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """The tokens to emit for a request whose step verified `drafts` (logits [k + 1, V]: row j predicts the
+    token after draft j, row 0 the one after the last real token): the accepted drafts and one token more.
+    Returns (tokens, logprobs) with 1 <= len(tokens) <= k + 1."""
+    k = len(drafts)
+    rows = _rows(req, drafts)
+    p = req.params
+    if p.greedy:
+        toks, lps = sampler(logits, rows)
+        a = 0
+        while a < k and toks[a] == drafts[a]:
+            a += 1
+        return toks[:a + 1], lps[:a + 1]
+    x = suppress_stop_ids(apply_penalties(logits.float(), rows), rows)
+    z = truncate(x / p.temperature, [p.top_k] * (k + 1), [p.top_p] * (k + 1), [p.min_p] * (k + 1))
+    probs = torch.softmax(z, dim=-1)
+    g = req.generator
+    dev = probs.device
+    u = torch.rand(k, generator=g, device=g.device if g is not None else dev).tolist()
+    pd = probs[torch.arange(k, device=dev), torch.tensor(drafts, dtype=torch.int64, device=dev)].tolist() if k else []
+    out: list[int] = []
+    for j in range(k):
+        if u[j] < pd[j]:
+            out.append(drafts[j])
+            continue
+        q = probs[j].clone()
+        q[drafts[j]] = 0.0
+        out.append(_draw(q, g))
+        break
+    else:
+        out.append(_draw(probs[k], g))
+    lps: list[TokenLogprobs | None] = [None] * len(out)
+    if p.logprobs is not None:
+        lps = token_logprobs(logits[:len(out)], out, [p.logprobs] * len(out))
+    return out, lps
+
+
+def _draw(q: torch.Tensor, g: torch.Generator | None) -> int:
+    if g is not None and g.device != q.device:
+        q = q.to(g.device)
+    return int(torch.multinomial(q, 1, generator=g))
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0  # verify steps of a request (a request's step with drafts counts once)
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verify step (accepted drafts + the target's own)."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+
+class OracleDrafter:
+    """Drafts from known continuations (a previous greedy run's outputs, keyed by prompt): the next k
+    tokens after the request's output so far, each kept with probability `accept` and otherwise replaced
+    by a wrong token. A DRAFT ORACLE for benchmarks and tests: it measures the verify step's cost and the
+    speed-up against acceptance without real weights; it is not a way to serve."""
+
+    needs_streams = False
+
+    def __init__(self, continuations: dict[tuple[int, ...], list[int]], k: int, accept: float = 1.0,
+                 seed: int = 0, vocab_size: int | None = None):
+        self.cont, self.k, self.accept = continuations, k, accept
+        self.rng = random.Random(seed)
+        self.vocab_size = vocab_size
+
+    def propose(self, reqs: list[Request], new: list[list[int]], **_) -> None:
+        """new[i]: the tokens reqs[i] emits in this step (after its output so far)."""
+        for r, tail in zip(reqs, new):
+            ref = self.cont.get(tuple(r.prompt_token_ids))
+            out = r.output_token_ids + tail
+            n = len(out)
+            if ref is None or ref[:n] != out:  # off the known path: nothing to replay
+                r.spec_ids = []
+                continue
+            drafts = ref[n:n + self.k]
+            V = self.vocab_size or (max(ref) + 2)
+            r.spec_ids = [t if self.rng.random() < self.accept else (t + 1) % V for t in drafts]
+
+
+class MTPDrafter:
+    """Drafts with the MTP block (spec §6): over the step's kept positions it takes the target's streams
+    and the next tokens (filling its window ring at those positions; the last kept row of each sampling
+    request drafts the first token), then k - 1 single-token steps fed by its own output streams. Those
+    extra steps write ring rows of positions the next step will recompute from the target's streams; the
+    rows they replace are restored."""
+
+    needs_streams = True
+
+    def __init__(self, model, cache, k: int):
+        if not len(getattr(model, "mtp", ())):
+            raise ValueError("speculative decoding with the MTP drafter needs the checkpoint's MTP block "
+                             "(mtp.0.*): this model was loaded without one")
+        self.model, self.cache, self.k = model, cache, k
+
+    @torch.no_grad()
+    def propose(self, reqs: list[Request], X: torch.Tensor, meta: ForwardMeta, kept: list[int],
+                next_ids: list[list[int]], sample: list[bool], **_) -> None:
+        """X: the step's target streams [T, hc, D]; sequence b kept its first kept[b] tokens of the step;
+        next_ids[b]: the token after each kept position (kept[b] ids); sample[b]: it drafts (it sampled a
+        token this step and goes on decoding)."""
+        dev = X.device
+        rows = [meta.query_start_host[b] + j for b in range(len(reqs)) for j in range(kept[b])]
+        ids = [t for b in range(len(reqs)) for t in next_ids[b][:kept[b]]]
+        slots, starts = meta.seq_slots_host, meta.seq_start_host
+        m = ForwardMeta.build(slots, starts, kept, device=dev, block_table=meta.block_table)
+        Y = self.model.mtp_forward(X[torch.tensor(rows, device=dev)], torch.tensor(ids, device=dev), m, self.cache)
+        ends, qs = [], 0
+        for b in range(len(reqs)):
+            qs += kept[b]
+            ends.append(qs - 1)
+        bs = [b for b in range(len(reqs)) if sample[b]]
+        if not bs:
+            return
+        last = torch.tensor([ends[b] for b in bs], device=dev)
+        H = Y[last]
+        d = self.model.mtp_logits(H).argmax(dim=-1)
+        drafts = [[t] for t in d.tolist()]
+        if self.k > 1:
+            dslots = [slots[b] for b in bs]
+            pos0 = [starts[b] + kept[b] for b in bs]  # the first position past the kept ones
+            snap = StateSnapshot(self.cache.mtp_layers, dslots, pos0, [self.k - 1] * len(bs))
+            for j in range(1, self.k):
+                mj = ForwardMeta.build(dslots, [p + j - 1 for p in pos0], [1] * len(bs), device=dev,
+                                       block_table=meta.block_table)
+                H = self.model.mtp_forward(H, d, mj, self.cache)
+                d = self.model.mtp_logits(H).argmax(dim=-1)
+                for dr, t in zip(drafts, d.tolist()):
+                    dr.append(t)
+            snap.restore(dslots)
+        for b, dr in zip(bs, drafts):
+            reqs[b].spec_ids = dr

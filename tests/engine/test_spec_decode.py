@@ -1,0 +1,159 @@
+"""Speculative decoding (engine/spec_decode.py, cache/spec_state.py): greedy outputs with drafts are the
+tokens of plain decoding, whatever the drafts and however many are rejected; rejected drafts leave no trace
+in the window rings or the compressor accumulators (prompts cross the tiny model's CSA (4) and HCA (128)
+boundaries and its 128-token window while drafting); rejection sampling keeps the target distribution.
+
+Drafts come from OracleDrafter (the plain run's own tokens, each replaced by a wrong one with a chosen
+probability) so that acceptance is controlled; the MTP drafter has its own tests below."""
+
+import random
+
+import pytest
+import torch
+
+from dsv4.cache.direct import DirectCache
+from dsv4.cache.spec_state import StateSnapshot, rollback
+from dsv4.config import EngineConfig
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine.sampling_params import SamplingParams
+from dsv4.engine.spec_decode import OracleDrafter
+
+LENGTHS = [1, 5, 122, 126, 60, 250, 17]
+MAX_TOKENS = 14
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 129280, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def engine(lm, **kw):
+    cfg = EngineConfig(model="unused", device="cpu", dtype="float32", numerics="plain", max_model_len=512, **kw)
+    return LLMEngine(cfg, lm=lm)
+
+
+def run(eng, prompts, params, rng=None):
+    """Requests arriving over the first steps; {index: output}."""
+    order = list(range(len(prompts)))
+    if rng is not None:
+        rng.shuffle(order)
+    final, steps = {}, 0
+    while order or eng.has_unfinished_requests():
+        for _ in range(rng.choice([0, 1, 2]) if rng is not None else len(order)):
+            if order:
+                i = order.pop()
+                eng.add_request(prompts[i], params, request_id=str(i))
+        for out in eng.step():
+            if out.finished:
+                final[int(out.request_id)] = out
+        steps += 1
+        assert steps < 5_000
+    return final, steps
+
+
+@pytest.fixture(scope="module")
+def plain(lm, prompts):
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    final, steps = run(engine(lm), prompts, params)
+    return {i: o.outputs[0].token_ids for i, o in final.items()}, steps
+
+
+@pytest.mark.parametrize("k,accept,budget", [(1, 1.0, 2048), (3, 1.0, 2048), (3, 0.0, 2048), (2, 0.5, 2048),
+                                             (3, 0.6, 9), (4, 0.3, 64)])
+def test_greedy_with_drafts_equals_plain(lm, prompts, plain, k, accept, budget):
+    ref, plain_steps = plain
+    eng = engine(lm, max_num_batched_tokens=budget)
+    cont = {tuple(p): ref[i] for i, p in enumerate(prompts)}
+    eng.runner.drafter = OracleDrafter(cont, k, accept, seed=k, vocab_size=lm.cfg.vocab_size)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    final, steps = run(eng, prompts, params, random.Random(k))
+    for i in range(len(prompts)):
+        assert final[i].outputs[0].token_ids == ref[i], f"prompt {i} (len {LENGTHS[i]}), k={k}, accept={accept}"
+    st = eng.spec_stats
+    assert st.drafted > 0
+    if accept == 1.0:
+        assert st.accepted == st.drafted
+    if accept == 0.0:
+        assert st.accepted == 0
+    eng.kv.check()
+    assert eng.kv.num_free_pages == eng.cache.num_pages
+
+
+def test_full_acceptance_takes_fewer_steps(lm, prompts, plain):
+    ref, _ = plain
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    counts = {}
+    for accept in (0.0, 1.0):
+        eng = engine(lm)
+        eng.runner.drafter = OracleDrafter({tuple(prompts[2]): ref[2]}, 3, accept, vocab_size=lm.cfg.vocab_size)
+        _, counts[accept] = run(eng, [prompts[2]], params)
+    # one prefill step, then: no drafts accepted -> 1 token per step; all accepted -> 4 per step
+    assert counts[0.0] == 1 + (MAX_TOKENS - 1)
+    assert counts[1.0] == 1 + -(-(MAX_TOKENS - 1) // 4)
+
+
+@pytest.mark.parametrize("start", [126, 127, 3, 128 + 2])
+@pytest.mark.parametrize("keep", [1, 2, 4])
+def test_rollback_restores_rings_and_compressors(lm, start, keep):
+    """A verify chunk of 5 tokens at `start`, keeping `keep`, then 3 more tokens: the logits equal those of a
+    cache that only ever saw the kept tokens (window ring, CSA/HCA accumulators, indexer)."""
+    cfg = lm.cfg
+    g = torch.Generator().manual_seed(start * 10 + keep)
+    prompt = torch.randint(0, cfg.vocab_size, (start,), generator=g)
+    chunk = torch.randint(0, cfg.vocab_size, (5,), generator=g)
+    after = torch.randint(0, cfg.vocab_size, (3,), generator=g)
+    outs = []
+    for spec in (False, True):
+        dc = DirectCache(cfg, 1, 512, "cpu", torch.float32)
+        s = dc.add()
+        lm.model(prompt, dc.meta([s], [0], [start]), dc.cache)
+        if spec:
+            meta = dc.meta([s], [start], [5])
+            meta.redo = []
+            snap = StateSnapshot(dc.cache.layers, [s], [start], [5])
+            lm.model(chunk, meta, dc.cache)
+            if keep < 5:
+                dc.kv.truncate(s, start + keep)
+                rollback(dc.cache, snap, meta, {0: keep})
+        else:
+            lm.model(chunk[:keep], dc.meta([s], [start], [keep]), dc.cache)
+        X = lm.model(after, dc.meta([s], [start + keep], [3]), dc.cache)
+        outs.append(lm.model.logits(X))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=2e-5)
+
+
+def test_rejection_sampling_keeps_the_target_distribution(lm):
+    """The first emitted token of a sampled request whose draft is always the same token: its frequency
+    over many seeds matches the target's probabilities (chi-square), whether the draft is likely or not."""
+    from dsv4.engine.sampler import Sampler
+    from dsv4.engine.spec_decode import verify
+    from dsv4.engine.request import Request
+
+    V = 6
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]] * 3)
+    p = torch.softmax(logits[0] / 0.8, -1)
+    for draft in (0, 3):
+        counts = torch.zeros(V)
+        n = 4000
+        for seed in range(n):
+            req = Request(request_id="r", prompt_token_ids=[0], params=SamplingParams(temperature=0.8, seed=seed),
+                          max_tokens=10, eos_token_ids=frozenset(), generator=torch.Generator().manual_seed(seed))
+            toks, _ = verify(Sampler(), logits, req, [draft, 1])
+            counts[toks[0]] += 1
+        expected = p * n
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 20.5, (draft, counts.tolist(), expected.tolist())  # 5 dof: p ~ 0.001
+
+
+def test_seeded_sampling_with_drafts_is_reproducible(lm, prompts, plain):
+    ref, _ = plain
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=7, ignore_eos=True, detokenize=False)
+    got = []
+    for _ in range(2):
+        eng = engine(lm)
+        eng.runner.drafter = OracleDrafter({tuple(p): ref[i] for i, p in enumerate(prompts)}, 2, 0.7,
+                                           vocab_size=lm.cfg.vocab_size)
+        final, _ = run(eng, prompts[:3], params)
+        got.append([final[i].outputs[0].token_ids for i in range(3)])
+    assert got[0] == got[1]

@@ -54,8 +54,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, self.cfg.max_position_embeddings)
         kv_fp8 = config.kv_cache_dtype == "fp8"
         kv_dtype = self.lm.opts.dtype if config.kv_cache_dtype in ("auto", "fp8") else parse_dtype(config.kv_cache_dtype)
-        layout = CacheLayout.of(self.cfg, kv_dtype, kv_fp8, config.page_tokens)
-        spec = config.speculative_tokens
+        spec = config.speculative_tokens  # (the MTP drafter's window ring is part of the cache plan)
+        layout = CacheLayout.of(self.cfg, kv_dtype, kv_fp8, config.page_tokens, with_mtp=bool(spec))
         graphs_ok = self._graphs_wanted()
         if spec and graphs_ok:
             log.info("speculative decoding: steps run eagerly (verify steps are not captured in graphs yet)")
@@ -69,7 +69,7 @@ class LLMEngine:
         scratch = graphs_ok or coord.lockstep
         self.cache = ModelCache(self.cfg, self.plan.num_slots + int(scratch), self.max_model_len, self.device,
                                 kv_dtype, page_tokens=layout.page_tokens, num_pages=self.plan.num_pages,
-                                kv_fp8=kv_fp8, dialect=self.lm.platform.fp8_dialect, **({"with_mtp": True} if spec else {}))
+                                kv_fp8=kv_fp8, dialect=self.lm.platform.fp8_dialect, with_mtp=bool(spec))
         self.kv = KVCacheManager(self.cache)
         scratch_slot = self.kv.take_scratch_slot() if scratch else None
         max_batch = min(config.max_num_seqs, self.plan.num_slots)

@@ -157,3 +157,51 @@ def test_seeded_sampling_with_drafts_is_reproducible(lm, prompts, plain):
         final, _ = run(eng, prompts[:3], params)
         got.append([final[i].outputs[0].token_ids for i in range(3)])
     assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_mtp_drafter_greedy_equals_plain(lm, prompts, plain, k):
+    """The real drafter (the tiny checkpoint's MTP block): whatever it drafts, greedy outputs are the plain
+    ones, with chunked prefill (small step budget) and requests arriving over time."""
+    ref, _ = plain
+    eng = engine(lm, speculative_tokens=k, max_num_batched_tokens=48)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    final, _ = run(eng, prompts, params, random.Random(10 + k))
+    for i in range(len(prompts)):
+        assert final[i].outputs[0].token_ids == ref[i], f"prompt {i}, k={k}"
+    st = eng.spec_stats
+    assert st.drafted > 0 and st.steps > 0
+    m = final[2].metrics
+    assert final[2].outputs[0].token_ids and m.num_generated_tokens == MAX_TOKENS
+    eng.kv.check()
+
+
+def test_mtp_drafts_follow_the_mtp_block(lm, prompts):
+    """The first draft after a prompt is the MTP block's greedy token for (last prompt position, sampled
+    token) computed directly on a fresh cache; the MTP ring rows the extra draft steps wrote are restored."""
+    p = prompts[3]
+    eng = engine(lm, speculative_tokens=3)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, detokenize=False)
+    eng.add_request(p, params, request_id="a")
+    ring_before = eng.cache.mtp_layers[0].window.clone()
+    eng.step()  # prefill: samples the first token and drafts 3
+    req = eng.requests["a"]
+    first = req.output_token_ids[0]
+    drafts = list(req.spec_ids)
+    assert len(drafts) == 3
+    dc = DirectCache(lm.cfg, 1, 512, "cpu", torch.float32, with_mtp=True)
+    s = dc.add()
+    X = lm.model(torch.tensor(p), dc.meta([s], [0], [len(p)]), dc.cache)
+    from dsv4.ops.meta import ForwardMeta
+    m = ForwardMeta.build([s], [0], [len(p)], block_table=dc.cache.block_table)
+    Y = lm.model.mtp_forward(X, torch.tensor(p[1:] + [first]), m, dc.cache)
+    assert int(lm.model.mtp_logits(Y[-1:]).argmax()) == drafts[0]
+    # the engine's MTP ring holds exactly the prompt's positions (the draft steps' rows were put back)
+    slot = req.slot
+    W = ring_before.shape[1]
+    got, want = eng.cache.mtp_layers[0].window[slot], dc.cache.mtp_layers[0].window[s]
+    n = len(p)
+    for q in range(max(0, n - W), n):
+        torch.testing.assert_close(got[q % W], want[q % W])
+    for q in range(n, min(n + W, W)):  # never written rows stay as they were
+        torch.testing.assert_close(got[q % W], ring_before[slot, q % W])

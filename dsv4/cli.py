@@ -85,6 +85,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "every op's provider allow)")
 
 
+def _probability(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a probability (0..1)")
+    return v
+
+
 def _port(s: str) -> int:
     try:
         v = int(s)
@@ -224,7 +234,7 @@ def cmd_bench_latency(a: argparse.Namespace) -> int:
         dev = str(llm.engine.device)
         rows += bl.dsv4_rows(llm, sizes, a.input_len, a.output_len, seed=a.seed or 0, progress=not a.json,
                              with_breakdown=a.breakdown, warmup_output_len=a.warmup_output_len,
-                             warmup_prompts=a.warmup_prompts)
+                             warmup_prompts=a.warmup_prompts, draft_oracle=a.draft_oracle)
         if a.mixed_prefills:
             from dsv4.bench.mixed import format_mixed, run_mixed
 
@@ -381,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="then: TPOT p50 / p99 of the largest batch's requests while N prompts of --mixed-prefill-len "
                          "tokens arrive and prefill (decode under mixed load; see --prefill-tokens-with-decodes)")
     bl.add_argument("--mixed-prefill-len", type=int, default=8192)
+    bl.add_argument("--draft-oracle", type=_probability, default=None, metavar="P",
+                    help="with --speculative-tokens N: draft with a DRAFT ORACLE instead of the MTP block (each batch's "
+                         "greedy outputs replayed as drafts, each kept with probability P): verify-step cost and "
+                         "speed-up against acceptance without real weights; rows are labelled")
     bl.add_argument("--breakdown", action="store_true",
                     help="per-kernel (GPU) / per-op (CPU) time of one more pass at each batch size (torch.profiler)")
     bl.add_argument("--json", action="store_true", help="print the results as JSON")

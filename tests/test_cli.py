@@ -204,6 +204,26 @@ def test_bench_latency_side_by_side(capsys, tiny_dir, tmp_path):
         run(capsys, "bench", "latency", "--model", tiny_dir, "--device", "cpu", "--batch-sizes", "0")
 
 
+def test_bench_latency_draft_oracle(capsys, tiny_dir):
+    """--draft-oracle P: acceptance follows P (0: no draft kept, 1: every draft kept, k + 1 tokens a step),
+    rows labelled as an oracle; without --speculative-tokens it is refused."""
+    rows = {}
+    for p in ("0", "1"):
+        rc, out, err = run(capsys, "bench", "latency", "--model", tiny_dir, "--device", "cpu", "--dtype", "float32",
+                           "--numerics", "plain", "--batch-sizes", "2", "--input-len", 6, "--output-len", 9,
+                           "--speculative-tokens", 2, "--draft-oracle", p, "--json")
+        assert rc == 0, err
+        rows[p] = json.loads(out)["rows"][0]
+    assert rows["0"]["acceptance_rate"] == 0 and rows["0"]["mean_accepted_length"] == 1
+    # 8 tokens after the first: steps of 3, 3 and 2 (the last drafts one token: max_tokens)
+    assert rows["1"]["acceptance_rate"] == 1 and rows["1"]["mean_accepted_length"] == pytest.approx(8 / 3)
+    assert rows["1"]["drafter"] == "oracle p=1.0" and rows["1"]["speculative_tokens"] == 2
+    assert rows["1"]["engine_steps"] < rows["0"]["engine_steps"]
+    with pytest.raises(ValueError, match="speculative_tokens"):
+        run(capsys, "bench", "latency", "--model", tiny_dir, "--device", "cpu", "--batch-sizes", "1",
+            "--input-len", 4, "--output-len", 2, "--draft-oracle", "0.5")
+
+
 def test_kv_cache_too_small_is_a_clear_error(capsys, tiny_dir):
     rc, out, err = run(capsys, "generate", "--model", tiny_dir, "--device", "cpu", "--prompt", "hi",
                        "--kv-cache-memory", "100KiB")

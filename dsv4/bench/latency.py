@@ -6,11 +6,13 @@ command, so the two are compared side by side; per-layer decode time = TPOT / la
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from dsv4.bench.throughput import run_throughput
+from dsv4.engine.sampling_params import SamplingParams
 
 ENGINES = ("dsv4", "transformers", "both")
 
@@ -51,19 +53,38 @@ def breakdown(fn, top: int = 15) -> list[dict]:
 
 def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0,
               progress: bool = True, with_breakdown: bool = False, warmup_output_len: int | None = None,
-              warmup_prompts: int | None = None) -> list[dict]:
+              warmup_prompts: int | None = None, draft_oracle: float | None = None) -> list[dict]:
     """`warmup_output_len` / `warmup_prompts`: output tokens / requests of the untimed warm-up pass (default:
     those of the timed one). Fewer tokens are enough to compile and capture when the run's sequences stay in
     one context bucket (all equal lengths do); fewer requests compile the kernels but leave the capture of
-    the batch's own graph bucket (about a second per bucket) inside the timed pass."""
+    the batch's own graph bucket (about a second per bucket) inside the timed pass.
+    `draft_oracle` (an engine with speculative_tokens k): draft with a DRAFT ORACLE instead of the MTP block:
+    each batch's greedy outputs without drafts are recorded first, then replayed as drafts, each kept with
+    probability `draft_oracle` (spec_decode.OracleDrafter): the verify step's cost and the speed-up against
+    acceptance, measurable without real weights. Rows say so ("drafter": "oracle p=...")."""
     layers = llm.engine.cfg.num_layers
     gpus = llm.engine.world  # expert-parallel ranks
     fpt = weight_flops_per_token(llm.engine.lm.model)
     rows = []
+    eng = llm.engine
+    k = eng.config.speculative_tokens
+    if draft_oracle is not None and not k:
+        raise ValueError("a draft oracle needs an engine with speculative_tokens > 0")
     for B in batch_sizes:
+        if draft_oracle is not None:
+            _install_oracle(llm, B, input_len, output_len, seed, k, draft_oracle)
         run_throughput(llm, min(B, warmup_prompts or B), input_len, warmup_output_len or output_len, seed=seed,
                        progress=False)  # warm-up
+        st0 = dataclasses.replace(eng.spec_stats)
         r = run_throughput(llm, B, input_len, output_len, seed=seed, progress=False)
+        st = eng.spec_stats
+        spec = {}
+        if k:
+            d_steps, d_drafted, d_acc = st.steps - st0.steps, st.drafted - st0.drafted, st.accepted - st0.accepted
+            spec = {"speculative_tokens": k,
+                    "drafter": f"oracle p={draft_oracle}" if draft_oracle is not None else "mtp",
+                    "acceptance_rate": d_acc / d_drafted if d_drafted else 0.0,
+                    "mean_accepted_length": (d_acc + d_steps) / d_steps if d_steps else 0.0}
         tpot = r["tpot_s"]["p50"]
         ttft = r["ttft_s"]["p50"]
         rows.append({"engine": "dsv4", "batch": B, "ttft_s": ttft, "tpot_ms": tpot * 1e3,
@@ -75,7 +96,8 @@ def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed
                      "engine_steps": r["engine_steps"], "errors": r["errors"],
                      # prefill matrix rate: weight FLOPs of every prompt token over the run's median TTFT
                      # (meaningful for batch 1, or when the whole batch is prefilled before the first token)
-                     "prefill_weight_tflops_s": fpt * input_len * B / ttft / 1e12 if ttft else float("nan")})
+                     "prefill_weight_tflops_s": fpt * input_len * B / ttft / 1e12 if ttft else float("nan"),
+                     **spec})
         if with_breakdown:
             rows[-1]["breakdown"] = breakdown(
                 lambda: run_throughput(llm, B, input_len, output_len, seed=seed, progress=False))
@@ -84,6 +106,20 @@ def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed
             for k in rows[-1].get("breakdown", []):
                 print(f"      {k['ms']:10.3f} ms  {100 * k['share']:5.1f}%  x{k['calls']:<6} {k['name']}")
     return rows
+
+
+def _install_oracle(llm, B: int, input_len: int, output_len: int, seed: int, k: int, accept: float) -> None:
+    """Record the batch's greedy outputs without drafts, then draft them back (OracleDrafter)."""
+    from dsv4.bench.throughput import bench_prompts
+    from dsv4.engine.spec_decode import OracleDrafter
+
+    eng = llm.engine
+    eng.runner.drafter = None
+    prompts = bench_prompts(eng.cfg.vocab_size, B, input_len, seed)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    cont = {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, outs)}
+    eng.runner.drafter = OracleDrafter(cont, k, accept, seed=seed, vocab_size=eng.cfg.vocab_size)
 
 
 def transformers_model(model: str, num_layers: int | None, device: str, dtype: torch.dtype):
@@ -147,7 +183,10 @@ def format_row(r: dict) -> str:
             f"({r['tpot_ms_per_layer']:.3f} ms/layer)  {r['user_tok_s']:8.1f} tok/s/user  "
             f"{r['output_tok_s']:9.1f} tok/s total"
             + (f" ({r['output_tok_s_per_gpu']:.1f} per GPU over {r['gpus']}; decode {r['decode_tok_s_per_gpu']:.1f} "
-               f"per GPU)" if r.get("gpus", 1) > 1 else ""))
+               f"per GPU)" if r.get("gpus", 1) > 1 else "")
+            + (f"  [speculative {r['speculative_tokens']}, drafter {r['drafter']}: acceptance "
+               f"{r['acceptance_rate']:.2f}, {r['mean_accepted_length']:.2f} tokens/step]"
+               if r.get("speculative_tokens") else ""))
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

@@ -18,13 +18,17 @@ def percentiles(xs: list[float], ps=(50, 90, 99)) -> dict[str, float]:
     return {f"p{p}": float(torch.quantile(t, p / 100)) for p in ps} | {"mean": float(t.mean())}
 
 
+def bench_prompts(vocab_size: int, num_prompts: int, input_len: int, seed: int = 0) -> list[list[int]]:
+    """The benchmark's random prompts (the same for the same arguments)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num_prompts, input_len), generator=g).tolist()
+
+
 def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, seed: int = 0,
                    temperature: float = 0.0, progress: bool = True) -> dict:
     if num_prompts < 1 or input_len < 1 or output_len < 1:
         raise ValueError("num_prompts, input_len and output_len must be >= 1")
-    V = llm.engine.cfg.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, V, (num_prompts, input_len), generator=g).tolist()
+    prompts = bench_prompts(llm.engine.cfg.vocab_size, num_prompts, input_len, seed)
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=temperature,
                             seed=seed if temperature > 0 else None, detokenize=False)
     eng = llm.engine

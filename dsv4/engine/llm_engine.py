@@ -227,6 +227,7 @@ class LLMEngine:
         for (req, n), res in zip(so.scheduled, results):
             if res.tokens is not None:  # verified drafts: emits accepted drafts + one, keeps as many
                 req.num_computed_tokens += res.kept
+                req.num_spec_steps += 1
                 req.num_draft_tokens += res.drafted
                 req.num_accepted_tokens += res.kept - 1
                 self.spec_stats.steps += 1

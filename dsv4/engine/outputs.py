@@ -27,6 +27,10 @@ class RequestMetrics:
     num_prompt_tokens: int
     num_generated_tokens: int
     num_preemptions: int
+    # speculative decoding: steps that verified drafts, drafts verified, drafts accepted
+    num_spec_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:
@@ -97,6 +101,7 @@ def shape_output(r) -> RequestOutput | None:
     m = RequestMetrics(arrival_time=r.arrival_time, first_scheduled_time=r.first_scheduled_time,
                        first_token_time=r.first_token_time, finish_time=r.finish_time,
                        num_prompt_tokens=len(r.prompt_token_ids), num_generated_tokens=len(r.output_token_ids),
-                       num_preemptions=r.num_preemptions)
+                       num_preemptions=r.num_preemptions, num_spec_steps=r.num_spec_steps,
+                       num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens)
     return RequestOutput(request_id=r.request_id, prompt=r.prompt, prompt_token_ids=r.prompt_token_ids,
                          prompt_logprobs=plp, outputs=[comp], finished=finished, metrics=m, error=r.error)

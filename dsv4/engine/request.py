@@ -49,6 +49,7 @@ class Request:
     # speculative decoding: drafts of the tokens after the last one, to verify in the next step (tokens
     # num_tokens .. num_tokens + len - 1 of token_slice); the drafter sets them, the scheduler trims them
     spec_ids: list[int] = field(default_factory=list)
+    num_spec_steps: int = 0  # steps that verified drafts
     num_draft_tokens: int = 0  # drafts verified so far
     num_accepted_tokens: int = 0  # of which accepted
     # bookkeeping

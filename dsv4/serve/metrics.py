@@ -35,12 +35,21 @@ class ServerMetrics:
                               buckets=_TPOT, registry=r)
         self.e2e = Histogram("dsv4_e2e_request_latency_seconds", "Arrival to finish", buckets=_LAT, registry=r)
         self.http_errors = Counter("dsv4_http_errors", "Error responses", ["status"], registry=r)
+        # speculative decoding (finished requests): acceptance rate = accepted / draft tokens; mean accepted
+        # length per step = (accepted + steps) / steps
+        self.spec_steps = Counter("dsv4_spec_decode_steps", "Steps that verified drafts", registry=r)
+        self.spec_drafts = Counter("dsv4_spec_decode_draft_tokens", "Draft tokens verified", registry=r)
+        self.spec_accepted = Counter("dsv4_spec_decode_accepted_tokens", "Draft tokens accepted", registry=r)
 
     def observe(self, out) -> None:
         m = out.metrics
         self.prompt_tokens.inc(m.num_prompt_tokens)
         self.generation_tokens.inc(m.num_generated_tokens)
         self.finished.labels(out.outputs[0].finish_reason or "unknown").inc()
+        if m.num_spec_steps:
+            self.spec_steps.inc(m.num_spec_steps)
+            self.spec_drafts.inc(m.num_draft_tokens)
+            self.spec_accepted.inc(m.num_accepted_tokens)
         if m.ttft is not None:
             self.ttft.observe(m.ttft)
         if m.tpot is not None:

@@ -205,3 +205,26 @@ def test_mtp_drafts_follow_the_mtp_block(lm, prompts):
         torch.testing.assert_close(got[q % W], want[q % W])
     for q in range(n, min(n + W, W)):  # never written rows stay as they were
         torch.testing.assert_close(got[q % W], ring_before[slot, q % W])
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "oracle"])
+def test_preemption_with_drafts(lm, prompts, plain, drafter):
+    """A cache too small for everyone: requests with drafts in flight are preempted and recomputed (their
+    drafts dropped), and the greedy outputs still equal plain decoding."""
+    ref, _ = plain
+    kw = dict(speculative_tokens=3) if drafter == "mtp" else {}
+    layout = engine(lm, max_num_seqs=1, **kw).plan.layout
+    budget = 4 * layout.slot_bytes + (2 + 1) * layout.page_bytes  # 4 slots, 2 pages (+ the null page)
+    eng = engine(lm, max_num_seqs=4, max_num_batched_tokens=48, kv_cache_memory=budget, **kw)
+    assert eng.plan.num_slots == 4 and eng.plan.num_pages == 2
+    if drafter == "oracle":
+        eng.runner.drafter = OracleDrafter({tuple(p): ref[i] for i, p in enumerate(prompts)}, 3, 0.5,
+                                           vocab_size=lm.cfg.vocab_size)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    final, _ = run(eng, prompts, params, random.Random(3))
+    assert sum(o.metrics.num_preemptions for o in final.values()) > 0, "the cache was not tight enough"
+    for i in range(len(prompts)):
+        assert final[i].outputs[0].token_ids == ref[i], f"prompt {i} after preemption ({drafter})"
+    assert eng.spec_stats.drafted > 0
+    eng.kv.check()
+    assert eng.kv.num_free_pages == eng.cache.num_pages and eng.kv.num_free_slots == eng.cache.num_slots

@@ -228,3 +228,29 @@ def test_preemption_with_drafts(lm, prompts, plain, drafter):
     assert eng.spec_stats.drafted > 0
     eng.kv.check()
     assert eng.kv.num_free_pages == eng.cache.num_pages and eng.kv.num_free_slots == eng.cache.num_slots
+
+
+def test_penalties_logprobs_min_tokens_and_stop_ids_with_drafts(lm, prompts):
+    """Per-position sampling state under verification: repetition / frequency / presence penalties over the
+    output so far (drafts included), logprobs of every emitted token, min_tokens suppressing the stop ids,
+    and a stop token id met inside a run of accepted drafts (the tokens after it are dropped)."""
+    base = dict(max_tokens=MAX_TOKENS, temperature=0, detokenize=False, logprobs=2, repetition_penalty=1.3,
+                frequency_penalty=0.4, presence_penalty=0.2)
+    ps = prompts[:5]
+    plain_eng = engine(lm)
+    first, _ = run(plain_eng, ps, SamplingParams(ignore_eos=True, **base))
+    # stop on each request's 6th plain token, but not before 4 tokens (min_tokens)
+    stop = sorted({first[i].outputs[0].token_ids[5] for i in range(len(ps))})
+    params = SamplingParams(stop_token_ids=stop, min_tokens=4, ignore_eos=True, **base)
+    want, _ = run(engine(lm), ps, params)
+    eng = engine(lm)
+    cont = {tuple(p): want[i].outputs[0].token_ids for i, p in enumerate(ps)}
+    eng.runner.drafter = OracleDrafter(cont, 3, 0.8, seed=1, vocab_size=lm.cfg.vocab_size)
+    got, _ = run(eng, ps, params)
+    assert eng.spec_stats.accepted > 0
+    for i in range(len(ps)):
+        a, b = got[i].outputs[0], want[i].outputs[0]
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason and a.stop_reason == b.stop_reason
+        assert [x.token_id for x in a.logprobs] == a.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x.logprob - y.logprob) < 1e-4 and x.rank == y.rank

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.cache.model_cache import LayerCache, ModelCache
+from dsv4.cache.model_cache import LayerCache
 from dsv4.ops.kv_format import Fp8KV
 from dsv4.ops.meta import ForwardMeta
 
@@ -35,16 +35,13 @@ class StateSnapshot:
         dev = layers[0].window.device if layers else torch.device("cpu")
         W = layers[0].window.shape[1] if layers else 1
         rs, rp = [], []
+        self._ring_rows: dict[int, list[int]] = {}  # slot -> its rows among the saved ones
+        self._index = {s: b for b, s in enumerate(slots)}
         for s, p, n in zip(slots, starts, num_new):
             lo = max(p, p + n - W)  # (a chunk longer than the ring writes only its last W rows)
+            self._ring_rows[s] = list(range(len(rs), len(rs) + p + n - lo))
             rs += [s] * (p + n - lo)
             rp += [q % W for q in range(lo, p + n)]
-        self._ring_rows = {}  # slot -> (indices into the saved rows)
-        k = 0
-        for s, p, n in zip(slots, starts, num_new):
-            m = min(n, W)
-            self._ring_rows[s] = list(range(k, k + m))
-            k += m
         self.ring_slot = torch.tensor(rs, dtype=torch.int64, device=dev)
         self.ring_pos = torch.tensor(rp, dtype=torch.int64, device=dev)
         self.slot_t = torch.tensor(list(slots), dtype=torch.int64, device=dev)
@@ -57,7 +54,7 @@ class StateSnapshot:
             return
         dev = self.slot_t.device
         rows = torch.tensor([i for s in slots for i in self._ring_rows[s]], dtype=torch.int64, device=dev)
-        idx = torch.tensor([self.slots.index(s) for s in slots], dtype=torch.int64, device=dev)
+        idx = torch.tensor([self._index[s] for s in slots], dtype=torch.int64, device=dev)
         sl = self.slot_t[idx]
         for lc, ring, states in zip(self.layers, self.rings, self.states):
             for t, saved in zip(_parts(lc.window), ring):
@@ -71,7 +68,7 @@ def _state_tensors(lc: LayerCache) -> list[torch.Tensor | None]:
     return [lc.state, lc.prev, lc.idx_state, lc.idx_prev]
 
 
-def rollback(cache: ModelCache, snapshot: StateSnapshot, meta: ForwardMeta, keep: dict[int, int]) -> None:
+def rollback(snapshot: StateSnapshot, meta: ForwardMeta, keep: dict[int, int]) -> None:
     """After a verify step (run with meta.redo recording): sequence b of `meta` keeps its first keep[b]
     tokens of the step (keep[b] < its scheduled count: drafts were rejected; sequences not in `keep` kept
     all). Restores the snapshot of those sequences and redoes the kept tokens' writes."""

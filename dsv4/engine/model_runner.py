@@ -157,7 +157,7 @@ class ModelRunner:
                 if res.kept < n:
                     keep[i] = res.kept
                     self.kv.truncate(meta.seq_slots_host[i], batch.starts[i] + res.kept)
-            rollback(self.cache, snap, meta, keep)
+            rollback(snap, meta, keep)
         if self.drafter is not None:
             self._draft(batch, X, results)
         elif spec:

@@ -115,7 +115,7 @@ def test_rollback_restores_rings_and_compressors(lm, start, keep):
             lm.model(chunk, meta, dc.cache)
             if keep < 5:
                 dc.kv.truncate(s, start + keep)
-                rollback(dc.cache, snap, meta, {0: keep})
+                rollback(snap, meta, {0: keep})
         else:
             lm.model(chunk[:keep], dc.meta([s], [start], [keep]), dc.cache)
         X = lm.model(after, dc.meta([s], [start + keep], [3]), dc.cache)

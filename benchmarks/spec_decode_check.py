@@ -3,7 +3,7 @@
 Dummy weights make the MTP block's drafts worthless, so the step costs and the speed-up curve are measured
 with the DRAFT ORACLE (dsv4 bench latency --draft-oracle: a previous greedy run's tokens replayed as drafts,
 each kept with probability p); one MTP-drafted row checks that the real drafter runs on the GPU. Baselines:
-plain decoding with graphs and eagerly (verify steps run eagerly today). Per row: TPOT, tokens per step,
+plain decoding with graphs and eagerly; verify steps from graphs (and one eager row). Per row: TPOT, tokens per step,
 and the step time (TPOT x tokens per step).
 
     PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/spec_decode_check.py --out $OUT/spec.json --plot $OUT/spec.png
@@ -55,7 +55,10 @@ def main() -> None:
     res["rows"] += rows_for(B, a.input_len, a.output_len, enforce_eager=True)  # plain, eager
     res["rows"] += rows_for(B, a.input_len, a.output_len, oracle=[1.0, 0.7], speculative_tokens=1)
     res["rows"] += rows_for(B, a.input_len, a.output_len, oracle=[0.0, 0.5, 0.7, 0.9, 1.0], speculative_tokens=3)
+    res["rows"] += rows_for([1], a.input_len, a.output_len, oracle=[0.7], speculative_tokens=3,
+                            enforce_eager=True)  # verify steps without graphs (the old path)
     res["rows"] += rows_for([1], a.input_len, a.output_len, speculative_tokens=3)  # the MTP drafter itself
+    res["rows"] += rows_for([1], a.input_len, a.output_len, speculative_tokens=1)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
@@ -69,7 +72,8 @@ def main() -> None:
         for b in B:
             for k in (1, 3):
                 pts = sorted((r["acceptance_rate"], r["user_tok_s"]) for r in res["rows"]
-                             if r["batch"] == b and r.get("speculative_tokens") == k and "oracle" in r["drafter"])
+                             if r["batch"] == b and r.get("speculative_tokens") == k and "oracle" in r["drafter"]
+                             and not r["config"].get("enforce_eager"))
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=f"batch {b}, {k} drafts (oracle)")
             for r in res["rows"]:

@@ -92,11 +92,19 @@ class KVCacheManager:
         self.cache.reset([req.slot])
         return True
 
-    def take_scratch_slot(self) -> int:
-        """A slot no request will ever get (bucket-padding rows of captured decode graphs write there)."""
+    def take_scratch_slot(self, tokens: int = 0) -> int:
+        """A slot no request will ever get (bucket-padding rows of captured decode graphs write there), with
+        pages for its first `tokens` tokens (verify graphs' padding rows complete compressed entries)."""
         if not self._free_slots:
             raise RuntimeError("no free slot left for the scratch slot")
         s = self._free_slots.pop(0)  # the highest-numbered slot
+        need = self.pages_for(tokens)
+        pages = self.pages.allocate(need) if need else []
+        if pages is None:
+            raise RuntimeError(f"no free page left for the scratch slot's {tokens} tokens")
+        self.table[s, :need] = torch.tensor(pages, dtype=torch.int64)
+        self._dirty.add(s)
+        self.scratch_pages = pages
         self._owner[s] = "<scratch>"
         self._lens[s] = 0
         self.cache.reset([s])

@@ -19,6 +19,12 @@ smallest batch bucket Bb >= B captured for the smallest context bucket C >= the 
   (3) torch's sync debug mode is "error" during capture (any device -> host sync raises); (4) each bucket
   runs eagerly once before its capture so lazily built caches (weight layouts, expert tables, Triton
   compilation) exist before capture.
+- Verify graphs (speculative decoding, engine/spec_decode.py): the same with `query_len` q > 1, every
+  sequence adding its last token and q - 1 drafts (padding rows: q tokens at positions 0..q-1 of the scratch
+  slot, which owns one page for the compressed entries they complete). The graph also takes the state
+  snapshot of its sequences (cache/spec_state.py StateSnapshot.uniform, device ops) before the forward and
+  records the forward's redo functions, whose inputs are the graph's own tensors (valid after a replay until
+  the next one): `spec_state` hands both to the runner's rollback.
 - The engine captures every bucket at start-up (`capture_all`, largest first so that one memory pool sized
   by the largest serves all); a bucket missing at run time is captured then, with a warning.
 """
@@ -31,6 +37,7 @@ import time
 
 import torch
 
+from dsv4.cache.spec_state import StateSnapshot
 from dsv4.engine.step_batch import StepBuffers, stage_decode
 from dsv4.ops.meta import ForwardMeta
 
@@ -41,6 +48,9 @@ CAPTURABLE_PROVIDERS = frozenset({"triton", "scaled_mm", "cublas_f32out", "hummi
 CAPTURABLE_REFERENCES = frozenset({"lm_head"})  # references with no host reads (plain torch on whole tensors)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MIN_CONTEXT_BUCKET = 1024
+# verify graphs (speculative decoding) up to this batch: each holds its redo inputs, and speculation pays at
+# small batches
+MAX_VERIFY_GRAPH_BATCH = 32
 
 
 class GraphCaptureError(RuntimeError):
@@ -87,7 +97,8 @@ class DecodeGraphs:
 
     def __init__(self, model, cache, scratch_slot: int, max_batch: int,
                  batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS, min_context: int = MIN_CONTEXT_BUCKET,
-                 capture: bool = True, buffers: StepBuffers | None = None, expert_parallel: bool = False):
+                 capture: bool = True, buffers: StepBuffers | None = None, expert_parallel: bool = False,
+                 query_len: int = 1, keep_hidden: bool = False, pool=None):
         blockers = capture_blockers(model.opts.ops)
         if blockers:
             raise GraphCaptureError("graph capture needs capturable providers for every op; these run "
@@ -99,15 +110,24 @@ class DecodeGraphs:
         self.ctx_buckets = context_buckets(cache.max_seq_len, min_context)
         self.use_capture = capture  # False: run the same padded static-buffer step eagerly (tests, debugging)
         self.expert_parallel = expert_parallel
+        if query_len < 1:
+            raise ValueError(f"query_len must be >= 1, got {query_len}")
+        self.q = Q = query_len
         Bm = buckets[-1]
-        self.buffers = buffers or StepBuffers(Bm, Bm, self.device)
-        if self.buffers.max_tokens < Bm or self.buffers.max_seqs < Bm:
+        self.buffers = buffers or StepBuffers(Bm * Q, Bm, self.device)
+        if self.buffers.max_tokens < Bm * Q or self.buffers.max_seqs < Bm:
             raise ValueError(f"step buffers of {self.buffers.max_tokens} tokens / {self.buffers.max_seqs} sequences "
-                             f"cannot hold the largest graph bucket ({Bm})")
-        self.logits = torch.empty(Bm, model.head.weight.shape[0], dtype=torch.float32, device=self.device)
+                             f"cannot hold the largest graph bucket ({Bm} sequences of {Q} tokens)")
+        self.logits = torch.empty(Bm * Q, model.head.weight.shape[0], dtype=torch.float32, device=self.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.capture_s: dict[tuple[int, int], float] = {}  # seconds each start-up capture took
-        self.pool = None
+        self.pool = pool  # (verify graphs share the decode graphs' memory pool: never replayed at once)
+        # per bucket: the final streams [Bb * q, hc, D] (keep_hidden: a drafter reads them), and for verify
+        # graphs the state snapshot and redo functions of the captured forward
+        self.keep_hidden = keep_hidden
+        self.hidden: dict[tuple[int, int], torch.Tensor] = {}
+        self._spec: dict[tuple[int, int], tuple] = {}
+        self._eager_spec: tuple | None = None  # (capture=False: the last run's)
 
     # ---- buckets ------------------------------------------------------------------------------------
     def bucket(self, batch: int, max_len: int) -> tuple[int, int]:
@@ -123,16 +143,24 @@ class DecodeGraphs:
 
     def _meta(self, Bb: int, C: int, frozen: bool) -> ForwardMeta:
         mirror = _FrozenMirror if frozen else list
-        d = self.buffers.device_views(Bb, Bb)
+        Q = self.q
+        d = self.buffers.device_views(Bb * Q, Bb)
         return ForwardMeta(
             positions=d["positions"], token_seq=d["token_seq"], seq_slots=d["slots"], query_start=d["query_start"],
-            seq_start=d["seq_start"], seq_lens=d["seq_lens"], query_start_host=list(range(Bb + 1)),
-            seq_start_host=mirror([0] * Bb), seq_lens_host=mirror([1] * Bb), seq_slots_host=mirror([self.scratch] * Bb),
-            seq_len_bound=C, block_table=self.cache.block_table, ep_tokens=Bb if self.expert_parallel else None)
+            seq_start=d["seq_start"], seq_lens=d["seq_lens"], query_start_host=list(range(0, Bb * Q + 1, Q)),
+            seq_start_host=mirror([0] * Bb), seq_lens_host=mirror([Q] * Bb), seq_slots_host=mirror([self.scratch] * Bb),
+            seq_len_bound=C, block_table=self.cache.block_table, ep_tokens=Bb * Q if self.expert_parallel else None)
 
-    def _forward(self, Bb: int, C: int, frozen: bool) -> torch.Tensor:
-        X = self.model(self.buffers.device_views(Bb, Bb)["ids"], self._meta(Bb, C, frozen), self.cache)
-        return self.model.logits(X)
+    def _forward(self, Bb: int, C: int, frozen: bool):
+        """(streams X, logits, snapshot, redo functions) of one step over the staged buffers."""
+        d = self.buffers.device_views(Bb * self.q, Bb)
+        meta = self._meta(Bb, C, frozen)
+        snap = None
+        if self.q > 1:
+            snap = StateSnapshot.uniform(self.cache.layers, d["slots"], d["seq_start"], self.q)
+            meta.redo = []
+        X = self.model(d["ids"], meta, self.cache)
+        return X, self.model.logits(X), snap, meta.redo
 
     def capture_all(self, progress: bool = False) -> float:
         """Capture every (batch, context) bucket not captured yet, largest first; the seconds it took."""
@@ -154,7 +182,7 @@ class DecodeGraphs:
 
     def capture(self, Bb: int, C: int) -> None:
         key = (Bb, C)
-        stage_decode(self.buffers, Bb, self.scratch, [], [], [])  # every row a scratch row
+        stage_decode(self.buffers, Bb, self.scratch, [], [], [], self.q)  # every row a scratch row
         torch.cuda.synchronize(self.device)
         self._forward(Bb, C, frozen=False)  # warm-up: compile kernels, build lazy caches
         torch.cuda.synchronize(self.device)
@@ -163,7 +191,13 @@ class DecodeGraphs:
         torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.cuda.graph(g, pool=self.pool):
-                self.logits[:Bb].copy_(self._forward(Bb, C, frozen=True))
+                X, logits, snap, redo = self._forward(Bb, C, frozen=True)
+                self.logits[:Bb * self.q].copy_(logits)
+            del logits
+            if self.keep_hidden:
+                self.hidden[key] = X
+            if snap is not None:
+                self._spec[key] = (snap, redo)
         except Exception as e:
             raise GraphCaptureError(f"capture of decode batch {Bb}, context {C} failed: {type(e).__name__}: {e}") from e
         finally:
@@ -183,23 +217,42 @@ class DecodeGraphs:
         """Run bucket `key` over what was staged for it (step_batch.stage_decode); logits [Bb, V]."""
         if key[0] not in self.batch_buckets or key[1] not in self.ctx_buckets:
             raise ValueError(f"{key} is not a graph bucket")
+        n = key[0] * self.q
         if not self.use_capture:
-            self.logits[:key[0]].copy_(self._forward(*key, frozen=True))
-            return self.logits[:key[0]]
+            X, logits, snap, redo = self._forward(*key, frozen=True)
+            self.logits[:n].copy_(logits)
+            if self.keep_hidden:
+                self.hidden[key] = X
+            self._eager_spec = (snap, redo)
+            return self.logits[:n]
         self.graphs[key].replay()
-        return self.logits[:key[0]]
+        return self.logits[:n]
+
+    def spec_state(self, key: tuple[int, int], slots: list[int], starts: list[int]):
+        """After replaying verify bucket `key` over sequences in `slots` (starting at `starts`): the state
+        snapshot the graph took and a host-side meta of those sequences whose `redo` repeats the graph's
+        writes (for cache/spec_state.rollback; valid until the next replay)."""
+        snap, redo = self._eager_spec if not self.use_capture else self._spec[key]
+        Q = self.q
+        meta = ForwardMeta(positions=self.buffers.device_views(key[0] * Q, key[0])["positions"],
+                           token_seq=None, seq_slots=None, query_start=None, seq_start=None, seq_lens=None,
+                           query_start_host=list(range(0, len(slots) * Q + 1, Q)), seq_start_host=list(starts),
+                           seq_lens_host=[s + Q for s in starts], seq_slots_host=list(slots),
+                           block_table=self.cache.block_table, redo=redo)
+        return snap.bind(list(slots)), meta
 
     def run(self, ids, slots: list[int], positions: list[int],
             bucket: tuple[int, int] | None = None) -> torch.Tensor:
-        """Stage and replay one decode step (direct use). `bucket`: at least this step's own."""
+        """Stage and replay one decode step (direct use; verify graphs: `positions` are the sequences' first
+        positions and `ids` their q tokens each, flat). `bucket`: at least this step's own."""
         B = len(slots)
-        own = self.bucket(max(B, 1), max(positions, default=0) + 1)
+        own = self.bucket(max(B, 1), max(positions, default=0) + self.q)
         key = own if bucket is None else tuple(bucket)
         if key[0] < own[0] or key[1] < own[1]:
             raise ValueError(f"bucket {key} cannot hold this step (needs at least {own})")
         if self.use_capture and key not in self.graphs:
             self.capture(*key)  # runs scratch rows only; staged below, after it
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        stage_decode(self.buffers, key[0], self.scratch, ids, slots, positions)
-        return self.replay(key)[:B]
+        stage_decode(self.buffers, key[0], self.scratch, ids, slots, positions, self.q)
+        return self.replay(key)[:B * self.q]
 

@@ -12,10 +12,12 @@ import torch
 from dsv4.cache.direct import DirectCache
 from dsv4.cache.kv_manager import KVCacheManager
 from dsv4.cache.model_cache import CacheLayout, ModelCache
+from dsv4.cache.spec_state import redo_bytes_per_token
 from dsv4.cache.planner import CacheDoesNotFit, CachePlan, gib, plan_cache
 from dsv4.config import EngineConfig
 from dsv4.engine.coordinator import SingleRank, StepCoordinator
-from dsv4.engine.cuda_graphs import DecodeGraphs, capture_blockers
+from dsv4.engine.cuda_graphs import (DEFAULT_BATCH_BUCKETS, MAX_VERIFY_GRAPH_BATCH, DecodeGraphs, capture_blockers,
+                                     context_buckets)
 from dsv4.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from dsv4.engine.model_runner import ModelRunner
 from dsv4.engine.outputs import RequestOutput, finish_text, shape_output
@@ -57,10 +59,7 @@ class LLMEngine:
         spec = config.speculative_tokens  # (the MTP drafter's window ring is part of the cache plan)
         layout = CacheLayout.of(self.cfg, kv_dtype, kv_fp8, config.page_tokens, with_mtp=bool(spec))
         graphs_ok = self._graphs_wanted()
-        if spec and graphs_ok:
-            log.info("speculative decoding: steps run eagerly (verify steps are not captured in graphs yet)")
-            graphs_ok = False
-        budget = self._cache_budget(graphs_ok)
+        budget = self._cache_budget(graphs_ok, spec)
         budget = coord.min_over_ranks(budget)  # every rank gets the same plan, so that all have the same buckets
         self.plan: CachePlan = plan_cache(layout, budget, config.max_num_seqs, self.max_model_len)
         log.info(self.plan.describe())
@@ -71,11 +70,17 @@ class LLMEngine:
                                 kv_dtype, page_tokens=layout.page_tokens, num_pages=self.plan.num_pages,
                                 kv_fp8=kv_fp8, dialect=self.lm.platform.fp8_dialect, with_mtp=bool(spec))
         self.kv = KVCacheManager(self.cache)
-        scratch_slot = self.kv.take_scratch_slot() if scratch else None
+        # (verify graphs' padding rows run spec + 1 tokens on it: it owns a page for what they compress)
+        scratch_slot = self.kv.take_scratch_slot(spec + 1 if spec and graphs_ok else 0) if scratch else None
         max_batch = min(config.max_num_seqs, self.plan.num_slots)
-        self.buffers = StepBuffers(max(config.max_num_batched_tokens, max_batch), max_batch, self.device)
-        graphs = None
-        if graphs_ok:
+        verify_batch = min(max_batch, MAX_VERIFY_GRAPH_BATCH)
+        self.buffers = StepBuffers(max(config.max_num_batched_tokens, max_batch, verify_batch * (spec + 1)),
+                                   max_batch, self.device)
+        graphs = verify_graphs = None
+        if graphs_ok and spec:  # speculative decoding: verify steps (and the drafter's streams) from graphs
+            verify_graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot, max_batch=verify_batch,
+                                         buffers=self.buffers, query_len=spec + 1, keep_hidden=True)
+        elif graphs_ok:
             graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot, max_batch=max_batch,
                                   buffers=self.buffers, expert_parallel=coord.lockstep)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
@@ -83,9 +88,9 @@ class LLMEngine:
         drafter = MTPDrafter(self.lm.model, self.cache, spec) if spec else None
         self.spec_stats = SpecStats()  # speculative decoding: verify steps, drafted and accepted tokens
         self.runner = ModelRunner(self.lm, self.kv, self.buffers, Sampler(), graphs=graphs, coordinator=coord,
-                                  scratch_slot=scratch_slot, drafter=drafter)
-        if graphs is not None:
-            self._capture_graphs(graphs)
+                                  scratch_slot=scratch_slot, drafter=drafter, verify_graphs=verify_graphs)
+        if graphs is not None or verify_graphs is not None:
+            self._capture_graphs(graphs or verify_graphs)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -112,7 +117,7 @@ class LLMEngine:
     # ---- capacity ---------------------------------------------------------------------------------
     _graph_reserve = 0
 
-    def _cache_budget(self, graphs: bool) -> int:
+    def _cache_budget(self, graphs: bool, spec: int = 0) -> int:
         c = self.config
         if c.kv_cache_memory is not None:
             return c.kv_cache_memory
@@ -124,6 +129,11 @@ class LLMEngine:
         if graphs:  # the graphs' shared memory pool: measured (4 Flash layers, H100, 2026-12-05) at 5.4x one
             # eager forward's activation peak at the largest bucket (0.092 vs 0.017 GiB); kept with margin
             self._graph_reserve = 6 * self._profile_activations(min(c.max_num_seqs, 256)) + 2**27
+            if spec:  # verify graphs instead, each holding its redo inputs (cache/spec_state.py)
+                q, bs = spec + 1, [b for b in DEFAULT_BATCH_BUCKETS if b <= min(c.max_num_seqs, MAX_VERIFY_GRAPH_BATCH)]
+                n_ctx = len(context_buckets(self.max_model_len))
+                self._graph_reserve = (6 * self._profile_activations(q * max(bs)) + 2**27
+                                       + n_ctx * q * sum(bs) * redo_bytes_per_token(self.cfg, self.lm.opts.dtype))
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = int(c.gpu_memory_utilization * total) - weights - activations - self._graph_reserve
         if budget <= 0:

@@ -18,7 +18,7 @@ from dsv4.engine.coordinator import EAGER, GRAPH, NONE, SingleRank, StepCoordina
 from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.request import Request
 from dsv4.engine.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
-from dsv4.engine.spec_decode import verify
+from dsv4.engine.spec_decode import verify_all
 from dsv4.engine.step_batch import StepBatch, StepBuffers, build_eager, stage_decode
 from dsv4.model.builder import LoadedModel
 
@@ -42,7 +42,7 @@ class StepResult:
 class ModelRunner:
     def __init__(self, lm: LoadedModel, kv: KVCacheManager, buffers: StepBuffers, sampler: Sampler | None = None,
                  graphs: DecodeGraphs | None = None, coordinator: StepCoordinator | None = None,
-                 scratch_slot: int | None = None, drafter=None):
+                 scratch_slot: int | None = None, drafter=None, verify_graphs: DecodeGraphs | None = None):
         self.coord = coordinator or SingleRank()
         if self.coord.lockstep and scratch_slot is None:
             raise ValueError("lockstep (expert-parallel) steps need a scratch cache slot for ranks without work")
@@ -53,6 +53,8 @@ class ModelRunner:
         self.sampler = sampler or Sampler()
         self.graphs = graphs
         self.drafter = drafter  # speculative decoding (engine/spec_decode.py), or None
+        self.verify_graphs = verify_graphs  # speculative decoding: graphs of q = drafts + 1 tokens per sequence
+        self.verify_graph_steps = 0
         self.graph_steps = 0
         self.last_batch: StepBatch | None = None  # (tests: what the model received)
 
@@ -61,6 +63,14 @@ class ModelRunner:
         graph bucket."""
         return (self.graphs is not None and self.drafter is None and len(reqs) <= self.graphs.batch_buckets[-1]
                 and all(n == 1 and s + 1 == r.num_tokens and r.params.prompt_logprobs is None
+                        for r, s, n in zip(reqs, starts, ns)))
+
+    def _verify_graph_step(self, reqs, starts, ns) -> bool:
+        """Every sequence runs its last token and exactly q - 1 drafts, no prompt logprobs, and the batch
+        fits a verify graph bucket."""
+        vg = self.verify_graphs
+        return (vg is not None and len(reqs) <= vg.batch_buckets[-1]
+                and all(n == vg.q and s + 1 == r.num_tokens and r.params.prompt_logprobs is None
                         for r, s, n in zip(reqs, starts, ns)))
 
     def _sample(self, logits, reqs, sample_at, results) -> None:
@@ -81,7 +91,8 @@ class ModelRunner:
         ns = [n for _, n in scheduled]
         starts = [r.num_computed_tokens for r in reqs]
         results = [StepResult() for _ in reqs]
-        graph = bool(reqs) and self._graph_step(reqs, starts, ns)
+        verify_graph = bool(reqs) and self._verify_graph_step(reqs, starts, ns)
+        graph = bool(reqs) and (verify_graph or self._graph_step(reqs, starts, ns))
         plan = self.coord.agree(NONE if not reqs else GRAPH if graph else EAGER, len(reqs),
                                 max((s + n for s, n in zip(starts, ns)), default=0), sum(ns))
         if plan.kind == NONE:
@@ -90,6 +101,8 @@ class ModelRunner:
         self.kv.begin_step(slots, starts, [s + n for s, n in zip(starts, ns)])
         self.kv.sync_block_table()
         ep_tokens = plan.tokens if self.coord.lockstep else None
+        if verify_graph:  # (never in lockstep: speculation is refused with expert parallelism)
+            return self._run_verify_graph(reqs, starts, ns, slots, results)
         if plan.kind == GRAPH:
             key = self.graphs.bucket(plan.batch, plan.max_len)
             self.graphs.ensure(key)
@@ -109,6 +122,38 @@ class ModelRunner:
         batch = build_eager(self.buffers, reqs, starts, ns, slots, self.cache.block_table, ep_tokens)
         self.last_batch = batch
         return self._run_eager(batch, results)
+
+    def _run_verify_graph(self, reqs, starts, ns, slots, results) -> list[StepResult]:
+        vg = self.verify_graphs
+        q = vg.q
+        key = vg.bucket(len(reqs), max(s + q for s in starts))
+        vg.ensure(key)
+        ids = [t for r, s in zip(reqs, starts) for t in r.token_slice(s, s + q)]
+        dev_ids = stage_decode(self.buffers, key[0], self.scratch, ids, slots, starts, q)
+        logits = vg.replay(key)
+        self.verify_graph_steps += 1
+        snap, meta = vg.spec_state(key, slots, starts)
+        batch = StepBatch(reqs, starts, ns, dev_ids, meta, key)
+        self.last_batch = batch
+        self._verify(batch, logits, [(i, i * q) for i in range(len(reqs))], [q - 1] * len(reqs), snap, results)
+        if self.drafter is not None:
+            self._draft(batch, vg.hidden.get(key), results)
+        return results
+
+    def _verify(self, batch: StepBatch, logits, verify_at, k, snap, results) -> None:
+        """Accept or reject the drafts of the sequences in `verify_at` ((request index, its first logits row));
+        k[i]: drafts of request i. Rolls back the state of sequences that lost drafts."""
+        reqs, meta = batch.reqs, batch.meta
+        items = [(reqs[i], logits[j:j + batch.num_new[i]], reqs[i].spec_ids[:k[i]]) for i, j in verify_at]
+        keep: dict[int, int] = {}
+        for (i, _), (toks, lps) in zip(verify_at, verify_all(self.sampler, items)):
+            res = results[i]
+            res.drafted = k[i]
+            res.tokens, res.token_logprobs = toks, lps
+            if res.kept < batch.num_new[i]:
+                keep[i] = res.kept
+                self.kv.truncate(meta.seq_slots_host[i], batch.starts[i] + res.kept)
+        rollback(snap, meta, keep)
 
     def _run_eager(self, batch: StepBatch, results: list[StepResult]) -> list[StepResult]:
         meta, reqs = batch.meta, batch.reqs
@@ -148,16 +193,8 @@ class ModelRunner:
                 self._sample(logits, reqs, sample_at, results)
             for i, j, c, nxt in plp_at:
                 results[i].prompt_logprobs = prompt_logprobs(logits[j:j + c], nxt, reqs[i].params.prompt_logprobs)
-            keep: dict[int, int] = {}
-            for i, j in verify_at:
-                r, n = reqs[i], batch.num_new[i]
-                res = results[i]
-                res.drafted = k[i]
-                res.tokens, res.token_logprobs = verify(self.sampler, logits[j:j + n], r, r.spec_ids[:k[i]])
-                if res.kept < n:
-                    keep[i] = res.kept
-                    self.kv.truncate(meta.seq_slots_host[i], batch.starts[i] + res.kept)
-            rollback(snap, meta, keep)
+            if verify_at:
+                self._verify(batch, logits, verify_at, k, snap, results)
         if self.drafter is not None:
             self._draft(batch, X, results)
         elif spec:

@@ -78,6 +78,31 @@ def verify(sampler: Sampler, logits: torch.Tensor, req: Request,
     return out, lps
 
 
+def verify_all(sampler: Sampler, items: list[tuple[Request, torch.Tensor, list[int]]]
+               ) -> list[tuple[list[int], list[TokenLogprobs | None]]]:
+    """`verify` for many requests ((request, its logits [k + 1, V], its drafts) each): the greedy ones
+    through one sampler call over all their rows, the sampled ones one by one."""
+    out: list = [None] * len(items)
+    greedy = [i for i, (r, _, _) in enumerate(items) if r.params.greedy]
+    if greedy:
+        rows = [row for i in greedy for row in _rows(items[i][0], items[i][2])]
+        x = torch.cat([items[i][1] for i in greedy]) if len(greedy) > 1 else items[greedy[0]][1]
+        toks, lps = sampler(x, rows)
+        o = 0
+        for i in greedy:
+            drafts = items[i][2]
+            k = len(drafts)
+            a = 0
+            while a < k and toks[o + a] == drafts[a]:
+                a += 1
+            out[i] = (toks[o:o + a + 1], lps[o:o + a + 1])
+            o += k + 1
+    for i, (r, lg, drafts) in enumerate(items):
+        if out[i] is None:
+            out[i] = verify(sampler, lg, r, drafts)
+    return out
+
+
 def _draw(q: torch.Tensor, g: torch.Generator | None) -> int:
     if g is not None and g.device != q.device:
         q = q.to(g.device)

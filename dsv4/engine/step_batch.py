@@ -136,20 +136,23 @@ def build_eager(buffers: StepBuffers, reqs: list[Request], starts: list[int], ns
 
 
 def stage_decode(buffers: StepBuffers, Bb: int, scratch: int, ids: list[int], slots: list[int],
-                 positions: list[int]) -> torch.Tensor:
-    """Stage and send a decode step of B = len(slots) sequences padded to bucket Bb: rows B..Bb-1 are
-    one-token sequences at position 0 of the scratch slot. Returns the device ids [Bb]."""
+                 positions: list[int], q: int = 1) -> torch.Tensor:
+    """Stage and send a decode step of B = len(slots) sequences padded to bucket Bb, each adding `q` tokens
+    (q > 1: a verify step, the last token and its q - 1 drafts): sequence b's tokens ids[b*q:(b+1)*q] sit at
+    positions positions[b] .. positions[b] + q - 1. Rows B..Bb-1 are q-token sequences at positions 0..q-1
+    of the scratch slot. Returns the device ids [Bb * q]."""
     B = len(slots)
-    h = buffers.stage(Bb, Bb)
-    pos = torch.tensor(positions, dtype=torch.int64)
+    h = buffers.stage(Bb * q, Bb)
+    start = torch.zeros(Bb, dtype=torch.int64)
+    start[:B] = torch.tensor(positions, dtype=torch.int64)
     h["ids"].zero_()
-    h["ids"][:B] = torch.tensor(ids, dtype=torch.int64)
-    h["positions"].zero_()
-    h["positions"][:B] = pos
-    h["token_seq"].copy_(torch.arange(Bb, dtype=torch.int64))
+    h["ids"][:B * q] = torch.tensor(ids, dtype=torch.int64)
+    offs = torch.arange(q, dtype=torch.int64)
+    h["positions"].copy_((start[:, None] + offs[None, :]).reshape(-1))
+    h["token_seq"].copy_(torch.arange(Bb, dtype=torch.int64).repeat_interleave(q))
     h["slots"].fill_(scratch)
     h["slots"][:B] = torch.tensor(slots, dtype=torch.int64)
-    h["seq_start"].copy_(h["positions"])
-    h["seq_lens"].copy_(h["positions"] + 1)
-    h["query_start"].copy_(torch.arange(Bb + 1, dtype=torch.int64))
-    return buffers.send(Bb, Bb)["ids"]
+    h["seq_start"].copy_(start)
+    h["seq_lens"].copy_(start + q)
+    h["query_start"].copy_(torch.arange(0, Bb * q + 1, q, dtype=torch.int64))
+    return buffers.send(Bb * q, Bb)["ids"]

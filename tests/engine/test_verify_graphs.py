@@ -1,0 +1,163 @@
+"""Verify graphs (speculative decoding through engine/cuda_graphs.py with query_len = drafts + 1).
+
+On the CPU the padded static-buffer verify step runs without capture, every op through its Triton provider
+in the interpreter, with the frozen host mirrors (so no kernel reads a per-step host value), the state
+snapshot taken by device ops inside the step, and the rollback fed by the step's own redo functions. Greedy
+outputs with drafts (oracle drafts, some rejected; the MTP drafter) equal plain decoding, with batches
+padded to a bucket (2 -> 4) by scratch-slot rows of q tokens, prompts crossing the tiny model's CSA (4) boundaries
+and its 128-token window while drafting. On a CUDA device the same runs capture and replay graphs (`gpu`)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import dsv4.model.builder as builder  # noqa: E402
+from dsv4.config import EngineConfig  # noqa: E402
+from dsv4.engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from dsv4.engine.llm_engine import LLMEngine  # noqa: E402
+from dsv4.engine.sampling_params import SamplingParams  # noqa: E402
+from dsv4.engine.spec_decode import OracleDrafter  # noqa: E402
+from dsv4.model import build_model  # noqa: E402
+from dsv4.ops.registry import OpTable  # noqa: E402
+from dsv4.ops.registry import resolve as real_resolve  # noqa: E402
+
+from test_decode_graphs import triton_table  # noqa: E402  (the same op table)
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")]
+
+LENGTHS = [5, 126]
+MAX_TOKENS = 9
+
+
+def _compiled() -> bool:
+    """A CUDA device and compiled Triton (`pytest --gpu`): graphs are captured for real."""
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+# the ops whose references read per-step host values (ForwardMeta mirrors); the others are plain torch on whole
+# tensors, the same in a graph step as in an eager one
+META_OPS = ("sparse_attention", "write_window", "compress_kv", "indexer_topk")
+
+
+def meta_ops_table(platform, overrides=None):
+    """CPU: the Triton providers (interpreted) for the ops that read step metadata, references elsewhere (the
+    interpreted GEMMs would take minutes)."""
+    t = triton_table(platform, overrides)
+    ref = real_resolve(platform, overrides)
+    pick = {n: (t if n in META_OPS else ref) for n in t.choices}
+    return OpTable(platform, {n: pick[n].choices[n] for n in pick}, {n: pick[n]._fns[n] for n in pick})
+
+
+@pytest.fixture(scope="module")
+def tlm(tiny_dir):
+    """The tiny model with the metadata ops through Triton (on a CUDA device: every op, capturable)."""
+    mp = pytest.MonkeyPatch()
+    cuda = _compiled()
+    mp.setattr(builder, "resolve", triton_table if cuda else meta_ops_table)
+    try:
+        return build_model(tiny_dir, device="cuda" if cuda else "cpu", dtype="float32", numerics="plain")
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _uncaptured_references(monkeypatch):
+    """On the CPU nothing is captured: let the references of META_OPS-free ops through the capture check
+    (the frozen host mirrors still fail any op that reads per-step host values)."""
+    if not _compiled():
+        monkeypatch.setattr("dsv4.engine.cuda_graphs.capture_blockers", lambda ops: [])
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, 129280, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def engine(lm, k=0, **kw):
+    cfg = EngineConfig(model="unused", device=str(lm.platform.torch_device), dtype="float32", numerics="plain",
+                       max_model_len=256, max_num_seqs=4, speculative_tokens=k, **kw)
+    return LLMEngine(cfg, lm=lm)
+
+
+def attach_verify_graphs(eng, q):
+    """What the engine builds on a device with graphs (on the CPU: the same step, not captured)."""
+    if eng.runner.verify_graphs is not None:
+        return eng.runner.verify_graphs
+    scratch = eng.kv.take_scratch_slot(q)
+    vg = DecodeGraphs(eng.lm.model, eng.cache, scratch, max_batch=4, batch_buckets=(1, 4), min_context=64,
+                      capture=eng.device.type == "cuda", buffers=eng.buffers, query_len=q, keep_hidden=True)
+    eng.runner.verify_graphs, eng.runner.scratch = vg, scratch
+    return vg
+
+
+def run(eng, prompts, params, rng):
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    final, steps = {}, 0
+    while order or eng.has_unfinished_requests():
+        for _ in range(rng.choice([0, 1, 2])):
+            if order:
+                i = order.pop()
+                eng.add_request(prompts[i], params, request_id=str(i))
+        for out in eng.step():
+            if out.finished:
+                final[int(out.request_id)] = out.outputs[0].token_ids
+        steps += 1
+        assert steps < 1000
+    return final
+
+
+@pytest.fixture(scope="module")
+def plain(tlm, prompts):
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    return run(engine(tlm), prompts, params, random.Random(0))
+
+
+@pytest.mark.parametrize("k,accept", [(3, 0.5)])
+def test_oracle_drafts_through_verify_graphs_equal_plain(tlm, prompts, plain, k, accept):
+    eng = engine(tlm)
+    vg = attach_verify_graphs(eng, k + 1)
+    cont = {tuple(p): plain[i] for i, p in enumerate(prompts)}
+    eng.runner.drafter = OracleDrafter(cont, k, accept, seed=k, vocab_size=tlm.cfg.vocab_size)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    final = run(eng, prompts, params, random.Random(k))
+    for i in range(len(prompts)):
+        assert final[i] == plain[i], f"prompt {i} (len {LENGTHS[i]}), k={k}, accept={accept}"
+    st = eng.spec_stats
+    assert eng.runner.verify_graph_steps > 0 and st.drafted > st.accepted  # some drafts were rejected
+    assert vg.batch_buckets == [1, 4]
+    eng.kv.check()
+
+
+def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain):
+    eng = engine(tlm, k=2)
+    attach_verify_graphs(eng, 3)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    final = run(eng, prompts, params, random.Random(7))
+    for i in range(len(prompts)):
+        assert final[i] == plain[i], f"prompt {i} (len {LENGTHS[i]})"
+    assert eng.runner.verify_graph_steps > 0 and eng.spec_stats.drafted > 0
+    eng.kv.check()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 3])
+def test_engine_captures_verify_graphs_gpu(tlm, prompts, plain, k):
+    """On a CUDA device the engine itself captures verify graphs for speculative decoding (MTP drafter);
+    greedy outputs equal plain decoding (decode graphs) and steps replay the captured graphs."""
+    eng = engine(tlm, k=k)
+    vg = eng.runner.verify_graphs
+    assert vg is not None and vg.q == k + 1 and vg.graphs
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    final = run(eng, prompts, params, random.Random(k))
+    for i in range(len(prompts)):
+        assert final[i] == plain[i], f"prompt {i}, k={k}"
+    assert eng.runner.verify_graph_steps > 0
+    eng.kv.check()

@@ -51,17 +51,21 @@ def main() -> None:
     B = [int(x) for x in a.batches.split(",")]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "input_len": a.input_len, "output_len": a.output_len, "rows": []}
-    res["rows"] += rows_for(B, a.input_len, a.output_len)  # plain, graphs
-    res["rows"] += rows_for(B, a.input_len, a.output_len, enforce_eager=True)  # plain, eager
-    res["rows"] += rows_for(B, a.input_len, a.output_len, oracle=[1.0, 0.7], speculative_tokens=1)
-    res["rows"] += rows_for(B, a.input_len, a.output_len, oracle=[0.0, 0.5, 0.7, 0.9, 1.0], speculative_tokens=3)
-    res["rows"] += rows_for([1], a.input_len, a.output_len, oracle=[0.7], speculative_tokens=3,
-                            enforce_eager=True)  # verify steps without graphs (the old path)
-    res["rows"] += rows_for([1], a.input_len, a.output_len, speculative_tokens=3)  # the MTP drafter itself
-    res["rows"] += rows_for([1], a.input_len, a.output_len, speculative_tokens=1)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+
+    def save():  # after every configuration (a run cut short keeps what it measured)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
+
+    for args, kw in [((B,), {}),  # plain, graphs
+                     ((B,), dict(enforce_eager=True)),  # plain, eager
+                     ((B,), dict(oracle=[1.0, 0.7], speculative_tokens=1)),
+                     ((B,), dict(oracle=[0.0, 0.5, 0.7, 0.9, 1.0], speculative_tokens=3)),
+                     (([1],), dict(speculative_tokens=3)),  # the MTP drafter itself
+                     (([1],), dict(speculative_tokens=1)),
+                     (([1],), dict(oracle=[0.7], speculative_tokens=3, enforce_eager=True))]:  # verify steps eagerly
+        res["rows"] += rows_for(*args, a.input_len, a.output_len, **kw)
+        save()
     if a.plot:
         import matplotlib
 

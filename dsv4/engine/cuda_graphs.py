@@ -98,7 +98,7 @@ class DecodeGraphs:
     def __init__(self, model, cache, scratch_slot: int, max_batch: int,
                  batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS, min_context: int = MIN_CONTEXT_BUCKET,
                  capture: bool = True, buffers: StepBuffers | None = None, expert_parallel: bool = False,
-                 query_len: int = 1, keep_hidden: bool = False, pool=None):
+                 query_len: int = 1, keep_streams: bool = False, pool=None):
         blockers = capture_blockers(model.opts.ops)
         if blockers:
             raise GraphCaptureError("graph capture needs capturable providers for every op; these run "
@@ -122,10 +122,12 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.capture_s: dict[tuple[int, int], float] = {}  # seconds each start-up capture took
         self.pool = pool  # (verify graphs share the decode graphs' memory pool: never replayed at once)
-        # per bucket: the final streams [Bb * q, hc, D] (keep_hidden: a drafter reads them), and for verify
-        # graphs the state snapshot and redo functions of the captured forward
-        self.keep_hidden = keep_hidden
-        self.hidden: dict[tuple[int, int], torch.Tensor] = {}
+        # keep_streams: every graph also copies its final streams into the static `streams` [Bm * q, hc, D] (the
+        # MTP drafter reads them); verify graphs: the state snapshot and redo functions of each captured forward
+        self.streams = None
+        if keep_streams:
+            self.streams = torch.empty(Bm * Q, model.cfg.hc_mult, model.cfg.hidden_size, dtype=model.opts.dtype,
+                                       device=self.device)
         self._spec: dict[tuple[int, int], tuple] = {}
         self._eager_spec: tuple | None = None  # (capture=False: the last run's)
 
@@ -193,9 +195,9 @@ class DecodeGraphs:
             with torch.cuda.graph(g, pool=self.pool):
                 X, logits, snap, redo = self._forward(Bb, C, frozen=True)
                 self.logits[:Bb * self.q].copy_(logits)
-            del logits
-            if self.keep_hidden:
-                self.hidden[key] = X
+                if self.streams is not None:
+                    self.streams[:Bb * self.q].copy_(X)
+            del logits, X
             if snap is not None:
                 self._spec[key] = (snap, redo)
         except Exception as e:
@@ -221,8 +223,8 @@ class DecodeGraphs:
         if not self.use_capture:
             X, logits, snap, redo = self._forward(*key, frozen=True)
             self.logits[:n].copy_(logits)
-            if self.keep_hidden:
-                self.hidden[key] = X
+            if self.streams is not None:
+                self.streams[:n].copy_(X)
             self._eager_spec = (snap, redo)
             return self.logits[:n]
         self.graphs[key].replay()

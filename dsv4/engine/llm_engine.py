@@ -19,6 +19,7 @@ from dsv4.engine.coordinator import SingleRank, StepCoordinator
 from dsv4.engine.cuda_graphs import (DEFAULT_BATCH_BUCKETS, MAX_VERIFY_GRAPH_BATCH, DecodeGraphs, capture_blockers,
                                      context_buckets)
 from dsv4.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from dsv4.engine.draft_graphs import MTPDraftGraphs
 from dsv4.engine.model_runner import ModelRunner
 from dsv4.engine.outputs import RequestOutput, finish_text, shape_output
 from dsv4.engine.request import Request, RequestStatus, validate_request
@@ -79,18 +80,25 @@ class LLMEngine:
         graphs = verify_graphs = None
         if graphs_ok and spec:  # speculative decoding: verify steps (and the drafter's streams) from graphs
             verify_graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot, max_batch=verify_batch,
-                                         buffers=self.buffers, query_len=spec + 1, keep_hidden=True)
+                                         buffers=self.buffers, query_len=spec + 1, keep_streams=True)
         elif graphs_ok:
             graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot, max_batch=max_batch,
                                   buffers=self.buffers, expert_parallel=coord.lockstep)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.prefill_tokens_with_decodes)
         drafter = MTPDrafter(self.lm.model, self.cache, spec) if spec else None
+        draft_graphs = None
+        if verify_graphs is not None:
+            try:
+                draft_graphs = MTPDraftGraphs(self.lm.model, self.cache, verify_graphs)
+            except ValueError as e:  # (a window ring shorter than the drafts' span): the MTP drafter runs eagerly
+                log.warning("MTP drafting runs eagerly after verify graph steps: %s", e)
         self.spec_stats = SpecStats()  # speculative decoding: verify steps, drafted and accepted tokens
         self.runner = ModelRunner(self.lm, self.kv, self.buffers, Sampler(), graphs=graphs, coordinator=coord,
-                                  scratch_slot=scratch_slot, drafter=drafter, verify_graphs=verify_graphs)
+                                  scratch_slot=scratch_slot, drafter=drafter, verify_graphs=verify_graphs,
+                                  draft_graphs=draft_graphs)
         if graphs is not None or verify_graphs is not None:
-            self._capture_graphs(graphs or verify_graphs)
+            self._capture_graphs(graphs or verify_graphs, draft_graphs)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -104,10 +112,15 @@ class LLMEngine:
             return False
         return True
 
-    def _capture_graphs(self, graphs: DecodeGraphs) -> None:
-        """Every decode graph bucket, now (not inside a live step), inside the memory plan."""
+    def _capture_graphs(self, graphs: DecodeGraphs, draft_graphs: MTPDraftGraphs | None = None) -> None:
+        """Every decode (or verify, and MTP draft) graph bucket, now (not inside a live step), inside the
+        memory plan."""
         before = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
-        secs = graphs.capture_all(progress=True)
+        t0 = time.perf_counter()
+        graphs.capture_all(progress=True)
+        if draft_graphs is not None:
+            draft_graphs.capture_all()
+        secs = time.perf_counter() - t0
         if self.device.type == "cuda":
             used = torch.cuda.memory_reserved(self.device) - before
             log.info("captured %d decode graphs in %.1f s (%s; %s reserved for them)", len(graphs.graphs), secs,

@@ -42,7 +42,8 @@ class StepResult:
 class ModelRunner:
     def __init__(self, lm: LoadedModel, kv: KVCacheManager, buffers: StepBuffers, sampler: Sampler | None = None,
                  graphs: DecodeGraphs | None = None, coordinator: StepCoordinator | None = None,
-                 scratch_slot: int | None = None, drafter=None, verify_graphs: DecodeGraphs | None = None):
+                 scratch_slot: int | None = None, drafter=None, verify_graphs: DecodeGraphs | None = None,
+                 draft_graphs=None):
         self.coord = coordinator or SingleRank()
         if self.coord.lockstep and scratch_slot is None:
             raise ValueError("lockstep (expert-parallel) steps need a scratch cache slot for ranks without work")
@@ -54,6 +55,7 @@ class ModelRunner:
         self.graphs = graphs
         self.drafter = drafter  # speculative decoding (engine/spec_decode.py), or None
         self.verify_graphs = verify_graphs  # speculative decoding: graphs of q = drafts + 1 tokens per sequence
+        self.draft_graphs = draft_graphs  # MTP drafting after verify graph steps (engine/draft_graphs.py), or None
         self.verify_graph_steps = 0
         self.graph_steps = 0
         self.last_batch: StepBatch | None = None  # (tests: what the model received)
@@ -136,8 +138,11 @@ class ModelRunner:
         batch = StepBatch(reqs, starts, ns, dev_ids, meta, key)
         self.last_batch = batch
         self._verify(batch, logits, [(i, i * q) for i in range(len(reqs))], [q - 1] * len(reqs), snap, results)
-        if self.drafter is not None:
-            self._draft(batch, vg.hidden.get(key), results)
+        if self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False):  # (the MTP drafter)
+            for r, dr in zip(reqs, self.draft_graphs.run(key[0], [res.tokens for res in results])):
+                r.spec_ids = dr
+        elif self.drafter is not None:
+            self._draft(batch, vg.streams, results)
         return results
 
     def _verify(self, batch: StepBatch, logits, verify_at, k, snap, results) -> None:

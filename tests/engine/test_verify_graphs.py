@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 import dsv4.model.builder as builder  # noqa: E402
 from dsv4.config import EngineConfig  # noqa: E402
 from dsv4.engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from dsv4.engine.draft_graphs import MTPDraftGraphs  # noqa: E402
 from dsv4.engine.llm_engine import LLMEngine  # noqa: E402
 from dsv4.engine.sampling_params import SamplingParams  # noqa: E402
 from dsv4.engine.spec_decode import OracleDrafter  # noqa: E402
@@ -86,14 +87,18 @@ def engine(lm, k=0, **kw):
     return LLMEngine(cfg, lm=lm)
 
 
-def attach_verify_graphs(eng, q):
-    """What the engine builds on a device with graphs (on the CPU: the same step, not captured)."""
+def attach_verify_graphs(eng, q, drafts=False):
+    """What the engine builds on a device with graphs (on the CPU: the same steps, not captured); `drafts`:
+    the MTP draft graphs too."""
     if eng.runner.verify_graphs is not None:
         return eng.runner.verify_graphs
     scratch = eng.kv.take_scratch_slot(q)
+    cap = eng.device.type == "cuda"
     vg = DecodeGraphs(eng.lm.model, eng.cache, scratch, max_batch=4, batch_buckets=(1, 4), min_context=64,
-                      capture=eng.device.type == "cuda", buffers=eng.buffers, query_len=q, keep_hidden=True)
+                      capture=cap, buffers=eng.buffers, query_len=q, keep_streams=True)
     eng.runner.verify_graphs, eng.runner.scratch = vg, scratch
+    if drafts:
+        eng.runner.draft_graphs = MTPDraftGraphs(eng.lm.model, eng.cache, vg, capture=cap)
     return vg
 
 
@@ -136,14 +141,48 @@ def test_oracle_drafts_through_verify_graphs_equal_plain(tlm, prompts, plain, k,
     eng.kv.check()
 
 
-def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain):
+@pytest.mark.parametrize("draft_graphs", [False, True])
+def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain, draft_graphs, monkeypatch):
+    """The MTP drafter after verify graph steps, eagerly or from its own graphs: greedy outputs are the plain
+    ones. With draft graphs, every step's drafts are also checked against the eager MTPDrafter's from the
+    same state (a copy of the MTP ring), and the ring the graph leaves equals the eager drafter's."""
     eng = engine(tlm, k=2)
-    attach_verify_graphs(eng, 3)
+    attach_verify_graphs(eng, 3, drafts=draft_graphs)
+    checked = []
+    if draft_graphs:
+        dg = eng.runner.draft_graphs
+        real_run = dg.run
+
+        def run_and_compare(Bb, tokens):
+            rn = eng.runner
+            b = rn.last_batch
+            ring = [lc.window.clone() for lc in eng.cache.mtp_layers]
+            got = real_run(Bb, tokens)
+            ring_graph = [lc.window.clone() for lc in eng.cache.mtp_layers]
+            for lc, r0 in zip(eng.cache.mtp_layers, ring):
+                lc.window.copy_(r0)
+            saved = [list(r.spec_ids) for r in b.reqs]
+            kept = [len(t) for t in tokens]
+            nxt = [r.spec_ids[:n - 1] + [t[-1]] for r, n, t in zip(b.reqs, kept, tokens)]
+            rn.drafter.propose(b.reqs, X=rn.verify_graphs.streams, meta=b.meta, kept=kept, next_ids=nxt,
+                               sample=[True] * len(tokens))
+            assert [r.spec_ids for r in b.reqs] == got
+            for lc, rg in zip(eng.cache.mtp_layers, ring_graph):
+                for s in b.meta.seq_slots_host:
+                    torch.testing.assert_close(lc.window[s], rg[s])
+            for r, sp in zip(b.reqs, saved):
+                r.spec_ids = sp
+            checked.append(len(tokens))
+            return got
+
+        monkeypatch.setattr(dg, "run", run_and_compare)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
     final = run(eng, prompts, params, random.Random(7))
     for i in range(len(prompts)):
         assert final[i] == plain[i], f"prompt {i} (len {LENGTHS[i]})"
     assert eng.runner.verify_graph_steps > 0 and eng.spec_stats.drafted > 0
+    if draft_graphs:
+        assert checked and max(checked) == 2  # (a batch of 2 padded to 4)
     eng.kv.check()
 
 
@@ -155,6 +194,8 @@ def test_engine_captures_verify_graphs_gpu(tlm, prompts, plain, k):
     eng = engine(tlm, k=k)
     vg = eng.runner.verify_graphs
     assert vg is not None and vg.q == k + 1 and vg.graphs
+    dg = eng.runner.draft_graphs
+    assert dg is not None and set(dg.graphs) == {key[0] for key in vg.graphs}
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
     final = run(eng, prompts, params, random.Random(k))
     for i in range(len(prompts)):

@@ -1,0 +1,160 @@
+"""MTP drafting from captured graphs: after a verify graph step (engine/cuda_graphs.py, q = k + 1 tokens per
+sequence) the k drafts of the next step come from one more graph per batch bucket, so a speculative decode
+step is two graph replays and the host work between them.
+
+What the graph of batch bucket Bb does, reading the verify step's staged values (slots, first positions
+p_b) and its final streams (`DecodeGraphs.streams`), plus two inputs written by one copy per step:
+next_ids [Bb * q] (row j of sequence b: the token after its position p_b + j; the verified tokens, the
+rest zeros) and kept [Bb] (tokens sequence b kept of its q):
+1. saves the MTP block's window-ring rows of positions p_b .. p_b + q + k - 2 (all it may overwrite);
+2. runs the MTP block over all q positions of every sequence (uniform shape: the rows past kept_b are
+   junk, put back in 4), takes the row of position p_b + kept_b - 1 and drafts its greedy token;
+3. runs k - 1 single-token steps at positions p_b + kept_b .. fed by its own output streams (as
+   spec_decode.MTPDrafter does eagerly);
+4. puts back the saved ring rows of positions >= p_b + kept_b (by a device mask; also between 2 and 3,
+   since the junk rows' writes wrap onto rows of positions W earlier that step 3 reads), so the ring holds
+   the kept positions only, and writes the drafts to the static [Bm, k] buffer `drafts`.
+Rows of padding sequences (the scratch slot) run the same and are discarded. Work is sized by shapes only;
+the meta's host mirrors raise if read (as in every captured graph).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dsv4.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, _FrozenMirror
+from dsv4.engine.step_batch import stage_decode
+from dsv4.ops.kv_format import Fp8KV
+from dsv4.ops.meta import ForwardMeta
+
+log = logging.getLogger("dsv4.graphs")
+
+
+def _parts(store) -> list[torch.Tensor]:
+    return [store.nope, store.scale, store.rope] if isinstance(store, Fp8KV) else [store]
+
+
+class MTPDraftGraphs:
+    """Draft graphs over the verify graphs `verify` (its buckets, step buffers, streams and memory pool),
+    drafting `k` = verify.q - 1 tokens per sequence with MTP block 0 of `model`."""
+
+    def __init__(self, model, cache, verify: DecodeGraphs, capture: bool = True):
+        if verify.q < 2 or verify.streams is None:
+            raise ValueError("draft graphs need verify graphs (query_len >= 2) that keep their streams")
+        if not cache.mtp_layers:
+            raise ValueError("draft graphs need the cache's MTP window ring (ModelCache(with_mtp=True))")
+        self.model, self.cache, self.vg = model, cache, verify
+        self.q, self.k = verify.q, verify.q - 1
+        self.use_capture = capture
+        W = _parts(cache.mtp_layers[0].window)[0].shape[1]
+        if 2 * verify.q - 2 > W:
+            raise ValueError(f"draft graphs need q + k - 1 = {2 * verify.q - 2} ring rows without wrap-around; the "
+                             f"MTP window has {W}")
+        Bm = verify.batch_buckets[-1]
+        dev = cache.device
+        self._n_ids = Bm * self.q
+        self.host = torch.zeros(self._n_ids + Bm, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self.dev = torch.zeros(self._n_ids + Bm, dtype=torch.int64, device=dev)
+        self.drafts = torch.zeros(Bm, self.k, dtype=torch.int64, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    # ---- the graph body -------------------------------------------------------------------------------
+    def _body(self, Bb: int, frozen: bool) -> None:
+        q, k, vg, model, cache = self.q, self.k, self.vg, self.model, self.cache
+        mirror = _FrozenMirror if frozen else list
+        d = vg.buffers.device_views(Bb * q, Bb)
+        C = vg.ctx_buckets[-1]
+        start, slots = d["seq_start"], d["slots"]
+        next_ids = self.dev[:Bb * q]
+        kept = self.dev[self._n_ids:self._n_ids + Bb]
+        dev = start.device
+        W = _parts(cache.mtp_layers[0].window)[0].shape[1]
+        span = q + k - 1
+        pos = start[:, None] + torch.arange(span, dtype=torch.int64, device=dev)[None, :]  # [Bb, span]
+        rs = slots[:, None].expand(-1, span).reshape(-1)
+        rp = (pos % W).reshape(-1)
+        saved = [[t[rs, rp] for t in _parts(lc.window)] for lc in cache.mtp_layers]
+        meta = vg._meta(Bb, C, frozen)  # the verify step's: q tokens per sequence at p_b ..
+        Y = model.mtp_forward(vg.streams[:Bb * q], next_ids, meta, cache)
+        last = torch.arange(Bb, dtype=torch.int64, device=dev) * q + kept - 1
+        stale = (pos >= (start + kept)[:, None]).reshape(-1)
+
+        def put_back():  # the saved rows of positions >= p_b + kept_b
+            for lc, sv in zip(cache.mtp_layers, saved):
+                for t, s in zip(_parts(lc.window), sv):
+                    cur = t[rs, rp]
+                    t[rs, rp] = torch.where(stale.view(-1, *([1] * (cur.dim() - 1))), s, cur)
+
+        # the junk rows' ring writes (positions past the kept ones) wrap onto rows of positions W earlier, which
+        # the single-token steps read as their window: put them back first
+        put_back()
+        H = Y[last]
+        tok = model.mtp_logits(H).argmax(dim=-1)
+        out = [tok]
+        seq = torch.arange(Bb, dtype=torch.int64, device=dev)
+        qs = torch.arange(Bb + 1, dtype=torch.int64, device=dev)
+        for j in range(1, k):
+            pj = start + kept + (j - 1)
+            mj = ForwardMeta(positions=pj, token_seq=seq, seq_slots=slots, query_start=qs, seq_start=pj,
+                             seq_lens=pj + 1, query_start_host=list(range(Bb + 1)), seq_start_host=mirror([0] * Bb),
+                             seq_lens_host=mirror([1] * Bb), seq_slots_host=mirror([vg.scratch] * Bb),
+                             seq_len_bound=C, block_table=cache.block_table)
+            H = model.mtp_forward(H, tok, mj, cache)
+            tok = model.mtp_logits(H).argmax(dim=-1)
+            out.append(tok)
+        put_back()
+        self.drafts[:Bb].copy_(torch.stack(out, dim=1))
+
+    # ---- capture ----------------------------------------------------------------------------------------
+    def capture_all(self) -> None:
+        for Bb in sorted(self.vg.batch_buckets, reverse=True):
+            if Bb not in self.graphs:
+                self.capture(Bb)
+
+    def capture(self, Bb: int) -> None:
+        stage_decode(self.vg.buffers, Bb, self.vg.scratch, [], [], [], self.q)  # every row a scratch row
+        self.host.zero_()
+        self.host[self._n_ids:].fill_(1)
+        self.dev.copy_(self.host)
+        torch.cuda.synchronize(self.dev.device)
+        self._body(Bb, frozen=False)  # warm-up
+        torch.cuda.synchronize(self.dev.device)
+        g = torch.cuda.CUDAGraph()
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.graph(g, pool=self.vg.pool):
+                self._body(Bb, frozen=True)
+        except Exception as e:
+            raise GraphCaptureError(f"capture of the MTP draft graph of batch {Bb} failed: {type(e).__name__}: {e}") from e
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+        self.vg.pool = g.pool()
+        self.graphs[Bb] = g
+        log.debug("captured MTP draft graph: batch %d", Bb)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def run(self, Bb: int, tokens: list[list[int]]) -> list[list[int]]:
+        """After the verify graph of batch bucket Bb: tokens[b] are the tokens sequence b emitted (its kept
+        drafts and one more, 1..q of them). Returns each sequence's k drafts."""
+        B = len(tokens)
+        q = self.q
+        h = self.host
+        h.zero_()
+        for b, t in enumerate(tokens):
+            if not 1 <= len(t) <= q:
+                raise ValueError(f"sequence {b} emitted {len(t)} tokens; a verify step of {q} emits 1..{q}")
+            h[b * q:b * q + len(t)] = torch.tensor(t, dtype=torch.int64)
+            h[self._n_ids + b] = len(t)
+        h[self._n_ids + B:self._n_ids + Bb] = 1
+        self.dev.copy_(h, non_blocking=True)
+        if not self.use_capture:
+            self._body(Bb, frozen=True)
+        else:
+            if Bb not in self.graphs:
+                log.warning("MTP draft graph of batch %d was not captured at start-up: capturing it now", Bb)
+                raise GraphCaptureError(f"MTP draft graph of batch {Bb} missing (capture it before verify steps)")
+            self.graphs[Bb].replay()
+        return self.drafts[:B].tolist()

@@ -555,8 +555,6 @@ class EngineConfig:
         n = self.speculative_tokens
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_SPECULATIVE_TOKENS:
             raise ConfigError(f"speculative_tokens must be an integer in 0..{MAX_SPECULATIVE_TOKENS}, got {n!r}")
-        if n and self.gpus > 1:
-            raise ConfigError("speculative_tokens > 0 is not supported with expert parallelism (gpus > 1) yet")
 
 
 def parse_bytes(s: str | int) -> int:

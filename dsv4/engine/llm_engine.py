@@ -78,7 +78,9 @@ class LLMEngine:
         self.buffers = StepBuffers(max(config.max_num_batched_tokens, max_batch, verify_batch * (spec + 1)),
                                    max_batch, self.device)
         graphs = verify_graphs = None
-        if graphs_ok and spec:  # speculative decoding: verify steps (and the drafter's streams) from graphs
+        if graphs_ok and spec and coord.lockstep:  # (verify steps of expert-parallel ranks: eager, for now)
+            log.warning("speculative decoding with expert parallelism runs its steps eagerly (no verify graphs yet)")
+        elif graphs_ok and spec:  # speculative decoding: verify steps (and the drafter's streams) from graphs
             verify_graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot, max_batch=verify_batch,
                                          buffers=self.buffers, query_len=spec + 1, keep_streams=True)
         elif graphs_ok:
@@ -86,7 +88,8 @@ class LLMEngine:
                                   buffers=self.buffers, expert_parallel=coord.lockstep)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.prefill_tokens_with_decodes)
-        drafter = MTPDrafter(self.lm.model, self.cache, spec) if spec else None
+        drafter = MTPDrafter(self.lm.model, self.cache, spec, lockstep_slot=scratch_slot if coord.lockstep else None) \
+            if spec else None
         draft_graphs = None
         if verify_graphs is not None:
             try:

@@ -103,7 +103,7 @@ class ModelRunner:
         self.kv.begin_step(slots, starts, [s + n for s, n in zip(starts, ns)])
         self.kv.sync_block_table()
         ep_tokens = plan.tokens if self.coord.lockstep else None
-        if verify_graph:  # (never in lockstep: speculation is refused with expert parallelism)
+        if verify_graph:  # (never in lockstep: the engine makes no verify graphs under expert parallelism)
             return self._run_verify_graph(reqs, starts, ns, slots, results)
         if plan.kind == GRAPH:
             key = self.graphs.bucket(plan.batch, plan.max_len)
@@ -120,6 +120,8 @@ class ModelRunner:
             batch = build_eager(self.buffers, [], [0], [1], [self.scratch], self.cache.block_table, ep_tokens, ids=[0])
             self.last_batch = batch
             self.model(batch.ids, batch.meta, self.cache)
+            if getattr(self.drafter, "needs_streams", False):  # (the MTP drafter's passes are collective too)
+                self.drafter.take_part(self.device, self.cache.block_table)
             return results
         batch = build_eager(self.buffers, reqs, starts, ns, slots, self.cache.block_table, ep_tokens)
         self.last_batch = batch

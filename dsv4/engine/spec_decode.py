@@ -162,11 +162,28 @@ class MTPDrafter:
 
     needs_streams = True
 
-    def __init__(self, model, cache, k: int):
+    def __init__(self, model, cache, k: int, lockstep_slot: int | None = None):
+        """`lockstep_slot`: under expert parallelism (the MTP block's MoE exchanges tokens with the other
+        ranks), the scratch cache slot: every step runs the same number of MTP passes on every rank, a rank
+        with nothing to draft taking part with a one-row pass on that slot."""
         if not len(getattr(model, "mtp", ())):
             raise ValueError("speculative decoding with the MTP drafter needs the checkpoint's MTP block "
                              "(mtp.0.*): this model was loaded without one")
         self.model, self.cache, self.k = model, cache, k
+        self.lockstep_slot = lockstep_slot
+
+    def _idle_pass(self, dev, block_table) -> None:
+        """One MTP pass of one row on the scratch slot (position 0): this rank's part of a collective pass."""
+        m = ForwardMeta.build([self.lockstep_slot], [0], [1], device=dev, block_table=block_table)
+        n, D = self.model.cfg.hc_mult, self.model.cfg.hidden_size
+        X = torch.zeros(1, n, D, dtype=self.model.opts.dtype, device=dev)
+        self.model.mtp_forward(X, torch.zeros(1, dtype=torch.int64, device=dev), m, self.cache)
+
+    @torch.no_grad()
+    def take_part(self, dev, block_table) -> None:
+        """Expert parallelism: this rank ran a step without requests; the others draft after it."""
+        for _ in range(self.k):
+            self._idle_pass(dev, block_table)
 
     @torch.no_grad()
     def propose(self, reqs: list[Request], X: torch.Tensor, meta: ForwardMeta, kept: list[int],
@@ -186,6 +203,9 @@ class MTPDrafter:
             ends.append(qs - 1)
         bs = [b for b in range(len(reqs)) if sample[b]]
         if not bs:
+            if self.lockstep_slot is not None:  # the other ranks may draft: their k - 1 passes are collective
+                for _ in range(self.k - 1):
+                    self._idle_pass(dev, meta.block_table)
             return
         last = torch.tensor([ends[b] for b in bs], device=dev)
         H = Y[last]

@@ -101,6 +101,22 @@ def test_async_streams_over_two_ranks(driven):
     assert two["children_exit"] == [0]
 
 
+def test_speculative_decoding_over_two_ranks(driven, tiny_dir, tmp_path):
+    """MTP speculation with expert parallelism: the greedy requests get the one-process tokens (and logprobs),
+    the seeded ones their full lengths; drafts were verified on both ranks' requests."""
+    _, one = driven
+    _run([sys.executable, str(DRIVER), str(tiny_dir), "spec", str(tmp_path / "spec.json")])
+    got = json.loads((tmp_path / "spec.json").read_text())
+    for i, (g, want) in enumerate(zip(got["batch"], one["batch"])):
+        assert g["error"] is None and g["finish_reason"] == "length"
+        assert len(g["token_ids"]) == len(want["token_ids"])
+        if i in (0, 2):  # greedy
+            assert g["token_ids"] == want["token_ids"], i
+            _close(g["logprobs"], want["logprobs"])
+            _close(g["prompt_logprobs"], want["prompt_logprobs"])
+    assert all(n > 0 for n in got["spec_steps"]), got["spec_steps"]
+
+
 def _tokens(stdout: str) -> list[list[int]]:
     line = [ln for ln in stdout.splitlines() if ln.startswith("{")][-1]
     return [o["token_ids"] for o in json.loads(line)["outputs"]]

@@ -77,6 +77,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="expert parallelism over this many GPUs of this node: one rank each, holding the attention "
                         "and 1/N of the routed experts, serving its own requests; one front end (several nodes: "
                         "start with torchrun instead, see README)")
+    p.add_argument("--ep-exchange", choices=("allgather", "alltoall"), default="allgather",
+                   help="with --gpus > 1: eager steps send each token to every rank (allgather) or only to the "
+                        "ranks holding its experts (alltoall); decode graphs always all-gather")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="speculative decoding: draft this many tokens per step with the checkpoint's MTP block and "
                         "verify them in one forward (1-3 typical; 0: off)")
@@ -140,7 +143,7 @@ def engine_config(a: argparse.Namespace):
         prefill_tokens_with_decodes=a.prefill_tokens_with_decodes,
         page_tokens=a.page_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
         kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory),
-        enforce_eager=a.enforce_eager, gpus=a.gpus, speculative_tokens=a.speculative_tokens)
+        enforce_eager=a.enforce_eager, gpus=a.gpus, ep_exchange=a.ep_exchange, speculative_tokens=a.speculative_tokens)
 
 
 def _warn_max_tokens_cap(a: argparse.Namespace, llm, prompts: list) -> None:

@@ -531,6 +531,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # True: never use captured decode graphs
     gpus: int = 1  # > 1: expert parallelism over GPUs 0..gpus-1 of this node, one front end (dsv4/parallel)
+    # expert parallelism: how eager steps move tokens to the experts' ranks ("allgather": every token to every
+    # rank; "alltoall": only to the ranks holding its experts); decode graphs always all-gather (parallel/ep.py)
+    ep_exchange: str = "allgather"
     # speculative decoding: drafts per step from the checkpoint's MTP block, verified in one target forward
     # (engine/spec_decode.py); 0: off
     speculative_tokens: int = 0
@@ -552,6 +555,8 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0):
             raise ConfigError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
+        if self.ep_exchange not in ("allgather", "alltoall"):
+            raise ConfigError(f"ep_exchange must be 'allgather' or 'alltoall', got {self.ep_exchange!r}")
         n = self.speculative_tokens
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_SPECULATIVE_TOKENS:
             raise ConfigError(f"speculative_tokens must be an integer in 0..{MAX_SPECULATIVE_TOKENS}, got {n!r}")

@@ -92,7 +92,7 @@ def init_rank(config: EngineConfig, spec: DistSpec) -> RankContext:
                                 world_size=spec.world, **kw)
     ctrl = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     _same_config(config, spec, ctrl)
-    ep = ExpertParallel()
+    ep = ExpertParallel(exchange=config.ep_exchange)
     return RankContext(spec, ctrl, ep, StepSync(ctrl, ep))
 
 

@@ -123,6 +123,7 @@ def _tokens(stdout: str) -> list[list[int]]:
 
 
 def test_cli_gpus_and_torchrun_equal_one_process(tiny_dir):
+    """`--gpus 2` (all-gather exchange) and torchrun (all-to-all exchange) give the one-process tokens."""
     model = ["--model", str(tiny_dir)]
     one = _tokens(_run([sys.executable, "-m", "dsv4.cli", *CLI, *model]))
     two = _tokens(_run([sys.executable, "-m", "dsv4.cli", *CLI, *model, "--gpus", "2"]))
@@ -130,6 +131,6 @@ def test_cli_gpus_and_torchrun_equal_one_process(tiny_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tr = _tokens(_run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-                       "-m", "dsv4.cli", *CLI, *model]))
+                       "-m", "dsv4.cli", *CLI, *model, "--ep-exchange", "alltoall"]))
     assert len(one) == 3 and all(len(t) == 5 for t in one)
     assert two == one and tr == one

@@ -273,7 +273,8 @@ class AsyncLLM:
         if self._closing:
             return self._closing
         if self.engine.closed:  # an expert-parallel group that stopped its ranks
-            why = self._last_failure[1] if self._last_failure else "its ranks were stopped"
+            why = getattr(self.engine, "failure", None) or (self._last_failure[1] if self._last_failure
+                                                             else "its ranks were stopped")
             return f"the expert-parallel engine cannot serve: {why}"
         if self._failed_steps and self._last_failure is not None:
             at, why = self._last_failure

@@ -16,6 +16,10 @@ Placement: a new request goes to the rank with the fewest unfinished requests (t
 Validation and tokenisation happen once, on rank 0, before anything is sent: a bad request raises
 ValueError from `add_request` and reaches no rank. A failure inside a lockstep step cannot be contained
 (the other ranks wait in collectives this rank will not enter): rank 0 logs it and ends the process group.
+A rank process that dies is seen by a watcher thread (and by the collective that fails with it): the step
+raises an error naming the rank, every rank is stopped, `failure` says why (the server's /health), and the
+requests in flight fail cleanly; only if rank 0 stays blocked in a collective with the dead rank (a
+backend that does not notice) for RANK_FAILURE_GRACE_S does the process exit.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from dsv4.parallel.teardown import teardown
 
 log = logging.getLogger("dsv4.parallel")
 STOP = "stop"
+RANK_FAILURE_GRACE_S = 30.0  # how long rank 0 may stay blocked in a step after another rank died
 
 
 @dataclass
@@ -110,6 +115,8 @@ class DPEngine:
         self._loads = [local.load()] * self.world
         self._ids = 0
         self._closed = False
+        self.failure: str | None = None  # why the group stopped serving (a rank died, a step failed)
+        self._in_step = False
         if self.children:
             threading.Thread(target=self._watch, name="dsv4-rank-watch", daemon=True).start()
         atexit.register(self.shutdown)
@@ -152,7 +159,8 @@ class DPEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> Request:
         if self._closed:
-            raise RuntimeError("the expert-parallel engine is shut down")
+            raise RuntimeError(f"the expert-parallel engine cannot serve: {self.failure}" if self.failure
+                               else "the expert-parallel engine is shut down")
         if request_id is None:
             request_id, self._ids = f"req-{self._ids}", self._ids + 1
         if request_id in self._owner:
@@ -201,8 +209,10 @@ class DPEngine:
     # ---- stepping ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if self._closed:
-            raise RuntimeError("the expert-parallel engine is shut down")
+            raise RuntimeError(f"the expert-parallel engine cannot serve: {self.failure}" if self.failure
+                               else "the expert-parallel engine is shut down")
         cmds, self._pending = self._pending, []
+        self._in_step = True
         try:
             dist.broadcast_object_list([cmds], src=0, group=self.ctx.ctrl)
             outs = self.local.step()
@@ -211,11 +221,17 @@ class DPEngine:
         except BaseException as e:
             # The other ranks may be waiting inside this step's collectives, where no STOP message can reach
             # them: stop them outright (also on Ctrl-C, which the spawned ranks leave to rank 0).
+            dead = self._dead_rank(wait=1.0) if isinstance(e, Exception) else None
+            self.failure = self.failure or dead or f"a step failed on rank 0: {type(e).__name__}: {e}"
             if isinstance(e, Exception):
-                log.critical("an expert-parallel step failed on rank 0; the ranks cannot continue without it",
-                             exc_info=True)
+                log.critical("an expert-parallel step failed (%s); the ranks cannot continue", self.failure,
+                             exc_info=dead is None)
             self._abandon()
+            if dead is not None:
+                raise RuntimeError(f"the expert-parallel group lost a rank: {dead}") from e
             raise
+        finally:
+            self._in_step = False
         for r in range(1, self.world):
             deltas, self._loads[r] = gathered[r]
             for d in deltas:
@@ -259,15 +275,34 @@ class DPEngine:
         self._mirrors.clear()
         self._count = [0] * self.world
 
+    def _dead_rank(self, wait: float = 0.0) -> str | None:
+        """'rank R (pid P) exited with code C' for a rank process that ended, waiting up to `wait` s for one."""
+        deadline = time.monotonic() + wait
+        while True:
+            for r, p in enumerate(self.children, start=1):
+                if p.exitcode is not None:
+                    return f"rank {r} (pid {p.pid}) exited with code {p.exitcode}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
     def _watch(self) -> None:
-        """A rank that dies leaves the others waiting in a collective forever: end the process instead."""
+        """A rank that dies: the group stops serving (`failure`); rank 0's step in flight fails with it. If that
+        step stays blocked in a collective with the dead rank, the process ends instead."""
         while not self._closed:
-            for p in self.children:
-                if p.exitcode is not None and not self._closed:
-                    log.critical("%s exited with code %s; the expert-parallel group cannot go on: stopping",
-                                 p.name, p.exitcode)
-                    self._abandon()
+            dead = self._dead_rank()
+            if dead is not None and not self._closed:
+                self.failure = self.failure or dead
+                log.critical("%s; the expert-parallel group cannot go on: stopping it", dead)
+                deadline = time.monotonic() + RANK_FAILURE_GRACE_S
+                while self._in_step and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if self._in_step:
+                    log.critical("rank 0 is still blocked in a collective with the dead rank after %.0f s: exiting",
+                                 RANK_FAILURE_GRACE_S)
                     os._exit(1)
+                self._abandon()
+                return
             time.sleep(0.5)
 
 

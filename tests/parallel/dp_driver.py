@@ -119,7 +119,41 @@ def two_ranks_spec(tiny: str) -> dict:
         llm.shutdown()
 
 
+def rank_dies(tiny: str, busy: bool) -> dict:
+    """Rank 1's process is killed (SIGKILL) with requests on both ranks; `busy`: the next step runs at once (its
+    collective fails), else rank 0 stays idle long enough for its watcher to see the death first."""
+    import os
+    import signal
+    import time
+
+    llm = LLM(tiny, gpus=2, **ENGINE)
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    eng.add_request([0, 1, 2], sp, request_id="a")
+    eng.add_request([0, 3, 4], sp, request_id="b")
+    for _ in range(3):
+        eng.step()
+    os.kill(eng.children[0].pid, signal.SIGKILL)
+    if not busy:
+        time.sleep(3)
+    res = {"closed_before_step": eng.closed, "step_error": None}
+    try:
+        for _ in range(1000):
+            eng.step()
+    except Exception as e:
+        res["step_error"] = f"{type(e).__name__}: {e}"
+    try:
+        eng.add_request([0, 5], sp)
+        res["add_error"] = None
+    except Exception as e:
+        res["add_error"] = str(e)
+    res.update(closed=eng.closed, failure=eng.failure, unfinished=eng.num_unfinished_requests(),
+               health=AsyncLLM(engine=eng).health())
+    return res
+
+
 if __name__ == "__main__":
     tiny, mode, out = sys.argv[1:4]
     with open(out, "w") as f:
-        json.dump({"two": two_ranks, "spec": two_ranks_spec, "one": reference}[mode](tiny), f)
+        json.dump({"two": two_ranks, "spec": two_ranks_spec, "one": reference,
+                   "kill_busy": lambda t: rank_dies(t, True), "kill_idle": lambda t: rank_dies(t, False)}[mode](tiny), f)

@@ -117,6 +117,21 @@ def test_speculative_decoding_over_two_ranks(driven, tiny_dir, tmp_path):
     assert all(n > 0 for n in got["spec_steps"]), got["spec_steps"]
 
 
+@pytest.mark.parametrize("busy", [True, False])
+def test_a_dead_rank_fails_requests_and_health_names_it(tiny_dir, tmp_path, busy):
+    """Rank 1 killed mid-generation: the front end stays up, the step (at once, or the next one after the
+    watcher saw the death) fails naming the rank, requests are dropped, new ones refused with the reason, and
+    /health's reason names it; the driver exits normally (no os._exit)."""
+    mode = "kill_busy" if busy else "kill_idle"
+    _run([sys.executable, str(DRIVER), str(tiny_dir), mode, str(tmp_path / "k.json")])
+    got = json.loads((tmp_path / "k.json").read_text())
+    why = "rank 1 (pid"
+    assert got["closed_before_step"] is (not busy)
+    assert got["step_error"] is not None and why in got["step_error"] and "exited with code -9" in got["step_error"]
+    assert got["closed"] and why in got["failure"] and got["unfinished"] == 0
+    assert why in got["add_error"] and why in got["health"]
+
+
 def _tokens(stdout: str) -> list[list[int]]:
     line = [ln for ln in stdout.splitlines() if ln.startswith("{")][-1]
     return [o["token_ids"] for o in json.loads(line)["outputs"]]

@@ -14,7 +14,9 @@ rest zeros) and kept [Bb] (tokens sequence b kept of its q):
 4. puts back the saved ring rows of positions >= p_b + kept_b (by a device mask; also between 2 and 3,
    since the junk rows' writes wrap onto rows of positions W earlier that step 3 reads), so the ring holds
    the kept positions only, and writes the drafts to the static [Bm, k] buffer `drafts`.
-Rows of padding sequences (the scratch slot) run the same and are discarded. Work is sized by shapes only;
+Rows of padding sequences (the scratch slot) run the same and are discarded. Under expert parallelism
+every rank replays the same bucket (a rank without requests: all padding rows); the MoE exchanges pad to
+the bucket's rows (q Bb in the first pass, Bb in the single-token steps). Work is sized by shapes only;
 the meta's host mirrors raise if read (as in every captured graph).
 """
 
@@ -100,7 +102,8 @@ class MTPDraftGraphs:
             mj = ForwardMeta(positions=pj, token_seq=seq, seq_slots=slots, query_start=qs, seq_start=pj,
                              seq_lens=pj + 1, query_start_host=list(range(Bb + 1)), seq_start_host=mirror([0] * Bb),
                              seq_lens_host=mirror([1] * Bb), seq_slots_host=mirror([vg.scratch] * Bb),
-                             seq_len_bound=C, block_table=cache.block_table)
+                             seq_len_bound=C, block_table=cache.block_table,
+                             ep_tokens=Bb if vg.expert_parallel else None)
             H = model.mtp_forward(H, tok, mj, cache)
             tok = model.mtp_logits(H).argmax(dim=-1)
             out.append(tok)

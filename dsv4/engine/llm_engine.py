@@ -78,11 +78,10 @@ class LLMEngine:
         self.buffers = StepBuffers(max(config.max_num_batched_tokens, max_batch, verify_batch * (spec + 1)),
                                    max_batch, self.device)
         graphs = verify_graphs = None
-        if graphs_ok and spec and coord.lockstep:  # (verify steps of expert-parallel ranks: eager, for now)
-            log.warning("speculative decoding with expert parallelism runs its steps eagerly (no verify graphs yet)")
-        elif graphs_ok and spec:  # speculative decoding: verify steps (and the drafter's streams) from graphs
+        if graphs_ok and spec:  # speculative decoding: verify steps (and the drafter's streams) from graphs
             verify_graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot, max_batch=verify_batch,
-                                         buffers=self.buffers, query_len=spec + 1, keep_streams=True)
+                                         buffers=self.buffers, query_len=spec + 1, keep_streams=True,
+                                         expert_parallel=coord.lockstep)
         elif graphs_ok:
             graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot, max_batch=max_batch,
                                   buffers=self.buffers, expert_parallel=coord.lockstep)

@@ -103,8 +103,10 @@ class ModelRunner:
         self.kv.begin_step(slots, starts, [s + n for s, n in zip(starts, ns)])
         self.kv.sync_block_table()
         ep_tokens = plan.tokens if self.coord.lockstep else None
-        if verify_graph:  # (never in lockstep: the engine makes no verify graphs under expert parallelism)
-            return self._run_verify_graph(reqs, starts, ns, slots, results)
+        if plan.kind == GRAPH and self.verify_graphs is not None and (verify_graph or not reqs):
+            # (in lockstep every rank replays the agreed bucket; a rank without requests: all padding rows)
+            key = self.verify_graphs.bucket(plan.batch, plan.max_len) if self.coord.lockstep else None
+            return self._run_verify_graph(reqs, starts, ns, slots, results, key)
         if plan.kind == GRAPH:
             key = self.graphs.bucket(plan.batch, plan.max_len)
             self.graphs.ensure(key)
@@ -127,10 +129,10 @@ class ModelRunner:
         self.last_batch = batch
         return self._run_eager(batch, results)
 
-    def _run_verify_graph(self, reqs, starts, ns, slots, results) -> list[StepResult]:
+    def _run_verify_graph(self, reqs, starts, ns, slots, results, key=None) -> list[StepResult]:
         vg = self.verify_graphs
         q = vg.q
-        key = vg.bucket(len(reqs), max(s + q for s in starts))
+        key = key or vg.bucket(len(reqs), max(s + q for s in starts))
         vg.ensure(key)
         ids = [t for r, s in zip(reqs, starts) for t in r.token_slice(s, s + q)]
         dev_ids = stage_decode(self.buffers, key[0], self.scratch, ids, slots, starts, q)
@@ -143,8 +145,10 @@ class ModelRunner:
         if self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False):  # (the MTP drafter)
             for r, dr in zip(reqs, self.draft_graphs.run(key[0], [res.tokens for res in results])):
                 r.spec_ids = dr
-        elif self.drafter is not None:
+        elif self.drafter is not None and reqs:
             self._draft(batch, vg.streams, results)
+        elif getattr(self.drafter, "needs_streams", False):  # (lockstep, no requests here: the MTP passes are collective)
+            self.drafter.take_part(self.device, self.cache.block_table)
         return results
 
     def _verify(self, batch: StepBatch, logits, verify_at, k, snap, results) -> None:

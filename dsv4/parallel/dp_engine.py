@@ -12,7 +12,10 @@ lockstep iteration of every rank:
   3. rank 0 gathers every rank's outputs, as increments (new token ids, new text, new logprobs), and
      its queue / cache occupancy; it rebuilds full RequestOutputs for the remote requests.
 
-Placement: a new request goes to the rank with the fewest unfinished requests (ties: the lowest rank).
+Placement: a new request goes to the rank holding the fewest tokens of unfinished requests, each counted at
+its peak (prompt + max_tokens: the cache it will hold and the tokens it will compute), so one long request
+weighs as much as many short ones and a loaded rank is not handed more; ties: fewer requests, then the
+lowest rank.
 Validation and tokenisation happen once, on rank 0, before anything is sent: a bad request raises
 ValueError from `add_request` and reaches no rank. A failure inside a lockstep step cannot be contained
 (the other ranks wait in collectives this rank will not enter): rank 0 logs it and ends the process group.
@@ -111,6 +114,8 @@ class DPEngine:
         self._pending: list[tuple] = []  # commands for the next step
         self._owner: dict[str, int] = {}  # unfinished request id -> its rank
         self._count = [0] * self.world  # unfinished requests per rank
+        self._tokens = [0] * self.world  # their tokens at peak (prompt + max_tokens), per rank
+        self._weight: dict[str, int] = {}  # unfinished request id -> its tokens at peak
         self._mirrors: dict[str, _Mirror] = {}
         self._loads = [local.load()] * self.world
         self._ids = 0
@@ -165,7 +170,7 @@ class DPEngine:
             request_id, self._ids = f"req-{self._ids}", self._ids + 1
         if request_id in self._owner:
             raise ValueError(f"request id {request_id!r} is already in use")
-        rank = min(range(self.world), key=lambda r: (self._count[r], r))
+        rank = min(range(self.world), key=lambda r: (self._tokens[r], self._count[r], r))
         if rank == 0:
             req = self.local.add_request(prompt, params, request_id, arrival_time)
         else:
@@ -175,6 +180,8 @@ class DPEngine:
             self._mirrors[request_id] = _Mirror(req)
         self._owner[request_id] = rank
         self._count[rank] += 1
+        self._weight[request_id] = req.num_prompt_tokens + req.max_tokens
+        self._tokens[rank] += self._weight[request_id]
         return req
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -194,6 +201,7 @@ class DPEngine:
         rank = self._owner.pop(rid, None)
         if rank is not None:
             self._count[rank] -= 1
+            self._tokens[rank] -= self._weight.pop(rid, 0)
         self._mirrors.pop(rid, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -274,6 +282,8 @@ class DPEngine:
         self._owner.clear()
         self._mirrors.clear()
         self._count = [0] * self.world
+        self._tokens = [0] * self.world
+        self._weight.clear()
 
     def _dead_rank(self, wait: float = 0.0) -> str | None:
         """'rank R (pid P) exited with code C' for a rank process that ended, waiting up to `wait` s for one."""

@@ -1,0 +1,31 @@
+"""Placement of new requests over expert-parallel ranks (DPEngine, host logic only: no process group is
+touched before a step): by the tokens each rank holds at peak, not by request count."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.config import EngineConfig
+from dsv4.engine.sampling_params import SamplingParams
+from dsv4.parallel.dp_engine import DPEngine
+
+
+def test_a_rank_with_more_tokens_gets_fewer_new_requests(lm):
+    local = LLMEngine(EngineConfig(model="unused", device="cpu", dtype="float32", numerics="plain",
+                                   max_model_len=512), lm=lm)
+    eng = DPEngine(local, SimpleNamespace(spec=SimpleNamespace(world=2)))
+    try:
+        eng.add_request(list(range(1, 201)), SamplingParams(max_tokens=50), request_id="long")  # 250 tokens
+        short = [eng.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=5), request_id=f"s{i}") for i in range(6)]
+        owners = [eng._owner[r.request_id] for r in short]
+        assert eng._owner["long"] == 0
+        assert owners == [1] * 6  # 6 x 10 tokens < 250: a count-based placement would have alternated
+        assert eng._tokens == [250, 60] and eng._count == [1, 6]
+        eng._forget("long")  # the long one finished: rank 0 is the lighter one again
+        eng.add_request([1, 2, 3], SamplingParams(max_tokens=7), request_id="next")
+        assert eng._owner["next"] == 0 and eng._tokens == [10, 60]
+        eng._forget("s0")
+        assert eng._tokens == [10, 50] and eng._count == [1, 5]
+    finally:
+        eng._closed = True  # (no ranks to stop)

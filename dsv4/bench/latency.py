@@ -114,7 +114,9 @@ def _install_oracle(llm, B: int, input_len: int, output_len: int, seed: int, k: 
     from dsv4.engine.spec_decode import OracleDrafter
 
     eng = llm.engine
-    eng.runner.drafter = None
+    # recorded through verify steps (drafts that fail), as the measured run decodes: in bf16 a plain decode
+    # step's rounding differs from a verify step's, which would leave the path after a few tokens
+    eng.runner.drafter = OracleDrafter({}, k, 0.0, vocab_size=eng.cfg.vocab_size)
     prompts = bench_prompts(eng.cfg.vocab_size, B, input_len, seed)
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -145,8 +145,8 @@ class OracleDrafter:
             ref = self.cont.get(tuple(r.prompt_token_ids))
             out = r.output_token_ids + tail
             n = len(out)
-            if ref is None or ref[:n] != out:  # off the known path: nothing to replay
-                r.spec_ids = []
+            if ref is None or ref[:n] != out:  # off the known path: k drafts that fail (the step stays a verify step)
+                r.spec_ids = [(out[-1] + 1) % (self.vocab_size or out[-1] + 2)] * self.k if out else []
                 continue
             drafts = ref[n:n + self.k]
             V = self.vocab_size or (max(ref) + 2)

@@ -1,7 +1,10 @@
 """GPU: verify-graph step cost against acceptance with the draft oracle (issue 18), plain graph decode as
 the baseline on the same machine. 4 Flash layers, dummy weights, bf16, batch 1, 256 in / 48 out.
 
-    PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/spec_oracle_graphs.py --out $OUT/oracle.json
+    PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/spec_oracle_graphs.py --out $OUT/oracle.json --profile
+
+--profile: where one MTP N = 1 speculative step's time goes (wall time of the runner's parts, host-timed
+with a device sync after each, over 20 steps).
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from spec_decode_check import rows_for  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
+    if a.profile:
+        profile()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "input_len": 256, "output_len": 48, "rows": []}
     for oracle, kw in [(None, {}), ([0.0, 1.0], dict(speculative_tokens=1)),
@@ -34,6 +40,51 @@ def main() -> None:
         print(r.get("drafter", "plain"), r.get("speculative_tokens", 0), "tpot %.2f ms" % r["tpot_ms"],
               "tokens/step %.2f" % r.get("mean_accepted_length", 1.0), "step %.2f ms" % r["step_ms"],
               "engine_steps", r["engine_steps"])
+
+
+def profile() -> None:
+    """Host-timed parts of MTP speculative steps (N = 1), a device sync around each part."""
+    from dsv4.config import EngineConfig
+    from dsv4.engine import model_runner as mr
+    from dsv4.engine.llm import LLM
+    from dsv4.engine.sampling_params import SamplingParams
+
+    llm = LLM.from_config(EngineConfig(device="cuda", model="deepseek-v4-flash", load_format="dummy", num_layers=4,
+                                       dtype="bfloat16", max_model_len=4096, max_num_seqs=8,
+                                       kv_cache_memory=8 << 30, speculative_tokens=1))
+    eng = llm.engine
+    run, dg = eng.runner, eng.runner.draft_graphs
+    acc: dict[str, float] = {}
+
+    def timed(name, fn):
+        def w(*a, **k):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            torch.cuda.synchronize()
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
+            return out
+        return w
+
+    run.verify_graphs.replay = timed("verify replay", run.verify_graphs.replay)
+    run._verify = timed("verify + rollback (host)", run._verify)
+    mr.rollback = timed("rollback", mr.rollback)
+    dg.run = timed("draft graph run", dg.run)
+    eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
+    eng.step = timed("engine step", eng.step)
+    p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, detokenize=False)
+    eng.add_request(list(range(1000, 1256)), p, request_id="w")
+    while eng.has_unfinished_requests():
+        eng.step()
+    acc.clear()
+    n0 = run.verify_graph_steps
+    eng.add_request(list(range(2000, 2256)), p, request_id="m")
+    while eng.has_unfinished_requests():
+        eng.step()
+    n = run.verify_graph_steps - n0
+    print(f"profile: {n} verify graph steps of {eng.num_steps} engine steps")
+    for k, v in sorted(acc.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:28s} {1e3 * v / max(n, 1):7.3f} ms per verify step")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="speculative decoding: draft this many tokens per step with the checkpoint's MTP block and "
                         "verify them in one forward (1-3 typical; 0: off)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                   help="automatic prefix caching: keep full cache pages and slot snapshots at page boundaries for "
+                        "later requests with the same prefix (system prompts, conversation history)")
+    p.add_argument("--prefix-cache-snapshots", type=_positive_int, default=None,
+                   help="with --enable-prefix-caching: slot snapshots kept (default: --max-num-seqs, at most a "
+                        "tenth of the cache memory)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay captured decode graphs (default: capture them where the device and "
                         "every op's provider allow)")
@@ -143,7 +149,8 @@ def engine_config(a: argparse.Namespace):
         prefill_tokens_with_decodes=a.prefill_tokens_with_decodes,
         page_tokens=a.page_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
         kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory),
-        enforce_eager=a.enforce_eager, gpus=a.gpus, ep_exchange=a.ep_exchange, speculative_tokens=a.speculative_tokens)
+        enforce_eager=a.enforce_eager, gpus=a.gpus, ep_exchange=a.ep_exchange, speculative_tokens=a.speculative_tokens,
+        enable_prefix_caching=a.enable_prefix_caching, prefix_cache_snapshots=a.prefix_cache_snapshots)
 
 
 def _warn_max_tokens_cap(a: argparse.Namespace, llm, prompts: list) -> None:

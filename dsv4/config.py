@@ -537,13 +537,18 @@ class EngineConfig:
     # speculative decoding: drafts per step from the checkpoint's MTP block, verified in one target forward
     # (engine/spec_decode.py); 0: off
     speculative_tokens: int = 0
+    # automatic prefix caching (cache/prefix_cache.py): full pages and slot snapshots at page boundaries kept
+    # for later requests with the same prefix; `prefix_cache_snapshots` slot snapshots (None: max_num_seqs,
+    # at most a tenth of the cache memory)
+    enable_prefix_caching: bool = False
+    prefix_cache_snapshots: int | None = None
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "gpus"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("prefill_tokens_with_decodes", "page_tokens"):
+        for name in ("prefill_tokens_with_decodes", "page_tokens", "prefix_cache_snapshots"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {v!r}")

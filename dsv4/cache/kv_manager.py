@@ -15,7 +15,8 @@ every page and slot is either free or owned by exactly one request; freeing retu
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections import OrderedDict
+from typing import Callable, Protocol
 
 import torch
 
@@ -29,31 +30,92 @@ class Holder(Protocol):
 
 
 class PagePool:
-    """Pages 1..num_pages (0 is the null page)."""
+    """Pages 1..num_pages (0 is the null page). A page is free, held (its reference count: the requests
+    using it, one each; prefix caching shares full pages), or cached: held by no one but kept because the
+    prefix cache knows its content (`keeps(page)`), reusable until evicted to serve an allocation, least
+    recently released first (`on_evict(page)` tells the prefix cache it is gone)."""
 
     def __init__(self, num_pages: int):
         self.num_pages = num_pages
         self._free = list(range(num_pages, 0, -1))
-        self._used: set[int] = set()
+        self._ref: dict[int, int] = {}
+        self._cached: OrderedDict[int, None] = OrderedDict()  # evictable, the next to evict first
+        self.keeps: Callable[[int], bool] = lambda page: False
+        self.on_evict: Callable[[int], None] = lambda page: None
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages an allocation can take (free, or cached and evictable)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    def refcount(self, page: int) -> int:
+        return self._ref.get(page, 0)
 
     def allocate(self, n: int) -> list[int] | None:
-        """n pages, or None (and nothing taken) if fewer are free."""
-        if n > len(self._free):
+        """n pages, or None (and nothing taken) if fewer are free; cached pages are evicted when the free
+        ones run out."""
+        if n > self.num_free:
             return None
-        out = [self._free.pop() for _ in range(n)]
-        self._used.update(out)
+        out = []
+        for _ in range(n):
+            if self._free:
+                p = self._free.pop()
+            else:
+                p, _ = self._cached.popitem(last=False)
+                self.on_evict(p)
+                self.evictions += 1
+            self._ref[p] = 1
+            out.append(p)
         return out
 
-    def free(self, pages: list[int]) -> None:
+    def share(self, pages: list[int]) -> None:
+        """One more holder for each of `pages` (held or cached ones)."""
         for p in pages:
-            if p not in self._used:
+            if p in self._ref:
+                self._ref[p] += 1
+            elif self._cached.pop(p, 0) is None:  # (present: its value is None)
+                self._ref[p] = 1
+            else:
+                raise RuntimeError(f"page {p} shared but neither held nor cached")
+
+    def free(self, pages: list[int]) -> None:
+        """One holder fewer for each of `pages`, in order: a page nobody holds becomes cached (if the prefix
+        cache keeps it; evicted in the order released) or free."""
+        for p in pages:
+            c = self._ref.get(p)
+            if c is None:
                 raise RuntimeError(f"page {p} freed but not in use")
-            self._used.remove(p)
-            self._free.append(p)
+            if c > 1:
+                self._ref[p] = c - 1
+                continue
+            del self._ref[p]
+            if self.keeps(p):
+                self._cached[p] = None
+            else:
+                self._free.append(p)
+
+    def uncache(self, page: int) -> None:
+        """The prefix cache forgot a cached page: it is free."""
+        if self._cached.pop(page, 0) is None:
+            self._free.append(page)
+
+    def check(self) -> None:
+        held, free, cached = set(self._ref), set(self._free), set(self._cached)
+        if len(free) != len(self._free) or held & free or held & cached or free & cached:
+            raise AssertionError("page bookkeeping inconsistent")
+        if NULL_PAGE in held | free | cached:
+            raise AssertionError("the null page was handed out")
+        if len(held) + len(free) + len(cached) != self.num_pages:
+            raise AssertionError("pages leaked")
+        if any(c < 1 for c in self._ref.values()):
+            raise AssertionError("a held page with no holder")
+        if any(not self.keeps(p) for p in cached):
+            raise AssertionError("a cached page the prefix cache does not know")
 
 
 class KVCacheManager:
@@ -78,6 +140,47 @@ class KVCacheManager:
 
     def pages_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.page_tokens)
+
+    # ---- prefix caching (cache/prefix_cache.py) ---------------------------------------------------------
+    prefix = None
+
+    def enable_prefix_caching(self, num_snapshots: int):
+        """Keep full pages and `num_snapshots` slot snapshots for later requests with the same prefix (the
+        snapshot slots are taken from the free ones, as the scratch slot is)."""
+        from dsv4.cache.prefix_cache import PrefixCache
+        if num_snapshots > len(self._free_slots):
+            raise RuntimeError(f"{num_snapshots} prefix-cache snapshot slots asked, {len(self._free_slots)} free")
+        snaps = [self._free_slots.pop(0) for _ in range(num_snapshots)]
+        for s in snaps:
+            self._owner[s] = "<prefix-cache>"
+        self.prefix = PrefixCache(self.cache, self.pages, snaps)
+        return self.prefix
+
+    def attach_prefix(self, req) -> int:
+        """Right after `admit`: start `req` at its deepest prefix-cache hit (its first pages shared, the
+        snapshot copied into its slot, its length and num_computed_tokens set); the tokens it skips."""
+        if self.prefix is None:
+            return 0
+        pages = self.prefix.attach(req, req.slot)
+        if pages:
+            req.pages = list(pages)
+            self.table[req.slot, :len(pages)] = torch.tensor(pages, dtype=torch.int64)
+            self._dirty.add(req.slot)
+        n = len(pages) * self.page_tokens
+        self._lens[req.slot] = n
+        req.num_computed_tokens = n
+        return n
+
+    def commit(self, req) -> None:
+        """After a step: the prefix cache learns `req`'s full pages (and snapshots its slot at its points)."""
+        if self.prefix is not None and req.slot is not None:
+            self.prefix.commit(req, self._lens[req.slot])
+
+    def distrust(self, reqs) -> None:
+        """A step failed midway: what these requests' caches hold is never offered to the prefix cache."""
+        for r in reqs:
+            r.snapshot_points = []
+            r.num_registered_pages = 1 << 62
 
     def admit(self, req: Holder) -> bool:
         """Give `req` a slot with empty state; False if none is free."""
@@ -128,9 +231,11 @@ class KVCacheManager:
         return True
 
     def release(self, req: Holder) -> None:
-        """Return everything `req` holds (idempotent)."""
+        """Return everything `req` holds (idempotent). With prefix caching, what it computed is offered to the
+        cache first; its pages are released deepest first (so evicted before the ones they extend)."""
         if req.pages:
-            self.pages.free(req.pages)
+            self.commit(req)
+            self.pages.free(req.pages[::-1])
             if req.slot is not None:
                 self.table[req.slot, :len(req.pages)] = NULL_PAGE
                 self._dirty.add(req.slot)
@@ -184,9 +289,4 @@ class KVCacheManager:
             raise AssertionError("slot bookkeeping inconsistent")
         if len(self._free_slots) + len(self._owner) != self.cache.num_slots:
             raise AssertionError("slots leaked")
-        if len(set(self.pages._free)) != len(self.pages._free) or set(self.pages._free) & self.pages._used:
-            raise AssertionError("page bookkeeping inconsistent")
-        if NULL_PAGE in self.pages._free or NULL_PAGE in self.pages._used:
-            raise AssertionError("the null page was handed out")
-        if len(self.pages._free) + len(self.pages._used) != self.pages.num_pages:
-            raise AssertionError("pages leaked")
+        self.pages.check()

@@ -33,7 +33,7 @@ import torch
 from dsv4.config import CSA, SWA, ModelConfig
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.compressor import reset_compressor_state
-from dsv4.ops.kv_format import KVStore, kv_alloc, kv_row_bytes
+from dsv4.ops.kv_format import KVStore, kv_alloc, kv_row_bytes, kv_tensors
 
 NULL_PAGE = 0  # reserved: the block-table filler for pages not (yet) assigned; no request owns it
 
@@ -140,6 +140,25 @@ class ModelCache:
     @property
     def layout(self) -> CacheLayout:
         return CacheLayout.of(self.cfg, self.dtype, self.kv_fp8, self.page_tokens, self.with_mtp)
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Every tensor holding per-slot state (indexed by slot in dim 0): window rings (the MTP blocks' too)
+        and compressor accumulators."""
+        out = []
+        for lc in self.layers + self.mtp_layers:
+            out += kv_tensors(lc.window)
+            out += [t for pair in lc.states() for t in pair if t is not None]
+        return out
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy the fixed state of slot src[i] into slot dst[i] (prefix caching: a snapshot taken at a page
+        boundary, or restored into a request's slot). Device ops on the current stream, ordered with steps."""
+        if not src:
+            return
+        s = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
+        d = torch.tensor(dst, dtype=torch.int64).to(self.device, non_blocking=True)
+        for t in self.slot_tensors():
+            t.index_copy_(0, d, t.index_select(0, s))
 
     def reset(self, slots: list[int]) -> None:
         """Empty the per-slot state (compressor accumulators) of `slots`. Window rings, the MTP blocks' too,

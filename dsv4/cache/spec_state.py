@@ -17,13 +17,8 @@ import torch
 
 from dsv4.cache.model_cache import LayerCache
 from dsv4.config import CSA, SWA, ModelConfig
-from dsv4.ops.kv_format import Fp8KV
+from dsv4.ops.kv_format import kv_tensors as _parts
 from dsv4.ops.meta import ForwardMeta
-
-
-def _parts(store) -> list[torch.Tensor]:
-    """The tensors of a KV store (kv_format.py)."""
-    return [store.nope, store.scale, store.rope] if isinstance(store, Fp8KV) else [store]
 
 
 class StateSnapshot:

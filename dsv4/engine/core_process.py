@@ -228,7 +228,7 @@ class _Core:
             self.plp_sent.discard(key)
         return (key, c.token_ids, c.logprobs, plp, o.finished, c.finish_reason, c.stop_reason, o.error,
                 m.first_scheduled_time, m.first_token_time, m.finish_time, m.num_preemptions,
-                (m.num_spec_steps, m.num_draft_tokens, m.num_accepted_tokens))
+                (m.num_spec_steps, m.num_draft_tokens, m.num_accepted_tokens, m.num_cached_tokens))
 
 
 # =============================================================================================================
@@ -242,7 +242,7 @@ class _Request:
     __slots__ = ("request_id", "key", "prompt", "prompt_token_ids", "params", "arrival_time", "detok", "stop_matcher",
                  "output_token_ids", "logprobs", "prompt_logprobs", "text", "finish_reason", "stop_reason", "error",
                  "first_scheduled_time", "first_token_time", "finish_time", "num_preemptions", "num_spec_steps",
-                 "num_draft_tokens", "num_accepted_tokens", "emitted_tokens",
+                 "num_draft_tokens", "num_accepted_tokens", "num_cached_tokens", "emitted_tokens",
                  "emitted_text")
 
     def __init__(self, rid: str, key: int, prompt: str | None, ids: list[int], params: SamplingParams,
@@ -260,7 +260,7 @@ class _Request:
         self.finish_reason = self.stop_reason = self.error = None
         self.first_scheduled_time = self.first_token_time = self.finish_time = None
         self.num_preemptions = 0
-        self.num_spec_steps = self.num_draft_tokens = self.num_accepted_tokens = 0
+        self.num_spec_steps = self.num_draft_tokens = self.num_accepted_tokens = self.num_cached_tokens = 0
         self.emitted_tokens = self.emitted_text = 0
 
     @property
@@ -271,7 +271,7 @@ class _Request:
         """Take one delta from the core: (the output to deliver or None, whether a stop string ended the
         request here, so that the core must abort it)."""
         (_, ids, lps, plp, finished, reason, stop_reason, error, t_sched, t_first, t_finish, preempt, spec) = d
-        self.num_spec_steps, self.num_draft_tokens, self.num_accepted_tokens = spec
+        self.num_spec_steps, self.num_draft_tokens, self.num_accepted_tokens, self.num_cached_tokens = spec
         if plp:
             self.prompt_logprobs = plp
         self.first_scheduled_time, self.first_token_time, self.num_preemptions = t_sched, t_first, preempt

@@ -62,17 +62,26 @@ class LLMEngine:
         graphs_ok = self._graphs_wanted()
         budget = self._cache_budget(graphs_ok, spec)
         budget = coord.min_over_ranks(budget)  # every rank gets the same plan, so that all have the same buckets
+        snaps = 0
+        if config.enable_prefix_caching:  # slot snapshots (cache/prefix_cache.py) come out of the budget first
+            snaps = config.prefix_cache_snapshots
+            if snaps is None:
+                snaps = max(1, min(config.max_num_seqs, budget // 10 // max(1, layout.slot_bytes)))
+            budget -= snaps * layout.slot_bytes
         self.plan: CachePlan = plan_cache(layout, budget, config.max_num_seqs, self.max_model_len)
         log.info(self.plan.describe())
         # one extra slot (0.5 MiB for Flash) is the scratch slot: bucket-padding rows of decode graphs, and the
         # one-token step of an expert-parallel rank with no work of its own
         scratch = graphs_ok or coord.lockstep
-        self.cache = ModelCache(self.cfg, self.plan.num_slots + int(scratch), self.max_model_len, self.device,
+        self.cache = ModelCache(self.cfg, self.plan.num_slots + int(scratch) + snaps, self.max_model_len, self.device,
                                 kv_dtype, page_tokens=layout.page_tokens, num_pages=self.plan.num_pages,
                                 kv_fp8=kv_fp8, dialect=self.lm.platform.fp8_dialect, with_mtp=bool(spec))
         self.kv = KVCacheManager(self.cache)
         # (verify graphs' padding rows run spec + 1 tokens on it: it owns a page for what they compress)
         scratch_slot = self.kv.take_scratch_slot(spec + 1 if spec and graphs_ok else 0) if scratch else None
+        if snaps:
+            self.kv.enable_prefix_caching(snaps)
+            log.info("prefix caching on: %d slot snapshots (%s)", snaps, gib(snaps * layout.slot_bytes))
         max_batch = min(config.max_num_seqs, self.plan.num_slots)
         verify_batch = min(max_batch, MAX_VERIFY_GRAPH_BATCH)
         self.buffers = StepBuffers(max(config.max_num_batched_tokens, max_batch, verify_batch * (spec + 1)),
@@ -141,6 +150,8 @@ class LLMEngine:
         torch.cuda.synchronize(self.device)
         weights = torch.cuda.memory_allocated(self.device)
         activations = self._profile_activations(c.max_num_batched_tokens)
+        if c.enable_prefix_caching:  # a step that snapshots inside itself keeps its redo inputs (prefix_cache.py)
+            activations += c.max_num_batched_tokens * redo_bytes_per_token(self.cfg, self.lm.opts.dtype)
         if graphs:  # the graphs' shared memory pool: measured (4 Flash layers, H100, 2026-12-05) at 5.4x one
             # eager forward's activation peak at the largest bucket (0.092 vs 0.017 GiB); kept with margin
             self._graph_reserve = 6 * self._profile_activations(min(c.max_num_seqs, 256)) + 2**27
@@ -246,7 +257,11 @@ class LLMEngine:
             outs.append(self._output(req))
         if not so.scheduled and not self.coord.lockstep:
             return outs
-        results = self.runner.execute(so.scheduled)  # (expert parallel: also with nothing scheduled here)
+        try:
+            results = self.runner.execute(so.scheduled)  # (expert parallel: also with nothing scheduled here)
+        except BaseException:
+            self.kv.distrust([r for r, _ in so.scheduled])  # (their cache state is half-written)
+            raise
         self.num_steps += bool(so.scheduled)
         now = time.monotonic()
         for (req, n), res in zip(so.scheduled, results):
@@ -281,7 +296,20 @@ class LLMEngine:
             out = self._output(req)
             if out is not None:
                 outs.append(out)
+        if self.kv.prefix is not None:
+            for req, _ in so.scheduled:
+                if not req.finished:  # (finished ones offered theirs when released)
+                    self.kv.commit(req)
         return outs
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (requests running keep what they hold)."""
+        if self.kv.prefix is not None:
+            self.kv.prefix.clear()
+
+    def prefix_cache_stats(self) -> dict | None:
+        """Prefix-cache counters (tokens looked up / found, pages and snapshots held), or None when off."""
+        return None if self.kv.prefix is None else self.kv.prefix.stats()
 
     def _append_token(self, req: Request, tok: int, lp) -> None:
         req.output_token_ids.append(tok)

@@ -21,6 +21,7 @@ from dsv4.engine.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logp
 from dsv4.engine.spec_decode import verify_all
 from dsv4.engine.step_batch import StepBatch, StepBuffers, build_eager, stage_decode
 from dsv4.model.builder import LoadedModel
+from dsv4.ops.meta import ForwardMeta
 
 
 @dataclass
@@ -176,7 +177,52 @@ class ModelRunner:
             meta.redo = []
             snap = StateSnapshot(self.cache.layers, [meta.seq_slots_host[i] for i in spec],
                                  [batch.starts[i] for i in spec], [batch.num_new[i] for i in spec])
+        shots = self._snapshots_inside(batch)
+        try:
+            results = self._eager_forward(batch, results, k, spec, snap, shots)
+        except BaseException:
+            for *_, s in shots:
+                self.kv.prefix.give_back(s)
+            raise
+        for _, _, key, s in shots:
+            self.kv.prefix.put(key, s)
+        return results
+
+    def _snapshots_inside(self, batch: StepBatch) -> list[tuple[int, int, bytes, int]]:
+        """Prefix caching: (request index, point, key, snapshot slot) for each snapshot point strictly inside a
+        request's tokens of this step. Each snapshot slot gets a copy of the request's slot now; after the
+        forward, the step's writes of the tokens before the point are redone onto it (the machinery of
+        speculative rollback, cache/spec_state.py): the state at the point, without a step ending there."""
+        pc = self.kv.prefix
+        if pc is None:
+            return []
+        shots = []
+        for i, (r, s, n) in enumerate(zip(batch.reqs, batch.starts, batch.num_new)):
+            for p, key in (pc.inside(r, s, n) if r.snapshot_points else ()):
+                slot = pc.take_slot()
+                if slot is not None:
+                    shots.append((i, p, key, slot))
+        if shots:
+            if batch.meta.redo is None:
+                batch.meta.redo = []
+            self.cache.copy_slots([batch.meta.seq_slots_host[i] for i, *_ in shots], [s for *_, s in shots])
+        return shots
+
+    def _redo_onto_snapshots(self, batch: StepBatch, shots, redo: list, row0: list[int]) -> None:
+        """Redo the writes recorded in `redo` of request i's tokens start .. point - 1 (its rows from row0[i])
+        onto each shot's snapshot slot."""
+        for i, p, _, s in shots:
+            c = batch.starts[i]
+            sub = ForwardMeta.build([s], [c], [p - c], device=self.device, block_table=self.cache.block_table)
+            rows = torch.arange(row0[i], row0[i] + p - c, device=self.device)
+            for f in redo:
+                f(rows, sub)
+
+    def _eager_forward(self, batch: StepBatch, results, k, spec, snap, shots) -> list[StepResult]:
+        meta, reqs = batch.meta, batch.reqs
         X = self.model(batch.ids, meta, self.cache)
+        if shots:
+            self._redo_onto_snapshots(batch, shots, meta.redo, meta.query_start_host)
         rows: list[int] = []  # token rows of X whose logits we need
         sample_at: list[tuple[int, int]] = []  # (request index, row position in `rows`)
         verify_at: list[tuple[int, int]] = []  # (request index, first of its k + 1 rows in `rows`)
@@ -207,14 +253,15 @@ class ModelRunner:
             if verify_at:
                 self._verify(batch, logits, verify_at, k, snap, results)
         if self.drafter is not None:
-            self._draft(batch, X, results)
+            self._draft(batch, X, results, shots)
         elif spec:
             for i in spec:
                 reqs[i].spec_ids = []
         return results
 
-    def _draft(self, batch: StepBatch, X: torch.Tensor, results: list[StepResult]) -> None:
-        """Drafts for the next step (the drafter sets each sampling request's spec_ids)."""
+    def _draft(self, batch: StepBatch, X: torch.Tensor, results: list[StepResult], shots=()) -> None:
+        """Drafts for the next step (the drafter sets each sampling request's spec_ids); `shots`: prefix-cache
+        snapshots inside this step, whose MTP ring rows the MTP pass's writes are redone onto."""
         reqs, meta = batch.reqs, batch.meta
         kept, nxt, sample = [], [], []
         for i, (r, s, n) in enumerate(zip(reqs, batch.starts, batch.num_new)):
@@ -231,7 +278,10 @@ class ModelRunner:
             if sample[-1]:
                 r.spec_ids = []
         if getattr(self.drafter, "needs_streams", False):
-            self.drafter.propose(reqs, X=X, meta=meta, kept=kept, next_ids=nxt, sample=sample)
+            redo = [] if shots else None
+            self.drafter.propose(reqs, X=X, meta=meta, kept=kept, next_ids=nxt, sample=sample, redo=redo)
+            if shots:
+                self._redo_onto_snapshots(batch, shots, redo, [sum(kept[:i]) for i in range(len(kept))])
         else:  # (tokens this step emits: not yet in the requests' outputs)
             new = [res.tokens if res.tokens is not None else [res.token_id] for res in results]
             self.drafter.propose([r for r, f in zip(reqs, sample) if f], new=[t for t, f in zip(new, sample) if f])

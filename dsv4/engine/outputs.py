@@ -31,6 +31,8 @@ class RequestMetrics:
     num_spec_steps: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # prefix caching: prompt tokens taken from the cache at the request's first admission (vLLM's name)
+    num_cached_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:
@@ -58,6 +60,11 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens taken from the prefix cache (vLLM's RequestOutput field)."""
+        return self.metrics.num_cached_tokens
 
 
 def finish_text(r, reason: str, stop_reason=None, at: float | None = None) -> None:
@@ -102,6 +109,7 @@ def shape_output(r) -> RequestOutput | None:
                        first_token_time=r.first_token_time, finish_time=r.finish_time,
                        num_prompt_tokens=len(r.prompt_token_ids), num_generated_tokens=len(r.output_token_ids),
                        num_preemptions=r.num_preemptions, num_spec_steps=r.num_spec_steps,
-                       num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens)
+                       num_draft_tokens=r.num_draft_tokens, num_accepted_tokens=r.num_accepted_tokens,
+                       num_cached_tokens=r.num_cached_tokens)
     return RequestOutput(request_id=r.request_id, prompt=r.prompt, prompt_token_ids=r.prompt_token_ids,
                          prompt_logprobs=plp, outputs=[comp], finished=finished, metrics=m, error=r.error)

@@ -52,6 +52,12 @@ class Request:
     num_spec_steps: int = 0  # steps that verified drafts
     num_draft_tokens: int = 0  # drafts verified so far
     num_accepted_tokens: int = 0  # of which accepted
+    # prefix caching (cache/prefix_cache.py): chain keys of its full pages (computed once), how many of its
+    # pages the cache knows, boundaries where a step must end for a snapshot, prompt tokens it started with
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_pages: int = 0
+    snapshot_points: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
     # bookkeeping
     num_preemptions: int = 0
     first_scheduled_time: float | None = None

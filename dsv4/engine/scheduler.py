@@ -9,6 +9,7 @@ Each step:
    of the step's budget (chunked prefill). When the step has decodes, prefill tokens are further
    capped at `prefill_tokens_with_decodes` (the decode-latency budget: a step's time grows with its
    tokens, and every decoding request waits for the whole step); alone, prefills get the full budget.
+   With prefix caching, an admitted request first takes its cached prefix (cache/prefix_cache.py).
 3. If the page pool cannot cover a running request's new tokens, the NEWEST running request not yet
    scheduled this step is preempted (everything it holds is freed; it goes back to the front of the
    queue and later recomputes its prompt and the tokens it had generated), until the pages fit. A
@@ -199,11 +200,13 @@ class Scheduler:
                 prefill_left -= n
         while self.waiting and prefill_left > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.first()
-            n = min(need(req), prefill_left)
             if not self.kv.admit(req):
                 break
+            self.kv.attach_prefix(req)  # (prefix caching: it may start past a cached prefix)
+            n = min(need(req), prefill_left)
             if not self.kv.reserve(req, req.num_computed_tokens + n):
                 self.kv.release(req)
+                req.num_computed_tokens = 0
                 if not self.running:
                     self.waiting.popleft()
                     req.error = (f"request needs {self.kv.pages_for(req.num_computed_tokens + n)} cache pages "
@@ -212,6 +215,8 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
+            if self.kv.prefix is not None:
+                self.kv.prefix.record(req)
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
@@ -219,3 +224,4 @@ class Scheduler:
             out.scheduled.append((req, n))
             prefill_left -= n
         return out
+

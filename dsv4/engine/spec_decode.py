@@ -187,15 +187,17 @@ class MTPDrafter:
 
     @torch.no_grad()
     def propose(self, reqs: list[Request], X: torch.Tensor, meta: ForwardMeta, kept: list[int],
-                next_ids: list[list[int]], sample: list[bool], **_) -> None:
+                next_ids: list[list[int]], sample: list[bool], redo: list | None = None, **_) -> None:
         """X: the step's target streams [T, hc, D]; sequence b kept its first kept[b] tokens of the step;
         next_ids[b]: the token after each kept position (kept[b] ids); sample[b]: it drafts (it sampled a
-        token this step and goes on decoding)."""
+        token this step and goes on decoding). `redo`: a list to record the MTP pass's ring writes in
+        (ForwardMeta.redo; prefix-cache snapshots inside the step)."""
         dev = X.device
         rows = [meta.query_start_host[b] + j for b in range(len(reqs)) for j in range(kept[b])]
         ids = [t for b in range(len(reqs)) for t in next_ids[b][:kept[b]]]
         slots, starts = meta.seq_slots_host, meta.seq_start_host
         m = ForwardMeta.build(slots, starts, kept, device=dev, block_table=meta.block_table)
+        m.redo = redo
         Y = self.model.mtp_forward(X[torch.tensor(rows, device=dev)], torch.tensor(ids, device=dev), m, self.cache)
         ends, qs = [], 0
         for b in range(len(reqs)):

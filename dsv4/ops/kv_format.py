@@ -89,5 +89,10 @@ def kv_write(store: KVStore, idx, x: torch.Tensor) -> None:
     store.rope[idx] = x[..., nope:].to(store.rope.dtype)
 
 
+def kv_tensors(store: KVStore) -> list[torch.Tensor]:
+    """The tensors a KV store is made of (one for a float store; FP8 rows, their scales, the rotary dims)."""
+    return [store.nope, store.scale, store.rope] if isinstance(store, Fp8KV) else [store]
+
+
 def kv_dtype(store: KVStore) -> torch.dtype:
     return store.dtype

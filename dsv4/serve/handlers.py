@@ -221,8 +221,10 @@ class OpenAIServing:
         return self.tokenizer.decode([t], skip_special_tokens=False)
 
     @staticmethod
-    def _usage(prompt: int, completion: int) -> dict:
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
+        """OpenAI usage; `cached`: prompt tokens served from the prefix cache (the first choice of each prompt)."""
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     # ---- /v1/completions ---------------------------------------------------------------------------
     def _completion_prompts(self, r: CompletionRequest) -> list[list[int]]:
@@ -308,8 +310,9 @@ class OpenAIServing:
                 choices.append({"index": k * r.n + i, "text": prefix + text, "logprobs": lp,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
                 n_out += len(c.token_ids)
+        cached = sum(finals[k * r.n].num_cached_tokens for k in range(len(prompts)))
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-                "choices": choices, "usage": self._usage(n_prompt, n_out)}
+                "choices": choices, "usage": self._usage(n_prompt, n_out, cached)}
 
     async def completions_stream(self, r: CompletionRequest, setup=None) -> AsyncIterator[str]:
         """SSE lines. Pass `setup=self._completion_setup(r)` to raise request errors before streaming."""
@@ -323,7 +326,7 @@ class OpenAIServing:
     async def _completions_stream(self, r: CompletionRequest, prompts, params) -> AsyncIterator[str]:
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        n_prompt, n_out = sum(len(ids) for ids in prompts), 0
+        n_prompt, n_out, cached = sum(len(ids) for ids in prompts), 0, 0
         async for j, out in self._run(self._completion_jobs(r, prompts, params, rid)):
             c = out.outputs[0]
             lp = None
@@ -335,9 +338,10 @@ class OpenAIServing:
                                          "finish_reason": c.finish_reason if out.finished else None}]})
             if out.finished:
                 n_out += out.metrics.num_generated_tokens
+                cached += out.num_cached_tokens if j % r.n == 0 else 0
         if r.stream_options and r.stream_options.include_usage:
             yield _sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                        "choices": [], "usage": self._usage(n_prompt, n_out)})
+                        "choices": [], "usage": self._usage(n_prompt, n_out, cached)})
         yield "data: [DONE]\n\n"
 
     # ---- /v1/chat/completions ----------------------------------------------------------------------
@@ -443,7 +447,7 @@ class OpenAIServing:
                             "logprobs": self._chat_logprobs(c.logprobs) if r.logprobs else None})
             n_out += len(c.token_ids)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
-                "choices": choices, "usage": self._usage(len(ids), n_out)}
+                "choices": choices, "usage": self._usage(len(ids), n_out, finals[0].num_cached_tokens)}
 
     async def chat_stream(self, r: ChatCompletionRequest, setup=None) -> AsyncIterator[str]:
         """SSE lines. Pass `setup=self._chat_setup(r)` to raise request errors before streaming."""
@@ -466,7 +470,7 @@ class OpenAIServing:
         saw_tools = [False] * r.n
         for i in range(r.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        n_out = 0
+        n_out = cached = 0
         async for i, out in self._run(self._jobs(ids, params, r.n, rid)):
             c = out.outputs[0]
             deltas = [parsers[i].feed(c.delta_text)]
@@ -492,9 +496,10 @@ class OpenAIServing:
                     lp = None
             if out.finished:
                 n_out += out.metrics.num_generated_tokens
+                cached += out.num_cached_tokens if i == 0 else 0
                 finish = "tool_calls" if saw_tools[i] and c.finish_reason == "stop" else c.finish_reason
                 yield chunk(i, {}, finish)
         if r.stream_options and r.stream_options.include_usage:
             yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                        "choices": [], "usage": self._usage(len(ids), n_out)})
+                        "choices": [], "usage": self._usage(len(ids), n_out, cached)})
         yield "data: [DONE]\n\n"

@@ -41,8 +41,15 @@ class ServerMetrics:
         self.spec_drafts = Counter("dsv4_spec_decode_draft_tokens", "Draft tokens verified", registry=r)
         self.spec_accepted = Counter("dsv4_spec_decode_accepted_tokens", "Draft tokens accepted", registry=r)
 
+        # prefix caching (finished requests, tokens): hit rate = hits / queries
+        self.prefix_queries = Counter("dsv4_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("dsv4_prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
+
     def observe(self, out) -> None:
         m = out.metrics
+        self.prefix_queries.inc(m.num_prompt_tokens)
+        self.prefix_hits.inc(m.num_cached_tokens)
         self.prompt_tokens.inc(m.num_prompt_tokens)
         self.generation_tokens.inc(m.num_generated_tokens)
         self.finished.labels(out.outputs[0].finish_reason or "unknown").inc()

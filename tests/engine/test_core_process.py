@@ -339,23 +339,25 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_speculative_decoding_through_the_core_process(tiny_dir, ref):
-    """Speculative decoding in the core process (MTP drafts): a greedy stream has the tokens and text of
-    the plain in-thread engine, several tokens may arrive per output, and the request's metrics report the
-    verify steps and drafts."""
+def test_speculative_decoding_and_prefix_caching_through_the_core_process(tiny_dir, ref):
+    """Speculative decoding (MTP drafts) and prefix caching in the core process: a greedy stream has the
+    tokens and text of the plain in-thread engine, several tokens may arrive per output, the request's
+    metrics report the verify steps and drafts, and the same prompt sent again reports its cached tokens."""
     cfg = EngineConfig(model=str(tiny_dir), device="cpu", dtype="float32", numerics="plain", max_model_len=512,
-                       max_num_seqs=8, speculative_tokens=2)
+                       max_num_seqs=8, speculative_tokens=2, enable_prefix_caching=True)
     llm = AsyncLLM(cfg, engine_process=True)
     try:
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, output_kind="delta")
-        prompt = list(range(3, 140))
-        got = asyncio.run(_collect(llm, prompt, params))
+        prompt = list(range(3, 300))
         want = asyncio.run(_collect(ref, prompt, params))
-        ids = [t for o in got for t in o.outputs[0].delta_token_ids]
-        assert ids == [t for o in want for t in o.outputs[0].delta_token_ids]
-        assert "".join(o.outputs[0].delta_text for o in got) == "".join(o.outputs[0].delta_text for o in want)
-        m = got[-1].metrics
-        assert m.num_spec_steps > 0 and m.num_draft_tokens >= m.num_spec_steps
-        assert 0 <= m.num_accepted_tokens <= m.num_draft_tokens
+        for cached in (0, 256):
+            got = asyncio.run(_collect(llm, prompt, params))
+            ids = [t for o in got for t in o.outputs[0].delta_token_ids]
+            assert ids == [t for o in want for t in o.outputs[0].delta_token_ids]
+            assert "".join(o.outputs[0].delta_text for o in got) == "".join(o.outputs[0].delta_text for o in want)
+            m = got[-1].metrics
+            assert m.num_spec_steps > 0 and m.num_draft_tokens >= m.num_spec_steps
+            assert 0 <= m.num_accepted_tokens <= m.num_draft_tokens
+            assert got[-1].num_cached_tokens == cached
     finally:
         asyncio.run(llm.shutdown(timeout=0))

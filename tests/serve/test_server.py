@@ -39,6 +39,26 @@ def test_models_health_metrics(srv, client):
         assert name in text, name
 
 
+def test_prefix_caching_is_reported(lm):
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's field) and the prefix-cache counters of /metrics."""
+    with LiveServer(lm, enable_prefix_caching=True) as srv:
+        c = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        prompt = list(range(5, 305))
+        a, b = (c.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0) for _ in range(2))
+        assert (a.usage.prompt_tokens_details.cached_tokens, b.usage.prompt_tokens_details.cached_tokens) == (0, 256)
+        assert a.choices[0].text == b.choices[0].text
+        chunks = [list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi " * 300}],
+                                                 max_tokens=2, stream=True, stream_options={"include_usage": True}))
+                  for _ in range(2)]
+        assert chunks[0][-1].usage.prompt_tokens_details.cached_tokens == 0
+        assert chunks[1][-1].usage.prompt_tokens_details.cached_tokens >= 256
+        text = httpx.get(srv.base + "/metrics").text
+        hits = next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("dsv4_prefix_cache_hits_total"))
+        assert hits == 256 + chunks[1][-1].usage.prompt_tokens_details.cached_tokens
+        assert "dsv4_prefix_cache_queries_total" in text
+        srv.wait_idle()
+
+
 def test_completions(client):
     r = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
     c = r.choices[0]

@@ -44,6 +44,20 @@ from collections import OrderedDict
 from dsv4.cache.model_cache import ModelCache
 
 
+def chain_keys(req, n: int, page_tokens: int) -> list[bytes]:
+    """The chain keys of at least the first n full pages of req's tokens (req.block_hashes, extended as
+    needed): key(i) = blake2b-128(key(i-1) + the page's token ids as int64)."""
+    ks = req.block_hashes
+    if len(ks) < n:
+        toks = req.all_token_ids
+        prev = ks[-1] if ks else b""
+        for i in range(len(ks), n):
+            prev = hashlib.blake2b(prev + array("q", toks[i * page_tokens:(i + 1) * page_tokens]).tobytes(),
+                                   digest_size=16).digest()
+            ks.append(prev)
+    return ks
+
+
 class PrefixCache:
     def __init__(self, cache: ModelCache, pool, snapshot_slots: list[int]):
         """`pool`: the KVCacheManager's PagePool (cached pages live there); `snapshot_slots`: cache slots no
@@ -64,16 +78,7 @@ class PrefixCache:
     # ---- keys ---------------------------------------------------------------------------------------------
     def keys(self, req, n: int) -> list[bytes]:
         """Chain keys of at least req's first n pages (cached on the request: its tokens only grow)."""
-        ks = req.block_hashes
-        pt = self.page_tokens
-        if len(ks) < n:
-            toks = req.all_token_ids
-            prev = ks[-1] if ks else b""
-            for i in range(len(ks), n):
-                prev = hashlib.blake2b(prev + array("q", toks[i * pt:(i + 1) * pt]).tobytes(),
-                                       digest_size=16).digest()
-                ks.append(prev)
-        return ks
+        return chain_keys(req, n, self.page_tokens)
 
     def _forget_page(self, page: int) -> None:
         key = self.key_of.pop(page)

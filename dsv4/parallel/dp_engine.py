@@ -32,10 +32,12 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from dsv4.cache.prefix_cache import chain_keys
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from dsv4.engine.request import Request
@@ -118,6 +120,7 @@ class DPEngine:
         self._weight: dict[str, int] = {}  # unfinished request id -> its tokens at peak
         self._mirrors: dict[str, _Mirror] = {}
         self._loads = [local.load()] * self.world
+        self._affinity: OrderedDict[bytes, int] = OrderedDict()  # page chain key -> the rank last given it
         self._ids = 0
         self._closed = False
         self.failure: str | None = None  # why the group stopped serving (a rank died, a step failed)
@@ -170,11 +173,11 @@ class DPEngine:
             request_id, self._ids = f"req-{self._ids}", self._ids + 1
         if request_id in self._owner:
             raise ValueError(f"request id {request_id!r} is already in use")
-        rank = min(range(self.world), key=lambda r: (self._tokens[r], self._count[r], r))
+        req = self.local.make_request(prompt, params, request_id, arrival_time)  # validates, tokenises
+        rank = self._place(req)
         if rank == 0:
-            req = self.local.add_request(prompt, params, request_id, arrival_time)
+            self.local.enqueue(req)
         else:
-            req = self.local.make_request(prompt, params, request_id, arrival_time)  # validates, tokenises
             age = time.monotonic() - req.arrival_time  # clocks of other nodes differ: send the age
             self._pending.append(("add", rank, request_id, req.prompt_token_ids, req.params, age))
             self._mirrors[request_id] = _Mirror(req)
@@ -183,6 +186,33 @@ class DPEngine:
         self._weight[request_id] = req.num_prompt_tokens + req.max_tokens
         self._tokens[rank] += self._weight[request_id]
         return req
+
+    AFFINITY_KEYS = 1 << 16  # page keys remembered for prefix-cache affinity (about 4 MB)
+
+    def _place(self, req: Request) -> int:
+        """The rank for a new request: the one holding the fewest tokens at peak (prompt + max_tokens of its
+        unfinished requests), ties by request count. With prefix caching, the rank that was last given the
+        longest prefix of this request's pages counts those tokens off its load (it likely holds them in its
+        cache): it gets the request unless another rank is lighter by more than the prefix."""
+        credit = [0] * self.world
+        keys = []
+        if self.local.kv.prefix is not None:
+            pt = self.local.cache.page_tokens
+            keys = chain_keys(req, (req.num_tokens - 1) // pt, pt)
+            aff = self._affinity
+            for i, k in enumerate(keys):
+                r = aff.get(k)
+                if r is None:
+                    break
+                credit = [0] * self.world
+                credit[r] = (i + 1) * pt
+        rank = min(range(self.world), key=lambda r: (self._tokens[r] - credit[r], self._count[r], r))
+        for k in keys:
+            self._affinity[k] = rank
+            self._affinity.move_to_end(k)
+        while len(self._affinity) > self.AFFINITY_KEYS:
+            self._affinity.popitem(last=False)
+        return rank
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Rank 0's requests end now (their final output returned); a remote one ends in the next step,

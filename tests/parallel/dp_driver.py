@@ -119,6 +119,30 @@ def two_ranks_spec(tiny: str) -> dict:
         llm.shutdown()
 
 
+def two_ranks_prefix(tiny: str) -> dict:
+    """Prefix caching over two ranks, with speculation: two conversations of 600-token prefixes, a first wave
+    making the cache entries and a second one that must land on the same ranks (affinity) and hit; greedy
+    tokens against one process without the cache."""
+    g = torch.Generator().manual_seed(5)
+    pre = [torch.randint(0, 129280, (600,), generator=g).tolist() for _ in range(2)]
+    waves = [[pre[0] + [5, 6, 7], pre[1] + [8]], [pre[1] + [9, 10], pre[0] + [11]]]
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    eng_kw = dict(ENGINE, max_model_len=1024)
+    ref = LLM(tiny, **eng_kw)
+    want = [[o.outputs[0].token_ids for o in ref.generate(w, sp, use_tqdm=False)] for w in waves]
+    llm = LLM(tiny, gpus=2, speculative_tokens=2, enable_prefix_caching=True, **eng_kw)
+    try:
+        res = {"want": want, "got": [], "cached": [], "owners": []}
+        for k, w in enumerate(waves):
+            outs = llm.generate(w, sp, use_tqdm=False)
+            res["got"].append([o.outputs[0].token_ids for o in outs])
+            res["cached"].append([o.num_cached_tokens for o in outs])
+        res["load_after"] = llm.engine.load()
+        return res
+    finally:
+        llm.shutdown()
+
+
 def rank_dies(tiny: str, busy: bool) -> dict:
     """Rank 1's process is killed (SIGKILL) with requests on both ranks; `busy`: the next step runs at once (its
     collective fails), else rank 0 stays idle long enough for its watcher to see the death first."""
@@ -155,5 +179,5 @@ def rank_dies(tiny: str, busy: bool) -> dict:
 if __name__ == "__main__":
     tiny, mode, out = sys.argv[1:4]
     with open(out, "w") as f:
-        json.dump({"two": two_ranks, "spec": two_ranks_spec, "one": reference,
+        json.dump({"two": two_ranks, "spec": two_ranks_spec, "one": reference, "prefix": two_ranks_prefix,
                    "kill_busy": lambda t: rank_dies(t, True), "kill_idle": lambda t: rank_dies(t, False)}[mode](tiny), f)

@@ -117,6 +117,17 @@ def test_speculative_decoding_over_two_ranks(driven, tiny_dir, tmp_path):
     assert all(n > 0 for n in got["spec_steps"]), got["spec_steps"]
 
 
+def test_prefix_caching_over_two_ranks(tiny_dir, tmp_path):
+    """Each rank caches its own requests' prefixes; the second wave goes where its prefix is (affinity
+    placement) and hits; greedy tokens equal one process without the cache; nothing leaks on either rank."""
+    _run([sys.executable, str(DRIVER), str(tiny_dir), "prefix", str(tmp_path / "prefix.json")])
+    got = json.loads((tmp_path / "prefix.json").read_text())
+    assert got["got"] == got["want"]
+    assert got["cached"] == [[0, 0], [512, 512]], got["cached"]
+    load = got["load_after"]
+    assert load["running"] == 0 and load["free_pages"] == load["pages"]
+
+
 @pytest.mark.parametrize("busy", [True, False])
 def test_a_dead_rank_fails_requests_and_health_names_it(tiny_dir, tmp_path, busy):
     """Rank 1 killed mid-generation: the front end stays up, the step (at once, or the next one after the

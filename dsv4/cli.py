@@ -87,7 +87,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="automatic prefix caching: keep full cache pages and slot snapshots at page boundaries for "
                         "later requests with the same prefix (system prompts, conversation history)")
     p.add_argument("--prefix-cache-snapshots", type=_positive_int, default=None,
-                   help="with --enable-prefix-caching: slot snapshots kept (default: --max-num-seqs, at most a "
+                   help="with --enable-prefix-caching: slot snapshots kept (default: 2 x --max-num-seqs, at most a "
                         "tenth of the cache memory)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay captured decode graphs (default: capture them where the device and "

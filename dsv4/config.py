@@ -538,7 +538,7 @@ class EngineConfig:
     # (engine/spec_decode.py); 0: off
     speculative_tokens: int = 0
     # automatic prefix caching (cache/prefix_cache.py): full pages and slot snapshots at page boundaries kept
-    # for later requests with the same prefix; `prefix_cache_snapshots` slot snapshots (None: max_num_seqs,
+    # for later requests with the same prefix; `prefix_cache_snapshots` slot snapshots (None: 2 x max_num_seqs,
     # at most a tenth of the cache memory)
     enable_prefix_caching: bool = False
     prefix_cache_snapshots: int | None = None

@@ -235,6 +235,8 @@ class KVCacheManager:
         cache first; its pages are released deepest first (so evicted before the ones they extend)."""
         if req.pages:
             self.commit(req)
+            if self.prefix is not None:
+                self.prefix.flush()  # (before the slot is anyone else's)
             self.pages.free(req.pages[::-1])
             if req.slot is not None:
                 self.table[req.slot, :len(req.pages)] = NULL_PAGE

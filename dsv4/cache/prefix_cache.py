@@ -16,12 +16,16 @@ What a request needs to start at position h instead of 0, for h a page boundary 
     ordered with the steps).
 
 A snapshot costs about 3.5 pages of Flash cache (6.2 vs 1.8 MB in bf16), so not every boundary gets one.
-Where they are taken (`Request.snapshot_points`, set at admission; the scheduler ends prefill chunks there):
+Where they are taken (`Request.snapshot_points`, set at admission, for the prompt; inside the prefill step
+that crosses one, or after a step that ends there):
   - the prompt's last boundary before its final token (h_last = floor((L-1)/P)*P): a resent prompt, and the
     next turn of a conversation (whose prompt extends this one), start there;
   - the end of the pages the request shares with cached ones when no snapshot is there yet (the point where
     its prompt leaves a cached one): the second request with a common system prompt makes the snapshot every
-    later one starts from.
+    later one starts from;
+  - while decoding, each boundary the request reaches (after a step ending exactly there; a speculative step
+    that jumps over one takes none), keeping only its latest: the next turn of a conversation, whose prompt
+    holds this answer, starts there.
 A hit at h leaves at least one token to compute (h <= L-1). Requests that want prompt logprobs never start
 from a hit (those positions' logits are not kept); they still feed the cache.
 
@@ -69,6 +73,7 @@ class PrefixCache:
         self.snap_of: OrderedDict[bytes, int] = OrderedDict()  # key of the page before a boundary -> snapshot slot
         self.snapshot_slots = list(snapshot_slots)
         self._free_snaps = list(snapshot_slots)
+        self._copies: list[tuple[int, int]] = []  # (request slot, snapshot slot) copies `flush` makes
         pool.keeps = self.key_of.__contains__
         pool.on_evict = self._forget_page
         # counters (tokens): prompt tokens looked up, of which found
@@ -135,7 +140,8 @@ class PrefixCache:
     # ---- after steps --------------------------------------------------------------------------------------
     def commit(self, req, length: int) -> None:
         """req's cache holds its first `length` tokens (all in req.all_token_ids): make its full pages known,
-        and snapshot its slot if `length` is one of its snapshot points."""
+        and snapshot its slot if `length` is one of its snapshot points, or a page boundary it reached while
+        decoding (its previous decoding snapshot is dropped). Snapshot copies wait for `flush`."""
         pt = self.page_tokens
         full = min(length // pt, len(req.pages))
         if full > req.num_registered_pages:
@@ -147,17 +153,31 @@ class PrefixCache:
                     self.key_of[p] = ks[i]
             req.num_registered_pages = full
         pts = req.snapshot_points
-        if pts and pts[0] <= length:
-            if pts[0] == length and full * pt == length and full:  # (points inside a step: `inside`)
-                key = self.keys(req, full)[full - 1]
-                if key not in self.snap_of:
-                    s = self.take_slot()
-                    if s is not None:
-                        self.cache.copy_slots([req.slot], [s])
-                        self.put(key, s)
-                else:
-                    self.snap_of.move_to_end(key)
+        at_point = bool(pts) and pts[0] == length
+        if pts and pts[0] <= length:  # (points inside a step were taken there: `inside`)
             req.snapshot_points = [p for p in pts if p > length]
+        decoding = length >= req.num_prompt_tokens
+        if full and full * pt == length and (at_point or decoding):
+            key = self.keys(req, full)[full - 1]
+            if key in self.snap_of:
+                self.snap_of.move_to_end(key)
+                return
+            s = self.take_slot()
+            if s is None:
+                return
+            self._copies.append((req.slot, s))  # (made by `flush`, once per step for all requests)
+            self.put(key, s)
+            if decoding:  # a decoding request keeps only its latest boundary (the next turn extends it)
+                old, req.decode_snapshot = req.decode_snapshot, key
+                if old is not None and old in self.snap_of:
+                    self._free_snaps.append(self.snap_of.pop(old))
+
+    def flush(self) -> None:
+        """Make the snapshot copies `commit` queued (one batch of device copies)."""
+        if self._copies:
+            src, dst = zip(*self._copies)
+            self._copies = []
+            self.cache.copy_slots(list(src), list(dst))
 
     def inside(self, req, start: int, n: int) -> list[tuple[int, bytes]]:
         """req's snapshot points strictly inside a step computing its tokens start .. start + n - 1 that no

@@ -66,7 +66,7 @@ class LLMEngine:
         if config.enable_prefix_caching:  # slot snapshots (cache/prefix_cache.py) come out of the budget first
             snaps = config.prefix_cache_snapshots
             if snaps is None:
-                snaps = max(1, min(config.max_num_seqs, budget // 10 // max(1, layout.slot_bytes)))
+                snaps = max(1, min(2 * config.max_num_seqs, budget // 10 // max(1, layout.slot_bytes)))
             budget -= snaps * layout.slot_bytes
         self.plan: CachePlan = plan_cache(layout, budget, config.max_num_seqs, self.max_model_len)
         log.info(self.plan.describe())
@@ -303,6 +303,7 @@ class LLMEngine:
             for req, _ in so.scheduled:
                 if not req.finished:  # (finished ones offered theirs when released)
                     self.kv.commit(req)
+            self.kv.prefix.flush()
         return outs
 
     def reset_prefix_cache(self) -> None:

@@ -57,6 +57,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_pages: int = 0
     snapshot_points: list[int] = field(default_factory=list)
+    decode_snapshot: bytes | None = None  # the key of its latest snapshot taken while decoding
     num_cached_tokens: int = 0
     # bookkeeping
     num_preemptions: int = 0

@@ -122,6 +122,27 @@ def test_the_shared_system_prompt_gets_a_snapshot_where_requests_diverge(lm):
     assert_same(final, ref)
 
 
+def test_the_next_turn_starts_where_the_answer_reached_a_boundary(lm):
+    """A conversation: turn 1 (480 tokens) decodes 40 tokens, passing 512 while decoding (a snapshot there);
+    turn 2 = turn 1 + its answer + 5 tokens starts at 512, not at turn 1's prompt boundary (256)."""
+    g = torch.Generator().manual_seed(13)
+    t1 = torch.randint(0, 129280, (480,), generator=g).tolist()
+
+    def long(w, i):
+        return SamplingParams(max_tokens=40 if w == 0 else 4, temperature=0, ignore_eos=True, detokenize=False,
+                              logprobs=2)
+
+    ref1 = run_waves(engine(lm), [[t1]], long)[(0, 0)]
+    t2 = t1 + ref1.outputs[0].token_ids + torch.randint(0, 129280, (5,), generator=g).tolist()
+    ref = run_waves(engine(lm), [[t1], [t2]], long)
+    eng = engine(lm, enable_prefix_caching=True)
+    final = run_waves(eng, [[t1], [t2]], long)
+    assert [final[(w, 0)].num_cached_tokens for w in range(2)] == [0, 512]
+    assert_same(final, ref)
+    assert len(eng.kv.prefix.snap_of) == 2  # 256 (turn 1's prompt), 512 (its answer); turn 2's 512 is the same
+    no_leaks(eng)
+
+
 def test_only_full_pages_are_shared(lm):
     """A request aborted inside a page (600 of its 900 tokens computed) must not offer that page: the next
     request with the same tokens computes it (snapshot at 768) and a third one hits at 768 reading a
@@ -340,6 +361,7 @@ def run_ops(ops, seed) -> int:
                     kv.begin_step([r.slot], [c], [c + n_new])
                     r.num_computed_tokens += n_new
                     kv.commit(r)
+                    pc.flush()
             else:
                 kv.release(r)
                 live.remove(r)

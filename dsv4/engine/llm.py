@@ -78,6 +78,14 @@ class LLM:
         """Stop the other ranks of an expert-parallel engine (nothing to do for one device)."""
         self.engine.shutdown()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (prefix caching; requests running keep what they hold)."""
+        reset = getattr(self.engine, "reset_prefix_cache", None)
+        if reset is None:
+            raise NotImplementedError("reset_prefix_cache: an expert-parallel engine caches on every rank; "
+                                      "restart it to empty the caches")
+        reset()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -175,9 +175,9 @@ class PrefixCache:
     def flush(self) -> None:
         """Make the snapshot copies `commit` queued (one batch of device copies)."""
         if self._copies:
-            src, dst = zip(*self._copies)
+            last = dict((d, s) for s, d in self._copies)  # (a slot evicted and refilled in one step: its last)
             self._copies = []
-            self.cache.copy_slots(list(src), list(dst))
+            self.cache.copy_slots(list(last.values()), list(last))
 
     def inside(self, req, start: int, n: int) -> list[tuple[int, bytes]]:
         """req's snapshot points strictly inside a step computing its tokens start .. start + n - 1 that no

@@ -409,3 +409,25 @@ def test_reference_counts_with_hits():
            ("grow", 1, 300), ("finish", 0, 1), ("admit", 0, 650), ("preempt", 1, 1), ("grow", 0, 900),
            ("abort", 1, 1), ("admit", 3, 500), ("grow", 2, 999), ("finish", 1, 1)] * 3
     assert run_ops(ops, 0) > 0
+
+
+def test_one_snapshot_slot_refilled_within_a_step(lm):
+    """One snapshot slot, two requests reaching boundaries in the same step: the slot holds the state the
+    cache says it holds (the later copy, made once; index_copy_ with a repeated index is undefined)."""
+    g = torch.Generator().manual_seed(21)
+    a, b = (torch.randint(0, 129280, (250,), generator=g).tolist() for _ in range(2))
+    eng = engine(lm, enable_prefix_caching=True, prefix_cache_snapshots=1, max_num_batched_tokens=512)
+    for i, p in enumerate((a, b)):
+        eng.add_request(p, SamplingParams(max_tokens=10, ignore_eos=True, detokenize=False), request_id=str(i))
+    while eng.requests["0"].num_computed_tokens < 256:  # both decode in lockstep and reach 256 in one step
+        eng.step()
+    assert eng.requests["1"].num_computed_tokens == 256
+    pc = eng.kv.prefix
+    assert pc.snapshots_taken == 2 and pc.snapshot_evictions == 1
+    (key, slot), = pc.snap_of.items()
+    owner = eng.requests["1"] if key == pc.keys(eng.requests["1"], 1)[0] else eng.requests["0"]
+    for t in eng.cache.slot_tensors():
+        assert torch.equal(t[slot], t[owner.slot])
+    while eng.has_unfinished_requests():
+        eng.step()
+    no_leaks(eng)

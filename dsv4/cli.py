@@ -85,7 +85,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "verify them in one forward (1-3 typical; 0: off)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
                    help="automatic prefix caching: keep full cache pages and slot snapshots at page boundaries for "
-                        "later requests with the same prefix (system prompts, conversation history)")
+                        "later requests with the same prefix (system prompts, conversation history); on by default "
+                        "for serve and batch, off for generate and bench (cold numbers)")
     p.add_argument("--prefix-cache-snapshots", type=_positive_int, default=None,
                    help="with --enable-prefix-caching: slot snapshots kept (default: 2 x --max-num-seqs, at most a "
                         "tenth of the cache memory)")
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the engine core (scheduler, model, sampler) in its own process, so that HTTP handling, "
                          "tokenisation and detokenisation do not share its interpreter lock (default); "
                          "--no-engine-process runs it on a thread of the server process")
-    sv.set_defaults(fn=cmd_serve)
+    sv.set_defaults(fn=cmd_serve, enable_prefix_caching=True)  # (a server sees resent prefixes)
 
     bj = sub.add_parser("batch", help="run an OpenAI batch file (JSONL) through the engine")
     bj.add_argument("input")
@@ -436,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     bj.add_argument("--served-model-name", default=None)
     bj.add_argument("--max-concurrency", type=_positive_int, default=256)
     bj.add_argument("--quiet", action="store_true", help="no progress bar")
-    bj.set_defaults(fn=cmd_batch)
+    bj.set_defaults(fn=cmd_batch, enable_prefix_caching=True)
 
     t = sub.add_parser("make-tiny", help="write a small random checkpoint in the release's format")
     t.add_argument("out")

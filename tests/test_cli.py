@@ -340,3 +340,17 @@ def test_make_tiny_file_modes_follow_the_umask(tmp_path, tiny_dir):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ck").iterdir()}
     assert len(modes) == 4 and set(modes.values()) == {0o640}, modes
+
+
+def test_prefix_caching_defaults_per_command():
+    """On for serve and batch (servers see resent prefixes), off for generate and bench (cold numbers); the
+    flag turns it either way."""
+    from dsv4.cli import build_parser, engine_config
+
+    p = build_parser()
+    on = {cmd: engine_config(p.parse_args(args)).enable_prefix_caching for cmd, args in [
+        ("serve", ["serve"]), ("batch", ["batch", "in.jsonl", "out.jsonl"]), ("generate", ["generate", "--prompt", "x"]),
+        ("latency", ["bench", "latency"]), ("serve-off", ["serve", "--no-enable-prefix-caching"]),
+        ("generate-on", ["generate", "--prompt", "x", "--enable-prefix-caching"])]}
+    assert on == {"serve": True, "batch": True, "generate": False, "latency": False, "serve-off": False,
+                  "generate-on": True}

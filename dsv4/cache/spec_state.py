@@ -86,8 +86,12 @@ class StateSnapshot:
                     t[sl] = saved[idx]
 
 
-def _state_tensors(lc: LayerCache) -> list[torch.Tensor | None]:
+def state_tensors(lc: LayerCache) -> list[torch.Tensor | None]:
+    """A layer cache's compressor accumulators (None where the layer has none), in snapshot order."""
     return [lc.state, lc.prev, lc.idx_state, lc.idx_prev]
+
+
+_state_tensors = state_tensors
 
 
 def rollback(snapshot: StateSnapshot, meta: ForwardMeta, keep: dict[int, int]) -> None:

@@ -37,8 +37,9 @@ import time
 
 import torch
 
-from dsv4.cache.spec_state import StateSnapshot
+from dsv4.cache.spec_state import StateSnapshot, state_tensors
 from dsv4.engine.step_batch import StepBuffers, stage_decode
+from dsv4.ops.kv_format import kv_tensors
 from dsv4.ops.meta import ForwardMeta
 
 log = logging.getLogger("dsv4.graphs")
@@ -130,6 +131,14 @@ class DecodeGraphs:
                                        device=self.device)
         self._spec: dict[tuple[int, int], tuple] = {}
         self._eager_spec: tuple | None = None  # (capture=False: the last run's)
+        # rollback graphs (verify graphs): (bucket, kept count) -> graph over the staged (sequence, slot, start)
+        self._rb = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self._rb_host = torch.zeros(3, dtype=torch.int64)
+        self._rb_ar = torch.arange(Q, dtype=torch.int64, device=self.device)
+        self._rb_zeros = torch.zeros(Q, dtype=torch.int64, device=self.device)
+        self._rb_qs = [torch.tensor([0, k], dtype=torch.int64, device=self.device) for k in range(Q + 1)]
+        self._rb_graphs: dict[tuple, object] = {}
+        self._rb_pool = None
 
     # ---- buckets ------------------------------------------------------------------------------------
     def bucket(self, batch: int, max_len: int) -> tuple[int, int]:
@@ -242,6 +251,75 @@ class DecodeGraphs:
                            seq_lens_host=[s + Q for s in starts], seq_slots_host=list(slots),
                            block_table=self.cache.block_table, redo=redo)
         return snap.bind(list(slots)), meta
+
+    # ---- rollback of one sequence's rejected drafts (verify graphs) --------------------------------------
+    def _rollback_one(self, key: tuple[int, int], k: int, frozen: bool) -> None:
+        """Device ops only: sequence rb[0] of the last replay of verify bucket `key` (slot rb[1], first position
+        rb[2]) keeps its first k tokens: put back its snapshot and redo those k tokens' writes (what
+        cache/spec_state.rollback does for any set of sequences from host lists). `frozen`: host mirrors of
+        the sub-step unreadable (capture; and the uncaptured test runs, which check that)."""
+        snap, redo = self._eager_spec if not self.use_capture else self._spec[key]
+        Q, dev = self.q, self.device
+        b, slot, start = self._rb[0:1], self._rb[1:2], self._rb[2:3]
+        rows = b * Q + self._rb_ar[:Q]
+        rsl, rps = snap.ring_slot[rows], snap.ring_pos[rows]
+        sl = snap.slot_t[b]
+        for lc, ring, states in zip(snap.layers, snap.rings, snap.states):
+            for t, saved in zip(kv_tensors(lc.window), ring):
+                t[rsl, rps] = saved[rows]
+            for t, saved in zip(state_tensors(lc), states):
+                if t is not None:
+                    t[sl] = saved[b]
+        mirror = _FrozenMirror if frozen else list
+        host = [0, self.scratch, 0] if frozen else self._rb_host.tolist()
+        ar = self._rb_ar[:k]
+        sub = ForwardMeta(positions=start + ar, token_seq=self._rb_zeros[:k], seq_slots=slot,
+                          query_start=self._rb_qs[k], seq_start=start, seq_lens=start + k, query_start_host=[0, k],
+                          seq_start_host=mirror([host[2]]), seq_lens_host=mirror([host[2] + k]),
+                          seq_slots_host=mirror([host[1]]), seq_len_bound=key[1], block_table=self.cache.block_table)
+        r = b * Q + ar
+        for f in redo:
+            f(r, sub)
+
+    def rollback(self, key: tuple[int, int], slots: list[int], starts: list[int], keep: dict[int, int]) -> None:
+        """After a replay of verify bucket `key` over `slots`: sequence i keeps its first keep[i] (< q) tokens.
+        A small graph per kept count (captured after its first, eager, use) runs each such sequence's restore +
+        redo: one replay per sequence instead of the eager rollback's launches per layer. Without capture
+        (CPU, tests) the same device ops run eagerly, host mirrors frozen as in a capture."""
+        if not keep:
+            return
+        rows = sorted(keep)
+        table = torch.tensor([[i, slots[i], starts[i]] for i in rows], dtype=torch.int64)
+        dev_table = table.to(self.device)
+        for j, i in enumerate(rows):
+            k = keep[i]
+            self._rb.copy_(dev_table[j])  # (ordered on the stream before the ops that read it)
+            g = self._rb_graphs.get((key, k)) if self.use_capture else None
+            if g is not None:
+                g.replay()
+                continue
+            self._rb_host = table[j]
+            self._rollback_one(key, k, frozen=not self.use_capture)
+            if self.use_capture:
+                self._capture_rollback(key, k)
+
+    def _capture_rollback(self, key: tuple[int, int], k: int) -> None:
+        """Capture (not run) the rollback of one sequence keeping k tokens of bucket `key`."""
+        torch.cuda.synchronize(self.device)
+        if self._rb_pool is None:
+            self._rb_pool = torch.cuda.graph_pool_handle()  # (rollback graphs: temporaries only, replayed in turn)
+        g = torch.cuda.CUDAGraph()
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.graph(g, pool=self._rb_pool):
+                self._rollback_one(key, k, frozen=True)
+        except Exception as e:
+            raise GraphCaptureError(f"capture of the rollback of verify bucket {key} keeping {k} failed: "
+                                    f"{type(e).__name__}: {e}") from e
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+        self._rb_graphs[(key, k)] = g
 
     def run(self, ids, slots: list[int], positions: list[int],
             bucket: tuple[int, int] | None = None) -> torch.Tensor:

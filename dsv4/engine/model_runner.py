@@ -142,7 +142,8 @@ class ModelRunner:
         snap, meta = vg.spec_state(key, slots, starts)
         batch = StepBatch(reqs, starts, ns, dev_ids, meta, key)
         self.last_batch = batch
-        self._verify(batch, logits, [(i, i * q) for i in range(len(reqs))], [q - 1] * len(reqs), snap, results)
+        self._verify(batch, logits, [(i, i * q) for i in range(len(reqs))], [q - 1] * len(reqs), snap, results,
+                     rollback_fn=lambda keep: vg.rollback(key, slots, starts, keep))
         if self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False):  # (the MTP drafter)
             for r, dr in zip(reqs, self.draft_graphs.run(key[0], [res.tokens for res in results])):
                 r.spec_ids = dr
@@ -152,9 +153,10 @@ class ModelRunner:
             self.drafter.take_part(self.device, self.cache.block_table)
         return results
 
-    def _verify(self, batch: StepBatch, logits, verify_at, k, snap, results) -> None:
+    def _verify(self, batch: StepBatch, logits, verify_at, k, snap, results, rollback_fn=None) -> None:
         """Accept or reject the drafts of the sequences in `verify_at` ((request index, its first logits row));
-        k[i]: drafts of request i. Rolls back the state of sequences that lost drafts."""
+        k[i]: drafts of request i. Rolls back the state of sequences that lost drafts (`rollback_fn(keep)`: the
+        verify graphs' own rollback; default cache/spec_state.rollback)."""
         reqs, meta = batch.reqs, batch.meta
         items = [(reqs[i], logits[j:j + batch.num_new[i]], reqs[i].spec_ids[:k[i]]) for i, j in verify_at]
         keep: dict[int, int] = {}
@@ -165,7 +167,10 @@ class ModelRunner:
             if res.kept < batch.num_new[i]:
                 keep[i] = res.kept
                 self.kv.truncate(meta.seq_slots_host[i], batch.starts[i] + res.kept)
-        rollback(snap, meta, keep)
+        if rollback_fn is not None:
+            rollback_fn(keep)
+        else:
+            rollback(snap, meta, keep)
 
     def _run_eager(self, batch: StepBatch, results: list[StepResult]) -> list[StepResult]:
         meta, reqs = batch.meta, batch.reqs

@@ -138,6 +138,7 @@ class DecodeGraphs:
         self._rb_zeros = torch.zeros(Q, dtype=torch.int64, device=self.device)
         self._rb_qs = [torch.tensor([0, k], dtype=torch.int64, device=self.device) for k in range(Q + 1)]
         self._rb_graphs: dict[tuple, object] = {}
+        self._rb_failed: set[tuple] = set()  # (bucket, kept count) whose capture failed: eager
         self._rb_pool = None
 
     # ---- buckets ------------------------------------------------------------------------------------
@@ -300,8 +301,12 @@ class DecodeGraphs:
                 continue
             self._rb_host = table[j]
             self._rollback_one(key, k, frozen=not self.use_capture)
-            if self.use_capture:
-                self._capture_rollback(key, k)
+            if self.use_capture and (key, k) not in self._rb_failed:
+                try:
+                    self._capture_rollback(key, k)
+                except GraphCaptureError as e:  # (this one just ran eagerly; later ones will too)
+                    log.warning("rollback of verify bucket %s runs eagerly: %s", key, e)
+                    self._rb_failed.add((key, k))
 
     def _capture_rollback(self, key: tuple[int, int], k: int) -> None:
         """Capture (not run) the rollback of one sequence keeping k tokens of bucket `key`."""

@@ -260,7 +260,7 @@ class DecodeGraphs:
         cache/spec_state.rollback does for any set of sequences from host lists). `frozen`: host mirrors of
         the sub-step unreadable (capture; and the uncaptured test runs, which check that)."""
         snap, redo = self._eager_spec if not self.use_capture else self._spec[key]
-        Q, dev = self.q, self.device
+        Q = self.q
         b, slot, start = self._rb[0:1], self._rb[1:2], self._rb[2:3]
         rows = b * Q + self._rb_ar[:Q]
         rsl, rps = snap.ring_slot[rows], snap.ring_pos[rows]

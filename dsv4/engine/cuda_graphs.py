@@ -217,6 +217,22 @@ class DecodeGraphs:
         self.pool = g.pool()
         self.graphs[key] = g
         log.debug("captured decode graph: batch %d, context %d", Bb, C)
+        if snap is not None:
+            self._capture_rollbacks(key)
+
+    def _capture_rollbacks(self, key: tuple[int, int]) -> None:
+        """The rollback graphs of verify bucket `key`, one per kept count, now (at start-up), not at their first
+        use in a step (which compiled and captured inside a live step: ~100 ms each, measured)."""
+        self.graphs[key].replay()  # (scratch rows are staged: its snapshot now indexes the scratch slot)
+        self._rb_host = torch.tensor([0, self.scratch, 0], dtype=torch.int64)
+        for k in range(1, self.q):
+            self._rb.copy_(self._rb_host.to(self.device))
+            try:
+                self._rollback_one(key, k, frozen=False)  # warm-up (compiles), on the scratch slot
+                self._capture_rollback(key, k)
+            except GraphCaptureError as e:
+                log.warning("rollback of verify bucket %s runs eagerly: %s", key, e)
+                self._rb_failed.add((key, k))
 
     # ---- one step -----------------------------------------------------------------------------------
     def ensure(self, key: tuple[int, int]) -> None:

@@ -230,8 +230,8 @@ class DecodeGraphs:
             try:
                 self._rollback_one(key, k, frozen=False)  # warm-up (compiles), on the scratch slot
                 self._capture_rollback(key, k)
-            except GraphCaptureError as e:
-                log.warning("rollback of verify bucket %s runs eagerly: %s", key, e)
+            except Exception as e:  # (a verify step then rolls this bucket back eagerly, and captures nothing)
+                log.warning("rollback of verify bucket %s keeping %d runs eagerly: %s", key, k, e)
                 self._rb_failed.add((key, k))
 
     # ---- one step -----------------------------------------------------------------------------------

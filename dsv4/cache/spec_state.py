@@ -76,6 +76,11 @@ class StateSnapshot:
         dev = self.slot_t.device
         rows = torch.tensor([i for s in slots for i in self._ring_rows[s]], dtype=torch.int64, device=dev)
         idx = torch.tensor([self._index[s] for s in slots], dtype=torch.int64, device=dev)
+        self.put_back(rows, idx)
+
+    def put_back(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
+        """Device ops only: put back the saved ring rows `rows` and the accumulators of saved sequences `idx`
+        (device index tensors; verify graphs' rollback graphs call this with staged ones)."""
         sl = self.slot_t[idx]
         rsl, rps = self.ring_slot[rows], self.ring_pos[rows]
         for lc, ring, states in zip(self.layers, self.rings, self.states):

@@ -37,9 +37,8 @@ import time
 
 import torch
 
-from dsv4.cache.spec_state import StateSnapshot, state_tensors
+from dsv4.cache.spec_state import StateSnapshot
 from dsv4.engine.step_batch import StepBuffers, stage_decode
-from dsv4.ops.kv_format import kv_tensors
 from dsv4.ops.meta import ForwardMeta
 
 log = logging.getLogger("dsv4.graphs")
@@ -278,15 +277,7 @@ class DecodeGraphs:
         snap, redo = self._eager_spec if not self.use_capture else self._spec[key]
         Q = self.q
         b, slot, start = self._rb[0:1], self._rb[1:2], self._rb[2:3]
-        rows = b * Q + self._rb_ar[:Q]
-        rsl, rps = snap.ring_slot[rows], snap.ring_pos[rows]
-        sl = snap.slot_t[b]
-        for lc, ring, states in zip(snap.layers, snap.rings, snap.states):
-            for t, saved in zip(kv_tensors(lc.window), ring):
-                t[rsl, rps] = saved[rows]
-            for t, saved in zip(state_tensors(lc), states):
-                if t is not None:
-                    t[sl] = saved[b]
+        snap.put_back(b * Q + self._rb_ar[:Q], b)  # (uniform snapshot: sequence b's ring rows b*Q .. b*Q + Q - 1)
         mirror = _FrozenMirror if frozen else list
         host = [0, self.scratch, 0] if frozen else self._rb_host.tolist()
         ar = self._rb_ar[:k]

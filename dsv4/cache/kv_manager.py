@@ -53,9 +53,6 @@ class PagePool:
     def num_cached(self) -> int:
         return len(self._cached)
 
-    def refcount(self, page: int) -> int:
-        return self._ref.get(page, 0)
-
     def allocate(self, n: int) -> list[int] | None:
         """n pages, or None (and nothing taken) if fewer are free; cached pages are evicted when the free
         ones run out."""
@@ -78,7 +75,8 @@ class PagePool:
         for p in pages:
             if p in self._ref:
                 self._ref[p] += 1
-            elif self._cached.pop(p, 0) is None:  # (present: its value is None)
+            elif p in self._cached:
+                del self._cached[p]
                 self._ref[p] = 1
             else:
                 raise RuntimeError(f"page {p} shared but neither held nor cached")
@@ -101,7 +99,8 @@ class PagePool:
 
     def uncache(self, page: int) -> None:
         """The prefix cache forgot a cached page: it is free."""
-        if self._cached.pop(page, 0) is None:
+        if page in self._cached:
+            del self._cached[page]
             self._free.append(page)
 
     def check(self) -> None:

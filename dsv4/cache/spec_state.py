@@ -44,7 +44,7 @@ class StateSnapshot:
     def _take(self, layers, ring_slot: torch.Tensor, ring_pos: torch.Tensor, slot_t: torch.Tensor) -> None:
         self.layers, self.ring_slot, self.ring_pos, self.slot_t = layers, ring_slot, ring_pos, slot_t
         self.rings = [[t[ring_slot, ring_pos] for t in _parts(lc.window)] for lc in layers]
-        self.states = [[None if t is None else t[slot_t] for t in _state_tensors(lc)] for lc in layers]
+        self.states = [[None if t is None else t[slot_t] for t in state_tensors(lc)] for lc in layers]
 
     @classmethod
     def uniform(cls, layers: list[LayerCache], slots: torch.Tensor, starts: torch.Tensor, q: int) -> "StateSnapshot":
@@ -86,7 +86,7 @@ class StateSnapshot:
         for lc, ring, states in zip(self.layers, self.rings, self.states):
             for t, saved in zip(_parts(lc.window), ring):
                 t[rsl, rps] = saved[rows]
-            for t, saved in zip(_state_tensors(lc), states):
+            for t, saved in zip(state_tensors(lc), states):
                 if t is not None:
                     t[sl] = saved[idx]
 
@@ -95,8 +95,6 @@ def state_tensors(lc: LayerCache) -> list[torch.Tensor | None]:
     """A layer cache's compressor accumulators (None where the layer has none), in snapshot order."""
     return [lc.state, lc.prev, lc.idx_state, lc.idx_prev]
 
-
-_state_tensors = state_tensors
 
 
 def rollback(snapshot: StateSnapshot, meta: ForwardMeta, keep: dict[int, int]) -> None:

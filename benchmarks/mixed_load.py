@@ -27,11 +27,13 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--budgets", default="none,2048,512,256,128", help="prefill_tokens_with_decodes values")
     ap.add_argument("--kv-cache-memory", default="16GiB")
+    ap.add_argument("--piecewise-graph-tokens", type=int, default=None, help="0: eager mixed steps")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cfg = EngineConfig(model=a.model, load_format="dummy", num_layers=a.num_layers,
                        max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.prefill_len + 2048,
-                       max_num_seqs=max(64, a.decoders + a.prefills), kv_cache_memory=parse_bytes(a.kv_cache_memory))
+                       max_num_seqs=max(64, a.decoders + a.prefills), kv_cache_memory=parse_bytes(a.kv_cache_memory),
+                       piecewise_graph_tokens=a.piecewise_graph_tokens)
     t0 = time.time()
     llm = LLM.from_config(cfg)
     print(f"engine up in {time.time() - t0:.1f} s: {llm.engine.plan.describe()}", flush=True)

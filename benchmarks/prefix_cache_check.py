@@ -31,7 +31,7 @@ from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.sampling_params import SamplingParams
 
 
-ARGS = argparse.Namespace(device="cuda", model="deepseek-v4-flash")
+ARGS = argparse.Namespace(device="cuda", model="deepseek-v4-flash", piecewise_graph_tokens=None)
 
 
 def make_engine(cache: bool, layers: int) -> LLMEngine:
@@ -39,7 +39,8 @@ def make_engine(cache: bool, layers: int) -> LLMEngine:
     return LLMEngine(EngineConfig(device=ARGS.device, model=ARGS.model, load_format="dummy" if gpu else "auto",
                                   num_layers=layers if gpu else None, dtype="bfloat16" if gpu else "float32",
                                   max_model_len=16384, max_num_seqs=16, max_num_batched_tokens=8192,
-                                  kv_cache_memory=(12 << 30) if gpu else (2 << 30), enable_prefix_caching=cache))
+                                  kv_cache_memory=(12 << 30) if gpu else (2 << 30), enable_prefix_caching=cache,
+                                  piecewise_graph_tokens=ARGS.piecewise_graph_tokens))
 
 
 def sync() -> None:
@@ -135,12 +136,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda (Flash layers, dummy weights) or cpu (--model tiny)")
     ap.add_argument("--model", default="deepseek-v4-flash")
     ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--piecewise-graph-tokens", type=int, default=None, help="0: eager prefill steps")
     a = ap.parse_args()
-    ARGS.device, ARGS.model = a.device, a.model
+    ARGS.device, ARGS.model, ARGS.piecewise_graph_tokens = a.device, a.model, a.piecewise_graph_tokens
     rng = random.Random(0)
     dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     res = {"device": dev, "model": a.model, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "layers": a.layers, "ttft": [] if a.skip_ttft else ttft_rows(a.layers, a.reps, rng)}
+           "layers": a.layers, "piecewise_graph_tokens": a.piecewise_graph_tokens, "ttft": [] if a.skip_ttft else ttft_rows(a.layers, a.reps, rng)}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -33,6 +33,16 @@ def _device(s: str) -> str:
     return s
 
 
+def _nonnegative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
 def _positive_int(s: str) -> int:
     try:
         v = int(s)
@@ -93,6 +103,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay captured decode graphs (default: capture them where the device and "
                         "every op's provider allow)")
+    p.add_argument("--piecewise-graph-tokens", type=_nonnegative_int, default=None,
+                   help="replay steps that are not pure decode (prefill chunks, prefill mixed with decodes) of up "
+                        "to this many tokens from piecewise graphs around each layer's attention core (default: "
+                        "min(--max-num-batched-tokens, 2048); 0: eager)")
 
 
 def _probability(s: str) -> float:
@@ -150,7 +164,7 @@ def engine_config(a: argparse.Namespace):
         prefill_tokens_with_decodes=a.prefill_tokens_with_decodes,
         page_tokens=a.page_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
         kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory),
-        enforce_eager=a.enforce_eager, gpus=a.gpus, ep_exchange=a.ep_exchange, speculative_tokens=a.speculative_tokens,
+        enforce_eager=a.enforce_eager, piecewise_graph_tokens=a.piecewise_graph_tokens, gpus=a.gpus, ep_exchange=a.ep_exchange, speculative_tokens=a.speculative_tokens,
         enable_prefix_caching=a.enable_prefix_caching, prefix_cache_snapshots=a.prefix_cache_snapshots)
 
 

@@ -530,6 +530,9 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # True: never use captured decode graphs
+    # piecewise graphs (engine/piecewise_graphs.py) for steps decode graphs do not cover (prefill chunks, prefill
+    # mixed with decodes) of up to this many tokens (None: min(max_num_batched_tokens, 2048); 0: off)
+    piecewise_graph_tokens: int | None = None
     gpus: int = 1  # > 1: expert parallelism over GPUs 0..gpus-1 of this node, one front end (dsv4/parallel)
     # expert parallelism: how eager steps move tokens to the experts' ranks ("allgather": every token to every
     # rank; "alltoall": only to the ranks holding its experts); decode graphs always all-gather (parallel/ep.py)
@@ -552,6 +555,9 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {v!r}")
+        v = self.piecewise_graph_tokens
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ConfigError(f"piecewise_graph_tokens must be an integer >= 0 (0: off) or None, got {v!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -52,6 +52,7 @@ def run_mixed(llm, decoders: int, prefills: int, prefill_len: int, decode_input_
         step()
     pure_end = {rid: len(ts) for rid, ts in times.items()}
     pre_ids = [f"{tag}-p{i}" for i in range(prefills)]
+    pw0 = getattr(eng, "piecewise_steps", 0)
     t_arrive = time.perf_counter()
     for rid in pre_ids:
         eng.add_request(torch.randint(0, V, (prefill_len,), generator=g).tolist(), pre_params, request_id=rid)
@@ -87,6 +88,7 @@ def run_mixed(llm, decoders: int, prefills: int, prefill_len: int, decode_input_
         "prefill_ttft_s": percentiles(list(first.values())),
         "prefill_tok_s": prefills * prefill_len / max(first.values()),
         "mixed_steps": steps,
+        "piecewise_steps": getattr(eng, "piecewise_steps", 0) - pw0,  # (of them: from piecewise graphs)
     }
 
 
@@ -99,4 +101,4 @@ def format_mixed(r: dict) -> str:
             f"  TPOT mixed p50 {m['p50']:8.2f} ms  p99 {m['p99']:8.2f} ms  (p99 / pure p50 = "
             f"{r['mixed_p99_over_pure_p50']:.2f})\n"
             f"  prompts: TTFT p50 {t['p50']:.3f} s, max {t['p99']:.3f} s; prefill {r['prefill_tok_s']:.0f} tok/s "
-            f"over {r['mixed_steps']} steps")
+            f"over {r['mixed_steps']} steps ({r.get('piecewise_steps', 0)} from piecewise graphs)")

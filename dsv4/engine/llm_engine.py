@@ -20,6 +20,7 @@ from dsv4.engine.cuda_graphs import (DEFAULT_BATCH_BUCKETS, MAX_VERIFY_GRAPH_BAT
                                      context_buckets)
 from dsv4.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from dsv4.engine.draft_graphs import MTPDraftGraphs
+from dsv4.engine.piecewise_graphs import PiecewiseGraphs
 from dsv4.engine.model_runner import ModelRunner
 from dsv4.engine.outputs import RequestOutput, finish_text, shape_output
 from dsv4.engine.request import Request, RequestStatus, validate_request
@@ -34,6 +35,7 @@ from dsv4.tokenizer import Tokenizer
 log = logging.getLogger("dsv4.engine")
 CPU_DEFAULT_KV_BYTES = 2**30
 DEFAULT_MAX_MODEL_LEN = 16384
+DEFAULT_PIECEWISE_TOKENS = 2048
 
 
 class LLMEngine:
@@ -105,11 +107,17 @@ class LLMEngine:
             except ValueError as e:  # (a window ring shorter than the drafts' span): the MTP drafter runs eagerly
                 log.warning("MTP drafting runs eagerly after verify graph steps: %s", e)
         self.spec_stats = SpecStats()  # speculative decoding: verify steps, drafted and accepted tokens
+        piecewise = None
+        pw_tokens = self._piecewise_tokens(graphs_ok)
+        if pw_tokens:
+            piecewise = PiecewiseGraphs(self.lm.model, self.cache, scratch_slot, self.buffers, pw_tokens)
         self.runner = ModelRunner(self.lm, self.kv, self.buffers, Sampler(), graphs=graphs, coordinator=coord,
                                   scratch_slot=scratch_slot, drafter=drafter, verify_graphs=verify_graphs,
-                                  draft_graphs=draft_graphs)
+                                  draft_graphs=draft_graphs, piecewise=piecewise)
         if graphs is not None or verify_graphs is not None:
             self._capture_graphs(graphs or verify_graphs, draft_graphs)
+        if piecewise is not None:
+            self._capture_piecewise(piecewise)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -138,7 +146,25 @@ class LLMEngine:
                      gib(used), gib(self._graph_reserve))
             self.graph_memory = used
 
+    def _piecewise_tokens(self, graphs_ok: bool) -> int:
+        """Largest piecewise graph bucket (0: none): with graphs, one GPU per engine (not expert parallel)."""
+        c = self.config
+        if not graphs_ok or self.coord.lockstep:
+            return 0
+        n = c.piecewise_graph_tokens
+        return min(c.max_num_batched_tokens, DEFAULT_PIECEWISE_TOKENS if n is None else n)
+
+    def _capture_piecewise(self, piecewise: PiecewiseGraphs) -> None:
+        before = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
+        secs = piecewise.capture_all(progress=True)
+        if self.device.type == "cuda":
+            used = torch.cuda.memory_reserved(self.device) - before
+            log.info("captured %d piecewise graph buckets (up to %d tokens) in %.1f s (%s; %s reserved for them)",
+                     len(piecewise.steps), piecewise.buckets[-1], secs, gib(used), gib(self._piecewise_reserve))
+            self.piecewise_memory = used
+
     # ---- capacity ---------------------------------------------------------------------------------
+    _piecewise_reserve = 0
     _graph_reserve = 0
 
     def _cache_budget(self, graphs: bool, spec: int = 0) -> int:
@@ -160,8 +186,12 @@ class LLMEngine:
                 n_ctx = len(context_buckets(self.max_model_len))
                 self._graph_reserve = (6 * self._profile_activations(q * max(bs)) + 2**27
                                        + n_ctx * q * sum(bs) * redo_bytes_per_token(self.cfg, self.lm.opts.dtype))
+        pw = self._piecewise_tokens(graphs)
+        if pw:  # their pool holds about one eager forward's activations at the largest bucket
+            self._piecewise_reserve = int(1.5 * self._profile_activations(pw)) + 2**27
         total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = int(c.gpu_memory_utilization * total) - weights - activations - self._graph_reserve
+        budget = (int(c.gpu_memory_utilization * total) - weights - activations - self._graph_reserve
+                  - self._piecewise_reserve)
         if budget <= 0:
             raise CacheDoesNotFit(
                 f"the model does not fit: weights {gib(weights)} + activation peak {gib(activations)} (at "
@@ -239,6 +269,11 @@ class LLMEngine:
     def graph_steps(self) -> int:
         """Steps replayed from captured decode graphs so far."""
         return self.runner.graph_steps
+
+    @property
+    def piecewise_steps(self) -> int:
+        """Steps run from piecewise graphs so far (engine/piecewise_graphs.py)."""
+        return self.runner.piecewise_steps
 
     closed = False  # a lone engine can always step (an expert-parallel one reports its stopped ranks)
 

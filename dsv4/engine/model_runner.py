@@ -44,7 +44,7 @@ class ModelRunner:
     def __init__(self, lm: LoadedModel, kv: KVCacheManager, buffers: StepBuffers, sampler: Sampler | None = None,
                  graphs: DecodeGraphs | None = None, coordinator: StepCoordinator | None = None,
                  scratch_slot: int | None = None, drafter=None, verify_graphs: DecodeGraphs | None = None,
-                 draft_graphs=None):
+                 draft_graphs=None, piecewise=None):
         self.coord = coordinator or SingleRank()
         if self.coord.lockstep and scratch_slot is None:
             raise ValueError("lockstep (expert-parallel) steps need a scratch cache slot for ranks without work")
@@ -57,6 +57,10 @@ class ModelRunner:
         self.drafter = drafter  # speculative decoding (engine/spec_decode.py), or None
         self.verify_graphs = verify_graphs  # speculative decoding: graphs of q = drafts + 1 tokens per sequence
         self.draft_graphs = draft_graphs  # MTP drafting after verify graph steps (engine/draft_graphs.py), or None
+        # steps decode graphs do not cover, up to its largest token bucket (engine/piecewise_graphs.py), or None;
+        # not under expert parallelism (those eager steps exchange tokens with counts agreed per layer)
+        self.piecewise = piecewise if not self.coord.lockstep else None
+        self.piecewise_steps = 0
         self.verify_graph_steps = 0
         self.graph_steps = 0
         self.last_batch: StepBatch | None = None  # (tests: what the model received)
@@ -126,7 +130,8 @@ class ModelRunner:
             if getattr(self.drafter, "needs_streams", False):  # (the MTP drafter's passes are collective too)
                 self.drafter.take_part(self.device, self.cache.block_table)
             return results
-        batch = build_eager(self.buffers, reqs, starts, ns, slots, self.cache.block_table, ep_tokens)
+        pad = self.piecewise.bucket(sum(ns)) if self.piecewise is not None else None
+        batch = build_eager(self.buffers, reqs, starts, ns, slots, self.cache.block_table, ep_tokens, pad_to=pad)
         self.last_batch = batch
         return self._run_eager(batch, results)
 
@@ -225,7 +230,11 @@ class ModelRunner:
 
     def _eager_forward(self, batch: StepBatch, results, k, spec, snap, shots) -> list[StepResult]:
         meta, reqs = batch.meta, batch.reqs
-        X = self.model(batch.ids, meta, self.cache)
+        if batch.piecewise is not None:
+            X = self.piecewise.run(batch.piecewise, meta)
+            self.piecewise_steps += 1
+        else:
+            X = self.model(batch.ids, meta, self.cache)
         if shots:
             self._redo_onto_snapshots(batch, shots, meta.redo, meta.query_start_host)
         rows: list[int] = []  # token rows of X whose logits we need

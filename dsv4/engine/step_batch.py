@@ -90,6 +90,7 @@ class StepBatch:
     ids: torch.Tensor  # [T] (graph steps: [bucket batch]) int64, on the device
     meta: ForwardMeta | None  # None for a graph step (the graph holds its own)
     graph: tuple[int, int] | None = None  # the decode graph bucket (batch, context) replayed, or None
+    piecewise: int | None = None  # the piecewise graph token bucket the step runs in, or None
 
     @property
     def num_tokens(self) -> int:
@@ -102,9 +103,11 @@ def _token_ids(reqs: list[Request], starts: list[int], ns: list[int]) -> list[in
 
 def build_eager(buffers: StepBuffers, reqs: list[Request], starts: list[int], ns: list[int], slots: list[int],
                 block_table: torch.Tensor, ep_tokens: int | None = None,
-                ids: list[int] | None = None) -> StepBatch:
-    """A varlen step of T = sum(ns) tokens (no padding). `slots`: each sequence's cache slot (the requests'
-    own, or a scratch slot); `ids` (default: the requests' tokens) for steps with no requests."""
+                ids: list[int] | None = None, pad_to: int | None = None) -> StepBatch:
+    """A varlen step of T = sum(ns) tokens. `slots`: each sequence's cache slot (the requests' own, or a
+    scratch slot); `ids` (default: the requests' tokens) for steps with no requests. `pad_to` (a piecewise
+    graph bucket, engine/piecewise_graphs.py): the token fields are laid out for that many rows, rows T.. being
+    token 0 at position 0; the batch's ids and meta cover the T real tokens only."""
     B = len(slots)
     if not (B == len(starts) == len(ns)) or B == 0:
         raise ValueError("a step needs one slot, start and token count per sequence, and at least one")
@@ -116,7 +119,14 @@ def build_eager(buffers: StepBuffers, reqs: list[Request], starts: list[int], ns
     T = qs[-1]
     lens = [s + n for s, n in zip(starts, ns)]
     tok = _token_ids(reqs, starts, ns) if ids is None else ids
-    h = buffers.stage(T, B)
+    Tp = T if pad_to is None else pad_to
+    if Tp < T:
+        raise ValueError(f"a step of {T} tokens cannot be padded to {Tp}")
+    h = buffers.stage(Tp, B)
+    if Tp > T:
+        for name in ("ids", "positions", "token_seq"):
+            h[name][T:].zero_()
+        h = {k: (v[:T] if k in ("ids", "positions", "token_seq") else v) for k, v in h.items()}
     h["ids"].copy_(torch.tensor(tok, dtype=torch.int64))
     n_t = torch.tensor(ns, dtype=torch.int64)
     h["slots"].copy_(torch.tensor(slots, dtype=torch.int64))
@@ -127,12 +137,14 @@ def build_eager(buffers: StepBuffers, reqs: list[Request], starts: list[int], ns
     # position of token t of sequence b: seq_start[b] + (t - query_start[b])
     h["positions"].copy_(torch.arange(T, dtype=torch.int64)
                          + torch.repeat_interleave(h["seq_start"] - h["query_start"][:-1], n_t))
-    d = buffers.send(T, B)
+    d = buffers.send(Tp, B)
+    if Tp > T:
+        d = {k: (v[:T] if k in ("ids", "positions", "token_seq") else v) for k, v in d.items()}
     meta = ForwardMeta(positions=d["positions"], token_seq=d["token_seq"], seq_slots=d["slots"],
                        query_start=d["query_start"], seq_start=d["seq_start"], seq_lens=d["seq_lens"],
                        query_start_host=qs, seq_start_host=list(starts), seq_lens_host=lens,
                        seq_slots_host=list(slots), block_table=block_table, ep_tokens=ep_tokens)
-    return StepBatch(reqs, starts, ns, d["ids"], meta)
+    return StepBatch(reqs, starts, ns, d["ids"], meta, piecewise=pad_to)
 
 
 def stage_decode(buffers: StepBuffers, Bb: int, scratch: int, ids: list[int], slots: list[int],

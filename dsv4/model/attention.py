@@ -3,6 +3,8 @@ q norm, sink, sliding window plus CSA / HCA compressed entries, inverse RoPE, gr
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -58,18 +60,33 @@ class Attention(nn.Module):
         if self.official:
             nope = self.head_dim - self.rope_dim
             kv = torch.cat([self._fp8_rt(kv[:, :nope], 64, self.dialect), kv[:, nope:]], dim=-1)
+        proj = [q, kv]
+        if self.compressor is not None:
+            proj += self.compressor.project(x)
+        if self.indexer is not None:
+            proj += self.indexer.project(x, qr, pos)
+        # everything above reads only per-token values (and positions); the core reads the step's sequences
+        core = partial(self._core, lc=lc, block_table=block_table)
+        o = core(meta, *proj) if meta.islands is None else meta.islands(core, *proj)
+        o = self._rope(o, pos, self.inv_freq, inverse=True)
+        z = self._grouped(o.view(T, self.o_groups, -1), self.wo_a.weight, self.wo_a.scale)
+        return self.wo_b(z.flatten(1))
+
+    def _core(self, meta: ForwardMeta, q, kv, *proj, lc, block_table) -> torch.Tensor:
+        """The part of the layer that reads the step's sequences (slots, lengths, the cache): compression,
+        index selection, sparse attention and the window write. Its token inputs are the projections; under
+        piecewise graphs (engine/piecewise_graphs.py) it runs eagerly between captured pieces."""
         topk_idx = None
         if self.compressor is not None:
-            self.compressor(x, meta, lc.state, lc.prev, lc.pool, block_table)
+            self.compressor.compress(proj[0], proj[1], meta, lc.state, lc.prev, lc.pool, block_table)
+            proj = proj[2:]
         if self.indexer is not None:
-            topk_idx = self.indexer(x, qr, meta, lc, block_table)
+            topk_idx = self.indexer.select(*proj, meta, lc, block_table)
         o = self._attn(q, kv, lc.window, self.attn_sink, self.scale, meta, lc.pool, block_table, topk_idx, self.ratio)
         self._write(lc.window, kv, meta)
         if meta.redo is not None:
             meta.redo.append(lambda rows, m, w=lc.window, kv=kv: self._write(w, kv[rows], m))
-        o = self._rope(o, pos, self.inv_freq, inverse=True)
-        z = self._grouped(o.view(T, self.o_groups, -1), self.wo_a.weight, self.wo_a.scale)
-        return self.wo_b(z.flatten(1))
+        return o
 
 
 __all__ = ["Attention", "SWA", "CSA", "HCA"]

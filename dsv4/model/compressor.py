@@ -33,8 +33,15 @@ class Compressor(nn.Module):
         self.dialect = opts.fp8_dialect
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta, state, prev, pool, block_table) -> None:
+        self.compress(*self.project(x), meta, state, prev, pool, block_table)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-token part (no step metadata): the kv and score projections, float32 [T, c * dim] each."""
         xf = x.float()
-        kv, score = self.wkv(xf), self.wgate(xf)
+        return self.wkv(xf), self.wgate(xf)
+
+    def compress(self, kv, score, meta: ForwardMeta, state, prev, pool, block_table) -> None:
+        """The per-sequence part: pool the projections into the slot state and the compressed entries."""
         self._compress(kv, score, self.ape, self.norm.weight, self.inv_freq, state, prev, pool, block_table, meta,
                        self.ratio, self.eps, self.act_dtype, self.post, self.dialect)
         if meta.redo is not None:  # the accumulators are not indexed by position: a rejected draft must be undone
@@ -63,10 +70,20 @@ class Indexer(nn.Module):
         self._fp4_rt = opts.ops.fp4_roundtrip
 
     def forward(self, x, qr, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
-        self.compressor(x, meta, lc.idx_state, lc.idx_prev, lc.idx_pool, block_table)
+        return self.select(*self.project(x, qr, meta.positions), meta, lc, block_table)
+
+    def project(self, x, qr, positions) -> tuple[torch.Tensor, ...]:
+        """The per-token part (no step metadata beyond positions): the compressor's projections, the RoPE'd
+        (and, official, Hadamard + FP4 simulated) index queries [T, H, d] and the head weights [T, H] fp32."""
+        kv, score = self.compressor.project(x)
         q = self.wq_b(qr).view(x.shape[0], self.n_heads, self.head_dim)
-        q = self._rope(q, meta.positions, self.inv_freq)
+        q = self._rope(q, positions, self.inv_freq)
         if self.official:
             q = self._fp4_rt(hadamard_transform(q), 32)
         w = self.weights_proj(x).float() * self.weight_scale
+        return kv, score, q, w
+
+    def select(self, kv, score, q, w, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
+        """The per-sequence part: compress this step's index keys, then each query's top entries [T, topk]."""
+        self.compressor.compress(kv, score, meta, lc.idx_state, lc.idx_prev, lc.idx_pool, block_table)
         return self._topk(q, w, lc.idx_pool, block_table, meta, self.ratio, self.topk)

@@ -44,6 +44,9 @@ class ForwardMeta:
     # for token rows `rows` of this step under another step's meta. The engine restores the state of requests
     # whose drafts were rejected and redoes the writes of the tokens it kept (cache/spec_state.py).
     redo: list | None = None
+    # piecewise graphs (engine/piecewise_graphs.py): a callable islands(fn, *token_tensors) that runs each layer's
+    # sequence-dependent core fn(meta, *token_tensors) between captured pieces; None: the model calls fn inline
+    islands: object | None = None
 
     @property
     def max_seq_len(self) -> int:

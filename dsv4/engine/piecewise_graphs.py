@@ -1,0 +1,263 @@
+"""Piecewise graphs: the steps decode graphs do not cover (prefill chunks, prefill mixed with decodes, decode
+batches above the largest decode bucket) replayed from captured pieces around each layer's core.
+
+Why: an eager step launches ~75 kernels per layer from Python, ~3 ms of host time per layer whatever the
+step's size (perf.md: a 4-layer mixed step never costs less than ~20 ms). Decode graphs remove that for pure
+decode steps only, because every other step is varlen: its sequences, lengths and slots change every step.
+
+How: a layer is mostly per-token work (mHC, norms, projections, RoPE, the MoE), which reads nothing about
+the step's sequences except the tokens' positions. Only the layer's core (model/attention.py
+`Attention._core`: compression, index selection, sparse attention, the window write) reads the sequences.
+So a step of T tokens is padded to a token bucket Tb >= T and runs as L + 1 captured pieces with the L
+cores between them, run eagerly with the step's real metadata:
+
+    piece 0 (embedding .. layer 0's projections) -> core 0 -> piece 1 (layer 0's output projection ..
+    layer 1's projections) -> core 1 -> ... -> piece L (.. the last layer's MoE, streams copied out)
+
+- Inputs: the step buffers' token ids and positions at the offsets of a Tb-token layout (step_batch.py
+  `build_eager(pad_to=Tb)`): rows T..Tb-1 are token 0 at position 0, per-token work on them is discarded.
+- A core's token inputs are the captured piece's outputs (rows :T are this step's); its output is copied
+  into a static tensor the next piece reads, whose rows T..Tb-1 are zeroed (padding rows must stay finite:
+  they go through the router, whose picks address expert weights).
+- The pieces see host mirrors that raise when read (cuda_graphs._FrozenMirror), so per-step host values
+  cannot be frozen into them; the cores see the step's real ForwardMeta.
+- Steps that record redo functions (eager speculative verification, prefix-cache snapshots inside a step)
+  give the cores copies of their inputs: the redo runs after the forward, when the pool memory under the
+  originals has been reused by later pieces.
+- Every bucket is captured at start-up in one private memory pool (pieces of one step run in order and
+  steps never overlap, so buckets share it). Expert parallelism is not covered (eager steps there exchange
+  tokens per layer with counts agreed at run time).
+- Without capture (`capture=False`: CPU, tests) the same padded step runs eagerly: same slicing, padding,
+  frozen mirrors and static copies, so CPU tests check everything but the replay itself.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+
+from dsv4.engine.cuda_graphs import GraphCaptureError, _FrozenMirror, capture_blockers
+from dsv4.engine.step_batch import StepBuffers
+from dsv4.ops.meta import ForwardMeta
+
+log = logging.getLogger("dsv4.graphs")
+
+DEFAULT_TOKEN_BUCKETS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+class _Bucket:
+    def __init__(self):
+        self.pieces: list[torch.cuda.CUDAGraph] = []
+        self.cores: list[tuple] = []  # (fn, token inputs, static output)
+
+
+class _Capture:
+    """`meta.islands` while a bucket is captured (or warmed up: `graph` None): ends the current piece at each
+    core, runs the core eagerly on the scratch metadata, begins the next piece with a static output tensor."""
+
+    def __init__(self, bucket: _Bucket, core_meta: ForwardMeta, pool=None, capturing: bool = False):
+        self.bucket, self.core_meta, self.pool, self.capturing = bucket, core_meta, pool, capturing
+        self.graph = None
+
+    def begin(self) -> None:
+        if self.capturing:
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.capture_begin(pool=self.pool)
+            torch.cuda.set_sync_debug_mode("error")
+
+    def end(self) -> None:
+        if self.graph is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self.graph.capture_end()
+            self.bucket.pieces.append(self.graph)
+            self.pool = self.graph.pool()
+            self.graph = None
+
+    def abort(self) -> None:
+        if self.graph is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            try:
+                self.graph.capture_end()
+            except Exception:  # (the capture is already invalidated; nothing to keep)
+                pass
+            self.graph = None
+
+    def __call__(self, fn, *args):
+        self.end()
+        out = fn(self.core_meta, *args)  # (eager; while capturing, its inputs hold whatever the pool held)
+        self.begin()
+        static = torch.empty_like(out) if self.capturing else out  # (inside the next piece: in the pool)
+        self.bucket.cores.append((fn, args, static))
+        return static
+
+
+class _Eager:
+    """`meta.islands` of an uncaptured padded step: each core on the step's rows, padding rows zero."""
+
+    def __init__(self, meta: ForwardMeta, T: int):
+        self.meta, self.T = meta, T
+
+    def __call__(self, fn, *args):
+        T = self.T
+        o = fn(self.meta, *[_rows(a, T, self.meta.redo is not None) for a in args])
+        static = torch.zeros((args[0].shape[0],) + tuple(o.shape[1:]), dtype=o.dtype, device=o.device)
+        static[:T] = o
+        return static
+
+
+def _rows(a: torch.Tensor, T: int, copy: bool) -> torch.Tensor:
+    return a[:T].clone() if copy else a[:T]
+
+
+class PiecewiseGraphs:
+    """Piecewise graphs of `model` over `cache` for steps of up to `max_tokens` tokens (module docstring).
+    The runner stages a step with `build_eager(..., pad_to=bucket(T))` and calls `run(Tb, meta)`, which
+    returns the streams [T, hc, D] (a view of a static buffer, valid until the next step)."""
+
+    def __init__(self, model, cache, scratch_slot: int, buffers: StepBuffers, max_tokens: int,
+                 buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS, capture: bool = True):
+        blockers = capture_blockers(model.opts.ops)
+        if blockers:
+            raise GraphCaptureError("piecewise graphs need capturable providers for every op outside the layer "
+                                    f"cores; these run references: {', '.join(blockers)}")
+        if max_tokens < 1:
+            raise ValueError(f"piecewise graphs need max_tokens >= 1, got {max_tokens}")
+        if buffers.max_tokens < max_tokens:
+            raise ValueError(f"step buffers of {buffers.max_tokens} tokens cannot hold a {max_tokens}-token bucket")
+        self.model, self.cache, self.scratch, self.buffers = model, cache, scratch_slot, buffers
+        self.device = cache.device
+        self.buckets = sorted({b for b in buckets if b < max_tokens} | {max_tokens})
+        self.use_capture = capture
+        self.out = torch.empty(self.buckets[-1], model.cfg.hc_mult, model.cfg.hidden_size, dtype=model.opts.dtype,
+                               device=self.device)
+        self.steps: dict[int, _Bucket] = {}
+        self.failed: set[int] = set()  # buckets whose capture failed: those steps run eagerly
+        self.capture_s: dict[int, float] = {}
+        self.pool = None
+        self.replays = 0
+
+    def bucket(self, num_tokens: int) -> int | None:
+        """The token bucket of a step of `num_tokens` tokens, or None (too large, or its capture failed)."""
+        i = bisect.bisect_left(self.buckets, num_tokens)
+        if i == len(self.buckets) or self.buckets[i] in self.failed:
+            return None
+        return self.buckets[i]
+
+    # ---- capture ------------------------------------------------------------------------------------
+    def _core_meta(self, Tb: int) -> ForwardMeta:
+        """What the cores see while capturing: Tb one-token sequences at position 0 of the scratch slot (like
+        decode graphs' padding rows: they write only that slot's window row 0 and compressor state)."""
+        d, li = self.device, (lambda v: torch.tensor(v, dtype=torch.int64, device=self.device))  # noqa: E731
+        return ForwardMeta(positions=torch.zeros(Tb, dtype=torch.int64, device=d), token_seq=li(list(range(Tb))),
+                           seq_slots=torch.full((Tb,), self.scratch, dtype=torch.int64, device=d),
+                           query_start=li(list(range(Tb + 1))), seq_start=torch.zeros(Tb, dtype=torch.int64, device=d),
+                           seq_lens=torch.ones(Tb, dtype=torch.int64, device=d), query_start_host=list(range(Tb + 1)),
+                           seq_start_host=[0] * Tb, seq_lens_host=[1] * Tb, seq_slots_host=[self.scratch] * Tb,
+                           block_table=self.cache.block_table)
+
+    def _piece_meta(self, Tb: int, islands) -> ForwardMeta:
+        """What the pieces see: the static positions of a Tb-token layout; host mirrors that raise when read."""
+        d = self.buffers.device_views(Tb, 1)
+        none = d["positions"]  # (device fields other than positions are the cores' business: never read here)
+        return ForwardMeta(positions=d["positions"], token_seq=none, seq_slots=none, query_start=none,
+                           seq_start=none, seq_lens=none, query_start_host=_FrozenMirror([0] * (Tb + 1)),
+                           seq_start_host=_FrozenMirror([0]), seq_lens_host=_FrozenMirror([1]),
+                           seq_slots_host=_FrozenMirror([self.scratch]), block_table=self.cache.block_table,
+                           islands=islands)
+
+    def _stage_padding(self, Tb: int) -> torch.Tensor:
+        h = self.buffers.stage(Tb, 1)
+        for v in h.values():
+            v.zero_()
+        return self.buffers.send(Tb, 1)["ids"]
+
+    def capture_all(self, progress: bool = False) -> float:
+        """Capture every bucket not captured yet, largest first; a bucket that fails is left to eager steps
+        (logged). The seconds it took."""
+        t0 = time.perf_counter()
+        todo = [b for b in sorted(self.buckets, reverse=True) if b not in self.steps and b not in self.failed]
+        bar = None
+        if progress and todo:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), desc="capturing piecewise graphs", unit="bucket", disable=None)
+        for Tb in todo:
+            t = time.perf_counter()
+            try:
+                self.capture(Tb)
+            except GraphCaptureError as e:
+                log.warning("steps of up to %d tokens run eagerly: %s", Tb, e)
+                self.failed.add(Tb)
+            self.capture_s[Tb] = time.perf_counter() - t
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def capture(self, Tb: int) -> None:
+        if Tb not in self.buckets:
+            raise ValueError(f"{Tb} is not a piecewise graph bucket ({self.buckets})")
+        ids = self._stage_padding(Tb)
+        core_meta = self._core_meta(Tb)
+        if not self.use_capture:
+            self.steps[Tb] = _Bucket()
+            return
+        torch.cuda.synchronize(self.device)
+        try:  # warm-up: compiles kernels, builds lazy caches; a host read in a piece raises here already
+            self.model(ids, self._piece_meta(Tb, _Capture(_Bucket(), core_meta)), self.cache)
+        except Exception as e:
+            raise GraphCaptureError(f"the {Tb}-token piecewise step failed before capture: {type(e).__name__}: {e}") from e
+        torch.cuda.synchronize(self.device)
+        b = _Bucket()
+        rec = _Capture(b, core_meta, self.pool, capturing=True)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):
+                rec.begin()
+                X = self.model(ids, self._piece_meta(Tb, rec), self.cache)
+                self.out[:Tb].copy_(X)
+                del X
+                rec.end()
+        except Exception as e:
+            rec.abort()
+            raise GraphCaptureError(f"capture of the {Tb}-token piecewise graph failed: {type(e).__name__}: {e}") from e
+        finally:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.pool = rec.pool
+        self.steps[Tb] = b
+        log.debug("captured a %d-token piecewise graph: %d pieces", Tb, len(b.pieces))
+
+    # ---- one step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, Tb: int, meta: ForwardMeta) -> torch.Tensor:
+        """The streams [T, hc, D] of the step staged with `build_eager(pad_to=Tb)` whose metadata is `meta`."""
+        T = meta.num_tokens
+        if T > Tb:
+            raise ValueError(f"a step of {T} tokens does not fit the {Tb}-token piecewise bucket")
+        if Tb not in self.steps:
+            if Tb in self.failed or Tb not in self.buckets:
+                raise ValueError(f"{Tb} is not a captured piecewise graph bucket")
+            log.warning("piecewise graph bucket %d was not captured at start-up: capturing it now", Tb)
+            self.capture(Tb)
+        self.replays += 1
+        if not self.use_capture:
+            ids = self.buffers.device_views(Tb, 1)["ids"]
+            X = self.model(ids, self._piece_meta(Tb, _Eager(meta, T)), self.cache)
+            self.out[:Tb].copy_(X)
+            return self.out[:T]
+        b = self.steps[Tb]
+        copy = meta.redo is not None
+        for k, g in enumerate(b.pieces):
+            g.replay()
+            if k < len(b.cores):
+                fn, args, static = b.cores[k]
+                o = fn(meta, *[_rows(a, T, copy) for a in args])
+                static[:T].copy_(o)
+                if T < Tb:
+                    static[T:].zero_()
+        return self.out[:T]

@@ -21,7 +21,7 @@ from dsv4.engine.sampling_params import SamplingParams
 
 def make(layers: int, pw: int | None, budget: int) -> LLMEngine:
     return LLMEngine(EngineConfig(model="deepseek-v4-flash", load_format="dummy", num_layers=layers,
-                                  max_model_len=8192, max_num_seqs=64, max_num_batched_tokens=budget,
+                                  max_model_len=8192, max_num_seqs=96, max_num_batched_tokens=budget,
                                   kv_cache_memory=4 << 30, piecewise_graph_tokens=pw))
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lens", default="16,64,256,512,1024,2048")
-    ap.add_argument("--mixed", default="8:64,32:256,64:512", help="decoders:chunk pairs")
+    ap.add_argument("--mixed", default="8:64,16:128,32:256,64:512", help="decoders:chunk pairs")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

@@ -155,9 +155,13 @@ class LLMEngine:
         return min(c.max_num_batched_tokens, DEFAULT_PIECEWISE_TOKENS if n is None else n)
 
     def _capture_piecewise(self, piecewise: PiecewiseGraphs) -> None:
-        before = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
+        cuda = self.device.type == "cuda"
+        if cuda:  # (what the pool and shared buffers hold, not the eager allocator's cached blocks)
+            torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device) if cuda else 0
         secs = piecewise.capture_all(progress=True)
-        if self.device.type == "cuda":
+        if cuda:
+            torch.cuda.empty_cache()
             used = torch.cuda.memory_reserved(self.device) - before
             log.info("captured %d piecewise graph buckets (up to %d tokens) in %.1f s (%s; %s reserved for them)",
                      len(piecewise.steps), piecewise.buckets[-1], secs, gib(used), gib(self._piecewise_reserve))

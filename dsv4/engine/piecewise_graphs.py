@@ -16,9 +16,11 @@ cores between them, run eagerly with the step's real metadata:
 
 - Inputs: the step buffers' token ids and positions at the offsets of a Tb-token layout (step_batch.py
   `build_eager(pad_to=Tb)`): rows T..Tb-1 are token 0 at position 0, per-token work on them is discarded.
-- A core's token inputs are the captured piece's outputs (rows :T are this step's); its output is copied
-  into a static tensor the next piece reads, whose rows T..Tb-1 are zeroed (padding rows must stay finite:
-  they go through the router, whose picks address expert weights).
+- A piece ends by copying the core's token inputs into buffers shared by every layer and bucket (rows :T
+  are this step's); the core's output is copied into a shared buffer the next piece reads, whose rows
+  T..Tb-1 are zeroed (padding rows must stay finite: they go through the router, whose picks address
+  expert weights). Nothing in the graph pool outlives a piece, so every piece and bucket reuses the pool's
+  memory (holding the pieces' own tensors instead kept ~0.7 MB per token of every bucket at 4 layers).
 - The pieces see host mirrors that raise when read (cuda_graphs._FrozenMirror), so per-step host values
   cannot be frozen into them; the cores see the step's real ForwardMeta.
 - Steps that record redo functions (eager speculative verification, prefix-cache snapshots inside a step)
@@ -55,11 +57,13 @@ class _Bucket:
 
 
 class _Capture:
-    """`meta.islands` while a bucket is captured (or warmed up: `graph` None): ends the current piece at each
-    core, runs the core eagerly on the scratch metadata, begins the next piece with a static output tensor."""
+    """`meta.islands` while a bucket is captured (or warmed up: not `capturing`): copies the core's inputs
+    into the shared buffers (the copies are the end of the current piece), runs the core eagerly on the
+    scratch metadata, and begins the next piece, which reads the core's output from a shared buffer."""
 
-    def __init__(self, bucket: _Bucket, core_meta: ForwardMeta, pool=None, capturing: bool = False):
-        self.bucket, self.core_meta, self.pool, self.capturing = bucket, core_meta, pool, capturing
+    def __init__(self, owner: "PiecewiseGraphs", bucket: _Bucket, core_meta: ForwardMeta, pool=None,
+                 capturing: bool = False):
+        self.owner, self.bucket, self.core_meta, self.pool, self.capturing = owner, bucket, core_meta, pool, capturing
         self.graph = None
 
     def begin(self) -> None:
@@ -86,11 +90,18 @@ class _Capture:
             self.graph = None
 
     def __call__(self, fn, *args):
+        Tb = args[0].shape[0]
+        ins = []
+        for i, a in enumerate(args):
+            x = self.owner.shared(("in", i), a)[:Tb]
+            x.copy_(a)
+            ins.append(x)
         self.end()
-        out = fn(self.core_meta, *args)  # (eager; while capturing, its inputs hold whatever the pool held)
+        out = fn(self.core_meta, *ins)  # (eager; while capturing, its inputs hold whatever the buffers held)
+        static = self.owner.shared(("out",), out)[:Tb]
+        static.copy_(out)
         self.begin()
-        static = torch.empty_like(out) if self.capturing else out  # (inside the next piece: in the pool)
-        self.bucket.cores.append((fn, args, static))
+        self.bucket.cores.append((fn, ins, static))
         return static
 
 
@@ -134,6 +145,10 @@ class PiecewiseGraphs:
         self.out = torch.empty(self.buckets[-1], model.cfg.hc_mult, model.cfg.hidden_size, dtype=model.opts.dtype,
                                device=self.device)
         self.steps: dict[int, _Bucket] = {}
+        # the cores' inputs and outputs, [largest bucket, ...] each, shared by every layer and bucket (pieces and
+        # cores run in order and steps never overlap), allocated outside the graph pool by the warm-up runs:
+        # the pool keeps nothing alive between pieces, so buckets and pieces reuse its memory
+        self._shared: dict[tuple, torch.Tensor] = {}
         self.failed: set[int] = set()  # buckets whose capture failed: those steps run eagerly
         self.capture_s: dict[int, float] = {}
         self.pool = None
@@ -145,6 +160,17 @@ class PiecewiseGraphs:
         if i == len(self.buckets) or self.buckets[i] in self.failed:
             return None
         return self.buckets[i]
+
+    def shared(self, role: tuple, like: torch.Tensor) -> torch.Tensor:
+        """The shared buffer for a core's input (role ("in", i)) or output (("out",)) shaped like `like`."""
+        key = role + (tuple(like.shape[1:]), like.dtype)
+        buf = self._shared.get(key)
+        if buf is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise GraphCaptureError(f"piecewise graphs: no shared buffer for {key} before capture")
+            buf = torch.zeros((self.buckets[-1],) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
+            self._shared[key] = buf
+        return buf
 
     # ---- capture ------------------------------------------------------------------------------------
     def _core_meta(self, Tb: int) -> ForwardMeta:
@@ -208,12 +234,12 @@ class PiecewiseGraphs:
             return
         torch.cuda.synchronize(self.device)
         try:  # warm-up: compiles kernels, builds lazy caches; a host read in a piece raises here already
-            self.model(ids, self._piece_meta(Tb, _Capture(_Bucket(), core_meta)), self.cache)
+            self.model(ids, self._piece_meta(Tb, _Capture(self, _Bucket(), core_meta)), self.cache)
         except Exception as e:
             raise GraphCaptureError(f"the {Tb}-token piecewise step failed before capture: {type(e).__name__}: {e}") from e
         torch.cuda.synchronize(self.device)
         b = _Bucket()
-        rec = _Capture(b, core_meta, self.pool, capturing=True)
+        rec = _Capture(self, b, core_meta, self.pool, capturing=True)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:

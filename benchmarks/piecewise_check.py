@@ -93,6 +93,8 @@ def main() -> None:
         if pw is None:
             res["piecewise_memory_bytes"] = getattr(eng, "piecewise_memory", None)
             res["capture_s"] = eng.runner.piecewise.capture_s if eng.runner.piecewise else None
+            res["capture_bytes"] = eng.runner.piecewise.capture_bytes if eng.runner.piecewise else None
+            res["eager_activation_peak_2048_bytes"] = eng._profile_activations(2048)  # (what the planner measures)
         del eng
         torch.cuda.empty_cache()
         if a.out:

@@ -156,6 +156,7 @@ class PiecewiseGraphs:
         self.capture_s: dict[int, float] = {}
         self.capture_bytes: dict[int, int] = {}  # device memory reserved after each bucket's capture (CUDA)
         self.pool = None
+        self._stream = None
         self.replays = 0
 
     def bucket(self, num_tokens: int) -> int | None:
@@ -247,7 +248,9 @@ class PiecewiseGraphs:
         torch.cuda.synchronize(self.device)
         b = _Bucket()
         rec = _Capture(self, b, core_meta, self.pool, capturing=True)
-        stream = torch.cuda.Stream(self.device)
+        if self._stream is None:  # ONE capture stream for every bucket: the allocator reuses a pool's blocks only
+            self._stream = torch.cuda.Stream(self.device)  # on the stream they were made on (a stream per bucket
+        stream = self._stream  # kept ~300 KB per token of every bucket at 4 layers, measured)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream):

@@ -3,9 +3,12 @@ the eager activation peak the cache planner reserves (4 Flash layers, dummy weig
 
     PYTHONPATH=. TRITON_INTERPRET=0 OUT=. python3 benchmarks/piecewise_memory.py
 """
-import json, os, torch
+import json
+import os
+
 from dsv4.config import EngineConfig
 from dsv4.engine.llm_engine import LLMEngine
+
 eng = LLMEngine(EngineConfig(model="deepseek-v4-flash", load_format="dummy", num_layers=4, max_model_len=8192,
                              max_num_seqs=64, max_num_batched_tokens=2048, kv_cache_memory=4 << 30))
 pw = eng.runner.piecewise

@@ -166,6 +166,10 @@ class LLMEngine:
             log.info("captured %d piecewise graph buckets (up to %d tokens) in %.1f s (%s; %s reserved for them)",
                      len(piecewise.steps), piecewise.buckets[-1], secs, gib(used), gib(self._piecewise_reserve))
             self.piecewise_memory = used
+            if self._piecewise_reserve and used > self._piecewise_reserve:
+                log.warning("piecewise graphs hold %s, more than the %s the cache plan left for them: lower "
+                            "--piecewise-graph-tokens or --gpu-memory-utilization if memory runs short",
+                            gib(used), gib(self._piecewise_reserve))
 
     # ---- capacity ---------------------------------------------------------------------------------
     _piecewise_reserve = 0
@@ -191,8 +195,12 @@ class LLMEngine:
                 self._graph_reserve = (6 * self._profile_activations(q * max(bs)) + 2**27
                                        + n_ctx * q * sum(bs) * redo_bytes_per_token(self.cfg, self.lm.opts.dtype))
         pw = self._piecewise_tokens(graphs)
-        if pw:  # their pool holds about one eager forward's activations at the largest bucket
-            self._piecewise_reserve = int(1.5 * self._profile_activations(pw)) + 2**27
+        if pw:  # the pool (about a forward's temporaries at the largest bucket, with margin) and the buffers the
+            # cores' inputs and outputs share (q and the output: 2 x heads x head_dim values, plus ~64 KiB of
+            # compressor and indexer projections per token; 334 MB at 2048 tokens for Flash, measured on an H100)
+            c_ = self.cfg
+            shared = pw * (2 * c_.num_heads * c_.head_dim * self.lm.opts.dtype.itemsize + 2**16)
+            self._piecewise_reserve = 2 * self._profile_activations(pw) + shared + 2**27
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = (int(c.gpu_memory_utilization * total) - weights - activations - self._graph_reserve
                   - self._piecewise_reserve)

@@ -101,7 +101,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --enable-prefix-caching: slot snapshots kept (default: 2 x --max-num-seqs, at most a "
                         "tenth of the cache memory)")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="never replay captured decode graphs (default: capture them where the device and "
+                   help="never replay captured graphs, decode or piecewise (default: capture them where the device and "
                         "every op's provider allow)")
     p.add_argument("--piecewise-graph-tokens", type=_nonnegative_int, default=None,
                    help="replay steps that are not pure decode (prefill chunks, prefill mixed with decodes) of up "
@@ -365,7 +365,7 @@ def cmd_doctor(a: argparse.Namespace) -> int:
     elif blockers:
         print(f"decode graphs: no (ops on providers that cannot be captured: {', '.join(blockers)})")
     else:
-        print("decode graphs: yes")
+        print("decode graphs: yes; piecewise graphs for other steps: yes (one GPU; --piecewise-graph-tokens)")
     return 0
 
 

@@ -529,7 +529,7 @@ class EngineConfig:
     page_tokens: int | None = None
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False  # True: never use captured decode graphs
+    enforce_eager: bool = False  # True: never use captured graphs (decode, verify, piecewise)
     # piecewise graphs (engine/piecewise_graphs.py) for steps decode graphs do not cover (prefill chunks, prefill
     # mixed with decodes) of up to this many tokens (None: min(max_num_batched_tokens, 2048); 0: off)
     piecewise_graph_tokens: int | None = None

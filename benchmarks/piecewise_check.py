@@ -61,6 +61,13 @@ def mixed_step(eng: LLMEngine, decoders: int, chunk: int, g: torch.Generator, re
     return statistics.median(times)
 
 
+def save(res: dict, out: str | None) -> None:
+    """Written after every row: a run stopped by its time limit keeps what it measured."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -82,12 +89,14 @@ def main() -> None:
             v = statistics.median(ttft(eng, n, g) for _ in range(a.reps))
             res["rows"].append({"mode": name, "case": "ttft", "tokens": n, "ms": v * 1e3})
             print(f"{name:9s} TTFT {n:5d} tokens: {v * 1e3:8.2f} ms", flush=True)
+            save(res, a.out)
         for pair in a.mixed.split(","):
             d, c = (int(x) for x in pair.split(":"))
             mixed_step(eng, d, c, g, 2)
             v = mixed_step(eng, d, c, g, a.reps)
             res["rows"].append({"mode": name, "case": "mixed_step", "decoders": d, "chunk": c, "ms": v * 1e3})
             print(f"{name:9s} step of {d} decodes + a {c}-token chunk: {v * 1e3:8.2f} ms", flush=True)
+            save(res, a.out)
         res[f"{name}_startup_s"] = up
         res[f"{name}_piecewise_steps"] = eng.piecewise_steps
         if pw is None:
@@ -95,11 +104,9 @@ def main() -> None:
             res["capture_s"] = eng.runner.piecewise.capture_s if eng.runner.piecewise else None
             res["capture_bytes"] = eng.runner.piecewise.capture_bytes if eng.runner.piecewise else None
             res["eager_activation_peak_2048_bytes"] = eng._profile_activations(2048)  # (what the planner measures)
+        save(res, a.out)
         del eng
         torch.cuda.empty_cache()
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

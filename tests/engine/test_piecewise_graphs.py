@@ -161,3 +161,32 @@ def test_captured_pieces_match_eager_cuda(tiny_dir, monkeypatch):
         assert eng.piecewise_steps > 0
         assert_same(got, want, tol=2e-3)
     assert eng.spec_stats.drafted > 0
+
+
+def test_a_bucket_whose_capture_failed_runs_eagerly(lm, waves, reference, monkeypatch):
+    """A bucket that fails to capture at start-up is logged and its steps run eagerly, with the same outputs."""
+    eng = engine(lm)
+    real = PiecewiseGraphs.capture
+
+    def capture(self, Tb):
+        if Tb == 8:
+            raise GraphCaptureError("test: this bucket does not capture")
+        return real(self, Tb)
+
+    monkeypatch.setattr(PiecewiseGraphs, "capture", capture)
+    pw = attach(eng, monkeypatch)
+    assert pw.failed == {8} and pw.bucket(5) is None and pw.bucket(9) == 32
+    sizes = []
+    orig = eng.runner.execute
+
+    def execute(scheduled):
+        sizes.append((sum(n for _, n in scheduled), eng.runner.piecewise_steps))
+        return orig(scheduled)
+
+    monkeypatch.setattr(eng.runner, "execute", execute)
+    got = run(eng, waves)
+    assert_same(got, reference)
+    eager = [t for (t, before), (_, after) in zip(sizes, sizes[1:] + [(0, eng.runner.piecewise_steps)])
+             if after == before]
+    assert eager and all(t <= 8 for t in eager), eager
+    assert eng.runner.piecewise_steps > 0

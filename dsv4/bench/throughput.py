@@ -32,7 +32,7 @@ def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=temperature,
                             seed=seed if temperature > 0 else None, detokenize=False)
     eng = llm.engine
-    steps0, gsteps0 = eng.num_steps, eng.graph_steps
+    steps0, gsteps0, psteps0 = eng.num_steps, eng.graph_steps, getattr(eng, "piecewise_steps", 0)
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
     elapsed = time.perf_counter() - t0
@@ -50,6 +50,7 @@ def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, 
         "total_tok_s": (n_out + num_prompts * input_len) / elapsed, "requests_s": num_prompts / elapsed,
         "preemptions": sum(x.num_preemptions for x in m), "errors": errors,
         "graph_steps": eng.graph_steps - gsteps0,  # decode steps replayed from captured graphs
+        "piecewise_steps": getattr(eng, "piecewise_steps", 0) - psteps0,  # other steps from piecewise graphs
         "latency_s": percentiles([x.latency for x in m if x.latency is not None]),
         "ttft_s": percentiles([x.ttft for x in m if x.ttft is not None]),
         "tpot_s": percentiles([x.tpot for x in m if x.tpot is not None]),
@@ -62,7 +63,8 @@ def format_report(r: dict) -> str:
         f"{r['num_prompts']} requests x ({r['input_len']} in, {r['output_len']} out) on {r['device']}, "
         f"{r['dtype']}, kv {r['kv_cache_dtype']}, {r['numerics']} numerics",
         r["cache"],
-        f"elapsed {r['elapsed_s']:.2f} s over {r['engine_steps']} steps ({r['graph_steps']} from graphs), "
+        f"elapsed {r['elapsed_s']:.2f} s over {r['engine_steps']} steps ({r['graph_steps']} from decode graphs, "
+        f"{r.get('piecewise_steps', 0)} from piecewise graphs), "
         f"{r['preemptions']} preemptions, "
         f"{len(r['errors'])} errors",
         f"output {r['output_tok_s']:.1f} tok/s, total {r['total_tok_s']:.1f} tok/s, {r['requests_s']:.2f} req/s",

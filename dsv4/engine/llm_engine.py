@@ -183,7 +183,7 @@ class LLMEngine:
             return CPU_DEFAULT_KV_BYTES
         torch.cuda.synchronize(self.device)
         weights = torch.cuda.memory_allocated(self.device)
-        activations = self._profile_activations(c.max_num_batched_tokens)
+        peak = activations = self._profile_activations(c.max_num_batched_tokens)
         if c.enable_prefix_caching:  # a step that snapshots inside itself keeps its redo inputs (prefix_cache.py)
             activations += c.max_num_batched_tokens * redo_bytes_per_token(self.cfg, self.lm.opts.dtype)
         if graphs:  # the graphs' shared memory pool: measured (4 Flash layers, H100, 2026-12-05) at 5.4x one
@@ -198,9 +198,10 @@ class LLMEngine:
         if pw:  # the pool (about a forward's temporaries at the largest bucket, with margin) and the buffers the
             # cores' inputs and outputs share (q and the output: 2 x heads x head_dim values, plus ~64 KiB of
             # compressor and indexer projections per token; 334 MB at 2048 tokens for Flash, measured on an H100)
-            c_ = self.cfg
-            shared = pw * (2 * c_.num_heads * c_.head_dim * self.lm.opts.dtype.itemsize + 2**16)
-            self._piecewise_reserve = 2 * self._profile_activations(pw) + shared + 2**27
+            shared = pw * (2 * self.cfg.num_heads * self.cfg.head_dim * self.lm.opts.dtype.itemsize + 2**16)
+            if pw != c.max_num_batched_tokens:  # (by default it is that step's, profiled above)
+                peak = self._profile_activations(pw)
+            self._piecewise_reserve = 2 * peak + shared + 2**27
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = (int(c.gpu_memory_utilization * total) - weights - activations - self._graph_reserve
                   - self._piecewise_reserve)

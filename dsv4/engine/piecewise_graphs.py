@@ -30,8 +30,8 @@ cores between them, run eagerly with the step's real metadata:
   step run in order and steps never overlap, so buckets share the pool; the allocator reuses a pool's blocks
   only on the stream that made them). Expert parallelism is not covered (eager steps there exchange
   tokens per layer with counts agreed at run time).
-- Without capture (`capture=False`: CPU, tests) the same padded step runs eagerly: same slicing, padding,
-  frozen mirrors and static copies, so CPU tests check everything but the replay itself.
+- Without capture (`capture=False`: CPU, tests) the same padded step runs eagerly: same shared buffers,
+  slicing, padding, frozen mirrors and core runs, so CPU tests check everything but the replay itself.
 """
 
 from __future__ import annotations
@@ -110,17 +110,31 @@ class _Capture:
 
 
 class _Eager:
-    """`meta.islands` of an uncaptured padded step: each core on the step's rows, padding rows zero."""
+    """`meta.islands` of an uncaptured padded step: the same shared buffers and core runs as a replay."""
 
-    def __init__(self, meta: ForwardMeta, T: int):
-        self.meta, self.T = meta, T
+    def __init__(self, owner: "PiecewiseGraphs", meta: ForwardMeta, T: int):
+        self.owner, self.meta, self.T = owner, meta, T
 
     def __call__(self, fn, *args):
-        T = self.T
-        o = fn(self.meta, *[_rows(a, T, self.meta.redo is not None) for a in args])
-        static = torch.zeros((args[0].shape[0],) + tuple(o.shape[1:]), dtype=o.dtype, device=o.device)
-        static[:T] = o
-        return static
+        Tb = args[0].shape[0]
+        ins = []
+        for i, a in enumerate(args):
+            x = self.owner.shared(("in", i), a)[:Tb]
+            x.copy_(a)
+            ins.append(x)
+        return _run_core(fn, ins, self.meta, self.T, lambda o: self.owner.shared(("out",), o)[:Tb])
+
+
+def _run_core(fn, ins, meta: ForwardMeta, T: int, static_for) -> torch.Tensor:
+    """One layer core on the step's T rows of its shared inputs; its output o goes into rows :T of the padded
+    tensor static_for(o), whose padding rows are zeroed; returns that tensor. Steps with redo functions give
+    the core copies (the redo runs after later pieces have overwritten the shared buffers)."""
+    o = fn(meta, *[_rows(a, T, meta.redo is not None) for a in ins])
+    static = static_for(o)
+    static[:T].copy_(o)
+    if T < static.shape[0]:
+        static[T:].zero_()
+    return static
 
 
 def _rows(a: torch.Tensor, T: int, copy: bool) -> torch.Tensor:
@@ -284,17 +298,13 @@ class PiecewiseGraphs:
         self.replays += 1
         if not self.use_capture:
             ids = self.buffers.device_views(Tb, 1)["ids"]
-            X = self.model(ids, self._piece_meta(Tb, _Eager(meta, T)), self.cache)
+            X = self.model(ids, self._piece_meta(Tb, _Eager(self, meta, T)), self.cache)
             self.out[:Tb].copy_(X)
             return self.out[:T]
         b = self.steps[Tb]
-        copy = meta.redo is not None
         for k, g in enumerate(b.pieces):
             g.replay()
             if k < len(b.cores):
-                fn, args, static = b.cores[k]
-                o = fn(meta, *[_rows(a, T, copy) for a in args])
-                static[:T].copy_(o)
-                if T < Tb:
-                    static[T:].zero_()
+                fn, ins, static = b.cores[k]
+                _run_core(fn, ins, meta, T, lambda o, s=static: s)
         return self.out[:T]

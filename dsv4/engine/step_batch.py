@@ -101,6 +101,14 @@ def _token_ids(reqs: list[Request], starts: list[int], ns: list[int]) -> list[in
     return list(itertools.chain.from_iterable(r.token_slice(s, s + n) for r, s, n in zip(reqs, starts, ns)))
 
 
+_TOKEN_FIELDS = ("ids", "positions", "token_seq")
+
+
+def _first_rows(views: dict[str, torch.Tensor], T: int) -> dict[str, torch.Tensor]:
+    """The views of a padded layout with the token fields cut to the step's T real tokens."""
+    return {k: (v[:T] if k in _TOKEN_FIELDS else v) for k, v in views.items()}
+
+
 def build_eager(buffers: StepBuffers, reqs: list[Request], starts: list[int], ns: list[int], slots: list[int],
                 block_table: torch.Tensor, ep_tokens: int | None = None,
                 ids: list[int] | None = None, pad_to: int | None = None) -> StepBatch:
@@ -124,9 +132,9 @@ def build_eager(buffers: StepBuffers, reqs: list[Request], starts: list[int], ns
         raise ValueError(f"a step of {T} tokens cannot be padded to {Tp}")
     h = buffers.stage(Tp, B)
     if Tp > T:
-        for name in ("ids", "positions", "token_seq"):
+        for name in _TOKEN_FIELDS:
             h[name][T:].zero_()
-        h = {k: (v[:T] if k in ("ids", "positions", "token_seq") else v) for k, v in h.items()}
+        h = _first_rows(h, T)
     h["ids"].copy_(torch.tensor(tok, dtype=torch.int64))
     n_t = torch.tensor(ns, dtype=torch.int64)
     h["slots"].copy_(torch.tensor(slots, dtype=torch.int64))
@@ -139,7 +147,7 @@ def build_eager(buffers: StepBuffers, reqs: list[Request], starts: list[int], ns
                          + torch.repeat_interleave(h["seq_start"] - h["query_start"][:-1], n_t))
     d = buffers.send(Tp, B)
     if Tp > T:
-        d = {k: (v[:T] if k in ("ids", "positions", "token_seq") else v) for k, v in d.items()}
+        d = _first_rows(d, T)
     meta = ForwardMeta(positions=d["positions"], token_seq=d["token_seq"], seq_slots=d["slots"],
                        query_start=d["query_start"], seq_start=d["seq_start"], seq_lens=d["seq_lens"],
                        query_start_host=qs, seq_start_host=list(starts), seq_lens_host=lens,

@@ -92,6 +92,10 @@ def test_padded_steps_match_eager(lm, waves, reference, monkeypatch):
     assert_same(got, reference)
     assert eng.runner.piecewise_steps == eng.num_steps > 0  # (no decode graphs on the CPU: every step)
     assert pw.replays == eng.num_steps
+    last = eng.runner.last_batch  # the cores' output buffer: the last step's padding rows are zero
+    T, Tb = last.num_tokens, last.piecewise
+    outs = [b for k, b in pw._shared.items() if k[0] == "out"]
+    assert T < Tb and outs and all(not b[T:Tb].any() for b in outs)
 
 
 def test_prefix_caching_snapshots_inside_piecewise_steps(lm, waves, reference, monkeypatch):

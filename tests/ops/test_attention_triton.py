@@ -392,3 +392,46 @@ def test_gpu_check_case_smoke(mode, prefill, kind):
     assert res["max_abs_err"] < 1e-4 and res["bytes"] > 0 and res["flops"] > 0, res
     assert res["sweep {'num_splits': 2, 'block_n': 16}"]["max_abs_err"] < 1e-4
     assert _gpu_write_case(2, 3, kind, device="cpu", D=64, r=16, W=8, bench=False)()["bytes_equal_reference"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["ocp", "fnuz", "bf16"])
+@pytest.mark.parametrize("mode,ratio", [("swa", 0), ("csa", 4), ("hca", 16)])
+def test_gpu_compiled_flash_widths(kind, mode, ratio):
+    """Compiled kernels at Flash widths (64 heads x 512 = 448 FP8 dims in 7 scale blocks + 64 rope dims), a step
+    mixing a prefill chunk that reaches into the ring with decodes, every load path (the first version's, the
+    vectorised one with the hardware OCP decode where the GPU has it, the reshaped scales), split-KV on and
+    off, against the reference on the same stores."""
+    from dsv4.ops.kv_format import kv_alloc
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(91)
+    H, D, R, Wn, PT, K = 64, 512, 64, 128, 256, 64
+    fp8 = kind != "bf16"
+    dialect = Fp8Dialect.FNUZ if kind == "fnuz" else Fp8Dialect.OCP
+    slots, starts, news = [1, 0, 2], [200, 1000, 7], [37, 1, 1]
+    meta = ForwardMeta.build(slots, starts, news, device=dev)
+    T = meta.num_tokens
+    window = kv_alloc((3, Wn), D, R, fp8, torch.bfloat16, dev, dialect)
+    kv_write(window, (Ellipsis,), 3.0 * torch.randn(3, Wn, D, device=dev, generator=g))
+    pool = bt = topk = None
+    if ratio:
+        E = PT // ratio
+        pps = math.ceil(1001 / PT)
+        pool = kv_alloc((3 * pps + 2, E), D, R, fp8, torch.bfloat16, dev, dialect)
+        kv_write(pool, (Ellipsis,), 3.0 * torch.randn(3 * pps + 2, E, D, device=dev, generator=g))
+        bt = torch.randperm(3 * pps + 2, device=dev, generator=g)[:3 * pps].view(3, pps)
+        if mode == "csa":
+            vis = (meta.positions + 1) // ratio
+            score = torch.rand(T, 1001 // ratio, device=dev, generator=g)
+            score = score.masked_fill(torch.arange(score.shape[1], device=dev)[None, :] >= vis[:, None], -1.0)
+            val, ids = score.topk(K, dim=-1)
+            topk = torch.where(val < 0, torch.full_like(ids, -1), ids)
+    q = torch.randn(T, H, D, device=dev, generator=g).to(torch.bfloat16)
+    kv = torch.randn(T, D, device=dev, generator=g).to(torch.bfloat16)
+    sink = torch.randn(H, device=dev, generator=g)
+    args = (q, kv, window, sink, D ** -0.5, meta, pool, bt, topk, ratio)
+    ref = sparse_attention_reference(*args).float()
+    for launch in ({}, {"load": 0}, {"load": 2}, {"num_splits": 1}, {"num_splits": 7}, {"load": 0, "num_splits": 5}):
+        out = sparse_attention_impl(*args, **launch).float()
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2, msg=lambda s: f"{launch}: {s}")

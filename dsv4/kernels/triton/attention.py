@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
-                                        register, sm_count)
+                                        interpreting, register, sm_count)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.attention import sparse_attention as sparse_attention_op
 from dsv4.ops.attention import write_window_op
@@ -31,9 +31,9 @@ LOG2E = 1.4426950408889634
 
 # Launch configuration (tunable; see the sweeps in benchmarks/kernel_cases/attention.py). BLOCK_H heads
 # share every key tile; BLOCK_N keys per tile; >= 16 each so tl.dot runs on the tensor cores.
-CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "LOAD": 1}
 # FP8 stores decode each key tile to float32 in registers first ([BLOCK_N, D] fp32): twice the warps
-CONFIG_FP8 = {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}  # H200 sweep 2026-11-22: 2x faster than 16
+CONFIG_FP8 = {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "LOAD": 1}  # H200 sweep 2026-11-22: 2x faster than 16
 MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
 MAX_SPLITS = 64
 
@@ -43,23 +43,55 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, d, D, DN,
-               FP8: tl.constexpr, FNUZ: tl.constexpr):
+               FP8: tl.constexpr, FNUZ: tl.constexpr, LOAD: tl.constexpr, HW_OCP: tl.constexpr):
     """Rows of a KV store as a [BLOCK_N, BLOCK_D] tile (zeros where masked). off_*: int64 [BLOCK_N]
     element offsets of each row in the store's components. Float store: b_ptr holds the rows and the
     tile comes back in the storage dtype. Fp8KV: b_ptr = nope bytes, s_ptr = E8M0 scale bytes (one per
     64 nope dims), r_ptr = rope floats; column d < DN decodes byte * 2^(scale - 127), d >= DN reads rope
-    column d - DN; the tile comes back in float32 (exact: e4m3 times a power of two)."""
+    column d - DN; the tile comes back in float32 (exact: e4m3 times a power of two).
+
+    LOAD 0 (the first version): byte and rope columns addressed through `where`, so no load vectorises,
+    decode by bit arithmetic and two exp2 per element. LOAD 1: contiguous column offsets with masks
+    (16-byte loads), the scale as 2^(s - 127) built from its bits, and HW_OCP: the OCP bytes decoded by the
+    hardware conversion (sm_89+; exact). LOAD 2: as 1, the scales loaded once per 64-column block and
+    broadcast by a reshape instead of a per-element gather."""
     if FP8:
-        is_n = d < DN
-        dn = tl.where(is_n, d, 0)
-        mn = rmask[:, None] & is_n[None, :]
-        byte = tl.load(b_ptr + off_b[:, None] + dn[None, :], mask=mn, other=0)
-        sb = tl.load(s_ptr + off_s[:, None] + (dn // 64)[None, :], mask=mn, other=127)
-        xn = fp8_decode(byte, FNUZ) * tl.exp2(sb.to(tl.float32) - 127.0)
-        is_r = (d >= DN) & (d < D)
-        dr = tl.where(is_r, d - DN, 0)
-        xr = tl.load(r_ptr + off_r[:, None] + dr[None, :], mask=rmask[:, None] & is_r[None, :], other=0.0)
-        x = tl.where(is_n[None, :], xn, xr.to(tl.float32))
+        if LOAD == 0:
+            is_n = d < DN
+            dn = tl.where(is_n, d, 0)
+            mn = rmask[:, None] & is_n[None, :]
+            byte = tl.load(b_ptr + off_b[:, None] + dn[None, :], mask=mn, other=0)
+            sb = tl.load(s_ptr + off_s[:, None] + (dn // 64)[None, :], mask=mn, other=127)
+            xn = fp8_decode(byte, FNUZ) * tl.exp2(sb.to(tl.float32) - 127.0)
+            is_r = (d >= DN) & (d < D)
+            dr = tl.where(is_r, d - DN, 0)
+            xr = tl.load(r_ptr + off_r[:, None] + dr[None, :], mask=rmask[:, None] & is_r[None, :], other=0.0)
+            x = tl.where(is_n[None, :], xn, xr.to(tl.float32))
+        else:
+            is_n = d < DN
+            mn = rmask[:, None] & is_n[None, :]
+            byte = tl.load(b_ptr + off_b[:, None] + d[None, :], mask=mn, other=0)
+            if FNUZ:
+                v = fp8_decode(byte, FNUZ)
+            elif HW_OCP:
+                v = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            else:
+                v = fp8_decode(byte, FNUZ)
+            BN: tl.constexpr = v.shape[0]
+            BD: tl.constexpr = v.shape[1]
+            if LOAD == 1:
+                sb = tl.load(s_ptr + off_s[:, None] + (d // 64)[None, :], mask=mn, other=127)
+                xn = v * fp8_pow2(sb.to(tl.int32) - 127)
+            else:
+                NB: tl.constexpr = (BD + 63) // 64
+                blk = tl.arange(0, NB)
+                sb = tl.load(s_ptr + off_s[:, None] + blk[None, :], mask=rmask[:, None] & (blk * 64 < DN)[None, :],
+                             other=127)
+                sc = fp8_pow2(sb.to(tl.int32) - 127)
+                xn = tl.reshape(tl.reshape(v, (BN, NB, BD // NB)) * sc[:, :, None], (BN, BD))
+            mr = rmask[:, None] & (is_n == 0)[None, :] & (d < D)[None, :]
+            xr = tl.load(r_ptr + off_r[:, None] + (d - DN)[None, :], mask=mr, other=0.0)
+            x = tl.where(is_n[None, :], xn, xr.to(tl.float32))
     else:
         x = tl.load(b_ptr + off_b[:, None] + d[None, :], mask=rmask[:, None] & (d < D)[None, :], other=0.0)
     return x
@@ -119,7 +151,7 @@ def _sparse_attn_kernel(
     H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NSPLIT,
     MODE: tl.constexpr,  # 0 SWA, 1 CSA (topk ids), 2 HCA (all visible entries)
     W_FP8: tl.constexpr, W_FNUZ: tl.constexpr, P_FP8: tl.constexpr, P_FNUZ: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, LOAD: tl.constexpr, HW_OCP: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -166,26 +198,46 @@ def _sparse_attn_kernel(
         v_lo = 0
         v_hi = nV
 
-    # ---- window: positions lo + v, v in [w_lo, w_hi)
+    # ---- window: positions lo + v, v in [w_lo, w_hi): first the ring rows (positions < s0, earlier
+    # steps), then this step's rows of `kv` (LOAD 0: one loop reading both sources for every key)
     w_lo = tl.minimum(v_lo, nW)
     w_hi = tl.minimum(v_hi, nW)
     w_base_b = slot * wb_s0
     w_base_s = slot * ws_s0
     w_base_r = slot * wr_s0
-    for v0 in range(w_lo, w_hi, BLOCK_N):
-        v = v0 + tl.arange(0, BLOCK_N)
-        vm = v < w_hi
-        j = lo + v
-        from_kv = j >= s0
-        in_kv = vm & from_kv
-        in_ring = vm & (j < s0)
-        kv_row = tl.where(in_kv, qs + j - s0, 0).to(tl.int64)
-        xk = tl.load(kv_ptr + kv_row[:, None] * s_kvt + d[None, :], mask=in_kv[:, None] & dm[None, :], other=0.0)
-        ring = tl.where(in_ring, j % W, 0).to(tl.int64)
-        xr = _load_rows(wb_ptr, ws_ptr, wr_ptr, w_base_b + ring * wb_s1, w_base_s + ring * ws_s1,
-                        w_base_r + ring * wr_s1, in_ring, d, D, DN_W, W_FP8, W_FNUZ)
-        k = tl.where(from_kv[:, None], xk.to(q.dtype), xr.to(q.dtype))
-        m_i, l_i, acc = _attend(q, k, vm, m_i, l_i, acc, qk_scale, PREC)
+    if LOAD == 0:
+        for v0 in range(w_lo, w_hi, BLOCK_N):
+            v = v0 + tl.arange(0, BLOCK_N)
+            vm = v < w_hi
+            j = lo + v
+            from_kv = j >= s0
+            in_kv = vm & from_kv
+            in_ring = vm & (j < s0)
+            kv_row = tl.where(in_kv, qs + j - s0, 0).to(tl.int64)
+            xk = tl.load(kv_ptr + kv_row[:, None] * s_kvt + d[None, :], mask=in_kv[:, None] & dm[None, :],
+                         other=0.0)
+            ring = tl.where(in_ring, j % W, 0).to(tl.int64)
+            xr = _load_rows(wb_ptr, ws_ptr, wr_ptr, w_base_b + ring * wb_s1, w_base_s + ring * ws_s1,
+                            w_base_r + ring * wr_s1, in_ring, d, D, DN_W, W_FP8, W_FNUZ, LOAD, HW_OCP)
+            k = tl.where(from_kv[:, None], xk.to(q.dtype), xr.to(q.dtype))
+            m_i, l_i, acc = _attend(q, k, vm, m_i, l_i, acc, qk_scale, PREC)
+    else:
+        n_ring = tl.minimum(tl.maximum(s0 - lo, 0), nW)  # window keys held by the ring
+        r_hi = tl.minimum(w_hi, n_ring)
+        for v0 in range(w_lo, r_hi, BLOCK_N):
+            v = v0 + tl.arange(0, BLOCK_N)
+            vm = v < r_hi
+            ring = tl.where(vm, (lo + v) % W, 0).to(tl.int64)
+            xr = _load_rows(wb_ptr, ws_ptr, wr_ptr, w_base_b + ring * wb_s1, w_base_s + ring * ws_s1,
+                            w_base_r + ring * wr_s1, vm, d, D, DN_W, W_FP8, W_FNUZ, LOAD, HW_OCP)
+            m_i, l_i, acc = _attend(q, xr.to(q.dtype), vm, m_i, l_i, acc, qk_scale, PREC)
+        k_lo = tl.maximum(w_lo, n_ring)
+        for v0 in range(k_lo, w_hi, BLOCK_N):
+            v = v0 + tl.arange(0, BLOCK_N)
+            vm = v < w_hi
+            kv_row = tl.where(vm, qs + lo + v - s0, 0).to(tl.int64)
+            xk = tl.load(kv_ptr + kv_row[:, None] * s_kvt + d[None, :], mask=vm[:, None] & dm[None, :], other=0.0)
+            m_i, l_i, acc = _attend(q, xk.to(q.dtype), vm, m_i, l_i, acc, qk_scale, PREC)
 
     # ---- compressed entries c in [c_lo, c_hi)
     if MODE != 0:
@@ -197,16 +249,16 @@ def _sparse_attn_kernel(
             if MODE == 1:
                 w = tl.load(idx_ptr + t64 * s_idx + tl.where(cm, c, 0), mask=cm, other=-1)
                 cm = cm & (w >= 0)
-                w = tl.where(cm, w, 0).to(tl.int64)
+                w = tl.where(cm, w, 0).to(tl.int32)  # entry ids < 2^31: 32-bit division
             else:
-                w = tl.where(cm, c, 0).to(tl.int64)
+                w = tl.where(cm, c, 0)
             pg = w // E
             cm = cm & (pg < MAXP)
             pg = tl.where(cm, pg, 0)
             page = tl.load(bt_ptr + slot * s_bt + pg, mask=cm, other=0).to(tl.int64)
-            e = w % E
+            e = (w % E).to(tl.int64)
             x = _load_rows(pb_ptr, ps_ptr, pr_ptr, page * pb_s0 + e * pb_s1, page * ps_s0 + e * ps_s1,
-                           page * pr_s0 + e * pr_s1, cm, d, D, DN_P, P_FP8, P_FNUZ)
+                           page * pr_s0 + e * pr_s1, cm, d, D, DN_P, P_FP8, P_FNUZ, LOAD, HW_OCP)
             m_i, l_i, acc = _attend(q, x.to(q.dtype), cm, m_i, l_i, acc, qk_scale, PREC)
 
     if SPLIT:
@@ -324,6 +376,14 @@ def _store_args(store, D: int):
     return [store, store.stride(0), store.stride(1)] * 3, False, False, D
 
 
+def _hw_ocp(device: torch.device) -> bool:
+    """OCP e4m3 bytes can be decoded by the hardware conversion: NVIDIA sm_89+ (not the interpreter,
+    whose float8 casts are unreliable, nor ROCm, whose FP8 is the FNUZ dialect on MI300)."""
+    if device.type != "cuda" or interpreting(device) or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _auto_splits(device: torch.device, progs: int, max_keys: int) -> int:
     n_sm = sm_count(device) or 4
     if progs >= n_sm:
@@ -335,7 +395,8 @@ def _auto_splits(device: torch.device, progs: int, max_keys: int) -> int:
 def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, pool=None, block_table=None,
                           topk_idx=None, ratio: int = 0, *, num_splits: int | None = None,
                           block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, out: torch.Tensor | None = None):
+                          num_stages: int | None = None, load: int | None = None,
+                          out: torch.Tensor | None = None):
     """`sparse_attention` with optional launch overrides (tests and tuning). `out`: a caller-provided
     [T, H, D] output (any strides, unit last stride, q's dtype; float32 under the interpreter)."""
     T, H, D = q.shape
@@ -406,6 +467,7 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
         H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits,
         MODE=mode, W_FP8=w_fp8, W_FNUZ=w_fnuz, P_FP8=p_fp8, P_FNUZ=p_fnuz,
         SPLIT=split, DOT_F32=dot_f32, PREC="ieee" if dot_f32 else None,
+        LOAD=cfg["LOAD"] if load is None else load, HW_OCP=_hw_ocp(q.device),
         BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )

@@ -199,6 +199,14 @@ def test_two_fp8_blocks(kind):
     drive(c, random_schedule(c.lens, 8, 2 * W))
 
 
+@pytest.mark.parametrize("kind,mode,ratio,splits", [("ocp", "csa", 4, 1), ("fnuz", "hca", 2, 3), ("f32", "swa", 0, 2)])
+def test_value_column_blocks(kind, mode, ratio, splits):
+    """Programs that accumulate a slice of the value columns (block_dv 64 of D = 96: the second slice holds the
+    ragged FP8 block's last 16 dims, the rotary dims and 32 padding columns), alone and with split-KV."""
+    c = Case(kind, mode, ratio, H=4, seed=52, lens=LONG if ratio == 2 else [14, 5], D=96)
+    drive(c, random_schedule(c.lens, 9, 2 * W), block_dv=64, num_splits=splits, block_h=16, block_n=16)
+
+
 def test_factor_of_two_trap():
     """FNUZ bytes read as OCP are worth twice as much: the Triton output on the mislabelled store must
     be far from the reference on the real one, while the correctly labelled store matches."""
@@ -399,9 +407,9 @@ def test_gpu_check_case_smoke(mode, prefill, kind):
 @pytest.mark.parametrize("mode,ratio", [("swa", 0), ("csa", 4), ("hca", 16)])
 def test_gpu_compiled_flash_widths(kind, mode, ratio):
     """Compiled kernels at Flash widths (64 heads x 512 = 448 FP8 dims in 7 scale blocks + 64 rope dims), a step
-    mixing a prefill chunk that reaches into the ring with decodes, every load path (the first version's, the
-    vectorised one with the hardware OCP decode where the GPU has it, the reshaped scales), split-KV on and
-    off, against the reference on the same stores."""
+    mixing a prefill chunk that reaches into the ring with decodes (the hardware OCP decode where the GPU has
+    it), launch shapes of both regimes (head blocks of 16-64, value-column blocks, split-KV on and off),
+    against the reference on the same stores."""
     from dsv4.ops.kv_format import kv_alloc
 
     dev = torch.device("cuda")
@@ -432,6 +440,7 @@ def test_gpu_compiled_flash_widths(kind, mode, ratio):
     sink = torch.randn(H, device=dev, generator=g)
     args = (q, kv, window, sink, D ** -0.5, meta, pool, bt, topk, ratio)
     ref = sparse_attention_reference(*args).float()
-    for launch in ({}, {"load": 0}, {"load": 2}, {"num_splits": 1}, {"num_splits": 7}, {"load": 0, "num_splits": 5}):
+    for launch in ({}, {"num_splits": 1}, {"num_splits": 7}, {"block_h": 64, "block_dv": 128, "block_n": 16},
+                   {"block_h": 64, "block_dv": 256, "num_splits": 5}, {"block_h": 16, "num_warps": 4, "num_stages": 1}):
         out = sparse_attention_impl(*args, **launch).float()
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2, msg=lambda s: f"{launch}: {s}")

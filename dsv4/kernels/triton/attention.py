@@ -31,9 +31,9 @@ LOG2E = 1.4426950408889634
 
 # Launch configuration (tunable; see the sweeps in benchmarks/kernel_cases/attention.py). BLOCK_H heads
 # share every key tile; BLOCK_N keys per tile; >= 16 each so tl.dot runs on the tensor cores.
-CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "LOAD": 1}
+CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "BLOCK_DV": 512, "num_warps": 4, "num_stages": 2}
 # FP8 stores decode each key tile to float32 in registers first ([BLOCK_N, D] fp32): twice the warps
-CONFIG_FP8 = {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "LOAD": 1}  # H200 sweep 2026-11-22: 2x faster than 16
+CONFIG_FP8 = {"BLOCK_H": 32, "BLOCK_N": 32, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 2}
 MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
 MAX_SPLITS = 64
 
@@ -42,98 +42,94 @@ MAX_SPLITS = 64
 
 
 @triton.jit
-def _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, d, D, DN,
-               FP8: tl.constexpr, FNUZ: tl.constexpr, LOAD: tl.constexpr, HW_OCP: tl.constexpr):
-    """Rows of a KV store as a [BLOCK_N, BLOCK_D] tile (zeros where masked). off_*: int64 [BLOCK_N]
-    element offsets of each row in the store's components. Float store: b_ptr holds the rows and the
-    tile comes back in the storage dtype. Fp8KV: b_ptr = nope bytes, s_ptr = E8M0 scale bytes (one per
-    64 nope dims), r_ptr = rope floats; column d < DN decodes byte * 2^(scale - 127), d >= DN reads rope
-    column d - DN; the tile comes back in float32 (exact: e4m3 times a power of two).
+def _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, c0, D, DN,
+               FP8: tl.constexpr, FNUZ: tl.constexpr, HW_OCP: tl.constexpr, DT: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """Columns c0 .. c0 + BLOCK_C - 1 of rows of a KV store as a [BLOCK_N, BLOCK_C] tile in DT (zeros where
+    masked; c0 a multiple of BLOCK_C, and of 64 when BLOCK_C >= 64). off_*: int64 [BLOCK_N] element offsets of
+    each row in the store's components. Float store: b_ptr holds the rows. Fp8KV: b_ptr = nope bytes, s_ptr =
+    E8M0 scale bytes (one per 64 nope dims), r_ptr = rope floats; column d < DN decodes byte * 2^(scale - 127)
+    (exact: e4m3 times a power of two), d >= DN reads rope column d - DN.
 
-    LOAD 0 (the first version): byte and rope columns addressed through `where`, so no load vectorises,
-    decode by bit arithmetic and two exp2 per element. LOAD 1: contiguous column offsets with masks
-    (16-byte loads), the scale as 2^(s - 127) built from its bits, and HW_OCP: the OCP bytes decoded by the
-    hardware conversion (sm_89+; exact). LOAD 2: as 1, the scales loaded once per 64-column block and
-    broadcast by a reshape instead of a per-element gather."""
+    Every load is contiguous along the columns (masks, never `where`, in the offsets), so it vectorises; the
+    scales are loaded once per 64-column block and broadcast through a reshape (a per-element gather of them
+    was the first version's main cost: 2.6-3x slower at batch 64-256 on an H100, docs/perf.md 2026-12-06);
+    OCP bytes decode by the hardware conversion where there is one (HW_OCP), else by bit arithmetic."""
+    d = c0 + tl.arange(0, BLOCK_C)
     if FP8:
-        if LOAD == 0:
-            is_n = d < DN
-            dn = tl.where(is_n, d, 0)
-            mn = rmask[:, None] & is_n[None, :]
-            byte = tl.load(b_ptr + off_b[:, None] + dn[None, :], mask=mn, other=0)
-            sb = tl.load(s_ptr + off_s[:, None] + (dn // 64)[None, :], mask=mn, other=127)
-            xn = fp8_decode(byte, FNUZ) * tl.exp2(sb.to(tl.float32) - 127.0)
-            is_r = (d >= DN) & (d < D)
-            dr = tl.where(is_r, d - DN, 0)
-            xr = tl.load(r_ptr + off_r[:, None] + dr[None, :], mask=rmask[:, None] & is_r[None, :], other=0.0)
-            x = tl.where(is_n[None, :], xn, xr.to(tl.float32))
+        is_n = d < DN
+        byte = tl.load(b_ptr + off_b[:, None] + d[None, :], mask=rmask[:, None] & is_n[None, :], other=0)
+        if FNUZ:
+            v = fp8_decode(byte, FNUZ)
+        elif HW_OCP:
+            v = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         else:
-            is_n = d < DN
-            mn = rmask[:, None] & is_n[None, :]
-            byte = tl.load(b_ptr + off_b[:, None] + d[None, :], mask=mn, other=0)
-            if FNUZ:
-                v = fp8_decode(byte, FNUZ)
-            elif HW_OCP:
-                v = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            else:
-                v = fp8_decode(byte, FNUZ)
-            BN: tl.constexpr = v.shape[0]
-            BD: tl.constexpr = v.shape[1]
-            if LOAD == 1:
-                sb = tl.load(s_ptr + off_s[:, None] + (d // 64)[None, :], mask=mn, other=127)
-                xn = v * fp8_pow2(sb.to(tl.int32) - 127)
-            else:
-                NB: tl.constexpr = (BD + 63) // 64
-                blk = tl.arange(0, NB)
-                sb = tl.load(s_ptr + off_s[:, None] + blk[None, :], mask=rmask[:, None] & (blk * 64 < DN)[None, :],
-                             other=127)
-                sc = fp8_pow2(sb.to(tl.int32) - 127)
-                xn = tl.reshape(tl.reshape(v, (BN, NB, BD // NB)) * sc[:, :, None], (BN, BD))
-            mr = rmask[:, None] & (is_n == 0)[None, :] & (d < D)[None, :]
-            xr = tl.load(r_ptr + off_r[:, None] + (d - DN)[None, :], mask=mr, other=0.0)
-            x = tl.where(is_n[None, :], xn, xr.to(tl.float32))
+            v = fp8_decode(byte, FNUZ)
+        NB: tl.constexpr = (BLOCK_C + 63) // 64
+        blk = c0 // 64 + tl.arange(0, NB)
+        sb = tl.load(s_ptr + off_s[:, None] + blk[None, :], mask=rmask[:, None] & (blk * 64 < DN)[None, :], other=127)
+        sc = fp8_pow2(sb.to(tl.int32) - 127)
+        BN: tl.constexpr = v.shape[0]
+        xn = tl.reshape(tl.reshape(v, (BN, NB, BLOCK_C // NB)) * sc[:, :, None], (BN, BLOCK_C))
+        mr = rmask[:, None] & ((d >= DN) & (d < D))[None, :]
+        xr = tl.load(r_ptr + off_r[:, None] + (d - DN)[None, :], mask=mr, other=0.0)
+        x = tl.where(is_n[None, :], xn.to(DT), xr.to(DT))
     else:
-        x = tl.load(b_ptr + off_b[:, None] + d[None, :], mask=rmask[:, None] & (d < D)[None, :], other=0.0)
+        x = tl.load(b_ptr + off_b[:, None] + d[None, :], mask=rmask[:, None] & (d < D)[None, :], other=0.0).to(DT)
     return x
 
 
 @triton.jit
-def _attend(q, k, valid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
-    """Online-softmax step (log2 domain) of BLOCK_H heads over one key tile k [BLOCK_N, BLOCK_D]
-    (K = V). m_i starts finite (the sink), so masked keys (-inf) never produce NaN."""
+def _attend(q, k, v, valid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """Online-softmax step (log2 domain) of BLOCK_H heads over one key tile: k [BLOCK_N, BLOCK_D] (all dims,
+    for the logits) and v [BLOCK_N, BLOCK_DV] (the value columns this program accumulates; K = V, so v is k
+    itself or a column slice of the same rows). m_i starts finite (the sink), so masked keys (-inf) never
+    produce NaN."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_H, BLOCK_N] fp32
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PREC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_rows(q, b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, dv0, D, DN, m_i, l_i, acc, qk_scale,
+                 FP8: tl.constexpr, FNUZ: tl.constexpr, HW_OCP: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Load one tile of store rows (all dims for the logits; the value columns again from L1 when this program
+    accumulates a column slice) and attend to it."""
+    k = _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, 0, D, DN, FP8, FNUZ, HW_OCP, q.dtype, BLOCK_D)
+    if BLOCK_DV == BLOCK_D:
+        v = k
+    else:
+        v = _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, dv0, D, DN, FP8, FNUZ, HW_OCP, q.dtype,
+                       BLOCK_DV)
+    return _attend(q, k, v, rmask, m_i, l_i, acc, qk_scale, PREC)
 
 
 # ----------------------------------------------------------------------------------------- attention
 #
-# Work decomposition: grid (T * cdiv(H, BLOCK_H), NSPLIT). Program (t, head block, split) loads the
-# query rows of BLOCK_H heads of token t once ([BLOCK_H, D], kept in registers), then streams that
-# token's key list in tiles of BLOCK_N rows x D: first the window positions max(0, p-W+1)..p (rows of
-# this step's `kv` for positions >= seq_start, else ring rows window[slot, pos % W]), then the
-# compressed entries (CSA: the ids of topk_idx[t], -1 skipped; HCA: 0 .. (p+1)//ratio - 1, counted,
-# never listed), gathered through the block table. Each tile is read once for all BLOCK_H heads: one
-# [BLOCK_H, D] x [D, BLOCK_N] dot for the logits, an online softmax in fp32 (exp2, log2 domain), one
-# [BLOCK_H, BLOCK_N] x [BLOCK_N, D] dot into the fp32 accumulator. The head-block programs of one token
-# are adjacent in launch order (head block is the fastest index of axis 0), so the H / BLOCK_H re-reads
-# of a tile hit L2; HBM traffic is then q + the keys a token touches + the output, the decode floor.
-# Near the floor because each key byte comes from HBM once per token and each key tile costs exactly
-# two dots for all BLOCK_H heads: 4 * 64 * 512 flops per key row per token = 128 flop/B for bf16 rows
-# (1 KiB), 225 flop/B for FP8 rows (583 B), against a ridge of ~165 flop/B (H200) / ~295 (H100), so
-# decode sits close to both limits and neither bytes nor dots are spent twice. FP8 tiles are decoded
-# once per head block (H / BLOCK_H times per token): ALU work that a larger BLOCK_H removes (see the
-# sweeps in benchmarks/kernel_cases/attention.py). Prefill uses the same programs (one per token and
-# head block); keys shared by neighbouring queries (window, HCA entries) are re-read from L2, not HBM.
-# Split-KV (flash-decoding) when T * head blocks cannot fill the GPU (decode at small batch): split i
-# takes a contiguous chunk of the token's [window | compressed] list and writes (max, sum, unnormalised
-# acc) to an fp32 workspace; `_combine_kernel` merges the splits and adds the sink. The split count
-# changes speed only, never results' semantics, so a captured graph may keep it.
+# Work decomposition: grid (T * cdiv(H, BLOCK_H) * cdiv(D, BLOCK_DV), NSPLIT). Program (t, head block, value
+# column block, split) loads the query rows of BLOCK_H heads of token t once ([BLOCK_H, D]) and streams that
+# token's key list in tiles of BLOCK_N rows: first the window positions max(0, p-W+1)..p (ring rows
+# window[slot, pos % W] for positions before this step, then rows of this step's `kv`), then the compressed
+# entries (CSA: the ids of topk_idx[t], -1 skipped; HCA: 0 .. (p+1)//ratio - 1, counted, never listed),
+# gathered through the block table. Per tile: one [BLOCK_H, D] x [D, BLOCK_N] dot for the logits, an online
+# softmax in fp32 (exp2, log2 domain), one [BLOCK_H, BLOCK_N] x [BLOCK_N, BLOCK_DV] dot into the fp32
+# accumulator of this program's value columns.
+# Why the value columns are split: the accumulator of 64 heads x 512 columns is 128 KB of fp32, half an SM's
+# register file, and the logits' operand (the queries, replicated across the warps that share its rows)
+# another large share; ptxas spilled ~1 KB per thread at BLOCK_H 32 x 512. A program that accumulates a
+# slice of the columns recomputes the logits (cheap at decode: the keys come from L1/L2, the dot is small)
+# and keeps everything in registers. The programs of one token (value blocks fastest, then head blocks)
+# are adjacent in launch order, so a key tile comes from HBM once per token and from L2 after that.
+# Split-KV (flash-decoding) when T * programs cannot fill the GPU (decode at small batch): split i takes a
+# contiguous chunk of the token's [window | compressed] list and writes (max, sum, unnormalised acc) to an
+# fp32 workspace; `_combine_kernel` merges the splits and adds the sink. The split count changes speed
+# only, never results' semantics, so a captured graph may keep it.
 
 
 @triton.jit
@@ -148,16 +144,17 @@ def _sparse_attn_kernel(
     pos_ptr, tseq_ptr, slots_ptr, qstart_ptr, sstart_ptr,
     out_ptr, s_ot, s_oh,
     wsm_ptr, wsa_ptr,
-    H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NSPLIT,
+    H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NDV, NSPLIT,
     MODE: tl.constexpr,  # 0 SWA, 1 CSA (topk ids), 2 HCA (all visible entries)
     W_FP8: tl.constexpr, W_FNUZ: tl.constexpr, P_FP8: tl.constexpr, P_FNUZ: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, LOAD: tl.constexpr, HW_OCP: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, HW_OCP: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    t = pid // NHB
-    hb = pid % NHB
+    dvb = pid % NDV
+    hb = (pid // NDV) % NHB
+    t = pid // (NDV * NHB)
     t64 = t.to(tl.int64)
     b = tl.load(tseq_ptr + t)
     p = tl.load(pos_ptr + t).to(tl.int32)
@@ -168,9 +165,11 @@ def _sparse_attn_kernel(
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
     d = tl.arange(0, BLOCK_D)
-    dm = d < D
+    dv0 = dvb * BLOCK_DV
+    dv = dv0 + tl.arange(0, BLOCK_DV)
+    dvm = dv < D
     q = tl.load(q_ptr + t64 * s_qt + h[:, None].to(tl.int64) * s_qh + d[None, :],
-                mask=hm[:, None] & dm[None, :], other=0.0)
+                mask=hm[:, None] & (d < D)[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
     z = tl.load(sink_ptr + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -179,7 +178,7 @@ def _sparse_attn_kernel(
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # the combine kernel adds the sink
     else:
         l_i = tl.full([BLOCK_H], 1.0, dtype=tl.float32)  # exp2(z - m_i) = 1
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
 
     lo = tl.maximum(p - W + 1, 0)
     nW = p - lo + 1
@@ -199,45 +198,24 @@ def _sparse_attn_kernel(
         v_hi = nV
 
     # ---- window: positions lo + v, v in [w_lo, w_hi): first the ring rows (positions < s0, earlier
-    # steps), then this step's rows of `kv` (LOAD 0: one loop reading both sources for every key)
+    # steps), then this step's rows of `kv`
     w_lo = tl.minimum(v_lo, nW)
     w_hi = tl.minimum(v_hi, nW)
-    w_base_b = slot * wb_s0
-    w_base_s = slot * ws_s0
-    w_base_r = slot * wr_s0
-    if LOAD == 0:
-        for v0 in range(w_lo, w_hi, BLOCK_N):
-            v = v0 + tl.arange(0, BLOCK_N)
-            vm = v < w_hi
-            j = lo + v
-            from_kv = j >= s0
-            in_kv = vm & from_kv
-            in_ring = vm & (j < s0)
-            kv_row = tl.where(in_kv, qs + j - s0, 0).to(tl.int64)
-            xk = tl.load(kv_ptr + kv_row[:, None] * s_kvt + d[None, :], mask=in_kv[:, None] & dm[None, :],
-                         other=0.0)
-            ring = tl.where(in_ring, j % W, 0).to(tl.int64)
-            xr = _load_rows(wb_ptr, ws_ptr, wr_ptr, w_base_b + ring * wb_s1, w_base_s + ring * ws_s1,
-                            w_base_r + ring * wr_s1, in_ring, d, D, DN_W, W_FP8, W_FNUZ, LOAD, HW_OCP)
-            k = tl.where(from_kv[:, None], xk.to(q.dtype), xr.to(q.dtype))
-            m_i, l_i, acc = _attend(q, k, vm, m_i, l_i, acc, qk_scale, PREC)
-    else:
-        n_ring = tl.minimum(tl.maximum(s0 - lo, 0), nW)  # window keys held by the ring
-        r_hi = tl.minimum(w_hi, n_ring)
-        for v0 in range(w_lo, r_hi, BLOCK_N):
-            v = v0 + tl.arange(0, BLOCK_N)
-            vm = v < r_hi
-            ring = tl.where(vm, (lo + v) % W, 0).to(tl.int64)
-            xr = _load_rows(wb_ptr, ws_ptr, wr_ptr, w_base_b + ring * wb_s1, w_base_s + ring * ws_s1,
-                            w_base_r + ring * wr_s1, vm, d, D, DN_W, W_FP8, W_FNUZ, LOAD, HW_OCP)
-            m_i, l_i, acc = _attend(q, xr.to(q.dtype), vm, m_i, l_i, acc, qk_scale, PREC)
-        k_lo = tl.maximum(w_lo, n_ring)
-        for v0 in range(k_lo, w_hi, BLOCK_N):
-            v = v0 + tl.arange(0, BLOCK_N)
-            vm = v < w_hi
-            kv_row = tl.where(vm, qs + lo + v - s0, 0).to(tl.int64)
-            xk = tl.load(kv_ptr + kv_row[:, None] * s_kvt + d[None, :], mask=vm[:, None] & dm[None, :], other=0.0)
-            m_i, l_i, acc = _attend(q, xk.to(q.dtype), vm, m_i, l_i, acc, qk_scale, PREC)
+    n_ring = tl.minimum(tl.maximum(s0 - lo, 0), nW)  # window keys held by the ring
+    r_hi = tl.minimum(w_hi, n_ring)
+    for v0 in range(w_lo, r_hi, BLOCK_N):
+        v = v0 + tl.arange(0, BLOCK_N)
+        vm = v < r_hi
+        ring = tl.where(vm, (lo + v) % W, 0).to(tl.int64)
+        m_i, l_i, acc = _attend_rows(q, wb_ptr, ws_ptr, wr_ptr, slot * wb_s0 + ring * wb_s1, slot * ws_s0 + ring * ws_s1,
+                                     slot * wr_s0 + ring * wr_s1, vm, dv0, D, DN_W, m_i, l_i, acc, qk_scale,
+                                     W_FP8, W_FNUZ, HW_OCP, PREC, BLOCK_D, BLOCK_DV)
+    for v0 in range(tl.maximum(w_lo, n_ring), w_hi, BLOCK_N):
+        v = v0 + tl.arange(0, BLOCK_N)
+        vm = v < w_hi
+        row = tl.where(vm, qs + lo + v - s0, 0).to(tl.int64) * s_kvt
+        m_i, l_i, acc = _attend_rows(q, kv_ptr, kv_ptr, kv_ptr, row, row, row, vm, dv0, D, D, m_i, l_i, acc,
+                                     qk_scale, False, False, False, PREC, BLOCK_D, BLOCK_DV)
 
     # ---- compressed entries c in [c_lo, c_hi)
     if MODE != 0:
@@ -257,20 +235,21 @@ def _sparse_attn_kernel(
             pg = tl.where(cm, pg, 0)
             page = tl.load(bt_ptr + slot * s_bt + pg, mask=cm, other=0).to(tl.int64)
             e = (w % E).to(tl.int64)
-            x = _load_rows(pb_ptr, ps_ptr, pr_ptr, page * pb_s0 + e * pb_s1, page * ps_s0 + e * ps_s1,
-                           page * pr_s0 + e * pr_s1, cm, d, D, DN_P, P_FP8, P_FNUZ, LOAD, HW_OCP)
-            m_i, l_i, acc = _attend(q, x.to(q.dtype), cm, m_i, l_i, acc, qk_scale, PREC)
+            m_i, l_i, acc = _attend_rows(q, pb_ptr, ps_ptr, pr_ptr, page * pb_s0 + e * pb_s1, page * ps_s0 + e * ps_s1,
+                                         page * pr_s0 + e * pr_s1, cm, dv0, D, DN_P, m_i, l_i, acc, qk_scale,
+                                         P_FP8, P_FNUZ, HW_OCP, PREC, BLOCK_D, BLOCK_DV)
 
     if SPLIT:
         row = (t64 * NSPLIT + split) * 2
-        tl.store(wsm_ptr + row * H + h, m_i, mask=hm)
-        tl.store(wsm_ptr + (row + 1) * H + h, l_i, mask=hm)
+        first = hm & (dvb == 0)  # every value block computes the same (max, sum); one writes them
+        tl.store(wsm_ptr + row * H + h, m_i, mask=first)
+        tl.store(wsm_ptr + (row + 1) * H + h, l_i, mask=first)
         base = (t64 * NSPLIT + split) * H
-        tl.store(wsa_ptr + (base + h[:, None]) * D + d[None, :], acc, mask=hm[:, None] & dm[None, :])
+        tl.store(wsa_ptr + (base + h[:, None]) * D + dv[None, :], acc, mask=hm[:, None] & dvm[None, :])
     else:
         o = acc / l_i[:, None]
-        tl.store(out_ptr + t64 * s_ot + h[:, None].to(tl.int64) * s_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
+        tl.store(out_ptr + t64 * s_ot + h[:, None].to(tl.int64) * s_oh + dv[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dvm[None, :])
 
 
 # Work decomposition: grid (T * cdiv(H, BLOCK_H)); each program reads the NSPLIT (max, sum) pairs and
@@ -395,7 +374,7 @@ def _auto_splits(device: torch.device, progs: int, max_keys: int) -> int:
 def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, pool=None, block_table=None,
                           topk_idx=None, ratio: int = 0, *, num_splits: int | None = None,
                           block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, load: int | None = None,
+                          num_stages: int | None = None, block_dv: int | None = None,
                           out: torch.Tensor | None = None):
     """`sparse_attention` with optional launch overrides (tests and tuning). `out`: a caller-provided
     [T, H, D] output (any strides, unit last stride, q's dtype; float32 under the interpreter)."""
@@ -439,6 +418,10 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
     BN = block_n or cfg["BLOCK_N"]
     BD = triton.next_power_of_2(D)
     nhb = triton.cdiv(H, BH)
+    BDV = min(block_dv or cfg["BLOCK_DV"], BD)
+    if BDV != BD and (BDV < 64 or BD % BDV):
+        raise ValueError(f"sparse_attention (triton): block_dv {BDV} must divide {BD} and be >= 64")
+    ndv = BD // BDV
     if num_splits is None:
         if mode == 1:
             max_keys = W + Kk
@@ -446,14 +429,14 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
             max_keys = W + meta.max_seq_len // ratio
         else:
             max_keys = W
-        num_splits = _auto_splits(q.device, T * nhb, max_keys)
+        num_splits = _auto_splits(q.device, T * nhb * ndv, max_keys)
     split = num_splits > 1
     if split:
         wsm = torch.empty((T, num_splits, 2, H), dtype=torch.float32, device=q.device)
         wsa = torch.empty((T, num_splits, H, D), dtype=torch.float32, device=q.device)
     else:
         wsm = wsa = out
-    grid = (T * nhb, num_splits)
+    grid = (T * nhb * ndv, num_splits)
     _sparse_attn_kernel[grid](
         q, q.stride(0), q.stride(1),
         kv, kv.stride(0),
@@ -464,11 +447,10 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
         meta.positions, meta.token_seq, meta.seq_slots, meta.query_start, meta.seq_start,
         out, out.stride(0), out.stride(1),
         wsm, wsa,
-        H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits,
+        H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, ndv, num_splits,
         MODE=mode, W_FP8=w_fp8, W_FNUZ=w_fnuz, P_FP8=p_fp8, P_FNUZ=p_fnuz,
         SPLIT=split, DOT_F32=dot_f32, PREC="ieee" if dot_f32 else None,
-        LOAD=cfg["LOAD"] if load is None else load, HW_OCP=_hw_ocp(q.device),
-        BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD,
+        HW_OCP=_hw_ocp(q.device), BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD, BLOCK_DV=BDV,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     if split:

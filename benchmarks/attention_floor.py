@@ -5,7 +5,7 @@
 For every case: bytes that must move (queries, outputs, each query's keys once: window rows + compressed rows)
 and FLOPs (2 dots of 2 * H * D per query and key), floor = max(bytes / measured copy bandwidth, FLOPs / the
 bf16 rate given), and the median time of each kernel variant (`--variants`: launch overrides of
-`sparse_attention_impl`, e.g. `block_h=64,block_dv=128,num_stages=1`). Rows (one per case and variant):
+`sparse_attention_impl`, e.g. `block_h=16,num_stages=2`). Rows (one per case and variant):
 `op`, `mode`, `batch`, `ctx`, `variant`, `us`, `floor_us`, `ratio`, `max_abs_err`.
 
     PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/attention_floor.py --out $OUT/attn.json

@@ -162,31 +162,27 @@ MODES = [("swa", 0), ("csa", 4), ("hca", 4), ("hca", 2)]  # hca2: 8 entries per 
 MODE_IDS = [f"{m}{r or ''}" for m, r in MODES]
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["2d", "chunked"])
 @pytest.mark.parametrize("mode,ratio", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("kind", ["f32", "ocp", "fnuz"])
-def test_matches_reference(kind, mode, ratio, chunked):
+def test_matches_reference(kind, mode, ratio):
     """Random chunking of three sequences. Float stores with H = 20 (a full head block of 16 and a
-    padded one), FP8 stores with H = 4; hca2 runs a longer sequence (two compressed tiles). Both kernels:
-    the 2-D one and the one over 64-column chunks (D = 64: one chunk, FP8 dims and rotary dims in it)."""
+    padded one), FP8 stores with H = 4; hca2 runs a longer sequence (two compressed tiles)."""
     H = 20 if kind == "f32" else 4
     c = Case(kind, mode, ratio, H=H, seed=11 + ratio, lens=LONG if ratio == 2 else LENS)
-    drive(c, random_schedule(c.lens, 5, 2 * W), block_h=16, block_n=16, chunked=chunked)
+    drive(c, random_schedule(c.lens, 5, 2 * W), block_h=16, block_n=16)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["2d", "chunked"])
 @pytest.mark.parametrize("mode,ratio,splits", [("csa", 4, 3), ("hca", 2, 5)], ids=["csa4-3", "hca2-5"])
-def test_split_kv(mode, ratio, splits, chunked):
+def test_split_kv(mode, ratio, splits):
     """Split-KV (flash-decoding) with the combine kernel: splits that start mid-list, and empty ones."""
     c = Case("ocp", mode, ratio, H=4, seed=21, lens=LONG if ratio == 2 else LENS)
-    drive(c, random_schedule(c.lens, 6, 2 * W), num_splits=splits, block_h=16, block_n=16, chunked=chunked)
+    drive(c, random_schedule(c.lens, 6, 2 * W), num_splits=splits, block_h=16, block_n=16)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["2d", "chunked"])
-def test_decode_one_token_per_step(chunked):
+def test_decode_one_token_per_step():
     """Decode: T = 1 per step for a single sequence, HCA, FP8 FNUZ, H = 4 (12 padded lanes)."""
     c = Case("fnuz", "hca", 4, H=4, seed=31, lens=[13])
-    drive(c, [[(0, 1)]] * 13, chunked=chunked)
+    drive(c, [[(0, 1)]] * 13)
 
 
 def test_bf16_fp8_store():
@@ -196,21 +192,11 @@ def test_bf16_fp8_store():
     drive(c, random_schedule(c.lens, 7, 2 * W), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["2d", "chunked"])
 @pytest.mark.parametrize("kind", ["ocp", "fnuz"])
-def test_two_fp8_blocks(kind, chunked):
-    """D = 96, 16 rotary dims: 80 FP8 dims in two 64-blocks (the second ragged), BLOCK_D 128 > D (chunked: the
-    second chunk holds 16 FP8 dims, the 16 rotary dims and 32 padding columns)."""
+def test_two_fp8_blocks(kind):
+    """D = 96, 16 rotary dims: 80 FP8 dims in two 64-blocks (the second ragged), BLOCK_D 128 > D."""
     c = Case(kind, "hca", 4, H=4, seed=51, lens=[14, 5], D=96)
-    drive(c, random_schedule(c.lens, 8, 2 * W), chunked=chunked)
-
-
-@pytest.mark.parametrize("kind,mode,ratio,splits", [("ocp", "csa", 4, 1), ("fnuz", "hca", 2, 3), ("f32", "swa", 0, 2)])
-def test_value_column_blocks(kind, mode, ratio, splits):
-    """Programs that accumulate a slice of the value columns (block_dv 64 of D = 96: the second slice holds the
-    ragged FP8 block's last 16 dims, the rotary dims and 32 padding columns), alone and with split-KV."""
-    c = Case(kind, mode, ratio, H=4, seed=52, lens=LONG if ratio == 2 else [14, 5], D=96)
-    drive(c, random_schedule(c.lens, 9, 2 * W), block_dv=64, num_splits=splits, block_h=16, block_n=16)
+    drive(c, random_schedule(c.lens, 8, 2 * W))
 
 
 def test_factor_of_two_trap():
@@ -253,9 +239,8 @@ def test_write_window_dialects_share_bytes():
     torch.testing.assert_close(kv_read(a, rows), kv_read(b, rows), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["2d", "chunked"])
 @pytest.mark.parametrize("H,block_h", [(20, 16), (4, 16), (17, 32)])
-def test_padding_lanes_and_strides(H, block_h, chunked):
+def test_padding_lanes_and_strides(H, block_h):
     """T = 1 (the first token of a sequence, then a decode token of another), H not a multiple of
     BLOCK_H, q / kv / out / stores all strided views: the output view is written exactly (its
     surroundings keep their NaN), the caches are not touched."""
@@ -274,7 +259,7 @@ def test_padding_lanes_and_strides(H, block_h, chunked):
         before = (clone_store(c.window), clone_store(c.pool))
         obuf = torch.full((3, H + 3, c.D + 4), float("nan"))
         out = obuf[1:2, 2:H + 2, 1:c.D + 1]
-        got = sparse_attention_impl(*args, block_h=block_h, block_n=16, out=out, chunked=chunked)
+        got = sparse_attention_impl(*args, block_h=block_h, block_n=16, out=out)
         assert got.data_ptr() == out.data_ptr()
         ref = sparse_attention_reference(q.contiguous(), kv.contiguous(), *args[2:])
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -410,13 +395,13 @@ def test_gpu_check_case_smoke(mode, prefill, kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["ocp", "fnuz", "bf16"])
-@pytest.mark.parametrize("mode,ratio", [("swa", 0), ("csa", 4), ("hca", 16)])
+@pytest.mark.parametrize("kind,mode,ratio", [("ocp", "swa", 0), ("ocp", "csa", 4), ("ocp", "hca", 16),
+                                             ("fnuz", "hca", 16), ("bf16", "csa", 4)])
 def test_gpu_compiled_flash_widths(kind, mode, ratio):
     """Compiled kernels at Flash widths (64 heads x 512 = 448 FP8 dims in 7 scale blocks + 64 rope dims), a step
     mixing a prefill chunk that reaches into the ring with decodes (the hardware OCP decode where the GPU has
-    it), launch shapes of both regimes (head blocks of 16-64, value-column blocks, split-KV on and off),
-    against the reference on the same stores."""
+    it), launch shapes of both regimes (head blocks of 16-64, split-KV on and off), against the reference on
+    the same stores."""
     from dsv4.ops.kv_format import kv_alloc
 
     dev = torch.device("cuda")
@@ -447,9 +432,7 @@ def test_gpu_compiled_flash_widths(kind, mode, ratio):
     sink = torch.randn(H, device=dev, generator=g)
     args = (q, kv, window, sink, D ** -0.5, meta, pool, bt, topk, ratio)
     ref = sparse_attention_reference(*args).float()
-    for launch in ({}, {"num_splits": 1}, {"num_splits": 7}, {"block_h": 64, "block_dv": 128, "block_n": 16},
-                   {"block_h": 64, "block_dv": 256, "num_splits": 5}, {"block_h": 16, "num_warps": 4, "num_stages": 1},
-                   {"chunked": True, "num_splits": 1}, {"chunked": True, "num_splits": 6},
-                   {"chunked": True, "block_h": 16, "num_stages": 1}, {"chunked": False, "num_splits": 1}):
+    for launch in ({}, {"num_splits": 1}, {"num_splits": 7}, {"block_h": 16, "num_splits": 1},
+                   {"block_h": 32, "num_stages": 2, "num_splits": 5}, {"block_h": 64, "block_n": 16, "num_warps": 8}):
         out = sparse_attention_impl(*args, **launch).float()
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2, msg=lambda s: f"{launch}: {s}")

@@ -29,11 +29,15 @@ from dsv4.ops.meta import ForwardMeta
 
 LOG2E = 1.4426950408889634
 
-# Launch configuration (tunable; see the sweeps in benchmarks/kernel_cases/attention.py). BLOCK_H heads
-# share every key tile; BLOCK_N keys per tile; >= 16 each so tl.dot runs on the tensor cores.
-CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "BLOCK_DV": 512, "num_warps": 4, "num_stages": 2, "CHUNKED": False}
-# FP8 stores decode each key tile to float32 in registers first ([BLOCK_N, D] fp32): twice the warps
-CONFIG_FP8 = {"BLOCK_H": 32, "BLOCK_N": 32, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 2, "CHUNKED": False}
+# Launch configuration (tunable; sweeps: benchmarks/attention_floor.py, docs/perf.md). BLOCK_H heads share
+# every key tile; BLOCK_N keys per tile; >= 16 each so tl.dot runs on the tensor cores.
+CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # float stores (H200 sweep 2026-11-22)
+# FP8 stores (H100 sweep 2026-12-06, graph replays): up to SMALL_T tokens, 16 heads per program (more programs,
+# 1.5-2x faster at batch 1-8 than 32); above, 32 (each FP8 tile decoded for fewer head blocks; 1.2x faster at
+# batch 256 and in prefill). One stage: as fast as two, and half the shared memory.
+CONFIG_FP8 = {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+CONFIG_FP8_SMALL_T = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+SMALL_T = 64
 MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
 MAX_SPLITS = 64
 
@@ -80,53 +84,45 @@ def _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, c0, D, DN,
 
 
 @triton.jit
-def _attend(q, k, v, valid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
-    """Online-softmax step (log2 domain) of BLOCK_H heads over one key tile: k [BLOCK_N, BLOCK_D] (all dims,
-    for the logits) and v [BLOCK_N, BLOCK_DV] (the value columns this program accumulates; K = V, so v is k
-    itself or a column slice of the same rows). m_i starts finite (the sink), so masked keys (-inf) never
-    produce NaN."""
+def _attend(q, k, valid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """Online-softmax step (log2 domain) of BLOCK_H heads over one key tile k [BLOCK_N, BLOCK_D] (K = V).
+    m_i starts finite (the sink), so masked keys (-inf) never produce NaN."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_H, BLOCK_N] fp32
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PREC)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _attend_rows(q, b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, dv0, D, DN, m_i, l_i, acc, qk_scale,
+def _attend_rows(q, b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, D, DN, m_i, l_i, acc, qk_scale,
                  FP8: tl.constexpr, FNUZ: tl.constexpr, HW_OCP: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Load one tile of store rows (all dims for the logits; the value columns again from L1 when this program
-    accumulates a column slice) and attend to it."""
+                 BLOCK_D: tl.constexpr):
+    """Load one tile of store rows and attend to it."""
     k = _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, 0, D, DN, FP8, FNUZ, HW_OCP, q.dtype, BLOCK_D)
-    if BLOCK_DV == BLOCK_D:
-        v = k
-    else:
-        v = _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, dv0, D, DN, FP8, FNUZ, HW_OCP, q.dtype,
-                       BLOCK_DV)
-    return _attend(q, k, v, rmask, m_i, l_i, acc, qk_scale, PREC)
+    return _attend(q, k, rmask, m_i, l_i, acc, qk_scale, PREC)
 
 
 # ----------------------------------------------------------------------------------------- attention
 #
-# Work decomposition: grid (T * cdiv(H, BLOCK_H) * cdiv(D, BLOCK_DV), NSPLIT). Program (t, head block, value
-# column block, split) loads the query rows of BLOCK_H heads of token t once ([BLOCK_H, D]) and streams that
-# token's key list in tiles of BLOCK_N rows: first the window positions max(0, p-W+1)..p (ring rows
-# window[slot, pos % W] for positions before this step, then rows of this step's `kv`), then the compressed
-# entries (CSA: the ids of topk_idx[t], -1 skipped; HCA: 0 .. (p+1)//ratio - 1, counted, never listed),
-# gathered through the block table. Per tile: one [BLOCK_H, D] x [D, BLOCK_N] dot for the logits, an online
-# softmax in fp32 (exp2, log2 domain), one [BLOCK_H, BLOCK_N] x [BLOCK_N, BLOCK_DV] dot into the fp32
-# accumulator of this program's value columns.
-# Why the value columns are split: the accumulator of 64 heads x 512 columns is 128 KB of fp32, half an SM's
-# register file, and the logits' operand (the queries, replicated across the warps that share its rows)
-# another large share; ptxas spilled ~1 KB per thread at BLOCK_H 32 x 512. A program that accumulates a
-# slice of the columns recomputes the logits (cheap at decode: the keys come from L1/L2, the dot is small)
-# and keeps everything in registers. The programs of one token (value blocks fastest, then head blocks)
-# are adjacent in launch order, so a key tile comes from HBM once per token and from L2 after that.
-# Split-KV (flash-decoding) when T * programs cannot fill the GPU (decode at small batch): split i takes a
+# Work decomposition: grid (T * cdiv(H, BLOCK_H), NSPLIT). Program (t, head block, split) loads the query
+# rows of BLOCK_H heads of token t once ([BLOCK_H, D]) and streams that token's key list in tiles of BLOCK_N
+# rows: first the window positions max(0, p-W+1)..p (ring rows window[slot, pos % W] for positions before
+# this step, then rows of this step's `kv`), then the compressed entries (CSA: the ids of topk_idx[t], -1
+# skipped; HCA: 0 .. (p+1)//ratio - 1, counted, never listed), gathered through the block table. Per tile:
+# one [BLOCK_H, D] x [D, BLOCK_N] dot for the logits, an online softmax in fp32 (exp2, log2 domain), one
+# [BLOCK_H, BLOCK_N] x [BLOCK_N, D] dot into the fp32 accumulator. The head-block programs of one token are
+# adjacent in launch order, so a key tile comes from HBM once per token and from L2 after that; FP8 tiles are
+# decoded once per head block.
+# Measured alternatives (H100, graph replays, docs/perf.md 2026-12-06), all slower at every batch: 64 heads
+# per program with the value columns split over programs (wgmma, queries in shared memory), and a kernel over
+# 64-column chunks as 3-D batched dots (no register spills, where this one spills ~0.9 KB per thread at
+# BLOCK_H 32: benchmarks/attention_ptxas.py). What bounds this kernel is latency per tile (three dependent
+# gathers: index, page, rows) at one program per SM, not the spills.
+# Split-KV (flash-decoding) when T * head blocks cannot fill the GPU (decode at small batch): split i takes a
 # contiguous chunk of the token's [window | compressed] list and writes (max, sum, unnormalised acc) to an
 # fp32 workspace; `_combine_kernel` merges the splits and adds the sink. The split count changes speed
 # only, never results' semantics, so a captured graph may keep it.
@@ -144,17 +140,16 @@ def _sparse_attn_kernel(
     pos_ptr, tseq_ptr, slots_ptr, qstart_ptr, sstart_ptr,
     out_ptr, s_ot, s_oh,
     wsm_ptr, wsa_ptr,
-    H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NDV, NSPLIT,
+    H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NSPLIT,
     MODE: tl.constexpr,  # 0 SWA, 1 CSA (topk ids), 2 HCA (all visible entries)
     W_FP8: tl.constexpr, W_FNUZ: tl.constexpr, P_FP8: tl.constexpr, P_FNUZ: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, HW_OCP: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    dvb = pid % NDV
-    hb = (pid // NDV) % NHB
-    t = pid // (NDV * NHB)
+    hb = pid % NHB
+    t = pid // NHB
     t64 = t.to(tl.int64)
     b = tl.load(tseq_ptr + t)
     p = tl.load(pos_ptr + t).to(tl.int32)
@@ -165,11 +160,9 @@ def _sparse_attn_kernel(
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
     d = tl.arange(0, BLOCK_D)
-    dv0 = dvb * BLOCK_DV
-    dv = dv0 + tl.arange(0, BLOCK_DV)
-    dvm = dv < D
+    dm = d < D
     q = tl.load(q_ptr + t64 * s_qt + h[:, None].to(tl.int64) * s_qh + d[None, :],
-                mask=hm[:, None] & (d < D)[None, :], other=0.0)
+                mask=hm[:, None] & dm[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
     z = tl.load(sink_ptr + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -178,7 +171,7 @@ def _sparse_attn_kernel(
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # the combine kernel adds the sink
     else:
         l_i = tl.full([BLOCK_H], 1.0, dtype=tl.float32)  # exp2(z - m_i) = 1
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
 
     lo = tl.maximum(p - W + 1, 0)
     nW = p - lo + 1
@@ -208,14 +201,14 @@ def _sparse_attn_kernel(
         vm = v < r_hi
         ring = tl.where(vm, (lo + v) % W, 0).to(tl.int64)
         m_i, l_i, acc = _attend_rows(q, wb_ptr, ws_ptr, wr_ptr, slot * wb_s0 + ring * wb_s1, slot * ws_s0 + ring * ws_s1,
-                                     slot * wr_s0 + ring * wr_s1, vm, dv0, D, DN_W, m_i, l_i, acc, qk_scale,
-                                     W_FP8, W_FNUZ, HW_OCP, PREC, BLOCK_D, BLOCK_DV)
+                                     slot * wr_s0 + ring * wr_s1, vm, D, DN_W, m_i, l_i, acc, qk_scale,
+                                     W_FP8, W_FNUZ, HW_OCP, PREC, BLOCK_D)
     for v0 in range(tl.maximum(w_lo, n_ring), w_hi, BLOCK_N):
         v = v0 + tl.arange(0, BLOCK_N)
         vm = v < w_hi
         row = tl.where(vm, qs + lo + v - s0, 0).to(tl.int64) * s_kvt
-        m_i, l_i, acc = _attend_rows(q, kv_ptr, kv_ptr, kv_ptr, row, row, row, vm, dv0, D, D, m_i, l_i, acc,
-                                     qk_scale, False, False, False, PREC, BLOCK_D, BLOCK_DV)
+        m_i, l_i, acc = _attend_rows(q, kv_ptr, kv_ptr, kv_ptr, row, row, row, vm, D, D, m_i, l_i, acc,
+                                     qk_scale, False, False, False, PREC, BLOCK_D)
 
     # ---- compressed entries c in [c_lo, c_hi)
     if MODE != 0:
@@ -236,187 +229,19 @@ def _sparse_attn_kernel(
             page = tl.load(bt_ptr + slot * s_bt + pg, mask=cm, other=0).to(tl.int64)
             e = (w % E).to(tl.int64)
             m_i, l_i, acc = _attend_rows(q, pb_ptr, ps_ptr, pr_ptr, page * pb_s0 + e * pb_s1, page * ps_s0 + e * ps_s1,
-                                         page * pr_s0 + e * pr_s1, cm, dv0, D, DN_P, m_i, l_i, acc, qk_scale,
-                                         P_FP8, P_FNUZ, HW_OCP, PREC, BLOCK_D, BLOCK_DV)
-
-    if SPLIT:
-        row = (t64 * NSPLIT + split) * 2
-        first = hm & (dvb == 0)  # every value block computes the same (max, sum); one writes them
-        tl.store(wsm_ptr + row * H + h, m_i, mask=first)
-        tl.store(wsm_ptr + (row + 1) * H + h, l_i, mask=first)
-        base = (t64 * NSPLIT + split) * H
-        tl.store(wsa_ptr + (base + h[:, None]) * D + dv[None, :], acc, mask=hm[:, None] & dvm[None, :])
-    else:
-        o = acc / l_i[:, None]
-        tl.store(out_ptr + t64 * s_ot + h[:, None].to(tl.int64) * s_oh + dv[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dvm[None, :])
-
-
-# ----------------------------------------------------------------------------------------- attention, chunked
-#
-# The same work as `_sparse_attn_kernel`, with the head dimension cut into NCH chunks of 64 columns (one FP8
-# scale block each; the rotary dims fill the last) held as the batch dimension of 3-D dots. The logits are the
-# sum over chunks of [NCH] x ([BLOCK_H, 64] x [64, BLOCK_N]) batched dots; the value accumulator is [NCH,
-# BLOCK_H, 64]. Why: in the 2-D kernel mma.sync takes the query block as a register operand of all D = 512
-# columns in every warp (16 rows x 512 x 2 B = 128 registers per thread), so at BLOCK_H 32 ptxas spills (255
-# registers, ~0.9 KB of spills per thread; benchmarks/attention_ptxas.py). Batched over chunks, the warps split
-# the chunks, each warp holds a [BLOCK_H, 64] slice of the queries and of the accumulator, and the partial
-# logits meet in one cross-warp sum per tile.
-
-
-@triton.jit
-def _load_chunks(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, D, DN,
-                 FP8: tl.constexpr, FNUZ: tl.constexpr, HW_OCP: tl.constexpr, DT: tl.constexpr, NCH: tl.constexpr):
-    """Rows of a KV store as a [NCH, BLOCK_N, 64] tile in DT (chunk c holds columns 64c .. 64c + 63; zeros where
-    masked). Offsets and the FP8 decode as in `_load_rows`; the scale of chunk c is E8M0 byte c of the row."""
-    c = tl.arange(0, NCH)
-    col = c[:, None, None] * 64 + tl.arange(0, 64)[None, None, :]  # [NCH, 1, 64]
-    rm = rmask[None, :, None]
-    if FP8:
-        is_n = col < DN
-        byte = tl.load(b_ptr + off_b[None, :, None] + col, mask=rm & is_n, other=0)
-        if FNUZ:
-            v = fp8_decode(byte, FNUZ)
-        elif HW_OCP:
-            v = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        else:
-            v = fp8_decode(byte, FNUZ)
-        sb = tl.load(s_ptr + off_s[None, :] + c[:, None], mask=rmask[None, :] & (c * 64 < DN)[:, None], other=127)
-        xn = v * fp8_pow2(sb.to(tl.int32) - 127)[:, :, None]
-        xr = tl.load(r_ptr + off_r[None, :, None] + (col - DN), mask=rm & (col >= DN) & (col < D), other=0.0)
-        x = tl.where(is_n, xn.to(DT), xr.to(DT))
-    else:
-        x = tl.load(b_ptr + off_b[None, :, None] + col, mask=rm & (col < D), other=0.0).to(DT)
-    return x
-
-
-@triton.jit
-def _attend_chunks(q3, k3, valid, m_i, l_i, acc3, qk_scale, PREC: tl.constexpr):
-    """`_attend` over chunked operands: q3 [NCH, BLOCK_H, 64], k3 [NCH, BLOCK_N, 64], acc3 [NCH, BLOCK_H, 64]."""
-    s = tl.sum(tl.dot(q3, tl.permute(k3, (0, 2, 1)), input_precision=PREC), axis=0) * qk_scale  # [BLOCK_H, BLOCK_N]
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    NCH: tl.constexpr = k3.shape[0]
-    p3 = tl.broadcast_to(p.to(k3.dtype)[None, :, :], (NCH, p.shape[0], p.shape[1]))
-    acc3 = acc3 * alpha[None, :, None] + tl.dot(p3, k3, input_precision=PREC)
-    return m_new, l_i, acc3
-
-
-@triton.jit
-def _sparse_attn_chunked_kernel(
-    q_ptr, s_qt, s_qh,
-    kv_ptr, s_kvt,
-    wb_ptr, wb_s0, wb_s1, ws_ptr, ws_s0, ws_s1, wr_ptr, wr_s0, wr_s1,
-    pb_ptr, pb_s0, pb_s1, ps_ptr, ps_s0, ps_s1, pr_ptr, pr_s0, pr_s1,
-    bt_ptr, s_bt, MAXP,
-    idx_ptr, s_idx, K,
-    sink_ptr,
-    pos_ptr, tseq_ptr, slots_ptr, qstart_ptr, sstart_ptr,
-    out_ptr, s_ot, s_oh,
-    wsm_ptr, wsa_ptr,
-    H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NSPLIT,
-    MODE: tl.constexpr,  # 0 SWA, 1 CSA (topk ids), 2 HCA (all visible entries)
-    W_FP8: tl.constexpr, W_FNUZ: tl.constexpr, P_FP8: tl.constexpr, P_FNUZ: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, HW_OCP: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NCH: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    hb = pid % NHB
-    t = pid // NHB
-    t64 = t.to(tl.int64)
-    b = tl.load(tseq_ptr + t)
-    p = tl.load(pos_ptr + t).to(tl.int32)
-    slot = tl.load(slots_ptr + b).to(tl.int64)
-    s0 = tl.load(sstart_ptr + b).to(tl.int32)
-    qs = tl.load(qstart_ptr + b).to(tl.int32)
-
-    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    hm = h < H
-    col = tl.arange(0, NCH)[:, None, None] * 64 + tl.arange(0, 64)[None, None, :]  # [NCH, 1, 64]
-    m3 = hm[None, :, None] & (col < D)
-    q3 = tl.load(q_ptr + t64 * s_qt + h[None, :, None].to(tl.int64) * s_qh + col, mask=m3, other=0.0)
-    if DOT_F32:
-        q3 = q3.to(tl.float32)
-    z = tl.load(sink_ptr + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
-    m_i = z  # running max starts at the sink logit: finite, so no -inf - -inf
-    if SPLIT:
-        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # the combine kernel adds the sink
-    else:
-        l_i = tl.full([BLOCK_H], 1.0, dtype=tl.float32)  # exp2(z - m_i) = 1
-    acc3 = tl.zeros([NCH, BLOCK_H, 64], dtype=tl.float32)
-
-    lo = tl.maximum(p - W + 1, 0)
-    nW = p - lo + 1
-    if MODE == 1:
-        nC = K
-    elif MODE == 2:
-        nC = (p + 1) // ratio
-    else:
-        nC = 0
-    nV = nW + nC
-    if SPLIT:
-        chunk = tl.cdiv(tl.cdiv(nV, NSPLIT), BLOCK_N) * BLOCK_N
-        v_lo = split * chunk
-        v_hi = tl.minimum(v_lo + chunk, nV)
-    else:
-        v_lo = 0
-        v_hi = nV
-
-    # ---- window: ring rows (positions before this step), then this step's rows of `kv`
-    w_lo = tl.minimum(v_lo, nW)
-    w_hi = tl.minimum(v_hi, nW)
-    n_ring = tl.minimum(tl.maximum(s0 - lo, 0), nW)
-    r_hi = tl.minimum(w_hi, n_ring)
-    for v0 in range(w_lo, r_hi, BLOCK_N):
-        v = v0 + tl.arange(0, BLOCK_N)
-        vm = v < r_hi
-        ring = tl.where(vm, (lo + v) % W, 0).to(tl.int64)
-        k3 = _load_chunks(wb_ptr, ws_ptr, wr_ptr, slot * wb_s0 + ring * wb_s1, slot * ws_s0 + ring * ws_s1,
-                          slot * wr_s0 + ring * wr_s1, vm, D, DN_W, W_FP8, W_FNUZ, HW_OCP, q3.dtype, NCH)
-        m_i, l_i, acc3 = _attend_chunks(q3, k3, vm, m_i, l_i, acc3, qk_scale, PREC)
-    for v0 in range(tl.maximum(w_lo, n_ring), w_hi, BLOCK_N):
-        v = v0 + tl.arange(0, BLOCK_N)
-        vm = v < w_hi
-        row = tl.where(vm, qs + lo + v - s0, 0).to(tl.int64) * s_kvt
-        k3 = _load_chunks(kv_ptr, kv_ptr, kv_ptr, row, row, row, vm, D, D, False, False, False, q3.dtype, NCH)
-        m_i, l_i, acc3 = _attend_chunks(q3, k3, vm, m_i, l_i, acc3, qk_scale, PREC)
-
-    # ---- compressed entries c in [c_lo, c_hi)
-    if MODE != 0:
-        c_lo = tl.maximum(v_lo, nW) - nW
-        c_hi = tl.maximum(v_hi, nW) - nW
-        for c0 in range(c_lo, c_hi, BLOCK_N):
-            c = c0 + tl.arange(0, BLOCK_N)
-            cm = c < c_hi
-            if MODE == 1:
-                w = tl.load(idx_ptr + t64 * s_idx + tl.where(cm, c, 0), mask=cm, other=-1)
-                cm = cm & (w >= 0)
-                w = tl.where(cm, w, 0).to(tl.int32)  # entry ids < 2^31: 32-bit division
-            else:
-                w = tl.where(cm, c, 0)
-            pg = w // E
-            cm = cm & (pg < MAXP)
-            pg = tl.where(cm, pg, 0)
-            page = tl.load(bt_ptr + slot * s_bt + pg, mask=cm, other=0).to(tl.int64)
-            e = (w % E).to(tl.int64)
-            k3 = _load_chunks(pb_ptr, ps_ptr, pr_ptr, page * pb_s0 + e * pb_s1, page * ps_s0 + e * ps_s1,
-                              page * pr_s0 + e * pr_s1, cm, D, DN_P, P_FP8, P_FNUZ, HW_OCP, q3.dtype, NCH)
-            m_i, l_i, acc3 = _attend_chunks(q3, k3, cm, m_i, l_i, acc3, qk_scale, PREC)
+                                         page * pr_s0 + e * pr_s1, cm, D, DN_P, m_i, l_i, acc, qk_scale,
+                                         P_FP8, P_FNUZ, HW_OCP, PREC, BLOCK_D)
 
     if SPLIT:
         row = (t64 * NSPLIT + split) * 2
         tl.store(wsm_ptr + row * H + h, m_i, mask=hm)
         tl.store(wsm_ptr + (row + 1) * H + h, l_i, mask=hm)
         base = (t64 * NSPLIT + split) * H
-        tl.store(wsa_ptr + (base + h[None, :, None]) * D + col, acc3, mask=m3)
+        tl.store(wsa_ptr + (base + h[:, None]) * D + d[None, :], acc, mask=hm[:, None] & dm[None, :])
     else:
-        o3 = acc3 / l_i[None, :, None]
-        tl.store(out_ptr + t64 * s_ot + h[None, :, None].to(tl.int64) * s_oh + col,
-                 o3.to(out_ptr.dtype.element_ty), mask=m3)
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + t64 * s_ot + h[:, None].to(tl.int64) * s_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
 
 
 # Work decomposition: grid (T * cdiv(H, BLOCK_H)); each program reads the NSPLIT (max, sum) pairs and
@@ -541,8 +366,7 @@ def _auto_splits(device: torch.device, progs: int, max_keys: int) -> int:
 def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, pool=None, block_table=None,
                           topk_idx=None, ratio: int = 0, *, num_splits: int | None = None,
                           block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, block_dv: int | None = None,
-                          chunked: bool | None = None, out: torch.Tensor | None = None):
+                          num_stages: int | None = None, out: torch.Tensor | None = None):
     """`sparse_attention` with optional launch overrides (tests and tuning). `out`: a caller-provided
     [T, H, D] output (any strides, unit last stride, q's dtype; float32 under the interpreter)."""
     T, H, D = q.shape
@@ -580,15 +404,14 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
         idx = idx.contiguous()
     Kk = topk_idx.shape[1] if topk_idx is not None else 0
 
-    cfg = CONFIG_FP8 if (w_fp8 or p_fp8) else CONFIG
+    if w_fp8 or p_fp8:
+        cfg = CONFIG_FP8_SMALL_T if T <= SMALL_T else CONFIG_FP8
+    else:
+        cfg = CONFIG
     BH = block_h or cfg["BLOCK_H"]
     BN = block_n or cfg["BLOCK_N"]
     BD = triton.next_power_of_2(D)
     nhb = triton.cdiv(H, BH)
-    BDV = min(block_dv or cfg["BLOCK_DV"], BD)
-    if BDV != BD and (BDV < 64 or BD % BDV):
-        raise ValueError(f"sparse_attention (triton): block_dv {BDV} must divide {BD} and be >= 64")
-    ndv = BD // BDV
     if num_splits is None:
         if mode == 1:
             max_keys = W + Kk
@@ -596,42 +419,28 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
             max_keys = W + meta.max_seq_len // ratio
         else:
             max_keys = W
-        num_splits = _auto_splits(q.device, T * nhb * ndv, max_keys)
+        num_splits = _auto_splits(q.device, T * nhb, max_keys)
     split = num_splits > 1
     if split:
         wsm = torch.empty((T, num_splits, 2, H), dtype=torch.float32, device=q.device)
         wsa = torch.empty((T, num_splits, H, D), dtype=torch.float32, device=q.device)
     else:
         wsm = wsa = out
-    common = dict(MODE=mode, W_FP8=w_fp8, W_FNUZ=w_fnuz, P_FP8=p_fp8, P_FNUZ=p_fnuz, SPLIT=split, DOT_F32=dot_f32,
-                  PREC="ieee" if dot_f32 else None, HW_OCP=_hw_ocp(q.device), BLOCK_H=BH, BLOCK_N=BN,
-                  num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
-    if cfg["CHUNKED"] if chunked is None else chunked:
-        _sparse_attn_chunked_kernel[(T * nhb, num_splits)](
-            q, q.stride(0), q.stride(1),
-            kv, kv.stride(0),
-            *w_args, *p_args,
-            bt, bt.stride(0), maxp,
-            idx, idx.stride(0), Kk,
-            sink,
-            meta.positions, meta.token_seq, meta.seq_slots, meta.query_start, meta.seq_start,
-            out, out.stride(0), out.stride(1),
-            wsm, wsa,
-            H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits,
-            NCH=triton.cdiv(D, 64), **common)
-    else:
-        _sparse_attn_kernel[(T * nhb * ndv, num_splits)](
-            q, q.stride(0), q.stride(1),
-            kv, kv.stride(0),
-            *w_args, *p_args,
-            bt, bt.stride(0), maxp,
-            idx, idx.stride(0), Kk,
-            sink,
-            meta.positions, meta.token_seq, meta.seq_slots, meta.query_start, meta.seq_start,
-            out, out.stride(0), out.stride(1),
-            wsm, wsa,
-            H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, ndv, num_splits,
-            BLOCK_D=BD, BLOCK_DV=BDV, **common)
+    _sparse_attn_kernel[(T * nhb, num_splits)](
+        q, q.stride(0), q.stride(1),
+        kv, kv.stride(0),
+        *w_args, *p_args,
+        bt, bt.stride(0), maxp,
+        idx, idx.stride(0), Kk,
+        sink,
+        meta.positions, meta.token_seq, meta.seq_slots, meta.query_start, meta.seq_start,
+        out, out.stride(0), out.stride(1),
+        wsm, wsa,
+        H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits,
+        MODE=mode, W_FP8=w_fp8, W_FNUZ=w_fnuz, P_FP8=p_fp8, P_FNUZ=p_fnuz, SPLIT=split, DOT_F32=dot_f32,
+        PREC="ieee" if dot_f32 else None, HW_OCP=_hw_ocp(q.device), BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+    )
     if split:
         _combine_kernel[(T * nhb,)](wsm, wsa, sink, out, out.stride(0), out.stride(1), H, D, nhb, num_splits,
                                     BLOCK_H=BH, BLOCK_D=BD, num_warps=4)

@@ -179,6 +179,15 @@ def test_split_kv(mode, ratio, splits):
     drive(c, random_schedule(c.lens, 6, 2 * W), num_splits=splits, block_h=16, block_n=16)
 
 
+@pytest.mark.parametrize("mode,ratio,splits", [("csa", 2, 1), ("csa", 2, 2), ("hca", 2, 1)])
+def test_entry_prefetch(mode, ratio, splits):
+    """Compressed entries over several tiles (BLOCK_N 4, up to 5 tiles a split) with the ids and pages fetched
+    one and two tiles ahead (the default) and without: both equal the reference."""
+    for prefetch in (True, False):
+        c = Case("fnuz", mode, ratio, H=4, seed=23, lens=LONG)
+        drive(c, random_schedule(c.lens, 7, 2 * W), num_splits=splits, block_h=16, block_n=4, prefetch=prefetch)
+
+
 def test_decode_one_token_per_step():
     """Decode: T = 1 per step for a single sequence, HCA, FP8 FNUZ, H = 4 (12 padded lanes)."""
     c = Case("fnuz", "hca", 4, H=4, seed=31, lens=[13])

@@ -106,6 +106,30 @@ def _attend_rows(q, b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, D, DN, m_i,
     return _attend(q, k, rmask, m_i, l_i, acc, qk_scale, PREC)
 
 
+@triton.jit
+def _entry_ids(idx_row_ptr, c0, c_hi, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Compressed-entry ids of list positions c0 .. c0 + BLOCK_N - 1 (int32) and which are valid: CSA reads
+    them from the token's top-k row (-1 = none), HCA counts them."""
+    c = c0 + tl.arange(0, BLOCK_N)
+    cm = c < c_hi
+    if MODE == 1:
+        w = tl.load(idx_row_ptr + tl.where(cm, c, 0), mask=cm, other=-1)
+        cm = cm & (w >= 0)
+        w = tl.where(cm, w, 0).to(tl.int32)  # entry ids < 2^31: 32-bit division
+    else:
+        w = tl.where(cm, c, 0)
+    return w, cm
+
+
+@triton.jit
+def _entry_pages(bt_row_ptr, MAXP, E, w, cm):
+    """Physical page (int64), row within the page (int64) and validity of entries w through the block table."""
+    pg = w // E
+    cm = cm & (pg < MAXP)
+    page = tl.load(bt_row_ptr + tl.where(cm, pg, 0), mask=cm, other=0).to(tl.int64)
+    return page, (w % E).to(tl.int64), cm
+
+
 # ----------------------------------------------------------------------------------------- attention
 #
 # Work decomposition: grid (T * cdiv(H, BLOCK_H), NSPLIT). Program (t, head block, split) loads the query
@@ -143,7 +167,7 @@ def _sparse_attn_kernel(
     H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NSPLIT,
     MODE: tl.constexpr,  # 0 SWA, 1 CSA (topk ids), 2 HCA (all visible entries)
     W_FP8: tl.constexpr, W_FNUZ: tl.constexpr, P_FP8: tl.constexpr, P_FNUZ: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, HW_OCP: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, HW_OCP: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -210,27 +234,29 @@ def _sparse_attn_kernel(
         m_i, l_i, acc = _attend_rows(q, kv_ptr, kv_ptr, kv_ptr, row, row, row, vm, D, D, m_i, l_i, acc,
                                      qk_scale, False, False, False, PREC, BLOCK_D)
 
-    # ---- compressed entries c in [c_lo, c_hi)
+    # ---- compressed entries c in [c_lo, c_hi). A tile's rows sit behind two dependent loads (CSA: its entry
+    # ids, then their pages); PREFETCH issues them one and two tiles ahead, so that only the row loads wait.
     if MODE != 0:
         c_lo = tl.maximum(v_lo, nW) - nW
         c_hi = tl.maximum(v_hi, nW) - nW
-        for c0 in range(c_lo, c_hi, BLOCK_N):
-            c = c0 + tl.arange(0, BLOCK_N)
-            cm = c < c_hi
-            if MODE == 1:
-                w = tl.load(idx_ptr + t64 * s_idx + tl.where(cm, c, 0), mask=cm, other=-1)
-                cm = cm & (w >= 0)
-                w = tl.where(cm, w, 0).to(tl.int32)  # entry ids < 2^31: 32-bit division
-            else:
-                w = tl.where(cm, c, 0)
-            pg = w // E
-            cm = cm & (pg < MAXP)
-            pg = tl.where(cm, pg, 0)
-            page = tl.load(bt_ptr + slot * s_bt + pg, mask=cm, other=0).to(tl.int64)
-            e = (w % E).to(tl.int64)
-            m_i, l_i, acc = _attend_rows(q, pb_ptr, ps_ptr, pr_ptr, page * pb_s0 + e * pb_s1, page * ps_s0 + e * ps_s1,
-                                         page * pr_s0 + e * pr_s1, cm, D, DN_P, m_i, l_i, acc, qk_scale,
-                                         P_FP8, P_FNUZ, HW_OCP, PREC, BLOCK_D)
+        if PREFETCH:
+            w, cm = _entry_ids(idx_ptr + t64 * s_idx, c_lo, c_hi, MODE, BLOCK_N)
+            page, e, pm = _entry_pages(bt_ptr + slot * s_bt, MAXP, E, w, cm)
+            w, cm = _entry_ids(idx_ptr + t64 * s_idx, c_lo + BLOCK_N, c_hi, MODE, BLOCK_N)
+            for c0 in range(c_lo, c_hi, BLOCK_N):
+                page_n, e_n, pm_n = _entry_pages(bt_ptr + slot * s_bt, MAXP, E, w, cm)  # tile + 1
+                w, cm = _entry_ids(idx_ptr + t64 * s_idx, c0 + 2 * BLOCK_N, c_hi, MODE, BLOCK_N)  # tile + 2
+                m_i, l_i, acc = _attend_rows(q, pb_ptr, ps_ptr, pr_ptr, page * pb_s0 + e * pb_s1,
+                                             page * ps_s0 + e * ps_s1, page * pr_s0 + e * pr_s1, pm, D, DN_P,
+                                             m_i, l_i, acc, qk_scale, P_FP8, P_FNUZ, HW_OCP, PREC, BLOCK_D)
+                page, e, pm = page_n, e_n, pm_n
+        else:
+            for c0 in range(c_lo, c_hi, BLOCK_N):
+                w, cm = _entry_ids(idx_ptr + t64 * s_idx, c0, c_hi, MODE, BLOCK_N)
+                page, e, pm = _entry_pages(bt_ptr + slot * s_bt, MAXP, E, w, cm)
+                m_i, l_i, acc = _attend_rows(q, pb_ptr, ps_ptr, pr_ptr, page * pb_s0 + e * pb_s1,
+                                             page * ps_s0 + e * ps_s1, page * pr_s0 + e * pr_s1, pm, D, DN_P,
+                                             m_i, l_i, acc, qk_scale, P_FP8, P_FNUZ, HW_OCP, PREC, BLOCK_D)
 
     if SPLIT:
         row = (t64 * NSPLIT + split) * 2
@@ -366,7 +392,7 @@ def _auto_splits(device: torch.device, progs: int, max_keys: int) -> int:
 def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, pool=None, block_table=None,
                           topk_idx=None, ratio: int = 0, *, num_splits: int | None = None,
                           block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, out: torch.Tensor | None = None):
+                          num_stages: int | None = None, prefetch: bool = True, out: torch.Tensor | None = None):
     """`sparse_attention` with optional launch overrides (tests and tuning). `out`: a caller-provided
     [T, H, D] output (any strides, unit last stride, q's dtype; float32 under the interpreter)."""
     T, H, D = q.shape
@@ -438,7 +464,8 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
         wsm, wsa,
         H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits,
         MODE=mode, W_FP8=w_fp8, W_FNUZ=w_fnuz, P_FP8=p_fp8, P_FNUZ=p_fnuz, SPLIT=split, DOT_F32=dot_f32,
-        PREC="ieee" if dot_f32 else None, HW_OCP=_hw_ocp(q.device), BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD,
+        PREC="ieee" if dot_f32 else None, HW_OCP=_hw_ocp(q.device), PREFETCH=prefetch, BLOCK_H=BH, BLOCK_N=BN,
+        BLOCK_D=BD,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     if split:

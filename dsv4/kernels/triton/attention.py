@@ -30,13 +30,15 @@ from dsv4.ops.meta import ForwardMeta
 LOG2E = 1.4426950408889634
 
 # Launch configuration (tunable; sweeps: benchmarks/attention_floor.py, docs/perf.md). BLOCK_H heads share
-# every key tile; BLOCK_N keys per tile; >= 16 each so tl.dot runs on the tensor cores.
-CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # float stores (H200 sweep 2026-11-22)
-# FP8 stores (H100 sweep 2026-12-06, graph replays): up to SMALL_T tokens, 16 heads per program (more programs,
-# 1.5-2x faster at batch 1-8 than 32); above, 32 (each FP8 tile decoded for fewer head blocks; 1.2x faster at
-# batch 256 and in prefill). One stage: as fast as two, and half the shared memory.
-CONFIG_FP8 = {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
-CONFIG_FP8_SMALL_T = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+# every key tile; BLOCK_N keys per tile; >= 16 each so tl.dot runs on the tensor cores. PREFETCH: compressed-
+# entry ids and pages fetched ahead (the compressed loop below).
+CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "PREFETCH": False}  # float stores
+# FP8 stores (H100 sweeps 2026-12-06, graph replays): up to SMALL_T tokens, 16 heads per program (more programs,
+# 1.5-2x faster at batch 1-8 than 32), with the prefetch (10% faster at batch 64); above, 32 heads (each FP8 tile
+# decoded for fewer head blocks: 1.2x faster at batch 256 and in prefill), without it (2-3% slower with it:
+# ptxas spills more). One stage: as fast as two, with less shared memory.
+CONFIG_FP8 = {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "PREFETCH": False}
+CONFIG_FP8_SMALL_T = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "PREFETCH": True}
 SMALL_T = 64
 MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
 MAX_SPLITS = 64
@@ -392,7 +394,8 @@ def _auto_splits(device: torch.device, progs: int, max_keys: int) -> int:
 def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, pool=None, block_table=None,
                           topk_idx=None, ratio: int = 0, *, num_splits: int | None = None,
                           block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, prefetch: bool = True, out: torch.Tensor | None = None):
+                          num_stages: int | None = None, prefetch: bool | None = None,
+                          out: torch.Tensor | None = None):
     """`sparse_attention` with optional launch overrides (tests and tuning). `out`: a caller-provided
     [T, H, D] output (any strides, unit last stride, q's dtype; float32 under the interpreter)."""
     T, H, D = q.shape
@@ -464,7 +467,8 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
         wsm, wsa,
         H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits,
         MODE=mode, W_FP8=w_fp8, W_FNUZ=w_fnuz, P_FP8=p_fp8, P_FNUZ=p_fnuz, SPLIT=split, DOT_F32=dot_f32,
-        PREC="ieee" if dot_f32 else None, HW_OCP=_hw_ocp(q.device), PREFETCH=prefetch, BLOCK_H=BH, BLOCK_N=BN,
+        PREC="ieee" if dot_f32 else None, HW_OCP=_hw_ocp(q.device),
+        PREFETCH=cfg["PREFETCH"] if prefetch is None else prefetch, BLOCK_H=BH, BLOCK_N=BN,
         BLOCK_D=BD,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )

@@ -1,0 +1,79 @@
+"""MXFP4 weights as exact FP8 e4m3 operands (issue 15, the portable W4A8 path).
+
+An MXFP4 weight row holds E2M1 codes with one E8M0 scale per 32 elements along K. An FP8 tensor-core GEMM
+wants e4m3 operands with one scale per 128-element K block. For one row and one 128-block with sub-block
+scale exponents s_0..s_3 (E8M0 bytes), take base = max(s) - KMAX. Each element becomes
+e2m1(code) * 2^(s_j - base) times 2^(base - 127).
+
+The first factor is exactly representable in e4m3 while every k_j = s_j - base lies in [KMIN, KMAX]:
+- OCP e4m3fn (max 448, smallest subnormal 2^-9): KMAX = 6, since 6 * 2^6 = 384 <= 448; KMIN = -8, since
+  0.5 * 2^-8 = 2^-9 and 1.5 * 2^-8 = 3 * 2^-9.
+- FNUZ e4m3fnuz (max 240, smallest subnormal 2^-10): KMAX = 5 and KMIN = -9.
+
+Either way a block fits when its four scales span at most 14 binades. A block that does not fit cannot be
+represented exactly. It is reported, never approximated: `fits` is False there, and its bytes are undefined
+(zero).
+
+The second factor is the block's weight scale: an E8M0 byte per (row, 128-block), applied to the fp32 partial
+sums of the block like the activations' 1x128 scales. Product by product, the FP8 GEMM then computes exactly
+what the official numerics compute: FP8 activations times the dequantised FP4 weight, in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fp4 import E2M1_VALUES, _packed_bytes, fp4_unpack
+from .fp8 import Fp8Dialect, _e8m0_bytes, fp8_encode
+
+__all__ = ["W4A8_BLOCK", "fp8_window", "fp4_blocks_to_fp8", "fp4_as_fp8_dequant"]
+
+W4A8_BLOCK = 128  # K elements per FP8 operand block (one activation scale, one weight scale)
+_SUB = 32  # K elements per MXFP4 scale
+
+
+def fp8_window(dialect: Fp8Dialect | str) -> tuple[int, int]:
+    """(KMIN, KMAX): the exponent offsets k for which every E2M1 value times 2^k is an exact e4m3 value."""
+    d = Fp8Dialect.parse(dialect)
+    return (-9, 5) if d is Fp8Dialect.FNUZ else (-8, 6)
+
+
+def fp4_blocks_to_fp8(packed: torch.Tensor, scale: torch.Tensor, dialect: Fp8Dialect | str = Fp8Dialect.OCP,
+                      block: int = W4A8_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXFP4 weight (packed uint8 [..., K/2], E8M0 scale [..., K/32]) -> (e4m3 bytes uint8 [..., K], E8M0 block
+    scale uint8 [..., K/block], fits bool [..., K/block]). K must be a multiple of `block`, and `block` of 32.
+    Where fits: e4m3(bytes) * 2^(block scale - 127) equals the MXFP4 dequantised value exactly, element by
+    element. Where not: the scales of the block span more than the window (fp8_window), and its bytes are 0."""
+    d = Fp8Dialect.parse(dialect)
+    codes = fp4_unpack(_packed_bytes(packed, "packed"))
+    sb = _e8m0_bytes(scale, "scale")
+    K = codes.shape[-1]
+    if block % _SUB or K % block:
+        raise ValueError(f"fp4_blocks_to_fp8: K = {K} must be a multiple of block = {block}, itself a multiple of 32")
+    if tuple(sb.shape) != (*codes.shape[:-1], K // _SUB):
+        raise ValueError(f"fp4_blocks_to_fp8: scale shape {tuple(sb.shape)} does not match {K} elements per row "
+                         f"with one scale per {_SUB} (expected {(*codes.shape[:-1], K // _SUB)})")
+    kmin, kmax = fp8_window(d)
+    per = block // _SUB
+    s = sb.to(torch.int32).view(*sb.shape[:-1], K // block, per)  # [..., NB, per]
+    base = (s.amax(dim=-1) - kmax).clamp(min=0)  # E8M0 byte of the block scale
+    k = s - base.unsqueeze(-1)  # <= kmax
+    fits = (k >= kmin).all(dim=-1)
+    vals = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)[codes.long()]
+    vals = vals.view(*codes.shape[:-1], K // block, per, _SUB)
+    k_ok = torch.where(fits.unsqueeze(-1), k, torch.zeros_like(k))
+    y = vals * torch.exp2(k_ok.to(torch.float32)).unsqueeze(-1)  # exact: powers of two, |y| <= 384 (OCP)
+    y = torch.where(fits[..., None, None], y, torch.zeros_like(y))
+    return fp8_encode(y.reshape(codes.shape), d), base.to(torch.uint8), fits
+
+
+def fp4_as_fp8_dequant(fp8_bytes: torch.Tensor, block_scale: torch.Tensor, dialect: Fp8Dialect | str = Fp8Dialect.OCP,
+                       block: int = W4A8_BLOCK) -> torch.Tensor:
+    """float32 [..., K] of the FP8 form: e4m3(bytes) * 2^(block scale - 127) (the W4A8 path's reference)."""
+    from .fp8 import fp8_decode
+
+    d = Fp8Dialect.parse(dialect)
+    v = fp8_decode(fp8_bytes, d)
+    K = v.shape[-1]
+    sc = torch.exp2(_e8m0_bytes(block_scale, "block_scale").to(torch.float32) - 127.0)
+    return (v.view(*v.shape[:-1], K // block, block) * sc.unsqueeze(-1)).view(v.shape)

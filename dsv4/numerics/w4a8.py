@@ -26,7 +26,7 @@ import torch
 from .fp4 import E2M1_VALUES, _packed_bytes, fp4_unpack
 from .fp8 import Fp8Dialect, _e8m0_bytes, fp8_encode
 
-__all__ = ["W4A8_BLOCK", "fp8_window", "fp4_blocks_to_fp8", "fp4_as_fp8_dequant"]
+__all__ = ["W4A8_BLOCK", "fp8_window", "fp4_block_offsets", "fp4_blocks_to_fp8", "fp4_as_fp8_dequant"]
 
 W4A8_BLOCK = 128  # K elements per FP8 operand block (one activation scale, one weight scale)
 _SUB = 32  # K elements per MXFP4 scale
@@ -36,6 +36,26 @@ def fp8_window(dialect: Fp8Dialect | str) -> tuple[int, int]:
     """(KMIN, KMAX): the exponent offsets k for which every E2M1 value times 2^k is an exact e4m3 value."""
     d = Fp8Dialect.parse(dialect)
     return (-9, 5) if d is Fp8Dialect.FNUZ else (-8, 6)
+
+
+def fp4_block_offsets(scale: torch.Tensor, dialect: Fp8Dialect | str = Fp8Dialect.OCP,
+                      block: int = W4A8_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the MXFP4 scales (E8M0 [..., K/32]): (offsets k = s_j - base, int8 [..., K/32]; block scale byte
+    base, uint8 [..., K/block]; fits, bool [..., K/block]): what a kernel needs to turn the codes into e4m3
+    bytes itself (dsv4/kernels/triton/w4a8.py). Offsets of blocks that do not fit are set to 0."""
+    d = Fp8Dialect.parse(dialect)
+    sb = _e8m0_bytes(scale, "scale")
+    if block % _SUB or sb.shape[-1] % (block // _SUB):
+        raise ValueError(f"fp4_block_offsets: {sb.shape[-1]} scales per row do not make whole blocks of {block} "
+                         f"elements (one scale per {_SUB})")
+    kmin, kmax = fp8_window(d)
+    per = block // _SUB
+    s = sb.to(torch.int32).view(*sb.shape[:-1], sb.shape[-1] // per, per)  # [..., NB, per]
+    base = (s.amax(dim=-1) - kmax).clamp(min=0)
+    k = s - base.unsqueeze(-1)  # <= kmax
+    fits = (k >= kmin).all(dim=-1)
+    k = torch.where(fits.unsqueeze(-1), k, torch.zeros_like(k))
+    return k.view(sb.shape).to(torch.int8), base.to(torch.uint8), fits
 
 
 def fp4_blocks_to_fp8(packed: torch.Tensor, scale: torch.Tensor, dialect: Fp8Dialect | str = Fp8Dialect.OCP,
@@ -53,18 +73,13 @@ def fp4_blocks_to_fp8(packed: torch.Tensor, scale: torch.Tensor, dialect: Fp8Dia
     if tuple(sb.shape) != (*codes.shape[:-1], K // _SUB):
         raise ValueError(f"fp4_blocks_to_fp8: scale shape {tuple(sb.shape)} does not match {K} elements per row "
                          f"with one scale per {_SUB} (expected {(*codes.shape[:-1], K // _SUB)})")
-    kmin, kmax = fp8_window(d)
-    per = block // _SUB
-    s = sb.to(torch.int32).view(*sb.shape[:-1], K // block, per)  # [..., NB, per]
-    base = (s.amax(dim=-1) - kmax).clamp(min=0)  # E8M0 byte of the block scale
-    k = s - base.unsqueeze(-1)  # <= kmax
-    fits = (k >= kmin).all(dim=-1)
+    k, base, fits = fp4_block_offsets(sb, d, block)
     vals = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)[codes.long()]
-    vals = vals.view(*codes.shape[:-1], K // block, per, _SUB)
-    k_ok = torch.where(fits.unsqueeze(-1), k, torch.zeros_like(k))
-    y = vals * torch.exp2(k_ok.to(torch.float32)).unsqueeze(-1)  # exact: powers of two, |y| <= 384 (OCP)
-    y = torch.where(fits[..., None, None], y, torch.zeros_like(y))
-    return fp8_encode(y.reshape(codes.shape), d), base.to(torch.uint8), fits
+    vals = vals.view(*codes.shape[:-1], K // _SUB, _SUB)
+    y = vals * torch.exp2(k.to(torch.float32)).unsqueeze(-1)  # exact: powers of two, |y| <= 6 * 2^KMAX
+    y = y.view(*codes.shape[:-1], K // block, block)
+    y = torch.where(fits.unsqueeze(-1), y, torch.zeros_like(y))
+    return fp8_encode(y.reshape(codes.shape), d), base, fits
 
 
 def fp4_as_fp8_dequant(fp8_bytes: torch.Tensor, block_scale: torch.Tensor, dialect: Fp8Dialect | str = Fp8Dialect.OCP,

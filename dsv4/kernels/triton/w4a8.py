@@ -1,0 +1,155 @@
+"""W4A8 building blocks in Triton (issue 15, the portable path): MXFP4 weights kept as FP4 in memory and turned
+into exact FP8 e4m3 operands inside the kernel, times FP8 activations, with fp32 accumulation per 128-block.
+
+Numerics (dsv4/numerics/w4a8.py): per weight row and 128-element K block, the four E8M0 sub-block scales s_j
+become offsets k_j = s_j - base (int8, precomputed at load by `fp4_block_offsets`) and one block scale byte
+`base`. `fp4_to_fp8_bits` maps an E2M1 code and its offset to the e4m3 byte of e2m1(code) * 2^k by integer
+arithmetic (no table, no float conversion): exact while k is in the dialect's window, which the load-time
+check guarantees.
+
+`w4a8_linear` is the dense GEMM out = (x_q * x_scale) (w * w_scale)^T over one weight [N, K]. Per 128-block:
+one FP8 x FP8 dot with fp32 accumulation on the tensor cores (on NVIDIA sm_89+ for OCP bytes; elsewhere, and
+in the interpreter, both operands decoded to fp32 and dotted in IEEE fp32), scaled by the activations' (row,
+block) scale and the weight's (row, block) scale. It is the kernel the MoE grouped path builds on, with the
+same operand layout; it is not registered as a provider of any op yet and has no measured speed.
+
+Work decomposition: grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); program (i, j) loops over the K/128 blocks:
+loads x bytes [BLOCK_M, 128] as even / odd columns (low / high nibbles of the packed weight bytes hold the
+even / odd columns, so no interleave is needed), the packed weight bytes [BLOCK_N, 64] and their four offsets,
+converts both nibbles to e4m3 bytes, and adds dot(x_even, w_lo^T) + dot(x_odd, w_hi^T) times the two scales
+to the fp32 accumulator. Each weight byte is read once per M block.
+Compiled for sm_90a on the CPU machine (the ptxas report of benchmarks/attention_ptxas.py's method): BLOCK_M 64
+with 4 warps gives FP8 wgmma (m64n64k32 e4m3, 253 registers, no spills at BLOCK_N 64); with BLOCK_M < 64
+Triton converts the e4m3 operands to f16 (exact) for mma.sync, so the result is the same, the rate is not.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.triton.common import fp8_decode, interpreting
+from dsv4.numerics.fp8 import Fp8Dialect
+
+W4A8_BLOCK = 128
+
+
+@triton.jit
+def fp4_to_fp8_bits(code, k, FNUZ: tl.constexpr):
+    """E2M1 codes (int32, 0..15) and exponent offsets k (int32, broadcastable, inside the window) -> the e4m3
+    bytes (int32, 0..255) of e2m1(code) * 2^k. |e2m1| = (1 + m / 2) * 2^u with u = (c >> 1) - 1 and m the low
+    bit (c >= 2), 0.5 = 1.0 * 2^-1 (c = 1); the e4m3 exponent field is E = u + k + bias (7 OCP, 8 FNUZ):
+    normal E >= 1 -> E << 3 | m << 2; else subnormal mantissa (2 + m) * 2^(E + 1), exact for E >= -2 (m = 0)
+    / -1 (m = 1). Zero keeps its sign in OCP (0x80, as fp8_encode), is 0x00 in FNUZ (0x80 is its NaN)."""
+    mc = code & 7
+    m = tl.where(mc >= 2, mc & 1, 0)
+    u = (mc >> 1) - 1
+    E = u + k + (8 if FNUZ else 7)
+    sub = ((2 + m) << tl.maximum(E + 2, 0)) >> 1
+    mag = tl.where(E >= 1, (E << 3) | (m << 2), sub)
+    mag = tl.where(mc == 0, 0, mag)
+    neg = (code & 8) != 0
+    if FNUZ:
+        neg = neg & (mc != 0)
+    return tl.where(neg, mag | 0x80, mag)
+
+
+@triton.jit
+def _fp4_to_fp8_kernel(c_ptr, k_ptr, out_ptr, n, FNUZ: tl.constexpr, BLOCK: tl.constexpr):
+    """Elementwise fp4_to_fp8_bits (tests of the mapping, every code x every offset)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    msk = i < n
+    c = tl.load(c_ptr + i, mask=msk, other=0).to(tl.int32)
+    k = tl.load(k_ptr + i, mask=msk, other=0).to(tl.int32)
+    tl.store(out_ptr + i, fp4_to_fp8_bits(c, k, FNUZ).to(tl.uint8), mask=msk)
+
+
+def fp4_to_fp8_bytes(codes: torch.Tensor, offsets: torch.Tensor, dialect=Fp8Dialect.OCP) -> torch.Tensor:
+    """uint8 e4m3 bytes of e2m1(codes) * 2^offsets, elementwise (same shapes)."""
+    c = codes.to(torch.uint8).contiguous().view(-1)
+    k = offsets.to(torch.int32).contiguous().view(-1)
+    out = torch.empty_like(c)
+    if c.numel():
+        _fp4_to_fp8_kernel[(triton.cdiv(c.numel(), 1024),)](c, k, out, c.numel(),
+                                                           FNUZ=Fp8Dialect.parse(dialect) is Fp8Dialect.FNUZ,
+                                                           BLOCK=1024)
+    return out.view(codes.shape)
+
+
+@triton.jit
+def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, wk_ptr, wb_ptr, out_ptr, M, N, NKB,
+                      s_xm, s_xsm, s_wn, s_wkn, s_wbn, s_om,
+                      FNUZ: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = rm < M
+    nm = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    c = tl.arange(0, 64)  # packed byte c of a block holds columns 2c (low nibble) and 2c + 1 (high nibble)
+    sub = tl.arange(0, 4)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, NKB):
+        xe = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + 2 * c[None, :], mask=mm[:, None], other=0)
+        xo = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + 2 * c[None, :] + 1, mask=mm[:, None], other=0)
+        wp = tl.load(w_ptr + rn64[:, None] * s_wn + kb * 64 + c[None, :], mask=nm[:, None], other=0).to(tl.int32)
+        ko = tl.load(wk_ptr + rn64[:, None] * s_wkn + kb * 4 + sub[None, :], mask=nm[:, None], other=0)
+        ko = ko.to(tl.int32)[:, :, None]  # [BLOCK_N, 4, 1]: columns 2c, 2c + 1 lie in sub-block c // 16
+        lo = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp & 15, (BLOCK_N, 4, 16)), ko, FNUZ), (BLOCK_N, 64))
+        hi = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp >> 4, (BLOCK_N, 4, 16)), ko, FNUZ), (BLOCK_N, 64))
+        if F32_DOT:
+            part = tl.dot(fp8_decode(xe, FNUZ), tl.trans(fp8_decode(lo, FNUZ)), input_precision="ieee")
+            part += tl.dot(fp8_decode(xo, FNUZ), tl.trans(fp8_decode(hi, FNUZ)), input_precision="ieee")
+        elif FNUZ:
+            part = tl.dot(xe.to(tl.float8e4b8, bitcast=True), tl.trans(lo.to(tl.uint8).to(tl.float8e4b8, bitcast=True)))
+            part += tl.dot(xo.to(tl.float8e4b8, bitcast=True), tl.trans(hi.to(tl.uint8).to(tl.float8e4b8, bitcast=True)))
+        else:
+            part = tl.dot(xe.to(tl.float8e4nv, bitcast=True), tl.trans(lo.to(tl.uint8).to(tl.float8e4nv, bitcast=True)))
+            part += tl.dot(xo.to(tl.float8e4nv, bitcast=True), tl.trans(hi.to(tl.uint8).to(tl.float8e4nv, bitcast=True)))
+        xs = tl.load(xs_ptr + rm64 * s_xsm + kb, mask=mm, other=127).to(tl.float32)
+        wb = tl.load(wb_ptr + rn64 * s_wbn + kb, mask=nm, other=127).to(tl.float32)
+        acc += part * tl.exp2(xs - 127.0)[:, None] * tl.exp2(wb - 127.0)[None, :]
+    tl.store(out_ptr + rm64[:, None] * s_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mm[:, None] & nm[None, :])
+
+
+def _fp8_dot_native(device: torch.device, fnuz: bool) -> bool:
+    """FP8 operands on the tensor cores: OCP on NVIDIA sm_89+, FNUZ on ROCm (MI300); never in the interpreter."""
+    if device.type != "cuda" or interpreting(device):
+        return False
+    if torch.version.hip is not None:
+        return fnuz
+    return (not fnuz) and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def w4a8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_offsets: torch.Tensor,
+                w_block_scale: torch.Tensor, dialect=Fp8Dialect.OCP, out_dtype: torch.dtype = torch.float32,
+                block_m: int = 64, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """out [M, N] = sum over 128-blocks b of (x_q[:, b] . w[:, b]) * 2^(x_scale[:, b] - 127) * 2^(base[:, b] - 127).
+    x_q: e4m3 bytes uint8 [M, K] and x_scale E8M0 uint8 [M, K/128] (fp8_act_quant); w_packed uint8 [N, K/2],
+    w_offsets int8 [N, K/32] and w_block_scale uint8 [N, K/128] (numerics.w4a8.fp4_block_offsets, every block
+    fitting). K a multiple of 128."""
+    M, K = x_q.shape
+    N = w_packed.shape[0]
+    if K % W4A8_BLOCK or tuple(w_packed.shape) != (N, K // 2):
+        raise ValueError(f"w4a8_linear: x [M, K] = {tuple(x_q.shape)} needs K % 128 == 0 and w_packed [N, K/2], "
+                         f"got {tuple(w_packed.shape)}")
+    if tuple(w_offsets.shape) != (N, K // 32) or tuple(w_block_scale.shape) != (N, K // 128):
+        raise ValueError(f"w4a8_linear: offsets {tuple(w_offsets.shape)} / block scales {tuple(w_block_scale.shape)}"
+                         f" must be [N, K/32] / [N, K/128] = {(N, K // 32)} / {(N, K // 128)}")
+    if tuple(x_scale.shape) != (M, K // 128):
+        raise ValueError(f"w4a8_linear: x_scale {tuple(x_scale.shape)} must be [M, K/128] = {(M, K // 128)}")
+    fnuz = Fp8Dialect.parse(dialect) is Fp8Dialect.FNUZ
+    args = [t.contiguous() for t in (x_q.view(torch.uint8), x_scale.view(torch.uint8), w_packed.view(torch.uint8),
+                                     w_offsets.view(torch.int8), w_block_scale.view(torch.uint8))]
+    out = torch.empty((M, N), dtype=out_dtype, device=x_q.device)
+    if M == 0 or N == 0:
+        return out
+    x, xs, w, wk, wb = args
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _w4a8_gemm_kernel[grid](x, xs, w, wk, wb, out, M, N, K // W4A8_BLOCK,
+                            x.stride(0), xs.stride(0), w.stride(0), wk.stride(0), wb.stride(0), out.stride(0),
+                            FNUZ=fnuz, F32_DOT=not _fp8_dot_native(x_q.device, fnuz),
+                            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return out

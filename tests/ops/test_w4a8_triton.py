@@ -1,0 +1,90 @@
+"""W4A8 building blocks (dsv4/kernels/triton/w4a8.py) in the Triton interpreter: the in-kernel E2M1 -> e4m3
+mapping for every code at every offset of the window in both dialects, and the dense W4A8 GEMM against the
+official-numerics product (FP8 activations x dequantised MXFP4 weights, float64) on ragged shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.kernels.triton.w4a8 import fp4_to_fp8_bytes, w4a8_linear
+from dsv4.numerics.fp4 import E2M1_VALUES, dequantize_fp4_blocks, quantize_fp4_blocks
+from dsv4.numerics.fp8 import Fp8Dialect, dequantize_fp8_blocks, fp8_encode, quantize_fp8_blocks
+from dsv4.numerics.w4a8 import fp4_block_offsets, fp8_window
+
+DIALECTS = [Fp8Dialect.OCP, Fp8Dialect.FNUZ]
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=["ocp", "fnuz"])
+def test_mapping_every_code_every_offset(dialect):
+    kmin, kmax = fp8_window(dialect)
+    ks = torch.arange(kmin, kmax + 1)
+    codes = torch.arange(16).repeat(len(ks))
+    offs = ks.repeat_interleave(16)
+    got = fp4_to_fp8_bytes(codes, offs, dialect)
+    vals = torch.tensor(E2M1_VALUES)[codes] * torch.exp2(offs.float())
+    want = fp8_encode(vals, dialect)
+    assert torch.equal(got, want), [(int(c), int(k), int(a), int(b)) for c, k, a, b in
+                                    zip(codes, offs, got, want) if a != b][:8]
+
+
+def _operands(M, N, K, dialect, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-2, 1, K)
+    w = torch.randn(N, K, generator=g) * 0.05
+    xq, xs = quantize_fp8_blocks(x, (128,), dialect)
+    wp, wsc = quantize_fp4_blocks(w)
+    koff, base, fits = fp4_block_offsets(wsc, dialect)
+    assert bool(fits.all())
+    want = dequantize_fp8_blocks(xq, xs, (128,), dialect).double() @ dequantize_fp4_blocks(wp, wsc).double().t()
+    return (xq, xs, wp, koff, base), want
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=["ocp", "fnuz"])
+@pytest.mark.parametrize("M,N,K", [(1, 64, 128), (33, 100, 384), (5, 3, 256)])
+def test_gemm_matches_official_product(M, N, K, dialect):
+    """Products are exact (FP8 x FP8 values), so the fp32 result differs from the float64 reference by summation
+    order only. Ragged M and N (masked rows / columns)."""
+    ops, want = _operands(M, N, K, dialect, seed=M + N + K)
+    got = w4a8_linear(*ops, dialect=dialect, block_m=16, block_n=16)
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_gemm_block_scales_matter():
+    """A weight row whose blocks sit at very different scales (offsets and block scales both used)."""
+    g = torch.Generator().manual_seed(9)
+    M, N, K = 4, 16, 512
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    w[:, 128:256] *= 2.0 ** 9  # block 1 far above block 0
+    w[:, 256 + 32:256 + 64] *= 2.0 ** -13  # one sub-block ~13 binades below its neighbours: offsets down to -8
+    xq, xs = quantize_fp8_blocks(x, (128,), "ocp")
+    wp, wsc = quantize_fp4_blocks(w)
+    koff, base, fits = fp4_block_offsets(wsc, "ocp")
+    assert bool(fits.all()) and int(koff.min()) == -8  # the edge of the window is reached
+    want = dequantize_fp8_blocks(xq, xs, (128,), "ocp").double() @ dequantize_fp4_blocks(wp, wsc).double().t()
+    got = w4a8_linear(xq, xs, wp, koff, base, block_m=16, block_n=16)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_bad_shapes_name_the_problem():
+    ops, _ = _operands(2, 16, 256, "ocp", seed=1)
+    xq, xs, wp, koff, base = ops
+    with pytest.raises(ValueError, match="K % 128"):
+        w4a8_linear(xq[:, :200], xs, wp, koff, base)
+    with pytest.raises(ValueError, match="offsets"):
+        w4a8_linear(xq, xs, wp, koff[:, :3], base)
+    with pytest.raises(ValueError, match="x_scale"):
+        w4a8_linear(xq, xs[:, :1], wp, koff, base)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(1, 256, 1024), (64, 512, 4096), (200, 96, 640)])
+def test_gpu_native_fp8_dot(M, N, K):
+    """Compiled, with FP8 operands on the tensor cores where the GPU has them (OCP on NVIDIA sm_89+), against
+    the float64 official-numerics product: the FP8 MMA's own accumulation within a 128-block is the only
+    difference, so the tolerance is looser than the interpreter's."""
+    ops, want = _operands(M, N, K, "ocp", seed=3)
+    got = w4a8_linear(*[t.cuda() for t in ops], out_dtype=torch.float32).cpu()
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))

@@ -38,11 +38,13 @@ def fp8_window(dialect: Fp8Dialect | str) -> tuple[int, int]:
     return (-9, 5) if d is Fp8Dialect.FNUZ else (-8, 6)
 
 
-def fp4_block_offsets(scale: torch.Tensor, dialect: Fp8Dialect | str = Fp8Dialect.OCP,
-                      block: int = W4A8_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fp4_block_offsets(scale: torch.Tensor, dialect: Fp8Dialect | str = Fp8Dialect.OCP, block: int = W4A8_BLOCK,
+                      packed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From the MXFP4 scales (E8M0 [..., K/32]): (offsets k = s_j - base, int8 [..., K/32]; block scale byte
     base, uint8 [..., K/block]; fits, bool [..., K/block]): what a kernel needs to turn the codes into e4m3
-    bytes itself (dsv4/kernels/triton/w4a8.py). Offsets of blocks that do not fit are set to 0."""
+    bytes itself (dsv4/kernels/triton/w4a8.py). With `packed` (the codes, [..., K/2]), sub-blocks whose codes
+    are all zero do not count: their scale cannot matter (0 times anything is 0), so it neither sets the base
+    nor breaks the window, and their offset is 0. Offsets of blocks that do not fit are set to 0."""
     d = Fp8Dialect.parse(dialect)
     sb = _e8m0_bytes(scale, "scale")
     if block % _SUB or sb.shape[-1] % (block // _SUB):
@@ -50,9 +52,20 @@ def fp4_block_offsets(scale: torch.Tensor, dialect: Fp8Dialect | str = Fp8Dialec
                          f"elements (one scale per {_SUB})")
     kmin, kmax = fp8_window(d)
     per = block // _SUB
-    s = sb.to(torch.int32).view(*sb.shape[:-1], sb.shape[-1] // per, per)  # [..., NB, per]
-    base = (s.amax(dim=-1) - kmax).clamp(min=0)
-    k = s - base.unsqueeze(-1)  # <= kmax
+    s = sb.to(torch.int32)
+    if packed is not None:
+        pb = _packed_bytes(packed, "packed")
+        if tuple(pb.shape) != (*sb.shape[:-1], sb.shape[-1] * _SUB // 2):
+            raise ValueError(f"fp4_block_offsets: packed shape {tuple(pb.shape)} does not match scale shape "
+                             f"{tuple(sb.shape)} (expected {(*sb.shape[:-1], sb.shape[-1] * _SUB // 2)})")
+        nz = ((pb & 0x77) != 0).view(*pb.shape[:-1], sb.shape[-1], _SUB // 2).any(dim=-1)  # +-0 codes are zero
+    else:
+        nz = torch.ones_like(s, dtype=torch.bool)
+    s = s.view(*s.shape[:-1], s.shape[-1] // per, per)
+    nz = nz.view(s.shape)
+    hi = torch.where(nz, s, torch.full_like(s, -1)).amax(dim=-1)
+    base = (hi - kmax).clamp(min=0)  # all-zero blocks: base 0
+    k = torch.where(nz, s - base.unsqueeze(-1), torch.zeros_like(s))  # <= kmax
     fits = (k >= kmin).all(dim=-1)
     k = torch.where(fits.unsqueeze(-1), k, torch.zeros_like(k))
     return k.view(sb.shape).to(torch.int8), base.to(torch.uint8), fits
@@ -73,7 +86,7 @@ def fp4_blocks_to_fp8(packed: torch.Tensor, scale: torch.Tensor, dialect: Fp8Dia
     if tuple(sb.shape) != (*codes.shape[:-1], K // _SUB):
         raise ValueError(f"fp4_blocks_to_fp8: scale shape {tuple(sb.shape)} does not match {K} elements per row "
                          f"with one scale per {_SUB} (expected {(*codes.shape[:-1], K // _SUB)})")
-    k, base, fits = fp4_block_offsets(sb, d, block)
+    k, base, fits = fp4_block_offsets(sb, d, block, packed)
     vals = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)[codes.long()]
     vals = vals.view(*codes.shape[:-1], K // _SUB, _SUB)
     y = vals * torch.exp2(k.to(torch.float32)).unsqueeze(-1)  # exact: powers of two, |y| <= 6 * 2^KMAX

@@ -7,7 +7,7 @@ import torch
 
 from dsv4.numerics.fp4 import dequantize_fp4_blocks, fp4_pack, quantize_fp4_blocks
 from dsv4.numerics.fp8 import Fp8Dialect, fp8_decode
-from dsv4.numerics.w4a8 import fp4_as_fp8_dequant, fp4_blocks_to_fp8, fp8_window
+from dsv4.numerics.w4a8 import fp4_as_fp8_dequant, fp4_block_offsets, fp4_blocks_to_fp8, fp8_window
 
 DIALECTS = [Fp8Dialect.OCP, Fp8Dialect.FNUZ]
 
@@ -84,3 +84,25 @@ def test_bad_shapes_name_the_problem():
     packed, scale = quantize_fp4_blocks(torch.randn(2, 128))
     with pytest.raises(ValueError, match="scale shape"):
         fp4_blocks_to_fp8(packed, scale[:, :3])
+
+
+def test_all_zero_sub_blocks_do_not_count():
+    """A sub-block whose codes are all zero (+0 or -0) may carry any scale: with the codes given it neither
+    sets the base nor breaks the window, and the block stays exact; from the scales alone it would not fit."""
+    from dsv4.numerics.fp4 import fp4_pack, fp4_unpack
+
+    g = torch.Generator().manual_seed(3)
+    packed, scale = quantize_fp4_blocks(torch.randn(4, 256, generator=g))
+    codes = fp4_unpack(packed)
+    codes[1, 32:64] = 0
+    codes[1, 40] = 8  # -0
+    codes[2, 128:160] = 0
+    packed = fp4_pack(codes)
+    scale = scale.clone()
+    scale[1, 1] = 0  # far below its neighbours
+    scale[2, 4] = 250  # far above
+    fp8, bscale, fits = fp4_blocks_to_fp8(packed, scale)
+    assert bool(fits.all())
+    assert torch.equal(fp4_as_fp8_dequant(fp8, bscale), dequantize_fp4_blocks(packed, scale))
+    _, _, fits_scales_only = fp4_block_offsets(scale)
+    assert not bool(fits_scales_only[1, 0]) and not bool(fits_scales_only[2, 1])

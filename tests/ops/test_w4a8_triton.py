@@ -88,3 +88,24 @@ def test_gpu_native_fp8_dot(M, N, K):
     ops, want = _operands(M, N, K, "ocp", seed=3)
     got = w4a8_linear(*[t.cuda() for t in ops], out_dtype=torch.float32).cpu()
     torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+
+
+def test_prepare_counts_and_names_out_of_window_blocks(caplog):
+    """Load-time preparation: experts with a block outside the window are flagged (the others keep exact
+    W4A8 operands), and the log line names the tensor, the count and the experts."""
+    from dsv4.kernels.triton.w4a8 import prepare_w4a8
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(5, 8, 256, generator=g)
+    w[3, 2, 0:32] *= 2.0 ** 24  # expert 3: one 32-block 24 binades above the rest of its 128-block
+    packed, scale = quantize_fp4_blocks(w)
+    with caplog.at_level("WARNING"):
+        prep = prepare_w4a8(packed, scale, name="layers.1.ffn.experts.w13")
+    assert prep.expert_fits.tolist() == [True, True, True, False, True]
+    assert prep.bad_blocks == 1
+    msg = caplog.text
+    assert "layers.1.ffn.experts.w13" in msg and "1 of 80" in msg and "[3]" in msg and "W4A16" in msg
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        prepare_w4a8(*quantize_fp4_blocks(torch.randn(2, 4, 128, generator=g)), name="fine")
+    assert "W4A8" not in caplog.text

@@ -25,14 +25,48 @@ Triton converts the e4m3 operands to f16 (exact) for mma.sync, so the result is 
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import fp8_decode, interpreting
 from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.numerics.w4a8 import fp4_block_offsets, fp8_window
 
+log = logging.getLogger(__name__)
 W4A8_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class W4A8Experts:
+    """MXFP4 experts prepared for the W4A8 kernels: the checkpoint's packed codes (not copied), the int8 offsets
+    [E, N, K/32] and E8M0 block scales [E, N, K/128], and which experts fit the window everywhere (the others are
+    served by the W4A16 path, exact for every scale)."""
+    packed: torch.Tensor
+    offsets: torch.Tensor
+    block_scale: torch.Tensor
+    expert_fits: torch.Tensor  # bool [E]
+    bad_blocks: int
+
+
+def prepare_w4a8(packed: torch.Tensor, scale: torch.Tensor, dialect=Fp8Dialect.OCP,
+                 name: str = "experts") -> W4A8Experts:
+    """Load-time pass over one expert weight ([E, N, K/2] codes, [E, N, K/32] scales): offsets and block scales,
+    and a warning naming the tensor, the count of 128-blocks outside the exact window and the experts they
+    belong to. Nothing is approximated: those experts keep the W4A16 path."""
+    off, base, fits = fp4_block_offsets(scale, dialect, packed=packed)
+    expert_fits = fits.flatten(1).all(dim=1)
+    bad = int((~fits).sum())
+    if bad:
+        kmin, kmax = fp8_window(dialect)
+        worst = (~expert_fits).nonzero().flatten().tolist()
+        log.warning("W4A8: %s: %d of %d 128-blocks have 32-block scales spanning more than %d binades (experts %s%s); "
+                    "those experts are served by the W4A16 path (exact)", name, bad, fits.numel(), kmax - kmin,
+                    worst[:8], " ..." if len(worst) > 8 else "")
+    return W4A8Experts(packed, off, base, expert_fits, bad)
 
 
 @triton.jit

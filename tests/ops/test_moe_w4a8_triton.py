@@ -1,0 +1,136 @@
+"""The opt-in W4A8 MoE provider (dsv4/kernels/triton/moe_w4a8.py) in the interpreter against the reference with
+official numerics (act_quant): MXFP4 experts whose sub-block scales vary (offsets in use), skewed routing (an
+expert with no token, one with one, one with every token), one token, several K blocks and N tiles, both FP8
+dialects, bf16 activations, an expert map with remote experts, padding rows poisoned, and the delegations to the
+Triton provider (no act_quant, an out-of-window weight) with their log lines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.kernels.triton import moe as km
+from dsv4.kernels.triton import moe_w4a8 as kw
+from dsv4.numerics.fp4 import quantize_fp4_blocks
+from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.ops.moe import moe_experts_reference
+from dsv4.ops.moe_dispatch import ExpertMap
+from dsv4.ops.registry import all_ops
+
+OCP, FNUZ = Fp8Dialect.OCP, Fp8Dialect.FNUZ
+LIMIT = 1.5
+
+
+def experts(E: int, D: int, I: int, seed: int, spread: int = 6):
+    """MXFP4 w13 [E, 2I, D/2] / w2 [E, D, I/2] with 32-block magnitudes 2^-spread .. 2^spread (offsets used)."""
+    g = torch.Generator().manual_seed(seed)
+    w13 = 0.3 * torch.randn(E, 2 * I, D, generator=g)
+    w2 = 0.2 * torch.randn(E, D, I, generator=g)
+    w13 = w13 * torch.exp2(torch.randint(-spread, spread + 1, (E, 2 * I, D // 32), generator=g).float()).repeat_interleave(32, -1)
+    w2 = w2 * torch.exp2(torch.randint(-spread, spread + 1, (E, D, I // 32), generator=g).float()).repeat_interleave(32, -1)
+    a, sa = quantize_fp4_blocks(w13)
+    b, sb = quantize_fp4_blocks(w2)
+    return a, sa, b, sb
+
+
+def skewed(T: int, E: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.stack([torch.randperm(E - 3, generator=g)[:2] + 3 for _ in range(T)])
+    ids = torch.cat([torch.full((T, 1), 2), ids], dim=1)  # expert 2: every token
+    ids[T // 2, 1] = 1  # expert 1: one token; expert 0: none
+    return ids
+
+
+def inputs(T: int, D: int, ids: torch.Tensor, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(T, D, generator=g) * 2.0, 0.2 + torch.rand(ids.shape, generator=g)
+
+
+def test_registered_opt_in():
+    p = all_ops()["moe_experts"].providers
+    assert "triton_w4a8" in p and p["triton_w4a8"].priority < p["triton"].priority
+
+
+@pytest.mark.parametrize("dialect", [OCP, FNUZ], ids=["ocp", "fnuz"])
+@pytest.mark.parametrize("T", [1, 13])
+def test_matches_reference(T, dialect):
+    """fp32 activations: the products are exact (FP8 x FP8 values), only the fp32 summation order differs."""
+    E, D, I = 8, 256, 256
+    ids = skewed(T, E) if T > 1 else torch.tensor([[4, 0, 7]])
+    w13, s13, w2, s2 = experts(E, D, I, seed=T)
+    x, w = inputs(T, D, ids, seed=T + 1)
+    got = kw.moe_experts_w4a8_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True, dialect)
+    want = moe_experts_reference(x, w13, s13, w2, s2, ids, w, LIMIT, True, dialect)
+    assert got.dtype == torch.float32 and got.shape == (T, D)
+    torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+
+
+def test_bf16_activations_and_poisoned_padding():
+    """bf16 x: close to the bf16 reference; the h / y workspaces filled with NaN (rows of padding and of other
+    blocks) never reach the output."""
+    E, D, I = 6, 128, 384
+    ids = skewed(11, E)
+    w13, s13, w2, s2 = experts(E, D, I, seed=7)
+    x, w = inputs(11, D, ids, seed=8)
+    xb = x.to(torch.bfloat16)
+    from dsv4.ops.moe_dispatch import dispatch_sizes
+
+    mb, mr = dispatch_sizes(ids.numel(), E, 16)
+    h_buf = torch.full((mr, I), float("nan"), dtype=torch.bfloat16)
+    y_buf = torch.full((ids.numel(), D), float("nan"), dtype=torch.bfloat16)
+    got = kw.moe_experts_w4a8_impl(xb, w13, s13, w2, s2, ids, w, LIMIT, True, OCP, block_m=16, h_buf=h_buf,
+                                   y_buf=y_buf)
+    want = moe_experts_reference(xb, w13, s13, w2, s2, ids, w, LIMIT, True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want.float(), atol=3e-2 * float(want.abs().max()), rtol=3e-2)
+    tri = km.moe_experts_triton(xb, w13, s13, w2, s2, ids, w, LIMIT, True)
+    assert (got - tri).abs().max() <= 0.02 * tri.abs().max()
+
+
+def test_expert_map_with_remote_experts():
+    E, D, I = 8, 128, 128
+    ids = skewed(9, E)
+    w13, s13, w2, s2 = experts(E, D, I, seed=9)
+    x, w = inputs(9, D, ids, seed=10)
+    emap = ExpertMap(E, (6, 2, 5, 0))
+    loc = list(emap.local_ids)
+    got = kw.moe_experts_w4a8_impl(x, w13[loc], s13[loc], w2[loc], s2[loc], ids, w, LIMIT, True, OCP, emap)
+    is_local = torch.isin(ids, torch.tensor(loc))
+    want = moe_experts_reference(x, w13, s13, w2, s2, ids, w * is_local, LIMIT, True)
+    torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+
+
+def test_delegations_are_logged_and_exact(caplog):
+    """Calls the W4A8 kernels do not serve go to the Triton provider, with a log line naming why: no act_quant;
+    a weight with a 128-block outside the window (also counted by the preparation)."""
+    E, D, I = 4, 128, 128
+    ids = skewed(5, E)
+    w13, s13, w2, s2 = experts(E, D, I, seed=11)
+    x, w = inputs(5, D, ids, seed=12)
+    kw._WARNED.clear()
+    with caplog.at_level("WARNING"):
+        got = kw.moe_experts_w4a8_impl(x, w13, s13, w2, s2, ids, w, LIMIT, False)
+    assert torch.equal(got, km.moe_experts_triton(x, w13, s13, w2, s2, ids, w, LIMIT, False))
+    assert "act_quant" in caplog.text and "Triton provider" in caplog.text
+    s13b = s13.clone()
+    s13b[1, 3, 0] = s13b[1, 3, 1] + 20  # expert 1: one 32-block 20 binades above its neighbours
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        got = kw.moe_experts_w4a8_impl(x, w13, s13b, w2, s2, ids, w, LIMIT, True)
+    assert torch.equal(got, km.moe_experts_triton(x, w13, s13b, w2, s2, ids, w, LIMIT, True))
+    assert "1 of" in caplog.text and "[1]" in caplog.text and "outside the exact FP8 window" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 1024])
+def test_gpu_compiled(T):
+    """Compiled with FP8 dots on the tensor cores where the GPU has them, bf16 activations, Flash-like widths."""
+    E, D, I = 32, 1024, 512
+    g = torch.Generator().manual_seed(T)
+    ids = torch.stack([torch.randperm(E, generator=g)[:6] for _ in range(T)])
+    w13, s13, w2, s2 = [t.cuda() for t in experts(E, D, I, seed=T, spread=3)]
+    x, w = inputs(T, D, ids, seed=T + 1)
+    x, w, ids = x.to(torch.bfloat16).cuda(), w.cuda(), ids.cuda()
+    got = kw.moe_experts_w4a8_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True)
+    want = km.moe_experts_triton(x, w13, s13, w2, s2, ids, w, LIMIT, True)
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()

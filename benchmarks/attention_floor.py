@@ -20,18 +20,9 @@ import time
 import torch
 
 from benchmarks.kernel_cases.attention import _gpu_case
+from benchmarks.kernel_cases.common import copy_bandwidth
 
 DEFAULT_VARIANTS = ["default"]
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy (median of do_bench)."""
-    from triton.testing import do_bench
-
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), return_mode="median")
-    return 2 * (1 << 30) / (ms * 1e-3)
 
 
 def parse_variant(v: str) -> dict:

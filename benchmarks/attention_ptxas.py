@@ -31,10 +31,10 @@ DIVISIBLE = set(POINTERS) | set("s_qt s_qh s_kvt wb_s0 wb_s1 ws_s0 wr_s0 wr_s1 p
 
 
 def report(mode: int = 1, block_h: int = 32, block_n: int = 32, num_warps: int = 8, num_stages: int = 1,
-           split: bool = False, hw_ocp: bool = True) -> dict:
+           split: bool = False, hw_ocp: bool = True, prefetch: bool = False) -> dict:
     fn = A._sparse_attn_kernel
     const = dict(MODE=mode, W_FP8=True, W_FNUZ=False, P_FP8=True, P_FNUZ=False, SPLIT=split, DOT_F32=False,
-                 PREC=None, HW_OCP=hw_ocp, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=512)
+                 PREC=None, HW_OCP=hw_ocp, PREFETCH=prefetch, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=512)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32")
            for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in DIVISIBLE}
@@ -57,7 +57,7 @@ def report(mode: int = 1, block_h: int = 32, block_n: int = 32, num_warps: int =
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("configs", nargs="+", help="comma-separated key=value launch settings, e.g. block_h=16,num_warps=4 "
-                                               "(keys: mode, block_h, block_n, num_warps, num_stages, split)")
+                                               "(keys: mode, block_h, block_n, num_warps, num_stages, split, prefetch)")
     for c in ap.parse_args().configs:
         kw = {k: int(v) for k, v in (x.split("=") for x in c.split(",") if x)}
         print(c, report(**kw), flush=True)

@@ -31,6 +31,8 @@ import traceback
 
 import torch
 
+from benchmarks.kernel_cases.common import copy_bandwidth
+
 D, I, E, K_TOP = 4096, 2048, 256, 6
 LIMIT = 10.0
 
@@ -42,16 +44,6 @@ def _record(rows: list, r: dict) -> None:
 
 def _rel(got, want) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
-
-
-def copy_bandwidth() -> float:
-    """Device copy rate in bytes/s counting read + write (2 GiB buffers, larger than L2)."""
-    from triton.testing import do_bench
-
-    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), return_mode="median")
-    return 2 * (2 << 30) / (ms * 1e-3)
 
 
 def capture(fn):

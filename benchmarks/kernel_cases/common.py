@@ -13,6 +13,16 @@ H200_FP8_FLOPS = 1460e12
 H200_FP32_FMA_FLOPS = 67e12  # the router's IEEE fp32 logits
 
 
+def copy_bandwidth() -> float:
+    """Device copy rate in bytes/s counting read + write (2 GiB buffers, larger than L2): the floors' bandwidth."""
+    from triton.testing import do_bench
+
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), return_mode="median")
+    return 2 * (2 << 30) / (ms * 1e-3)
+
+
 def bench_ms(fn, device, **do_bench_kw) -> float:
     """Median time of fn() in ms (triton.testing.do_bench; `do_bench_kw`, e.g. warmup / rep, passed on) on a
     GPU; NaN elsewhere (dry runs of the check code in the interpreter)."""

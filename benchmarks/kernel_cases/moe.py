@@ -38,6 +38,16 @@ def _route_inputs(T: int, E: int, k: int, device, seed: int = 1):
     return ids, w
 
 
+def case_inputs(T: int, D: int, I: int, E: int, k: int, device: str):
+    """(device, cached MXFP4 experts, x [T, D] (bf16 on a GPU, fp32 on the CPU smoke run), ids, routing weights)
+    of one experts case."""
+    dev = torch.device(device)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    g = torch.Generator(device=dev).manual_seed(2)
+    x = torch.randn(T, D, device=dev, generator=g).to(dt)
+    return (dev, _fp4_experts(E, D, I, str(dev)), x) + _route_inputs(T, E, k, dev)
+
+
 def experts_case(T: int, act_quant: bool, *, D=4096, I=2048, E=256, k=6, device="cuda", scaled_dot=None,
                  bench: bool = True, dialect=Fp8Dialect.OCP):
     """moe_experts with FP4 experts at [T, D] (bf16 on a GPU, fp32 on the CPU smoke run) vs the reference.
@@ -46,12 +56,7 @@ def experts_case(T: int, act_quant: bool, *, D=4096, I=2048, E=256, k=6, device=
     from dsv4.ops.moe import moe_experts_reference
 
     def run():
-        dev = torch.device(device)
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        w13, s13, w2, s2 = _fp4_experts(E, D, I, str(dev))
-        g = torch.Generator(device=dev).manual_seed(2)
-        x = torch.randn(T, D, device=dev, generator=g).to(dt)
-        ids, w = _route_inputs(T, E, k, dev)
+        dev, (w13, s13, w2, s2), x, ids, w = case_inputs(T, D, I, E, k, device)
 
         def fn():
             return moe_experts_impl(x, w13, s13, w2, s2, ids, w, 10.0, act_quant, dialect, scaled_dot=scaled_dot)

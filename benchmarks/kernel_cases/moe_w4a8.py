@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.kernel_cases.common import H200_BW, H200_FP8_FLOPS, bench_ms, rel_err
-from benchmarks.kernel_cases.moe import FLASH, _fp4_experts, _route_inputs
+from benchmarks.kernel_cases.moe import FLASH, case_inputs
 from dsv4.kernels.triton.moe import moe_experts_impl
 from dsv4.kernels.triton.moe_w4a8 import moe_experts_w4a8_impl
 from dsv4.numerics.fp8 import Fp8Dialect
@@ -18,12 +18,7 @@ def w4a8_case(T: int, *, D=4096, I=2048, E=256, k=6, device="cuda", bench: bool 
     def run():
         from dsv4.ops.moe import moe_experts_reference
 
-        dev = torch.device(device)
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        w13, s13, w2, s2 = _fp4_experts(E, D, I, str(dev))
-        g = torch.Generator(device=dev).manual_seed(2)
-        x = torch.randn(T, D, device=dev, generator=g).to(dt)
-        ids, w = _route_inputs(T, E, k, dev)
+        dev, (w13, s13, w2, s2), x, ids, w = case_inputs(T, D, I, E, k, device)
         ocp = Fp8Dialect.OCP
 
         def fn():

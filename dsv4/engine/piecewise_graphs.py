@@ -97,11 +97,7 @@ class _Capture:
 
     def __call__(self, fn, *args):
         Tb = args[0].shape[0]
-        ins = []
-        for i, a in enumerate(args):
-            x = self.owner.shared(("in", i), a)[:Tb]
-            x.copy_(a)
-            ins.append(x)
+        ins = self.owner.stage_inputs(args)
         self.end()
         out = fn(self.core_meta, *ins)  # (eager; while capturing, its inputs hold whatever the buffers held)
         static = self.owner.shared(("out",), out)[:Tb]
@@ -119,11 +115,7 @@ class _Eager:
 
     def __call__(self, fn, *args):
         Tb = args[0].shape[0]
-        ins = []
-        for i, a in enumerate(args):
-            x = self.owner.shared(("in", i), a)[:Tb]
-            x.copy_(a)
-            ins.append(x)
+        ins = self.owner.stage_inputs(args)
         return _run_core(fn, ins, self.meta, self.T, lambda o: self.owner.shared(("out",), o)[:Tb])
 
 
@@ -193,6 +185,16 @@ class PiecewiseGraphs:
             buf = torch.zeros((self.buckets[-1],) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
             self._shared[key] = buf
         return buf
+
+    def stage_inputs(self, args) -> list[torch.Tensor]:
+        """A core's inputs (first dim: the padded step's tokens) copied into their shared buffers; the views."""
+        Tb = args[0].shape[0]
+        ins = []
+        for i, a in enumerate(args):
+            x = self.shared(("in", i), a)[:Tb]
+            x.copy_(a)
+            ins.append(x)
+        return ins
 
     # ---- capture ------------------------------------------------------------------------------------
     def _core_meta(self, Tb: int) -> ForwardMeta:

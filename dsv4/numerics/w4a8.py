@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .fp4 import E2M1_VALUES, _packed_bytes, fp4_unpack
-from .fp8 import Fp8Dialect, _e8m0_bytes, fp8_encode
+from .fp8 import Fp8Dialect, _e8m0_bytes, fp8_decode, fp8_encode
 
 __all__ = ["W4A8_BLOCK", "fp8_window", "fp4_block_offsets", "fp4_blocks_to_fp8", "fp4_as_fp8_dequant"]
 
@@ -98,8 +98,6 @@ def fp4_blocks_to_fp8(packed: torch.Tensor, scale: torch.Tensor, dialect: Fp8Dia
 def fp4_as_fp8_dequant(fp8_bytes: torch.Tensor, block_scale: torch.Tensor, dialect: Fp8Dialect | str = Fp8Dialect.OCP,
                        block: int = W4A8_BLOCK) -> torch.Tensor:
     """float32 [..., K] of the FP8 form: e4m3(bytes) * 2^(block scale - 127) (the W4A8 path's reference)."""
-    from .fp8 import fp8_decode
-
     d = Fp8Dialect.parse(dialect)
     v = fp8_decode(fp8_bytes, d)
     K = v.shape[-1]

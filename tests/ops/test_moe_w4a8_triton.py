@@ -26,8 +26,12 @@ def experts(E: int, D: int, I: int, seed: int, spread: int = 6):
     g = torch.Generator().manual_seed(seed)
     w13 = 0.3 * torch.randn(E, 2 * I, D, generator=g)
     w2 = 0.2 * torch.randn(E, D, I, generator=g)
-    w13 = w13 * torch.exp2(torch.randint(-spread, spread + 1, (E, 2 * I, D // 32), generator=g).float()).repeat_interleave(32, -1)
-    w2 = w2 * torch.exp2(torch.randint(-spread, spread + 1, (E, D, I // 32), generator=g).float()).repeat_interleave(32, -1)
+
+    def mag(*shape):  # a power of two per 32-block
+        return torch.exp2(torch.randint(-spread, spread + 1, shape, generator=g).float()).repeat_interleave(32, -1)
+
+    w13 = w13 * mag(E, 2 * I, D // 32)
+    w2 = w2 * mag(E, D, I // 32)
     a, sa = quantize_fp4_blocks(w13)
     b, sb = quantize_fp4_blocks(w2)
     return a, sa, b, sb

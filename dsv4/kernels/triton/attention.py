@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
-                                        interpreting, register, sm_count)
+from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_e4m3_native, fp8_encode, fp8_pow2,
+                                        fp8_quant_max, register, sm_count)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.attention import sparse_attention as sparse_attention_op
 from dsv4.ops.attention import write_window_op
@@ -48,20 +48,19 @@ MAX_SPLITS = 64
 
 
 @triton.jit
-def _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, c0, D, DN,
+def _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, D, DN,
                FP8: tl.constexpr, FNUZ: tl.constexpr, HW_OCP: tl.constexpr, DT: tl.constexpr,
-               BLOCK_C: tl.constexpr):
-    """Columns c0 .. c0 + BLOCK_C - 1 of rows of a KV store as a [BLOCK_N, BLOCK_C] tile in DT (zeros where
-    masked; c0 a multiple of BLOCK_C, and of 64 when BLOCK_C >= 64). off_*: int64 [BLOCK_N] element offsets of
-    each row in the store's components. Float store: b_ptr holds the rows. Fp8KV: b_ptr = nope bytes, s_ptr =
-    E8M0 scale bytes (one per 64 nope dims), r_ptr = rope floats; column d < DN decodes byte * 2^(scale - 127)
-    (exact: e4m3 times a power of two), d >= DN reads rope column d - DN.
+               BLOCK_D: tl.constexpr):
+    """Rows of a KV store as a [BLOCK_N, BLOCK_D] tile in DT (zeros where masked). off_*: int64 [BLOCK_N]
+    element offsets of each row in the store's components. Float store: b_ptr holds the rows. Fp8KV: b_ptr = nope
+    bytes, s_ptr = E8M0 scale bytes (one per 64 nope dims), r_ptr = rope floats; column d < DN decodes byte *
+    2^(scale - 127) (exact: e4m3 times a power of two), d >= DN reads rope column d - DN.
 
     Every load is contiguous along the columns (masks, never `where`, in the offsets), so it vectorises; the
     scales are loaded once per 64-column block and broadcast through a reshape (a per-element gather of them
     was the first version's main cost: 2.6-3x slower at batch 64-256 on an H100, docs/perf.md 2026-12-06);
     OCP bytes decode by the hardware conversion where there is one (HW_OCP), else by bit arithmetic."""
-    d = c0 + tl.arange(0, BLOCK_C)
+    d = tl.arange(0, BLOCK_D)
     if FP8:
         is_n = d < DN
         byte = tl.load(b_ptr + off_b[:, None] + d[None, :], mask=rmask[:, None] & is_n[None, :], other=0)
@@ -71,12 +70,12 @@ def _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, c0, D, DN,
             v = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         else:
             v = fp8_decode(byte, FNUZ)
-        NB: tl.constexpr = (BLOCK_C + 63) // 64
-        blk = c0 // 64 + tl.arange(0, NB)
+        NB: tl.constexpr = (BLOCK_D + 63) // 64
+        blk = tl.arange(0, NB)
         sb = tl.load(s_ptr + off_s[:, None] + blk[None, :], mask=rmask[:, None] & (blk * 64 < DN)[None, :], other=127)
         sc = fp8_pow2(sb.to(tl.int32) - 127)
         BN: tl.constexpr = v.shape[0]
-        xn = tl.reshape(tl.reshape(v, (BN, NB, BLOCK_C // NB)) * sc[:, :, None], (BN, BLOCK_C))
+        xn = tl.reshape(tl.reshape(v, (BN, NB, BLOCK_D // NB)) * sc[:, :, None], (BN, BLOCK_D))
         mr = rmask[:, None] & ((d >= DN) & (d < D))[None, :]
         xr = tl.load(r_ptr + off_r[:, None] + (d - DN)[None, :], mask=mr, other=0.0)
         x = tl.where(is_n[None, :], xn.to(DT), xr.to(DT))
@@ -104,7 +103,7 @@ def _attend_rows(q, b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, D, DN, m_i,
                  FP8: tl.constexpr, FNUZ: tl.constexpr, HW_OCP: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     """Load one tile of store rows and attend to it."""
-    k = _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, 0, D, DN, FP8, FNUZ, HW_OCP, q.dtype, BLOCK_D)
+    k = _load_rows(b_ptr, s_ptr, r_ptr, off_b, off_s, off_r, rmask, D, DN, FP8, FNUZ, HW_OCP, q.dtype, BLOCK_D)
     return _attend(q, k, rmask, m_i, l_i, acc, qk_scale, PREC)
 
 
@@ -226,9 +225,9 @@ def _sparse_attn_kernel(
         v = v0 + tl.arange(0, BLOCK_N)
         vm = v < r_hi
         ring = tl.where(vm, (lo + v) % W, 0).to(tl.int64)
-        m_i, l_i, acc = _attend_rows(q, wb_ptr, ws_ptr, wr_ptr, slot * wb_s0 + ring * wb_s1, slot * ws_s0 + ring * ws_s1,
-                                     slot * wr_s0 + ring * wr_s1, vm, D, DN_W, m_i, l_i, acc, qk_scale,
-                                     W_FP8, W_FNUZ, HW_OCP, PREC, BLOCK_D)
+        m_i, l_i, acc = _attend_rows(q, wb_ptr, ws_ptr, wr_ptr, slot * wb_s0 + ring * wb_s1,
+                                     slot * ws_s0 + ring * ws_s1, slot * wr_s0 + ring * wr_s1, vm, D, DN_W,
+                                     m_i, l_i, acc, qk_scale, W_FP8, W_FNUZ, HW_OCP, PREC, BLOCK_D)
     for v0 in range(tl.maximum(w_lo, n_ring), w_hi, BLOCK_N):
         v = v0 + tl.arange(0, BLOCK_N)
         vm = v < w_hi
@@ -375,14 +374,6 @@ def _store_args(store, D: int):
     return [store, store.stride(0), store.stride(1)] * 3, False, False, D
 
 
-def _hw_ocp(device: torch.device) -> bool:
-    """OCP e4m3 bytes can be decoded by the hardware conversion: NVIDIA sm_89+ (not the interpreter,
-    whose float8 casts are unreliable, nor ROCm, whose FP8 is the FNUZ dialect on MI300)."""
-    if device.type != "cuda" or interpreting(device) or torch.version.hip is not None:
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 def _auto_splits(device: torch.device, progs: int, max_keys: int) -> int:
     n_sm = sm_count(device) or 4
     if progs >= n_sm:
@@ -467,7 +458,7 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
         wsm, wsa,
         H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits,
         MODE=mode, W_FP8=w_fp8, W_FNUZ=w_fnuz, P_FP8=p_fp8, P_FNUZ=p_fnuz, SPLIT=split, DOT_F32=dot_f32,
-        PREC="ieee" if dot_f32 else None, HW_OCP=_hw_ocp(q.device),
+        PREC="ieee" if dot_f32 else None, HW_OCP=fp8_e4m3_native(q.device, False),
         PREFETCH=cfg["PREFETCH"] if prefetch is None else prefetch, BLOCK_H=BH, BLOCK_N=BN,
         BLOCK_D=BD,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],

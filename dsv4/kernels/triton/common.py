@@ -47,6 +47,22 @@ def sm_count(device: torch.device) -> int | None:
 
 
 @functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_e4m3_native(device: torch.device, fnuz: bool) -> bool:
+    """The GPU converts (and multiplies) e4m3 bytes of this dialect in hardware: OCP on NVIDIA sm_89+, FNUZ on
+    ROCm (MI300). Never in the interpreter, whose float8 casts are unreliable; elsewhere kernels decode by bit
+    arithmetic (fp8_decode)."""
+    if device.type != "cuda" or interpreting(device):
+        return False
+    if torch.version.hip is not None:
+        return fnuz
+    return not fnuz and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
 def _max_shared_mem(index: int) -> int:
     return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
 

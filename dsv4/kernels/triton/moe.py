@@ -548,12 +548,9 @@ def swiglu_rows(gu: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expe
     return h
 
 
-def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
-                     dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, block_m=None, bn_gate=None,
-                     bn_down=None, scaled_dot=None, packed=None, dispatch=None, h_buf=None, y_buf=None):
-    """`moe_experts` with test hooks: tile overrides, a precomputed dispatch (slots, block_expert), and the
-    h / y workspaces (tests poison them to prove padding rows are never read)."""
-    d = Fp8Dialect.parse(dialect)
+def check_experts_call(x, w13, w2, ids, weights, expert_map: ExpertMap | None):
+    """(T, D, local experts, I, expert map) of a moe_experts call, after checking that x, ids, weights and the
+    map agree (the weights' own shapes: _weight_args)."""
     if x.dim() != 2 or ids.dim() != 2 or weights.shape != ids.shape or ids.shape[0] != x.shape[0]:
         raise ValueError(f"moe_experts: x {tuple(x.shape)}, ids {tuple(ids.shape)}, weights "
                          f"{tuple(weights.shape)} do not match")
@@ -563,7 +560,16 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
     if emap.num_local != E_loc or w2.shape[0] != E_loc:
         raise ValueError(f"moe_experts: expert map has {emap.num_local} local experts, weights hold "
                          f"{E_loc} / {w2.shape[0]}")
-    I = w13.shape[1] // 2
+    return T, D, E_loc, w13.shape[1] // 2, emap
+
+
+def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
+                     dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, block_m=None, bn_gate=None,
+                     bn_down=None, scaled_dot=None, packed=None, dispatch=None, h_buf=None, y_buf=None):
+    """`moe_experts` with test hooks: tile overrides, a precomputed dispatch (slots, block_expert), and the
+    h / y workspaces (tests poison them to prove padding rows are never read)."""
+    d = Fp8Dialect.parse(dialect)
+    T, D, E_loc, I, emap = check_experts_call(x, w13, w2, ids, weights, expert_map)
     f13, fnuz13, w13b, s13, sw13, ss13 = _weight_args(w13, w13_scale, 2 * I, D, "w13")
     f2, fnuz2, w2b, s2, sw2, ss2 = _weight_args(w2, w2_scale, D, I, "w2")
     k = ids.shape[1]

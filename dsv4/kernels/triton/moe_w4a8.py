@@ -26,9 +26,10 @@ goes to the Triton provider, which is exact for every scale.
 Tiles: 128 output columns per program, K steps of 128.
 Rows per block: 64 on a GPU (FP8 wgmma needs 64 rows per warpgroup), 16 in the interpreter. Compiled for
 sm_90a on the CPU machine with Triton's ptxas (64 x 128 tiles, 8 warps): both kernels issue
-wgmma.m64n128k32.f32.e4m3.e4m3; gate-up uses 255 registers with ~250 B of spills (two accumulators), down 250
-and none; 4 warps spilled 2-4x more. No GPU time measured yet. In the interpreter (and without native FP8 dots) both operands are decoded to fp32 and dotted in
-IEEE fp32: the same exact products.
+wgmma.m64n64k32.f32.e4m3.e4m3 (each warpgroup takes half the columns); gate-up uses 255 registers with ~250 B
+of spills (two accumulators), down 250 and none; 4 warps spilled 2-4x more. No GPU time measured yet. In the
+interpreter (and without native FP8 dots) both operands are decoded to fp32 and dotted in IEEE fp32: the same
+exact products.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, interpreting,
-                                        triton_supported)
-from dsv4.kernels.triton.moe import (_block_rows, _round_to, _tl_dtype, act_roundtrip, moe_combine,
-                                     moe_experts_triton)
+from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_e4m3_native, fp8_encode, fp8_pow2,
+                                        interpreting, triton_supported)
+from dsv4.kernels.triton.moe import (_block_rows, _round_to, _tl_dtype, act_roundtrip, check_experts_call,
+                                     moe_combine, moe_experts_triton)
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
-from dsv4.kernels.triton.w4a8 import W4A8Experts, _fp8_dot_native, fp4_to_fp8_bits, prepare_w4a8
+from dsv4.kernels.triton.w4a8 import W4A8Experts, prepare_w4a8, w4a8_weight_dot
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.ops.moe import moe_experts as moe_experts_op
@@ -82,31 +83,6 @@ def _a_fp8(a_rows, ok, k0, K, FNUZ: tl.constexpr, F32_DOT: tl.constexpr):
     return q_e, q_o, e
 
 
-@triton.jit
-def _w_fp8_dot(acc, q_e, q_o, ea, w_ptr, o_ptr, b_ptr, n, n_ok, kb, s_wn, s_on, s_bn,
-               FNUZ: tl.constexpr, F32_DOT: tl.constexpr, BN: tl.constexpr):
-    """acc += (q_e . W_lo^T + q_o . W_hi^T) * 2^ea[:, None] * 2^(base - 127)[None, :] for weight rows n, K block
-    kb: the packed FP4 bytes [BN, 64] become e4m3 operands with the rows' four sub-block offsets."""
-    n64 = n.to(tl.int64)
-    c = tl.arange(0, 64)
-    wp = tl.load(w_ptr + n64[:, None] * s_wn + kb * 64 + c[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
-    ko = tl.load(o_ptr + n64[:, None] * s_on + kb * 4 + tl.arange(0, 4)[None, :], mask=n_ok[:, None], other=0)
-    ko = ko.to(tl.int32)[:, :, None]  # columns 2c, 2c + 1 lie in sub-block c // 16
-    lo = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp & 15, (BN, 4, 16)), ko, FNUZ), (BN, 64))
-    hi = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp >> 4, (BN, 4, 16)), ko, FNUZ), (BN, 64))
-    if F32_DOT:
-        part = tl.dot(q_e, tl.trans(fp8_decode(lo, FNUZ)), input_precision="ieee")
-        part = tl.dot(q_o, tl.trans(fp8_decode(hi, FNUZ)), acc=part, input_precision="ieee")
-    elif FNUZ:
-        part = tl.dot(q_e, tl.trans(lo.to(tl.uint8).to(tl.float8e4b8, bitcast=True)))
-        part = tl.dot(q_o, tl.trans(hi.to(tl.uint8).to(tl.float8e4b8, bitcast=True)), acc=part)
-    else:
-        part = tl.dot(q_e, tl.trans(lo.to(tl.uint8).to(tl.float8e4nv, bitcast=True)))
-        part = tl.dot(q_o, tl.trans(hi.to(tl.uint8).to(tl.float8e4nv, bitcast=True)), acc=part)
-    base = tl.load(b_ptr + n64 * s_bn + kb, mask=n_ok, other=127).to(tl.int32)
-    return acc + part * fp8_pow2(ea)[:, None] * tl.exp2((base - 127).to(tl.float32))[None, :]
-
-
 # Grid = max_blocks * cdiv(I, BN), N tile fastest. Per K block (over D): the block's activation rows [BM, 128]
 # gathered by token, re-expressed as e4m3 bytes, and the gate (rows n) and up (rows I + n) weight tiles.
 @triton.jit
@@ -130,9 +106,9 @@ def _w4a8_gate_up_kernel(x_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, rw_ptr
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, D // 128):
         q_e, q_o, ea = _a_fp8(a_rows, ok, kb * 128, D, FNUZ, F32_DOT)
-        acc_g = _w_fp8_dot(acc_g, q_e, q_o, ea, w_e, o_e, b_e, n, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
-        acc_u = _w_fp8_dot(acc_u, q_e, q_o, ea, w_e, o_e, b_e, n + I, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT,
-                           BN)
+        acc_g = w4a8_weight_dot(acc_g, q_e, q_o, ea, w_e, o_e, b_e, n, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
+        acc_u = w4a8_weight_dot(acc_u, q_e, q_o, ea, w_e, o_e, b_e, n + I, n_ok, kb, s_wn, s_on, s_bn, FNUZ,
+                                F32_DOT, BN)
     g = tl.minimum(_round_to(acc_g, OUT_DT, OUT_RNE), limit)  # linear's output is in x's dtype
     u = tl.minimum(tl.maximum(_round_to(acc_u, OUT_DT, OUT_RNE), -limit), limit)
     # routing weight before w2; h stays in x's dtype: the down kernel's encode of it is its act_quant
@@ -158,8 +134,8 @@ def _w4a8_down_kernel(h_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, y_ptr,
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, I // 128):
         q_e, q_o, ea = _a_fp8(a_rows, ok, kb * 128, I, FNUZ, F32_DOT)
-        acc = _w_fp8_dot(acc, q_e, q_o, ea, w_ptr + e64 * s_we, o_ptr + e64 * s_oe, b_ptr + e64 * s_be, n, n_ok, kb,
-                         s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
+        acc = w4a8_weight_dot(acc, q_e, q_o, ea, w_ptr + e64 * s_we, o_ptr + e64 * s_oe, b_ptr + e64 * s_be, n, n_ok,
+                              kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
     y = _round_to(acc, OUT_DT, OUT_RNE)
     tl.store(y_ptr + slot.to(tl.int64)[:, None] * s_y + n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=ok[:, None] & n_ok[None, :])
@@ -214,16 +190,7 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
             log.warning("moe_experts triton_w4a8: %s; served by the Triton provider (exact)", why)
         return moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, d,
                                   expert_map)
-    if x.dim() != 2 or ids.dim() != 2 or weights.shape != ids.shape or ids.shape[0] != x.shape[0]:
-        raise ValueError(f"moe_experts: x {tuple(x.shape)}, ids {tuple(ids.shape)}, weights "
-                         f"{tuple(weights.shape)} do not match")
-    T, D = x.shape
-    E_loc = w13.shape[0]
-    emap = ExpertMap.identity(E_loc) if expert_map is None else expert_map
-    if emap.num_local != E_loc or w2.shape[0] != E_loc:
-        raise ValueError(f"moe_experts: expert map has {emap.num_local} local experts, weights hold "
-                         f"{E_loc} / {w2.shape[0]}")
-    I = w13.shape[1] // 2
+    T, D, E_loc, I, emap = check_experts_call(x, w13, w2, ids, weights, expert_map)
     if tuple(w13.shape) != (E_loc, 2 * I, D // 2) or tuple(w2.shape) != (E_loc, D, I // 2):
         raise ValueError(f"moe_experts: w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not match x [T, {D}]")
     k = ids.shape[1]
@@ -239,7 +206,7 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
     ids_c = ids.contiguous()
     rw = weights.contiguous()
     fnuz = d is Fp8Dialect.FNUZ
-    f32_dot = not _fp8_dot_native(dev, fnuz)
+    f32_dot = not fp8_e4m3_native(dev, fnuz)
     bm = block_m or (16 if interpreting(dev) else 64)
     bn = QB
     warps = 4 if f32_dot else 8

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_decode, interpreting
+from dsv4.kernels.triton.common import fp8_decode, fp8_e4m3_native, fp8_pow2
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.numerics.w4a8 import fp4_block_offsets, fp8_window
 
@@ -112,6 +112,33 @@ def fp4_to_fp8_bytes(codes: torch.Tensor, offsets: torch.Tensor, dialect=Fp8Dial
 
 
 @triton.jit
+def w4a8_weight_dot(acc, q_e, q_o, ea, w_ptr, o_ptr, b_ptr, n, n_ok, kb, s_wn, s_on, s_bn,
+                    FNUZ: tl.constexpr, F32_DOT: tl.constexpr, BN: tl.constexpr):
+    """acc += (q_e . W_lo^T + q_o . W_hi^T) * 2^ea[:, None] * 2^(base - 127)[None, :] for weight rows n, K block
+    kb: the packed FP4 bytes [BN, 64] become e4m3 operands with the rows' four sub-block offsets. q_e / q_o: the
+    activations' even / odd columns of the block, e4m3 (fp32 values when F32_DOT), with row exponents ea. The
+    dense W4A8 GEMM below and the grouped MoE kernels (moe_w4a8.py) share it."""
+    n64 = n.to(tl.int64)
+    c = tl.arange(0, 64)
+    wp = tl.load(w_ptr + n64[:, None] * s_wn + kb * 64 + c[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+    ko = tl.load(o_ptr + n64[:, None] * s_on + kb * 4 + tl.arange(0, 4)[None, :], mask=n_ok[:, None], other=0)
+    ko = ko.to(tl.int32)[:, :, None]  # columns 2c, 2c + 1 lie in sub-block c // 16
+    lo = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp & 15, (BN, 4, 16)), ko, FNUZ), (BN, 64))
+    hi = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp >> 4, (BN, 4, 16)), ko, FNUZ), (BN, 64))
+    if F32_DOT:
+        part = tl.dot(q_e, tl.trans(fp8_decode(lo, FNUZ)), input_precision="ieee")
+        part = tl.dot(q_o, tl.trans(fp8_decode(hi, FNUZ)), acc=part, input_precision="ieee")
+    elif FNUZ:
+        part = tl.dot(q_e, tl.trans(lo.to(tl.uint8).to(tl.float8e4b8, bitcast=True)))
+        part = tl.dot(q_o, tl.trans(hi.to(tl.uint8).to(tl.float8e4b8, bitcast=True)), acc=part)
+    else:
+        part = tl.dot(q_e, tl.trans(lo.to(tl.uint8).to(tl.float8e4nv, bitcast=True)))
+        part = tl.dot(q_o, tl.trans(hi.to(tl.uint8).to(tl.float8e4nv, bitcast=True)), acc=part)
+    base = tl.load(b_ptr + n64 * s_bn + kb, mask=n_ok, other=127).to(tl.int32)
+    return acc + part * fp8_pow2(ea)[:, None] * tl.exp2((base - 127).to(tl.float32))[None, :]
+
+
+@triton.jit
 def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, wk_ptr, wb_ptr, out_ptr, M, N, NKB,
                       s_xm, s_xsm, s_wn, s_wkn, s_wbn, s_om,
                       FNUZ: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -120,41 +147,25 @@ def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, wk_ptr, wb_ptr, out_ptr, M, N, NKB,
     mm = rm < M
     nm = rn < N
     rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
-    c = tl.arange(0, 64)  # packed byte c of a block holds columns 2c (low nibble) and 2c + 1 (high nibble)
-    sub = tl.arange(0, 4)
+    ke = 2 * tl.arange(0, 64)  # even columns of a block: the packed weight bytes' low nibbles; odd: high
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(0, NKB):
-        xe = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + 2 * c[None, :], mask=mm[:, None], other=0)
-        xo = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + 2 * c[None, :] + 1, mask=mm[:, None], other=0)
-        wp = tl.load(w_ptr + rn64[:, None] * s_wn + kb * 64 + c[None, :], mask=nm[:, None], other=0).to(tl.int32)
-        ko = tl.load(wk_ptr + rn64[:, None] * s_wkn + kb * 4 + sub[None, :], mask=nm[:, None], other=0)
-        ko = ko.to(tl.int32)[:, :, None]  # [BLOCK_N, 4, 1]: columns 2c, 2c + 1 lie in sub-block c // 16
-        lo = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp & 15, (BLOCK_N, 4, 16)), ko, FNUZ), (BLOCK_N, 64))
-        hi = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp >> 4, (BLOCK_N, 4, 16)), ko, FNUZ), (BLOCK_N, 64))
+        xe = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + ke[None, :], mask=mm[:, None], other=0)
+        xo = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + ke[None, :] + 1, mask=mm[:, None], other=0)
         if F32_DOT:
-            part = tl.dot(fp8_decode(xe, FNUZ), tl.trans(fp8_decode(lo, FNUZ)), input_precision="ieee")
-            part += tl.dot(fp8_decode(xo, FNUZ), tl.trans(fp8_decode(hi, FNUZ)), input_precision="ieee")
+            q_e = fp8_decode(xe, FNUZ)
+            q_o = fp8_decode(xo, FNUZ)
         elif FNUZ:
-            part = tl.dot(xe.to(tl.float8e4b8, bitcast=True), tl.trans(lo.to(tl.uint8).to(tl.float8e4b8, bitcast=True)))
-            part += tl.dot(xo.to(tl.float8e4b8, bitcast=True), tl.trans(hi.to(tl.uint8).to(tl.float8e4b8, bitcast=True)))
+            q_e = xe.to(tl.float8e4b8, bitcast=True)
+            q_o = xo.to(tl.float8e4b8, bitcast=True)
         else:
-            part = tl.dot(xe.to(tl.float8e4nv, bitcast=True), tl.trans(lo.to(tl.uint8).to(tl.float8e4nv, bitcast=True)))
-            part += tl.dot(xo.to(tl.float8e4nv, bitcast=True), tl.trans(hi.to(tl.uint8).to(tl.float8e4nv, bitcast=True)))
-        xs = tl.load(xs_ptr + rm64 * s_xsm + kb, mask=mm, other=127).to(tl.float32)
-        wb = tl.load(wb_ptr + rn64 * s_wbn + kb, mask=nm, other=127).to(tl.float32)
-        acc += part * tl.exp2(xs - 127.0)[:, None] * tl.exp2(wb - 127.0)[None, :]
+            q_e = xe.to(tl.float8e4nv, bitcast=True)
+            q_o = xo.to(tl.float8e4nv, bitcast=True)
+        ea = tl.load(xs_ptr + rm64 * s_xsm + kb, mask=mm, other=127).to(tl.int32) - 127
+        acc = w4a8_weight_dot(acc, q_e, q_o, ea, w_ptr, wk_ptr, wb_ptr, rn, nm, kb, s_wn, s_wkn, s_wbn, FNUZ, F32_DOT,
+                              BLOCK_N)
     tl.store(out_ptr + rm64[:, None] * s_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mm[:, None] & nm[None, :])
-
-
-def _fp8_dot_native(device: torch.device, fnuz: bool) -> bool:
-    """FP8 operands on the tensor cores: OCP on NVIDIA sm_89+, FNUZ on ROCm (MI300); never in the interpreter."""
-    if device.type != "cuda" or interpreting(device):
-        return False
-    if torch.version.hip is not None:
-        return fnuz
-    return (not fnuz) and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def w4a8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_offsets: torch.Tensor,
@@ -184,6 +195,6 @@ def w4a8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _w4a8_gemm_kernel[grid](x, xs, w, wk, wb, out, M, N, K // W4A8_BLOCK,
                             x.stride(0), xs.stride(0), w.stride(0), wk.stride(0), wb.stride(0), out.stride(0),
-                            FNUZ=fnuz, F32_DOT=not _fp8_dot_native(x_q.device, fnuz),
+                            FNUZ=fnuz, F32_DOT=not fp8_e4m3_native(x_q.device, fnuz),
                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return out

@@ -95,7 +95,21 @@ def scaled_grouped(x, ids, w, f13, s13f, f2, s2f):
 
 
 @torch.no_grad()
-def sweep(tokens, paths, rows, bw) -> None:
+def parse_tiles(spec: str) -> list[dict]:
+    """'64x128w8s3,128x128w8' -> launch options of the W4A8 provider (block_m, block_n, num_warps[, num_stages])."""
+    out = []
+    for t in filter(None, spec.split(",")):
+        bm, rest = t.split("x")
+        bn, rest = rest.split("w")
+        w, _, st = rest.partition("s")
+        opt = {"block_m": int(bm), "block_n": int(bn), "num_warps": int(w)}
+        if st:
+            opt["num_stages"] = int(st)
+        out.append(opt)
+    return out
+
+
+def sweep(tokens, paths, rows, bw, w4a8_tiles=()) -> None:
     from triton.testing import do_bench
 
     from benchmarks.kernel_cases import moe as kc
@@ -136,6 +150,9 @@ def sweep(tokens, paths, rows, bw) -> None:
             from dsv4.kernels.triton import moe_w4a8 as kw
 
             full("triton-w4a8", lambda: kw.moe_experts_w4a8_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True))
+            for opt in w4a8_tiles:
+                tag = "triton-w4a8[{block_m}x{block_n}w{num_warps}s{}]".format(opt.get("num_stages", "-"), **opt)
+                full(tag, lambda: kw.moe_experts_w4a8_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True, **opt))
         for name, a8 in (("humming-w4a16", False), ("humming-w4a8", True)):
             if name in paths:
                 full(name, lambda: hm.moe_experts_humming(x, w13, s13, w2, s2, ids, w, LIMIT, True, a8=a8))
@@ -287,6 +304,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,8,64,256,1024,8192")
     ap.add_argument("--paths", default="triton,triton-w4a8,humming-w4a16,humming-w4a8,scaled-grouped-mm")
     ap.add_argument("--checks", default="graph,window,smem")
+    ap.add_argument("--w4a8-tiles", default="", help="extra launch variants of triton-w4a8, e.g. 64x128w8s3,128x128w8")
     ap.add_argument("--profile", default="", help="T values: kernel table of the humming provider's replay only")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -302,7 +320,7 @@ def main() -> None:
     bw = copy_bandwidth()
     _record(rows, {"copy_bandwidth_TBps": bw / 1e12})
     try:
-        sweep([int(t) for t in a.tokens.split(",")], set(a.paths.split(",")), rows, bw)
+        sweep([int(t) for t in a.tokens.split(",")], set(a.paths.split(",")), rows, bw, parse_tiles(a.w4a8_tiles))
         if "graph" in a.checks:
             try:
                 graph_check(rows)

@@ -5,14 +5,16 @@ wants e4m3 operands with one scale per 128-element K block. For one row and one 
 scale exponents s_0..s_3 (E8M0 bytes), take base = max(s) - KMAX. Each element becomes
 e2m1(code) * 2^(s_j - base) times 2^(base - 127).
 
-The first factor is exactly representable in e4m3 while every k_j = s_j - base lies in [KMIN, KMAX]:
-- OCP e4m3fn (max 448, smallest subnormal 2^-9): KMAX = 6, since 6 * 2^6 = 384 <= 448; KMIN = -8, since
-  0.5 * 2^-8 = 2^-9 and 1.5 * 2^-8 = 3 * 2^-9.
-- FNUZ e4m3fnuz (max 240, smallest subnormal 2^-10): KMAX = 5 and KMIN = -9.
+The first factor is an exact, normal e4m3 value while every k_j = s_j - base lies in [KMIN, KMAX]:
+- OCP e4m3fn (max 448, smallest normal 2^-6): KMAX = 6, since 6 * 2^6 = 384 <= 448; KMIN = -5, since
+  0.5 * 2^-5 = 2^-6.
+- FNUZ e4m3fnuz (max 240, smallest normal 2^-7): KMAX = 5 and KMIN = -6.
 
-Either way a block fits when its four scales span at most 14 binades. A block that does not fit cannot be
-represented exactly. It is reported, never approximated: `fits` is False there, and its bytes are undefined
-(zero).
+Either way a block fits when its four scales span at most 11 binades. Subnormal operands would stretch that to
+14, but keeping every operand normal makes the e4m3 byte of code c at offset k the byte at KMIN plus
+(k - KMIN) << 3, the same table in both dialects: the kernels build it with a few instructions per 8 codes
+(dsv4/kernels/triton/w4a8.py). A block that does not fit is reported, never approximated: `fits` is False
+there, and its bytes are undefined (zero).
 
 The second factor is the block's weight scale: an E8M0 byte per (row, 128-block), applied to the fp32 partial
 sums of the block like the activations' 1x128 scales. Product by product, the FP8 GEMM then computes exactly
@@ -33,9 +35,9 @@ _SUB = 32  # K elements per MXFP4 scale
 
 
 def fp8_window(dialect: Fp8Dialect | str) -> tuple[int, int]:
-    """(KMIN, KMAX): the exponent offsets k for which every E2M1 value times 2^k is an exact e4m3 value."""
+    """(KMIN, KMAX): the exponent offsets k for which every E2M1 value times 2^k is an exact, normal e4m3 value."""
     d = Fp8Dialect.parse(dialect)
-    return (-9, 5) if d is Fp8Dialect.FNUZ else (-8, 6)
+    return (-6, 5) if d is Fp8Dialect.FNUZ else (-5, 6)
 
 
 def fp4_block_offsets(scale: torch.Tensor, dialect: Fp8Dialect | str = Fp8Dialect.OCP, block: int = W4A8_BLOCK,

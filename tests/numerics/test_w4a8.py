@@ -51,16 +51,16 @@ def test_every_code_at_every_offset(dialect):
 @pytest.mark.parametrize("dialect", DIALECTS, ids=["ocp", "fnuz"])
 def test_random_weights_exact(dialect):
     """MXFP4 weights quantised from Gaussian rows with a few wide-range rows: every fitting block is exact;
-    the blocks reported as not fitting are exactly those whose four scales span more than 14 binades."""
+    the blocks reported as not fitting are exactly those whose four scales span more than 11 binades."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(3, 24, 512, generator=g)
     w[1, 5, 130:140] *= 2.0 ** 20  # one sub-block 2^20 larger than its neighbours: out of the window
-    w[2, 7, 256:288] *= 2.0 ** -13  # 13-14 binades below: still inside
+    w[2, 7, 256:288] *= 2.0 ** -10  # 10-11 binades below: still inside
     packed, scale = quantize_fp4_blocks(w)
     fp8, bscale, fits = fp4_blocks_to_fp8(packed, scale, dialect)
     s = scale.to(torch.int32).view(3, 24, 4, 4)
     spread = s.amax(-1) - s.amin(-1)
-    assert torch.equal(fits, spread <= 14)
+    assert torch.equal(fits, spread <= 11)
     assert not bool(fits[1, 5, 1]) and bool(fits[2, 7, 2])
     want = dequantize_fp4_blocks(packed, scale).view(3, 24, 4, 128)
     got = fp4_as_fp8_dequant(fp8, bscale, dialect).view(3, 24, 4, 128)

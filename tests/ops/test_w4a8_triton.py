@@ -58,11 +58,11 @@ def test_gemm_block_scales_matter():
     x = torch.randn(M, K, generator=g)
     w = torch.randn(N, K, generator=g)
     w[:, 128:256] *= 2.0 ** 9  # block 1 far above block 0
-    w[:, 256 + 32:256 + 64] *= 2.0 ** -13  # one sub-block ~13 binades below its neighbours: offsets down to -8
+    w[:, 256 + 32:256 + 64] *= 2.0 ** -10  # one sub-block ~10 binades below its neighbours: offsets -4 / -5
     xq, xs = quantize_fp8_blocks(x, (128,), "ocp")
     wp, wsc = quantize_fp4_blocks(w)
     koff, base, fits = fp4_block_offsets(wsc, "ocp")
-    assert bool(fits.all()) and int(koff.min()) == -8  # the edge of the window is reached
+    assert bool(fits.all()) and int(koff.min()) <= fp8_window("ocp")[0] + 1  # at the edge of the window
     want = dequantize_fp8_blocks(xq, xs, (128,), "ocp").double() @ dequantize_fp4_blocks(wp, wsc).double().t()
     got = w4a8_linear(xq, xs, wp, koff, base, block_m=16, block_n=16)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

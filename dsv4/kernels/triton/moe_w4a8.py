@@ -41,12 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_e4m3_native, fp8_encode, fp8_pow2,
+from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_e4m3_native, fp8_encode, fp8_pow2, fp8_quant_max,
                                         interpreting, triton_supported)
-from dsv4.kernels.triton.moe import (_block_rows, _round_to, _tl_dtype, act_roundtrip, check_experts_call,
-                                     moe_combine, moe_experts_triton)
+from dsv4.kernels.triton.moe import _block_rows, _round_to, _tl_dtype, check_experts_call, moe_combine, moe_experts_triton
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
-from dsv4.kernels.triton.w4a8 import W4A8Experts, prepare_w4a8, w4a8_weight_dot
+from dsv4.kernels.triton.quant import fp8_act_quant_triton
+from dsv4.kernels.triton.w4a8 import W4A8Experts, fp8_operand, prepare_w4a8, w4a8_weight_dot
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.ops.moe import moe_experts as moe_experts_op
@@ -57,43 +57,27 @@ QB = 128
 
 
 @triton.jit
-def _a_fp8(a_rows, ok, k0, K, FNUZ: tl.constexpr, F32_DOT: tl.constexpr):
-    """Activation block k0 .. k0 + 127 of the rows quantised with the fp8_act_quant recipe (per row: amax >=
-    1e-4, power-of-two scale 2^e, round to nearest even), as even / odd column operands (the FP4 low / high
-    nibbles) in e4m3 (their values in fp32 when F32_DOT) and e. x comes already rounded through FP8 (act
-    round trip), so its encode is exact; h is quantised here."""
-    ke = k0 + 2 * tl.arange(0, 64)
-    am = ok[:, None] & (ke < K)[None, :]
-    a_e = tl.load(a_rows[:, None] + ke[None, :], mask=am, other=0.0).to(tl.float32)
-    a_o = tl.load(a_rows[:, None] + (ke + 1)[None, :], mask=am, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.maximum(tl.max(tl.abs(a_e), axis=1), tl.max(tl.abs(a_o), axis=1)), 1e-4)
-    e = fp8_block_exponent(amax, FNUZ)
-    inv = fp8_pow2(-e)[:, None]
-    q_e = a_e * inv  # |q| <= 448 (224 FNUZ)
-    q_o = a_o * inv
-    if F32_DOT:
-        q_e = fp8_decode(fp8_encode(q_e, FNUZ), FNUZ)  # the bytes the GPU path feeds the MMA, as values
-        q_o = fp8_decode(fp8_encode(q_o, FNUZ), FNUZ)
-    elif FNUZ:
-        q_e = q_e.to(tl.float8e4b8)
-        q_o = q_o.to(tl.float8e4b8)
-    else:
-        q_e = q_e.to(tl.float8e4nv)
-        q_o = q_o.to(tl.float8e4nv)
-    return q_e, q_o, e
+def _act_block(q_ptr, s_ptr, rows64, ok, kb, s_q, s_s, FNUZ: tl.constexpr, F32_DOT: tl.constexpr):
+    """K block kb of FP8 activation rows (act_quant bytes [BM, 128] and their exponents): the dot operand and
+    e. Invalid rows read as zeros with scale 1."""
+    kk = tl.arange(0, 128)
+    b = tl.load(q_ptr + rows64[:, None] * s_q + kb * 128 + kk[None, :], mask=ok[:, None], other=0)
+    ea = tl.load(s_ptr + rows64 * s_s + kb, mask=ok, other=127).to(tl.int32) - 127
+    return fp8_operand(b, FNUZ, F32_DOT), ea
 
 
-# Grid = max_blocks * cdiv(I, BN), N tile fastest. Per K block (over D): the block's activation rows [BM, 128]
-# gathered by token, re-expressed as e4m3 bytes, and the gate (rows n) and up (rows I + n) weight tiles.
+# Grid = max_blocks * cdiv(I, BN), N tile fastest. Per K block (over D): the block's activation bytes [BM, 128]
+# gathered by token (x's act_quant, computed once per call) and the gate (rows n) and up (rows I + n) weight
+# tiles. The epilogue quantises h per (row, 128 columns): BN is 128, so this program owns whole blocks.
 @triton.jit
-def _w4a8_gate_up_kernel(x_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, rw_ptr, h_ptr,
-                         N, KTOP, I, D, n_tiles, max_rows, s_x, s_we, s_wn, s_oe, s_on, s_be, s_bn, s_h, limit,
-                         FNUZ: tl.constexpr, F32_DOT: tl.constexpr, OUT_DT: tl.constexpr, OUT_RNE: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr):
+def _w4a8_gate_up_kernel(xq_ptr, xs_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, rw_ptr, hq_ptr, hs_ptr,
+                         N, KTOP, I, D, n_tiles, max_rows, s_xq, s_xs, s_we, s_wn, s_oe, s_on, s_be, s_bn, s_hq,
+                         s_hs, limit, FNUZ: tl.constexpr, F32_DOT: tl.constexpr, OUT_DT: tl.constexpr,
+                         OUT_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_n, e, rows, slot, ok = _block_rows(bexp_ptr, slots_ptr, n_tiles, max_rows, N, BM)
     if e < 0:
         return
-    tok = slot // KTOP
+    tok = (slot // KTOP).to(tl.int64)
     rw = tl.load(rw_ptr + slot, mask=ok, other=0.0).to(tl.float32)
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < I
@@ -101,27 +85,30 @@ def _w4a8_gate_up_kernel(x_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, rw_ptr
     w_e = w_ptr + e64 * s_we
     o_e = o_ptr + e64 * s_oe
     b_e = b_ptr + e64 * s_be
-    a_rows = x_ptr + tok.to(tl.int64) * s_x
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, D // 128):
-        q_e, q_o, ea = _a_fp8(a_rows, ok, kb * 128, D, FNUZ, F32_DOT)
-        acc_g = w4a8_weight_dot(acc_g, q_e, q_o, ea, w_e, o_e, b_e, n, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
-        acc_u = w4a8_weight_dot(acc_u, q_e, q_o, ea, w_e, o_e, b_e, n + I, n_ok, kb, s_wn, s_on, s_bn, FNUZ,
-                                F32_DOT, BN)
+        a, ea = _act_block(xq_ptr, xs_ptr, tok, ok, kb, s_xq, s_xs, FNUZ, F32_DOT)
+        acc_g = w4a8_weight_dot(acc_g, a, ea, w_e, o_e, b_e, n, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
+        acc_u = w4a8_weight_dot(acc_u, a, ea, w_e, o_e, b_e, n + I, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
     g = tl.minimum(_round_to(acc_g, OUT_DT, OUT_RNE), limit)  # linear's output is in x's dtype
     u = tl.minimum(tl.maximum(_round_to(acc_u, OUT_DT, OUT_RNE), -limit), limit)
-    # routing weight before w2; h stays in x's dtype: the down kernel's encode of it is its act_quant
+    # routing weight before w2; h in x's dtype, then its act_quant (the down GEMM's FP8 input) right here
     h = _round_to(g * tl.sigmoid(g) * u * rw[:, None], OUT_DT, OUT_RNE)
-    tl.store(h_ptr + rows.to(tl.int64)[:, None] * s_h + n[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=ok[:, None] & n_ok[None, :])
+    h = tl.where(n_ok[None, :], h, 0.0)
+    eh = fp8_block_exponent(tl.maximum(tl.max(tl.abs(h), axis=1), 1e-4), FNUZ)
+    qmax = fp8_quant_max(FNUZ)
+    hq = fp8_encode(tl.minimum(tl.maximum(h * fp8_pow2(-eh)[:, None], -qmax), qmax), FNUZ)
+    r64 = rows.to(tl.int64)
+    tl.store(hq_ptr + r64[:, None] * s_hq + n[None, :], hq.to(tl.uint8), mask=ok[:, None] & n_ok[None, :])
+    tl.store(hs_ptr + r64 * s_hs + pid_n, (eh + 127).to(tl.uint8), mask=ok)
 
 
-# Grid = max_blocks * cdiv(D, BN). Per K block (over I): the block's h rows [BM, 128] (contiguous, masked by
-# slot validity) as e4m3 bytes and one w2 tile; the result, rounded to x's dtype, goes to y[slot].
+# Grid = max_blocks * cdiv(D, BN). Per K block (over I): the block's h bytes [BM, 128] (contiguous dispatch
+# rows, masked by slot validity) and one w2 tile; the result, rounded to x's dtype, goes to y[slot].
 @triton.jit
-def _w4a8_down_kernel(h_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, y_ptr,
-                      N, I, D, n_tiles, max_rows, s_h, s_we, s_wn, s_oe, s_on, s_be, s_bn, s_y,
+def _w4a8_down_kernel(hq_ptr, hs_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, y_ptr,
+                      N, I, D, n_tiles, max_rows, s_hq, s_hs, s_we, s_wn, s_oe, s_on, s_be, s_bn, s_y,
                       FNUZ: tl.constexpr, F32_DOT: tl.constexpr, OUT_DT: tl.constexpr, OUT_RNE: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr):
     pid_n, e, rows, slot, ok = _block_rows(bexp_ptr, slots_ptr, n_tiles, max_rows, N, BM)
@@ -130,12 +117,12 @@ def _w4a8_down_kernel(h_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, y_ptr,
     n = pid_n * BN + tl.arange(0, BN)
     n_ok = n < D
     e64 = e.to(tl.int64)
-    a_rows = h_ptr + rows.to(tl.int64) * s_h
+    r64 = rows.to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, I // 128):
-        q_e, q_o, ea = _a_fp8(a_rows, ok, kb * 128, I, FNUZ, F32_DOT)
-        acc = w4a8_weight_dot(acc, q_e, q_o, ea, w_ptr + e64 * s_we, o_ptr + e64 * s_oe, b_ptr + e64 * s_be, n, n_ok,
-                              kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
+        a, ea = _act_block(hq_ptr, hs_ptr, r64, ok, kb, s_hq, s_hs, FNUZ, F32_DOT)
+        acc = w4a8_weight_dot(acc, a, ea, w_ptr + e64 * s_we, o_ptr + e64 * s_oe, b_ptr + e64 * s_be, n, n_ok, kb,
+                              s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
     y = _round_to(acc, OUT_DT, OUT_RNE)
     tl.store(y_ptr + slot.to(tl.int64)[:, None] * s_y + n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=ok[:, None] & n_ok[None, :])
@@ -175,6 +162,7 @@ _WARNED: set[str] = set()
 
 def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
                           dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, block_m: int | None = None,
+                          block_n: int = QB, num_warps: int | None = None, num_stages: int | None = None,
                           h_buf=None, y_buf=None):
     d = Fp8Dialect.parse(dialect)
     why = w4a8_delegate_reason(x, w13, w13_scale, w2, w2_scale, act_quant)
@@ -208,30 +196,35 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
     fnuz = d is Fp8Dialect.FNUZ
     f32_dot = not fp8_e4m3_native(dev, fnuz)
     bm = block_m or (16 if interpreting(dev) else 64)
-    bn = QB
-    warps = 4 if f32_dot else 8
+    bn = block_n
+    warps = num_warps or (4 if f32_dot else 8)
+    launch = {"num_warps": warps} if num_stages is None else {"num_warps": warps, "num_stages": num_stages}
     rne = interpreting(dev) and x.dtype == torch.bfloat16
     out_dt = _tl_dtype(x.dtype)
     slots, bexp, _, _ = moe_dispatch_triton(ids_c, emap, bm)
     mb, mr = bexp.shape[0], slots.shape[0]
-    xa = act_roundtrip(x, d)
-    h = torch.empty((mr, I), dtype=x.dtype, device=dev) if h_buf is None else h_buf
+    xq, xs = fp8_act_quant_triton(x, QB, d)  # x's act_quant: bytes and E8M0 scales, once per call
+    if h_buf is None:
+        hq = torch.empty((mr, I), dtype=torch.uint8, device=dev)
+        hs = torch.empty((mr, I // QB), dtype=torch.uint8, device=dev)
+    else:
+        hq, hs = h_buf
     w13b, w2b = w13.view(torch.uint8), w2.view(torch.uint8)
     o13, b13, o2, b2 = p13.offsets, p13.block_scale, p2.offsets, p2.block_scale
-    n1 = triton.cdiv(I, bn)
+    n1 = triton.cdiv(I, QB)
     if mb:
         _w4a8_gate_up_kernel[(mb * n1,)](
-            xa, w13b, o13, b13, slots, bexp, rw, h, N, k, I, D, n1, mr, xa.stride(0), w13b.stride(0),
-            w13b.stride(1), o13.stride(0), o13.stride(1), b13.stride(0), b13.stride(1), h.stride(0),
-            float(swiglu_limit), FNUZ=fnuz, F32_DOT=f32_dot, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn,
-            num_warps=warps)
+            xq, xs, w13b, o13, b13, slots, bexp, rw, hq, hs, N, k, I, D, n1, mr, xq.stride(0), xs.stride(0),
+            w13b.stride(0), w13b.stride(1), o13.stride(0), o13.stride(1), b13.stride(0), b13.stride(1),
+            hq.stride(0), hs.stride(0), float(swiglu_limit), FNUZ=fnuz, F32_DOT=f32_dot, OUT_DT=out_dt,
+            OUT_RNE=rne, BM=bm, BN=QB, **launch)
     y = torch.empty((N, D), dtype=x.dtype, device=dev) if y_buf is None else y_buf
     n2 = triton.cdiv(D, bn)
     if mb:
         _w4a8_down_kernel[(mb * n2,)](
-            h, w2b, o2, b2, slots, bexp, y, N, I, D, n2, mr, h.stride(0), w2b.stride(0), w2b.stride(1),
-            o2.stride(0), o2.stride(1), b2.stride(0), b2.stride(1), y.stride(0),
-            FNUZ=fnuz, F32_DOT=f32_dot, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn, num_warps=warps)
+            hq, hs, w2b, o2, b2, slots, bexp, y, N, I, D, n2, mr, hq.stride(0), hs.stride(0), w2b.stride(0),
+            w2b.stride(1), o2.stride(0), o2.stride(1), b2.stride(0), b2.stride(1), y.stride(0),
+            FNUZ=fnuz, F32_DOT=f32_dot, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn, **launch)
     return moe_combine(y, ids_c, emap, out)
 
 

@@ -14,10 +14,9 @@ block) scale and the weight's (row, block) scale. It is the kernel the MoE group
 same operand layout; it is not registered as a provider of any op yet and has no measured speed.
 
 Work decomposition: grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); program (i, j) loops over the K/128 blocks:
-loads x bytes [BLOCK_M, 128] as even / odd columns (low / high nibbles of the packed weight bytes hold the
-even / odd columns, so no interleave is needed), the packed weight bytes [BLOCK_N, 64] and their four offsets,
-converts both nibbles to e4m3 bytes, and adds dot(x_even, w_lo^T) + dot(x_odd, w_hi^T) times the two scales
-to the fp32 accumulator. Each weight byte is read once per M block.
+loads x bytes [BLOCK_M, 128], the packed weight bytes [BLOCK_N, 64] and their four offsets, converts both
+nibbles to e4m3 bytes joined back into column order, and adds one dot(x, w^T) times the two scales to the fp32
+accumulator. Each weight byte is read once per M block.
 Compiled for sm_90a on the CPU machine (the ptxas report of benchmarks/attention_ptxas.py's method): BLOCK_M 64
 with 4 warps gives FP8 wgmma (m64n64k32 e4m3, 253 registers, no spills at BLOCK_N 64); with BLOCK_M < 64
 Triton converts the e4m3 operands to f16 (exact) for mma.sync, so the result is the same, the rate is not.
@@ -112,12 +111,11 @@ def fp4_to_fp8_bytes(codes: torch.Tensor, offsets: torch.Tensor, dialect=Fp8Dial
 
 
 @triton.jit
-def w4a8_weight_dot(acc, q_e, q_o, ea, w_ptr, o_ptr, b_ptr, n, n_ok, kb, s_wn, s_on, s_bn,
-                    FNUZ: tl.constexpr, F32_DOT: tl.constexpr, BN: tl.constexpr):
-    """acc += (q_e . W_lo^T + q_o . W_hi^T) * 2^ea[:, None] * 2^(base - 127)[None, :] for weight rows n, K block
-    kb: the packed FP4 bytes [BN, 64] become e4m3 operands with the rows' four sub-block offsets. q_e / q_o: the
-    activations' even / odd columns of the block, e4m3 (fp32 values when F32_DOT), with row exponents ea. The
-    dense W4A8 GEMM below and the grouped MoE kernels (moe_w4a8.py) share it."""
+def w4a8_weight_tile(w_ptr, o_ptr, n, n_ok, kb, s_wn, s_on, FNUZ: tl.constexpr, F32_DOT: tl.constexpr,
+                     BN: tl.constexpr):
+    """The weight rows n of K block kb as one e4m3 operand [BN, 128] in K order (fp32 values when F32_DOT): the
+    packed FP4 bytes [BN, 64] (low nibble = even column) become e4m3 bytes with the rows' four sub-block
+    offsets, the low / high nibbles joined back into column order."""
     n64 = n.to(tl.int64)
     c = tl.arange(0, 64)
     wp = tl.load(w_ptr + n64[:, None] * s_wn + kb * 64 + c[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
@@ -125,16 +123,40 @@ def w4a8_weight_dot(acc, q_e, q_o, ea, w_ptr, o_ptr, b_ptr, n, n_ok, kb, s_wn, s
     ko = ko.to(tl.int32)[:, :, None]  # columns 2c, 2c + 1 lie in sub-block c // 16
     lo = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp & 15, (BN, 4, 16)), ko, FNUZ), (BN, 64))
     hi = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp >> 4, (BN, 4, 16)), ko, FNUZ), (BN, 64))
+    w = tl.reshape(tl.join(lo, hi), (BN, 128))
     if F32_DOT:
-        part = tl.dot(q_e, tl.trans(fp8_decode(lo, FNUZ)), input_precision="ieee")
-        part = tl.dot(q_o, tl.trans(fp8_decode(hi, FNUZ)), acc=part, input_precision="ieee")
+        return fp8_decode(w, FNUZ)
     elif FNUZ:
-        part = tl.dot(q_e, tl.trans(lo.to(tl.uint8).to(tl.float8e4b8, bitcast=True)))
-        part = tl.dot(q_o, tl.trans(hi.to(tl.uint8).to(tl.float8e4b8, bitcast=True)), acc=part)
+        return w.to(tl.uint8).to(tl.float8e4b8, bitcast=True)
     else:
-        part = tl.dot(q_e, tl.trans(lo.to(tl.uint8).to(tl.float8e4nv, bitcast=True)))
-        part = tl.dot(q_o, tl.trans(hi.to(tl.uint8).to(tl.float8e4nv, bitcast=True)), acc=part)
-    base = tl.load(b_ptr + n64 * s_bn + kb, mask=n_ok, other=127).to(tl.int32)
+        return w.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def fp8_operand(b, FNUZ: tl.constexpr, F32_DOT: tl.constexpr):
+    """e4m3 bytes (uint8) as a dot operand: the FP8 type, or their fp32 values when F32_DOT."""
+    if F32_DOT:
+        return fp8_decode(b, FNUZ)
+    elif FNUZ:
+        return b.to(tl.float8e4b8, bitcast=True)
+    else:
+        return b.to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def w4a8_weight_dot(acc, a, ea, w_ptr, o_ptr, b_ptr, n, n_ok, kb, s_wn, s_on, s_bn,
+                    FNUZ: tl.constexpr, F32_DOT: tl.constexpr, BN: tl.constexpr):
+    """acc += (a . W^T) * 2^ea[:, None] * 2^(base - 127)[None, :] for weight rows n, K block kb: a is the
+    activations' block [BM, 128] as an e4m3 operand (fp32 values when F32_DOT) with row exponents ea; W the
+    rows' e4m3 tile (w4a8_weight_tile) with block scale bytes base. One dot per 128-block, promoted to the fp32
+    accumulator with both scales (the FP8 MMA's own accumulation spans one block only). The dense W4A8 GEMM
+    below and the grouped MoE kernels (moe_w4a8.py) share it."""
+    w = w4a8_weight_tile(w_ptr, o_ptr, n, n_ok, kb, s_wn, s_on, FNUZ, F32_DOT, BN)
+    if F32_DOT:
+        part = tl.dot(a, tl.trans(w), input_precision="ieee")
+    else:
+        part = tl.dot(a, tl.trans(w))
+    base = tl.load(b_ptr + n.to(tl.int64) * s_bn + kb, mask=n_ok, other=127).to(tl.int32)
     return acc + part * fp8_pow2(ea)[:, None] * tl.exp2((base - 127).to(tl.float32))[None, :]
 
 
@@ -147,23 +169,13 @@ def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, wk_ptr, wb_ptr, out_ptr, M, N, NKB,
     mm = rm < M
     nm = rn < N
     rm64 = rm.to(tl.int64)
-    ke = 2 * tl.arange(0, 64)  # even columns of a block: the packed weight bytes' low nibbles; odd: high
+    kk = tl.arange(0, 128)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(0, NKB):
-        xe = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + ke[None, :], mask=mm[:, None], other=0)
-        xo = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + ke[None, :] + 1, mask=mm[:, None], other=0)
-        if F32_DOT:
-            q_e = fp8_decode(xe, FNUZ)
-            q_o = fp8_decode(xo, FNUZ)
-        elif FNUZ:
-            q_e = xe.to(tl.float8e4b8, bitcast=True)
-            q_o = xo.to(tl.float8e4b8, bitcast=True)
-        else:
-            q_e = xe.to(tl.float8e4nv, bitcast=True)
-            q_o = xo.to(tl.float8e4nv, bitcast=True)
+        xb = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + kk[None, :], mask=mm[:, None], other=0)
         ea = tl.load(xs_ptr + rm64 * s_xsm + kb, mask=mm, other=127).to(tl.int32) - 127
-        acc = w4a8_weight_dot(acc, q_e, q_o, ea, w_ptr, wk_ptr, wb_ptr, rn, nm, kb, s_wn, s_wkn, s_wbn, FNUZ, F32_DOT,
-                              BLOCK_N)
+        acc = w4a8_weight_dot(acc, fp8_operand(xb, FNUZ, F32_DOT), ea, w_ptr, wk_ptr, wb_ptr, rn, nm, kb, s_wn,
+                              s_wkn, s_wbn, FNUZ, F32_DOT, BLOCK_N)
     tl.store(out_ptr + rm64[:, None] * s_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mm[:, None] & nm[None, :])
 

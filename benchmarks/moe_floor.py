@@ -96,15 +96,20 @@ def scaled_grouped(x, ids, w, f13, s13f, f2, s2f):
 
 @torch.no_grad()
 def parse_tiles(spec: str) -> list[dict]:
-    """'64x128w8s3,128x128w8' -> launch options of the W4A8 provider (block_m, block_n, num_warps[, num_stages])."""
+    """'64x128w8s3,128x128w8,64x128w8a0' -> launch options of the W4A8 provider (block_m, block_n, num_warps,
+    [num_stages], [use_asm: a0 = the Triton-arithmetic FP4 conversion instead of the PTX one])."""
+    import re
+
     out = []
     for t in filter(None, spec.split(",")):
-        bm, rest = t.split("x")
-        bn, rest = rest.split("w")
-        w, _, st = rest.partition("s")
-        opt = {"block_m": int(bm), "block_n": int(bn), "num_warps": int(w)}
-        if st:
-            opt["num_stages"] = int(st)
+        m = re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:s(\d+))?(?:a([01]))?", t)
+        if m is None:
+            raise ValueError(f"--w4a8-tiles: {t!r} is not BMxBNwW[sS][a0|a1]")
+        opt = {"block_m": int(m[1]), "block_n": int(m[2]), "num_warps": int(m[3])}
+        if m[4]:
+            opt["num_stages"] = int(m[4])
+        if m[5]:
+            opt["use_asm"] = m[5] == "1"
         out.append(opt)
     return out
 
@@ -151,7 +156,8 @@ def sweep(tokens, paths, rows, bw, w4a8_tiles=()) -> None:
 
             full("triton-w4a8", lambda: kw.moe_experts_w4a8_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True))
             for opt in w4a8_tiles:
-                tag = "triton-w4a8[{block_m}x{block_n}w{num_warps}s{}]".format(opt.get("num_stages", "-"), **opt)
+                tag = "triton-w4a8[{block_m}x{block_n}w{num_warps}s{}a{}]".format(
+                    opt.get("num_stages", "-"), int(opt.get("use_asm", True)), **opt)
                 full(tag, lambda: kw.moe_experts_w4a8_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True, **opt))
         for name, a8 in (("humming-w4a16", False), ("humming-w4a8", True)):
             if name in paths:

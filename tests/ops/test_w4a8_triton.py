@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.kernels.triton.w4a8 import fp4_to_fp8_bytes, w4a8_linear
+from dsv4.kernels.triton.w4a8 import fp4_to_fp8_bytes, w4a8_linear, w4a8_weight_to_fp8
 from dsv4.numerics.fp4 import E2M1_VALUES, dequantize_fp4_blocks, quantize_fp4_blocks
 from dsv4.numerics.fp8 import Fp8Dialect, dequantize_fp8_blocks, fp8_encode, quantize_fp8_blocks
-from dsv4.numerics.w4a8 import fp4_block_offsets, fp8_window
+from dsv4.numerics.w4a8 import fp4_block_offsets, fp4_blocks_to_fp8, fp8_window
 
 DIALECTS = [Fp8Dialect.OCP, Fp8Dialect.FNUZ]
 
@@ -26,6 +26,50 @@ def test_mapping_every_code_every_offset(dialect):
     want = fp8_encode(vals, dialect)
     assert torch.equal(got, want), [(int(c), int(k), int(a), int(b)) for c, k, a, b in
                                     zip(codes, offs, got, want) if a != b][:8]
+
+
+def every_code_every_offset_weight(dialect):
+    """Packed codes [rows, 256] and offsets covering all 16 codes at every offset of the window in every
+    sub-block position, with random codes elsewhere."""
+    kmin, kmax = fp8_window(dialect)
+    g = torch.Generator().manual_seed(2)
+    ks = list(range(kmin, kmax + 1))
+    rows = 4 * len(ks)
+    codes = torch.randint(0, 16, (rows, 512), generator=g, dtype=torch.uint8)
+    codes[:, :32] = torch.arange(16, dtype=torch.uint8).repeat(2)
+    offs = torch.randint(kmin, kmax + 1, (rows, 16), generator=g)
+    offs[:, 0] = torch.tensor(ks).repeat(4)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed, offs.to(torch.int8), codes
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=["ocp", "fnuz"])
+def test_weight_bytes_in_kernel_layout(dialect):
+    """The kernels' weight tile (nibbles decoded and joined back into column order) equals the elementwise
+    mapping at every code, offset and column."""
+    packed, offs, codes = every_code_every_offset_weight(dialect)
+    got = w4a8_weight_to_fp8(packed, offs, dialect, use_asm=False)
+    want = fp4_to_fp8_bytes(codes, offs.to(torch.int32).repeat_interleave(32, dim=1), dialect)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dialect", DIALECTS, ids=["ocp", "fnuz"])
+def test_gpu_ptx_conversion_bit_exact(dialect):
+    """The PTX conversion (table prmt, sign by prmt sign-replicate) gives the same bytes as the Triton
+    arithmetic, every code at every offset, and the bytes the numerics reference builds from the scales."""
+    packed, offs, codes = every_code_every_offset_weight(dialect)
+    asm = w4a8_weight_to_fp8(packed.cuda(), offs.cuda(), dialect, use_asm=True).cpu()
+    ref = w4a8_weight_to_fp8(packed.cuda(), offs.cuda(), dialect, use_asm=False).cpu()
+    assert torch.equal(asm, ref), (asm != ref).nonzero()[:8].tolist()
+    want = fp4_to_fp8_bytes(codes, offs.to(torch.int32).repeat_interleave(32, dim=1), dialect)
+    assert torch.equal(asm, want)
+    w = torch.randn(64, 1024, generator=torch.Generator().manual_seed(3)) * 0.05
+    wp, wsc = quantize_fp4_blocks(w)
+    koff, _, fits = fp4_block_offsets(wsc, dialect, packed=wp)
+    assert bool(fits.all())
+    assert torch.equal(w4a8_weight_to_fp8(wp.cuda(), koff.cuda(), dialect, use_asm=True).cpu(),
+                       fp4_blocks_to_fp8(wp, wsc, dialect)[0])
 
 
 def _operands(M, N, K, dialect, seed):

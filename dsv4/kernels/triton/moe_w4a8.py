@@ -46,7 +46,7 @@ from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_e4m3_native, fp8
 from dsv4.kernels.triton.moe import _block_rows, _round_to, _tl_dtype, check_experts_call, moe_combine, moe_experts_triton
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
 from dsv4.kernels.triton.quant import fp8_act_quant_triton
-from dsv4.kernels.triton.w4a8 import W4A8Experts, fp8_operand, prepare_w4a8, w4a8_weight_dot
+from dsv4.kernels.triton.w4a8 import W4A8Experts, fp4_asm_supported, fp8_operand, prepare_w4a8, w4a8_weight_dot
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.ops.moe import moe_experts as moe_experts_op
@@ -72,8 +72,8 @@ def _act_block(q_ptr, s_ptr, rows64, ok, kb, s_q, s_s, FNUZ: tl.constexpr, F32_D
 @triton.jit
 def _w4a8_gate_up_kernel(xq_ptr, xs_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, rw_ptr, hq_ptr, hs_ptr,
                          N, KTOP, I, D, n_tiles, max_rows, s_xq, s_xs, s_we, s_wn, s_oe, s_on, s_be, s_bn, s_hq,
-                         s_hs, limit, FNUZ: tl.constexpr, F32_DOT: tl.constexpr, OUT_DT: tl.constexpr,
-                         OUT_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                         s_hs, limit, FNUZ: tl.constexpr, F32_DOT: tl.constexpr, ASM: tl.constexpr,
+                         OUT_DT: tl.constexpr, OUT_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_n, e, rows, slot, ok = _block_rows(bexp_ptr, slots_ptr, n_tiles, max_rows, N, BM)
     if e < 0:
         return
@@ -89,8 +89,9 @@ def _w4a8_gate_up_kernel(xq_ptr, xs_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_pt
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, D // 128):
         a, ea = _act_block(xq_ptr, xs_ptr, tok, ok, kb, s_xq, s_xs, FNUZ, F32_DOT)
-        acc_g = w4a8_weight_dot(acc_g, a, ea, w_e, o_e, b_e, n, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
-        acc_u = w4a8_weight_dot(acc_u, a, ea, w_e, o_e, b_e, n + I, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
+        acc_g = w4a8_weight_dot(acc_g, a, ea, w_e, o_e, b_e, n, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, ASM, BN)
+        acc_u = w4a8_weight_dot(acc_u, a, ea, w_e, o_e, b_e, n + I, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, ASM,
+                                BN)
     g = tl.minimum(_round_to(acc_g, OUT_DT, OUT_RNE), limit)  # linear's output is in x's dtype
     u = tl.minimum(tl.maximum(_round_to(acc_u, OUT_DT, OUT_RNE), -limit), limit)
     # routing weight before w2; h in x's dtype, then its act_quant (the down GEMM's FP8 input) right here
@@ -109,8 +110,8 @@ def _w4a8_gate_up_kernel(xq_ptr, xs_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_pt
 @triton.jit
 def _w4a8_down_kernel(hq_ptr, hs_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, y_ptr,
                       N, I, D, n_tiles, max_rows, s_hq, s_hs, s_we, s_wn, s_oe, s_on, s_be, s_bn, s_y,
-                      FNUZ: tl.constexpr, F32_DOT: tl.constexpr, OUT_DT: tl.constexpr, OUT_RNE: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr):
+                      FNUZ: tl.constexpr, F32_DOT: tl.constexpr, ASM: tl.constexpr, OUT_DT: tl.constexpr,
+                      OUT_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_n, e, rows, slot, ok = _block_rows(bexp_ptr, slots_ptr, n_tiles, max_rows, N, BM)
     if e < 0:
         return
@@ -122,7 +123,7 @@ def _w4a8_down_kernel(hq_ptr, hs_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, 
     for kb in range(0, I // 128):
         a, ea = _act_block(hq_ptr, hs_ptr, r64, ok, kb, s_hq, s_hs, FNUZ, F32_DOT)
         acc = w4a8_weight_dot(acc, a, ea, w_ptr + e64 * s_we, o_ptr + e64 * s_oe, b_ptr + e64 * s_be, n, n_ok, kb,
-                              s_wn, s_on, s_bn, FNUZ, F32_DOT, BN)
+                              s_wn, s_on, s_bn, FNUZ, F32_DOT, ASM, BN)
     y = _round_to(acc, OUT_DT, OUT_RNE)
     tl.store(y_ptr + slot.to(tl.int64)[:, None] * s_y + n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=ok[:, None] & n_ok[None, :])
@@ -163,7 +164,7 @@ _WARNED: set[str] = set()
 def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
                           dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, block_m: int | None = None,
                           block_n: int = QB, num_warps: int | None = None, num_stages: int | None = None,
-                          h_buf=None, y_buf=None):
+                          use_asm: bool | None = None, h_buf=None, y_buf=None):
     d = Fp8Dialect.parse(dialect)
     why = w4a8_delegate_reason(x, w13, w13_scale, w2, w2_scale, act_quant)
     p13 = p2 = None
@@ -195,6 +196,7 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
     rw = weights.contiguous()
     fnuz = d is Fp8Dialect.FNUZ
     f32_dot = not fp8_e4m3_native(dev, fnuz)
+    asm = fp4_asm_supported(dev) if use_asm is None else use_asm
     bm = block_m or (16 if interpreting(dev) else 64)
     bn = block_n
     warps = num_warps or (4 if f32_dot else 8)
@@ -216,7 +218,7 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
         _w4a8_gate_up_kernel[(mb * n1,)](
             xq, xs, w13b, o13, b13, slots, bexp, rw, hq, hs, N, k, I, D, n1, mr, xq.stride(0), xs.stride(0),
             w13b.stride(0), w13b.stride(1), o13.stride(0), o13.stride(1), b13.stride(0), b13.stride(1),
-            hq.stride(0), hs.stride(0), float(swiglu_limit), FNUZ=fnuz, F32_DOT=f32_dot, OUT_DT=out_dt,
+            hq.stride(0), hs.stride(0), float(swiglu_limit), FNUZ=fnuz, F32_DOT=f32_dot, ASM=asm, OUT_DT=out_dt,
             OUT_RNE=rne, BM=bm, BN=QB, **launch)
     y = torch.empty((N, D), dtype=x.dtype, device=dev) if y_buf is None else y_buf
     n2 = triton.cdiv(D, bn)
@@ -224,7 +226,7 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
         _w4a8_down_kernel[(mb * n2,)](
             hq, hs, w2b, o2, b2, slots, bexp, y, N, I, D, n2, mr, hq.stride(0), hs.stride(0), w2b.stride(0),
             w2b.stride(1), o2.stride(0), o2.stride(1), b2.stride(0), b2.stride(1), y.stride(0),
-            FNUZ=fnuz, F32_DOT=f32_dot, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn, **launch)
+            FNUZ=fnuz, F32_DOT=f32_dot, ASM=asm, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn, **launch)
     return moe_combine(y, ids_c, emap, out)
 
 

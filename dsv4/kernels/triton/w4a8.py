@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_decode, fp8_e4m3_native, fp8_pow2
+from dsv4.kernels.triton.common import fp8_decode, fp8_e4m3_native, fp8_pow2, interpreting
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.numerics.w4a8 import fp4_block_offsets, fp8_window
 
@@ -110,26 +110,97 @@ def fp4_to_fp8_bytes(codes: torch.Tensor, offsets: torch.Tensor, dialect=Fp8Dial
     return out.view(codes.shape)
 
 
+def _fp4x8_asm() -> str:
+    """PTX of `_fp4x8_to_e4m3`: 8 E2M1 codes (one 32-bit word, low nibble first) -> the e4m3 bytes of the even
+    codes ($0) and of the odd codes ($1), four per register, with the window offset kx = (k - KMIN) << 3 in
+    every byte of $3. The magnitudes come from an 8-byte table in two registers (prmt: byte c & 7 of
+    {thi, tlo}); the table is the one at KMIN (code 1 -> exponent field 1, code c >= 2 -> field (c >> 1) + 1,
+    mantissa bit c & 1, code 0 -> 0x00) plus kx on the nonzero codes. The sign comes from a second prmt in
+    sign-replicate mode (selector bit 3 = the code's sign) over a table whose bytes are 0x80 except code 0's:
+    byte 0xFF for a negative nonzero code, 0x80 / 0x00 otherwise; shifted left by one its bit 7 is the sign
+    (-0 gives +0, so FNUZ never sees 0x80). The 4 selector nibbles (codes 0, 2, 4, 6 or 1, 3, 5, 7) are
+    gathered from the word by a shift, a lop3 select and a byte prmt. 19 instructions per 8 codes."""
+    lines = [".reg .b32 tlo, thi, s4, s8, t, sel, ms, m, g, sa, sb, msk, sg;",
+             "mov.b32 msk, 0x0F0F0F0F;", "mov.b32 sa, 0x80808000;", "mov.b32 sb, 0x80808080;",
+             "and.b32 tlo, $3, 0xFFFFFF00;", "add.u32 tlo, tlo, 0x14100800;", "add.u32 thi, $3, 0x24201C18;",
+             "shr.b32 s4, $2, 4;", "shr.b32 s8, $2, 8;"]
+    for out, (a, b) in enumerate([("$2", "s4"), ("s4", "s8")]):
+        lines += [f"lop3.b32 t, {a}, {b}, msk, 0xE4;",  # (a & msk) | (b & ~msk): bytes c2c0 . c6c4 .
+                  "prmt.b32 sel, t, 0, 0x20;",  # low 16 bits: nibbles c0 c2 c4 c6
+                  "and.b32 ms, sel, 0x7777;", "prmt.b32 m, tlo, thi, ms;",
+                  "prmt.b32 g, sa, sb, sel;", "shl.b32 g, g, 1;",
+                  f"lop3.b32 ${out}, m, g, sb, 0xF8;"]  # m | (g & 0x80808080)
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_FP4X8_ASM = tl.constexpr(_fp4x8_asm())
+
+
 @triton.jit
-def w4a8_weight_tile(w_ptr, o_ptr, n, n_ok, kb, s_wn, s_on, FNUZ: tl.constexpr, F32_DOT: tl.constexpr,
-                     BN: tl.constexpr):
-    """The weight rows n of K block kb as one e4m3 operand [BN, 128] in K order (fp32 values when F32_DOT): the
-    packed FP4 bytes [BN, 64] (low nibble = even column) become e4m3 bytes with the rows' four sub-block
-    offsets, the low / high nibbles joined back into column order."""
+def _fp4x8_to_e4m3(wp, kx):
+    """Packed FP4 bytes wp (uint8, byte j = columns 2j, 2j + 1) and kx = ((k - KMIN) << 3) * 0x01010101 per byte
+    (int32) -> (even, odd): uint8 e4m3 bytes of columns 2j and 2j + 1 (NVIDIA PTX; `fp4_to_fp8_bits` is the
+    same mapping in Triton arithmetic, inside the normal window)."""
+    return tl.inline_asm_elementwise(asm=_FP4X8_ASM, constraints="=r,=r,r,r,r,r,r", args=[wp, kx],
+                                     dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+
+
+@triton.jit
+def w4a8_weight_bytes(w_ptr, o_ptr, n, n_ok, kb, s_wn, s_on, FNUZ: tl.constexpr, ASM: tl.constexpr,
+                      BN: tl.constexpr):
+    """The e4m3 bytes [BN, 128] (uint8, K order) of weight rows n in K block kb: the packed FP4 bytes [BN, 64]
+    (low nibble = even column) with the rows' four sub-block offsets (int8 k, inside the window)."""
     n64 = n.to(tl.int64)
     c = tl.arange(0, 64)
-    wp = tl.load(w_ptr + n64[:, None] * s_wn + kb * 64 + c[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+    wp = tl.load(w_ptr + n64[:, None] * s_wn + kb * 64 + c[None, :], mask=n_ok[:, None], other=0)
     ko = tl.load(o_ptr + n64[:, None] * s_on + kb * 4 + tl.arange(0, 4)[None, :], mask=n_ok[:, None], other=0)
     ko = ko.to(tl.int32)[:, :, None]  # columns 2c, 2c + 1 lie in sub-block c // 16
-    lo = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp & 15, (BN, 4, 16)), ko, FNUZ), (BN, 64))
-    hi = tl.reshape(fp4_to_fp8_bits(tl.reshape(wp >> 4, (BN, 4, 16)), ko, FNUZ), (BN, 64))
-    w = tl.reshape(tl.join(lo, hi), (BN, 128))
-    if F32_DOT:
-        return fp8_decode(w, FNUZ)
-    elif FNUZ:
-        return w.to(tl.uint8).to(tl.float8e4b8, bitcast=True)
+    if ASM:
+        kx = ((ko - (-6 if FNUZ else -5)) << 3) * 0x01010101
+        lo, hi = _fp4x8_to_e4m3(wp, tl.reshape(tl.broadcast_to(kx, (BN, 4, 16)), (BN, 64)))
     else:
-        return w.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        wq = wp.to(tl.int32)
+        lo = tl.reshape(fp4_to_fp8_bits(tl.reshape(wq & 15, (BN, 4, 16)), ko, FNUZ), (BN, 64)).to(tl.uint8)
+        hi = tl.reshape(fp4_to_fp8_bits(tl.reshape(wq >> 4, (BN, 4, 16)), ko, FNUZ), (BN, 64)).to(tl.uint8)
+    return tl.reshape(tl.join(lo, hi), (BN, 128))
+
+
+@triton.jit
+def _w4a8_bytes_kernel(w_ptr, o_ptr, out_ptr, N, s_wn, s_on, s_out, FNUZ: tl.constexpr, ASM: tl.constexpr,
+                       BN: tl.constexpr):
+    """w4a8_weight_bytes of every (row tile, K block) to memory (tests of the conversion paths)."""
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    kb = tl.program_id(1)
+    b = w4a8_weight_bytes(w_ptr, o_ptr, n, n < N, kb, s_wn, s_on, FNUZ, ASM, BN)
+    tl.store(out_ptr + n.to(tl.int64)[:, None] * s_out + kb * 128 + tl.arange(0, 128)[None, :], b,
+             mask=(n < N)[:, None])
+
+
+def w4a8_weight_to_fp8(packed: torch.Tensor, offsets: torch.Tensor, dialect=Fp8Dialect.OCP,
+                       use_asm: bool | None = None) -> torch.Tensor:
+    """uint8 e4m3 bytes [N, K] of an MXFP4 weight (packed [N, K/2], offsets int8 [N, K/32] inside the window),
+    by the kernels' own conversion: the PTX one (`use_asm`, NVIDIA only) or the Triton arithmetic."""
+    N, K2 = packed.shape
+    fnuz = Fp8Dialect.parse(dialect) is Fp8Dialect.FNUZ
+    out = torch.empty((N, 2 * K2), dtype=torch.uint8, device=packed.device)
+    asm = fp4_asm_supported(packed.device) if use_asm is None else use_asm
+    w, o = packed.view(torch.uint8).contiguous(), offsets.view(torch.int8).contiguous()
+    if N:
+        _w4a8_bytes_kernel[(triton.cdiv(N, 16), K2 // 64)](w, o, out, N, w.stride(0), o.stride(0), out.stride(0),
+                                                           FNUZ=fnuz, ASM=asm, BN=16)
+    return out
+
+
+def fp4_asm_supported(device: torch.device) -> bool:
+    """The PTX conversion runs on NVIDIA GPUs (compiled, not interpreted)."""
+    return device.type == "cuda" and torch.version.hip is None and not interpreting(device)
+
+
+@triton.jit
+def w4a8_weight_tile(w_ptr, o_ptr, n, n_ok, kb, s_wn, s_on, FNUZ: tl.constexpr, F32_DOT: tl.constexpr,
+                     ASM: tl.constexpr, BN: tl.constexpr):
+    """w4a8_weight_bytes as a dot operand: e4m3 [BN, 128] (fp32 values when F32_DOT)."""
+    return fp8_operand(w4a8_weight_bytes(w_ptr, o_ptr, n, n_ok, kb, s_wn, s_on, FNUZ, ASM, BN), FNUZ, F32_DOT)
 
 
 @triton.jit
@@ -145,13 +216,13 @@ def fp8_operand(b, FNUZ: tl.constexpr, F32_DOT: tl.constexpr):
 
 @triton.jit
 def w4a8_weight_dot(acc, a, ea, w_ptr, o_ptr, b_ptr, n, n_ok, kb, s_wn, s_on, s_bn,
-                    FNUZ: tl.constexpr, F32_DOT: tl.constexpr, BN: tl.constexpr):
+                    FNUZ: tl.constexpr, F32_DOT: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr):
     """acc += (a . W^T) * 2^ea[:, None] * 2^(base - 127)[None, :] for weight rows n, K block kb: a is the
     activations' block [BM, 128] as an e4m3 operand (fp32 values when F32_DOT) with row exponents ea; W the
     rows' e4m3 tile (w4a8_weight_tile) with block scale bytes base. One dot per 128-block, promoted to the fp32
     accumulator with both scales (the FP8 MMA's own accumulation spans one block only). The dense W4A8 GEMM
     below and the grouped MoE kernels (moe_w4a8.py) share it."""
-    w = w4a8_weight_tile(w_ptr, o_ptr, n, n_ok, kb, s_wn, s_on, FNUZ, F32_DOT, BN)
+    w = w4a8_weight_tile(w_ptr, o_ptr, n, n_ok, kb, s_wn, s_on, FNUZ, F32_DOT, ASM, BN)
     if F32_DOT:
         part = tl.dot(a, tl.trans(w), input_precision="ieee")
     else:
@@ -163,7 +234,8 @@ def w4a8_weight_dot(acc, a, ea, w_ptr, o_ptr, b_ptr, n, n_ok, kb, s_wn, s_on, s_
 @triton.jit
 def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, wk_ptr, wb_ptr, out_ptr, M, N, NKB,
                       s_xm, s_xsm, s_wn, s_wkn, s_wbn, s_om,
-                      FNUZ: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      FNUZ: tl.constexpr, F32_DOT: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = rm < M
@@ -175,7 +247,7 @@ def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, wk_ptr, wb_ptr, out_ptr, M, N, NKB,
         xb = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + kk[None, :], mask=mm[:, None], other=0)
         ea = tl.load(xs_ptr + rm64 * s_xsm + kb, mask=mm, other=127).to(tl.int32) - 127
         acc = w4a8_weight_dot(acc, fp8_operand(xb, FNUZ, F32_DOT), ea, w_ptr, wk_ptr, wb_ptr, rn, nm, kb, s_wn,
-                              s_wkn, s_wbn, FNUZ, F32_DOT, BLOCK_N)
+                              s_wkn, s_wbn, FNUZ, F32_DOT, ASM, BLOCK_N)
     tl.store(out_ptr + rm64[:, None] * s_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mm[:, None] & nm[None, :])
 
@@ -208,5 +280,5 @@ def w4a8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor
     _w4a8_gemm_kernel[grid](x, xs, w, wk, wb, out, M, N, K // W4A8_BLOCK,
                             x.stride(0), xs.stride(0), w.stride(0), wk.stride(0), wb.stride(0), out.stride(0),
                             FNUZ=fnuz, F32_DOT=not fp8_e4m3_native(x_q.device, fnuz),
-                            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+                            ASM=fp4_asm_supported(x_q.device), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return out

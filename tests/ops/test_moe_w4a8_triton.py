@@ -138,3 +138,21 @@ def test_gpu_compiled(T):
     got = kw.moe_experts_w4a8_impl(x, w13, s13, w2, s2, ids, w, LIMIT, True)
     want = km.moe_experts_triton(x, w13, s13, w2, s2, ids, w, LIMIT, True)
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_registered_provider_hands_small_batches_to_triton(monkeypatch):
+    """On a compiled GPU run the registered provider sends calls with < 64 rows per expert, or without the PTX
+    conversion, to the Triton provider, and the others to the W4A8 kernels (devices faked: the regime rule
+    itself, which the interpreter never exercises)."""
+    called = []
+    monkeypatch.setattr(kw, "interpreting", lambda dev: False)
+    monkeypatch.setattr(kw, "moe_experts_triton", lambda *a, **k: called.append("triton"))
+    monkeypatch.setattr(kw, "moe_experts_w4a8_impl", lambda *a, **k: called.append("w4a8"))
+    E = 8
+    w13 = torch.zeros(E, 4, 2, dtype=torch.uint8)
+    x = torch.zeros(1, 4)
+    for asm, T, want in ((True, 64 * E // 2 - 1, "triton"), (True, 64 * E // 2, "w4a8"), (False, 4096, "triton")):
+        monkeypatch.setattr(kw, "fp4_asm_supported", lambda dev, a=asm: a)
+        ids = torch.zeros(T, 2, dtype=torch.int64)
+        kw.moe_experts_triton_w4a8(x, w13, None, None, None, ids, None, LIMIT, True)
+        assert called[-1] == want, (asm, T)

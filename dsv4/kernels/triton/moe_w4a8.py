@@ -1,33 +1,30 @@
 """Triton W4A8 routed experts: provider "triton_w4a8" of `moe_experts` (dsv4/ops/moe.py), opt-in (never chosen by
-itself: `--op moe_experts=triton_w4a8`) until measured on a GPU (issue 15 item 2).
+itself: `--op moe_experts=triton_w4a8`; issue 15 item 2).
 
-The MXFP4 experts stay FP4 in memory. Inside the kernels each weight tile becomes exact FP8 e4m3 operands
-(dsv4/kernels/triton/w4a8.py `fp4_to_fp8_bits`, offsets and block scales from `prepare_w4a8` at the first call,
-cached per weight tensor), and the FP8 tensor cores multiply them by the FP8 activations, with fp32
-accumulation per 128-block times both scales. That is product for product the official numerics: FP8
-activations (act_quant, 1x128 power-of-two scales) times the dequantised FP4 weight, in fp32.
+The MXFP4 experts stay FP4 in memory. Inside the kernels each weight tile becomes exact, normal FP8 e4m3
+operands (dsv4/kernels/triton/w4a8.py: `w4a8_weight_bytes`, PTX on NVIDIA, Triton arithmetic elsewhere;
+offsets and block scales from `prepare_w4a8` at the first call, cached per weight tensor), and the FP8 tensor
+cores multiply them by the FP8 activations, one dot per 128-block promoted to fp32 with both scales. That is
+product for product the official numerics: FP8 activations (act_quant, 1x128 power-of-two scales) times the
+dequantised FP4 weight, in fp32.
 
-Pipeline, as the Triton provider's (dsv4/kernels/triton/moe.py: dispatch, act round trip, combine shared):
-  1. dispatch by expert (blocks of block_m rows);
-  2. act_roundtrip: x rounded through FP8 per (row, 128) in x's dtype. The kernels re-derive each row's
-     bytes per 128-block from these exact values: the block's own power-of-two scale over its amax puts every
-     value back on the e4m3 grid (a scale at most the original; the values and so the products are unchanged);
-  3. `_w4a8_gate_up_kernel`: per block of rows of one expert and 128 output columns, gate and up accumulators,
-     then the Triton provider's epilogue: g, u rounded to x's dtype, silu(min(g, L)) * clamp(u, -L, L) * the
-     routing weight, rounded to x's dtype into h;
-  4. `_w4a8_down_kernel`: h rows times w2[e]^T the same way, rounded to x's dtype, into y[slot]. Its encode of
-     each h block (amax >= 1e-4, power-of-two scale, round to nearest even, within 448 / 224) is the act_quant
-     of h itself, so no separate FP8 round trip of h runs;
-  5. combine in fixed slot order (deterministic).
+Pipeline:
+  1. dispatch by expert (blocks of block_m rows; the Triton provider's dispatch);
+  2. act_quant of x (bytes + E8M0 scales, dsv4/kernels/triton/quant.py), once per call;
+  3. `_w4a8_gate_up_kernel`: per block of rows of one expert and 128 output columns, gate and up accumulators
+     over the gathered activation bytes, then the Triton provider's epilogue (g, u rounded to x's dtype,
+     silu(min(g, L)) * clamp(u, -L, L) * the routing weight, rounded to x's dtype) and the act_quant of that
+     h block (the program owns whole 128-column blocks): h bytes + scales;
+  4. `_w4a8_down_kernel`: h bytes times w2[e]^T the same way, rounded to x's dtype, into y[slot];
+  5. combine in fixed slot order (deterministic; the Triton provider's).
 It serves act_quant calls with MXFP4 w13 / w2 whose K dims (D and I) are multiples of 128 and whose blocks all
-fit the window. Anything else (and a weight with an out-of-window block, counted in the log at preparation)
-goes to the Triton provider, which is exact for every scale.
+fit the window (11 binades of sub-block scales per 128-block). Anything else (and a weight with an
+out-of-window block, counted in the log at preparation) goes to the Triton provider, which is exact for every
+scale. The registered provider also hands over, for speed, the calls where these kernels lose (see
+`w4a8_regime_reason`: no PTX conversion, or fewer than 64 rows per expert).
 
-Tiles: 128 output columns per program, K steps of 128.
-Rows per block: 64 on a GPU (FP8 wgmma needs 64 rows per warpgroup), 16 in the interpreter. Compiled for
-sm_90a on the CPU machine with Triton's ptxas (64 x 128 tiles, 8 warps): both kernels issue
-wgmma.m64n64k32.f32.e4m3.e4m3 (each warpgroup takes half the columns); gate-up uses 255 registers with ~250 B
-of spills (two accumulators), down 250 and none; 4 warps spilled 2-4x more. No GPU time measured yet. In the
+Tiles: 64 rows (FP8 wgmma needs 64 rows per warpgroup; 16 in the interpreter) x 128 output columns, K steps of
+128, 4 warps: the fastest of the variants measured on an H100 at every T (docs/perf.md, 2026-12-06). In the
 interpreter (and without native FP8 dots) both operands are decoded to fp32 and dotted in IEEE fp32: the same
 exact products.
 """
@@ -199,7 +196,7 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
     asm = fp4_asm_supported(dev) if use_asm is None else use_asm
     bm = block_m or (16 if interpreting(dev) else 64)
     bn = block_n
-    warps = num_warps or (4 if f32_dot else 8)
+    warps = num_warps or 4
     launch = {"num_warps": warps} if num_stages is None else {"num_warps": warps, "num_stages": num_stages}
     rne = interpreting(dev) and x.dtype == torch.bfloat16
     out_dt = _tl_dtype(x.dtype)
@@ -230,8 +227,31 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
     return moe_combine(y, ids_c, emap, out)
 
 
+# Where the W4A8 kernels win (H100, 2026-12-06, docs/perf.md): with the PTX conversion and at >= ~64 rows per
+# expert (T = 8,192 at Flash shapes: 12.0 ms against 16.8 for the Triton provider; equal at T = 1,024; slower
+# below, down to 1.4x at T = 1). The provider serves those calls and hands the others to the Triton provider.
+W4A8_MIN_ROWS_PER_EXPERT = 64
+
+
+def w4a8_regime_reason(x, ids, n_local: int) -> str | None:
+    """Why the provider hands a call to the Triton provider for speed (None: W4A8 takes it). Compiled GPU
+    runs only; in the interpreter every call runs the W4A8 kernels (their tests)."""
+    if interpreting(x.device):
+        return None
+    if not fp4_asm_supported(x.device):
+        return "no PTX FP4 conversion on this device (the Triton-arithmetic one is slower than the Triton provider)"
+    if ids.numel() < W4A8_MIN_ROWS_PER_EXPERT * n_local:
+        return f"fewer than {W4A8_MIN_ROWS_PER_EXPERT} rows per expert"
+    return None
+
+
 def moe_experts_triton_w4a8(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float,
                             act_quant: bool = False, dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None):
+    why = w4a8_regime_reason(x, ids, w13.shape[0])
+    if why is not None:
+        log.debug("moe_experts triton_w4a8: %s; this call runs the Triton provider", why)
+        return moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect,
+                                  expert_map)
     return moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect,
                                  expert_map)
 

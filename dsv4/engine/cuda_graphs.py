@@ -44,7 +44,7 @@ from dsv4.ops.meta import ForwardMeta
 log = logging.getLogger("dsv4.graphs")
 
 # providers whose wrappers launch fixed work from shapes and meta.max_seq_len, with no host syncs
-CAPTURABLE_PROVIDERS = frozenset({"triton", "scaled_mm", "cublas_f32out", "humming", "humming_w4a8"})
+CAPTURABLE_PROVIDERS = frozenset({"triton", "triton_w4a8", "scaled_mm", "cublas_f32out", "humming", "humming_w4a8"})
 CAPTURABLE_REFERENCES = frozenset({"lm_head"})  # references with no host reads (plain torch on whole tensors)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MIN_CONTEXT_BUCKET = 1024

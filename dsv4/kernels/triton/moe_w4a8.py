@@ -131,12 +131,16 @@ def _w4a8_down_kernel(hq_ptr, hs_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, 
 _PREPARED: dict[tuple[int, bool], tuple] = {}
 
 
-def prepared(w: torch.Tensor, s: torch.Tensor, dialect: Fp8Dialect, name: str) -> W4A8Experts:
-    """prepare_w4a8 of (w, s), once per weight tensor and dialect (cached by identity and version)."""
+def prepared(w: torch.Tensor, s: torch.Tensor, dialect: Fp8Dialect, name: str) -> W4A8Experts | None:
+    """prepare_w4a8 of (w, s), once per weight tensor and dialect (cached by identity and version). None when
+    it is not cached and a CUDA graph is being captured: the preparation reads its counts on the host, which a
+    capture forbids (the call is then served by the Triton provider, and an eager call prepares)."""
     key = (id(w), dialect is Fp8Dialect.FNUZ)
     hit = _PREPARED.get(key)
     if hit is not None and hit[0]() is w and hit[1] == w._version:
         return hit[2]
+    if w.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
     prep = prepare_w4a8(w.view(torch.uint8), s.view(torch.uint8), dialect, name)
     _PREPARED[key] = (weakref.ref(w), w._version, prep)
     return prep
@@ -168,7 +172,9 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
     if why is None:
         p13 = prepared(w13, w13_scale, d, f"w13 {tuple(w13.shape)}")
         p2 = prepared(w2, w2_scale, d, f"w2 {tuple(w2.shape)}")
-        if p13.bad_blocks or p2.bad_blocks:
+        if p13 is None or p2 is None:
+            why = "the W4A8 weights are prepared on the first eager call, not inside a CUDA graph capture"
+        elif p13.bad_blocks or p2.bad_blocks:
             why = "an expert weight has 128-blocks outside the exact FP8 window (counted in the log)"
     if why is not None:
         if why not in _WARNED:

@@ -33,13 +33,14 @@ LOG2E = 1.4426950408889634
 # every key tile; BLOCK_N keys per tile; >= 16 each so tl.dot runs on the tensor cores. PREFETCH: compressed-
 # entry ids and pages fetched ahead (the compressed loop below).
 CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "PREFETCH": False}  # float stores
-# FP8 stores (H100 sweeps 2026-12-06, graph replays): up to SMALL_T tokens, 16 heads per program (more programs,
-# 1.5-2x faster at batch 1-8 than 32), with the prefetch (10% faster at batch 64); above, 32 heads (each FP8 tile
-# decoded for fewer head blocks: 1.2x faster at batch 256 and in prefill), without it (2-3% slower with it:
-# ptxas spills more). One stage: as fast as two, with less shared memory.
-CONFIG_FP8 = {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "PREFETCH": False}
+# FP8 stores (graph-replay sweeps 2026-12-06, docs/perf.md): 16 heads per program and 4 warps, one stage, no
+# prefetch: two programs fit an SM (98 KB of shared memory, 255 registers each), so one program's dependent
+# loads hide behind the other's dots. 16-28% faster than 32 heads / 8 warps at batch 64-256 (H200), 4-25% at
+# batch 4-32 and 4-10% in 4K-token prefill (H100). At batch 1 (1-2 tokens) the 8-warp program with the entry
+# ids and pages fetched ahead stays: 20.0 against 23.2 us (H200).
+CONFIG_FP8 = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "PREFETCH": False}
 CONFIG_FP8_SMALL_T = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "PREFETCH": True}
-SMALL_T = 64
+SMALL_T = 2
 MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
 MAX_SPLITS = 64
 
@@ -146,7 +147,7 @@ def _entry_pages(bt_row_ptr, MAXP, E, w, cm):
 # per program with the value columns split over programs (wgmma, queries in shared memory), and a kernel over
 # 64-column chunks as 3-D batched dots (no register spills, where this one spills ~0.9 KB per thread at
 # BLOCK_H 32: benchmarks/attention_ptxas.py). What bounds this kernel is latency per tile (three dependent
-# gathers: index, page, rows) at one program per SM, not the spills.
+# gathers: index, page, rows), not the spills: two 4-warp programs per SM (CONFIG_FP8) beat one 8-warp one.
 # Split-KV (flash-decoding) when T * head blocks cannot fill the GPU (decode at small batch): split i takes a
 # contiguous chunk of the token's [window | compressed] list and writes (max, sum, unnormalised acc) to an
 # fp32 workspace; `_combine_kernel` merges the splits and adds the sink. The split count changes speed

@@ -25,33 +25,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--draft-head", default="fp8", choices=["fp8", "bf16", "both"],
-                    help="the MTP drafter's head: its FP8 copy (what the engine builds), the exact bf16 head, or "
-                         "both, one after the other")
-    ap.add_argument("--rows", default="all", choices=["all", "n3"], help="n3: plain and N = 3 at p = 0.7, 1 only")
     a = ap.parse_args()
     if a.profile:
         profile()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "input_len": 256, "output_len": 48, "rows": []}
-    spec = [([0.0, 1.0], dict(speculative_tokens=1)), ([0.0, 0.7, 1.0], dict(speculative_tokens=3))]
-    if a.rows == "n3":
-        spec = [([0.7, 1.0], dict(speculative_tokens=3))]
-    heads = ["fp8", "bf16"] if a.draft_head == "both" else [a.draft_head]
-    from dsv4.model.deepseek_v4 import Transformer
-    build = Transformer.build_draft_head
-    for oracle, kw, head in [(None, {}, "-")] + [(o, k, h) for h in heads for o, k in spec]:
-        Transformer.build_draft_head = build if head != "bf16" else (lambda self, *x, **y: None)
-        rows = rows_for([1], 256, 48, oracle=oracle, **kw)
-        for r in rows:
-            r["draft_head"] = head
-        res["rows"] += rows
+    for oracle, kw in [(None, {}), ([0.0, 1.0], dict(speculative_tokens=1)),
+                       ([0.0, 0.7, 1.0], dict(speculative_tokens=3))]:
+        res["rows"] += rows_for([1], 256, 48, oracle=oracle, **kw)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
-    Transformer.build_draft_head = build
     for r in res["rows"]:
-        print(r.get("drafter", "plain"), r.get("speculative_tokens", 0), "head", r.get("draft_head"), "tpot %.2f ms" % r["tpot_ms"],
+        print(r.get("drafter", "plain"), r.get("speculative_tokens", 0), "tpot %.2f ms" % r["tpot_ms"],
               "tokens/step %.2f" % r.get("mean_accepted_length", 1.0), "step %.2f ms" % r["step_ms"],
               "engine_steps", r["engine_steps"])
 

@@ -24,7 +24,7 @@ scale. The registered provider also hands over, for speed, the calls where these
 `w4a8_regime_reason`: no PTX conversion, or fewer than 64 rows per expert).
 
 Tiles: 64 rows (FP8 wgmma needs 64 rows per warpgroup; 16 in the interpreter) x 128 output columns, K steps of
-128, 4 warps: the fastest of the variants measured on an H100 at every T (docs/perf.md, 2026-12-06). In the
+128, 4 warps: the fastest of the variants measured on an H100 from T = 8 up (docs/perf.md, 2026-12-06). In the
 interpreter (and without native FP8 dots) both operands are decoded to fp32 and dotted in IEEE fp32: the same
 exact products.
 """

@@ -3,23 +3,26 @@ into exact FP8 e4m3 operands inside the kernel, times FP8 activations, with fp32
 
 Numerics (dsv4/numerics/w4a8.py): per weight row and 128-element K block, the four E8M0 sub-block scales s_j
 become offsets k_j = s_j - base (int8, precomputed at load by `fp4_block_offsets`) and one block scale byte
-`base`. `fp4_to_fp8_bits` maps an E2M1 code and its offset to the e4m3 byte of e2m1(code) * 2^k by integer
-arithmetic (no table, no float conversion): exact while k is in the dialect's window, which the load-time
-check guarantees.
+`base`; every e2m1(code) * 2^k is then a normal e4m3 value (the window, checked at load).
+
+The conversion (`w4a8_weight_bytes`, the weight tile [BN, 128] of one K block in column order):
+- NVIDIA (compiled): `_fp4x8_to_e4m3`, PTX on 8 codes per 32-bit word: the byte of code c at offset k is
+  table[c & 7] + ((k - KMIN) << 3) for c & 7 != 0, the same table in both dialects; magnitudes by `prmt` from
+  the table in two registers, the sign by a `prmt` in sign-replicate mode. 19 instructions per 8 codes.
+- Elsewhere (interpreter, AMD): `fp4_to_fp8_bits`, the same bytes by integer arithmetic per code (about 4x
+  slower on an H100; no `v_perm_b32` version yet). The two agree bit for bit (GPU test), -0 aside (PTX: +0).
 
 `w4a8_linear` is the dense GEMM out = (x_q * x_scale) (w * w_scale)^T over one weight [N, K]. Per 128-block:
 one FP8 x FP8 dot with fp32 accumulation on the tensor cores (on NVIDIA sm_89+ for OCP bytes; elsewhere, and
 in the interpreter, both operands decoded to fp32 and dotted in IEEE fp32), scaled by the activations' (row,
-block) scale and the weight's (row, block) scale. It is the kernel the MoE grouped path builds on, with the
-same operand layout; it is not registered as a provider of any op yet and has no measured speed.
+block) scale and the weight's (row, block) scale. The MoE kernels (moe_w4a8.py) share its weight-tile dot; it
+is not registered as a provider of any op (tests only).
 
 Work decomposition: grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); program (i, j) loops over the K/128 blocks:
 loads x bytes [BLOCK_M, 128], the packed weight bytes [BLOCK_N, 64] and their four offsets, converts both
 nibbles to e4m3 bytes joined back into column order, and adds one dot(x, w^T) times the two scales to the fp32
-accumulator. Each weight byte is read once per M block.
-Compiled for sm_90a on the CPU machine (the ptxas report of benchmarks/attention_ptxas.py's method): BLOCK_M 64
-with 4 warps gives FP8 wgmma (m64n64k32 e4m3, 253 registers, no spills at BLOCK_N 64); with BLOCK_M < 64
-Triton converts the e4m3 operands to f16 (exact) for mma.sync, so the result is the same, the rate is not.
+accumulator. Each weight byte is read once per M block. With BLOCK_M < 64 Triton converts the e4m3 operands to
+f16 (exact) for mma.sync: the same result, not the FP8 rate.
 """
 
 from __future__ import annotations

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
-import tempfile
+import sys
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_sass import compile_sm90  # noqa: E402
+from kernel_sass import report as sass_report  # noqa: E402
 
-from dsv4.kernels.triton import attention as A
+from dsv4.kernels.triton import attention as A  # noqa: E402
 
 POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "wb_ptr": "*u8", "ws_ptr": "*u8", "wr_ptr": "*bf16", "pb_ptr": "*u8",
             "ps_ptr": "*u8", "pr_ptr": "*bf16", "bt_ptr": "*i32", "idx_ptr": "*i64", "sink_ptr": "*fp32",
@@ -30,28 +28,21 @@ DIVISIBLE = set(POINTERS) | set("s_qt s_qh s_kvt wb_s0 wb_s1 ws_s0 wr_s0 wr_s1 p
                                 "K s_ot s_oh H D DN_W DN_P W E".split())
 
 
-def report(mode: int = 1, block_h: int = 32, block_n: int = 32, num_warps: int = 8, num_stages: int = 1,
-           split: bool = False, hw_ocp: bool = True, prefetch: bool = False) -> dict:
-    fn = A._sparse_attn_kernel
-    const = dict(MODE=mode, W_FP8=True, W_FNUZ=False, P_FP8=True, P_FNUZ=False, SPLIT=split, DOT_F32=False,
-                 PREC=None, HW_OCP=hw_ocp, PREFETCH=prefetch, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=512)
-    sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32")
-           for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in DIVISIBLE}
-    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=num_warps, num_stages=num_stages))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        with open(f"{d}/k.ptx", "w") as f:
-            f.write(k.asm["ptx"])
-        err = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
-                             capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", err)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", err)
-    return {"registers": int(regs.group(1)) if regs else None,
-            "spill_store_bytes": int(spill.group(1)) if spill else None,
-            "spill_load_bytes": int(spill.group(2)) if spill else None,
-            "shared_bytes": k.metadata.shared, "wgmma": "wgmma.mma_async" in k.asm["ptx"]}
+def compile_kernel(mode: int = 1, block_h: int = 32, block_n: int = 32, num_warps: int = 8, num_stages: int = 1,
+                   split: bool = False, hw_ocp: bool = True, prefetch: bool = False):
+    """`_sparse_attn_kernel` compiled for sm_90a at one launch configuration (FP8 OCP stores, Flash widths)."""
+    const = dict(MODE=mode, W_FP8=True, W_FNUZ=False, P_FP8=True, P_FNUZ=False, SPLIT=bool(split), DOT_F32=False,
+                 PREC=None, HW_OCP=bool(hw_ocp), PREFETCH=bool(prefetch), BLOCK_H=block_h, BLOCK_N=block_n,
+                 BLOCK_D=512)
+    return compile_sm90(A._sparse_attn_kernel, POINTERS, const, divisible=DIVISIBLE - set(POINTERS),
+                        num_warps=num_warps, num_stages=num_stages, floats=("qk_scale",))
+
+
+def report(**kw) -> dict:
+    r = sass_report(compile_kernel(**kw))
+    return {"registers": r["registers"], "spill_store_bytes": r["spill_store_bytes"],
+            "spill_load_bytes": r["spill_load_bytes"], "shared_bytes": r["shared_bytes"],
+            "wgmma": any(m.startswith("wgmma") for m in r["mma"])}
 
 
 def main() -> None:

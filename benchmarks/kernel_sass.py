@@ -1,0 +1,155 @@
+"""What a Triton kernel compiles to on Hopper, without a GPU: registers, spills, shared memory, the MMA
+instructions, and the SASS of each loop (instructions per iteration and the most frequent opcodes).
+
+Triton's wheel bundles ptxas and nvdisasm, so any kernel compiles here for sm_90a exactly as the launcher would
+compile it on an H100 / H200 (integer arguments that are multiples of 16 marked divisible, as the launcher
+specialises them, so loads vectorise as they will there). The loop table is what to read first when a kernel is
+slow: instructions per K step divided by the elements each thread handles per step is the per-element cost
+(the W4A8 MoE down kernel went from 32 to ~6 SASS per weight element this way, docs/perf.md 2026-12-06).
+
+    PYTHONPATH=. python3 benchmarks/kernel_sass.py moe_w4a8 bm=64,bn=128,warps=4,stages=3,asm=1 asm=0
+    PYTHONPATH=. python3 benchmarks/kernel_sass.py attention block_h=16,num_warps=4 --dump /tmp/attn.sass
+
+Kernels: moe_w4a8 (gate-up and down; keys bm, bn, warps, stages, asm, fnuz) and attention (the sparse-attention
+kernel; keys as benchmarks/attention_ptxas.py's report()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_sm90(fn, pointers: dict, constexprs: dict, divisible=(), num_warps: int = 4, num_stages: int = 3,
+                 floats=()):
+    """Compile `fn` for sm_90a. pointers: argument -> Triton pointer type ('*u8', '*bf16', ...); other
+    arguments are i32 (fp32 if named in `floats`); `divisible`: integer arguments marked multiples of 16
+    (pointers always are)."""
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
+           for n in fn.arg_names}
+    div = set(pointers) | set(divisible)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in div}
+    return triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptxas_and_sass(k) -> tuple[str, str]:
+    """(ptxas -v report, nvdisasm listing) of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/k.ptx", "w") as f:
+            f.write(k.asm["ptx"])
+        err = subprocess.run([f"{BIN}/ptxas", "-v", "--gpu-name", "sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                             capture_output=True, text=True).stderr
+        dis = subprocess.run([f"{BIN}/nvdisasm", "-c", f"{d}/k.cubin"], capture_output=True, text=True).stdout
+    return err, dis
+
+
+def _opcode(instr: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", instr).split(" ")[0].split(".")[0]
+
+
+def loops(sass: str) -> list[dict]:
+    """Every backward branch of the listing: its body's size and most frequent opcodes."""
+    labels, seq = {}, []
+    for ln in sass.splitlines():
+        m = re.match(r"^(\.L_x_\d+):", ln)
+        if m:
+            labels[m.group(1)] = len(seq)
+            continue
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(.*?)\s*;", ln)
+        if m:
+            seq.append(m.group(1))
+    out = []
+    for i, t in enumerate(seq):
+        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", t)
+        if m and labels.get(m.group(1), i + 1) < i:
+            body = seq[labels[m.group(1)]:i + 1]
+            out.append({"instructions": len(body),
+                        "top": collections.Counter(_opcode(x) for x in body).most_common(10)})
+    return out
+
+
+def report(k) -> dict:
+    err, dis = ptxas_and_sass(k)
+    regs = re.search(r"Used (\d+) registers", err)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", err)
+    mma = sorted(set(re.findall(r"(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", k.asm["ptx"])))
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spill.group(1)) if spill else None,
+            "spill_load_bytes": int(spill.group(2)) if spill else None,
+            "shared_bytes": k.metadata.shared, "mma": mma,
+            "sass_instructions": sum(1 for ln in dis.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/\s+\S", ln)),
+            "loops": loops(dis), "sass": dis}
+
+
+def moe_w4a8(bm: int = 64, bn: int = 128, warps: int = 4, stages: int = 3, asm: int = 1, fnuz: int = 0) -> dict:
+    """Reports of the W4A8 MoE gate-up (BN 128, its h-quant block) and down kernels at one launch setting."""
+    import triton.language as tl
+
+    from dsv4.kernels.triton import moe_w4a8 as M
+
+    const = dict(FNUZ=bool(fnuz), F32_DOT=False, ASM=bool(asm), OUT_DT=tl.bfloat16, OUT_RNE=False, BM=bm, BN=bn)
+    common = {"w_ptr": "*u8", "o_ptr": "*i8", "b_ptr": "*u8", "slots_ptr": "*i32", "bexp_ptr": "*i32"}
+    gu = compile_sm90(M._w4a8_gate_up_kernel, {**common, "xq_ptr": "*u8", "xs_ptr": "*u8", "rw_ptr": "*fp32",
+                                               "hq_ptr": "*u8", "hs_ptr": "*u8"},
+                      {**const, "BN": 128}, divisible=[n for n in M._w4a8_gate_up_kernel.arg_names
+                                                        if n.startswith("s_") or n in ("I", "D")],
+                      num_warps=warps, num_stages=stages, floats=("limit",))
+    dn = compile_sm90(M._w4a8_down_kernel, {**common, "hq_ptr": "*u8", "hs_ptr": "*u8", "y_ptr": "*bf16"}, const,
+                      divisible=[n for n in M._w4a8_down_kernel.arg_names if n.startswith("s_") or n in ("I", "D")],
+                      num_warps=warps, num_stages=stages)
+    return {"gate_up": report(gu), "down": report(dn)}
+
+
+def attention(**kw) -> dict:
+    """Report of the sparse-attention kernel (launch keys of benchmarks/attention_ptxas.py)."""
+    from attention_ptxas import compile_kernel
+
+    return {"sparse_attn": report(compile_kernel(**kw))}
+
+
+KERNELS = {"moe_w4a8": moe_w4a8, "attention": attention}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("kernel", choices=sorted(KERNELS))
+    ap.add_argument("configs", nargs="+", help="comma-separated key=value launch settings (integers)")
+    ap.add_argument("--dump", default=None, help="write the SASS of the last configuration here")
+    ap.add_argument("--json", action="store_true", help="print the reports as JSON (without the SASS)")
+    a = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("kernel_sass: run with TRITON_INTERPRET=0 (the interpreter does not compile kernels)")
+    for c in a.configs:
+        kw = {k: int(v) for k, v in (x.split("=") for x in c.split(",") if x)}
+        reports = KERNELS[a.kernel](**kw)
+        if a.json:
+            print(json.dumps({"config": c, **{n: {k: v for k, v in r.items() if k != "sass"}
+                                             for n, r in reports.items()}}), flush=True)
+            continue
+        for name, r in reports.items():
+            loop = r["loops"][-1] if r["loops"] else {"instructions": None, "top": []}
+            print(f"{c} {name}: {r['registers']} registers, spills {r['spill_store_bytes']} B, shared "
+                  f"{r['shared_bytes']} B, {r['sass_instructions']} SASS, last loop {loop['instructions']} per "
+                  f"iteration {loop['top'][:6]}, {r['mma'][:1]}", flush=True)
+            if a.dump:
+                with open(a.dump, "w") as f:
+                    f.write(r["sass"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()

@@ -101,14 +101,13 @@ def moe_w4a8(bm: int = 64, bn: int = 128, warps: int = 4, stages: int = 3, asm: 
 
     const = dict(FNUZ=bool(fnuz), F32_DOT=False, ASM=bool(asm), OUT_DT=tl.bfloat16, OUT_RNE=False, BM=bm, BN=bn)
     common = {"w_ptr": "*u8", "o_ptr": "*i8", "b_ptr": "*u8", "slots_ptr": "*i32", "bexp_ptr": "*i32"}
+    div = [n for n in M._w4a8_gate_up_kernel.arg_names + M._w4a8_down_kernel.arg_names
+           if n.startswith("s_") or n in ("I", "D")]  # strides and the Flash widths: multiples of 16
     gu = compile_sm90(M._w4a8_gate_up_kernel, {**common, "xq_ptr": "*u8", "xs_ptr": "*u8", "rw_ptr": "*fp32",
                                                "hq_ptr": "*u8", "hs_ptr": "*u8"},
-                      {**const, "BN": 128}, divisible=[n for n in M._w4a8_gate_up_kernel.arg_names
-                                                        if n.startswith("s_") or n in ("I", "D")],
-                      num_warps=warps, num_stages=stages, floats=("limit",))
+                      {**const, "BN": 128}, divisible=div, num_warps=warps, num_stages=stages, floats=("limit",))
     dn = compile_sm90(M._w4a8_down_kernel, {**common, "hq_ptr": "*u8", "hs_ptr": "*u8", "y_ptr": "*bf16"}, const,
-                      divisible=[n for n in M._w4a8_down_kernel.arg_names if n.startswith("s_") or n in ("I", "D")],
-                      num_warps=warps, num_stages=stages)
+                      divisible=div, num_warps=warps, num_stages=stages)
     return {"gate_up": report(gu), "down": report(dn)}
 
 

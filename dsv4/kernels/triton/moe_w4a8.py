@@ -43,7 +43,7 @@ from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_e4m3_native, fp8
 from dsv4.kernels.triton.moe import _block_rows, _round_to, _tl_dtype, check_experts_call, moe_combine, moe_experts_triton
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
 from dsv4.kernels.triton.quant import fp8_act_quant_triton
-from dsv4.kernels.triton.w4a8 import W4A8Experts, fp4_asm_supported, fp8_operand, prepare_w4a8, w4a8_weight_dot
+from dsv4.kernels.triton.w4a8 import W4A8Experts, fp4_asm_supported, fp8_act_block, prepare_w4a8, w4a8_weight_dot
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.ops.moe import moe_experts as moe_experts_op
@@ -51,16 +51,6 @@ from dsv4.ops.moe_dispatch import ExpertMap
 
 log = logging.getLogger(__name__)
 QB = 128
-
-
-@triton.jit
-def _act_block(q_ptr, s_ptr, rows64, ok, kb, s_q, s_s, FNUZ: tl.constexpr, F32_DOT: tl.constexpr):
-    """K block kb of FP8 activation rows (act_quant bytes [BM, 128] and their exponents): the dot operand and
-    e. Invalid rows read as zeros with scale 1."""
-    kk = tl.arange(0, 128)
-    b = tl.load(q_ptr + rows64[:, None] * s_q + kb * 128 + kk[None, :], mask=ok[:, None], other=0)
-    ea = tl.load(s_ptr + rows64 * s_s + kb, mask=ok, other=127).to(tl.int32) - 127
-    return fp8_operand(b, FNUZ, F32_DOT), ea
 
 
 # Grid = max_blocks * cdiv(I, BN), N tile fastest. Per K block (over D): the block's activation bytes [BM, 128]
@@ -85,7 +75,7 @@ def _w4a8_gate_up_kernel(xq_ptr, xs_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_pt
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, D // 128):
-        a, ea = _act_block(xq_ptr, xs_ptr, tok, ok, kb, s_xq, s_xs, FNUZ, F32_DOT)
+        a, ea = fp8_act_block(xq_ptr, xs_ptr, tok, ok, kb, s_xq, s_xs, FNUZ, F32_DOT)
         acc_g = w4a8_weight_dot(acc_g, a, ea, w_e, o_e, b_e, n, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, ASM, BN)
         acc_u = w4a8_weight_dot(acc_u, a, ea, w_e, o_e, b_e, n + I, n_ok, kb, s_wn, s_on, s_bn, FNUZ, F32_DOT, ASM,
                                 BN)
@@ -118,7 +108,7 @@ def _w4a8_down_kernel(hq_ptr, hs_ptr, w_ptr, o_ptr, b_ptr, slots_ptr, bexp_ptr, 
     r64 = rows.to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, I // 128):
-        a, ea = _act_block(hq_ptr, hs_ptr, r64, ok, kb, s_hq, s_hs, FNUZ, F32_DOT)
+        a, ea = fp8_act_block(hq_ptr, hs_ptr, r64, ok, kb, s_hq, s_hs, FNUZ, F32_DOT)
         acc = w4a8_weight_dot(acc, a, ea, w_ptr + e64 * s_we, o_ptr + e64 * s_oe, b_ptr + e64 * s_be, n, n_ok, kb,
                               s_wn, s_on, s_bn, FNUZ, F32_DOT, ASM, BN)
     y = _round_to(acc, OUT_DT, OUT_RNE)

@@ -218,6 +218,16 @@ def fp8_operand(b, FNUZ: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
+def fp8_act_block(q_ptr, s_ptr, rows64, ok, kb, s_q, s_s, FNUZ: tl.constexpr, F32_DOT: tl.constexpr):
+    """K block kb of FP8 activation rows (act_quant bytes [BM, 128] and their E8M0 scales): the dot operand and
+    the rows' exponents. Rows not `ok` read as zeros with scale 1."""
+    kk = tl.arange(0, 128)
+    b = tl.load(q_ptr + rows64[:, None] * s_q + kb * 128 + kk[None, :], mask=ok[:, None], other=0)
+    ea = tl.load(s_ptr + rows64 * s_s + kb, mask=ok, other=127).to(tl.int32) - 127
+    return fp8_operand(b, FNUZ, F32_DOT), ea
+
+
+@triton.jit
 def w4a8_weight_dot(acc, a, ea, w_ptr, o_ptr, b_ptr, n, n_ok, kb, s_wn, s_on, s_bn,
                     FNUZ: tl.constexpr, F32_DOT: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr):
     """acc += (a . W^T) * 2^ea[:, None] * 2^(base - 127)[None, :] for weight rows n, K block kb: a is the
@@ -244,12 +254,10 @@ def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, wk_ptr, wb_ptr, out_ptr, M, N, NKB,
     mm = rm < M
     nm = rn < N
     rm64 = rm.to(tl.int64)
-    kk = tl.arange(0, 128)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(0, NKB):
-        xb = tl.load(x_ptr + rm64[:, None] * s_xm + kb * 128 + kk[None, :], mask=mm[:, None], other=0)
-        ea = tl.load(xs_ptr + rm64 * s_xsm + kb, mask=mm, other=127).to(tl.int32) - 127
-        acc = w4a8_weight_dot(acc, fp8_operand(xb, FNUZ, F32_DOT), ea, w_ptr, wk_ptr, wb_ptr, rn, nm, kb, s_wn,
+        a, ea = fp8_act_block(x_ptr, xs_ptr, rm64, mm, kb, s_xm, s_xsm, FNUZ, F32_DOT)
+        acc = w4a8_weight_dot(acc, a, ea, w_ptr, wk_ptr, wb_ptr, rn, nm, kb, s_wn,
                               s_wkn, s_wbn, FNUZ, F32_DOT, ASM, BLOCK_N)
     tl.store(out_ptr + rm64[:, None] * s_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mm[:, None] & nm[None, :])

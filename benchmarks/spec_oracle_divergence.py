@@ -72,7 +72,6 @@ def run_config(name, k, B, input_len, output_len, device="cuda", model="deepseek
                                                          zip(rec_lp[b][:i or output_len], rep_lp[b][:i or output_len])),
                                                         default=None)})
             print(rows[-1], flush=True)
-    del llm, eng
     return rows
 
 

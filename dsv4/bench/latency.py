@@ -59,9 +59,10 @@ def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed
     one context bucket (all equal lengths do); fewer requests compile the kernels but leave the capture of
     the batch's own graph bucket (about a second per bucket) inside the timed pass.
     `draft_oracle` (an engine with speculative_tokens k): draft with a DRAFT ORACLE instead of the MTP block:
-    each batch's greedy outputs without drafts are recorded first, then replayed as drafts, each kept with
-    probability `draft_oracle` (spec_decode.OracleDrafter): the verify step's cost and the speed-up against
-    acceptance, measurable without real weights. Rows say so ("drafter": "oracle p=...")."""
+    each batch's own greedy outputs are recorded first (install_oracle: replayed until the replay emits the
+    recording), then replayed as drafts, each kept with probability `draft_oracle` (spec_decode.OracleDrafter):
+    the verify step's cost and the speed-up against acceptance, measurable without real weights. Rows say so
+    ("drafter": "oracle p=...", with the recording's rounds and whether it converged)."""
     layers = llm.engine.cfg.num_layers
     gpus = llm.engine.world  # expert-parallel ranks
     fpt = weight_flops_per_token(llm.engine.lm.model)
@@ -72,7 +73,7 @@ def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed
         raise ValueError("a draft oracle needs an engine with speculative_tokens > 0")
     for B in batch_sizes:
         if draft_oracle is not None:
-            _install_oracle(llm, B, input_len, output_len, seed, k, draft_oracle)
+            oracle = install_oracle(llm, B, input_len, output_len, seed, k, draft_oracle)
         run_throughput(llm, min(B, warmup_prompts or B), input_len, warmup_output_len or output_len, seed=seed,
                        progress=False)  # warm-up
         st0 = dataclasses.replace(eng.spec_stats)
@@ -83,6 +84,8 @@ def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed
             d_steps, d_drafted, d_acc = st.steps - st0.steps, st.drafted - st0.drafted, st.accepted - st0.accepted
             spec = {"speculative_tokens": k,
                     "drafter": f"oracle p={draft_oracle}" if draft_oracle is not None else "mtp",
+                    **({"oracle_rounds": oracle["rounds"], "oracle_converged": oracle["converged"]}
+                       if draft_oracle is not None else {}),
                     "acceptance_rate": d_acc / d_drafted if d_drafted else 0.0,
                     "mean_accepted_length": (d_acc + d_steps) / d_steps if d_steps else 0.0}
         tpot = r["tpot_s"]["p50"]
@@ -108,20 +111,44 @@ def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed
     return rows
 
 
-def _install_oracle(llm, B: int, input_len: int, output_len: int, seed: int, k: int, accept: float) -> None:
-    """Record the batch's greedy outputs without drafts, then draft them back (OracleDrafter)."""
+def install_oracle(llm, B: int, input_len: int, output_len: int, seed: int, k: int, accept: float,
+                   max_rounds: int | None = None) -> dict:
+    """Install an OracleDrafter that replays the batch's own greedy outputs, recorded so that the measured
+    run takes them: the fixed point of "replay, then record what the replay emitted".
+
+    With bf16 weights a token's logits depend a little on the chunk it is computed in (its slot among a
+    verify step's drafts, the rows of the step: reduction orders change with the shapes), and dummy
+    weights give near-flat logits whose top two differ by ~0.01 nat, so a continuation recorded with every
+    draft failing leaves the replay's own greedy path after a few tokens (docs/perf.md, 2026-12-06). Each
+    round replays the recording with this run's accept/reject pattern (fixed per prompt and position) and
+    records what was emitted; the agreed prefix grows by at least one token per round, so within
+    output_len + 1 rounds the replay emits exactly the recording: every kept draft is accepted.
+    Returns {"rounds": replays run, "converged": bool}; a run that did not converge still measures, with
+    its acceptance as reported."""
     from dsv4.bench.throughput import bench_prompts
     from dsv4.engine.spec_decode import OracleDrafter
 
     eng = llm.engine
-    # recorded through verify steps (drafts that fail), as the measured run decodes: in bf16 a plain decode
-    # step's rounding differs from a verify step's, which would leave the path after a few tokens
-    eng.runner.drafter = OracleDrafter({}, k, 0.0, vocab_size=eng.cfg.vocab_size)
-    prompts = bench_prompts(eng.cfg.vocab_size, B, input_len, seed)
+    V = eng.cfg.vocab_size
+    prompts = bench_prompts(V, B, input_len, seed)
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    cont = {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, outs)}
-    eng.runner.drafter = OracleDrafter(cont, k, accept, seed=seed, vocab_size=eng.cfg.vocab_size)
+
+    def run(drafter) -> dict:
+        eng.runner.drafter = drafter
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return {tuple(p): list(o.outputs[0].token_ids) for p, o in zip(prompts, outs)}
+
+    # first recording through verify steps whose drafts all fail (a plain decode step rounds differently)
+    cont = run(OracleDrafter({}, k, 0.0, vocab_size=V))
+    rounds, converged = 0, False
+    for rounds in range(1, (output_len + 1 if max_rounds is None else max_rounds) + 1):
+        emitted = run(OracleDrafter(cont, k, accept, seed=seed, vocab_size=V))
+        converged = emitted == cont
+        cont = emitted
+        if converged:
+            break
+    eng.runner.drafter = OracleDrafter(cont, k, accept, seed=seed, vocab_size=V)
+    return {"rounds": rounds, "converged": converged}
 
 
 def transformers_model(model: str, num_layers: int | None, device: str, dtype: torch.dtype):
@@ -176,7 +203,6 @@ def transformers_rows(model: str, num_layers: int | None, device: str, dtype: to
                      "output_tok_s": B * output_len / total})
         if progress:
             print(format_row(rows[-1]), flush=True)
-    del m
     return rows
 
 
@@ -187,7 +213,9 @@ def format_row(r: dict) -> str:
             + (f" ({r['output_tok_s_per_gpu']:.1f} per GPU over {r['gpus']}; decode {r['decode_tok_s_per_gpu']:.1f} "
                f"per GPU)" if r.get("gpus", 1) > 1 else "")
             + (f"  [speculative {r['speculative_tokens']}, drafter {r['drafter']}: acceptance "
-               f"{r['acceptance_rate']:.2f}, {r['mean_accepted_length']:.2f} tokens/step]"
+               f"{r['acceptance_rate']:.2f}, {r['mean_accepted_length']:.2f} tokens/step"
+               + (f"; recorded in {r['oracle_rounds']} rounds"
+                  + ("" if r["oracle_converged"] else ", NOT CONVERGED") if "oracle_rounds" in r else "") + "]"
                if r.get("speculative_tokens") else ""))
 
 

@@ -21,7 +21,9 @@ distribution exactly.
 
 from __future__ import annotations
 
+import array
 import random
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -129,20 +131,30 @@ class OracleDrafter:
     """Drafts from known continuations (a previous greedy run's outputs, keyed by prompt): the next k
     tokens after the request's output so far, each kept with probability `accept` and otherwise replaced
     by a wrong token. A DRAFT ORACLE for benchmarks and tests: it measures the verify step's cost and the
-    speed-up against acceptance without real weights; it is not a way to serve."""
+    speed-up against acceptance without real weights; it is not a way to serve.
+
+    Whether the draft for output position i of a prompt is kept is a fixed draw of (seed, prompt, i), not a
+    stream shared by the run: a replay of the same prompts takes the same accept/reject pattern whatever the
+    recording or the other requests, which is what bench.latency.install_oracle needs to reach its fixed point."""
 
     needs_streams = False
 
     def __init__(self, continuations: dict[tuple[int, ...], list[int]], k: int, accept: float = 1.0,
                  seed: int = 0, vocab_size: int | None = None):
         self.cont, self.k, self.accept = continuations, k, accept
-        self.rng = random.Random(seed)
+        self.seed = seed
         self.vocab_size = vocab_size
+
+    def keeps(self, prompt: tuple[int, ...], i: int) -> bool:
+        """Whether the draft for output position i of `prompt` is the known token (probability accept)."""
+        key = zlib.crc32(array.array("q", prompt).tobytes())
+        return random.Random(f"{self.seed}:{key}:{i}").random() < self.accept
 
     def propose(self, reqs: list[Request], new: list[list[int]], **_) -> None:
         """new[i]: the tokens reqs[i] emits in this step (after its output so far)."""
         for r, tail in zip(reqs, new):
-            ref = self.cont.get(tuple(r.prompt_token_ids))
+            prompt = tuple(r.prompt_token_ids)
+            ref = self.cont.get(prompt)
             out = r.output_token_ids + tail
             n = len(out)
             if ref is None or ref[:n] != out:  # off the known path: k drafts that fail (the step stays a verify step)
@@ -150,7 +162,7 @@ class OracleDrafter:
                 continue
             drafts = ref[n:n + self.k]
             V = self.vocab_size or (max(ref) + 2)
-            r.spec_ids = [t if self.rng.random() < self.accept else (t + 1) % V for t in drafts]
+            r.spec_ids = [t if self.keeps(prompt, n + j) else (t + 1) % V for j, t in enumerate(drafts)]
 
 
 class MTPDrafter:

@@ -254,3 +254,47 @@ def test_penalties_logprobs_min_tokens_and_stop_ids_with_drafts(lm, prompts):
         assert [x.token_id for x in a.logprobs] == a.token_ids
         for x, y in zip(a.logprobs, b.logprobs):
             assert abs(x.logprob - y.logprob) < 1e-4 and x.rank == y.rank
+
+
+@pytest.mark.parametrize("accept", [1.0, 0.6])
+def test_oracle_recording_reaches_the_replays_own_path(accept):
+    """bench.latency.install_oracle: when a token's logits depend on its slot in the verify chunk (bf16
+    reduction orders on a GPU; here a bias on rows after the first), a continuation recorded with failing
+    drafts is not what the replay emits; the recording is replayed until it is, and then every kept draft
+    is accepted. One recording round (no fixed point) must fall short."""
+    from dsv4.bench.latency import dsv4_rows, install_oracle
+    from dsv4.engine.llm import LLM
+
+    llm = LLM("tiny", device="cpu", dtype="float32", numerics="plain", speculative_tokens=2)
+    model = llm.engine.lm.model
+    plain_logits = model.logits
+
+    def slot_dependent(X):
+        out = plain_logits(X).clone()
+        r = torch.arange(1, out.shape[0])
+        out[r, (7 * r + 3) % out.shape[1]] += 50.0  # rows after the first of the selection pick other tokens
+        return out
+
+    model.logits = slot_dependent
+    B, n_in, n_out = 2, 6, 9
+    once = install_oracle(llm, B, n_in, n_out, 0, 2, 1.0, max_rounds=0)
+    assert once == {"rounds": 0, "converged": False}
+    row = dsv4_rows(llm, [B], n_in, n_out, progress=False)
+    assert row[0]["mean_accepted_length"] < 1.5  # the first recording is off the replay's path
+    row = dsv4_rows(llm, [B], n_in, n_out, progress=False, draft_oracle=accept)[0]
+    assert row["oracle_converged"] and row["oracle_rounds"] >= 2
+    st = llm.engine.spec_stats
+    if accept == 1.0:
+        assert row["acceptance_rate"] == 1 and row["mean_accepted_length"] == pytest.approx(8 / 3)
+    else:
+        assert 0.3 < row["acceptance_rate"] < 0.9
+    assert st.drafted > 0
+    # the defining property: a replay emits exactly the recording
+    from dsv4.bench.throughput import bench_prompts
+    from dsv4.engine.sampling_params import SamplingParams as SP
+
+    prompts = bench_prompts(llm.engine.cfg.vocab_size, B, n_in, 0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SP(max_tokens=n_out, ignore_eos=True, temperature=0, detokenize=False), use_tqdm=False)
+    cont = llm.engine.runner.drafter.cont
+    assert [list(o.outputs[0].token_ids) for o in outs] == [cont[tuple(p)] for p in prompts]

@@ -41,9 +41,9 @@ def run_config(name, k, B, input_len, output_len, device="cuda", model="deepseek
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    llm = LLM.from_config(EngineConfig(device=device, model=model, load_format="dummy", num_layers=4,
-                                       dtype="bfloat16", max_model_len=4096, max_num_seqs=64,
-                                       kv_cache_memory=8 << 30, speculative_tokens=k, **kw))
+    base = dict(device=device, model=model, load_format="dummy", num_layers=4, dtype="bfloat16",
+                max_model_len=4096, max_num_seqs=64, kv_cache_memory=8 << 30, speculative_tokens=k)
+    llm = LLM.from_config(EngineConfig(**{**base, **kw}))
     eng = llm.engine
     V = eng.cfg.vocab_size
     prompts = bench_prompts(V, B, input_len, 0)
@@ -88,7 +88,8 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name() if a.device == "cuda" else a.device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "rows": []}
     cfgs = {"graphs": {}, "eager": dict(enforce_eager=True), "eager_k1": dict(enforce_eager=True),
-            "graphs_k1": {}, "fp8kv": dict(kv_cache_dtype="fp8")}
+            "graphs_k1": {}, "fp8kv": dict(kv_cache_dtype="fp8"),
+            "fp32_eager": dict(enforce_eager=True, dtype="float32")}
     for name in a.configs.split(","):
         k = 1 if name.endswith("_k1") else 3
         try:

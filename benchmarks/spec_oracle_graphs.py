@@ -1,7 +1,11 @@
 """GPU: verify-graph step cost against acceptance with the draft oracle (issue 18), plain graph decode as
 the baseline on the same machine. 4 Flash layers, dummy weights, bf16, batch 1, 256 in / 48 out.
 
-    PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/spec_oracle_graphs.py --out $OUT/oracle.json --profile
+    PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/spec_oracle_graphs.py --out $OUT/oracle.json --profile \
+        --plot $OUT/oracle.png
+
+--p1 / --p3: the oracle's keep probabilities for N = 1 / N = 3 (the curve against acceptance); --plot: user
+tok/s against tokens per step, plain graph decode as the line to beat.
 
 --profile: where one MTP N = 1 speculative step's time goes (wall time of the runner's parts, host-timed
 with a device sync after each, over 20 steps).
@@ -25,13 +29,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--p1", default="0,1")
+    ap.add_argument("--p3", default="0,0.7,1")
+    ap.add_argument("--plot", default=None)
     a = ap.parse_args()
+    p1, p3 = ([float(x) for x in v.split(",")] for v in (a.p1, a.p3))
     if a.profile:
         profile()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "input_len": 256, "output_len": 48, "rows": []}
-    for oracle, kw in [(None, {}), ([0.0, 1.0], dict(speculative_tokens=1)),
-                       ([0.0, 0.7, 1.0], dict(speculative_tokens=3))]:
+    for oracle, kw in [(None, {}), (p1, dict(speculative_tokens=1)), (p3, dict(speculative_tokens=3))]:
         res["rows"] += rows_for([1], 256, 48, oracle=oracle, **kw)
         if a.out:
             with open(a.out, "w") as f:
@@ -39,7 +46,35 @@ def main() -> None:
     for r in res["rows"]:
         print(r.get("drafter", "plain"), r.get("speculative_tokens", 0), "tpot %.2f ms" % r["tpot_ms"],
               "tokens/step %.2f" % r.get("mean_accepted_length", 1.0), "step %.2f ms" % r["step_ms"],
-              "engine_steps", r["engine_steps"])
+              "engine_steps", r["engine_steps"], "oracle rounds", r.get("oracle_rounds"),
+              "converged", r.get("oracle_converged"))
+    if a.plot:
+        plot(res, a.plot)
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k in (1, 3):
+        pts = sorted((r["mean_accepted_length"], r["user_tok_s"]) for r in res["rows"]
+                     if r.get("speculative_tokens") == k)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"{k} draft{'s' if k > 1 else ''} (draft oracle)")
+    for r in res["rows"]:
+        if not r.get("speculative_tokens"):
+            ax.axhline(r["user_tok_s"], color="k", lw=0.8, label="no drafts (graphs)")
+            ax.axhline(2 * r["user_tok_s"], color="k", ls=":", lw=0.8, label="2x no drafts (target at ~2.5)")
+    ax.axvline(2.5, color="grey", ls="--", lw=0.8, label="published acceptance, 3 drafts")
+    ax.set_xlabel("tokens per step (mean accepted length)")
+    ax.set_ylabel("tok/s, one user")
+    ax.set_title(f"MTP speculation step cost, 4 Flash layers, batch 1, {res['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def profile() -> None:

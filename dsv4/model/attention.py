@@ -10,7 +10,7 @@ from torch import nn
 
 from dsv4.config import CSA, HCA, SWA, ModelConfig
 from dsv4.model.compressor import Compressor, Indexer
-from dsv4.model.linear import Linear, RMSNorm
+from dsv4.model.linear import Linear, LinearGroup, RMSNorm
 from dsv4.model.options import ModelOptions
 from dsv4.ops.meta import ForwardMeta
 from dsv4.ops.rope import rope_inv_freq
@@ -43,6 +43,14 @@ class Attention(nn.Module):
                                          inv_freq, opts)
         if layer_type == CSA:
             self.indexer = Indexer(cfg, ratio, inv_freq, opts)
+        # projections that read the same input, one GEMM each once fused (model.linear.fuse_linear_groups)
+        self._x_proj = LinearGroup(self.wq_a, self.wkv)
+        # (wq_b and the indexer's wq_b also share qr, but a fused output's q rows would be strided, and the
+        # [T, H, d] q norm copies strided rows at T > 1)
+        comp = [self.compressor.wkv, self.compressor.wgate] if self.compressor is not None else []
+        if self.indexer is not None:
+            comp += [self.indexer.compressor.wkv, self.indexer.compressor.wgate]
+        self._xf_proj = LinearGroup(*comp) if comp else None  # float32 (the compressors' projections)
         self.official = opts.official
         self.dialect = opts.fp8_dialect
         o = opts.ops
@@ -53,18 +61,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
         T = x.shape[0]
         pos = meta.positions
-        qr = self.q_norm(self.wq_a(x))
+        qr, kv = self._x_proj(x)
+        qr = self.q_norm(qr)
         q = self.wq_b(qr).view(T, self.n_heads, self.head_dim)
         q = self._rope(self._norm(q, None, self.eps), pos, self.inv_freq)
-        kv = self._rope(self.kv_norm(self.wkv(x)), pos, self.inv_freq)
+        kv = self._rope(self.kv_norm(kv), pos, self.inv_freq)
         if self.official:
             nope = self.head_dim - self.rope_dim
             kv = torch.cat([self._fp8_rt(kv[:, :nope], 64, self.dialect), kv[:, nope:]], dim=-1)
         proj = [q, kv]
         if self.compressor is not None:
-            proj += self.compressor.project(x)
+            kvs = self._xf_proj(x.float())  # compressor kv, score (+ the indexer compressor's kv, score)
+            proj += kvs[:2]
         if self.indexer is not None:
-            proj += self.indexer.project(x, qr, pos)
+            proj += self.indexer.project(x, qr, pos, kv_score=kvs[2:])
         # everything above reads only per-token values (and positions); the core reads the step's sequences
         core = partial(self._core, lc=lc, block_table=block_table)
         o = core(meta, *proj) if meta.islands is None else meta.islands(core, *proj)

@@ -59,3 +59,95 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x, self.weight, self.eps)
+
+
+class LinearGroup:
+    """Linears that read the same input, run as one GEMM once fused (fewer launches, one activation
+    quantisation, a wider GEMM). Not a module: the members stay where they are (their checkpoint names,
+    their buffers). `fuse()`, called once the weights are loaded (model.builder), concatenates the
+    members' weights and scales along the output rows, each member padded to whole 128-row scale blocks
+    for FP8, and makes every member's buffers views of the result (no second copy is held). A member whose
+    weight is later replaced stops being a view: the group notices on its next call and raises instead of
+    computing with stale weights. Before `fuse()` (or when the members cannot share one GEMM) it calls
+    the members one by one; results are the same up to summation order."""
+
+    def __init__(self, *members: Linear):
+        self.members = members
+        self.weight = self.scale = None
+        self.spans: list[tuple[int, int]] = []
+        self._ptrs: list[int] = []
+        self.contiguous = False
+
+    def fusable(self) -> str | None:
+        """Why the members cannot share one GEMM (None: they can)."""
+        m0 = self.members[0]
+        for m in self.members:
+            if m.in_features != m0.in_features or m.fmt != m0.fmt or m.weight.dtype != m0.weight.dtype:
+                return f"{m!r} differs from {m0!r} in input size, format or dtype"
+            if m.act_quant != m0.act_quant or m._linear is not m0._linear or m.dialect != m0.dialect:
+                return f"{m!r} differs from {m0!r} in numerics"
+            if m.weight.device != m0.weight.device:
+                return "members on different devices"
+        return None
+
+    @torch.no_grad()
+    def fuse(self) -> bool:
+        if len(self.members) < 2 or self.fusable() is not None:
+            return False
+        step = 128 if self.members[0].fmt == "fp8" else 1
+        ws, ss, self.spans, row = [], [], [], 0
+        for m in self.members:
+            n = m.out_features
+            pad = -n % step
+            self.spans.append((row, row + n))
+            w = m.weight
+            if pad:
+                w = torch.cat([w, w.new_zeros((pad,) + tuple(w.shape[1:]))])
+            ws.append(w)
+            if m.scale is not None:
+                ss.append(m.scale)  # FP8: [ceil(n / 128), K / 128] (the padding rows share the last block)
+            row += n + pad
+        weight = torch.cat(ws)
+        scale = torch.cat(ss) if ss else None  # FP4: one scale row per weight row (step 1, no padding)
+        for m, (a, b) in zip(self.members, self.spans):
+            m.weight = weight[a:b]
+            if scale is not None:
+                m.scale = scale[a // step:-(-b // step)] if step > 1 else scale[a:b]
+        self.weight, self.scale = weight, scale
+        self._ptrs = [m.weight.data_ptr() for m in self.members]
+        self.contiguous = all(self.spans[i][1] == self.spans[i + 1][0] for i in range(len(self.spans) - 1))
+        return True
+
+    def _check(self) -> None:
+        for m, p in zip(self.members, self._ptrs):
+            if m.weight.data_ptr() != p:
+                raise RuntimeError(f"LinearGroup: the weight of {m!r} was replaced after the group was fused; "
+                                   "fuse again (model.linear.fuse_linear_groups) before running")
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The members' outputs, in order (views of one output when fused)."""
+        if self.weight is None:
+            return [m(x) for m in self.members]
+        self._check()
+        m0 = self.members[0]
+        y = m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect)
+        return [y[..., a:b] for a, b in self.spans]
+
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' outputs side by side: the fused output itself when the members have no padding."""
+        if self.weight is not None and self.contiguous:
+            self._check()
+            m0 = self.members[0]
+            return m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect)[..., :self.spans[-1][1]]
+        return torch.cat(self(x), dim=-1)
+
+
+def fuse_linear_groups(model: nn.Module) -> int:
+    """Fuse every LinearGroup held by `model`'s modules (attributes of type LinearGroup). Returns how many
+    fused."""
+    n = 0
+    for mod in model.modules():
+        for v in list(vars(mod).values()):
+            if isinstance(v, LinearGroup):
+                n += bool(v.fuse())
+    return n

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dsv4.config import HASH_MOE, ModelConfig
-from dsv4.model.linear import Linear, weight_dtype, weight_shapes
+from dsv4.model.linear import Linear, LinearGroup, weight_dtype, weight_shapes
 from dsv4.model.options import ModelOptions
 from dsv4.ops.moe import swiglu
 from dsv4.ops.moe_dispatch import ExpertMap
@@ -58,9 +58,10 @@ class SharedExpert(nn.Module):
         self.w2 = Linear(I, D, fmt, opts)
         self.w3 = Linear(D, I, fmt, opts)
         self.limit = cfg.swiglu_limit
+        self._w13 = LinearGroup(self.w1, self.w3)  # one GEMM once fused: [w1(x) | w3(x)] without a cat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = swiglu(torch.cat([self.w1(x), self.w3(x)], dim=-1), self.limit)
+        h = swiglu(self._w13.joined(x), self.limit)
         return self.w2(h.to(x.dtype))
 
 

@@ -68,6 +68,8 @@ def _gpu_linear_case(N: int, K: int, M: int, act_quant: bool, provider: str = "t
             if why is not None:
                 return {"skipped": why}
             fn = linear_scaled_mm
+        elif provider == "small_m":
+            from dsv4.kernels.triton.gemm_small_m import linear_small_m as fn
         else:
             fn = linear_triton
         w, s = _make_fp8_weight(N, K, dev)

@@ -29,7 +29,7 @@ from dsv4.kernels.triton.gemm_small_m import MAX_M, linear_small_m
 from dsv4.kernels.vendor.scaled_mm import linear_scaled_mm
 from dsv4.ops.linear import linear_reference
 
-SHAPES = FLASH_LINEARS + (("head_fp8", 129280, 4096),)
+SHAPES = FLASH_LINEARS + (("wq_a_wkv", 1536, 4096), ("head_fp8", 129280, 4096))  # + the fused [wq_a; wkv]
 
 
 def graph_us(fn) -> float:

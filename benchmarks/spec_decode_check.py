@@ -23,17 +23,17 @@ from dsv4.config import EngineConfig
 from dsv4.engine.llm import LLM
 
 
-def rows_for(batches, input_len, output_len, oracle=None, **kw) -> list[dict]:
+def rows_for(batches, input_len, output_len, oracle=None, num_layers=4, **kw) -> list[dict]:
     gc.collect()
     torch.cuda.empty_cache()
-    llm = LLM.from_config(EngineConfig(device="cuda", model="deepseek-v4-flash", load_format="dummy", num_layers=4,
+    llm = LLM.from_config(EngineConfig(device="cuda", model="deepseek-v4-flash", load_format="dummy", num_layers=num_layers,
                                        dtype="bfloat16", max_model_len=4096, max_num_seqs=64,
                                        kv_cache_memory=8 << 30, **kw))
     out = []
     for p in (oracle if oracle is not None else [None]):
         rows = dsv4_rows(llm, batches, input_len, output_len, progress=True, warmup_output_len=8, draft_oracle=p)
         for r in rows:
-            r["config"] = {k: v for k, v in kw.items()}
+            r["config"] = {"num_layers": num_layers, **kw}
             r["step_ms"] = r["tpot_ms"] * r.get("mean_accepted_length", 1.0)
         out += rows
     del llm

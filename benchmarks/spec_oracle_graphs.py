@@ -32,17 +32,23 @@ def main() -> None:
     ap.add_argument("--p1", default="0,1")
     ap.add_argument("--p3", default="0,0.7,1")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--layers", default="4", help="comma-separated layer counts: each gets the plain row and the "
+                                                  "sweeps (the per-layer slope projects to the 43-layer model)")
     a = ap.parse_args()
-    p1, p3 = ([float(x) for x in v.split(",")] for v in (a.p1, a.p3))
+    p1, p3 = ([float(x) for x in v.split(",") if x] for v in (a.p1, a.p3))
     if a.profile:
         profile()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "input_len": 256, "output_len": 48, "rows": []}
-    for oracle, kw in [(None, {}), (p1, dict(speculative_tokens=1)), (p3, dict(speculative_tokens=3))]:
-        res["rows"] += rows_for([1], 256, 48, oracle=oracle, **kw)
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(res, f, indent=1)
+    runs = [(None, {}), (p1, dict(speculative_tokens=1)), (p3, dict(speculative_tokens=3))]
+    for L in (int(x) for x in a.layers.split(",")):
+        for oracle, kw in runs:
+            if oracle == []:
+                continue
+            res["rows"] += rows_for([1], 256, 48, oracle=oracle, num_layers=L, **kw)
+            if a.out:
+                with open(a.out, "w") as f:
+                    json.dump(res, f, indent=1)
     for r in res["rows"]:
         print(r.get("drafter", "plain"), r.get("speculative_tokens", 0), "tpot %.2f ms" % r["tpot_ms"],
               "tokens/step %.2f" % r.get("mean_accepted_length", 1.0), "step %.2f ms" % r["step_ms"],
@@ -59,15 +65,17 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k in (1, 3):
-        pts = sorted((r["mean_accepted_length"], r["user_tok_s"]) for r in res["rows"]
-                     if r.get("speculative_tokens") == k)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"{k} draft{'s' if k > 1 else ''} (draft oracle)")
-    for r in res["rows"]:
-        if not r.get("speculative_tokens"):
-            ax.axhline(r["user_tok_s"], color="k", lw=0.8, label="no drafts (graphs)")
-            ax.axhline(2 * r["user_tok_s"], color="k", ls=":", lw=0.8, label="2x no drafts (target at ~2.5)")
+    layers = sorted({r.get("config", {}).get("num_layers", 4) for r in res["rows"]})
+    for L in layers:
+        mine = [r for r in res["rows"] if r.get("config", {}).get("num_layers", 4) == L]
+        for k in (1, 3):
+            pts = sorted((r["mean_accepted_length"], r["user_tok_s"]) for r in mine if r.get("speculative_tokens") == k)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{L} layers, {k} draft{'s' if k > 1 else ''} (draft oracle)")
+        for r in mine:
+            if not r.get("speculative_tokens"):
+                ax.axhline(r["user_tok_s"], color="k", lw=0.8, label=f"{L} layers, no drafts (graphs)")
+                ax.axhline(2 * r["user_tok_s"], color="k", ls=":", lw=0.8, label=f"{L} layers, 2x no drafts")
     ax.axvline(2.5, color="grey", ls="--", lw=0.8, label="published acceptance, 3 drafts")
     ax.set_xlabel("tokens per step (mean accepted length)")
     ax.set_ylabel("tok/s, one user")

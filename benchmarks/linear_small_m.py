@@ -4,7 +4,8 @@ the weight-read floor, every variant checked against the reference first.
 For each DeepSeek-V4-Flash FP8 projection (and the 129,280 x 4,096 head as FP8, the drafter's candidate) and
 M = 1..256 rows, official numerics (FP8 activations), bf16 in / out: time of the whole `linear` call (the
 activation quantiser, scale layout and GEMM launches) from CUDA-graph replays (do_bench_cudagraph), for
-  scaled_mm   cuBLASLt blockwise FP8 (the default provider on sm90)
+  scaled_mm   cuBLASLt blockwise FP8 (the scaled_mm provider's GEMM, called directly: the provider itself
+              hands M <= 32 to Triton since 2026-12-06)
   triton      the Triton provider with its own tile choice (_pick_tiles)
   t:BNxS      the Triton kernel with BLOCK_N = BN and split-K S (the decode regime's alternatives)
   small_m     the one-launch kernel (gemm_small_m.py: quantiser in the prologue, last-program split-K
@@ -26,7 +27,7 @@ from benchmarks.kernel_cases.common import copy_bandwidth
 from benchmarks.kernel_cases.gemm import FLASH_LINEARS, _make_fp8_weight
 from dsv4.kernels.triton.gemm import _facts, _pick_tiles, linear_impl, linear_triton
 from dsv4.kernels.triton.gemm_small_m import MAX_M, linear_small_m
-from dsv4.kernels.vendor.scaled_mm import linear_scaled_mm
+from dsv4.kernels.vendor.scaled_mm import _scaled_mm_official
 from dsv4.ops.linear import linear_reference
 
 SHAPES = FLASH_LINEARS + (("wq_a_wkv", 1536, 4096), ("head_fp8", 129280, 4096))  # + the fused [wq_a; wkv]
@@ -61,7 +62,7 @@ def main() -> None:
             ref = linear_reference(x, w, s, True).float()
             scale = ref.abs().max().item()
             auto = _pick_tiles(M, N, K, 1, 1.0, nsm, False)
-            fns = {"scaled_mm": lambda: linear_scaled_mm(x, w, s, True),
+            fns = {"scaled_mm": lambda: _scaled_mm_official(x, w, s),  # cuBLASLt itself, at every M
                    "triton": lambda: linear_triton(x, w, s, True)}
             for v in a.variants.split(","):
                 bn, sp = v.split("x")

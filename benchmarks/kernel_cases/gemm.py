@@ -61,13 +61,15 @@ def _gpu_linear_case(N: int, K: int, M: int, act_quant: bool, provider: str = "t
         dev = torch.device(device)
         dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         if provider == "scaled_mm":
-            from dsv4.kernels.vendor.scaled_mm import linear_scaled_mm, scaled_mm_supported
+            from dsv4.kernels.vendor.scaled_mm import _scaled_mm_official, scaled_mm_supported
             from dsv4.platforms import detect
 
             why = scaled_mm_supported(detect(dev)) if dev.type == "cuda" else "needs CUDA"
             if why is not None:
                 return {"skipped": why}
-            fn = linear_scaled_mm
+
+            def fn(x, w, s, act_quant):  # cuBLASLt itself (the provider hands decode sizes to Triton)
+                return _scaled_mm_official(x, w, s)
         elif provider == "small_m":
             from dsv4.kernels.triton.gemm_small_m import linear_small_m as fn
         else:

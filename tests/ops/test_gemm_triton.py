@@ -421,3 +421,23 @@ def test_gpu_case_smoke():
     assert "skipped" in kcg._gpu_linear_case(256, 512, 3, True, "scaled_mm", device="cpu", bench=False)()
     r = kcg._gpu_grouped_case(2, G=2, R=64, Kg=256, device="cpu", bench=False)()
     assert r["max_rel_err"] < 1e-5 and r["flops"] == 2 * 2 * 2 * 64 * 256
+
+
+def test_scaled_mm_hands_decode_sizes_to_triton():
+    """At <= TRITON_MAX_M rows the scaled_mm provider delegates to the Triton GEMM (faster there on the GPU,
+    docs/perf.md 2026-12-06); above, cuBLASLt takes the call. Host metadata only, so a stand-in for a CUDA
+    tensor shows the rule on the CPU."""
+    w, s = fp8_weight(256, 512, seed=7)
+
+    class CudaLike:
+        is_cuda, dtype = True, torch.bfloat16
+
+        def __init__(self, m):
+            self.shape = (m, 512)
+
+        def numel(self):
+            return self.shape[0] * 512
+
+    for m in (1, 4, ksm.TRITON_MAX_M):
+        assert "faster at decode sizes" in ksm.delegate_reason(CudaLike(m), w, s, True)
+    assert ksm.delegate_reason(CudaLike(ksm.TRITON_MAX_M + 1), w, s, True) is None

@@ -17,7 +17,7 @@ import traceback
 
 import torch
 
-MODULES = ("attention", "indexer", "compressor", "norm", "rope", "hyper_connection", "quant", "gemm", "gemm_small_m", "moe", "moe_w4a8",
+MODULES = ("attention", "indexer", "compressor", "norm", "rope", "hyper_connection", "quant", "gemm", "moe", "moe_w4a8",
            "router")
 REFERENCE_ONLY = {"sparse_attention", "write_window", "indexer_topk", "compress_kv", "rms_norm", "apply_rope",
                   "hc_pre", "hc_post", "hc_head", "fp8_act_quant", "linear", "grouped_linear", "moe_route",

@@ -8,8 +8,6 @@ activation quantiser, scale layout and GEMM launches) from CUDA-graph replays (d
               hands M <= 32 to Triton since 2026-12-06)
   triton      the Triton provider with its own tile choice (_pick_tiles)
   t:BNxS      the Triton kernel with BLOCK_N = BN and split-K S (the decode regime's alternatives)
-  small_m     the one-launch kernel (gemm_small_m.py: quantiser in the prologue, last-program split-K
-              reduction; M <= 16), its own tile choice; sm:BNxS with BLOCK_N = BN and split-K S
 floor = weight + scale bytes / the measured copy bandwidth (read + write counted, as everywhere).
 
     PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/linear_small_m.py --out $OUT/linear_small_m.json
@@ -26,7 +24,7 @@ import torch
 from benchmarks.kernel_cases.common import copy_bandwidth
 from benchmarks.kernel_cases.gemm import FLASH_LINEARS, _make_fp8_weight
 from dsv4.kernels.triton.gemm import _facts, _pick_tiles, linear_impl, linear_triton
-from dsv4.kernels.triton.gemm_small_m import MAX_M, linear_small_m
+from dsv4.kernels.triton.quant import fp8_act_quant_triton
 from dsv4.kernels.vendor.scaled_mm import _scaled_mm_official
 from dsv4.ops.linear import linear_reference
 
@@ -70,12 +68,6 @@ def main() -> None:
                     sp = (int(sp[:-1]) if sp[:-1] else 1) * auto["split_k"]
                 bn, sp = int(bn), int(sp)
                 fns[f"t:{bn}x{sp}"] = (lambda bn=bn, sp=sp: linear_impl(x, w, s, True, block_n=bn, split_k=sp))
-                if M <= MAX_M:
-                    fns[f"sm:{bn}x{sp}"] = (lambda bn=bn, sp=sp: linear_small_m(x, w, s, True, block_n=bn, split_k=sp))
-            if M <= MAX_M:
-                fns["small_m"] = lambda: linear_small_m(x, w, s, True)
-            from dsv4.kernels.triton.quant import fp8_act_quant_triton
-
             row = {"op": name, "N": N, "K": K, "M": M, "floor_us": floor_us, "auto_tiles": auto, "us": {},
                    "max_rel_err": {}}
             for k, fn in fns.items():

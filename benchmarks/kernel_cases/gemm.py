@@ -70,8 +70,6 @@ def _gpu_linear_case(N: int, K: int, M: int, act_quant: bool, provider: str = "t
 
             def fn(x, w, s, act_quant):  # cuBLASLt itself (the provider hands decode sizes to Triton)
                 return _scaled_mm_official(x, w, s)
-        elif provider == "small_m":
-            from dsv4.kernels.triton.gemm_small_m import linear_small_m as fn
         else:
             fn = linear_triton
         w, s = _make_fp8_weight(N, K, dev)

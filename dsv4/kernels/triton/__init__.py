@@ -14,7 +14,7 @@ except ImportError:  # e.g. a CPU-only install without the test extras
     HAVE_TRITON = False
 
 KERNEL_MODULES: tuple[str, ...] = ("attention", "indexer", "compressor", "norm", "rope", "hyper_connection", "quant",
-                                  "gemm", "gemm_small_m", "moe", "moe_w4a8", "router")
+                                  "gemm", "moe", "moe_w4a8", "router")
 
 if HAVE_TRITON:
     for _m in KERNEL_MODULES:

@@ -93,7 +93,7 @@ class MTPDraftGraphs:
         # the single-token steps read as their window: put them back first
         put_back()
         H = Y[last]
-        tok = model.mtp_logits(H).argmax(dim=-1)
+        tok = model.mtp_draft_tokens(H)
         out = [tok]
         seq = torch.arange(Bb, dtype=torch.int64, device=dev)
         qs = torch.arange(Bb + 1, dtype=torch.int64, device=dev)
@@ -105,7 +105,7 @@ class MTPDraftGraphs:
                              seq_len_bound=C, block_table=cache.block_table,
                              ep_tokens=Bb if vg.expert_parallel else None)
             H = model.mtp_forward(H, tok, mj, cache)
-            tok = model.mtp_logits(H).argmax(dim=-1)
+            tok = model.mtp_draft_tokens(H)
             out.append(tok)
         put_back()
         self.drafts[:Bb].copy_(torch.stack(out, dim=1))

@@ -60,6 +60,8 @@ class LLMEngine:
         kv_fp8 = config.kv_cache_dtype == "fp8"
         kv_dtype = self.lm.opts.dtype if config.kv_cache_dtype in ("auto", "fp8") else parse_dtype(config.kv_cache_dtype)
         spec = config.speculative_tokens  # (the MTP drafter's window ring is part of the cache plan)
+        if spec and self.lm.model.mtp and self.lm.model.draft_head is None:
+            self.lm.model.build_draft_head()  # before the memory budget is measured: it holds 0.5 GiB on Flash
         layout = CacheLayout.of(self.cfg, kv_dtype, kv_fp8, config.page_tokens, with_mtp=bool(spec))
         graphs_ok = self._graphs_wanted()
         budget = self._cache_budget(graphs_ok, spec)

@@ -223,7 +223,7 @@ class MTPDrafter:
             return
         last = torch.tensor([ends[b] for b in bs], device=dev)
         H = Y[last]
-        d = self.model.mtp_logits(H).argmax(dim=-1)
+        d = self.model.mtp_draft_tokens(H)
         drafts = [[t] for t in d.tolist()]
         if self.k > 1:
             dslots = [slots[b] for b in bs]
@@ -233,7 +233,7 @@ class MTPDrafter:
                 mj = ForwardMeta.build(dslots, [p + j - 1 for p in pos0], [1] * len(bs), device=dev,
                                        block_table=meta.block_table)
                 H = self.model.mtp_forward(H, d, mj, self.cache)
-                d = self.model.mtp_logits(H).argmax(dim=-1)
+                d = self.model.mtp_draft_tokens(H)
                 for dr, t in zip(drafts, d.tolist()):
                     dr.append(t)
             snap.restore(dslots)

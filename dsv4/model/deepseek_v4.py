@@ -1,5 +1,5 @@
 """The DeepSeek-V4 transformer (spec §2): embedding -> mHC streams -> blocks -> hc_head -> norm -> head.
-Also the MTP block (spec §6): Transformer.mtp_forward / mtp_logits, for speculative decoding."""
+Also the MTP block (spec §6): Transformer.mtp_forward / mtp_logits / mtp_draft_tokens, for speculative decoding."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dsv4.model.attention import Attention
 from dsv4.model.linear import Linear, RMSNorm
 from dsv4.model.moe import MoE
 from dsv4.model.options import ModelOptions
+from dsv4.numerics.fp8 import quantize_fp8_blocks
 from dsv4.ops.meta import ForwardMeta
 
 
@@ -82,6 +83,7 @@ class Transformer(nn.Module):
         _hc_buffers(self, "hc_head", cfg.hc_mult, cfg.hc_mult * D, 1)
         self.mtp = nn.ModuleList(MTPBlock(cfg, opts) for _ in range(cfg.num_mtp_layers if with_mtp else 0))
         self._hc_head = opts.ops.hc_head
+        self.draft_head: tuple[torch.Tensor, torch.Tensor] | None = None  # build_draft_head
 
     def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, cache) -> torch.Tensor:
         x = self.embed.weight[input_ids].to(self.opts.dtype)
@@ -110,8 +112,36 @@ class Transformer(nn.Module):
         X = (h + e.unsqueeze(1)).contiguous()
         return blk(X, next_ids, meta, cache.mtp_layers[k])
 
-    def mtp_logits(self, X: torch.Tensor, k: int = 0) -> torch.Tensor:
-        """float32 logits [T, V] of MTP block k's output streams X: its own hc_head and norm, the shared head."""
+    def _mtp_hidden(self, X: torch.Tensor, k: int) -> torch.Tensor:
         blk, c = self.mtp[k], self.cfg
         h = self._hc_head(X, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, c.rms_norm_eps, c.hc_eps)
-        return self.opts.ops.lm_head(blk.norm(h), self.head.weight)
+        return blk.norm(h)
+
+    def mtp_logits(self, X: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """float32 logits [T, V] of MTP block k's output streams X: its own hc_head and norm, the shared head."""
+        return self.opts.ops.lm_head(self._mtp_hidden(X, k), self.head.weight)
+
+    def mtp_draft_tokens(self, X: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """The drafter's greedy tokens [T] from MTP block k's output streams X: argmax of mtp_logits, or, once
+        build_draft_head ran, of the same hidden state times the FP8 copy of the head (FP8 GEMM with
+        activations quantised per 1x128, as the model's FP8 linears)."""
+        if self.draft_head is None:
+            return self.mtp_logits(X, k).argmax(dim=-1)
+        w, s = self.draft_head
+        return self.opts.ops.linear(self._mtp_hidden(X, k), w, s, True, self.opts.fp8_dialect).argmax(dim=-1)
+
+    def build_draft_head(self, rows_per_chunk: int = 8192) -> None:
+        """An FP8 copy of the shared head (128 x 128 blocks, E8M0 scales, the platform's dialect) for
+        mtp_draft_tokens: half the bytes each draft pass reads (0.5 GiB instead of 1 GiB for Flash). Drafts are
+        chosen greedily and verification is exact (engine/spec_decode.py), so the drafter's head changes which
+        drafts are proposed, never the output. Quantised in row chunks (no full-size float32 copy)."""
+        w = self.head.weight
+        V, D = w.shape
+        q = torch.empty((V, D), dtype=self.opts.fp8_dtype, device=w.device)
+        s = torch.empty((-(-V // 128), -(-D // 128)), dtype=torch.uint8, device=w.device)
+        step = max(128, rows_per_chunk // 128 * 128)
+        for r0 in range(0, V, step):
+            qb, sb = quantize_fp8_blocks(w[r0:r0 + step].float(), (128, 128), self.opts.fp8_dialect)
+            q[r0:r0 + step] = qb.view(self.opts.fp8_dtype)
+            s[r0 // 128:r0 // 128 + sb.shape[0]] = sb
+        self.draft_head = (q, s)

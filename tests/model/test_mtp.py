@@ -168,3 +168,33 @@ def test_layout_counts_the_mtp_ring(lm, kv_fp8):
     a, b = CacheLayout.of(cfg, torch.bfloat16, kv_fp8), CacheLayout.of(cfg, torch.bfloat16, kv_fp8, with_mtp=True)
     assert b.slot_bytes - a.slot_bytes == ring // n and b.page_bytes == a.page_bytes
     assert mc.layout == b
+
+
+@torch.no_grad()
+def test_draft_head_is_the_fp8_head(lm, seq):
+    """build_draft_head: the shared head in FP8 128 x 128 blocks, quantised in row chunks exactly as in one
+    piece; mtp_draft_tokens is then the argmax of the MTP hidden state times that head (activations quantised
+    per 1x128, the linear op's reference), and its drafts mostly agree with the exact head's argmax."""
+    from dsv4.numerics.fp8 import quantize_fp8_blocks
+    from dsv4.ops.linear import linear_reference
+
+    ids, H, ref = seq
+    m = lm.model
+    saved = m.draft_head
+    try:
+        m.draft_head = None
+        dc = DirectCache(lm.cfg, 1, MAX_LEN, "cpu", torch.float32, with_mtp=True)
+        s = dc.add()
+        Y = m.mtp_forward(H, ids[1:], dc.meta([s], [0], [S]), dc.cache)
+        assert torch.equal(m.mtp_draft_tokens(Y), ref.argmax(-1))  # no draft head: the exact head's argmax
+        m.build_draft_head(rows_per_chunk=128)
+        q, sc = m.draft_head
+        q1, s1 = quantize_fp8_blocks(m.head.weight.float(), (128, 128), m.opts.fp8_dialect)
+        assert q.dtype == m.opts.fp8_dtype and torch.equal(q.view(torch.uint8), q1) and torch.equal(sc, s1)
+        got = m.mtp_draft_tokens(Y)
+        want = linear_reference(m._mtp_hidden(Y, 0), q, sc, True, m.opts.fp8_dialect).argmax(-1)
+        assert torch.equal(got, want)
+        agree = float((got == ref.argmax(-1)).float().mean())
+        assert agree >= 0.8, agree
+    finally:
+        m.draft_head = saved

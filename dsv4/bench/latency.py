@@ -84,8 +84,8 @@ def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed
             d_steps, d_drafted, d_acc = st.steps - st0.steps, st.drafted - st0.drafted, st.accepted - st0.accepted
             spec = {"speculative_tokens": k,
                     "drafter": f"oracle p={draft_oracle}" if draft_oracle is not None else "mtp",
-                    **({"oracle_rounds": oracle["rounds"], "oracle_converged": oracle["converged"]}
-                       if draft_oracle is not None else {}),
+                    **({"oracle_rounds": oracle["rounds"], "oracle_converged": oracle["converged"],
+                        "oracle_over_mtp_passes": oracle["mtp_passes"]} if draft_oracle is not None else {}),
                     "acceptance_rate": d_acc / d_drafted if d_drafted else 0.0,
                     "mean_accepted_length": (d_acc + d_steps) / d_steps if d_steps else 0.0}
         tpot = r["tpot_s"]["p50"]
@@ -123,8 +123,10 @@ def install_oracle(llm, B: int, input_len: int, output_len: int, seed: int, k: i
     round replays the recording with this run's accept/reject pattern (fixed per prompt and position) and
     records what was emitted; the agreed prefix grows by at least one token per round, so within
     output_len + 1 rounds the replay emits exactly the recording: every kept draft is accepted.
-    Returns {"rounds": replays run, "converged": bool}; a run that did not converge still measures, with
-    its acceptance as reported."""
+    The engine's MTP drafter (if any) stays in place under the oracle: its passes run and cost what they
+    cost, the oracle's tokens replace its drafts, so the measured step is a whole speculative step.
+    Returns {"rounds": replays run, "converged": bool, "mtp_passes": bool}; a run that did not converge
+    still measures, with its acceptance as reported."""
     from dsv4.bench.throughput import bench_prompts
     from dsv4.engine.spec_decode import OracleDrafter
 
@@ -132,6 +134,9 @@ def install_oracle(llm, B: int, input_len: int, output_len: int, seed: int, k: i
     V = eng.cfg.vocab_size
     prompts = bench_prompts(V, B, input_len, seed)
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0, detokenize=False)
+    inner = eng.runner.drafter  # the MTP drafter: its passes keep running (and costing) under the oracle
+    while isinstance(inner, OracleDrafter):
+        inner = inner.inner
 
     def run(drafter) -> dict:
         eng.runner.drafter = drafter
@@ -139,16 +144,16 @@ def install_oracle(llm, B: int, input_len: int, output_len: int, seed: int, k: i
         return {tuple(p): list(o.outputs[0].token_ids) for p, o in zip(prompts, outs)}
 
     # first recording through verify steps whose drafts all fail (a plain decode step rounds differently)
-    cont = run(OracleDrafter({}, k, 0.0, vocab_size=V))
+    cont = run(OracleDrafter({}, k, 0.0, vocab_size=V, inner=inner))
     rounds, converged = 0, False
     for rounds in range(1, (output_len + 1 if max_rounds is None else max_rounds) + 1):
-        emitted = run(OracleDrafter(cont, k, accept, seed=seed, vocab_size=V))
+        emitted = run(OracleDrafter(cont, k, accept, seed=seed, vocab_size=V, inner=inner))
         converged = emitted == cont
         cont = emitted
         if converged:
             break
-    eng.runner.drafter = OracleDrafter(cont, k, accept, seed=seed, vocab_size=V)
-    return {"rounds": rounds, "converged": converged}
+    eng.runner.drafter = OracleDrafter(cont, k, accept, seed=seed, vocab_size=V, inner=inner)
+    return {"rounds": rounds, "converged": converged, "mtp_passes": inner is not None}
 
 
 def transformers_model(model: str, num_layers: int | None, device: str, dtype: torch.dtype):

@@ -152,6 +152,8 @@ class ModelRunner:
         if self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False):  # (the MTP drafter)
             for r, dr in zip(reqs, self.draft_graphs.run(key[0], [res.tokens for res in results])):
                 r.spec_ids = dr
+            if getattr(self.drafter, "inner", None) is not None:  # a draft oracle over the MTP passes
+                self.drafter.override(reqs, [res.tokens for res in results])
         elif self.drafter is not None and reqs:
             self._draft(batch, vg.streams, results)
         elif getattr(self.drafter, "needs_streams", False):  # (lockstep, no requests here: the MTP passes are collective)
@@ -291,11 +293,14 @@ class ModelRunner:
                 sample.append(res.token_id is not None)
             if sample[-1]:
                 r.spec_ids = []
+        # (tokens this step emits: not yet in the requests' outputs)
+        new = [res.tokens if res.tokens is not None else [res.token_id] for res in results]
         if getattr(self.drafter, "needs_streams", False):
             redo = [] if shots else None
             self.drafter.propose(reqs, X=X, meta=meta, kept=kept, next_ids=nxt, sample=sample, redo=redo)
             if shots:
                 self._redo_onto_snapshots(batch, shots, redo, [sum(kept[:i]) for i in range(len(kept))])
-        else:  # (tokens this step emits: not yet in the requests' outputs)
-            new = [res.tokens if res.tokens is not None else [res.token_id] for res in results]
+            if getattr(self.drafter, "inner", None) is not None:  # a draft oracle over the MTP passes
+                self.drafter.override([r for r, f in zip(reqs, sample) if f], [t for t, f in zip(new, sample) if f])
+        else:
             self.drafter.propose([r for r, f in zip(reqs, sample) if f], new=[t for t, f in zip(new, sample) if f])

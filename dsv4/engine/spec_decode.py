@@ -133,25 +133,40 @@ class OracleDrafter:
     by a wrong token. A DRAFT ORACLE for benchmarks and tests: it measures the verify step's cost and the
     speed-up against acceptance without real weights; it is not a way to serve.
 
+    `inner` (the engine's MTP drafter): its passes still run every step, at their full cost, and the
+    oracle's tokens then replace what it drafted (`override`, called by the model runner after drafting),
+    so a step costs what a real speculative step costs; without it only verification is timed.
+
     Whether the draft for output position i of a prompt is kept is a fixed draw of (seed, prompt, i), not a
     stream shared by the run: a replay of the same prompts takes the same accept/reject pattern whatever the
     recording or the other requests, which is what bench.latency.install_oracle needs to reach its fixed point."""
 
-    needs_streams = False
-
     def __init__(self, continuations: dict[tuple[int, ...], list[int]], k: int, accept: float = 1.0,
-                 seed: int = 0, vocab_size: int | None = None):
+                 seed: int = 0, vocab_size: int | None = None, inner=None):
         self.cont, self.k, self.accept = continuations, k, accept
         self.seed = seed
         self.vocab_size = vocab_size
+        self.inner = inner
+        self.needs_streams = bool(getattr(inner, "needs_streams", False))
 
     def keeps(self, prompt: tuple[int, ...], i: int) -> bool:
         """Whether the draft for output position i of `prompt` is the known token (probability accept)."""
         key = zlib.crc32(array.array("q", prompt).tobytes())
         return random.Random(f"{self.seed}:{key}:{i}").random() < self.accept
 
-    def propose(self, reqs: list[Request], new: list[list[int]], **_) -> None:
-        """new[i]: the tokens reqs[i] emits in this step (after its output so far)."""
+    def take_part(self, dev, block_table) -> None:
+        self.inner.take_part(dev, block_table)
+
+    def propose(self, reqs: list[Request], new: list[list[int]] | None = None, **kw) -> None:
+        """Without `inner`: new[i] are the tokens reqs[i] emits in this step (after its output so far). With
+        it: the inner drafter's pass (its arguments), then `override` from the runner."""
+        if self.inner is not None:
+            self.inner.propose(reqs, **kw)
+            return
+        self.override(reqs, new)
+
+    def override(self, reqs: list[Request], new: list[list[int]]) -> None:
+        """Set each request's drafts to the oracle's (new[i]: the tokens reqs[i] emits in this step)."""
         for r, tail in zip(reqs, new):
             prompt = tuple(r.prompt_token_ids)
             ref = self.cont.get(prompt)

@@ -279,7 +279,7 @@ def test_oracle_recording_reaches_the_replays_own_path(accept):
     model.logits = slot_dependent
     B, n_in, n_out = 2, 6, 9
     once = install_oracle(llm, B, n_in, n_out, 0, 2, 1.0, max_rounds=0)
-    assert once == {"rounds": 0, "converged": False}
+    assert once == {"rounds": 0, "converged": False, "mtp_passes": True}
     row = dsv4_rows(llm, [B], n_in, n_out, progress=False)
     assert row[0]["mean_accepted_length"] < 1.5  # the first recording is off the replay's path
     row = dsv4_rows(llm, [B], n_in, n_out, progress=False, draft_oracle=accept)[0]
@@ -299,3 +299,24 @@ def test_oracle_recording_reaches_the_replays_own_path(accept):
                         SP(max_tokens=n_out, ignore_eos=True, temperature=0, detokenize=False), use_tqdm=False)
     cont = llm.engine.runner.drafter.cont
     assert [list(o.outputs[0].token_ids) for o in outs] == [cont[tuple(p)] for p in prompts]
+
+
+def test_oracle_keeps_the_mtp_passes_running():
+    """Under the draft oracle the MTP drafter's passes still run every step (a measured step costs what a real
+    speculative step costs), and the oracle's tokens replace its drafts (p = 1: every draft accepted)."""
+    from dsv4.bench.latency import dsv4_rows
+    from dsv4.engine.llm import LLM
+    from dsv4.engine.spec_decode import MTPDrafter
+
+    llm = LLM("tiny", device="cpu", dtype="float32", numerics="plain", speculative_tokens=2)
+    assert isinstance(llm.engine.runner.drafter, MTPDrafter)
+    model = llm.engine.lm.model
+    calls = []
+    real = model.mtp_forward
+    model.mtp_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    row = dsv4_rows(llm, [2], 6, 9, progress=False, draft_oracle=1.0)[0]
+    assert row["oracle_over_mtp_passes"] and row["acceptance_rate"] == 1
+    n0 = len(calls)
+    assert n0 > 0
+    row = dsv4_rows(llm, [2], 6, 9, progress=False)[0]  # the installed oracle, measured again
+    assert len(calls) > n0 and row["acceptance_rate"] == 1

@@ -417,9 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "tokens arrive and prefill (decode under mixed load; see --prefill-tokens-with-decodes)")
     bl.add_argument("--mixed-prefill-len", type=int, default=8192)
     bl.add_argument("--draft-oracle", type=_probability, default=None, metavar="P",
-                    help="with --speculative-tokens N: draft with a DRAFT ORACLE instead of the MTP block (each batch's "
-                         "greedy outputs replayed as drafts, each kept with probability P): verify-step cost and "
-                         "speed-up against acceptance without real weights; rows are labelled")
+                    help="with --speculative-tokens N: draft with a DRAFT ORACLE (each batch's own greedy outputs, "
+                         "recorded until a replay reproduces them, replayed as drafts, each kept with probability "
+                         "P; the MTP passes still run, their drafts replaced): step cost and speed-up against "
+                         "acceptance without real weights; rows are labelled")
     bl.add_argument("--breakdown", action="store_true",
                     help="per-kernel (GPU) / per-op (CPU) time of one more pass at each batch size (torch.profiler)")
     bl.add_argument("--json", action="store_true", help="print the results as JSON")

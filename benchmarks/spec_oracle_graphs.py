@@ -79,7 +79,7 @@ def plot(res: dict, path: str) -> None:
     ax.axvline(2.5, color="grey", ls="--", lw=0.8, label="published acceptance, 3 drafts")
     ax.set_xlabel("tokens per step (mean accepted length)")
     ax.set_ylabel("tok/s, one user")
-    ax.set_title(f"MTP speculation step cost, 4 Flash layers, batch 1, {res['device']}")
+    ax.set_title(f"Speculative decoding with the draft oracle, batch 1, {res['device']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

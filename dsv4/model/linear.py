@@ -75,7 +75,7 @@ class LinearGroup:
         self.members = members
         self.weight = self.scale = None
         self.spans: list[tuple[int, int]] = []
-        self._ptrs: list[int] = []
+        self._ptrs: list[tuple[int, int | None]] = []
         self.contiguous = False
 
     def fusable(self) -> str | None:
@@ -114,15 +114,15 @@ class LinearGroup:
             if scale is not None:
                 m.scale = scale[a // step:-(-b // step)] if step > 1 else scale[a:b]
         self.weight, self.scale = weight, scale
-        self._ptrs = [m.weight.data_ptr() for m in self.members]
+        self._ptrs = [(m.weight.data_ptr(), None if m.scale is None else m.scale.data_ptr()) for m in self.members]
         self.contiguous = all(self.spans[i][1] == self.spans[i + 1][0] for i in range(len(self.spans) - 1))
         return True
 
     def _check(self) -> None:
-        for m, p in zip(self.members, self._ptrs):
-            if m.weight.data_ptr() != p:
-                raise RuntimeError(f"LinearGroup: the weight of {m!r} was replaced after the group was fused; "
-                                   "fuse again (model.linear.fuse_linear_groups) before running")
+        for m, (pw, ps) in zip(self.members, self._ptrs):
+            if m.weight.data_ptr() != pw or (m.scale.data_ptr() if m.scale is not None else None) != ps:
+                raise RuntimeError(f"LinearGroup: the weight or scale of {m!r} was replaced after the group was "
+                                   "fused; fuse again (model.linear.fuse_linear_groups) before running")
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The members' outputs, in order (views of one output when fused)."""

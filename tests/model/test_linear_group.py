@@ -66,8 +66,16 @@ def test_a_replaced_member_is_refused():
     grp = LinearGroup(*members)
     assert grp.fuse() and grp.contiguous
     members[1].weight = members[1].weight.clone()  # e.g. a weight update after loading
-    with pytest.raises(RuntimeError, match="replaced after the group was fused"):
+    with pytest.raises(RuntimeError, match="replaced after the group was"):
         grp(torch.randn(2, 256))
+    fp8 = _members("fp8", True, sizes=(128, 128))
+    grp = LinearGroup(*fp8)
+    assert grp.fuse()
+    fp8[0].scale = fp8[0].scale.clone()  # a scale alone replaced is refused too
+    with pytest.raises(RuntimeError, match="weight or scale"):
+        grp(torch.randn(2, 256))
+    assert grp.fuse()  # fusing again takes the members as they are now
+    torch.testing.assert_close(grp(torch.ones(2, 256))[0], fp8[0](torch.ones(2, 256)))
 
 
 def test_members_that_differ_are_not_fused():

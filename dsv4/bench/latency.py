@@ -60,9 +60,10 @@ def dsv4_rows(llm, batch_sizes: list[int], input_len: int, output_len: int, seed
     the batch's own graph bucket (about a second per bucket) inside the timed pass.
     `draft_oracle` (an engine with speculative_tokens k): draft with a DRAFT ORACLE instead of the MTP block:
     each batch's own greedy outputs are recorded first (install_oracle: replayed until the replay emits the
-    recording), then replayed as drafts, each kept with probability `draft_oracle` (spec_decode.OracleDrafter):
-    the verify step's cost and the speed-up against acceptance, measurable without real weights. Rows say so
-    ("drafter": "oracle p=...", with the recording's rounds and whether it converged)."""
+    recording), then replayed as drafts, each kept with probability `draft_oracle` (spec_decode.OracleDrafter;
+    the MTP passes still run): a speculative step's cost and the speed-up against acceptance, measurable
+    without real weights. Rows say so ("drafter": "oracle p=...", with the recording's rounds and whether it
+    converged)."""
     layers = llm.engine.cfg.num_layers
     gpus = llm.engine.world  # expert-parallel ranks
     fpt = weight_flops_per_token(llm.engine.lm.model)

@@ -152,8 +152,7 @@ class ModelRunner:
         if self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False):  # (the MTP drafter)
             for r, dr in zip(reqs, self.draft_graphs.run(key[0], [res.tokens for res in results])):
                 r.spec_ids = dr
-            if getattr(self.drafter, "inner", None) is not None:  # a draft oracle over the MTP passes
-                self.drafter.override(reqs, [res.tokens for res in results])
+            self._oracle_override(reqs, [res.tokens for res in results])
         elif self.drafter is not None and reqs:
             self._draft(batch, vg.streams, results)
         elif getattr(self.drafter, "needs_streams", False):  # (lockstep, no requests here: the MTP passes are collective)
@@ -275,6 +274,12 @@ class ModelRunner:
                 reqs[i].spec_ids = []
         return results
 
+    def _oracle_override(self, reqs, new) -> None:
+        """A draft oracle over the MTP passes (spec_decode.OracleDrafter with `inner`): after the passes ran, its
+        tokens replace their drafts (new[i]: the tokens reqs[i] emits in this step)."""
+        if getattr(self.drafter, "inner", None) is not None:
+            self.drafter.override(reqs, new)
+
     def _draft(self, batch: StepBatch, X: torch.Tensor, results: list[StepResult], shots=()) -> None:
         """Drafts for the next step (the drafter sets each sampling request's spec_ids); `shots`: prefix-cache
         snapshots inside this step, whose MTP ring rows the MTP pass's writes are redone onto."""
@@ -300,7 +305,6 @@ class ModelRunner:
             self.drafter.propose(reqs, X=X, meta=meta, kept=kept, next_ids=nxt, sample=sample, redo=redo)
             if shots:
                 self._redo_onto_snapshots(batch, shots, redo, [sum(kept[:i]) for i in range(len(kept))])
-            if getattr(self.drafter, "inner", None) is not None:  # a draft oracle over the MTP passes
-                self.drafter.override([r for r, f in zip(reqs, sample) if f], [t for t, f in zip(new, sample) if f])
+            self._oracle_override([r for r, f in zip(reqs, sample) if f], [t for t, f in zip(new, sample) if f])
         else:
             self.drafter.propose([r for r, f in zip(reqs, sample) if f], new=[t for t, f in zip(new, sample) if f])

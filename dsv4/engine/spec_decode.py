@@ -148,11 +148,19 @@ class OracleDrafter:
         self.vocab_size = vocab_size
         self.inner = inner
         self.needs_streams = bool(getattr(inner, "needs_streams", False))
+        self._keep: dict[tuple[int, ...], tuple[random.Random, list[bool]]] = {}
 
     def keeps(self, prompt: tuple[int, ...], i: int) -> bool:
-        """Whether the draft for output position i of `prompt` is the known token (probability accept)."""
-        key = zlib.crc32(array.array("q", prompt).tobytes())
-        return random.Random(f"{self.seed}:{key}:{i}").random() < self.accept
+        """Whether the draft for output position i of `prompt` is the known token (probability accept): draw i
+        of a generator seeded by (seed, prompt), drawn once per prompt and position and cached (the oracle runs
+        on the host inside the measured steps)."""
+        rng, pat = self._keep.get(prompt) or (None, None)
+        if rng is None:
+            rng, pat = random.Random(f"{self.seed}:{zlib.crc32(array.array('q', prompt).tobytes())}"), []
+            self._keep[prompt] = (rng, pat)
+        while len(pat) <= i:
+            pat.append(rng.random() < self.accept)
+        return pat[i]
 
     def take_part(self, dev, block_table) -> None:
         self.inner.take_part(dev, block_table)

@@ -9,7 +9,6 @@ from torch import nn
 from dsv4.config import HASH_MOE, ModelConfig
 from dsv4.model.linear import Linear, LinearGroup, weight_dtype, weight_shapes
 from dsv4.model.options import ModelOptions
-from dsv4.ops.moe import swiglu
 from dsv4.ops.moe_dispatch import ExpertMap
 
 
@@ -59,10 +58,11 @@ class SharedExpert(nn.Module):
         self.w3 = Linear(D, I, fmt, opts)
         self.limit = cfg.swiglu_limit
         self._w13 = LinearGroup(self.w1, self.w3)  # one GEMM once fused: [w1(x) | w3(x)] without a cat
+        self._swiglu = opts.ops.swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = swiglu(self._w13.joined(x), self.limit)
-        return self.w2(h.to(x.dtype))
+        h = self._swiglu(self._w13.joined(x), self.limit)  # in the GEMM's output dtype (x's)
+        return self.w2(h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 class MoE(nn.Module):
@@ -87,6 +87,6 @@ class MoE(nn.Module):
                                  self.dialect, e.expert_map)
 
         y = local(x, ids, w) if self.ep is None else self.ep.routed(x, ids, w, local, ep_tokens)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x).float()
+        if self.shared_experts is not None:  # float32 + x's dtype: one promoting add (the values of .float())
+            y = (y if y.dtype == torch.float32 else y.float()) + self.shared_experts(x)
         return y.to(x.dtype)

@@ -17,6 +17,9 @@ moe_experts(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_qua
     (dsv4/ops/moe_dispatch.ExpertMap, default: identity over w13's E experts) says which are local and at
     which index of w13 / w2. Remote experts contribute zero on this rank (the other ranks add theirs).
     Expert ids outside 0..num_global-1 are an error.
+
+swiglu(gu, limit) -> [T, I] in gu's dtype: silu(min(g, L)) * clamp(u, -L, L) in float32 for gu = [g | u],
+    rounded once to gu's dtype (the shared expert's activation, what its w2 reads).
 """
 
 import torch
@@ -81,5 +84,10 @@ def moe_experts_reference(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
     return out
 
 
+def swiglu_reference(gu: torch.Tensor, limit: float) -> torch.Tensor:
+    return swiglu(gu, limit).to(gu.dtype)
+
+
+swiglu_op = define_op("swiglu", swiglu_reference)
 moe_route = define_op("moe_route", moe_route_reference)
 moe_experts = define_op("moe_experts", moe_experts_reference)

@@ -548,6 +548,44 @@ def test_moe_route_hash(fn):
     compare_route(got, naive_route(x, gw, None, tid2eid, ids_in, 3, "sqrtsoftplus", True, 1.5), TOK)
 
 
+# ============================================================================= swiglu (shared expert)
+
+
+def naive_swiglu(gu: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(g, L)) * clamp(u, -L, L) in float64, element by element (spec §2.8)."""
+    I = gu.shape[-1] // 2
+    flat = gu.double().reshape(-1, 2 * I)
+    out = torch.empty(flat.shape[0], I, dtype=torch.float64)
+    for r in range(flat.shape[0]):
+        for j in range(I):
+            g = min(float(flat[r, j]), limit)
+            u = max(-limit, min(float(flat[r, I + j]), limit))
+            out[r, j] = g / (1.0 + math.exp(-g)) * u
+    return out.reshape(*gu.shape[:-1], I)
+
+
+@pytest.mark.parametrize("fn", provider_params("swiglu"))
+@pytest.mark.parametrize("T,I", [(1, 3), (5, 100), (2, 1100), (0, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu(fn, T, I, dtype):
+    """Values past the limit on both sides, I not a power of two and wider than one program's block, and gu a
+    strided view of NaN-padded storage (a read past 2I shows up as NaN)."""
+    big = torch.full((T, 2 * I + 5), float("nan"))
+    big[:, :2 * I] = 3.0 * torch.randn(T, 2 * I, generator=gen(7 + I))
+    gu = big.to(dtype)[:, :2 * I]
+    got = fn(gu, 2.5)
+    want = naive_swiglu(gu, 2.5)
+    assert got.dtype == dtype and got.shape == (T, I)
+    if T:
+        assert float(gu.float().abs().max()) > 2.5  # premise: the clamps bind somewhere
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
+    else:  # rounded once from fp32: within one bf16 ulp of the exact value, equal to its rounding nearly always
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-6)
+        if T:
+            assert float((got == want.to(dtype)).float().mean()) > 0.98
+
+
 # ============================================================================= MoE experts
 
 E_X, D_X, I_X, LIMIT = 6, 64, 32, 1.5

@@ -56,7 +56,9 @@ from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_enco
                                         interpreting, max_shared_mem, register)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
+from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
 from dsv4.ops.moe import moe_experts as moe_experts_op
+from dsv4.ops.moe import swiglu_op
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
 from dsv4.ops.moe_dispatch import ExpertMap
 
@@ -400,6 +402,22 @@ def _swiglu_rows_kernel(gu_ptr, ids_ptr, g2l_ptr, rw_ptr, h_ptr, I, E_glob, s_gu
     tl.store(h_ptr + p * s_h + n, h.to(h_ptr.dtype.element_ty), mask=n_ok)
 
 
+# Grid = (T, cdiv(I, BN)): h[t] = silu(min(g, L)) * clamp(u, -L, L) for gu[t] = [g | u] in fp32 (silu as torch
+# computes it, x / (1 + exp(-x))), rounded once to h's dtype: the shared expert's activation (ops/moe.py swiglu),
+# one launch where the reference takes five (upcast, two clamps, silu, product) and a sixth to round.
+@triton.jit
+def _swiglu_kernel(gu_ptr, h_ptr, I, s_gu, s_h, limit, RNE_BITS: tl.constexpr, BN: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = n < I
+    g = tl.load(gu_ptr + t * s_gu + n, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + t * s_gu + I + n, mask=ok, other=0.0).to(tl.float32)
+    g = tl.minimum(g, limit)
+    u = tl.minimum(tl.maximum(u, -limit), limit)
+    h = g / (1.0 + tl.exp(-g)) * u
+    tl.store(h_ptr + t * s_h + n, cast_out(h, h_ptr, RNE_BITS), mask=ok)
+
+
 # ============================================================================= host side: experts
 
 
@@ -548,6 +566,23 @@ def swiglu_rows(gu: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expe
     return h
 
 
+def swiglu_triton(gu: torch.Tensor, limit: float) -> torch.Tensor:
+    I2 = gu.shape[-1]
+    if I2 % 2:
+        raise ValueError(f"swiglu: the last dim {I2} of gu is not gate | up (odd)")
+    I = I2 // 2
+    g2 = gu.reshape(-1, I2)
+    if I2 > 1 and g2.stride(1) != 1:
+        g2 = g2.contiguous()
+    T = g2.shape[0]
+    h = torch.empty((T, I), dtype=gu.dtype, device=gu.device)
+    if T and I:
+        bn = min(1024, max(16, triton.next_power_of_2(I)))
+        _swiglu_kernel[(T, triton.cdiv(I, bn))](g2, h, I, g2.stride(0), h.stride(0), float(limit),
+                                               RNE_BITS=bf16_rne_bits(gu.dtype), BN=bn, num_warps=4)
+    return h.reshape(*gu.shape[:-1], I)
+
+
 def check_experts_call(x, w13, w2, ids, weights, expert_map: ExpertMap | None):
     """(T, D, local experts, I, expert map) of a moe_experts call, after checking that x, ids, weights and the
     map agree (the weights' own shapes: _weight_args)."""
@@ -629,9 +664,9 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
 
     # 1. dispatch
     if dispatch is None:
-        slots, bexp, _, counts = moe_dispatch_triton(ids_c, emap, bm)
+        slots, bexp, _, _, ids_ok = moe_dispatch_triton(ids_c, emap, bm)
         if CHECK_IDS:
-            torch._assert_async(counts[E_loc] == 0, "moe_experts: expert id out of range")
+            torch._assert_async(ids_ok, "moe_experts: expert id out of range")
     else:
         slots, bexp = dispatch[0], dispatch[1]
     mb, mr = bexp.shape[0], slots.shape[0]
@@ -673,3 +708,4 @@ def moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_lim
 
 
 register(moe_experts_op, moe_experts_triton)
+register(swiglu_op, swiglu_triton)

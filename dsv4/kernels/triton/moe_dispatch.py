@@ -1,11 +1,11 @@
 """Triton dispatch of (token, slot) pairs to their experts: the layout of dsv4/ops/moe_dispatch.py built on
 the device in three launches with no host sync (graph-capturable; sizes from T, k, num_local and block_m).
 
-Zero the per-expert counters (one memset), then `_dispatch_count_kernel` (fill the padded slot list with the
+Zero the per-expert counters and flags (one memset), then `_dispatch_count_kernel` (fill the padded slot list with the
 pad value, map global ids to local through the ExpertMap table, rank each pair inside its expert with an
 atomic counter) and `_dispatch_place_kernel` (per-expert block starts by a cumsum over the counters,
-recomputed by every program; scatter each pair to start * block_m + rank; write block_expert and the valid
-block count). The order inside an expert is whatever the atomics give: consumers must not depend on it.
+recomputed by every program; scatter each pair to start * block_m + rank; write block_expert, the valid
+block count and the ids-in-range flag the consumers' device-side assert reads). The order inside an expert is whatever the atomics give: consumers must not depend on it.
 Used by the Triton MoE (moe.py) and the humming provider (dsv4/kernels/vendor/humming_moe.py).
 """
 
@@ -44,7 +44,7 @@ def _dispatch_count_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, N,
 # counters ([EP] cumsum: cheaper than another launch), scatters its pairs to start * BM + rank, and writes
 # block_expert for its CH blocks (expert of block b = number of experts whose blocks end at or before b).
 @triton.jit
-def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, bexp_ptr, nvb_ptr, N, E_glob,
+def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, bexp_ptr, nvb_ptr, ok_ptr, N, E_glob,
                            E_loc, max_blocks, BM, CH: tl.constexpr, EP: tl.constexpr):
     pid = tl.program_id(0)
     e = tl.arange(0, EP)
@@ -71,12 +71,14 @@ def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, be
     tl.store(bexp_ptr + b, tl.where(b < total, eb, -1), mask=b < max_blocks)
     if pid == 0:
         tl.store(nvb_ptr, total)
+        tl.store(ok_ptr, (tl.load(counts_ptr + E_loc) == 0).to(tl.int32))
 
 
 def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int, pad: int = -1):
     """The dispatch layout of dsv4/ops/moe_dispatch.py on the device (three launches, no host sync):
     (sorted_token_slots [max_rows] int32, block_expert [max_blocks] int32, num_valid_blocks int32 scalar,
-    counts [num_local + 1] int32: pairs per local expert, then the number of out-of-range ids). Padding and
+    counts [num_local + 1] int32: pairs per local expert, then the number of out-of-range ids, ids_ok [1] int32:
+    1 when that number is 0, for `torch._assert_async` without another launch). Padding and
     unused slots hold `pad`: -1 as the layout defines, or any value outside 0..N-1 a consumer asks for
     (humming's indexed GEMM skips slots >= N, not -1)."""
     T, k = ids.shape
@@ -86,18 +88,19 @@ def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int, 
     mb, mr = dispatch_sizes(N, E_loc, block_m)
     g2l = expert_map.global_to_local(dev)
     ids_c = ids.contiguous()
-    counts = torch.zeros(E_loc + 1, dtype=torch.int32, device=dev)
+    flags = torch.zeros(E_loc + 3, dtype=torch.int32, device=dev)  # counts | valid blocks | ids ok: one memset
+    counts, nvb, ok = flags[:E_loc + 1], flags[E_loc + 1:E_loc + 2], flags[E_loc + 2:]
     rank = torch.empty(max(N, 1), dtype=torch.int32, device=dev)
     slots = torch.empty(max(mr, 1), dtype=torch.int32, device=dev)[:mr]
     bexp = torch.empty(max(mb, 1), dtype=torch.int32, device=dev)[:mb]
-    nvb = torch.zeros(1, dtype=torch.int32, device=dev)
     if N == 0:
-        return slots, bexp, nvb[0], counts
+        ok.fill_(1)
+        return slots, bexp, nvb[0], counts, ok
     ch = 64
     _dispatch_count_kernel[(triton.cdiv(max(N, mr), ch),)](ids_c, g2l, counts, rank, slots, N, expert_map.num_global,
                                                           E_loc, mr, int(pad), CH=ch, num_warps=2)
     ep = max(16, triton.next_power_of_2(E_loc))
-    _dispatch_place_kernel[(triton.cdiv(max(N, mb), ch),)](ids_c, g2l, counts, rank, slots, bexp, nvb, N,
+    _dispatch_place_kernel[(triton.cdiv(max(N, mb), ch),)](ids_c, g2l, counts, rank, slots, bexp, nvb, ok, N,
                                                           expert_map.num_global, E_loc, mb, block_m, CH=ch, EP=ep,
                                                           num_warps=4)
-    return slots, bexp, nvb[0], counts
+    return slots, bexp, nvb[0], counts, ok

@@ -50,21 +50,27 @@ def _log1p(y):
     return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
 
 
-# Selection: grid = cdiv(T, BT). Sums the S partials in order, scores (fp32), then either the hash row
-# tid2eid[input_ids[t]] or top-k of scores + bias by k rounds of argmax (ties to the lower id), gathers
-# the unbiased scores, normalises over the k chosen and scales. [BT, EP] in registers; tiny.
+# Selection: grid = cdiv(T, BT). Sums the S partials (SB at a time: one [BT, SB, EP] load per chunk, so a
+# decode step's 32-64 partials cost a few L2 round trips, not S dependent ones), scores (fp32), then either
+# the hash row tid2eid[input_ids[t]] or top-k of scores + bias by k rounds of argmax (ties to the lower id),
+# gathers the unbiased scores, normalises over the k chosen and scales. [BT, EP] in registers; tiny.
 @triton.jit
 def _router_select_kernel(p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_out, T, E, s_tid, scaling,
                           KTOP: tl.constexpr, KP: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HASH: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr):
+                          HASH: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr,
+                          SB: tl.constexpr):
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     e = tl.arange(0, EP)
     t_ok = t < T
     e_ok = e < E
     m2 = t_ok[:, None] & e_ok[None, :]
     lg = tl.zeros((BT, EP), dtype=tl.float32)
-    for s in range(0, S):
-        lg += tl.load(p_ptr + s * s_ps + t.to(tl.int64)[:, None] * E + e[None, :], mask=m2, other=0.0)
+    sb = tl.arange(0, SB)
+    rows = t.to(tl.int64)[:, None, None] * E + e[None, None, :]
+    for s0 in range(0, S, SB):
+        sv = s0 + sb
+        ptr = p_ptr + sv.to(tl.int64)[None, :, None] * s_ps + rows
+        lg += tl.sum(tl.load(ptr, mask=m2[:, None, :] & (sv < S)[None, :, None], other=0.0), axis=1)
     if SCORE == 0:  # sqrt(softplus), softplus as torch: x beyond 20 is kept
         sp = tl.where(lg > 20.0, lg, tl.maximum(lg, 0.0) + _log1p(tl.exp(-tl.abs(lg))))
         sc = tl.sqrt_rn(sp)
@@ -143,7 +149,12 @@ def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score
     _router_logits_kernel[(tiles, split)](x, gw, part, T, E, D, x.stride(0), gw.stride(0), n_e, kt_per,
                                           BT=bt, BE=be, BK=bk, num_warps=4, num_stages=3)
     ep = max(16, triton.next_power_of_2(E))
-    bt2 = max(1, min(16, 4096 // ep))
+    if split > 1:  # decode: one token per program, its partials summed SB at a time
+        bt2 = 1
+        sb = min(triton.next_power_of_2(split), max(1, 4096 // ep))
+    else:
+        bt2 = max(1, min(16, 4096 // ep))
+        sb = 1
     if hashed:
         tid = tid2eid if tid2eid.stride(1) == 1 else tid2eid.contiguous()
         inid = input_ids.reshape(-1)
@@ -154,7 +165,7 @@ def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score
     _router_select_kernel[(triton.cdiv(T, bt2),)](
         part, split, part.stride(0), b_arg, tid, inid, w_out, i_out, T, E, s_tid, float(scaling),
         KTOP=k, KP=max(2, triton.next_power_of_2(k)), SCORE=_SCORE[score_func], HAS_BIAS=bias is not None and not hashed,
-        HASH=hashed, NORM=bool(norm_topk_prob), BT=bt2, EP=ep, num_warps=4)
+        HASH=hashed, NORM=bool(norm_topk_prob), BT=bt2, EP=ep, SB=sb, num_warps=4)
     return w_out, i_out
 
 

@@ -180,6 +180,7 @@ def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:
 BK = 64
 MIN_K_SPLIT = 512  # K columns per split at least (8 BK steps)
 BD_FINISH = 1024
+FINISH_WARPS = 4
 BD_POST = 1024
 
 
@@ -216,7 +217,7 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool):
         X, part, sq, scale, base, u, post, comb, T, D, K, split, float(rms_eps), float(hc_eps), int(iters),
         X.stride(0), X.stride(1), u.stride(0), N=n, NP=triton.next_power_of_2(n), NC=nc,
         SPLIT_P=triton.next_power_of_2(split), HEAD=head, BD=bd,
-        RNE_BITS=bf16_rne_bits(X.dtype), num_warps=4)
+        RNE_BITS=bf16_rne_bits(X.dtype), num_warps=FINISH_WARPS)
     return u, post, comb
 
 

@@ -13,6 +13,7 @@ from dsv4.kernels.triton.common import register, sm_count
 from dsv4.ops.moe import moe_route as moe_route_op
 
 _SCORE = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
+SELECT_CHUNK = 4096  # partial logits the select kernel loads at once per token (decode: 16 of 256 experts)
 
 
 # Logits: grid = (cdiv(T, BT) * cdiv(E, BE), S). Program (tile, s) computes x[t-tile] . W_g[e-tile]^T over
@@ -151,7 +152,7 @@ def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score
     ep = max(16, triton.next_power_of_2(E))
     if split > 1:  # decode: one token per program, its partials summed SB at a time
         bt2 = 1
-        sb = min(triton.next_power_of_2(split), max(1, 4096 // ep))
+        sb = min(triton.next_power_of_2(split), max(1, SELECT_CHUNK // ep))
     else:
         bt2 = max(1, min(16, 4096 // ep))
         sb = 1

@@ -68,7 +68,7 @@ class Attention(nn.Module):
         kv = self._rope(self.kv_norm(kv), pos, self.inv_freq)
         if self.official:
             nope = self.head_dim - self.rope_dim
-            kv = torch.cat([self._fp8_rt(kv[:, :nope], 64, self.dialect), kv[:, nope:]], dim=-1)
+            kv = self._fp8_rt(kv, 64, self.dialect, nope)  # the non-RoPE channels through FP8, the rest as is
         proj = [q, kv]
         if self.compressor is not None:
             kvs = self._xf_proj(x.float())  # compressor kv, score (+ the indexer compressor's kv, score)

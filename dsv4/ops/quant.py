@@ -7,13 +7,15 @@ ceil(K/block)] E8M0 bytes). Per row and `block` contiguous channels: amax = max|
 2^ceil(log2(amax / 448)); OCP: q = e4m3(clamp(x / s, +-448)), scale byte = log2(s) + 127; FNUZ: q =
 e4m3fnuz(clamp(x / 2s, +-224)), scale byte = log2(2s) + 127 (the same values as OCP). Round to nearest even.
 
-fp8_roundtrip(x, block=64, dialect=OCP): x [..., K] float (any float dtype; treated as rows x K, the last
+fp8_roundtrip(x, block=64, dialect=OCP, width=None): x [..., K] float (any float dtype; treated as rows x K, the last
 dim need not be a multiple of `block`: the last partial block is its own block) -> a new contiguous tensor
 of x's shape and dtype, equal to dsv4.numerics.fp8.fp8_roundtrip(x, block, dialect): per row and `block`
 channels (in float32) amax = max(max|x|, 1e-4), s = 2^ceil(log2(amax / 448)); OCP: decode(e4m3(clamp(x / s,
 +-448))) * s; FNUZ: decode_fnuz(e4m3fnuz(clamp(x / 2s, +-224))) * 2s, the same values (a value rounding to
 zero is -0.0 for negative x in OCP, +0.0 in FNUZ). Round to nearest even; the result is exact in float32
-and bf16. Used on the non-RoPE part of the new KV rows (block 64), attention.py.
+and bf16. `width` (a multiple of `block`, at most K): only the first `width` channels go through the round
+trip, the rest are copied unchanged; attention.py rounds the non-RoPE part of the new KV rows (block 64) so,
+in one pass.
 
 fp4_roundtrip(x, block=32): x [..., K] float (any K, partial last block as above) -> a new contiguous tensor
 of x's shape and dtype, equal to dsv4.numerics.fp4.fp4_roundtrip(x, block): MXFP4 per row and `block`
@@ -41,9 +43,22 @@ def fp8_act_quant_reference(x: torch.Tensor, block: int = 128, dialect=Fp8Dialec
 fp8_act_quant = define_op("fp8_act_quant", fp8_act_quant_reference)
 
 
-def fp8_roundtrip_reference(x: torch.Tensor, block: int = 64, dialect=Fp8Dialect.OCP) -> torch.Tensor:
-    """FP8 e4m3 quantise-dequantise per `block` channels of the last dim, back to x's dtype."""
-    return _fp8_roundtrip_numerics(x, block, dialect)
+def check_width(width, K: int, block: int) -> int:
+    """The channels a round trip covers: all K when `width` is None, else `width` (a multiple of `block` in 0..K)."""
+    if width is None:
+        return K
+    width = int(width)
+    if not 0 <= width <= K or (width % int(block) and width != K):
+        raise ValueError(f"fp8_roundtrip: width {width} must be a multiple of the block {block} in 0..{K}")
+    return width
+
+
+def fp8_roundtrip_reference(x: torch.Tensor, block: int = 64, dialect=Fp8Dialect.OCP, width=None) -> torch.Tensor:
+    """FP8 e4m3 quantise-dequantise per `block` channels of the last dim (the first `width`), back to x's dtype."""
+    w = check_width(width, x.shape[-1], block)
+    if w == x.shape[-1]:
+        return _fp8_roundtrip_numerics(x, block, dialect)
+    return torch.cat([_fp8_roundtrip_numerics(x[..., :w], block, dialect), x[..., w:]], dim=-1)
 
 
 fp8_roundtrip = define_op("fp8_roundtrip", fp8_roundtrip_reference)

@@ -51,8 +51,8 @@ def assert_bit_equal(got: torch.Tensor, want: torch.Tensor):
     assert torch.equal(bits(got), bits(want)), "signed zeros differ"
 
 
-def fp8_rt(x, block=64, dialect=Fp8Dialect.OCP):
-    return kquant.fp8_roundtrip_triton(x, block, dialect)
+def fp8_rt(x, block=64, dialect=Fp8Dialect.OCP, width=None):
+    return kquant.fp8_roundtrip_triton(x, block, dialect, width)
 
 
 def fp4_rt(x, block=32):
@@ -132,12 +132,12 @@ def test_many_programs(monkeypatch, target):
         x4 = random_rows(R, K, torch.bfloat16, seed=R + K + 1, block=32, pad=4)
         assert_bit_equal(fp4_rt(x4, 32), fp4_roundtrip_reference(x4, 32))
         n = R * K
-        for kern, ref, flags in ((kquant._fp8_roundtrip_kernel, fp8_roundtrip_reference(x, 64),
-                                  dict(FNUZ=False, DEC_FNUZ=False)),
-                                 (kquant._fp4_roundtrip_kernel, fp4_roundtrip_reference(x, 32),
-                                  dict(AMAX_FLOOR=kquant.FP4_AMAX_FLOOR))):
+        for kern, ref, extra, flags in ((kquant._fp8_roundtrip_kernel, fp8_roundtrip_reference(x, 64), (K,),
+                                         dict(FNUZ=False, DEC_FNUZ=False)),
+                                        (kquant._fp4_roundtrip_kernel, fp4_roundtrip_reference(x, 32), (),
+                                         dict(AMAX_FLOOR=kquant.FP4_AMAX_FLOOR))):
             out = torch.full((n + 97,), float("nan"), dtype=x.dtype)
-            kquant._rt_launch(kern, x, 64 if "FNUZ" in flags else 32, out=out, **flags)
+            kquant._rt_launch(kern, x, 64 if "FNUZ" in flags else 32, out, *extra, **flags)
             assert torch.equal(out[:n].view(R, K), ref)
             assert out[n:].isnan().all()
 
@@ -167,6 +167,25 @@ def test_strided_and_3d_inputs():
     assert fp8_rt(empty).shape == (0, 64) and fp4_rt(empty).shape == (0, 64)
 
 
+def test_fp8_width_rounds_the_head_and_copies_the_tail():
+    """`width`: attention's call rounds the first 448 channels of the [T, 512] kv and copies its 64 RoPE channels
+    in one pass, bit for bit the reference's round trip + cat, both dialects; width 0 copies, width K is the
+    plain round trip; a width that splits a block or exceeds K is refused by name."""
+    kv = random_rows(9, 512, torch.bfloat16, seed=13, block=64)
+    for d in Fp8Dialect:
+        got = fp8_rt(kv, 64, d, 448)
+        assert_bit_equal(got, fp8_roundtrip_reference(kv, 64, d, 448))
+        assert_bit_equal(got[:, 448:].contiguous(), kv[:, 448:].contiguous())
+        assert not torch.equal(got[:, :448], kv[:, :448])  # premise: the round trip changes the head
+        assert_bit_equal(got[:, :448].contiguous(), fp8_roundtrip_reference(kv[:, :448], 64, d))
+    assert_bit_equal(fp8_rt(kv, 64, "ocp", 0), kv)
+    assert_bit_equal(fp8_rt(kv, 64, "ocp", 512), fp8_roundtrip_reference(kv, 64))
+    for bad in (100, 576, -64):
+        for fn in (fp8_rt, fp8_roundtrip_reference):
+            with pytest.raises(ValueError, match="width"):
+                fn(kv, 64, "ocp", bad)
+
+
 # ============================================================================= dialects
 
 
@@ -185,7 +204,8 @@ def test_fp8_dialects_same_values_and_flag_matters(dtype):
     assert (ocp != 0).sum() > 600
 
     def mixed(enc_fnuz, dec_fnuz):
-        return kquant._rt_launch(kquant._fp8_roundtrip_kernel, x, 64, FNUZ=enc_fnuz, DEC_FNUZ=dec_fnuz)
+        return kquant._rt_launch(kquant._fp8_roundtrip_kernel, x, 64, None, x.shape[-1], FNUZ=enc_fnuz,
+                                 DEC_FNUZ=dec_fnuz)
 
     assert torch.equal(mixed(True, True), fnuz) and torch.equal(mixed(False, False), ocp)
     assert torch.equal(mixed(True, False), (2 * fnuz.float()).to(dtype))

@@ -26,6 +26,7 @@ from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_enco
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.quant import fp4_roundtrip as fp4_roundtrip_op
 from dsv4.ops.quant import fp8_act_quant as fp8_act_quant_op
+from dsv4.ops.quant import check_width
 from dsv4.ops.quant import fp8_roundtrip as fp8_roundtrip_op
 
 # Work decomposition: grid = (M, cdiv(nb, G)) with nb = ceil(K / block) blocks per row. A program loads a
@@ -120,7 +121,7 @@ def _or_sign(r, v):
 
 
 @triton.jit
-def _fp8_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+def _fp8_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, W, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
                           G: tl.constexpr, FNUZ: tl.constexpr, DEC_FNUZ: tl.constexpr):
     # DEC_FNUZ is FNUZ except in the test that proves the dialect flag matters (bytes read in the other
     # dialect are off by exactly 2x).
@@ -132,6 +133,7 @@ def _fp8_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLO
     r = fp8_decode(fp8_encode(y, FNUZ), DEC_FNUZ) * fp8_pow2(e)[:, None]
     if not FNUZ:  # OCP keeps the sign of a value rounding to zero (0x80 = -0.0); FNUZ has no -0
         r = _or_sign(r, v)
+    r = tl.where((yo % K) < W, r, v)  # channels from W on (whole blocks) are copied as they are
     tl.store(y_ptr + yo, r.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -179,7 +181,7 @@ def _rows_k(x: torch.Tensor):
     return x, rows, K, sx
 
 
-def _rt_launch(kernel, x: torch.Tensor, block: int, out: torch.Tensor | None = None, **flags) -> torch.Tensor:
+def _rt_launch(kernel, x: torch.Tensor, block: int, out: torch.Tensor | None = None, *extra, **flags) -> torch.Tensor:
     """Launch a round-trip kernel; `out` (tests only: a larger sentinel-filled contiguous buffer whose first
     x.numel() elements receive the result) defaults to a fresh tensor of x's shape and dtype."""
     if not x.is_floating_point():
@@ -197,14 +199,15 @@ def _rt_launch(kernel, x: torch.Tensor, block: int, out: torch.Tensor | None = N
         raise ValueError(f"round trip: {nbt} blocks exceed the kernel's int32 block ids")
     block_p = triton.next_power_of_2(block)
     g = max(1, min(max(1, TILE_ELEMS // block_p), triton.next_power_of_2(triton.cdiv(nbt, RT_TARGET_PROGRAMS))))
-    kernel[(triton.cdiv(nbt, g),)](xs, y, nbt, nb, K, sx, BLOCK=block, BLOCK_P=block_p, G=g, **flags,
+    kernel[(triton.cdiv(nbt, g),)](xs, y, nbt, nb, K, sx, *extra, BLOCK=block, BLOCK_P=block_p, G=g, **flags,
                                    num_warps=max(1, min(8, g * block_p // 512)))
     return y
 
 
-def fp8_roundtrip_triton(x: torch.Tensor, block: int = 64, dialect=Fp8Dialect.OCP) -> torch.Tensor:
+def fp8_roundtrip_triton(x: torch.Tensor, block: int = 64, dialect=Fp8Dialect.OCP, width=None) -> torch.Tensor:
     fnuz = Fp8Dialect.parse(dialect) is Fp8Dialect.FNUZ
-    return _rt_launch(_fp8_roundtrip_kernel, x, block, FNUZ=fnuz, DEC_FNUZ=fnuz)
+    w = check_width(width, x.shape[-1] if x.dim() else 0, block)
+    return _rt_launch(_fp8_roundtrip_kernel, x, block, None, w, FNUZ=fnuz, DEC_FNUZ=fnuz)
 
 
 def fp4_roundtrip_triton(x: torch.Tensor, block: int = 32) -> torch.Tensor:

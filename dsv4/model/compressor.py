@@ -8,7 +8,6 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.model.linear import Linear
 from dsv4.model.options import ModelOptions
-from dsv4.numerics.hadamard import hadamard_transform
 from dsv4.ops.meta import ForwardMeta
 
 
@@ -81,7 +80,7 @@ class Indexer(nn.Module):
         q = self.wq_b(qr).view(x.shape[0], self.n_heads, self.head_dim)
         q = self._rope(q, positions, self.inv_freq)
         if self.official:
-            q = self._fp4_rt(hadamard_transform(q), 32)
+            q = self._fp4_rt(q, 32, hadamard=True)  # Hadamard rotation + FP4 round trip (one launch in Triton)
         w = self.weights_proj(x).float() * self.weight_scale
         return kv, score, q, w
 

@@ -17,13 +17,14 @@ and bf16. `width` (a multiple of `block`, at most K): only the first `width` cha
 trip, the rest are copied unchanged; attention.py rounds the non-RoPE part of the new KV rows (block 64) so,
 in one pass.
 
-fp4_roundtrip(x, block=32): x [..., K] float (any K, partial last block as above) -> a new contiguous tensor
+fp4_roundtrip(x, block=32, hadamard=False): x [..., K] float (any K, partial last block as above) -> a new contiguous tensor
 of x's shape and dtype, equal to dsv4.numerics.fp4.fp4_roundtrip(x, block): MXFP4 per row and `block`
 channels (in float32): amax = max(max|x|, 6 * 2^-126), s = 2^ceil(log2(amax / 6)) (exponent clamped to
 [-127, 127]), value = e2m1(clamp(x / s, +-6)) * s, e2m1 rounding to nearest with ties to the even mantissa
 (midpoints 0.25 0.75 1.25 1.75 2.5 3.5 5 go down, up, down, up, down, up, down), the sign following x's
-sign bit (-0.0 for negative x rounding to zero). Exact in float32 and bf16. Used on the Hadamard-rotated
-indexer queries (block 32), compressor.py.
+sign bit (-0.0 for negative x rounding to zero). Exact in float32 and bf16. `hadamard`: x is first rotated
+by dsv4.numerics.hadamard_transform (orthonormal, over the last dim, K a power of two; the rotated values
+rounded to x's dtype as it returns them), then round-tripped: the indexer queries (block 32), compressor.py.
 
 Inputs are finite (NaN / inf are outside the contract of both round trips).
 """
@@ -33,6 +34,7 @@ import torch
 from dsv4.numerics.fp4 import fp4_roundtrip as _fp4_roundtrip_numerics
 from dsv4.numerics.fp8 import Fp8Dialect, quantize_fp8_blocks
 from dsv4.numerics.fp8 import fp8_roundtrip as _fp8_roundtrip_numerics
+from dsv4.numerics.hadamard import hadamard_transform
 from dsv4.ops.registry import define_op
 
 
@@ -64,9 +66,10 @@ def fp8_roundtrip_reference(x: torch.Tensor, block: int = 64, dialect=Fp8Dialect
 fp8_roundtrip = define_op("fp8_roundtrip", fp8_roundtrip_reference)
 
 
-def fp4_roundtrip_reference(x: torch.Tensor, block: int = 32) -> torch.Tensor:
-    """MXFP4 (e2m1, E8M0 scale) quantise-dequantise per `block` channels of the last dim, back to x's dtype."""
-    return _fp4_roundtrip_numerics(x, block)
+def fp4_roundtrip_reference(x: torch.Tensor, block: int = 32, hadamard: bool = False) -> torch.Tensor:
+    """MXFP4 (e2m1, E8M0 scale) quantise-dequantise per `block` channels of the last dim, back to x's dtype
+    (`hadamard`: of the Hadamard-rotated x)."""
+    return _fp4_roundtrip_numerics(hadamard_transform(x) if hadamard else x, block)
 
 
 fp4_roundtrip = define_op("fp4_roundtrip", fp4_roundtrip_reference)

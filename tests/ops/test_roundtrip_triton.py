@@ -55,8 +55,8 @@ def fp8_rt(x, block=64, dialect=Fp8Dialect.OCP, width=None):
     return kquant.fp8_roundtrip_triton(x, block, dialect, width)
 
 
-def fp4_rt(x, block=32):
-    return kquant.fp4_roundtrip_triton(x, block)
+def fp4_rt(x, block=32, hadamard=False):
+    return kquant.fp4_roundtrip_triton(x, block, hadamard)
 
 
 def random_rows(R: int, K: int, dtype, seed: int, block: int, pad: int = 0, lo: int = -12,
@@ -390,3 +390,37 @@ def test_fp4_roundtrip_providers(fn):
     ties = torch.cat([torch.tensor([6.0]), (mag[:-1] + mag[1:]) / 2, mag]).repeat(4)[:64].view(2, 32)
     for t in (x, ties, -ties * 2.0**-9):
         assert torch.equal(fn(t, 32).double(), naive_roundtrip(t, 32, 6.0, mag, 6 * 2.0**-126))
+
+
+# ============================================================================= Hadamard + FP4 (indexer queries)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 64, 128), (3, 5, 128), (7, 32), (2, 1024), (0, 64, 128)])
+def test_fp4_hadamard_fused_bit_equal(dtype, shape):
+    """fp4_roundtrip(x, 32, hadamard=True) in one kernel: bit for bit hadamard_transform (fp32 butterfly, scaled,
+    rounded to x's dtype) then the FP4 round trip, at the indexer's [T, 64, 128], ragged row counts (rows not
+    filling a program), the smallest (32) and the widest (1024) fused rows, and no rows."""
+    x = (3.0 * torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))).to(dtype)
+    got = fp4_rt(x, 32, hadamard=True)
+    want = fp4_roundtrip_reference(x, 32, hadamard=True)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert_bit_equal(got, want)
+    if x.numel():  # premise: the rotation matters (without it the result differs)
+        assert not torch.equal(got, fp4_roundtrip_reference(x, 32))
+
+
+def test_fp4_hadamard_fallbacks_and_views():
+    """Rows the fused kernel does not take (2048 wide, a 64-wide block) go through the unfused path with the
+    same result as the reference; a strided [T, 64, 128] view (every other head) is read through its strides;
+    a row that is not a power of two is refused as hadamard_transform refuses it."""
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(2, 2048, generator=g).bfloat16()
+    assert_bit_equal(fp4_rt(wide, 32, hadamard=True), fp4_roundtrip_reference(wide, 32, hadamard=True))
+    x = torch.randn(3, 128, generator=g)
+    assert_bit_equal(fp4_rt(x, 64, hadamard=True), fp4_roundtrip_reference(x, 64, hadamard=True))
+    q = torch.randn(2, 128, 128, generator=g).bfloat16()[:, ::2]
+    assert not q.is_contiguous()
+    assert_bit_equal(fp4_rt(q, 32, hadamard=True), fp4_roundtrip_reference(q, 32, hadamard=True))
+    with pytest.raises(ValueError, match="power of two"):
+        fp4_rt(torch.randn(2, 96), 32, hadamard=True)

@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
-                                        register)
+                                        interpreting, register)
 from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.numerics.hadamard import hadamard_transform
 from dsv4.ops.quant import fp4_roundtrip as fp4_roundtrip_op
 from dsv4.ops.quant import fp8_act_quant as fp8_act_quant_op
 from dsv4.ops.quant import check_width
@@ -141,6 +142,12 @@ def _fp8_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, W, BLOCK: tl.constexpr, 
 def _fp4_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
                           G: tl.constexpr, AMAX_FLOOR: tl.constexpr):
     v, yo, mask = _rt_tile(x_ptr, NBT, NB, K, sx, BLOCK, BLOCK_P, G)
+    tl.store(y_ptr + yo, _fp4_rt_rows(v, AMAX_FLOOR).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp4_rt_rows(v, AMAX_FLOOR: tl.constexpr):
+    """MXFP4 round trip of each row of the fp32 tile v [rows, block] (one scale per row)."""
     amax = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR)  # 6 * 2^-126 = 1.5 * 2^-124: an fp32 normal
     bits = amax.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 129 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)  # ceil(log2(amax / 6))
@@ -151,8 +158,39 @@ def _fp4_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, BLOCK: tl.constexpr, BLO
     m = ((a > 0.25).to(tl.float32) + (a >= 0.75).to(tl.float32) + (a > 1.25).to(tl.float32)
          + (a >= 1.75).to(tl.float32)) * 0.5
     m = m + (a > 2.5).to(tl.float32) + (a >= 3.5).to(tl.float32) + (a > 5.0).to(tl.float32) * 2.0
-    r = _or_sign(m * fp8_pow2(e)[:, None], v)  # x's sign bit, also on zeros (code 8 = -0.0)
-    tl.store(y_ptr + yo, r.to(y_ptr.dtype.element_ty), mask=mask)
+    return _or_sign(m * fp8_pow2(e)[:, None], v)  # x's sign bit, also on zeros (code 8 = -0.0)
+
+
+@triton.jit
+def _hadamard_rows(x, G: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
+    """Sylvester Hadamard (unscaled) of each row of x [G, N] by numerics.hadamard_transform's butterfly (the
+    same additions in the same order: bit-identical in fp32)."""
+    for stage in tl.static_range(LOG_N):
+        y = tl.permute(tl.reshape(x, [G, N // (2 * 2 ** stage), 2, 2 ** stage]), [0, 1, 3, 2])
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [G, N])
+    return x
+
+
+# Grid = cdiv(R, G): G rows of N = 2^LOG_N channels per program: Hadamard (fp32 butterfly), times `scale`,
+# rounded to x's dtype (RNE; RNE_BITS: bf16 on the bits, for the interpreter), then the MXFP4 round trip per
+# 32 channels. One launch where hadamard_transform + fp4_roundtrip take ~24 (the indexer queries at decode).
+@triton.jit
+def _hadamard_fp4_kernel(x_ptr, y_ptr, R, sx, scale, N: tl.constexpr, LOG_N: tl.constexpr, G: tl.constexpr,
+                         RNE_BITS: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+    r = tl.program_id(0) * G + tl.arange(0, G)
+    ok = r < R
+    r64 = tl.where(ok, r, 0).to(tl.int64)
+    c = tl.arange(0, N)
+    v = tl.load(x_ptr + r64[:, None] * sx + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    h = _hadamard_rows(v, G, N, LOG_N) * scale
+    if RNE_BITS:
+        b = h.to(tl.uint32, bitcast=True)
+        h = (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+    else:
+        h = h.to(y_ptr.dtype.element_ty).to(tl.float32)
+    q = tl.reshape(_fp4_rt_rows(tl.reshape(h, [G * (N // 32), 32]), AMAX_FLOOR), [G, N])
+    tl.store(y_ptr + r64[:, None] * N + c[None, :], q.to(y_ptr.dtype.element_ty), mask=ok[:, None])
 
 
 RT_TARGET_PROGRAMS = 256
@@ -210,7 +248,23 @@ def fp8_roundtrip_triton(x: torch.Tensor, block: int = 64, dialect=Fp8Dialect.OC
     return _rt_launch(_fp8_roundtrip_kernel, x, block, None, w, FNUZ=fnuz, DEC_FNUZ=fnuz)
 
 
-def fp4_roundtrip_triton(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+HADAMARD_MAX = 1024  # widest row the fused Hadamard kernel holds in registers (the indexer's is 128)
+
+
+def fp4_roundtrip_triton(x: torch.Tensor, block: int = 32, hadamard: bool = False) -> torch.Tensor:
+    if hadamard:
+        K = x.shape[-1] if x.dim() else 0
+        if not (x.is_floating_point() and block == 32 and 32 <= K <= HADAMARD_MAX and not K & (K - 1)):
+            return _rt_launch(_fp4_roundtrip_kernel, hadamard_transform(x), block, AMAX_FLOOR=FP4_AMAX_FLOOR)
+        xs, R, K, sx = _rows_k(x)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if R:
+            g = max(1, min(16, TILE_ELEMS // K))
+            _hadamard_fp4_kernel[(triton.cdiv(R, g),)](
+                xs, y, R, sx, K ** -0.5, N=K, LOG_N=K.bit_length() - 1, G=g,
+                RNE_BITS=x.dtype == torch.bfloat16 and interpreting(x.device), AMAX_FLOOR=FP4_AMAX_FLOOR,
+                num_warps=max(1, min(8, g * K // 512)))
+        return y
     return _rt_launch(_fp4_roundtrip_kernel, x, block, AMAX_FLOOR=FP4_AMAX_FLOOR)
 
 

@@ -5,7 +5,9 @@ reference, at Flash shapes for decode batches. Variants are the module knobs of 
     hc_pre / hc_head (kernels/triton/hyper_connection.py): MIN_K_SPLIT (mixing GEMM K split), FINISH_WARPS and
         BD_FINISH (the finish kernel's warps and channels per program);
     moe_route (kernels/triton/router.py): SELECT_CHUNK (partials loaded at once; 256 = one at a time);
-    swiglu (the shared expert's activation): Triton vs the reference's six launches.
+    swiglu (the shared expert's activation): Triton vs the reference's six launches;
+    fp4_roundtrip(hadamard=True) (the indexer queries [T, 64, 128]) and fp8_roundtrip(width=448) (the new kv rows
+        [T, 512]): one launch vs the reference's composition, bit for bit.
 
     python3 benchmarks/small_ops_graphs.py --tokens 1,64 --out $OUT/small_ops.json
 """
@@ -23,8 +25,10 @@ import torch
 from dsv4.kernels.triton import hyper_connection as khc
 from dsv4.kernels.triton import router as kr
 from dsv4.kernels.triton.moe import swiglu_triton
+from dsv4.kernels.triton.quant import fp4_roundtrip_triton, fp8_roundtrip_triton
 from dsv4.ops.hyper_connection import hc_head_reference, hc_pre_reference
 from dsv4.ops.moe import moe_route_reference, swiglu_reference
+from dsv4.ops.quant import fp4_roundtrip_reference, fp8_roundtrip_reference
 
 
 def graph_us(fn) -> float:
@@ -108,6 +112,24 @@ def swiglu_rows(T: int) -> list:
     return [row]
 
 
+def roundtrip_rows(T: int) -> list:
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = (3 * torch.randn(T, 64, 128, device="cuda", generator=g)).bfloat16()
+    kv = (3 * torch.randn(T, 512, device="cuda", generator=g)).bfloat16()
+    rows = []
+    for op, fn, ref in (
+            ("fp4_roundtrip hadamard", lambda: fp4_roundtrip_triton(q, 32, True),
+             lambda: fp4_roundtrip_reference(q, 32, True)),
+            ("fp8_roundtrip width 448", lambda: fp8_roundtrip_triton(kv, 64, "ocp", 448),
+             lambda: fp8_roundtrip_reference(kv, 64, "ocp", 448))):
+        got, want = fn(), ref()
+        row = {"op": op, "T": T, "us": graph_us(fn), "torch_us": graph_us(ref),
+               "bit_equal": bool(torch.equal(got.view(torch.int16), want.view(torch.int16)))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,64")
@@ -121,7 +143,7 @@ def main() -> None:
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     variants = list(itertools.product(ints(a.hc_k_split), ints(a.hc_warps), ints(a.hc_bd)))
     for T in ints(a.tokens):
-        res["rows"] += route_rows(T) + swiglu_rows(T) + hc_rows(T, variants)
+        res["rows"] += route_rows(T) + swiglu_rows(T) + roundtrip_rows(T) + hc_rows(T, variants)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

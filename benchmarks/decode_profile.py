@@ -47,7 +47,13 @@ def main() -> None:
     ap.add_argument("--profile-graphs", action="store_true", help="with --graph-sweep: kernel table of replays")
     ap.add_argument("--graph-sweep", default="", help="comma-separated batch sizes: eager vs graph-replayed "
                     "decode step time at each (model only), instead of the profile")
+    ap.add_argument("--no-pdl", action="store_true", help="launch the Triton kernels without programmatic dependent "
+                    "launch (kernels/triton/common.py PDL), for an A/B")
     a = ap.parse_args()
+    if a.no_pdl:
+        from dsv4.kernels.triton import common
+
+        common.PDL = False
     if a.engine:
         return engine_profile(a)
     if a.graph_sweep:

@@ -62,6 +62,33 @@ def fp8_e4m3_native(device: torch.device, fnuz: bool) -> bool:
     return not fnuz and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
 
 
+# Programmatic dependent launch (NVIDIA sm_90+): a kernel launched with `launch_pdl` may be scheduled while the
+# previous kernel of the stream is still running (once all of that kernel's programs have started, since every
+# kernel here signals `gdc_launch_dependents` first), and waits in `gdc_wait` until it has finished and its
+# writes are visible. The launch latency and ramp of the next kernel hide behind the tail of the last, which is
+# most of a small kernel's cost inside a decode graph. Contract of a kernel taking PDL: no memory access (read or
+# write) before `pdl_start` returns. `PDL = False` turns it off (benchmarks' A/B).
+PDL = True
+
+
+def pdl_args(device: torch.device) -> dict:
+    """Launch keywords for a kernel with a `PDL` constexpr: {PDL, launch_pdl} on NVIDIA sm_90+, {} elsewhere (the
+    interpreter, ROCm, older GPUs), where the kernel's default PDL=False compiles the waits out."""
+    if not PDL or device.type != "cuda" or interpreting(device) or torch.version.hip is not None:
+        return {}
+    if _capability(device.index if device.index is not None else torch.cuda.current_device()) < (9, 0):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """Let the next kernel launch, then wait for the previous one (see PDL above); nothing without PDL."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
 @functools.lru_cache(maxsize=None)
 def _max_shared_mem(index: int) -> int:
     return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])

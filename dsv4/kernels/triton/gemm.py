@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_decode, fp8_pow2, interpreting, register
+from dsv4.kernels.triton.common import fp8_decode, fp8_pow2, interpreting, pdl_args, pdl_start, register
 from dsv4.kernels.triton.quant import TILE_ELEMS, _act_quant_kernel, fp8_act_quant_triton
 from dsv4.numerics.fp8 import Fp8Dialect, dequantize_fp8_blocks
 from dsv4.ops.linear import grouped_linear as grouped_linear_op
@@ -105,7 +105,8 @@ def _gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, c_ptr,
                  A_FP8: tl.constexpr, A_FNUZ: tl.constexpr, W_FMT: tl.constexpr, W_FNUZ: tl.constexpr,
                  HW: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -192,7 +193,8 @@ def _gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, c_ptr,
 # partials in order and casts once. Bytes: S * numel * 4 read + numel * out size written; `_pick_tiles`
 # caps S (decode: the partials stay under a quarter of the weight bytes; otherwise S <= 4).
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, out_ptr, numel, S, BLOCK: tl.constexpr):
+def _splitk_reduce_kernel(ws_ptr, out_ptr, numel, S, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -207,7 +209,8 @@ def _splitk_reduce_kernel(ws_ptr, out_ptr, numel, S, BLOCK: tl.constexpr):
 # (its transpose is the (MP, NB) "outer-dim-major" scale cuBLASLt's 1x128 block scaling takes); columns
 # M .. MP-1 (row padding to a multiple of 4) get 1.0. Grid = (cdiv(MP, BLOCK), NB); tiny.
 @triton.jit
-def _scale_f32_t_kernel(s_ptr, out_ptr, M, MP, s_sm, BLOCK: tl.constexpr):
+def _scale_f32_t_kernel(s_ptr, out_ptr, M, MP, s_sm, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     kb = tl.program_id(1)
     m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     sb = tl.load(s_ptr + m.to(tl.int64) * s_sm + kb, mask=m < M, other=127)
@@ -231,7 +234,7 @@ def act_quant_into(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor, dialect=F
     _act_quant_kernel[(M, triton.cdiv(nb, g))](
         x2, q, s, K, nb, QBLOCK, x2.stride(0), q.stride(0), s.stride(0),
         G=g, BLOCK_P=QBLOCK, FNUZ=d is Fp8Dialect.FNUZ, AMAX_FLOOR=1e-4,
-        num_warps=max(1, min(8, g * QBLOCK // 512)))
+        **pdl_args(x2.device), num_warps=max(1, min(8, g * QBLOCK // 512)))
 
 
 def act_scales_f32_t(s: torch.Tensor, rows: int) -> torch.Tensor:
@@ -241,7 +244,8 @@ def act_scales_f32_t(s: torch.Tensor, rows: int) -> torch.Tensor:
     buf = torch.empty((nb, rows), dtype=torch.float32, device=s.device)
     if nb and rows:
         blk = min(1024, triton.next_power_of_2(rows))
-        _scale_f32_t_kernel[(triton.cdiv(rows, blk), nb)](s, buf, M, rows, s.stride(0), BLOCK=blk, num_warps=4)
+        _scale_f32_t_kernel[(triton.cdiv(rows, blk), nb)](s, buf, M, rows, s.stride(0), BLOCK=blk,
+                                                          **pdl_args(s.device), num_warps=4)
     return buf.t()
 
 
@@ -309,10 +313,11 @@ def _run_gemm(a, sa, weight, w_scale, out_view, M, R, K, G, *, a_fp8: bool, a_fn
         s_a[0], s_a[1], s_sam, weight.stride(0), w_scale.stride(0), w_scale.stride(1), s_c[0], s_c[1], s_cs,
         A_FP8=a_fp8, A_FNUZ=a_fnuz, W_FMT=w_fmt, W_FNUZ=w_fnuz, HW=hw, DOT_DT=dot_dt, IEEE=ieee,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=QBLOCK, GROUP_M=cfg["group_m"], EVEN_K=K % QBLOCK == 0,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **pdl_args(out_view.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         blk = 1024
-        _splitk_reduce_kernel[(triton.cdiv(numel, blk),)](target, out_view, numel, split, BLOCK=blk, num_warps=4)
+        _splitk_reduce_kernel[(triton.cdiv(numel, blk),)](target, out_view, numel, split, BLOCK=blk,
+                                                          **pdl_args(out_view.device), num_warps=4)
 
 
 def _check_weight(weight: torch.Tensor, scale, N: int, K: int, fmt: str, what: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import interpreting, register, sm_count
+from dsv4.kernels.triton.common import interpreting, pdl_args, pdl_start, register, sm_count
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
 from dsv4.ops.hyper_connection import hc_head as hc_head_op
 from dsv4.ops.hyper_connection import hc_post as hc_post_op
@@ -42,7 +42,9 @@ from dsv4.ops.hyper_connection import hc_pre as hc_pre_op
 
 @triton.jit
 def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_split, sx_t, sfn,
-                   BLOCK_T: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, SPLIT_BF16: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, SPLIT_BF16: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -89,7 +91,8 @@ def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_split, sx_t, s
 def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
                       T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t,
                       N: tl.constexpr, NP: tl.constexpr, NC: tl.constexpr, SPLIT_P: tl.constexpr, HEAD: tl.constexpr,
-                      BD: tl.constexpr, RNE_BITS: tl.constexpr):
+                      BD: tl.constexpr, RNE_BITS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     t = tl.program_id(0)
     pd = tl.program_id(1)
     t64 = t.to(tl.int64)
@@ -146,7 +149,9 @@ def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_
 
 @triton.jit
 def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, D, sf_t, sx_t, sx_j, so_t, so_j, sp_t, sc_t, sc_j,
-                    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, RNE_BITS: tl.constexpr):
+                    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, RNE_BITS: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    pdl_start(PDL)
     t64 = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     dm = d < D
@@ -211,13 +216,13 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool):
     sq = torch.empty((split, T), dtype=torch.float32, device=dev)
     split_bf16 = X.dtype == torch.bfloat16 and not interpreting()
     _hc_mix_kernel[(n_tb, split)](X, fn, part, sq, T, K, nout, k_split, X.stride(0), fn.stride(0),
-                                  BLOCK_T=block_t, BK=BK, NC=nc, SPLIT_BF16=split_bf16, num_warps=4)
+                                  BLOCK_T=block_t, BK=BK, NC=nc, SPLIT_BF16=split_bf16, **pdl_args(dev), num_warps=4)
     bd = min(BD_FINISH, triton.next_power_of_2(D))
     _hc_finish_kernel[(T, triton.cdiv(D, bd))](
         X, part, sq, scale, base, u, post, comb, T, D, K, split, float(rms_eps), float(hc_eps), int(iters),
         X.stride(0), X.stride(1), u.stride(0), N=n, NP=triton.next_power_of_2(n), NC=nc,
         SPLIT_P=triton.next_power_of_2(split), HEAD=head, BD=bd,
-        RNE_BITS=bf16_rne_bits(X.dtype), num_warps=FINISH_WARPS)
+        RNE_BITS=bf16_rne_bits(X.dtype), **pdl_args(dev), num_warps=FINISH_WARPS)
     return u, post, comb
 
 
@@ -248,7 +253,7 @@ def hc_post_triton(f, X, post, comb):
     _hc_post_kernel[(T, triton.cdiv(D, bd))](
         f, X, post, comb, out, D, f.stride(0), X.stride(0), X.stride(1), out.stride(0), out.stride(1),
         post.stride(0), comb.stride(0), comb.stride(1), N=n, NP=triton.next_power_of_2(n), BD=bd,
-        RNE_BITS=bf16_rne_bits(X.dtype), num_warps=4)
+        RNE_BITS=bf16_rne_bits(X.dtype), **pdl_args(X.device), num_warps=4)
     return out
 
 

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
-                                        interpreting, max_shared_mem, register)
+                                        interpreting, max_shared_mem, pdl_args, pdl_start, register)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
@@ -406,7 +406,9 @@ def _swiglu_rows_kernel(gu_ptr, ids_ptr, g2l_ptr, rw_ptr, h_ptr, I, E_glob, s_gu
 # computes it, x / (1 + exp(-x))), rounded once to h's dtype: the shared expert's activation (ops/moe.py swiglu),
 # one launch where the reference takes five (upcast, two clamps, silu, product) and a sixth to round.
 @triton.jit
-def _swiglu_kernel(gu_ptr, h_ptr, I, s_gu, s_h, limit, RNE_BITS: tl.constexpr, BN: tl.constexpr):
+def _swiglu_kernel(gu_ptr, h_ptr, I, s_gu, s_h, limit, RNE_BITS: tl.constexpr, BN: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     ok = n < I
@@ -579,7 +581,8 @@ def swiglu_triton(gu: torch.Tensor, limit: float) -> torch.Tensor:
     if T and I:
         bn = min(1024, max(16, triton.next_power_of_2(I)))
         _swiglu_kernel[(T, triton.cdiv(I, bn))](g2, h, I, g2.stride(0), h.stride(0), float(limit),
-                                               RNE_BITS=bf16_rne_bits(gu.dtype), BN=bn, num_warps=4)
+                                               RNE_BITS=bf16_rne_bits(gu.dtype), BN=bn,
+                                               **pdl_args(gu.device), num_warps=4)
     return h.reshape(*gu.shape[:-1], I)
 
 

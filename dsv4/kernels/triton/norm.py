@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import interpreting, register
+from dsv4.kernels.triton.common import interpreting, pdl_args, pdl_start, register
 from dsv4.ops.norm import rms_norm as rms_norm_op
 
 
@@ -46,7 +46,8 @@ def cast_out(y, ptr, RNE_BITS: tl.constexpr):
 @triton.jit
 def _rms_norm_tile_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_x, stride_y, eps,
                           HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          RNE_BITS: tl.constexpr):
+                          RNE_BITS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -64,7 +65,9 @@ def _rms_norm_tile_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_x, stride_y, eps,
 
 @triton.jit
 def _rms_norm_chunked_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps,
-                             HAS_W: tl.constexpr, CHUNK: tl.constexpr, RNE_BITS: tl.constexpr):
+                             HAS_W: tl.constexpr, CHUNK: tl.constexpr, RNE_BITS: tl.constexpr,
+                             PDL: tl.constexpr = False):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + row * stride_x
     yrow = y_ptr + row * stride_y
@@ -112,11 +115,11 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) ->
         _rms_norm_tile_kernel[(triton.cdiv(M, rows),)](
             x2, w, y, M, N, x2.stride(0), y.stride(0), float(eps),
             HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n, RNE_BITS=rne,
-            num_warps=_num_warps(rows * block_n))
+            **pdl_args(x.device), num_warps=_num_warps(rows * block_n))
     else:
         _rms_norm_chunked_kernel[(M,)](
             x2, w, y, N, x2.stride(0), y.stride(0), float(eps),
-            HAS_W=weight is not None, CHUNK=CHUNK, RNE_BITS=rne, num_warps=_num_warps(CHUNK) * 2)
+            HAS_W=weight is not None, CHUNK=CHUNK, RNE_BITS=rne, **pdl_args(x.device), num_warps=_num_warps(CHUNK) * 2)
     return y.view(x.shape)
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
-                                        interpreting, register)
+                                        interpreting, pdl_args, pdl_start, register)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.numerics.hadamard import hadamard_transform
 from dsv4.ops.quant import fp4_roundtrip as fp4_roundtrip_op
@@ -40,7 +40,9 @@ from dsv4.ops.quant import fp8_roundtrip as fp8_roundtrip_op
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NB, block, sx, sq, ss,
-                      G: tl.constexpr, BLOCK_P: tl.constexpr, FNUZ: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+                      G: tl.constexpr, BLOCK_P: tl.constexpr, FNUZ: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     bs = tl.program_id(1) * G + tl.arange(0, G)
     lane = tl.arange(0, BLOCK_P)
@@ -76,7 +78,7 @@ def fp8_act_quant_triton(x: torch.Tensor, block: int = 128, dialect=Fp8Dialect.O
     _act_quant_kernel[(M, triton.cdiv(nb, g))](
         x, q, s, K, nb, block, x.stride(0), q.stride(0), s.stride(0),
         G=g, BLOCK_P=block_p, FNUZ=d is Fp8Dialect.FNUZ, AMAX_FLOOR=1e-4,
-        num_warps=max(1, min(8, g * block_p // 512)))
+        **pdl_args(x.device), num_warps=max(1, min(8, g * block_p // 512)))
     return q, s
 
 

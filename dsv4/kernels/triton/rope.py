@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import register
+from dsv4.kernels.triton.common import pdl_args, pdl_start, register
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
 from dsv4.ops.rope import apply_rope as apply_rope_op
 
@@ -27,7 +27,9 @@ from dsv4.ops.rope import apply_rope as apply_rope_op
 @triton.jit
 def _rope_kernel(x_ptr, pos_ptr, freq_ptr, y_ptr, H, D, HALF,
                  sx_t, sx_h, sy_t, sy_h, SIGN: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, HALF_P: tl.constexpr, RNE_BITS: tl.constexpr):
+                 BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, HALF_P: tl.constexpr, RNE_BITS: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    pdl_start(PDL)
     t64 = tl.program_id(0).to(tl.int64)
     hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = hs < H
@@ -80,7 +82,7 @@ def apply_rope_triton(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.
     _rope_kernel[grid](x3, pos, freq, y, H, D, half, x3.stride(0), x3.stride(1), y.stride(0), y.stride(1),
                        SIGN=-1.0 if inverse else 1.0, BLOCK_H=block_h, BLOCK_C=block_c,
                        HALF_P=triton.next_power_of_2(max(1, half)), RNE_BITS=bf16_rne_bits(x.dtype),
-                       num_warps=max(1, min(8, block_h * block_c // 512)))
+                       **pdl_args(x.device), num_warps=max(1, min(8, block_h * block_c // 512)))
     return y.view(x.shape)
 
 

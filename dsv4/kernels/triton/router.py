@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import register, sm_count
+from dsv4.kernels.triton.common import pdl_args, pdl_start, register, sm_count
 from dsv4.ops.moe import moe_route as moe_route_op
 
 _SCORE = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
@@ -22,7 +22,8 @@ SELECT_CHUNK = 4096  # partial logits the select kernel loads at once per token 
 # S = 1 (FMA-bound fp32: 2 T E D FLOPs).
 @triton.jit
 def _router_logits_kernel(x_ptr, w_ptr, p_ptr, T, E, D, s_x, s_w, n_e_tiles, KT_PER,
-                          BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+                          BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     s = tl.program_id(1)
     t = (pid // n_e_tiles) * BT + tl.arange(0, BT)
@@ -59,7 +60,8 @@ def _log1p(y):
 def _router_select_kernel(p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_out, T, E, s_tid, scaling,
                           KTOP: tl.constexpr, KP: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HASH: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr,
-                          SB: tl.constexpr):
+                          SB: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     e = tl.arange(0, EP)
     t_ok = t < T
@@ -148,7 +150,7 @@ def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score
     split = triton.cdiv(nkt, kt_per)
     part = torch.empty((split, T, E), dtype=torch.float32, device=dev)
     _router_logits_kernel[(tiles, split)](x, gw, part, T, E, D, x.stride(0), gw.stride(0), n_e, kt_per,
-                                          BT=bt, BE=be, BK=bk, num_warps=4, num_stages=3)
+                                          BT=bt, BE=be, BK=bk, **pdl_args(dev), num_warps=4, num_stages=3)
     ep = max(16, triton.next_power_of_2(E))
     if split > 1:  # decode: one token per program, its partials summed SB at a time
         bt2 = 1
@@ -166,7 +168,7 @@ def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score
     _router_select_kernel[(triton.cdiv(T, bt2),)](
         part, split, part.stride(0), b_arg, tid, inid, w_out, i_out, T, E, s_tid, float(scaling),
         KTOP=k, KP=max(2, triton.next_power_of_2(k)), SCORE=_SCORE[score_func], HAS_BIAS=bias is not None and not hashed,
-        HASH=hashed, NORM=bool(norm_topk_prob), BT=bt2, EP=ep, SB=sb, num_warps=4)
+        HASH=hashed, NORM=bool(norm_topk_prob), BT=bt2, EP=ep, SB=sb, **pdl_args(dev), num_warps=4)
     return w_out, i_out
 
 

@@ -7,7 +7,8 @@ reference, at Flash shapes for decode batches. Variants are the module knobs of 
     moe_route (kernels/triton/router.py): SELECT_CHUNK (partials loaded at once; 256 = one at a time);
     swiglu (the shared expert's activation): Triton vs the reference's six launches;
     fp4_roundtrip(hadamard=True) (the indexer queries [T, 64, 128]) and fp8_roundtrip(width=448) (the new kv rows
-        [T, 512]): one launch vs the reference's composition, bit for bit.
+        [T, 512]): one launch vs the reference's composition, bit for bit;
+    norm_rope (q [T, 64, 512], kv [T, 512] with FP8 width 448): one kernel vs rms_norm -> rope -> round trip.
 
     python3 benchmarks/small_ops_graphs.py --tokens 1,64 --out $OUT/small_ops.json
 """
@@ -25,10 +26,13 @@ import torch
 from dsv4.kernels.triton import hyper_connection as khc
 from dsv4.kernels.triton import router as kr
 from dsv4.kernels.triton.moe import swiglu_triton
+from dsv4.kernels.triton.norm import rms_norm_triton
 from dsv4.kernels.triton.quant import fp4_roundtrip_triton, fp8_roundtrip_triton
+from dsv4.kernels.triton.rope import apply_rope_triton, norm_rope_triton
 from dsv4.ops.hyper_connection import hc_head_reference, hc_pre_reference
 from dsv4.ops.moe import moe_route_reference, swiglu_reference
 from dsv4.ops.quant import fp4_roundtrip_reference, fp8_roundtrip_reference
+from dsv4.ops.rope import rope_inv_freq
 
 
 def graph_us(fn) -> float:
@@ -125,6 +129,25 @@ def roundtrip_rows(T: int) -> list:
         got, want = fn(), ref()
         row = {"op": op, "T": T, "us": graph_us(fn), "torch_us": graph_us(ref),
                "bit_equal": bool(torch.equal(got.view(torch.int16), want.view(torch.int16)))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    inv = rope_inv_freq(10000.0, 64)
+    pos = torch.arange(T, device="cuda") + 4000
+    w = 1 + 0.1 * torch.randn(512, device="cuda", generator=g)
+    for name, x, wt, width in (("norm_rope q", q.view(T, 128, 64).repeat(1, 1, 8)[:, :64], None, 0),
+                               ("norm_rope kv", kv, w, 448)):
+        x = x.contiguous()
+
+        def three(x=x, wt=wt, width=width):
+            y = apply_rope_triton(rms_norm_triton(x, wt, 1e-6), pos, inv)
+            return fp8_roundtrip_triton(y, 64, "ocp", width) if width else y
+
+        def fused(x=x, wt=wt, width=width):
+            return norm_rope_triton(x, wt, 1e-6, pos, inv, width)
+
+        got, want = fused(), three()
+        row = {"op": name, "T": T, "us": graph_us(fused), "three_kernels_us": graph_us(three),
+               "equal_frac": float((got == want).float().mean())}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

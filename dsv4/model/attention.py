@@ -54,9 +54,9 @@ class Attention(nn.Module):
         self.official = opts.official
         self.dialect = opts.fp8_dialect
         o = opts.ops
-        self._norm, self._rope, self._attn, self._write = o.rms_norm, o.apply_rope, o.sparse_attention, o.write_window
+        self._rope, self._attn, self._write = o.apply_rope, o.sparse_attention, o.write_window
         self._grouped = o.grouped_linear
-        self._fp8_rt = o.fp8_roundtrip
+        self._norm_rope = o.norm_rope
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
         T = x.shape[0]
@@ -64,11 +64,10 @@ class Attention(nn.Module):
         qr, kv = self._x_proj(x)
         qr = self.q_norm(qr)
         q = self.wq_b(qr).view(T, self.n_heads, self.head_dim)
-        q = self._rope(self._norm(q, None, self.eps), pos, self.inv_freq)
-        kv = self._rope(self.kv_norm(kv), pos, self.inv_freq)
-        if self.official:
-            nope = self.head_dim - self.rope_dim
-            kv = self._fp8_rt(kv, 64, self.dialect, nope)  # the non-RoPE channels through FP8, the rest as is
+        q = self._norm_rope(q, None, self.eps, pos, self.inv_freq)  # per-head norm, then RoPE: one op
+        # kv_norm, RoPE and (official) the non-RoPE channels through FP8, the RoPE ones as they are: one op
+        nope = self.head_dim - self.rope_dim if self.official else 0
+        kv = self._norm_rope(kv, self.kv_norm.weight, self.kv_norm.eps, pos, self.inv_freq, nope, self.dialect)
         proj = [q, kv]
         if self.compressor is not None:
             kvs = self._xf_proj(x.float())  # compressor kv, score (+ the indexer compressor's kv, score)

@@ -5,12 +5,20 @@ Pair i of the rotary part, (x[-r + 2i], x[-r + 2i + 1]), is rotated by angle pos
 in x's dtype. `inverse=True` rotates by the negative angle (the attention output's de-rotation).
 
 x: [T, ..., D]; positions: [T] integer; inv_freq: [r/2] float32. Returns a new tensor.
+
+norm_rope(x, weight, eps, positions, inv_freq, fp8_width=0, dialect=OCP): rms_norm over the last dim (weight
+optional), then apply_rope, then (fp8_width > 0) fp8_roundtrip of the first fp8_width channels per 64, each step
+rounded to x's dtype as the three ops are: an attention layer's new q rows (per head, no weight) and kv rows
+(kv_norm's weight, the 448 non-RoPE channels through FP8 under official numerics) in one op.
 """
 
 import math
 
 import torch
 
+from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.ops.norm import rms_norm_reference
+from dsv4.ops.quant import fp8_roundtrip_reference
 from dsv4.ops.registry import define_op
 
 
@@ -52,3 +60,12 @@ def apply_rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: tor
 
 
 apply_rope = define_op("apply_rope", apply_rope_reference)
+
+
+def norm_rope_reference(x: torch.Tensor, weight, eps: float, positions: torch.Tensor, inv_freq: torch.Tensor,
+                        fp8_width: int = 0, dialect=Fp8Dialect.OCP) -> torch.Tensor:
+    y = apply_rope_reference(rms_norm_reference(x, weight, eps), positions, inv_freq)
+    return fp8_roundtrip_reference(y, 64, dialect, fp8_width) if fp8_width else y
+
+
+norm_rope = define_op("norm_rope", norm_rope_reference)

@@ -306,3 +306,51 @@ def test_act_quant_dialects_and_factor_two():
     assert torch.equal(wrong, 2 * vo)
     assert not torch.allclose(wrong, x, atol=1e-2, rtol=0.1)
     assert torch.equal(dequantize_fp8_blocks(qo, so, (128,), Fp8Dialect.FNUZ), vo / 2)
+
+
+# ============================================================================= norm_rope (q and kv rows, one kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["q", "kv", "kv_fnuz", "ragged", "one_token"])
+def test_norm_rope_fused_equals_the_three_kernels(dtype, case):
+    """norm_rope in one kernel equals rms_norm -> apply_rope -> fp8_roundtrip(width) through the Triton kernels bit
+    for bit, and the reference within its roundings: q-like rows (6 heads of 128, no weight), kv-like rows (a
+    weight, 64 RoPE channels, the first 192 through FP8, both dialects), a row of 96 (not a power of two: masked
+    lanes), one token; positions up to 1e6 (the angle's range reduction)."""
+    from dsv4.numerics.fp8 import Fp8Dialect
+    from dsv4.ops.rope import norm_rope_reference
+    T, H, D, half, width, weighted, dialect = {
+        "q": (5, 6, 128, 32, 0, False, Fp8Dialect.OCP), "kv": (7, 1, 256, 32, 192, True, Fp8Dialect.OCP),
+        "kv_fnuz": (3, 1, 256, 32, 192, True, Fp8Dialect.FNUZ), "ragged": (4, 3, 96, 8, 64, True, Fp8Dialect.OCP),
+        "one_token": (1, 1, 128, 16, 64, True, Fp8Dialect.OCP)}[case]
+    g = gen(hash(case) % 1000)
+    x = (2.0 * torch.randn(T, H, D, generator=g)).to(dtype)
+    if H == 1:
+        x = x[:, 0]
+    w = (1 + 0.3 * torch.randn(D, generator=g)) if weighted else None
+    pos = torch.tensor([0, 7, 4096, 999_999, 123, 5, 77][:T])
+    inv = rope_inv_freq(10000.0, 2 * half)
+    got = krope.norm_rope_triton(x, w, 1e-6, pos, inv, width, dialect)
+    three = krope.apply_rope_triton(knorm.rms_norm_triton(x, w, 1e-6), pos, inv)
+    if width:
+        three = kquant.fp8_roundtrip_triton(three, 64, dialect, width)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert torch.equal(got, three)
+    want = norm_rope_reference(x, w, 1e-6, pos, inv, width, dialect)
+    close = torch.isclose(got.float(), want.float(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    assert float(close.float().mean()) > 0.99  # the norm's and the angle's fp32 roundings differ from torch's
+
+
+def test_norm_rope_fallback_and_empty():
+    """An odd row (the even / odd lane split cannot pair it from the row start) takes the three kernels; no
+    tokens gives an empty result; a width that splits a block is refused."""
+    g = gen(3)
+    inv = rope_inv_freq(10000.0, 8)
+    x = torch.randn(3, 2, 33, generator=g)
+    pos = torch.tensor([1, 2, 3])
+    want = krope.apply_rope_triton(knorm.rms_norm_triton(x, None, 1e-6), pos, inv)
+    assert torch.equal(krope.norm_rope_triton(x, None, 1e-6, pos, inv), want)
+    assert krope.norm_rope_triton(torch.zeros(0, 4, 64), None, 1e-6, pos[:0], inv).shape == (0, 4, 64)
+    with pytest.raises(ValueError, match="width"):
+        krope.norm_rope_triton(torch.randn(2, 128), None, 1e-6, pos[:2], inv, 100)

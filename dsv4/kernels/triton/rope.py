@@ -4,13 +4,20 @@ write of x, not a clone plus a rotate pass)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import pdl_args, pdl_start, register
-from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
+from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
+                                        pdl_args, pdl_start, register)
+from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out, rms_norm_triton
+from dsv4.kernels.triton.quant import _or_sign, fp8_roundtrip_triton
+from dsv4.numerics.fp8 import Fp8Dialect
+from dsv4.ops.quant import check_width
 from dsv4.ops.rope import apply_rope as apply_rope_op
+from dsv4.ops.rope import norm_rope as norm_rope_op
 
 # Work decomposition: x viewed as [T, H, D] (H = product of the middle dims, 1 for [T, D]).
 # grid = (T, cdiv(H, BLOCK_H)); a program takes one token and BLOCK_H rows (heads, ~4096 elements):
@@ -86,4 +93,82 @@ def apply_rope_triton(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.
     return y.view(x.shape)
 
 
+# norm_rope (ops/rope.py): grid = (T, cdiv(H, BLOCK_H)); a program loads BLOCK_H whole rows [BLOCK_H, BLOCK_D]
+# of one token and, in registers, does what three kernels did with a read and a write each: the RMS norm (fp32,
+# weight optional, the rms_norm kernel's formula) rounded to x's dtype; RoPE on the trailing 2 HALF channels
+# (the row split into even / odd lanes, pair k rotated when 2k >= D - 2 HALF; the apply_rope kernel's angles
+# and products) rounded; and (FP8) the FP8 round trip of the channels below W per 64 (the fp8_roundtrip kernel's
+# arithmetic). q: H = 64 heads of 512, 8 rows per program; kv: one row.
+@triton.jit
+def _round(v, ptr, RNE_BITS: tl.constexpr):
+    return cast_out(v, ptr, RNE_BITS).to(tl.float32)
+
+
+@triton.jit
+def _norm_rope_kernel(x_ptr, w_ptr, pos_ptr, freq_ptr, y_ptr, H, D, HALF, W, sx_t, sx_h, sy_t, sy_h, eps,
+                      HAS_W: tl.constexpr, FP8: tl.constexpr, FNUZ: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_D: tl.constexpr, RNE_BITS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
+    t64 = tl.program_id(0).to(tl.int64)
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h64 = hs.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    m = (hs < H)[:, None] & (d < D)[None, :]
+    x = tl.load(x_ptr + t64 * sx_t + h64[:, None] * sx_h + d[None, :], mask=m, other=0.0).to(tl.float32)
+    y = x * tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+    y = _round(y, y_ptr, RNE_BITS)
+    ye, yo = tl.split(tl.reshape(y, [BLOCK_H, BLOCK_D // 2, 2]))
+    k = tl.arange(0, BLOCK_D // 2)
+    i = k - (D // 2 - HALF)
+    rot = (i >= 0) & (k < D // 2)
+    f = tl.load(freq_ptr + tl.where(rot, i, 0), mask=rot, other=0.0).to(tl.float32)
+    ang = tl.load(pos_ptr + t64).to(tl.float32) * f
+    c = tl.cos(ang)[None, :]
+    s = tl.sin(ang)[None, :]
+    re = _round(ye * c - yo * s, y_ptr, RNE_BITS)
+    ro = _round(ye * s + yo * c, y_ptr, RNE_BITS)
+    y = tl.reshape(tl.join(tl.where(rot[None, :], re, ye), tl.where(rot[None, :], ro, yo)), [BLOCK_H, BLOCK_D])
+    if FP8:
+        v = tl.reshape(y, [BLOCK_H * (BLOCK_D // 64), 64])
+        e = fp8_block_exponent(tl.maximum(tl.max(tl.abs(v), axis=1), 1e-4), FNUZ)
+        qmax = fp8_quant_max(FNUZ)
+        q = tl.minimum(tl.maximum(v * fp8_pow2(-e)[:, None], -qmax), qmax)
+        r = fp8_decode(fp8_encode(q, FNUZ), FNUZ) * fp8_pow2(e)[:, None]
+        if not FNUZ:  # OCP keeps the sign of a value rounding to zero, as the round-trip kernel
+            r = _or_sign(r, v)
+        y = tl.where((d < W)[None, :], tl.reshape(r, [BLOCK_H, BLOCK_D]), y)
+    tl.store(y_ptr + t64 * sy_t + h64[:, None] * sy_h + d[None, :], cast_out(y, y_ptr, RNE_BITS), mask=m)
+
+
+def norm_rope_triton(x: torch.Tensor, weight, eps: float, positions: torch.Tensor, inv_freq: torch.Tensor,
+                     fp8_width: int = 0, dialect=Fp8Dialect.OCP) -> torch.Tensor:
+    half = inv_freq.numel()
+    T, D = x.shape[0], x.shape[-1]
+    w8 = check_width(fp8_width, D, 64) if fp8_width else 0
+    bd = triton.next_power_of_2(max(D, 64 if w8 else 2))
+    if 2 * half > D or D % 2 or bd > TILE_ELEMS:  # shapes the fused kernel does not take: the three kernels
+        y = apply_rope_triton(rms_norm_triton(x, weight, eps), positions, inv_freq)
+        return fp8_roundtrip_triton(y, 64, dialect, w8) if w8 else y
+    H = math.prod(x.shape[1:-1])
+    x3 = x.reshape(T, H, D)
+    if x3.stride(2) != 1:
+        x3 = x3.contiguous()
+    y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+    if T == 0 or H == 0:
+        return y.view(x.shape)
+    freq = inv_freq.to(device=x.device, dtype=torch.float32).contiguous()
+    pos = positions if positions.stride(0) == 1 else positions.contiguous()
+    wt = weight.contiguous() if weight is not None else x3
+    bh = max(1, min(TILE_ELEMS // bd, triton.next_power_of_2(H)))
+    _norm_rope_kernel[(T, triton.cdiv(H, bh))](
+        x3, wt, pos, freq, y, H, D, half, w8, x3.stride(0), x3.stride(1), y.stride(0), y.stride(1), float(eps),
+        HAS_W=weight is not None, FP8=w8 > 0, FNUZ=Fp8Dialect.parse(dialect) is Fp8Dialect.FNUZ, BLOCK_H=bh,
+        BLOCK_D=bd, RNE_BITS=bf16_rne_bits(x.dtype), **pdl_args(x.device),
+        num_warps=max(1, min(8, bh * bd // 512)))
+    return y.view(x.shape)
+
+
 register(apply_rope_op, apply_rope_triton)
+register(norm_rope_op, norm_rope_triton)

@@ -47,6 +47,7 @@ from dsv4.ops.linear import linear as linear_op
 from dsv4.ops.linear import weight_format
 
 QBLOCK = 128  # FP8 weight / activation scale block along K (and along N for weights)
+PREFETCH_W = True  # decode (M <= 64): first weight tile loaded before the PDL wait (_gemm_kernel); knob for A/Bs
 
 # ----------------------------------------------------------------------------- platform facts (cached)
 # FP8 tensor-core types by platform: 1 = OCP e4m3fn (tl.float8e4nv), 2 = fnuz (tl.float8e4b8), 0 = none.
@@ -99,14 +100,87 @@ def _e2m1_decode(c):
 # The prefill regime (128 x 128 tiles, 8 warps) is bound by the tensor cores: FP8 x FP8 for the official
 # path on FP8 hardware, bf16 x bf16 (W converted in registers) for the plain path.
 @triton.jit
+def _w_tile(w_row, sw_ptr, wrow, n_ok, kt, K, s_swn, s_swk, A_FP8: tl.constexpr, W_FMT: tl.constexpr,
+            W_FNUZ: tl.constexpr, HW: tl.constexpr, DOT_DT: tl.constexpr, BLOCK_K: tl.constexpr,
+            EVEN_K: tl.constexpr):
+    """The W tile [BLOCK_K, BLOCK_N] of K tile kt (W^T of the [N, K] weight: K contiguous) as dot operand, and
+    its FP8 block scales [BLOCK_N] (FP4: scales folded into the operand; the returned scale is unused)."""
+    k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        w_mask = n_ok[None, :]
+    else:
+        w_mask = (k < K)[:, None] & n_ok[None, :]
+    if W_FMT == 1:
+        wb = tl.load(w_row[None, :] + k[:, None], mask=w_mask, other=0)
+        if HW == 1:
+            w = wb.to(tl.float8e4nv, bitcast=True)
+            if not A_FP8:
+                w = w.to(DOT_DT)
+        elif HW == 2:
+            w = wb.to(tl.float8e4b8, bitcast=True)
+            if not A_FP8:
+                w = w.to(DOT_DT)
+        else:
+            w = fp8_decode(wb, W_FNUZ).to(DOT_DT)
+        swb = tl.load(sw_ptr + (wrow // 128) * s_swn + kt * s_swk, mask=n_ok, other=127)
+        sw = fp8_pow2(swb.to(tl.int32) - 127)
+    else:  # FP4 e2m1, two per byte (low nibble first), one E8M0 scale per (row, 32 channels)
+        wb = tl.load(w_row[None, :] + (k // 2)[:, None], mask=w_mask, other=0).to(tl.int32)
+        c4 = (wb >> ((k & 1) * 4)[:, None]) & 0xF
+        swb = tl.load(sw_ptr + wrow[None, :] * s_swn + (k // 32)[:, None] * s_swk, mask=w_mask, other=127)
+        w = (_e2m1_decode(c4) * fp8_pow2(swb.to(tl.int32) - 127)).to(DOT_DT)
+        sw = tl.zeros_like(wrow).to(tl.float32)
+    return w, sw
+
+
+@triton.jit
+def _a_tile_dot(acc, a_row, sa_ptr, rm, m_ok, kt, K, s_sam, w, sw, A_FP8: tl.constexpr, A_FNUZ: tl.constexpr,
+                W_FMT: tl.constexpr, HW: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc + the A tile [BLOCK_M, BLOCK_K] of K tile kt times the W tile, block scales on the fp32 result."""
+    k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        a_mask = m_ok[:, None]
+    else:
+        a_mask = m_ok[:, None] & (k < K)[None, :]
+    if A_FP8:
+        ab = tl.load(a_row[:, None] + k[None, :], mask=a_mask, other=0)
+        if HW == 1:
+            a = ab.to(tl.float8e4nv, bitcast=True)
+        elif HW == 2:
+            a = ab.to(tl.float8e4b8, bitcast=True)
+        else:
+            a = fp8_decode(ab, A_FNUZ).to(DOT_DT)
+        sab = tl.load(sa_ptr + rm.to(tl.int64) * s_sam + kt, mask=m_ok, other=127)  # act_quant: G == 1
+        sa = fp8_pow2(sab.to(tl.int32) - 127)
+    else:
+        a = tl.load(a_row[:, None] + k[None, :], mask=a_mask, other=0.0).to(DOT_DT)
+    if IEEE:
+        part = tl.dot(a, w, input_precision="ieee")
+    else:
+        part = tl.dot(a, w)
+    if A_FP8:
+        if W_FMT == 1:
+            part = part * (sa[:, None] * sw[None, :])
+        else:
+            part = part * sa[:, None]
+    elif W_FMT == 1:
+        part = part * sw[None, :]
+    return acc + part
+
+
+@triton.jit
 def _gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, c_ptr,
                  M, R, K, num_pid_m, num_pid_n, KT_PER_SPLIT,
                  s_am, s_ag, s_sam, s_wn, s_swn, s_swk, s_cm, s_cg, s_cs,
                  A_FP8: tl.constexpr, A_FNUZ: tl.constexpr, W_FMT: tl.constexpr, W_FNUZ: tl.constexpr,
                  HW: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_start(PDL)
+                 EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+    # PREFETCH (decode): the first K tile's weights are loaded before waiting for the previous kernel (PDL): the
+    # weights are constants, so their stream starts while the kernel producing the activations still runs.
+    if not PREFETCH:
+        pdl_start(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -119,7 +193,6 @@ def _gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, c_ptr,
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M  # logical bounds: rows of this group's A, rows of this group's W
     n_ok = rn < R
     wrow = g * R + rn.to(tl.int64)  # global weight row (scale blocks of 128 rows may straddle groups)
@@ -130,60 +203,21 @@ def _gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, c_ptr,
     kt0 = pid_k * KT_PER_SPLIT
     kt1 = tl.minimum(kt0 + KT_PER_SPLIT, nkt)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:  # every split has at least one K tile (_run_gemm: no empty splits)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        w, sw = _w_tile(w_row, sw_ptr, wrow, n_ok, kt0, K, s_swn, s_swk, A_FP8, W_FMT, W_FNUZ, HW, DOT_DT, BLOCK_K,
+                        EVEN_K)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc = _a_tile_dot(acc, a_row, sa_ptr, rm, m_ok, kt0, K, s_sam, w, sw, A_FP8, A_FNUZ, W_FMT, HW, DOT_DT,
+                          IEEE, BLOCK_K, EVEN_K)
+        kt0 += 1
     for kt in range(kt0, kt1):
-        k = kt * BLOCK_K + rk
-        if EVEN_K:
-            a_mask = m_ok[:, None]
-            w_mask = n_ok[None, :]
-        else:
-            a_mask = m_ok[:, None] & (k < K)[None, :]
-            w_mask = (k < K)[:, None] & n_ok[None, :]
-        # ---- A tile [BLOCK_M, BLOCK_K]
-        if A_FP8:
-            ab = tl.load(a_row[:, None] + k[None, :], mask=a_mask, other=0)
-            if HW == 1:
-                a = ab.to(tl.float8e4nv, bitcast=True)
-            elif HW == 2:
-                a = ab.to(tl.float8e4b8, bitcast=True)
-            else:
-                a = fp8_decode(ab, A_FNUZ).to(DOT_DT)
-            sab = tl.load(sa_ptr + rm.to(tl.int64) * s_sam + kt, mask=m_ok, other=127)  # act_quant: G == 1
-            sa = fp8_pow2(sab.to(tl.int32) - 127)
-        else:
-            a = tl.load(a_row[:, None] + k[None, :], mask=a_mask, other=0.0).to(DOT_DT)
-        # ---- W tile [BLOCK_K, BLOCK_N] (W^T of the [N, K] weight: K contiguous)
-        if W_FMT == 1:
-            wb = tl.load(w_row[None, :] + k[:, None], mask=w_mask, other=0)
-            if HW == 1:
-                w = wb.to(tl.float8e4nv, bitcast=True)
-                if not A_FP8:
-                    w = w.to(DOT_DT)
-            elif HW == 2:
-                w = wb.to(tl.float8e4b8, bitcast=True)
-                if not A_FP8:
-                    w = w.to(DOT_DT)
-            else:
-                w = fp8_decode(wb, W_FNUZ).to(DOT_DT)
-            swb = tl.load(sw_ptr + (wrow // 128) * s_swn + kt * s_swk, mask=n_ok, other=127)
-            sw = fp8_pow2(swb.to(tl.int32) - 127)
-        else:  # FP4 e2m1, two per byte (low nibble first), one E8M0 scale per (row, 32 channels)
-            wb = tl.load(w_row[None, :] + (k // 2)[:, None], mask=w_mask, other=0).to(tl.int32)
-            c4 = (wb >> ((k & 1) * 4)[:, None]) & 0xF
-            swb = tl.load(sw_ptr + wrow[None, :] * s_swn + (k // 32)[:, None] * s_swk, mask=w_mask, other=127)
-            w = (_e2m1_decode(c4) * fp8_pow2(swb.to(tl.int32) - 127)).to(DOT_DT)
-        # ---- one dot per K tile, block scales on the fp32 result
-        if IEEE:
-            part = tl.dot(a, w, input_precision="ieee")
-        else:
-            part = tl.dot(a, w)
-        if A_FP8:
-            if W_FMT == 1:
-                part = part * (sa[:, None] * sw[None, :])
-            else:
-                part = part * sa[:, None]
-        elif W_FMT == 1:
-            part = part * sw[None, :]
-        acc += part
+        w, sw = _w_tile(w_row, sw_ptr, wrow, n_ok, kt, K, s_swn, s_swk, A_FP8, W_FMT, W_FNUZ, HW, DOT_DT, BLOCK_K,
+                        EVEN_K)
+        acc = _a_tile_dot(acc, a_row, sa_ptr, rm, m_ok, kt, K, s_sam, w, sw, A_FP8, A_FNUZ, W_FMT, HW, DOT_DT,
+                          IEEE, BLOCK_K, EVEN_K)
 
     c = c_ptr + pid_k.to(tl.int64) * s_cs + g * s_cg + rm.to(tl.int64)[:, None] * s_cm + rn[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -313,7 +347,8 @@ def _run_gemm(a, sa, weight, w_scale, out_view, M, R, K, G, *, a_fp8: bool, a_fn
         s_a[0], s_a[1], s_sam, weight.stride(0), w_scale.stride(0), w_scale.stride(1), s_c[0], s_c[1], s_cs,
         A_FP8=a_fp8, A_FNUZ=a_fnuz, W_FMT=w_fmt, W_FNUZ=w_fnuz, HW=hw, DOT_DT=dot_dt, IEEE=ieee,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=QBLOCK, GROUP_M=cfg["group_m"], EVEN_K=K % QBLOCK == 0,
-        **pdl_args(out_view.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PREFETCH=PREFETCH_W and M <= 64, **pdl_args(out_view.device), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     if split > 1:
         blk = 1024
         _splitk_reduce_kernel[(triton.cdiv(numel, blk),)](target, out_view, numel, split, BLOCK=blk,

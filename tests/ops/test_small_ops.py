@@ -157,6 +157,28 @@ def test_apply_rope_bf16(fn):
     torch.testing.assert_close(y.double(), naive_rope(x, pos.tolist(), ROPE_FREQ), atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("fn", provider_params("norm_rope"))
+@pytest.mark.parametrize("shape,weighted", [((5, 3, 24), False), ((4, 40), True), ((2, 2, 128), True)])
+def test_norm_rope_vs_naive(fn, shape, weighted):
+    """norm_rope without the FP8 step = the naive RMS norm, then the naive rotation of its result (float32
+    here: the oracles' float64 within float32 roundings); with fp8_width the first channels are FP8 grid
+    values times a power of two per 64 (at most 8 distinct magnitudes per binade), the rest as without it."""
+    g = gen(6)
+    x = torch.randn(*shape, generator=g)
+    w = (1 + 0.2 * torch.randn(shape[-1], generator=g)) if weighted else None
+    pos = torch.tensor([0, 5, 77, 4095, 12][: shape[0]])
+    y = fn(x, w, 1e-6, pos, ROPE_FREQ)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    want = naive_rope(naive_rms_norm(x, w, 1e-6).float(), pos.tolist(), ROPE_FREQ)
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+    if shape[-1] >= 128:
+        y8 = fn(x, w, 1e-6, pos, ROPE_FREQ, 64)
+        torch.testing.assert_close(y8[..., 64:], y[..., 64:], atol=0, rtol=0)
+        blk = y8[..., :64].double()
+        torch.testing.assert_close(blk, y[..., :64].double(), atol=0, rtol=2 ** -3)  # e4m3: 3 mantissa bits
+        assert not torch.equal(y8[..., :64], y[..., :64])  # the round trip happened
+
+
 # ============================================================================= mHC
 
 

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
                                         interpreting, pdl_args, pdl_start, register)
+from dsv4.kernels.triton.norm import cast_out
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.numerics.hadamard import hadamard_transform
 from dsv4.ops.quant import fp4_roundtrip as fp4_roundtrip_op
@@ -129,6 +130,14 @@ def _fp8_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, W, BLOCK: tl.constexpr, 
     # DEC_FNUZ is FNUZ except in the test that proves the dialect flag matters (bytes read in the other
     # dialect are off by exactly 2x).
     v, yo, mask = _rt_tile(x_ptr, NBT, NB, K, sx, BLOCK, BLOCK_P, G)
+    r = _fp8_rt_rows(v, FNUZ, DEC_FNUZ)
+    r = tl.where((yo % K) < W, r, v)  # channels from W on (whole blocks) are copied as they are
+    tl.store(y_ptr + yo, r.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_rt_rows(v, FNUZ: tl.constexpr, DEC_FNUZ: tl.constexpr):
+    """FP8 round trip of each row of the fp32 tile v [rows, block] (one power-of-two scale per row)."""
     amax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-4)
     e = fp8_block_exponent(amax, FNUZ)  # in [-22, 121] for amax in [1e-4, 3.4e38]: 2^+-e exact normals
     qmax = fp8_quant_max(FNUZ)
@@ -136,8 +145,7 @@ def _fp8_roundtrip_kernel(x_ptr, y_ptr, NBT, NB, K, sx, W, BLOCK: tl.constexpr, 
     r = fp8_decode(fp8_encode(y, FNUZ), DEC_FNUZ) * fp8_pow2(e)[:, None]
     if not FNUZ:  # OCP keeps the sign of a value rounding to zero (0x80 = -0.0); FNUZ has no -0
         r = _or_sign(r, v)
-    r = tl.where((yo % K) < W, r, v)  # channels from W on (whole blocks) are copied as they are
-    tl.store(y_ptr + yo, r.to(y_ptr.dtype.element_ty), mask=mask)
+    return r
 
 
 @triton.jit
@@ -185,12 +193,7 @@ def _hadamard_fp4_kernel(x_ptr, y_ptr, R, sx, scale, N: tl.constexpr, LOG_N: tl.
     r64 = tl.where(ok, r, 0).to(tl.int64)
     c = tl.arange(0, N)
     v = tl.load(x_ptr + r64[:, None] * sx + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    h = _hadamard_rows(v, G, N, LOG_N) * scale
-    if RNE_BITS:
-        b = h.to(tl.uint32, bitcast=True)
-        h = (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-    else:
-        h = h.to(y_ptr.dtype.element_ty).to(tl.float32)
+    h = cast_out(_hadamard_rows(v, G, N, LOG_N) * scale, y_ptr, RNE_BITS).to(tl.float32)
     q = tl.reshape(_fp4_rt_rows(tl.reshape(h, [G * (N // 32), 32]), AMAX_FLOOR), [G, N])
     tl.store(y_ptr + r64[:, None] * N + c[None, :], q.to(y_ptr.dtype.element_ty), mask=ok[:, None])
 

@@ -10,10 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
-                                        pdl_args, pdl_start, register)
+from dsv4.kernels.triton.common import pdl_args, pdl_start, register
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out, rms_norm_triton
-from dsv4.kernels.triton.quant import _or_sign, fp8_roundtrip_triton
+from dsv4.kernels.triton.quant import _fp8_rt_rows, fp8_roundtrip_triton
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.quant import check_width
 from dsv4.ops.rope import apply_rope as apply_rope_op
@@ -131,13 +130,7 @@ def _norm_rope_kernel(x_ptr, w_ptr, pos_ptr, freq_ptr, y_ptr, H, D, HALF, W, sx_
     ro = _round(ye * s + yo * c, y_ptr, RNE_BITS)
     y = tl.reshape(tl.join(tl.where(rot[None, :], re, ye), tl.where(rot[None, :], ro, yo)), [BLOCK_H, BLOCK_D])
     if FP8:
-        v = tl.reshape(y, [BLOCK_H * (BLOCK_D // 64), 64])
-        e = fp8_block_exponent(tl.maximum(tl.max(tl.abs(v), axis=1), 1e-4), FNUZ)
-        qmax = fp8_quant_max(FNUZ)
-        q = tl.minimum(tl.maximum(v * fp8_pow2(-e)[:, None], -qmax), qmax)
-        r = fp8_decode(fp8_encode(q, FNUZ), FNUZ) * fp8_pow2(e)[:, None]
-        if not FNUZ:  # OCP keeps the sign of a value rounding to zero, as the round-trip kernel
-            r = _or_sign(r, v)
+        r = _fp8_rt_rows(tl.reshape(y, [BLOCK_H * (BLOCK_D // 64), 64]), FNUZ, FNUZ)
         y = tl.where((d < W)[None, :], tl.reshape(r, [BLOCK_H, BLOCK_D]), y)
     tl.store(y_ptr + t64 * sy_t + h64[:, None] * sy_h + d[None, :], cast_out(y, y_ptr, RNE_BITS), mask=m)
 

@@ -184,6 +184,36 @@ def test_forced_tiles_and_split_k(bm, bn, split, act_quant):
     close_rel(y, exact_fp32(x, w, s, act_quant), 1e-5)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["linear", "grouped"])
+def test_last_program_split_k_reduction(monkeypatch, grouped):
+    """The last-program split-K reduction (no reduce launch) equals the reduce kernel's result bit for bit, on
+    repeated calls (each leaves its tile counters at zero for the next call or graph replay)."""
+    M, N, K, G = 3, 200, 640, 2
+    w, s = fp8_weight(N * G if grouped else N, K, seed=21)
+    x = acts(M * G if grouped else M, K, seed=22)
+    if grouped:
+        x = x.view(M, G, K)
+
+        def run():
+            return kg.grouped_linear_impl(x, w, s, block_m=16, block_n=32, split_k=5)
+    else:
+        def run():
+            return kg.linear_impl(x, w, s, True, block_m=16, block_n=32, split_k=5)
+    monkeypatch.setattr(kg, "LAST_REDUCE", False)
+    want = run()
+    monkeypatch.setattr(kg, "LAST_REDUCE", True)
+    launched = []
+    real = kg._splitk_reduce_kernel
+    monkeypatch.setattr(kg, "_splitk_reduce_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
+    for _ in range(3):
+        got = run()
+        assert torch.equal(got, want)
+    assert not launched, "the reduce kernel still ran"
+    cnt = kg._COUNTERS[("cpu", None)]
+    assert int(cnt.abs().sum()) == 0, "tile counters not reset"
+
+
 def test_tile_regimes_at_flash_shapes():
     """Decode: one M tile and split-K so ~2 programs per SM; prefill: 128 x 128 tiles, no split."""
     from benchmarks.kernel_cases.gemm import FLASH_LINEARS
@@ -441,3 +471,34 @@ def test_scaled_mm_hands_decode_sizes_to_triton():
     for m in (1, 4, ksm.TRITON_MAX_M):
         assert "faster at decode sizes" in ksm.delegate_reason(CudaLike(m), w, s, True)
     assert ksm.delegate_reason(CudaLike(ksm.TRITON_MAX_M + 1), w, s, True) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 16, 64])
+def test_gpu_last_program_reduction_and_prefetch(monkeypatch, M):
+    """Compiled, at Flash linear shapes: the last-program split-K reduction (real concurrency among the tile's
+    programs) and the decode-regime first-tile prefetch give the bits of the reduce-kernel, no-prefetch path,
+    eagerly and in CUDA-graph replays; against the fp32 product of the exactly dequantised operands as well."""
+    from benchmarks.kernel_cases.gemm import FLASH_LINEARS
+
+    for name, N, K in FLASH_LINEARS:
+        w, s = fp8_weight(N, K, seed=N + K)
+        w, s = w.cuda(), s.cuda()
+        x = acts(M, K, seed=M).to(torch.bfloat16).cuda()
+        monkeypatch.setattr(kg, "LAST_REDUCE", False)
+        monkeypatch.setattr(kg, "PREFETCH_W", False)
+        want = kg.linear_impl(x, w, s, True)
+        monkeypatch.setattr(kg, "LAST_REDUCE", True)
+        monkeypatch.setattr(kg, "PREFETCH_W", True)
+        for _ in range(3):
+            assert torch.equal(kg.linear_impl(x, w, s, True), want), name
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = kg.linear_impl(x, w, s, True)
+        for _ in range(3):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, want), name
+        ref = exact_fp32(x.float(), w, s, True)
+        assert (want.float() - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-3, name

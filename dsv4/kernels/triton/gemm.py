@@ -48,6 +48,8 @@ from dsv4.ops.linear import weight_format
 
 QBLOCK = 128  # FP8 weight / activation scale block along K (and along N for weights)
 PREFETCH_W = True  # decode (M <= 64): first weight tile loaded before the PDL wait (_gemm_kernel); knob for A/Bs
+LAST_REDUCE = True  # split-K partials summed by the last program of each tile (no reduce launch); knob for A/Bs
+COUNTER_SLOTS = 16384  # per-device int32 tile counters for LAST_REDUCE (allocated once, never grown)
 
 # ----------------------------------------------------------------------------- platform facts (cached)
 # FP8 tensor-core types by platform: 1 = OCP e4m3fn (tl.float8e4nv), 2 = fnuz (tl.float8e4b8), 0 = none.
@@ -93,8 +95,9 @@ def _e2m1_decode(c):
 # K tile it reads A [BLOCK_M, 128] (x's dtype, or FP8 bytes + BLOCK_M scale bytes), W [128, BLOCK_N]
 # bytes (K contiguous: the "K-major" B operand wgmma / MFMA want) + BLOCK_N scale bytes, does one dot and
 # one scaled fp32 accumulate. SPLIT == 1 stores the tile in the output dtype; SPLIT > 1 stores fp32
-# partials to a workspace [SPLIT, M, G, R] that `_splitk_reduce_kernel` sums in a fixed order
-# (deterministic: the fnuz == OCP equalities hold bit for bit on the GPU too). Every weight byte is read
+# partials to a workspace [SPLIT, M, G, R], summed in split order 0..SPLIT-1 (deterministic: the fnuz == OCP
+# equalities hold bit for bit on the GPU too) by the last of the tile's programs to finish (LAST_REDUCE: an
+# atomic counter per tile, no extra launch) or else by `_splitk_reduce_kernel`. Every weight byte is read
 # from HBM once per M tile; the decode regime uses one M tile, so HBM traffic is the weight bytes (the
 # floor at small M), and split-K / narrow N tiles give >= ~2 programs per SM so the loads saturate HBM.
 # The prefill regime (128 x 128 tiles, 8 warps) is bound by the tensor cores: FP8 x FP8 for the official
@@ -170,13 +173,14 @@ def _a_tile_dot(acc, a_row, sa_ptr, rm, m_ok, kt, K, s_sam, w, sw, A_FP8: tl.con
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, c_ptr,
-                 M, R, K, num_pid_m, num_pid_n, KT_PER_SPLIT,
+def _gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, c_ptr, out_ptr, cnt_ptr,
+                 M, R, K, num_pid_m, num_pid_n, KT_PER_SPLIT, S,
                  s_am, s_ag, s_sam, s_wn, s_swn, s_swk, s_cm, s_cg, s_cs,
                  A_FP8: tl.constexpr, A_FNUZ: tl.constexpr, W_FMT: tl.constexpr, W_FNUZ: tl.constexpr,
                  HW: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+                 EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False, LAST_REDUCE: tl.constexpr = False,
+                 PDL: tl.constexpr = False):
     # PREFETCH (decode): the first K tile's weights are loaded before waiting for the previous kernel (PDL): the
     # weights are constants, so their stream starts while the kernel producing the activations still runs.
     if not PREFETCH:
@@ -219,8 +223,24 @@ def _gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, c_ptr,
         acc = _a_tile_dot(acc, a_row, sa_ptr, rm, m_ok, kt, K, s_sam, w, sw, A_FP8, A_FNUZ, W_FMT, HW, DOT_DT,
                           IEEE, BLOCK_K, EVEN_K)
 
-    c = c_ptr + pid_k.to(tl.int64) * s_cs + g * s_cg + rm.to(tl.int64)[:, None] * s_cm + rn[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    off = g * s_cg + rm.to(tl.int64)[:, None] * s_cm + rn[None, :]
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(c_ptr + pid_k.to(tl.int64) * s_cs + off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    if LAST_REDUCE:
+        # c_ptr is the fp32 workspace [S, ...]: the last of this tile's S programs to finish sums the partials in
+        # split order 0..S-1 (the order of _splitk_reduce_kernel: the same bits), writes the output and resets the
+        # tile's counter to 0 for the next call / graph replay.
+        tl.debug_barrier()  # every thread's partial is stored before the program counts itself done
+        tile = g * (num_pid_m * num_pid_n) + pid
+        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if done == S - 1:
+            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            p = c_ptr + off
+            for _ in range(0, S):
+                tot += tl.load(p, mask=c_mask, other=0.0, cache_modifier=".cg")
+                p += s_cs
+            tl.store(out_ptr + off, tot.to(out_ptr.dtype.element_ty), mask=c_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 # Split-K reduction: grid = cdiv(numel, BLOCK); each program sums its BLOCK outputs over the S fp32
@@ -334,6 +354,8 @@ def _run_gemm(a, sa, weight, w_scale, out_view, M, R, K, G, *, a_fp8: bool, a_fn
     split = triton.cdiv(nkt, kt_per)  # no empty splits
     num_pid_m, num_pid_n = triton.cdiv(M, bm), triton.cdiv(R, bn)
     numel = out_view.numel()
+    tiles = num_pid_m * num_pid_n * G
+    cnt = _counters(out_view.device) if (split > 1 and LAST_REDUCE and tiles <= COUNTER_SLOTS) else None
     if split > 1:
         target = torch.empty((split, numel), dtype=torch.float32, device=out_view.device)
         s_cs = numel
@@ -343,16 +365,37 @@ def _run_gemm(a, sa, weight, w_scale, out_view, M, R, K, G, *, a_fp8: bool, a_fn
     s_sam = sa.stride(0) if sa is not None else 0
     grid = (num_pid_m * num_pid_n, split, G)
     _gemm_kernel[grid](
-        a, sa_arg, weight, w_scale, target, M, R, K, num_pid_m, num_pid_n, kt_per,
+        a, sa_arg, weight, w_scale, target, out_view, cnt if cnt is not None else target,
+        M, R, K, num_pid_m, num_pid_n, kt_per, split,
         s_a[0], s_a[1], s_sam, weight.stride(0), w_scale.stride(0), w_scale.stride(1), s_c[0], s_c[1], s_cs,
         A_FP8=a_fp8, A_FNUZ=a_fnuz, W_FMT=w_fmt, W_FNUZ=w_fnuz, HW=hw, DOT_DT=dot_dt, IEEE=ieee,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=QBLOCK, GROUP_M=cfg["group_m"], EVEN_K=K % QBLOCK == 0,
-        PREFETCH=PREFETCH_W and M <= 64, **pdl_args(out_view.device), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    if split > 1:
+        PREFETCH=PREFETCH_W and M <= 64, LAST_REDUCE=cnt is not None, **pdl_args(out_view.device),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1 and cnt is None:
         blk = 1024
         _splitk_reduce_kernel[(triton.cdiv(numel, blk),)](target, out_view, numel, split, BLOCK=blk,
                                                           **pdl_args(out_view.device), num_warps=4)
+
+
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The device's zeroed int32 tile counters for the last-program split-K reduction (each use leaves them zero
+    again), or None while a CUDA graph is being captured before they exist (the caller then launches the reduce
+    kernel): the buffer must not come from a graph's private pool. Allocated once per device and never grown, so
+    captured graphs keep a valid pointer. Calls on one device must not run concurrently on two streams (the engine
+    runs its forward on one)."""
+    key = (device.type, device.index if device.index is not None or device.type != "cuda"
+           else torch.cuda.current_device())
+    c = _COUNTERS.get(key)
+    if c is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        c = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+        _COUNTERS[key] = c
+    return c
 
 
 def _check_weight(weight: torch.Tensor, scale, N: int, K: int, fmt: str, what: str) -> torch.Tensor:

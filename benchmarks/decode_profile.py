@@ -49,6 +49,9 @@ def main() -> None:
                     "decode step time at each (model only), instead of the profile")
     ap.add_argument("--no-pdl", action="store_true", help="launch the Triton kernels without programmatic dependent "
                     "launch (kernels/triton/common.py PDL), for an A/B")
+    ap.add_argument("--variants", default="", help="with --graph-sweep: ';'-separated knob sets, each ','-separated "
+                    "module.NAME=value under dsv4.kernels.triton (e.g. 'default;common.PDL=0;gemm.LAST_REDUCE=0'): one "
+                    "graph per variant, each on its own cache, replays interleaved step by step (drift hits all alike)")
     a = ap.parse_args()
     if a.no_pdl:
         from dsv4.kernels.triton import common
@@ -57,7 +60,7 @@ def main() -> None:
     if a.engine:
         return engine_profile(a)
     if a.graph_sweep:
-        return graph_sweep(a)
+        return variant_sweep(a) if a.variants else graph_sweep(a)
 
     from dsv4.cache.direct import DirectCache
     from dsv4.model import build_model
@@ -129,6 +132,98 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def parse_variants(spec: str) -> list[tuple[str, list[tuple[object, str, object]]]]:
+    """'default;common.PDL=0,gemm.LAST_REDUCE=0' -> [(name, [(module, attr, value), ...]), ...] (values typed as
+    the knob's current value)."""
+    import importlib
+
+    out = []
+    for name in [v.strip() for v in spec.split(";") if v.strip()]:
+        sets = []
+        for item in ([] if name == "default" else name.split(",")):
+            key, val = item.split("=", 1)
+            mod_name, attr = key.rsplit(".", 1)
+            mod = importlib.import_module(f"dsv4.kernels.triton.{mod_name}")
+            cur = getattr(mod, attr)  # AttributeError names a knob that does not exist
+            typed = bool(int(val)) if isinstance(cur, bool) else type(cur)(val)
+            sets.append((mod, attr, typed))
+        out.append((name, sets))
+    return out
+
+
+class knobs:
+    """Context manager: set the knobs of one variant, restore them after."""
+
+    def __init__(self, sets):
+        self.sets, self.old = sets, []
+
+    def __enter__(self):
+        self.old = [(m, k, getattr(m, k)) for m, k, _ in self.sets]
+        for m, k, v in self.sets:
+            setattr(m, k, v)
+
+    def __exit__(self, *exc):
+        for m, k, v in self.old:
+            setattr(m, k, v)
+
+
+def variant_sweep(a) -> None:
+    """Per batch size B and per knob variant: its own cache prefilled alike and its own captured decode graph; the
+    variants' replays are interleaved step by step and each step's logits checked against one eager step."""
+    from dsv4.cache.direct import DirectCache
+    from dsv4.engine.cuda_graphs import DecodeGraphs
+    from dsv4.model import build_model
+    from dsv4.ops.registry import parse_overrides
+
+    variants = parse_variants(a.variants)
+    lm = build_model("deepseek-v4-flash", device="cuda", dtype="bfloat16", numerics=a.numerics, load_format="dummy",
+                     num_layers=a.layers, op_overrides=parse_overrides(a.op))
+    out = {"layers": a.layers, "ctx": a.ctx, "numerics": a.numerics, "kv_fp8": a.kv_fp8, "variants": a.variants,
+           "device": torch.cuda.get_device_name(), "rows": []}
+    g = torch.Generator().manual_seed(0)
+    for B in [int(x) for x in a.graph_sweep.split(",")]:
+        L, n_steps = a.ctx, a.steps
+        caches = [DirectCache(lm.cfg, B + 1, L + 4 * n_steps + 8, "cuda", torch.bfloat16, kv_fp8=a.kv_fp8)
+                  for _ in range(len(variants) + 1)]  # [0]: eager
+        slots = [[c.add() for _ in range(B)] for c in caches][0]
+        for i in range(0, B, 8):
+            grp = slots[i:i + 8]
+            ids = torch.randint(0, lm.cfg.vocab_size, (L * len(grp),), generator=g).cuda()
+            for c in caches:
+                lm.model(ids, c.meta(grp, [0] * len(grp), [L] * len(grp)), c.cache)
+        graphs = [DecodeGraphs(lm.model, c.cache, B, max_batch=B, batch_buckets=(B,), min_context=1024)
+                  for c in caches[1:]]
+        pos = L
+        times = [[] for _ in variants]
+        worst = [0.0 for _ in variants]
+        for k in range(n_steps + 2):
+            ids = torch.randint(0, lm.cfg.vocab_size, (B,), generator=g)
+            want = lm.model.logits(lm.model(ids.cuda(), caches[0].meta(slots, [pos] * B, [1] * B), caches[0].cache))
+            for v, ((_, sets), gr) in enumerate(zip(variants, graphs)):
+                with knobs(sets):  # knobs are read while the first steps compile and capture
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    got = gr.run(ids, slots, [pos] * B)
+                    torch.cuda.synchronize()
+                    dt = (time.perf_counter() - t) * 1e3
+                if k >= 2:
+                    times[v].append(dt)
+                worst[v] = max(worst[v], (got.float() - want.float()).abs().max().item())
+            pos += 1
+        for v, (name, _) in enumerate(variants):
+            ts = sorted(times[v])
+            row = {"batch": B, "variant": name, "graph_ms": ts[len(ts) // 2], "graph_ms_min": ts[0],
+                   "graph_ms_per_layer": ts[len(ts) // 2] / a.layers, "max_abs_logit_diff": worst[v],
+                   "steps": len(ts)}
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        del caches, graphs
+        torch.cuda.empty_cache()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 def graph_sweep(a) -> None:

@@ -36,12 +36,13 @@ class Block(nn.Module):
 
     def forward(self, X, input_ids, meta: ForwardMeta, lc):
         c = self.cfg
-        u, post, comb = self._pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.rms_norm_eps,
-                                  c.hc_eps, c.hc_sinkhorn_iters)
-        X = self._post(self.attn(self.attn_norm(u), meta, lc, meta.block_table), X, post, comb)
-        u, post, comb = self._pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.rms_norm_eps,
-                                  c.hc_eps, c.hc_sinkhorn_iters)
-        return self._post(self.ffn(self.ffn_norm(u), input_ids, meta.ep_tokens), X, post, comb)
+        # hc_pre hands out u through the norm that follows it (attn_norm / ffn_norm): one pass for both
+        h, post, comb = self._pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.rms_norm_eps,
+                                  c.hc_eps, c.hc_sinkhorn_iters, norm=self.attn_norm.params())
+        X = self._post(self.attn(h, meta, lc, meta.block_table), X, post, comb)
+        h, post, comb = self._pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.rms_norm_eps,
+                                  c.hc_eps, c.hc_sinkhorn_iters, norm=self.ffn_norm.params())
+        return self._post(self.ffn(h, input_ids, meta.ep_tokens), X, post, comb)
 
 
 class MTPBlock(Block):
@@ -94,8 +95,8 @@ class Transformer(nn.Module):
 
     def logits(self, X: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        h = self._hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.rms_norm_eps, c.hc_eps)
-        h = self.norm(h)
+        h = self._hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.rms_norm_eps, c.hc_eps,
+                          norm=self.norm.params())
         return self.opts.ops.lm_head(h, self.head.weight)
 
     def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, meta: ForwardMeta, cache,
@@ -114,8 +115,8 @@ class Transformer(nn.Module):
 
     def _mtp_hidden(self, X: torch.Tensor, k: int) -> torch.Tensor:
         blk, c = self.mtp[k], self.cfg
-        h = self._hc_head(X, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, c.rms_norm_eps, c.hc_eps)
-        return blk.norm(h)
+        return self._hc_head(X, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, c.rms_norm_eps, c.hc_eps,
+                             norm=blk.norm.params())
 
     def mtp_logits(self, X: torch.Tensor, k: int = 0) -> torch.Tensor:
         """float32 logits [T, V] of MTP block k's output streams X: its own hc_head and norm, the shared head."""

@@ -60,6 +60,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x, self.weight, self.eps)
 
+    def params(self) -> tuple[torch.Tensor, float]:
+        """(weight, eps): for an op that applies this norm to its own output (hc_pre / hc_head's `norm`)."""
+        return self.weight, self.eps
+
 
 class LinearGroup:
     """Linears that read the same input, run as one GEMM once fused (fewer launches, one activation

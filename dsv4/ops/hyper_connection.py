@@ -9,10 +9,15 @@ hc_pre(X, fn, scale, base, rms_eps, hc_eps, iters) -> (u, post, comb)
     u = sum_j pre_j X_j (float32, cast to X's dtype). u: [T, D]; post: [T, n]; comb: [T, n, n] float32.
 hc_post(f, X, post, comb) -> X'[T, n, D]: X'_k = post_k f + sum_j comb[j, k] X_j, float32 then X's dtype.
 hc_head(X, fn, scale, base, rms_eps, hc_eps) -> h[T, D]: pre-weights only (fn: [n, nD], scale: [1]).
+
+hc_pre and hc_head take `norm=(weight, eps)` (default None): u / h then comes out through the RMSNorm that follows
+it in the model (attn_norm, ffn_norm, the final norm), i.e. rms_norm(u, weight, eps) of u in X's dtype, so a provider
+can do both in one pass.
 """
 
 import torch
 
+from dsv4.ops.norm import rms_norm_reference
 from dsv4.ops.registry import define_op
 
 
@@ -22,7 +27,7 @@ def _mix(X, fn, rms_eps):
     return (xf * rho) @ fn.float().t()
 
 
-def hc_pre_reference(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int):
+def hc_pre_reference(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int, norm=None):
     n = X.shape[1]
     mu = _mix(X, fn, rms_eps)
     scale, base = scale.float(), base.float()
@@ -35,6 +40,8 @@ def hc_pre_reference(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: i
         comb = comb / (comb.sum(dim=-1, keepdim=True) + hc_eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
     u = (pre.unsqueeze(-1) * X.float()).sum(dim=1).to(X.dtype)
+    if norm is not None:
+        u = rms_norm_reference(u, norm[0], norm[1])
     return u, post, comb
 
 
@@ -43,10 +50,11 @@ def hc_post_reference(f, X, post, comb):
     return out.to(X.dtype)
 
 
-def hc_head_reference(X, fn, scale, base, rms_eps: float, hc_eps: float):
+def hc_head_reference(X, fn, scale, base, rms_eps: float, hc_eps: float, norm=None):
     mu = _mix(X, fn, rms_eps)
     pre = torch.sigmoid(mu * scale.float() + base.float()) + hc_eps
-    return (pre.unsqueeze(-1) * X.float()).sum(dim=1).to(X.dtype)
+    h = (pre.unsqueeze(-1) * X.float()).sum(dim=1).to(X.dtype)
+    return h if norm is None else rms_norm_reference(h, norm[0], norm[1])
 
 
 hc_pre = define_op("hc_pre", hc_pre_reference)

@@ -313,6 +313,32 @@ def test_hc_head(fn_op, hc_eps):
     torch.testing.assert_close(got16.double(), want, atol=3e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("fn_op", provider_params("hc_pre"))
+def test_hc_pre_norm_out(fn_op):
+    """`norm=(w, eps)`: u comes out through the RMSNorm that follows it (of u in X's dtype), post / comb as without
+    it; a provider that skips the weight or normalises the float32 u before its rounding fails."""
+    X, fn, scale, base = hc_inputs(11, logit_scale=2.0)
+    X = X.bfloat16()
+    w = 0.5 + torch.rand(8, generator=gen(12))
+    u0, post0, comb0 = fn_op(X, fn, scale, base, 1e-6, 0.05, 20)
+    u, post, comb = fn_op(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5))
+    assert u.shape == u0.shape and u.dtype == torch.bfloat16
+    torch.testing.assert_close(post, post0, atol=0, rtol=0)
+    torch.testing.assert_close(comb, comb0, atol=0, rtol=0)
+    torch.testing.assert_close(u.double(), naive_rms_norm(u0, w, 1e-5), atol=1e-2, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("fn_op", provider_params("hc_head"))
+def test_hc_head_norm_out(fn_op):
+    X, fn, scale, base = hc_inputs(13, logit_scale=2.0)
+    X, fn, scale, base = X.bfloat16(), fn[:4], scale[:1], base[:4]
+    w = 0.5 + torch.rand(8, generator=gen(14))
+    h0 = fn_op(X, fn, scale, base, 1e-6, 0.05)
+    h = fn_op(X, fn, scale, base, 1e-6, 0.05, norm=(w, 1e-5))
+    assert h.shape == h0.shape and h.dtype == torch.bfloat16
+    torch.testing.assert_close(h.double(), naive_rms_norm(h0, w, 1e-5), atol=1e-2, rtol=2 ** -7)
+
+
 # ============================================================================= formats (naive decoders)
 
 

@@ -188,6 +188,37 @@ def test_hc_head(T, n, D, hc_eps, dtype):
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=2 ** -7)
 
 
+@pytest.mark.parametrize("T,n,D", [(1, 4, 8), (6, 4, 300), (3, 4, 4096), (2, 3, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head", [False, True], ids=["pre", "head"])
+def test_hc_norm_fused_equals_finish_then_rms_norm(T, n, D, dtype, head, monkeypatch):
+    """The finish kernel with the following RMSNorm fused (one program per token holds the whole row) against the
+    finish kernel, then the Triton rms_norm: ragged D (300), one token, n = 3, both dtypes; and the fallback for a
+    D wider than MAX_NORM_D (two launches) against the same. post / comb unchanged bit for bit."""
+    X, fn, scale, base = hc_inputs(15, T, n, D, dtype=dtype, logit_scale=1.5, head=head)
+    w = 0.5 + torch.rand(D, generator=gen(16))
+    if head:
+        plain = khc.hc_head_triton(X, fn, scale, base, 1e-6, 0.05)
+        got = khc.hc_head_triton(X, fn, scale, base, 1e-6, 0.05, norm=(w, 1e-5))
+    else:
+        plain, post0, comb0 = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20)
+        got, post, comb = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5))
+        assert torch.equal(post, post0) and torch.equal(comb, comb0)
+    want = knorm.rms_norm_triton(plain, w, 1e-5)
+    assert got.dtype == dtype and got.shape == (T, D)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # the same bf16 u; the sum of squares may be reduced in another order: one bf16 ulp at most
+        assert (got == want).float().mean() > 0.98
+        torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2 ** -7)
+    monkeypatch.setattr(khc, "MAX_NORM_D", 4)  # every D here: the unfused fallback
+    if head:
+        again = khc.hc_head_triton(X, fn, scale, base, 1e-6, 0.05, norm=(w, 1e-5))
+    else:
+        again = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5))[0]
+    assert torch.equal(again, want)
+
+
 @pytest.mark.parametrize("T,n,D", [(1, 4, 8), (5, 4, 1500), (9, 2, 40), (3, 4, 4096), (2, 3, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hc_post(T, n, D, dtype):

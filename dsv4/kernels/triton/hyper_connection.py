@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import interpreting, pdl_args, pdl_start, register, sm_count
-from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
+from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out, rms_norm_triton
 from dsv4.ops.hyper_connection import hc_head as hc_head_op
 from dsv4.ops.hyper_connection import hc_post as hc_post_op
 from dsv4.ops.hyper_connection import hc_pre as hc_pre_op
@@ -89,9 +89,10 @@ def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_split, sx_t, s
 
 @triton.jit
 def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
-                      T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t,
+                      T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps,
                       N: tl.constexpr, NP: tl.constexpr, NC: tl.constexpr, SPLIT_P: tl.constexpr, HEAD: tl.constexpr,
-                      BD: tl.constexpr, RNE_BITS: tl.constexpr, PDL: tl.constexpr = False):
+                      BD: tl.constexpr, RNE_BITS: tl.constexpr, NORM: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
     pdl_start(PDL)
     t = tl.program_id(0)
     pd = tl.program_id(1)
@@ -138,7 +139,14 @@ def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_
     for j in tl.static_range(N):
         pj = tl.sum(tl.where(jj == j, pre, 0.0), axis=0)
         u += pj * tl.load(xrow + j * sx_j + d, mask=dm, other=0.0).to(tl.float32)
-    tl.store(u_ptr + t64 * su_t + d, cast_out(u, u_ptr, RNE_BITS), mask=dm)
+    if NORM:  # the RMSNorm after hc_pre / hc_head (BD covers D: one program per token): of u rounded to X's dtype
+        ur = cast_out(u, u_ptr, RNE_BITS).to(tl.float32)
+        ur = tl.where(dm, ur, 0.0)
+        y = ur * tl.rsqrt(tl.sum(ur * ur, axis=0) / D + norm_eps)
+        y = y * tl.load(nw_ptr + d, mask=dm, other=0.0).to(tl.float32)
+        tl.store(u_ptr + t64 * su_t + d, cast_out(y, u_ptr, RNE_BITS), mask=dm)
+    else:
+        tl.store(u_ptr + t64 * su_t + d, cast_out(u, u_ptr, RNE_BITS), mask=dm)
 
 
 # ----------------------------------------------------------------------------- hc_post
@@ -187,9 +195,10 @@ MIN_K_SPLIT = 512  # K columns per split at least (8 BK steps)
 BD_FINISH = 1024
 FINISH_WARPS = 4
 BD_POST = 1024
+MAX_NORM_D = 8192  # widest D whose norm is fused into the finish kernel (one program per token holds the row)
 
 
-def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool):
+def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm=None):
     T, n, D = X.shape
     K = n * D
     nout = fn.shape[0]
@@ -217,27 +226,38 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool):
     split_bf16 = X.dtype == torch.bfloat16 and not interpreting()
     _hc_mix_kernel[(n_tb, split)](X, fn, part, sq, T, K, nout, k_split, X.stride(0), fn.stride(0),
                                   BLOCK_T=block_t, BK=BK, NC=nc, SPLIT_BF16=split_bf16, **pdl_args(dev), num_warps=4)
-    bd = min(BD_FINISH, triton.next_power_of_2(D))
+    fuse_norm = norm is not None and triton.next_power_of_2(D) <= MAX_NORM_D
+    bd = triton.next_power_of_2(D) if fuse_norm else min(BD_FINISH, triton.next_power_of_2(D))
+    nw = _norm_weight(norm[0], D) if fuse_norm else scale
     _hc_finish_kernel[(T, triton.cdiv(D, bd))](
         X, part, sq, scale, base, u, post, comb, T, D, K, split, float(rms_eps), float(hc_eps), int(iters),
-        X.stride(0), X.stride(1), u.stride(0), N=n, NP=triton.next_power_of_2(n), NC=nc,
-        SPLIT_P=triton.next_power_of_2(split), HEAD=head, BD=bd,
-        RNE_BITS=bf16_rne_bits(X.dtype), **pdl_args(dev), num_warps=FINISH_WARPS)
+        X.stride(0), X.stride(1), u.stride(0), nw, float(norm[1]) if fuse_norm else 0.0, N=n,
+        NP=triton.next_power_of_2(n), NC=nc, SPLIT_P=triton.next_power_of_2(split), HEAD=head, BD=bd,
+        RNE_BITS=bf16_rne_bits(X.dtype), NORM=fuse_norm, **pdl_args(dev),
+        num_warps=max(FINISH_WARPS, bd // 1024) if fuse_norm else FINISH_WARPS)
+    if norm is not None and not fuse_norm:
+        u = rms_norm_triton(u, norm[0], norm[1])
     return u, post, comb
 
 
-def hc_pre_triton(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int):
+def _norm_weight(w, D: int) -> torch.Tensor:
+    if w is None or w.shape != (D,):
+        raise ValueError(f"hc norm: weight of shape {None if w is None else tuple(w.shape)}, expected ({D},)")
+    return _lastdim_contig(w)
+
+
+def hc_pre_triton(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int, norm=None):
     n = X.shape[1]
     if fn.shape[0] != (2 + n) * n:
         raise ValueError(f"hc_pre: fn has {fn.shape[0]} rows, expected (2 + n) n = {(2 + n) * n}")
-    return _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head=False)
+    return _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head=False, norm=norm)
 
 
-def hc_head_triton(X, fn, scale, base, rms_eps: float, hc_eps: float):
+def hc_head_triton(X, fn, scale, base, rms_eps: float, hc_eps: float, norm=None):
     n = X.shape[1]
     if fn.shape[0] != n:
         raise ValueError(f"hc_head: fn has {fn.shape[0]} rows, expected n = {n}")
-    return _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, 1, head=True)[0]
+    return _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, 1, head=True, norm=norm)[0]
 
 
 def hc_post_triton(f, X, post, comb):

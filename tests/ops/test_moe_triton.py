@@ -177,9 +177,20 @@ DISPATCH_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(DISPATCH_CASES))
-def test_dispatch(case):
+@pytest.mark.parametrize("path", ["default", "three_launch", "one_program"])
+def test_dispatch(case, path, monkeypatch):
+    """Every case through the default choice, the three-launch path and the one-program path (N <= 256 only:
+    its [N, N] comparison)."""
     mk, emap, bm = DISPATCH_CASES[case]
     ids = mk()
+    from dsv4.kernels.triton import moe_dispatch as kd
+
+    if path == "three_launch":
+        monkeypatch.setattr(kd, "SMALL_N", 0)
+    elif path == "one_program":
+        if ids.numel() > 256:
+            pytest.skip("the one-program dispatch is for few pairs")
+        monkeypatch.setattr(kd, "SMALL_N", 256)
     ref = dispatch_reference(ids, emap, bm)
     check_dispatch_invariants(*ref, ids, emap, bm)
     slots, bexp, nvb, counts, ok = km.moe_dispatch_triton(ids, emap, bm)
@@ -193,6 +204,28 @@ def test_dispatch(case):
         mine = slots[(bexp == e).repeat_interleave(bm)]
         theirs = ref[0][(ref[1] == e).repeat_interleave(bm)]
         assert sorted(mine.tolist()) == sorted(theirs.tolist())
+
+
+@pytest.mark.parametrize("N_tok,k,E,bm", [(1, 6, 256, 8), (4, 6, 256, 16), (10, 6, 64, 16), (3, 2, 8, 4)])
+def test_dispatch_one_program_equals_reference(N_tok, k, E, bm):
+    """Decode-sized calls take the one-program dispatch, whose pair order inside an expert is ascending like the
+    reference's: the layout equals the reference slot for slot (pad value included), counters and flags written
+    without a memset (the buffers start as garbage: torch.empty)."""
+    from dsv4.kernels.triton import moe_dispatch as kd
+
+    assert N_tok * k <= kd.SMALL_N
+    for seed in range(3):
+        ids = random_ids(N_tok, E, k, seed=40 + seed)
+        if seed == 2:
+            ids[0, :] = ids[0, 0]  # one expert hit k times by one token
+        emap = ExpertMap.identity(E)
+        ref = dispatch_reference(ids, emap, bm)
+        for pad in (-1, ids.numel()):
+            slots, bexp, nvb, counts, ok = kd.moe_dispatch_triton(ids, emap, bm, pad=pad)
+            want = torch.where(ref[0] == -1, torch.full_like(ref[0], pad), ref[0])
+            assert torch.equal(slots, want) and torch.equal(bexp, ref[1]) and int(nvb) == int(ref[2])
+            loc = ids.reshape(-1)
+            assert counts.tolist() == [int((loc == e).sum()) for e in range(E)] + [0] and ok.tolist() == [1]
 
 
 def test_dispatch_counts_out_of_range_ids():
@@ -628,3 +661,21 @@ def test_gpu_check_cases_measure_flash_moe_and_run(monkeypatch):
     assert r["max_rel_err"] < 1e-5 and r["unique_experts"] > 1 and r["flops"] == 2 * 9 * 4 * 3 * 32 * 64
     r = kcr.route_case(5, D=64, E=16, k=4, device="cpu", bench=False)()
     assert r["ids_match_frac"] == 1.0 and r["max_rel_err"] < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_dispatch_one_program_equals_reference():
+    """Compiled: the one-program dispatch (pad fill and scatter by different threads, ordered by the barrier)
+    equals the reference slot for slot at Flash's 256 experts, decode sizes, humming's pad value."""
+    from dsv4.kernels.triton import moe_dispatch as kd
+
+    emap = ExpertMap.identity(256)
+    for T in (1, 2, 4, 8, 10):
+        for seed in range(10):
+            ids = random_ids(T, 256, 6, seed=seed)
+            for bm in (8, 16):
+                ref = dispatch_reference(ids, emap, bm)
+                slots, bexp, nvb, counts, ok = kd.moe_dispatch_triton(ids.cuda(), emap, bm, pad=ids.numel())
+                want = torch.where(ref[0] == -1, torch.full_like(ref[0], ids.numel()), ref[0])
+                assert torch.equal(slots.cpu(), want) and torch.equal(bexp.cpu(), ref[1]), (T, seed, bm)
+                assert int(nvb) == int(ref[2]) and ok.tolist() == [1]

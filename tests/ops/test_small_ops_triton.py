@@ -385,3 +385,31 @@ def test_norm_rope_fallback_and_empty():
     assert krope.norm_rope_triton(torch.zeros(0, 4, 64), None, 1e-6, pos[:0], inv).shape == (0, 4, 64)
     with pytest.raises(ValueError, match="width"):
         krope.norm_rope_triton(torch.randn(2, 128), None, 1e-6, pos[:2], inv, 100)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 300])
+def test_gpu_hc_norm_fused(T):
+    """Compiled, Flash widths (n = 4, D = 4096, bf16 streams): hc_pre / hc_head with the norm fused against the
+    finish kernel then the Triton rms_norm (one bf16 ulp: the sum of squares' order) and the reference."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    n, D = 4, 4096
+    X = torch.randn(T, n, D, device="cuda", generator=g).bfloat16()
+    w = 0.5 + torch.rand(D, device="cuda", generator=g)
+    for head in (False, True):
+        rows = n if head else (2 + n) * n
+        fn = 0.02 * torch.randn(rows, n * D, device="cuda", generator=g)
+        scale = 0.5 + torch.rand(1 if head else 3, device="cuda", generator=g)
+        base = 0.5 * torch.randn(rows, device="cuda", generator=g)
+        if head:
+            plain = khc.hc_head_triton(X, fn, scale, base, 1e-6, 1e-6)
+            got = khc.hc_head_triton(X, fn, scale, base, 1e-6, 1e-6, norm=(w, 1e-6))
+            ref = hc_head_reference(X, fn, scale, base, 1e-6, 1e-6, norm=(w, 1e-6))
+        else:
+            plain = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 1e-6, 20)[0]
+            got = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 1e-6, 20, norm=(w, 1e-6))[0]
+            ref = hc_pre_reference(X, fn, scale, base, 1e-6, 1e-6, 20, norm=(w, 1e-6))[0]
+        want = knorm.rms_norm_triton(plain, w, 1e-6)
+        assert (got == want).float().mean() > 0.98, head
+        torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2 ** -7)
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2 ** -6)

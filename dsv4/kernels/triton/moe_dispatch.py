@@ -1,5 +1,12 @@
 """Triton dispatch of (token, slot) pairs to their experts: the layout of dsv4/ops/moe_dispatch.py built on
-the device in three launches with no host sync (graph-capturable; sizes from T, k, num_local and block_m).
+the device with no host sync (graph-capturable; sizes from T, k, num_local and block_m).
+
+Few pairs (N <= SMALL_N: decode of a few tokens): ONE program, `_dispatch_small_kernel`, does it all in registers
+(ranks by comparing each pair with the earlier ones, counts by a one-hot sum over the experts, block starts by a
+cumsum), in ascending pair order within an expert (the reference's order), writing every counter and flag itself
+(no memset): one launch where the general path takes three.
+
+More pairs: three launches:
 
 Zero the per-expert counters and flags (one memset), then `_dispatch_count_kernel` (fill the padded slot list with the
 pad value, map global ids to local through the ExpertMap table, rank each pair inside its expert with an
@@ -74,6 +81,48 @@ def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, be
         tl.store(ok_ptr, (tl.load(counts_ptr + E_loc) == 0).to(tl.int32))
 
 
+# One program (N <= SMALL_N pairs, NP = next_pow2(N) lanes; EP = next_pow2(num_local) expert lanes; a [NP, NP]
+# and an [NP, EP] comparison in registers). The pad fill and the scatter write the same slots from different
+# threads: the barrier between them orders the two (CTA-wide memory ordering of global stores).
+@triton.jit
+def _dispatch_small_kernel(ids_ptr, g2l_ptr, flags_ptr, slots_ptr, bexp_ptr, N, E_glob, E_loc, max_rows, max_blocks,
+                           BM, PAD, NP: tl.constexpr, EP: tl.constexpr, RB: tl.constexpr):
+    i = tl.arange(0, NP)
+    in_n = i < N
+    gid = tl.load(ids_ptr + i, mask=in_n, other=0).to(tl.int64)
+    inr = (gid >= 0) & (gid < E_glob)
+    loc = tl.load(g2l_ptr + tl.where(inr, gid, 0), mask=in_n & inr, other=-1)
+    valid = in_n & (loc >= 0)
+    earlier = (loc[:, None] == loc[None, :]) & valid[None, :] & (i[None, :] < i[:, None])
+    rank = tl.sum(earlier.to(tl.int32), axis=1)
+    e = tl.arange(0, EP)
+    e_ok = e < E_loc
+    onehot = (loc[:, None] == e[None, :]) & valid[:, None]
+    cnt = tl.sum(onehot.to(tl.int32), axis=0)
+    nblk = (cnt + BM - 1) // BM
+    bend = tl.cumsum(nblk, axis=0)
+    bstart = bend - nblk
+    total = tl.sum(nblk, axis=0)
+    dest = tl.sum(tl.where(onehot, bstart[None, :], 0), axis=1) * BM + rank
+    for r0 in range(0, max_rows, RB):
+        r = r0 + tl.arange(0, RB)
+        tl.store(slots_ptr + r, tl.full((RB,), 0, tl.int32) + PAD, mask=r < max_rows)
+    tl.debug_barrier()
+    tl.store(slots_ptr + tl.where(valid, dest, 0), i, mask=valid)
+    for b0 in range(0, max_blocks, RB):
+        b = b0 + tl.arange(0, RB)
+        eb = tl.sum(((bend[None, :] <= b[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
+        tl.store(bexp_ptr + b, tl.where(b < total, eb, -1), mask=b < max_blocks)
+    nbad = tl.sum((in_n & ~inr).to(tl.int32), axis=0)
+    tl.store(flags_ptr + e, cnt, mask=e_ok)  # counts | out-of-range ids | valid blocks | ids ok
+    tl.store(flags_ptr + E_loc, nbad)
+    tl.store(flags_ptr + E_loc + 1, total)
+    tl.store(flags_ptr + E_loc + 2, (nbad == 0).to(tl.int32))
+
+
+SMALL_N = 64  # pairs up to which the one-program dispatch runs (T k: ~10 decode tokens at k = 6); 0 turns it off
+
+
 def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int, pad: int = -1):
     """The dispatch layout of dsv4/ops/moe_dispatch.py on the device (three launches, no host sync):
     (sorted_token_slots [max_rows] int32, block_expert [max_blocks] int32, num_valid_blocks int32 scalar,
@@ -88,18 +137,25 @@ def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int, 
     mb, mr = dispatch_sizes(N, E_loc, block_m)
     g2l = expert_map.global_to_local(dev)
     ids_c = ids.contiguous()
-    flags = torch.zeros(E_loc + 3, dtype=torch.int32, device=dev)  # counts | valid blocks | ids ok: one memset
+    small = 0 < N <= SMALL_N
+    # counts | valid blocks | ids ok (the small kernel writes them all; otherwise one memset)
+    flags = (torch.empty if small else torch.zeros)(E_loc + 3, dtype=torch.int32, device=dev)
     counts, nvb, ok = flags[:E_loc + 1], flags[E_loc + 1:E_loc + 2], flags[E_loc + 2:]
-    rank = torch.empty(max(N, 1), dtype=torch.int32, device=dev)
     slots = torch.empty(max(mr, 1), dtype=torch.int32, device=dev)[:mr]
     bexp = torch.empty(max(mb, 1), dtype=torch.int32, device=dev)[:mb]
     if N == 0:
         ok.fill_(1)
         return slots, bexp, nvb[0], counts, ok
+    ep = max(16, triton.next_power_of_2(E_loc))
+    if small:
+        _dispatch_small_kernel[(1,)](ids_c, g2l, flags, slots, bexp, N, expert_map.num_global, E_loc, mr, mb,
+                                     block_m, int(pad), NP=max(16, triton.next_power_of_2(N)), EP=ep, RB=256,
+                                     num_warps=4)
+        return slots, bexp, nvb[0], counts, ok
+    rank = torch.empty(max(N, 1), dtype=torch.int32, device=dev)
     ch = 64
     _dispatch_count_kernel[(triton.cdiv(max(N, mr), ch),)](ids_c, g2l, counts, rank, slots, N, expert_map.num_global,
                                                           E_loc, mr, int(pad), CH=ch, num_warps=2)
-    ep = max(16, triton.next_power_of_2(E_loc))
     _dispatch_place_kernel[(triton.cdiv(max(N, mb), ch),)](ids_c, g2l, counts, rank, slots, bexp, nvb, ok, N,
                                                           expert_map.num_global, E_loc, mb, block_m, CH=ch, EP=ep,
                                                           num_warps=4)

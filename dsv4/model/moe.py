@@ -82,11 +82,14 @@ class MoE(nn.Module):
         c, g, e = self.cfg, self.gate, self.experts
         w, ids = self._route(x, g.weight, g.bias, g.tid2eid, input_ids, c.num_experts_per_tok, c.scoring_func,
                              c.norm_topk_prob, c.routed_scaling_factor)
-        def local(xs, ids_, w_):
+        def local(xs, ids_, w_, shared=None):
             return self._experts(xs, e.w13, e.w13_scale, e.w2, e.w2_scale, ids_, w_, c.swiglu_limit, self.act_quant,
-                                 self.dialect, e.expert_map)
+                                 self.dialect, e.expert_map, shared=shared)
 
+        sh = self.shared_experts(x) if self.shared_experts is not None else None
+        if self.ep is None and sh is not None and sh.dtype == x.dtype:
+            return local(x, ids, w, sh)  # routed sum + shared expert, rounded to x's dtype, in the combine
         y = local(x, ids, w) if self.ep is None else self.ep.routed(x, ids, w, local, ep_tokens)
-        if self.shared_experts is not None:  # float32 + x's dtype: one promoting add (the values of .float())
-            y = (y if y.dtype == torch.float32 else y.float()) + self.shared_experts(x)
+        if sh is not None:  # float32 + x's dtype: one promoting add (the values of .float())
+            y = (y if y.dtype == torch.float32 else y.float()) + sh
         return y.to(x.dtype)

@@ -17,6 +17,9 @@ moe_experts(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_qua
     (dsv4/ops/moe_dispatch.ExpertMap, default: identity over w13's E experts) says which are local and at
     which index of w13 / w2. Remote experts contribute zero on this rank (the other ranks add theirs).
     Expert ids outside 0..num_global-1 are an error.
+    `shared` ([T, D], default None): the shared expert's output; the result is then
+    (routed sum in float32 + shared in float32) rounded to shared's dtype, the MoE layer's output (one pass for the
+    sum, the add and the cast).
 
 swiglu(gu, limit) -> [T, I] in gu's dtype: silu(min(g, L)) * clamp(u, -L, L) in float32 for gu = [g | u],
     rounded once to gu's dtype (the shared expert's activation, what its w2 reads).
@@ -61,7 +64,7 @@ def swiglu(gu: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 def moe_experts_reference(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float,
-                          act_quant: bool = False, dialect=Fp8Dialect.OCP, expert_map=None):
+                          act_quant: bool = False, dialect=Fp8Dialect.OCP, expert_map=None, shared=None):
     from dsv4.ops.moe_dispatch import ExpertMap, check_expert_ids
 
     emap = ExpertMap.identity(w13.shape[0]) if expert_map is None else expert_map
@@ -81,7 +84,12 @@ def moe_experts_reference(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
         h = swiglu(linear_reference(x[tok], w13[e], s13, act_quant, dialect), swiglu_limit)
         h = (h * weights[tok, k].float().unsqueeze(-1)).to(x.dtype)
         out.index_add_(0, tok, linear_reference(h, w2[e], s2, act_quant, dialect).float())
-    return out
+    return with_shared(out, shared)
+
+
+def with_shared(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    """The MoE output from the routed experts' float32 sum and the shared expert's output (moe_experts' `shared`)."""
+    return routed if shared is None else (routed + shared.float()).to(shared.dtype)
 
 
 def swiglu_reference(gu: torch.Tensor, limit: float) -> torch.Tensor:

@@ -717,6 +717,26 @@ def test_moe_experts_act_quant_fp4(fn):
 
 
 @pytest.mark.parametrize("fn", provider_params("moe_experts"))
+@pytest.mark.parametrize("ids", ["skewed", "none_routed"])
+def test_moe_experts_shared_folded_in(fn, ids):
+    """`shared=`: the routed float32 sum plus the shared expert's output, rounded once to its dtype (bf16 here):
+    equal to doing it after the call, bit for bit (the same float32 sum, one add, one rounding); with nothing
+    routed (k = 0), the shared output itself."""
+    w13, s13, w2, s2 = expert_weights("fp4", 80)
+    idx = skewed_ids() if ids == "skewed" else torch.zeros(7, 0, dtype=torch.int64)
+    T = idx.shape[0]
+    x = torch.randn(T, D_X, generator=gen(81)).bfloat16()
+    weights = 0.2 + torch.rand(idx.shape, generator=gen(82))
+    shared = (4 * torch.randn(T, D_X, generator=gen(83))).bfloat16()
+    routed = fn(x, w13, s13, w2, s2, idx, weights, LIMIT, True)
+    got = fn(x, w13, s13, w2, s2, idx, weights, LIMIT, True, shared=shared)
+    assert got.dtype == torch.bfloat16 and got.shape == (T, D_X)
+    assert torch.equal(got, (routed.float() + shared.float()).to(torch.bfloat16))
+    if ids == "skewed":
+        assert not torch.equal(got, shared) and not torch.equal(got, routed.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fn", provider_params("moe_experts"))
 def test_moe_experts_one_token(fn):
     check_experts(fn, "dense", torch.tensor([[5, 0, 3]]), seed=60)
 

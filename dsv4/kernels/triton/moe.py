@@ -58,7 +58,7 @@ from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
 from dsv4.ops.moe import moe_experts as moe_experts_op
-from dsv4.ops.moe import swiglu_op
+from dsv4.ops.moe import swiglu_op, with_shared
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
 from dsv4.ops.moe_dispatch import ExpertMap
 
@@ -357,9 +357,11 @@ def _moe_down_kernel(h_ptr, w_ptr, s_ptr, slots_ptr, bexp_ptr, y_ptr,
 
 # Grid = (cdiv(T, BT), cdiv(D, BD)): out[t, d] = sum_{j < k, pair local} y[t k + j, d] in fp32, j in order.
 # Reads the k rows of y once (k D x-dtype bytes per token) and writes D fp32.
+# With the shared expert's output (HAS_SHARED): out = (sum + shared in fp32) rounded to out's dtype.
 @triton.jit
-def _moe_combine_kernel(y_ptr, ids_ptr, g2l_ptr, out_ptr, T, D, E_glob, s_y, s_o,
-                        KTOP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+def _moe_combine_kernel(y_ptr, ids_ptr, g2l_ptr, out_ptr, sh_ptr, T, D, E_glob, s_y, s_o, s_sh,
+                        KTOP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_SHARED: tl.constexpr = False,
+                        OUT_RNE: tl.constexpr = False):
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     t_ok = t < T
@@ -373,7 +375,12 @@ def _moe_combine_kernel(y_ptr, ids_ptr, g2l_ptr, out_ptr, T, D, E_glob, s_y, s_o
         v = t_ok & (loc >= 0)
         acc += tl.load(y_ptr + p[:, None] * s_y + d[None, :], mask=v[:, None] & d_ok[None, :],
                        other=0.0).to(tl.float32)
-    tl.store(out_ptr + t.to(tl.int64)[:, None] * s_o + d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
+    o_mask = t_ok[:, None] & d_ok[None, :]
+    if HAS_SHARED:
+        acc += tl.load(sh_ptr + t.to(tl.int64)[:, None] * s_sh + d[None, :], mask=o_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t.to(tl.int64)[:, None] * s_o + d[None, :], cast_out(acc, out_ptr, OUT_RNE), mask=o_mask)
+    else:
+        tl.store(out_ptr + t.to(tl.int64)[:, None] * s_o + d[None, :], acc, mask=o_mask)
 
 
 # Grid = (T * k, cdiv(I, BN)): for pair row p (token p // k, slot p % k) of a [T k, 2I] gate|up GEMM output
@@ -535,17 +542,36 @@ def act_roundtrip(x: torch.Tensor, dialect=Fp8Dialect.OCP, out: torch.Tensor | N
     return y
 
 
-def moe_combine(y: torch.Tensor, ids: torch.Tensor, expert_map: ExpertMap, out: torch.Tensor) -> torch.Tensor:
-    """out [T, D] fp32 = sum over j of y[t k + j] for the local (token, slot) pairs, j in order 0..k-1."""
+def moe_combine(y: torch.Tensor, ids: torch.Tensor, expert_map: ExpertMap, out: torch.Tensor,
+                shared: torch.Tensor | None = None) -> torch.Tensor:
+    """out [T, D] fp32 = sum over j of y[t k + j] for the local (token, slot) pairs, j in order 0..k-1; with the
+    shared expert's output, out (in shared's dtype: `experts_out`) = that sum + shared, rounded once."""
     T, D = out.shape
     k = ids.shape[1]
     bd = min(256, triton.next_power_of_2(max(D, 1)))
     bt = max(1, min(16, 4096 // bd))
+    if shared is not None and (shared.shape != out.shape or shared.dtype != out.dtype or shared.stride(1) != 1):
+        raise ValueError(f"moe_combine: shared {tuple(shared.shape)} {shared.dtype} (stride {shared.stride()}) "
+                         f"for an output {tuple(out.shape)} {out.dtype}")
     if T and D:
         _moe_combine_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
-            y, ids, expert_map.global_to_local(out.device), out, T, D, expert_map.num_global, y.stride(0),
-            out.stride(0), KTOP=k, BT=bt, BD=bd, num_warps=4)
+            y, ids, expert_map.global_to_local(out.device), out, out if shared is None else shared, T, D,
+            expert_map.num_global, y.stride(0), out.stride(0), 0 if shared is None else shared.stride(0), KTOP=k,
+            BT=bt, BD=bd, HAS_SHARED=shared is not None,
+            OUT_RNE=interpreting(out.device) and out.dtype == torch.bfloat16, num_warps=4)
     return out
+
+
+def experts_out(T: int, D: int, device, shared: torch.Tensor | None) -> torch.Tensor:
+    """The result buffer of a moe_experts call: float32, or the shared expert output's dtype when it is folded in."""
+    if shared is not None and (shared.dim() != 2 or tuple(shared.shape) != (T, D)):
+        raise ValueError(f"moe_experts: shared has shape {tuple(shared.shape)}, expected ({T}, {D})")
+    return torch.empty((T, D), dtype=torch.float32 if shared is None else shared.dtype, device=device)
+
+
+def experts_nothing_routed(T: int, D: int, device, shared: torch.Tensor | None) -> torch.Tensor:
+    """The result of a call where no pair is computed here: zeros, plus the shared expert's output."""
+    return with_shared(torch.zeros((T, D), dtype=torch.float32, device=device), shared)
 
 
 def swiglu_rows(gu: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert_map: ExpertMap, limit: float,
@@ -602,8 +628,8 @@ def check_experts_call(x, w13, w2, ids, weights, expert_map: ExpertMap | None):
 
 
 def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
-                     dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, block_m=None, bn_gate=None,
-                     bn_down=None, scaled_dot=None, packed=None, dispatch=None, h_buf=None, y_buf=None):
+                     dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, shared=None, *, block_m=None,
+                     bn_gate=None, bn_down=None, scaled_dot=None, packed=None, dispatch=None, h_buf=None, y_buf=None):
     """`moe_experts` with test hooks: tile overrides, a precomputed dispatch (slots, block_expert), and the
     h / y workspaces (tests poison them to prove padding rows are never read)."""
     d = Fp8Dialect.parse(dialect)
@@ -613,11 +639,11 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
     k = ids.shape[1]
     N = T * k
     dev = x.device
-    out = torch.empty((T, D), dtype=torch.float32, device=dev)
+    out = experts_out(T, D, dev, shared)
     if T == 0 or D == 0:
         return out
     if N == 0 or I == 0:
-        return out.zero_()
+        return experts_nothing_routed(T, D, dev, shared)
     if x.stride(1) != 1:
         x = x.contiguous()
     ids_c = ids.contiguous()
@@ -700,14 +726,14 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
             VAL_RNE=rne and val2 == tl.bfloat16,
             DOT_DT=dt2, IEEE=ieee2, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn2, BK=cfg["bk_down"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    # 5. combine (fixed order over the k slots)
-    return moe_combine(y, ids_c, emap, out)
+    # 5. combine (fixed order over the k slots; the shared expert's output added, rounded once)
+    return moe_combine(y, ids_c, emap, out, shared)
 
 
 def moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
-                       dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None):
+                       dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, shared=None):
     return moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect,
-                            expert_map)
+                            expert_map, shared)
 
 
 register(moe_experts_op, moe_experts_triton)

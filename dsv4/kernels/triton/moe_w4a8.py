@@ -40,7 +40,8 @@ import triton.language as tl
 
 from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_e4m3_native, fp8_encode, fp8_pow2, fp8_quant_max,
                                         interpreting, triton_supported)
-from dsv4.kernels.triton.moe import _block_rows, _round_to, _tl_dtype, check_experts_call, moe_combine, moe_experts_triton
+from dsv4.kernels.triton.moe import (_block_rows, _round_to, _tl_dtype, check_experts_call, experts_nothing_routed,
+                                    experts_out, moe_combine, moe_experts_triton)
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
 from dsv4.kernels.triton.quant import fp8_act_quant_triton
 from dsv4.kernels.triton.w4a8 import W4A8Experts, fp4_asm_supported, fp8_act_block, prepare_w4a8, w4a8_weight_dot
@@ -153,7 +154,8 @@ _WARNED: set[str] = set()
 
 
 def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
-                          dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, block_m: int | None = None,
+                          dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, shared=None, *,
+                          block_m: int | None = None,
                           block_n: int = QB, num_warps: int | None = None, num_stages: int | None = None,
                           use_asm: bool | None = None, h_buf=None, y_buf=None):
     d = Fp8Dialect.parse(dialect)
@@ -171,18 +173,18 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
             _WARNED.add(why)
             log.warning("moe_experts triton_w4a8: %s; served by the Triton provider (exact)", why)
         return moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, d,
-                                  expert_map)
+                                  expert_map, shared)
     T, D, E_loc, I, emap = check_experts_call(x, w13, w2, ids, weights, expert_map)
     if tuple(w13.shape) != (E_loc, 2 * I, D // 2) or tuple(w2.shape) != (E_loc, D, I // 2):
         raise ValueError(f"moe_experts: w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not match x [T, {D}]")
     k = ids.shape[1]
     N = T * k
     dev = x.device
-    out = torch.empty((T, D), dtype=torch.float32, device=dev)
+    out = experts_out(T, D, dev, shared)
     if T == 0:
         return out
     if N == 0:
-        return out.zero_()
+        return experts_nothing_routed(T, D, dev, shared)
     if x.stride(1) != 1:
         x = x.contiguous()
     ids_c = ids.contiguous()
@@ -220,7 +222,7 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
             hq, hs, w2b, o2, b2, slots, bexp, y, N, I, D, n2, mr, hq.stride(0), hs.stride(0), w2b.stride(0),
             w2b.stride(1), o2.stride(0), o2.stride(1), b2.stride(0), b2.stride(1), y.stride(0),
             FNUZ=fnuz, F32_DOT=f32_dot, ASM=asm, OUT_DT=out_dt, OUT_RNE=rne, BM=bm, BN=bn, **launch)
-    return moe_combine(y, ids_c, emap, out)
+    return moe_combine(y, ids_c, emap, out, shared)
 
 
 # Where the W4A8 kernels win (H100, 2026-12-06, docs/perf.md): with the PTX conversion and at >= ~64 rows per
@@ -242,14 +244,15 @@ def w4a8_regime_reason(x, ids, n_local: int) -> str | None:
 
 
 def moe_experts_triton_w4a8(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float,
-                            act_quant: bool = False, dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None):
+                            act_quant: bool = False, dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None,
+                            shared=None):
     why = w4a8_regime_reason(x, ids, w13.shape[0])
     if why is not None:
         log.debug("moe_experts triton_w4a8: %s; this call runs the Triton provider", why)
         return moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect,
-                                  expert_map)
+                                  expert_map, shared)
     return moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect,
-                                 expert_map)
+                                 expert_map, shared)
 
 
 # priority below the Triton provider's (100): chosen only when asked for, until measured on a GPU

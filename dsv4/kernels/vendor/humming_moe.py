@@ -197,7 +197,7 @@ def _fp8_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float, act_quant: bool = False,
-                        dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, *, gemm=prepared,
+                        dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None, shared=None, *, gemm=prepared,
                         a8: bool = False):
     """`moe_experts` through humming (module docstring). `gemm(w, s, a8)` builds the expert GEMM callable for a
     weight (tests substitute a plain-PyTorch stand-in with humming's documented indexed semantics). `a8`:
@@ -205,7 +205,7 @@ def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_li
     ones) and the weights pass the window check; W4A16 otherwise."""
     if delegate_reason(x, w13, w2) is not None and gemm is prepared:
         return km.moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect,
-                                     expert_map)
+                                     expert_map, shared)
     T, D = x.shape
     k = ids.shape[1]
     N = T * k
@@ -215,9 +215,9 @@ def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_li
         raise ValueError(f"moe_experts: expert map has {emap.num_local} local experts, weights hold "
                          f"{E_loc} / {w2.shape[0]}")
     I = w13.shape[1] // 2
-    out = torch.empty((T, D), dtype=torch.float32, device=x.device)
+    out = km.experts_out(T, D, x.device, shared)
     if N == 0 or I == 0 or D == 0:
-        return out.zero_()
+        return km.experts_nothing_routed(T, D, x.device, shared)
     ids_c = ids.contiguous()
     use8 = a8 and act_quant
     if use8:
@@ -227,7 +227,7 @@ def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_li
         g13, g2 = gemm(w13, w13_scale, False), gemm(w2, w2_scale, False)
         if g13 is None or g2 is None:  # no memory for humming's copy of these weights
             return km.moe_experts_triton(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant,
-                                         dialect, expert_map)
+                                         dialect, expert_map, shared)
     bm13, bm2 = g13.block_m(N), g2.block_m(N)
     d13 = _slots_for(ids_c, emap, bm13)
     d2 = d13 if bm2 == bm13 else _slots_for(ids_c, emap, bm2)
@@ -245,7 +245,7 @@ def moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_li
         g2(hq, 1, *d2, out=y, a_scale=hs)
     else:
         g2(h, 1, *d2, out=y)
-    return km.moe_combine(y, ids_c, emap, out)
+    return km.moe_combine(y, ids_c, emap, out, shared)
 
 
 def humming_supported(platform) -> str | None:
@@ -263,13 +263,14 @@ def humming_supported(platform) -> str | None:
 
 
 def moe_experts_humming_w4a8(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit: float,
-                             act_quant: bool = False, dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None):
+                             act_quant: bool = False, dialect=Fp8Dialect.OCP, expert_map: ExpertMap | None = None,
+                             shared=None):
     """Provider "humming_w4a8": W4A8 wherever official numerics allow it (and the weights pass the window
     check). Opt-in only (`--op moe_experts=humming_w4a8`): 1.5-2.4x faster than W4A16 from 8 tokens up on an
     H200, but Hopper's FP8 MMA accumulates with fewer bits than fp32, so results are 0.3-1.9% (max-relative)
     off the reference where W4A16 stays within 0.2% (docs/perf.md, 2026-12-04)."""
     return moe_experts_humming(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_quant, dialect,
-                               expert_map, a8=True)
+                               expert_map, shared, a8=True)
 
 
 moe_experts_op.register("humming", moe_experts_humming, supported=humming_supported, priority=200)

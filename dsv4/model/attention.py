@@ -58,10 +58,11 @@ class Attention(nn.Module):
         self._grouped = o.grouped_linear
         self._norm_rope = o.norm_rope
 
-    def forward(self, x: torch.Tensor, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: ForwardMeta, lc, block_table, x_q=None) -> torch.Tensor:
+        """x_q: x's act_quant from its producer (hc_pre's `quant`), for the FP8 input projections; or None."""
         T = x.shape[0]
         pos = meta.positions
-        qr, kv = self._x_proj(x)
+        qr, kv = self._x_proj(x, x_q)
         qr = self.q_norm(qr)
         q = self.wq_b(qr).view(T, self.n_heads, self.head_dim)
         q = self._norm_rope(q, None, self.eps, pos, self.inv_freq)  # per-head norm, then RoPE: one op

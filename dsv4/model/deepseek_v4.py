@@ -33,16 +33,19 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_type, ratio, opts)
         self.ffn = MoE(cfg, mlp_type, opts)
         self._pre, self._post = opts.ops.hc_pre, opts.ops.hc_post
+        self.official, self.dialect = opts.official, opts.fp8_dialect
 
     def forward(self, X, input_ids, meta: ForwardMeta, lc):
         c = self.cfg
-        # hc_pre hands out u through the norm that follows it (attn_norm / ffn_norm): one pass for both
-        h, post, comb = self._pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.rms_norm_eps,
-                                  c.hc_eps, c.hc_sinkhorn_iters, norm=self.attn_norm.params())
-        X = self._post(self.attn(h, meta, lc, meta.block_table), X, post, comb)
-        h, post, comb = self._pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.rms_norm_eps,
-                                  c.hc_eps, c.hc_sinkhorn_iters, norm=self.ffn_norm.params())
-        return self._post(self.ffn(h, input_ids, meta.ep_tokens), X, post, comb)
+        # hc_pre hands out u through the norm that follows it (attn_norm / ffn_norm), and in official numerics its
+        # act_quant for the FP8 linears that read it: one pass for all three
+        kw = {"quant": self.dialect} if self.official else {}
+        h, post, comb, *hq = self._pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.rms_norm_eps,
+                                       c.hc_eps, c.hc_sinkhorn_iters, norm=self.attn_norm.params(), **kw)
+        X = self._post(self.attn(h, meta, lc, meta.block_table, *hq), X, post, comb)
+        h, post, comb, *hq = self._pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.rms_norm_eps,
+                                       c.hc_eps, c.hc_sinkhorn_iters, norm=self.ffn_norm.params(), **kw)
+        return self._post(self.ffn(h, input_ids, meta.ep_tokens, *hq), X, post, comb)
 
 
 class MTPBlock(Block):

@@ -43,8 +43,11 @@ class Linear(nn.Module):
         self.act_quant = opts.official and fp8_gemm
         self.dialect = opts.fp8_dialect
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x, self.weight, self.scale, self.act_quant, self.dialect)
+    def forward(self, x: torch.Tensor, x_q=None) -> torch.Tensor:
+        """x_q: x's act_quant made by its producer (linear's `x_q`), or None."""
+        if x_q is None:
+            return self._linear(x, self.weight, self.scale, self.act_quant, self.dialect)
+        return self._linear(x, self.weight, self.scale, self.act_quant, self.dialect, x_q=x_q)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.fmt}"
@@ -128,22 +131,24 @@ class LinearGroup:
                 raise RuntimeError(f"LinearGroup: the weight or scale of {m!r} was replaced after the group was "
                                    "fused; fuse again (model.linear.fuse_linear_groups) before running")
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The members' outputs, in order (views of one output when fused)."""
+    def __call__(self, x: torch.Tensor, x_q=None) -> list[torch.Tensor]:
+        """The members' outputs, in order (views of one output when fused). x_q: as Linear.forward's."""
         if self.weight is None:
-            return [m(x) for m in self.members]
+            return [m(x, x_q) for m in self.members]
         self._check()
         m0 = self.members[0]
-        y = m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect)
+        kw = {} if x_q is None else {"x_q": x_q}
+        y = m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect, **kw)
         return [y[..., a:b] for a, b in self.spans]
 
-    def joined(self, x: torch.Tensor) -> torch.Tensor:
+    def joined(self, x: torch.Tensor, x_q=None) -> torch.Tensor:
         """The members' outputs side by side: the fused output itself when the members have no padding."""
         if self.weight is not None and self.contiguous:
             self._check()
             m0 = self.members[0]
-            return m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect)[..., :self.spans[-1][1]]
-        return torch.cat(self(x), dim=-1)
+            kw = {} if x_q is None else {"x_q": x_q}
+            return m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect, **kw)[..., :self.spans[-1][1]]
+        return torch.cat(self(x, x_q), dim=-1)
 
 
 def fuse_linear_groups(model: nn.Module) -> int:

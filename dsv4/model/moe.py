@@ -60,8 +60,8 @@ class SharedExpert(nn.Module):
         self._w13 = LinearGroup(self.w1, self.w3)  # one GEMM once fused: [w1(x) | w3(x)] without a cat
         self._swiglu = opts.ops.swiglu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._swiglu(self._w13.joined(x), self.limit)  # in the GEMM's output dtype (x's)
+    def forward(self, x: torch.Tensor, x_q=None) -> torch.Tensor:
+        h = self._swiglu(self._w13.joined(x, x_q), self.limit)  # in the GEMM's output dtype (x's)
         return self.w2(h if h.dtype == x.dtype else h.to(x.dtype))
 
 
@@ -77,8 +77,10 @@ class MoE(nn.Module):
         self._route, self._experts = opts.ops.moe_route, opts.ops.moe_experts
         self.ep = opts.expert_parallel  # None: every routed expert is here
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor, ep_tokens: int | None = None) -> torch.Tensor:
-        """`ep_tokens`: expert parallelism's agreed step token count (ForwardMeta.ep_tokens)."""
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor, ep_tokens: int | None = None,
+                x_q=None) -> torch.Tensor:
+        """`ep_tokens`: expert parallelism's agreed step token count (ForwardMeta.ep_tokens); `x_q`: x's act_quant
+        from its producer (for the shared expert's FP8 linear), or None."""
         c, g, e = self.cfg, self.gate, self.experts
         w, ids = self._route(x, g.weight, g.bias, g.tid2eid, input_ids, c.num_experts_per_tok, c.scoring_func,
                              c.norm_topk_prob, c.routed_scaling_factor)
@@ -86,7 +88,7 @@ class MoE(nn.Module):
             return self._experts(xs, e.w13, e.w13_scale, e.w2, e.w2_scale, ids_, w_, c.swiglu_limit, self.act_quant,
                                  self.dialect, e.expert_map, shared=shared)
 
-        sh = self.shared_experts(x) if self.shared_experts is not None else None
+        sh = self.shared_experts(x, x_q) if self.shared_experts is not None else None
         if self.ep is None and sh is not None and sh.dtype == x.dtype:
             return local(x, ids, w, sh)  # routed sum + shared expert, rounded to x's dtype, in the combine
         y = local(x, ids, w) if self.ep is None else self.ep.routed(x, ids, w, local, ep_tokens)

@@ -12,12 +12,14 @@ hc_head(X, fn, scale, base, rms_eps, hc_eps) -> h[T, D]: pre-weights only (fn: [
 
 hc_pre and hc_head take `norm=(weight, eps)` (default None): u / h then comes out through the RMSNorm that follows
 it in the model (attn_norm, ffn_norm, the final norm), i.e. rms_norm(u, weight, eps) of u in X's dtype, so a provider
-can do both in one pass.
+can do both in one pass. hc_pre with `quant=dialect` (with `norm` only) returns a fourth value, (q, s) = the
+fp8_act_quant (block 128) of that output in `dialect`: what linear's `x_q` takes (q may have padding rows).
 """
 
 import torch
 
 from dsv4.ops.norm import rms_norm_reference
+from dsv4.ops.quant import fp8_act_quant_reference
 from dsv4.ops.registry import define_op
 
 
@@ -27,7 +29,7 @@ def _mix(X, fn, rms_eps):
     return (xf * rho) @ fn.float().t()
 
 
-def hc_pre_reference(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int, norm=None):
+def hc_pre_reference(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int, norm=None, quant=None):
     n = X.shape[1]
     mu = _mix(X, fn, rms_eps)
     scale, base = scale.float(), base.float()
@@ -42,6 +44,10 @@ def hc_pre_reference(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: i
     u = (pre.unsqueeze(-1) * X.float()).sum(dim=1).to(X.dtype)
     if norm is not None:
         u = rms_norm_reference(u, norm[0], norm[1])
+    if quant is not None:
+        if norm is None:
+            raise ValueError("hc_pre: quant= needs norm= (the act_quant is of the normed output)")
+        return u, post, comb, fp8_act_quant_reference(u, 128, quant)
     return u, post, comb
 
 

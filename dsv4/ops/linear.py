@@ -13,6 +13,11 @@ linear(x, weight, scale=None, act_quant=False, dialect=OCP) -> y = x W^T in x's 
       exactly and multiplied in float32; the result is cast to x's dtype. This is the exact value an
       FP8 block-scaled GEMM with float32 accumulation computes, up to summation order.
 
+    x_q (default None): (q, s), the fp8_act_quant of x (block 128) in `dialect`, already made by the op that
+      produced x (q: uint8 [>= M, K], rows past M unused: a producer may pad them for a GEMM's layout; s: uint8
+      [M, ceil(K/128)]). A provider may use it instead of quantising x itself (one launch fewer); the values
+      are the same by definition, so the reference ignores it.
+
 grouped_linear(x, weight, scale=None) -> z: the grouped output projection `wo_a`.
     x: [M, G, Kg]; weight [G*R, Kg] (dense or FP8 as above); z[:, g] = x[:, g] W_g^T with
     W_g = weight[g*R:(g+1)*R]; weight dequantised to x's dtype (as the official code does: BF16 einsum).
@@ -56,11 +61,21 @@ def fp8_act_dequant(x: torch.Tensor, dialect=Fp8Dialect.OCP) -> torch.Tensor:
     return dequantize_fp8_blocks(q, s, (128,), dialect, out_dtype=torch.float32)
 
 
-def linear_reference(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP):
+def linear_reference(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None):
     if act_quant:
         w = dequantize_weight(weight, scale, torch.float32)
         return (fp8_act_dequant(x, dialect) @ w.t()).to(x.dtype)
     return F.linear(x, dequantize_weight(weight, scale, x.dtype))
+
+
+def usable_x_q(x_q, M: int, K: int) -> bool:
+    """Whether `x_q` has the shapes of an [M, K] x's act_quant (a provider then checks that the call's dialect is
+    the one it would quantise in)."""
+    if x_q is None:
+        return False
+    q, s = x_q
+    return (q.dim() == 2 and q.shape[0] >= M and q.shape[1] == K and q.stride(1) == 1 and q.dtype == torch.uint8
+            and s.dim() == 2 and tuple(s.shape) == (M, -(-K // 128)) and s.dtype == torch.uint8)
 
 
 def grouped_linear_reference(x, weight, scale=None):

@@ -214,6 +214,47 @@ def test_last_program_split_k_reduction(monkeypatch, grouped):
     assert int(cnt.abs().sum()) == 0, "tile counters not reset"
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_producer_quantised_activations(fmt):
+    """linear(x_q=(q, s)): the producer's act_quant of x (rows padded past M allowed) is used instead of
+    quantising x again: the same result bit for bit; bytes that differ from x's change the result (so they are
+    what the GEMM read); x_q in another dialect than the one the GEMM quantises in, or of the wrong shape, is
+    ignored."""
+    M, N, K = 5, 192, 512
+    if fmt == "fp8":
+        w, s = fp8_weight(N, K, seed=31)
+    else:
+        wq = quantize_fp4_blocks(torch.randn(N, K, generator=gen(31)), 32)
+        w, s = wq
+    x = acts(M, K, seed=32)
+    want = kg.linear_impl(x, w, s, True)
+    q, sq = fp8_act_quant_reference(x, 128, OCP)
+    qp = torch.zeros((8, K), dtype=torch.uint8)
+    qp[:M] = torch.where(q == 0x80, torch.zeros_like(q), q)  # the Triton quantiser writes +0 as 0x00
+    assert torch.equal(kg.linear_impl(x, w, s, True, OCP, (qp, sq)), want)
+    other = qp.clone()
+    other[:M, :128] = 0  # zero one block: the result must change
+    assert not torch.equal(kg.linear_impl(x, w, s, True, OCP, (other, sq)), want)
+    fq, fs = fp8_act_quant_reference(x, 128, Fp8Dialect.FNUZ)
+    if fmt == "fp8":  # an OCP weight quantises in OCP: FNUZ bytes are not taken
+        assert torch.equal(kg.linear_impl(x, w, s, True, Fp8Dialect.FNUZ, (fq, fs)), want)
+    assert torch.equal(kg.linear_impl(x, w, s, True, OCP, (other[:M, :256], sq)), want)  # wrong shape: ignored
+
+
+def test_scaled_mm_takes_producer_bytes():
+    """The scaled_mm provider's operands from a producer's act_quant (rows padded to 4) equal its own."""
+    x = acts(6, 512, seed=33)
+    a, sa, M = ksm.prepare_activation(x)
+    q = torch.zeros((8, 512), dtype=torch.uint8)
+    q[:6] = a.view(torch.uint8)[:6]
+    s = kg.fp8_act_quant_triton(x, 128, OCP)[1]
+    a2, sa2, M2 = ksm.prepare_activation(x, (q, s))
+    assert a2.data_ptr() == q.data_ptr() and M2 == M
+    assert torch.equal(a2.view(torch.uint8)[:6], a.view(torch.uint8)[:6]) and torch.equal(sa2, sa)
+    a3, _, _ = ksm.prepare_activation(x, (q[:6], s))  # 6 rows: cuBLASLt needs 8, so it quantises itself
+    assert a3.data_ptr() != q.data_ptr()
+
+
 def test_tile_regimes_at_flash_shapes():
     """Decode: one M tile and split-K so ~2 programs per SM; prefill: 128 x 128 tiles, no split."""
     from benchmarks.kernel_cases.gemm import FLASH_LINEARS

@@ -219,6 +219,24 @@ def test_hc_norm_fused_equals_finish_then_rms_norm(T, n, D, dtype, head, monkeyp
     assert torch.equal(again, want)
 
 
+@pytest.mark.parametrize("T,n,D", [(1, 4, 4096), (6, 4, 300), (5, 4, 128), (2, 3, 24)])
+@pytest.mark.parametrize("dialect", [Fp8Dialect.OCP, Fp8Dialect.FNUZ], ids=["ocp", "fnuz"])
+def test_hc_pre_quant_equals_act_quant(T, n, D, dialect):
+    """hc_pre(norm=, quant=): the fourth output is the act_quant of the normed output, byte for byte what the
+    standalone Triton quantiser gives (D = 300: a partial last block; D = 24: too narrow to fuse, the
+    standalone quantiser itself); the bytes' rows padded to a multiple of 4; the other outputs unchanged."""
+    X, fn, scale, base = hc_inputs(17, T, n, D, dtype=torch.bfloat16, logit_scale=1.5)
+    w = 0.5 + torch.rand(D, generator=gen(18))
+    u0, post0, comb0 = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5))
+    u, post, comb, (q, qs) = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5), quant=dialect)
+    assert torch.equal(u, u0) and torch.equal(post, post0) and torch.equal(comb, comb0)
+    wq, ws = kquant.fp8_act_quant_triton(u, 128, dialect)
+    assert q.shape[0] >= T and q.shape[1] == D and torch.equal(q[:T], wq) and torch.equal(qs, ws)
+    assert int(wq.count_nonzero()) > q[:T].numel() // 2  # premise: real bytes, not zeros
+    with pytest.raises(ValueError, match="needs norm"):
+        khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, quant=dialect)
+
+
 @pytest.mark.parametrize("T,n,D", [(1, 4, 8), (5, 4, 1500), (9, 2, 40), (3, 4, 4096), (2, 3, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hc_post(T, n, D, dtype):

@@ -44,6 +44,7 @@ from dsv4.numerics.fp8 import Fp8Dialect, dequantize_fp8_blocks
 from dsv4.ops.linear import grouped_linear as grouped_linear_op
 from dsv4.ops.linear import grouped_linear_reference
 from dsv4.ops.linear import linear as linear_op
+from dsv4.ops.linear import usable_x_q
 from dsv4.ops.linear import weight_format
 
 QBLOCK = 128  # FP8 weight / activation scale block along K (and along N for weights)
@@ -423,7 +424,7 @@ def _dot_dtype(x_dtype: torch.dtype, interp: bool, act_quant: bool):
     return (tl.float16 if x_dtype == torch.float16 else tl.bfloat16), False
 
 
-def linear_impl(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, *, block_m=None,
+def linear_impl(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None, *, block_m=None,
                 block_n=None, split_k=None, hw=None):
     """`linear` with optional tile overrides (tests): see the module docstring."""
     fmt = weight_format(weight)
@@ -468,8 +469,12 @@ def linear_impl(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Diale
         hw = kind if (fmt == "fp8" and not interp and kind == (2 if w_fnuz else 1)) else 0
     dot_dt, ieee = _dot_dtype(x.dtype, interp, act_quant)
     if act_quant:
-        # activations quantised in the weight's dialect (FP4: the requested one): the same values either way
-        a, sa = fp8_act_quant_triton(x2, QBLOCK, wd)
+        # activations quantised in the weight's dialect (FP4: the requested one): the same values either way;
+        # the producer's bytes (x_q) when it made them in that dialect
+        if Fp8Dialect.parse(dialect) is wd and usable_x_q(x_q, M, K):
+            a, sa = x_q
+        else:
+            a, sa = fp8_act_quant_triton(x2, QBLOCK, wd)
         s_a = (a.stride(0), 0)
     else:
         a, sa = (x2 if x2.stride(1) == 1 else x2.contiguous()), None
@@ -483,8 +488,8 @@ def linear_impl(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Diale
     return out.reshape(*lead, N)
 
 
-def linear_triton(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP):
-    return linear_impl(x, weight, scale, act_quant, dialect)
+def linear_triton(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None):
+    return linear_impl(x, weight, scale, act_quant, dialect, x_q)
 
 
 def grouped_linear_impl(x, weight, scale=None, *, block_m=None, block_n=None, split_k=None, hw=None):

@@ -20,8 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import interpreting, pdl_args, pdl_start, register, sm_count
+from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_encode, fp8_pow2, fp8_quant_max, interpreting,
+                                        pdl_args, pdl_start, register, sm_count)
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out, rms_norm_triton
+from dsv4.kernels.triton.quant import fp8_act_quant_triton
+from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.hyper_connection import hc_head as hc_head_op
 from dsv4.ops.hyper_connection import hc_post as hc_post_op
 from dsv4.ops.hyper_connection import hc_pre as hc_pre_op
@@ -89,10 +92,10 @@ def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_split, sx_t, s
 
 @triton.jit
 def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
-                      T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps,
+                      T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps, q_ptr, qs_ptr,
                       N: tl.constexpr, NP: tl.constexpr, NC: tl.constexpr, SPLIT_P: tl.constexpr, HEAD: tl.constexpr,
                       BD: tl.constexpr, RNE_BITS: tl.constexpr, NORM: tl.constexpr = False,
-                      PDL: tl.constexpr = False):
+                      QUANT: tl.constexpr = False, FNUZ: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_start(PDL)
     t = tl.program_id(0)
     pd = tl.program_id(1)
@@ -144,7 +147,18 @@ def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_
         ur = tl.where(dm, ur, 0.0)
         y = ur * tl.rsqrt(tl.sum(ur * ur, axis=0) / D + norm_eps)
         y = y * tl.load(nw_ptr + d, mask=dm, other=0.0).to(tl.float32)
-        tl.store(u_ptr + t64 * su_t + d, cast_out(y, u_ptr, RNE_BITS), mask=dm)
+        yo = cast_out(y, u_ptr, RNE_BITS)
+        tl.store(u_ptr + t64 * su_t + d, yo, mask=dm)
+        if QUANT:  # the output's act_quant (quant.py _act_quant_kernel's arithmetic: the same bytes), per 128
+            yb = tl.reshape(yo.to(tl.float32), (BD // 128, 128))
+            amax = tl.maximum(tl.max(tl.abs(yb), axis=1), 1e-4)
+            e = fp8_block_exponent(amax, FNUZ)
+            qmax = fp8_quant_max(FNUZ)
+            v = tl.minimum(tl.maximum(yb * fp8_pow2(-e)[:, None], -qmax), qmax)
+            cols = tl.reshape(d, (BD // 128, 128))
+            tl.store(q_ptr + t64 * D + cols, fp8_encode(v, FNUZ), mask=cols < D)
+            blk = tl.arange(0, BD // 128)
+            tl.store(qs_ptr + t64 * tl.cdiv(D, 128) + blk, (e + 127).to(tl.uint8), mask=blk * 128 < D)
     else:
         tl.store(u_ptr + t64 * su_t + d, cast_out(u, u_ptr, RNE_BITS), mask=dm)
 
@@ -198,7 +212,7 @@ BD_POST = 1024
 MAX_NORM_D = 8192  # widest D whose norm is fused into the finish kernel (one program per token holds the row)
 
 
-def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm=None):
+def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm=None, quant=None):
     T, n, D = X.shape
     K = n * D
     nout = fn.shape[0]
@@ -214,7 +228,7 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm
     post = u if head else torch.empty((T, n), dtype=torch.float32, device=dev)  # head: never written
     comb = u if head else torch.empty((T, n, n), dtype=torch.float32, device=dev)
     if T == 0:
-        return u, post, comb
+        return (u, post, comb) if quant is None else (u, post, comb, fp8_act_quant_triton(u, 128, quant))
     nc = max(16, triton.next_power_of_2(nout))
     block_t = 16 if T <= 64 else (32 if T <= 512 else 64)
     n_tb = triton.cdiv(T, block_t)
@@ -229,15 +243,25 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm
     fuse_norm = norm is not None and triton.next_power_of_2(D) <= MAX_NORM_D
     bd = triton.next_power_of_2(D) if fuse_norm else min(BD_FINISH, triton.next_power_of_2(D))
     nw = _norm_weight(norm[0], D) if fuse_norm else scale
+    fuse_q = quant is not None and fuse_norm and bd >= 128
+    qd = Fp8Dialect.parse(quant) if quant is not None else Fp8Dialect.OCP
+    # the act_quant bytes with rows padded to a multiple of 4 (cuBLASLt's layout; linear's x_q allows it)
+    q = torch.empty((-(-T // 4) * 4, D), dtype=torch.uint8, device=dev) if fuse_q else None
+    qs = torch.empty((T, triton.cdiv(D, 128)), dtype=torch.uint8, device=dev) if fuse_q else None
     _hc_finish_kernel[(T, triton.cdiv(D, bd))](
         X, part, sq, scale, base, u, post, comb, T, D, K, split, float(rms_eps), float(hc_eps), int(iters),
-        X.stride(0), X.stride(1), u.stride(0), nw, float(norm[1]) if fuse_norm else 0.0, N=n,
+        X.stride(0), X.stride(1), u.stride(0), nw, float(norm[1]) if fuse_norm else 0.0,
+        q if fuse_q else u, qs if fuse_q else u, N=n,
         NP=triton.next_power_of_2(n), NC=nc, SPLIT_P=triton.next_power_of_2(split), HEAD=head, BD=bd,
-        RNE_BITS=bf16_rne_bits(X.dtype), NORM=fuse_norm, **pdl_args(dev),
+        RNE_BITS=bf16_rne_bits(X.dtype), NORM=fuse_norm, QUANT=fuse_q, FNUZ=qd is Fp8Dialect.FNUZ, **pdl_args(dev),
         num_warps=max(FINISH_WARPS, bd // 1024) if fuse_norm else FINISH_WARPS)
     if norm is not None and not fuse_norm:
         u = rms_norm_triton(u, norm[0], norm[1])
-    return u, post, comb
+    if quant is None:
+        return u, post, comb
+    if not fuse_q:
+        q, qs = fp8_act_quant_triton(u, 128, qd)
+    return u, post, comb, (q, qs)
 
 
 def _norm_weight(w, D: int) -> torch.Tensor:
@@ -246,11 +270,13 @@ def _norm_weight(w, D: int) -> torch.Tensor:
     return _lastdim_contig(w)
 
 
-def hc_pre_triton(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int, norm=None):
+def hc_pre_triton(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int, norm=None, quant=None):
     n = X.shape[1]
     if fn.shape[0] != (2 + n) * n:
         raise ValueError(f"hc_pre: fn has {fn.shape[0]} rows, expected (2 + n) n = {(2 + n) * n}")
-    return _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head=False, norm=norm)
+    if quant is not None and norm is None:
+        raise ValueError("hc_pre: quant= needs norm= (the act_quant is of the normed output)")
+    return _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head=False, norm=norm, quant=quant)
 
 
 def hc_head_triton(X, fn, scale, base, rms_eps: float, hc_eps: float, norm=None):

@@ -31,7 +31,7 @@ import torch
 
 from dsv4.numerics.fp8 import Fp8Dialect, e8m0_to_float
 from dsv4.ops.linear import linear as linear_op
-from dsv4.ops.linear import linear_reference
+from dsv4.ops.linear import linear_reference, usable_x_q
 
 try:
     from dsv4.kernels.triton.gemm import act_quant_into, act_scales_f32_t, linear_triton
@@ -52,12 +52,16 @@ def _pad4(m: int) -> int:
     return -(-m // 4) * 4
 
 
-def prepare_activation(x2: torch.Tensor):
+def prepare_activation(x2: torch.Tensor, x_q=None):
     """x2 [M, K] float -> (a: float8_e4m3fn [MP, K] (rows >= M unset), scale_a: fp32 (MP, K/128) with
-    strides (1, MP), M), MP = M rounded up to a multiple of 4; rows >= M have scale 1.0."""
+    strides (1, MP), M), MP = M rounded up to a multiple of 4; rows >= M have scale 1.0. x_q: the producer's OCP
+    act_quant of x2 (linear's `x_q`), used when its bytes hold MP rows."""
     M, K = x2.shape
     mp = _pad4(max(M, 1))
     nb = -(-K // QBLOCK)
+    if usable_x_q(x_q, M, K) and x_q[0].shape[0] >= mp:
+        q, s = x_q
+        return q[:mp].view(torch.float8_e4m3fn), act_scales_f32_t(s, mp), M
     q = torch.empty((mp, K), dtype=torch.uint8, device=x2.device)
     s = torch.empty((M, nb), dtype=torch.uint8, device=x2.device)
     act_quant_into(x2, q, s, Fp8Dialect.OCP)
@@ -82,17 +86,17 @@ def weight_scale_b(scale: torch.Tensor) -> torch.Tensor:
     return conv.t()
 
 
-def prepare_operands(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
+def prepare_operands(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, x_q=None):
     """Every argument of the torch._scaled_mm call, plus M: (a [MP, K] e4m3fn, b = weight.t() [K, N]
     (column-major), scale_a (MP, K/128) strides (1, MP), scale_b (K/128, N/128) strides (1, K/128), M)."""
-    a, sa, M = prepare_activation(x2)
+    a, sa, M = prepare_activation(x2, x_q)
     return a, weight.t(), sa, weight_scale_b(scale), M
 
 
-def _scaled_mm_official(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _scaled_mm_official(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, x_q=None) -> torch.Tensor:
     K = x.shape[-1]
     N = weight.shape[0]
-    a, b, sa, sb, M = prepare_operands(x.reshape(-1, K), weight, scale)
+    a, b, sa, sb, M = prepare_operands(x.reshape(-1, K), weight, scale, x_q)
     out = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=x.dtype)
     if isinstance(out, tuple):  # torch < 2.5 returned (out, amax)
         out = out[0]
@@ -121,10 +125,11 @@ def delegate_reason(x, weight, scale, act_quant) -> str | None:
     return None
 
 
-def linear_scaled_mm(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP):
+def linear_scaled_mm(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None):
     if delegate_reason(x, weight, scale, act_quant) is not None:
-        return linear_triton(x, weight, scale, act_quant, dialect)
-    return _scaled_mm_official(x, weight, scale)
+        return linear_triton(x, weight, scale, act_quant, dialect, x_q)
+    # the weight is OCP (delegate_reason), so are the bytes it multiplies: the producer's only if made in OCP
+    return _scaled_mm_official(x, weight, scale, x_q if Fp8Dialect.parse(dialect) is Fp8Dialect.OCP else None)
 
 
 # ----------------------------------------------------------------------------- capability

@@ -431,3 +431,19 @@ def test_gpu_hc_norm_fused(T):
         assert (got == want).float().mean() > 0.98, head
         torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2 ** -7)
         torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2 ** -6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64])
+def test_gpu_hc_quant(T):
+    """Compiled, Flash widths: hc_pre's act_quant of its normed output equals the standalone quantiser's bytes."""
+    g = torch.Generator(device="cuda").manual_seed(T + 7)
+    n, D = 4, 4096
+    X = torch.randn(T, n, D, device="cuda", generator=g).bfloat16()
+    w = 0.5 + torch.rand(D, device="cuda", generator=g)
+    fn = 0.02 * torch.randn((2 + n) * n, n * D, device="cuda", generator=g)
+    scale = 0.5 + torch.rand(3, device="cuda", generator=g)
+    base = 0.5 * torch.randn((2 + n) * n, device="cuda", generator=g)
+    u, _, _, (q, qs) = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 1e-6, 20, norm=(w, 1e-6), quant=Fp8Dialect.OCP)
+    wq, ws = kquant.fp8_act_quant_triton(u, 128, Fp8Dialect.OCP)
+    assert torch.equal(q[:T], wq) and torch.equal(qs, ws)

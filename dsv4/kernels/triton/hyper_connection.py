@@ -210,6 +210,7 @@ BD_FINISH = 1024
 FINISH_WARPS = 4
 BD_POST = 1024
 MAX_NORM_D = 8192  # widest D whose norm is fused into the finish kernel (one program per token holds the row)
+QUANT_OUT = True  # the act_quant of the normed output (quant=) in the finish kernel; False: the standalone quantiser
 
 
 def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm=None, quant=None):
@@ -243,7 +244,7 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm
     fuse_norm = norm is not None and triton.next_power_of_2(D) <= MAX_NORM_D
     bd = triton.next_power_of_2(D) if fuse_norm else min(BD_FINISH, triton.next_power_of_2(D))
     nw = _norm_weight(norm[0], D) if fuse_norm else scale
-    fuse_q = quant is not None and fuse_norm and bd >= 128
+    fuse_q = QUANT_OUT and quant is not None and fuse_norm and bd >= 128
     qd = Fp8Dialect.parse(quant) if quant is not None else Fp8Dialect.OCP
     # the act_quant bytes with rows padded to a multiple of 4 (cuBLASLt's layout; linear's x_q allows it)
     q = torch.empty((-(-T // 4) * 4, D), dtype=torch.uint8, device=dev) if fuse_q else None

@@ -61,7 +61,11 @@ class SharedExpert(nn.Module):
         self._swiglu = opts.ops.swiglu
 
     def forward(self, x: torch.Tensor, x_q=None) -> torch.Tensor:
-        h = self._swiglu(self._w13.joined(x, x_q), self.limit)  # in the GEMM's output dtype (x's)
+        gu = self._w13.joined(x, x_q)  # in x's dtype
+        if self.w2.act_quant and gu.dtype == x.dtype:  # h and its act_quant for w2 in one pass
+            h, hq = self._swiglu(gu, self.limit, quant=self.w2.dialect)
+            return self.w2(h, hq)
+        h = self._swiglu(gu, self.limit)
         return self.w2(h if h.dtype == x.dtype else h.to(x.dtype))
 
 

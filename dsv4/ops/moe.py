@@ -21,8 +21,10 @@ moe_experts(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit, act_qua
     (routed sum in float32 + shared in float32) rounded to shared's dtype, the MoE layer's output (one pass for the
     sum, the add and the cast).
 
-swiglu(gu, limit) -> [T, I] in gu's dtype: silu(min(g, L)) * clamp(u, -L, L) in float32 for gu = [g | u],
-    rounded once to gu's dtype (the shared expert's activation, what its w2 reads).
+swiglu(gu, limit, quant=None) -> [T, I] in gu's dtype: silu(min(g, L)) * clamp(u, -L, L) in float32 for
+    gu = [g | u], rounded once to gu's dtype (the shared expert's activation, what its w2 reads). With
+    `quant=dialect` (gu [T, 2I]): (h, (q, s)), (q, s) the fp8_act_quant (block 128) of h in that dialect, what
+    linear's `x_q` takes (q may have padding rows).
 """
 
 import torch
@@ -92,8 +94,13 @@ def with_shared(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tens
     return routed if shared is None else (routed + shared.float()).to(shared.dtype)
 
 
-def swiglu_reference(gu: torch.Tensor, limit: float) -> torch.Tensor:
-    return swiglu(gu, limit).to(gu.dtype)
+def swiglu_reference(gu: torch.Tensor, limit: float, quant=None):
+    h = swiglu(gu, limit).to(gu.dtype)
+    if quant is None:
+        return h
+    from dsv4.ops.quant import fp8_act_quant_reference
+
+    return h, fp8_act_quant_reference(h, 128, quant)
 
 
 swiglu_op = define_op("swiglu", swiglu_reference)

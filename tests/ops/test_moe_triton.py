@@ -679,3 +679,15 @@ def test_gpu_dispatch_one_program_equals_reference():
                 want = torch.where(ref[0] == -1, torch.full_like(ref[0], ids.numel()), ref[0])
                 assert torch.equal(slots.cpu(), want) and torch.equal(bexp.cpu(), ref[1]), (T, seed, bm)
                 assert int(nvb) == int(ref[2]) and ok.tolist() == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64])
+def test_gpu_swiglu_quant(T):
+    """Compiled, the shared expert's width (I = 2048): swiglu's act_quant of h equals the standalone quantiser's."""
+    from dsv4.kernels.triton.quant import fp8_act_quant_triton
+
+    gu = (3.0 * torch.randn(T, 4096, generator=gen(T))).bfloat16().cuda()
+    h, (q, s) = km.swiglu_triton(gu, 10.0, quant=Fp8Dialect.OCP)
+    wq, ws = fp8_act_quant_triton(h, 128, Fp8Dialect.OCP)
+    assert torch.equal(h, km.swiglu_triton(gu, 10.0)) and torch.equal(q[:T], wq) and torch.equal(s, ws)

@@ -14,6 +14,8 @@ import torch
 
 from dsv4.config import YarnScaling
 from dsv4.numerics import Fp8Dialect, ocp_to_fnuz, quantize_fp4_blocks, quantize_fp8_blocks
+from dsv4.numerics.fp8 import dequantize_fp8_blocks
+from dsv4.ops.quant import fp8_act_quant_reference
 from dsv4.ops.rope import rope_inv_freq
 from providers import provider_params
 
@@ -632,6 +634,25 @@ def test_swiglu(fn, T, I, dtype):
         torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-6)
         if T:
             assert float((got == want.to(dtype)).float().mean()) > 0.98
+
+
+@pytest.mark.parametrize("fn", provider_params("swiglu"))
+@pytest.mark.parametrize("T,I", [(3, 2048), (5, 300), (2, 100)])
+@pytest.mark.parametrize("dialect", [Fp8Dialect.OCP, Fp8Dialect.FNUZ], ids=["ocp", "fnuz"])
+def test_swiglu_quant(fn, T, I, dialect):
+    """swiglu(quant=): h as without it, and (q, s) h's act_quant: the same values as the reference quantiser's
+    (bytes of a Triton provider may be +0 where the reference writes OCP -0), rows of q past T allowed."""
+    big = torch.full((T, 2 * I + 5), float("nan"))
+    big[:, :2 * I] = 3.0 * torch.randn(T, 2 * I, generator=gen(9 + I))
+    gu = big.bfloat16()[:, :2 * I]
+    h0 = fn(gu, 2.5)
+    h, (q, s) = fn(gu, 2.5, quant=dialect)
+    assert torch.equal(h, h0)
+    wq, ws = fp8_act_quant_reference(h, 128, dialect)
+    assert q.shape[0] >= T and torch.equal(s, ws)
+    got = dequantize_fp8_blocks(q[:T], s, (128,), dialect, out_dtype=torch.float64)
+    want = dequantize_fp8_blocks(wq, ws, (128,), dialect, out_dtype=torch.float64)
+    assert torch.equal(got, want) and int(wq.count_nonzero()) > wq.numel() // 2
 
 
 # ============================================================================= MoE experts

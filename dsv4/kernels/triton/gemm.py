@@ -288,7 +288,7 @@ def act_quant_into(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor, dialect=F
     g = max(1, min(TILE_ELEMS // QBLOCK, triton.next_power_of_2(nb)))
     _act_quant_kernel[(M, triton.cdiv(nb, g))](
         x2, q, s, K, nb, QBLOCK, x2.stride(0), q.stride(0), s.stride(0),
-        G=g, BLOCK_P=QBLOCK, FNUZ=d is Fp8Dialect.FNUZ, AMAX_FLOOR=1e-4,
+        G=g, BLOCK_P=QBLOCK, FNUZ=d is Fp8Dialect.FNUZ,
         **pdl_args(x2.device), num_warps=max(1, min(8, g * QBLOCK // 512)))
 
 

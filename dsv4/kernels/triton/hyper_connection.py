@@ -20,10 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_encode, fp8_pow2, fp8_quant_max, interpreting,
-                                        pdl_args, pdl_start, register, sm_count)
+from dsv4.kernels.triton.common import interpreting, pdl_args, pdl_start, register, sm_count
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out, rms_norm_triton
-from dsv4.kernels.triton.quant import fp8_act_quant_triton
+from dsv4.kernels.triton.quant import act_quant_store_row, fp8_act_quant_triton
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.hyper_connection import hc_head as hc_head_op
 from dsv4.ops.hyper_connection import hc_post as hc_post_op
@@ -149,16 +148,9 @@ def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_
         y = y * tl.load(nw_ptr + d, mask=dm, other=0.0).to(tl.float32)
         yo = cast_out(y, u_ptr, RNE_BITS)
         tl.store(u_ptr + t64 * su_t + d, yo, mask=dm)
-        if QUANT:  # the output's act_quant (quant.py _act_quant_kernel's arithmetic: the same bytes), per 128
-            yb = tl.reshape(yo.to(tl.float32), (BD // 128, 128))
-            amax = tl.maximum(tl.max(tl.abs(yb), axis=1), 1e-4)
-            e = fp8_block_exponent(amax, FNUZ)
-            qmax = fp8_quant_max(FNUZ)
-            v = tl.minimum(tl.maximum(yb * fp8_pow2(-e)[:, None], -qmax), qmax)
-            cols = tl.reshape(d, (BD // 128, 128))
-            tl.store(q_ptr + t64 * D + cols, fp8_encode(v, FNUZ), mask=cols < D)
-            blk = tl.arange(0, BD // 128)
-            tl.store(qs_ptr + t64 * tl.cdiv(D, 128) + blk, (e + 127).to(tl.uint8), mask=blk * 128 < D)
+        if QUANT:  # the output's act_quant (the standalone quantiser's arithmetic: the same bytes)
+            act_quant_store_row(tl.where(dm, yo.to(tl.float32), 0.0), 0, q_ptr + t64 * D,
+                                qs_ptr + t64 * tl.cdiv(D, 128), D, BD, FNUZ)
     else:
         tl.store(u_ptr + t64 * su_t + d, cast_out(u, u_ptr, RNE_BITS), mask=dm)
 

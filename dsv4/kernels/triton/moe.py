@@ -60,6 +60,7 @@ from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
 from dsv4.ops.moe import moe_experts as moe_experts_op
 from dsv4.ops.moe import swiglu_op, with_shared
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
+from dsv4.kernels.triton.quant import act_quant_store_row, fp8_act_quant_triton
 from dsv4.ops.moe_dispatch import ExpertMap
 
 QB = 128  # FP8 activation quantisation block (channels) and FP8 weight block
@@ -413,18 +414,23 @@ def _swiglu_rows_kernel(gu_ptr, ids_ptr, g2l_ptr, rw_ptr, h_ptr, I, E_glob, s_gu
 # computes it, x / (1 + exp(-x))), rounded once to h's dtype: the shared expert's activation (ops/moe.py swiglu),
 # one launch where the reference takes five (upcast, two clamps, silu, product) and a sixth to round.
 @triton.jit
-def _swiglu_kernel(gu_ptr, h_ptr, I, s_gu, s_h, limit, RNE_BITS: tl.constexpr, BN: tl.constexpr,
-                   PDL: tl.constexpr = False):
+def _swiglu_kernel(gu_ptr, h_ptr, q_ptr, qs_ptr, I, s_gu, s_h, limit, RNE_BITS: tl.constexpr, BN: tl.constexpr,
+                   QUANT: tl.constexpr = False, FNUZ: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n0 = tl.program_id(1) * BN
+    n = n0 + tl.arange(0, BN)
     ok = n < I
     g = tl.load(gu_ptr + t * s_gu + n, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + t * s_gu + I + n, mask=ok, other=0.0).to(tl.float32)
     g = tl.minimum(g, limit)
     u = tl.minimum(tl.maximum(u, -limit), limit)
     h = g / (1.0 + tl.exp(-g)) * u
-    tl.store(h_ptr + t * s_h + n, cast_out(h, h_ptr, RNE_BITS), mask=ok)
+    ho = cast_out(h, h_ptr, RNE_BITS)
+    tl.store(h_ptr + t * s_h + n, ho, mask=ok)
+    if QUANT:  # h's act_quant for the FP8 linear that reads it (BN a multiple of 128)
+        act_quant_store_row(tl.where(ok, ho.to(tl.float32), 0.0), n0, q_ptr + t * I, qs_ptr + t * tl.cdiv(I, 128), I,
+                            BN, FNUZ)
 
 
 # ============================================================================= host side: experts
@@ -594,7 +600,7 @@ def swiglu_rows(gu: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expe
     return h
 
 
-def swiglu_triton(gu: torch.Tensor, limit: float) -> torch.Tensor:
+def swiglu_triton(gu: torch.Tensor, limit: float, quant=None):
     I2 = gu.shape[-1]
     if I2 % 2:
         raise ValueError(f"swiglu: the last dim {I2} of gu is not gate | up (odd)")
@@ -604,12 +610,22 @@ def swiglu_triton(gu: torch.Tensor, limit: float) -> torch.Tensor:
         g2 = g2.contiguous()
     T = g2.shape[0]
     h = torch.empty((T, I), dtype=gu.dtype, device=gu.device)
+    bn = min(1024, max(16, triton.next_power_of_2(I)))
+    fuse_q = quant is not None and gu.dim() == 2 and bn >= 128
+    if fuse_q:  # bytes with rows padded to a multiple of 4 (cuBLASLt's layout; linear's x_q allows it)
+        q = torch.empty((-(-T // 4) * 4, I), dtype=torch.uint8, device=gu.device)
+        qs = torch.empty((T, triton.cdiv(I, 128)), dtype=torch.uint8, device=gu.device)
     if T and I:
-        bn = min(1024, max(16, triton.next_power_of_2(I)))
-        _swiglu_kernel[(T, triton.cdiv(I, bn))](g2, h, I, g2.stride(0), h.stride(0), float(limit),
-                                               RNE_BITS=bf16_rne_bits(gu.dtype), BN=bn,
+        _swiglu_kernel[(T, triton.cdiv(I, bn))](g2, h, q if fuse_q else h, qs if fuse_q else h, I, g2.stride(0),
+                                               h.stride(0), float(limit), RNE_BITS=bf16_rne_bits(gu.dtype), BN=bn,
+                                               QUANT=fuse_q, FNUZ=fuse_q and Fp8Dialect.parse(quant) is Fp8Dialect.FNUZ,
                                                **pdl_args(gu.device), num_warps=4)
-    return h.reshape(*gu.shape[:-1], I)
+    h = h.reshape(*gu.shape[:-1], I)
+    if quant is None:
+        return h
+    if gu.dim() != 2:
+        raise ValueError(f"swiglu: quant= needs gu as [T, 2I], got {tuple(gu.shape)}")
+    return h, ((q, qs) if fuse_q else fp8_act_quant_triton(h, 128, quant))
 
 
 def check_experts_call(x, w13, w2, ids, weights, expert_map: ExpertMap | None):

@@ -63,8 +63,12 @@ class Attention(nn.Module):
         T = x.shape[0]
         pos = meta.positions
         qr, kv = self._x_proj(x, x_q)
-        qr = self.q_norm(qr)
-        q = self.wq_b(qr).view(T, self.n_heads, self.head_dim)
+        qr_q = None
+        if self.wq_b.act_quant and qr.dim() == 2:  # the normed qr and its act_quant for wq_b in one pass
+            qr, qr_q = self.q_norm(qr, quant=self.wq_b.dialect)
+        else:
+            qr = self.q_norm(qr)
+        q = self.wq_b(qr, qr_q).view(T, self.n_heads, self.head_dim)
         q = self._norm_rope(q, None, self.eps, pos, self.inv_freq)  # per-head norm, then RoPE: one op
         # kv_norm, RoPE and (official) the non-RoPE channels through FP8, the RoPE ones as they are: one op
         nope = self.head_dim - self.rope_dim if self.official else 0
@@ -74,7 +78,7 @@ class Attention(nn.Module):
             kvs = self._xf_proj(x.float())  # compressor kv, score (+ the indexer compressor's kv, score)
             proj += kvs[:2]
         if self.indexer is not None:
-            proj += self.indexer.project(x, qr, pos, kv_score=kvs[2:])
+            proj += self.indexer.project(x, qr, pos, kv_score=kvs[2:], qr_q=qr_q)
         # everything above reads only per-token values (and positions); the core reads the step's sequences
         core = partial(self._core, lc=lc, block_table=block_table)
         o = core(meta, *proj) if meta.islands is None else meta.islands(core, *proj)

@@ -71,13 +71,13 @@ class Indexer(nn.Module):
     def forward(self, x, qr, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
         return self.select(*self.project(x, qr, meta.positions), meta, lc, block_table)
 
-    def project(self, x, qr, positions, kv_score=None) -> tuple[torch.Tensor, ...]:
+    def project(self, x, qr, positions, kv_score=None, qr_q=None) -> tuple[torch.Tensor, ...]:
         """The per-token part (no step metadata beyond positions): the compressor's projections, the RoPE'd
         (and, official, Hadamard + FP4 simulated) index queries [T, H, d] and the head weights [T, H] fp32.
         `kv_score`: the compressor's projections when the caller computed them (fused with its own
-        projections of the same input)."""
+        projections of the same input); `qr_q`: qr's act_quant (made by the q norm) or None."""
         kv, score = kv_score if kv_score else self.compressor.project(x)
-        q = self.wq_b(qr).view(x.shape[0], self.n_heads, self.head_dim)
+        q = self.wq_b(qr, qr_q).view(x.shape[0], self.n_heads, self.head_dim)
         q = self._rope(q, positions, self.inv_freq)
         if self.official:
             q = self._fp4_rt(q, 32, hadamard=True)  # Hadamard rotation + FP4 round trip (one launch in Triton)

@@ -60,8 +60,11 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", torch.empty(dim, dtype=torch.float32))
         self._norm = opts.ops.rms_norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, quant=None):
+        """quant=dialect: (y, y's act_quant) for the FP8 linear that reads y (rms_norm's `quant`)."""
+        if quant is None:
+            return self._norm(x, self.weight, self.eps)
+        return self._norm(x, self.weight, self.eps, quant=quant)
 
     def params(self) -> tuple[torch.Tensor, float]:
         """(weight, eps): for an op that applies this norm to its own output (hc_pre / hc_head's `norm`)."""

@@ -636,6 +636,25 @@ def test_swiglu(fn, T, I, dtype):
             assert float((got == want.to(dtype)).float().mean()) > 0.98
 
 
+@pytest.mark.parametrize("fn", provider_params("rms_norm"))
+@pytest.mark.parametrize("M,N", [(3, 1536), (11, 512), (5, 300), (2, 64)])
+@pytest.mark.parametrize("dialect", [Fp8Dialect.OCP, Fp8Dialect.FNUZ], ids=["ocp", "fnuz"])
+def test_rms_norm_quant(fn, M, N, dialect):
+    """rms_norm(quant=): y as without it, and (q, s) y's act_quant: the same values as the reference quantiser's,
+    rows of q past M allowed. N = 512: several rows per program (11 rows: a partial last program); N = 300: a
+    partial block; N = 64: narrower than a block (the standalone quantiser)."""
+    x = (2.0 * torch.randn(M, N, generator=gen(5 + N))).bfloat16()
+    w = 0.5 + torch.rand(N, generator=gen(6))
+    y0 = fn(x, w, 1e-6)
+    y, (q, s) = fn(x, w, 1e-6, quant=dialect)
+    assert torch.equal(y, y0)
+    wq, ws = fp8_act_quant_reference(y, 128, dialect)
+    assert q.shape[0] >= M and torch.equal(s, ws)
+    got = dequantize_fp8_blocks(q[:M], s, (128,), dialect, out_dtype=torch.float64)
+    want = dequantize_fp8_blocks(wq, ws, (128,), dialect, out_dtype=torch.float64)
+    assert torch.equal(got, want) and int(wq.count_nonzero()) > wq.numel() // 2
+
+
 @pytest.mark.parametrize("fn", provider_params("swiglu"))
 @pytest.mark.parametrize("T,I", [(3, 2048), (5, 300), (2, 100)])
 @pytest.mark.parametrize("dialect", [Fp8Dialect.OCP, Fp8Dialect.FNUZ], ids=["ocp", "fnuz"])

@@ -447,3 +447,16 @@ def test_gpu_hc_quant(T):
     u, _, _, (q, qs) = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 1e-6, 20, norm=(w, 1e-6), quant=Fp8Dialect.OCP)
     wq, ws = kquant.fp8_act_quant_triton(u, 128, Fp8Dialect.OCP)
     assert torch.equal(q[:T], wq) and torch.equal(qs, ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N", [(1, 1536), (64, 1536), (7, 512)])
+def test_gpu_rms_norm_quant(M, N):
+    """Compiled: rms_norm's act_quant of its output (the q norm's, 1,536 wide; several rows per program at 512)
+    equals the standalone quantiser's bytes."""
+    g = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    w = 0.5 + torch.rand(N, device="cuda", generator=g)
+    y, (q, s) = knorm.rms_norm_triton(x, w, 1e-6, quant=Fp8Dialect.OCP)
+    wq, ws = kquant.fp8_act_quant_triton(y, 128, Fp8Dialect.OCP)
+    assert torch.equal(y, knorm.rms_norm_triton(x, w, 1e-6)) and torch.equal(q[:M], wq) and torch.equal(s, ws)

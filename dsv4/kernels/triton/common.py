@@ -163,3 +163,34 @@ def fp8_quant_max(FNUZ: tl.constexpr):
 def fp8_pow2(e):
     """2^e as float32 from integer e in [-126, 127], exactly (built from the exponent bits)."""
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+# ----------------------------------------------------------------------------- act_quant inside producer kernels
+
+
+@triton.jit
+def act_quant_blocks(x, FNUZ: tl.constexpr):
+    """The act_quant of each row of the fp32 tile x [blocks, block] (one block per row; masked lanes 0): (FP8
+    bytes, scale exponents e: the scale byte is e + 127). Shared by every kernel that writes an act_quant."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
+    e = fp8_block_exponent(amax, FNUZ)  # FNUZ: scale 2x OCP's, clamp 224 (numerics.Fp8Dialect.quant_max)
+    qmax = fp8_quant_max(FNUZ)
+    inv_s = fp8_pow2(-e)  # exact: amax in [1e-4, 3.4e38] gives e in [-22, 121]
+    y = tl.minimum(tl.maximum(x * inv_s[:, None], -qmax), qmax)
+    return fp8_encode(y, FNUZ), e
+
+
+@triton.jit
+def act_quant_store(y, rows, row_ok, cols, q_ptr, s_ptr, sq, ss, K, R: tl.constexpr, BN: tl.constexpr,
+                    FNUZ: tl.constexpr):
+    """Store the act_quant (block 128) of the fp32 tile y [R, BN] (rows `rows` [R], consecutive columns `cols`
+    [BN] starting at a multiple of 128; lanes at or past K, or of rows not row_ok, masked and 0 in y): bytes at
+    q_ptr + row * sq + column, scale bytes at s_ptr + row * ss + column // 128."""
+    nb: tl.constexpr = R * BN // 128
+    r64 = rows.to(tl.int64)
+    ok = tl.reshape(row_ok[:, None] & (cols[None, :] < K), (nb, 128))
+    qoff = tl.reshape(r64[:, None] * sq + cols[None, :], (nb, 128))
+    soff = tl.max(tl.reshape(r64[:, None] * ss + (cols // 128)[None, :], (nb, 128)), axis=1)
+    qb, e = act_quant_blocks(tl.reshape(y, (nb, 128)), FNUZ)
+    tl.store(q_ptr + qoff, qb, mask=ok)
+    tl.store(s_ptr + soff, (e + 127).to(tl.uint8), mask=tl.max(ok.to(tl.int32), axis=1) > 0)

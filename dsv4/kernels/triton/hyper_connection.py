@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import interpreting, pdl_args, pdl_start, register, sm_count
+from dsv4.kernels.triton.common import act_quant_store, interpreting, pdl_args, pdl_start, register, sm_count
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out, rms_norm_triton
-from dsv4.kernels.triton.quant import act_quant_store_row, fp8_act_quant_triton
+from dsv4.kernels.triton.quant import fp8_act_quant_triton
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.hyper_connection import hc_head as hc_head_op
 from dsv4.ops.hyper_connection import hc_post as hc_post_op
@@ -149,8 +149,8 @@ def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_
         yo = cast_out(y, u_ptr, RNE_BITS)
         tl.store(u_ptr + t64 * su_t + d, yo, mask=dm)
         if QUANT:  # the output's act_quant (the standalone quantiser's arithmetic: the same bytes)
-            act_quant_store_row(tl.where(dm, yo.to(tl.float32), 0.0), 0, q_ptr + t64 * D,
-                                qs_ptr + t64 * tl.cdiv(D, 128), D, BD, FNUZ)
+            act_quant_store(tl.where(dm, yo.to(tl.float32), 0.0)[None, :], tl.zeros([1], tl.int64) + t64,
+                            tl.full([1], 1, tl.int1), d, q_ptr, qs_ptr, D, tl.cdiv(D, 128), D, 1, BD, FNUZ)
     else:
         tl.store(u_ptr + t64 * su_t + d, cast_out(u, u_ptr, RNE_BITS), mask=dm)
 

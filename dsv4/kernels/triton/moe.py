@@ -52,15 +52,15 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
-                                        interpreting, max_shared_mem, pdl_args, pdl_start, register)
+from dsv4.kernels.triton.common import (act_quant_store, fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2,
+                                        fp8_quant_max, interpreting, max_shared_mem, pdl_args, pdl_start, register)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import weight_format
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
 from dsv4.ops.moe import moe_experts as moe_experts_op
 from dsv4.ops.moe import swiglu_op, with_shared
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
-from dsv4.kernels.triton.quant import act_quant_store_row, fp8_act_quant_triton
+from dsv4.kernels.triton.quant import fp8_act_quant_triton
 from dsv4.ops.moe_dispatch import ExpertMap
 
 QB = 128  # FP8 activation quantisation block (channels) and FP8 weight block
@@ -429,8 +429,8 @@ def _swiglu_kernel(gu_ptr, h_ptr, q_ptr, qs_ptr, I, s_gu, s_h, limit, RNE_BITS: 
     ho = cast_out(h, h_ptr, RNE_BITS)
     tl.store(h_ptr + t * s_h + n, ho, mask=ok)
     if QUANT:  # h's act_quant for the FP8 linear that reads it (BN a multiple of 128)
-        act_quant_store_row(tl.where(ok, ho.to(tl.float32), 0.0), n0, q_ptr + t * I, qs_ptr + t * tl.cdiv(I, 128), I,
-                            BN, FNUZ)
+        act_quant_store(tl.where(ok, ho.to(tl.float32), 0.0)[None, :], tl.zeros([1], tl.int64) + t,
+                        tl.full([1], 1, tl.int1), n, q_ptr, qs_ptr, I, tl.cdiv(I, 128), I, 1, BN, FNUZ)
 
 
 # ============================================================================= host side: experts

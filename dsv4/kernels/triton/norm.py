@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import interpreting, pdl_args, pdl_start, register
+from dsv4.kernels.triton.common import act_quant_store, interpreting, pdl_args, pdl_start, register
+from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.norm import rms_norm as rms_norm_op
 
 
@@ -44,9 +45,10 @@ def cast_out(y, ptr, RNE_BITS: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_tile_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_x, stride_y, eps,
+def _rms_norm_tile_kernel(x_ptr, w_ptr, y_ptr, q_ptr, qs_ptr, M, N, stride_x, stride_y, eps,
                           HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          RNE_BITS: tl.constexpr, PDL: tl.constexpr = False):
+                          RNE_BITS: tl.constexpr, QUANT: tl.constexpr = False, FNUZ: tl.constexpr = False,
+                          PDL: tl.constexpr = False):
     pdl_start(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
@@ -60,7 +62,11 @@ def _rms_norm_tile_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_x, stride_y, eps,
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         y = y * w[None, :]
-    tl.store(y_ptr + r64[:, None] * stride_y + cols[None, :], cast_out(y, y_ptr, RNE_BITS), mask=mask)
+    yo = cast_out(y, y_ptr, RNE_BITS)
+    tl.store(y_ptr + r64[:, None] * stride_y + cols[None, :], yo, mask=mask)
+    if QUANT:  # y's act_quant for the FP8 linear that reads it (BLOCK_N >= 128)
+        act_quant_store(tl.where(mask, yo.to(tl.float32), 0.0), rows, rmask, cols, q_ptr, qs_ptr, N,
+                        tl.cdiv(N, 128), N, ROWS, BLOCK_N, FNUZ)
 
 
 @triton.jit
@@ -96,31 +102,45 @@ def _num_warps(elems: int) -> int:
     return max(1, min(16, elems // 512))
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, quant=None):
     N = x.shape[-1]
+    if quant is not None and x.dim() != 2:
+        raise ValueError(f"rms_norm: quant= needs x as [M, N], got {tuple(x.shape)}")
     x2 = x.reshape(-1, N)
     if N > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y.view(x.shape)
-    w = weight if weight is not None else x2  # dummy pointer when un-weighted (never read)
-    if weight is not None and weight.stride(-1) != 1:
-        w = weight.contiguous()
-    rne = bf16_rne_bits(x.dtype)
-    block_n = triton.next_power_of_2(N)
-    if block_n <= MAX_TILE:
-        rows = max(1, min(TILE_ELEMS // block_n, triton.next_power_of_2(M)))
-        _rms_norm_tile_kernel[(triton.cdiv(M, rows),)](
-            x2, w, y, M, N, x2.stride(0), y.stride(0), float(eps),
-            HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n, RNE_BITS=rne,
-            **pdl_args(x.device), num_warps=_num_warps(rows * block_n))
-    else:
-        _rms_norm_chunked_kernel[(M,)](
-            x2, w, y, N, x2.stride(0), y.stride(0), float(eps),
-            HAS_W=weight is not None, CHUNK=CHUNK, RNE_BITS=rne, **pdl_args(x.device), num_warps=_num_warps(CHUNK) * 2)
-    return y.view(x.shape)
+    block_n = triton.next_power_of_2(max(N, 1))
+    fuse_q = quant is not None and 128 <= block_n <= MAX_TILE
+    if fuse_q:  # bytes with rows padded to a multiple of 4 (cuBLASLt's layout; linear's x_q allows it)
+        q = torch.empty((-(-M // 4) * 4, N), dtype=torch.uint8, device=x.device)
+        qs = torch.empty((M, triton.cdiv(N, 128)), dtype=torch.uint8, device=x.device)
+    if M and N:
+        w = weight if weight is not None else x2  # dummy pointer when un-weighted (never read)
+        if weight is not None and weight.stride(-1) != 1:
+            w = weight.contiguous()
+        rne = bf16_rne_bits(x.dtype)
+        if block_n <= MAX_TILE:
+            rows = max(1, min(TILE_ELEMS // block_n, triton.next_power_of_2(M)))
+            _rms_norm_tile_kernel[(triton.cdiv(M, rows),)](
+                x2, w, y, q if fuse_q else y, qs if fuse_q else y, M, N, x2.stride(0), y.stride(0), float(eps),
+                HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n, RNE_BITS=rne, QUANT=fuse_q,
+                FNUZ=fuse_q and Fp8Dialect.parse(quant) is Fp8Dialect.FNUZ,
+                **pdl_args(x.device), num_warps=_num_warps(rows * block_n))
+        else:
+            _rms_norm_chunked_kernel[(M,)](
+                x2, w, y, N, x2.stride(0), y.stride(0), float(eps),
+                HAS_W=weight is not None, CHUNK=CHUNK, RNE_BITS=rne, **pdl_args(x.device),
+                num_warps=_num_warps(CHUNK) * 2)
+    y = y.view(x.shape)
+    if quant is None:
+        return y
+    if fuse_q:
+        return y, (q, qs)
+    from dsv4.kernels.triton.quant import fp8_act_quant_triton  # (quant.py imports this module)
+
+    return y, fp8_act_quant_triton(y, 128, quant)
 
 
 register(rms_norm_op, rms_norm_triton)

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
-                                        interpreting, pdl_args, pdl_start, register)
+from dsv4.kernels.triton.common import (act_quant_blocks, fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2,
+                                        fp8_quant_max, interpreting, pdl_args, pdl_start, register)
 from dsv4.kernels.triton.norm import cast_out
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.numerics.hadamard import hadamard_transform
@@ -40,18 +40,6 @@ from dsv4.ops.quant import fp8_roundtrip as fp8_roundtrip_op
 
 
 @triton.jit
-def act_quant_blocks(x, FNUZ: tl.constexpr):
-    """The act_quant of each row of the fp32 tile x [blocks, block] (one block per row; masked lanes 0): (FP8
-    bytes, scale exponents e: the scale byte is e + 127). Shared by every kernel that writes an act_quant."""
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
-    e = fp8_block_exponent(amax, FNUZ)  # FNUZ: scale 2x OCP's, clamp 224 (numerics.Fp8Dialect.quant_max)
-    qmax = fp8_quant_max(FNUZ)
-    inv_s = fp8_pow2(-e)  # exact: amax in [1e-4, 3.4e38] gives e in [-22, 121]
-    y = tl.minimum(tl.maximum(x * inv_s[:, None], -qmax), qmax)
-    return fp8_encode(y, FNUZ), e
-
-
-@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NB, block, sx, sq, ss,
                       G: tl.constexpr, BLOCK_P: tl.constexpr, FNUZ: tl.constexpr, PDL: tl.constexpr = False):
     pdl_start(PDL)
@@ -64,18 +52,6 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NB, block, sx, sq, ss,
     qb, e = act_quant_blocks(x, FNUZ)
     tl.store(q_ptr + row * sq + cols, qb, mask=mask)
     tl.store(s_ptr + row * ss + bs, (e + 127).to(tl.uint8), mask=bs < NB)
-
-
-@triton.jit
-def act_quant_store_row(y, col0, q_row, s_row, K, BN: tl.constexpr, FNUZ: tl.constexpr):
-    """Store the act_quant (block 128) of one row's fp32 values y [BN] at columns col0 .. col0 + BN - 1 (col0 a
-    multiple of 128; lanes at or past K masked, and 0 in y): bytes at q_row + column, scale bytes at
-    s_row + column // 128."""
-    cols = tl.reshape(col0 + tl.arange(0, BN), (BN // 128, 128))
-    qb, e = act_quant_blocks(tl.reshape(y, (BN // 128, 128)), FNUZ)
-    tl.store(q_row + cols, qb, mask=cols < K)
-    blk = col0 // 128 + tl.arange(0, BN // 128)
-    tl.store(s_row + blk, (e + 127).to(tl.uint8), mask=blk * 128 < K)
 
 
 TILE_ELEMS = 4096

@@ -86,7 +86,7 @@ def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, be
 # threads: the barrier between them orders the two (CTA-wide memory ordering of global stores).
 @triton.jit
 def _dispatch_small_kernel(ids_ptr, g2l_ptr, flags_ptr, slots_ptr, bexp_ptr, N, E_glob, E_loc, max_rows, max_blocks,
-                           BM, PAD, NP: tl.constexpr, EP: tl.constexpr, RB: tl.constexpr):
+                           BM, PAD, NP: tl.constexpr, EP: tl.constexpr, RB: tl.constexpr, BB: tl.constexpr):
     i = tl.arange(0, NP)
     in_n = i < N
     gid = tl.load(ids_ptr + i, mask=in_n, other=0).to(tl.int64)
@@ -109,8 +109,8 @@ def _dispatch_small_kernel(ids_ptr, g2l_ptr, flags_ptr, slots_ptr, bexp_ptr, N, 
         tl.store(slots_ptr + r, tl.full((RB,), 0, tl.int32) + PAD, mask=r < max_rows)
     tl.debug_barrier()
     tl.store(slots_ptr + tl.where(valid, dest, 0), i, mask=valid)
-    for b0 in range(0, max_blocks, RB):
-        b = b0 + tl.arange(0, RB)
+    for b0 in range(0, max_blocks, BB):  # BB x EP comparisons per step
+        b = b0 + tl.arange(0, BB)
         eb = tl.sum(((bend[None, :] <= b[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
         tl.store(bexp_ptr + b, tl.where(b < total, eb, -1), mask=b < max_blocks)
     nbad = tl.sum((in_n & ~inr).to(tl.int32), axis=0)
@@ -150,7 +150,7 @@ def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int, 
     if small:
         _dispatch_small_kernel[(1,)](ids_c, g2l, flags, slots, bexp, N, expert_map.num_global, E_loc, mr, mb,
                                      block_m, int(pad), NP=max(16, triton.next_power_of_2(N)), EP=ep, RB=256,
-                                     num_warps=4)
+                                     BB=32, num_warps=4)
         return slots, bexp, nvb[0], counts, ok
     rank = torch.empty(max(N, 1), dtype=torch.int32, device=dev)
     ch = 64

@@ -165,6 +165,26 @@ def fp8_pow2(e):
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
+# ----------------------------------------------------------------------------- store-side cast (bf16 RNE in the interpreter)
+
+
+def bf16_rne_bits(dtype: torch.dtype) -> bool:
+    """The `RNE_BITS` constexpr for `cast_out`: round fp32 -> bf16 on the bits (interpreter only)."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+@triton.jit
+def cast_out(y, ptr, RNE_BITS: tl.constexpr):
+    """Cast float32 `y` to the element type of `ptr` for a store. RNE_BITS: bf16 by bit arithmetic
+    (round to nearest even; finite values), for the interpreter whose bf16 cast truncates."""
+    if RNE_BITS:
+        b = y.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(ptr.dtype.element_ty)
+
+
 # ----------------------------------------------------------------------------- act_quant inside producer kernels
 
 

@@ -1,8 +1,9 @@
 """Triton rms_norm (dsv4/ops/norm.py): y = x * rsqrt(mean(x^2) + eps) [* w], fp32 math, x's dtype out.
 
-Also home of `cast_out`, the store-side cast shared by the small-op kernels (rope, mHC): the Triton
-CPU interpreter truncates fp32 -> bf16 instead of rounding to nearest even (design.md §6), so under the
-interpreter the bf16 rounding is done on the float32 bits; on a GPU it is the native cast.
+`cast_out`, the store-side cast shared by the small-op kernels (rope, mHC), lives in common.py (re-exported here):
+the Triton CPU interpreter truncates fp32 -> bf16 instead of rounding to nearest even (design.md §6), so under the
+interpreter the bf16 rounding is done on the float32 bits; on a GPU it is the native cast. With `quant=` the
+tile kernel also writes its output's act_quant (common.act_quant_store), for the FP8 linear that reads it.
 """
 
 from __future__ import annotations
@@ -12,26 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import act_quant_store, interpreting, pdl_args, pdl_start, register
+from dsv4.kernels.triton.common import (act_quant_store, bf16_rne_bits, cast_out, pdl_args, pdl_start,  # noqa: F401
+                                        register)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.norm import rms_norm as rms_norm_op
-
-
-def bf16_rne_bits(dtype: torch.dtype) -> bool:
-    """The `RNE_BITS` constexpr for `cast_out`: round fp32 -> bf16 on the bits (interpreter only)."""
-    return dtype == torch.bfloat16 and interpreting()
-
-
-@triton.jit
-def cast_out(y, ptr, RNE_BITS: tl.constexpr):
-    """Cast float32 `y` to the element type of `ptr` for a store. RNE_BITS: bf16 by bit arithmetic
-    (round to nearest even; finite values), for the interpreter whose bf16 cast truncates."""
-    if RNE_BITS:
-        b = y.to(tl.uint32, bitcast=True)
-        b = b + 0x7FFF + ((b >> 16) & 1)
-        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return y.to(ptr.dtype.element_ty)
 
 
 # Work decomposition. Rows of N <= MAX_TILE (every norm of the model: 4096, 1024, 512, 128 per head):
@@ -138,7 +123,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, qu
         return y
     if fuse_q:
         return y, (q, qs)
-    from dsv4.kernels.triton.quant import fp8_act_quant_triton  # (quant.py imports this module)
+    from dsv4.kernels.triton.quant import fp8_act_quant_triton
 
     return y, fp8_act_quant_triton(y, 128, quant)
 

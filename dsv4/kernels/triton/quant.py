@@ -21,9 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (act_quant_blocks, fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2,
-                                        fp8_quant_max, interpreting, pdl_args, pdl_start, register)
-from dsv4.kernels.triton.norm import cast_out
+from dsv4.kernels.triton.common import (act_quant_blocks, cast_out, fp8_block_exponent, fp8_decode, fp8_encode,
+                                        fp8_pow2, fp8_quant_max, interpreting, pdl_args, pdl_start, register)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.numerics.hadamard import hadamard_transform
 from dsv4.ops.quant import fp4_roundtrip as fp4_roundtrip_op

@@ -217,8 +217,25 @@ def variant_sweep(a) -> None:
             row = {"batch": B, "variant": name, "graph_ms": ts[len(ts) // 2], "graph_ms_min": ts[0],
                    "graph_ms_per_layer": ts[len(ts) // 2] / a.layers, "max_abs_logit_diff": worst[v],
                    "steps": len(ts)}
+            if a.profile_graphs and v == 0:  # kernel table of the first variant's replays
+                from torch.profiler import ProfilerActivity, profile
+
+                ids = torch.randint(0, lm.cfg.vocab_size, (B,), generator=g)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        graphs[0].run(ids, slots, [pos] * B)
+                    torch.cuda.synchronize()
+                ka = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                            key=lambda e: -e.device_time_total)
+                row["kernels_ms_per_step"] = [(e.key[:70], round(e.device_time_total / 3e3, 4), e.count // 3)
+                                              for e in ka[:45]]
+                row["gpu_ms_per_step"] = sum(e.self_device_time_total for e in ka) / 3e3
+                row["launches_per_step"] = sum(e.count for e in ka) // 3
             out["rows"].append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row)[:400], flush=True)
+            if a.out:  # written as it goes: a run cut by its time limit keeps what it measured
+                with open(a.out, "w") as f:
+                    json.dump(out, f, indent=1)
         del caches, graphs
         torch.cuda.empty_cache()
     if a.out:

@@ -5,7 +5,9 @@ hc_pre / hc_head run as two kernels:
      the row sums of squares, split over K when there are too few token blocks to fill the GPU;
   2. `_hc_finish_kernel`: per token, sums the K-split partials, applies rsqrt(mean + eps), the sigmoids,
      the row softmax + eps and the Sinkhorn normalisation (n x n in registers), stores post / comb, and
-     computes its D-chunk of u = sum_j pre_j X_j.
+     computes its D-chunk of u = sum_j pre_j X_j. With `norm=` (D <= MAX_NORM_D) one program holds a token's
+     whole row and applies the RMSNorm that follows in the model to u rounded to X's dtype; with `quant=` it
+     also writes that output's act_quant (common.act_quant_store) for the FP8 linears that read it.
 X is therefore read twice (mix, then u). A single read would need a token's whole 4 x 4096 stream
 resident across the GEMM while fn (1.5 MB fp32) is streamed per token block; with the >= 16-token
 blocks that keep fn's L2 traffic below X's own traffic, that is 0.5-2 MB of live state per program, so

@@ -10,8 +10,9 @@ slow: instructions per K step divided by the elements each thread handles per st
     PYTHONPATH=. python3 benchmarks/kernel_sass.py moe_w4a8 bm=64,bn=128,warps=4,stages=3,asm=1 asm=0
     PYTHONPATH=. python3 benchmarks/kernel_sass.py attention block_h=16,num_warps=4 --dump /tmp/attn.sass
 
-Kernels: moe_w4a8 (gate-up and down; keys bm, bn, warps, stages, asm, fnuz) and attention (the sparse-attention
-kernel; keys as benchmarks/attention_ptxas.py's report()).
+Kernels: moe_w4a8 (gate-up and down; keys bm, bn, warps, stages, asm, fnuz), attention (the sparse-attention
+kernel; keys as benchmarks/attention_ptxas.py's report()) and decode_glue (the decode step's fused small kernels:
+GEMM with last-program split-K, hc finish + norm + act_quant, norm / SwiGLU + act_quant, one-program dispatch).
 """
 
 from __future__ import annotations
@@ -118,7 +119,48 @@ def attention(**kw) -> dict:
     return {"sparse_attn": report(compile_kernel(**kw))}
 
 
-KERNELS = {"moe_w4a8": moe_w4a8, "attention": attention}
+def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
+    """Reports of the decode step's fused small kernels at Flash widths: the decode-regime FP8 GEMM with the
+    last-program split-K reduction, hc_pre's finish with the norm and act_quant, the q norm and the shared expert's
+    SwiGLU with their act_quant, the one-program MoE dispatch (`warps` applies to the GEMM)."""
+    import triton.language as tl
+
+    from dsv4.kernels.triton import gemm as G
+    from dsv4.kernels.triton import hyper_connection as H
+    from dsv4.kernels.triton import moe as M
+    from dsv4.kernels.triton import moe_dispatch as MD
+    from dsv4.kernels.triton import norm as NM
+
+    q = dict(FNUZ=bool(fnuz), PDL=True)
+    gemm = compile_sm90(G._gemm_kernel, {"a_ptr": "*u8", "sa_ptr": "*u8", "w_ptr": "*u8", "sw_ptr": "*u8",
+                                         "c_ptr": "*fp32", "out_ptr": "*bf16", "cnt_ptr": "*i32"},
+                        dict(A_FP8=True, A_FNUZ=False, W_FMT=1, W_FNUZ=False, HW=1, DOT_DT=tl.bfloat16, IEEE=False,
+                             BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, EVEN_K=True, PREFETCH=True,
+                             LAST_REDUCE=True, PDL=True),
+                        divisible=("R", "K", "s_am", "s_sam", "s_wn", "s_swn", "s_cm", "s_cs"), num_warps=warps,
+                        num_stages=4)
+    fin = compile_sm90(H._hc_finish_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32", "sq_ptr": "*fp32",
+                                             "scale_ptr": "*fp32", "base_ptr": "*fp32", "u_ptr": "*bf16",
+                                             "post_ptr": "*fp32", "comb_ptr": "*fp32", "nw_ptr": "*fp32",
+                                             "q_ptr": "*u8", "qs_ptr": "*u8"},
+                       dict(N=4, NP=4, NC=32, SPLIT_P=32, HEAD=False, BD=4096, RNE_BITS=False, NORM=True, QUANT=True,
+                            **q), divisible=("D", "K", "sx_t", "sx_j", "su_t"), floats=("rms_eps", "hc_eps",
+                                                                                         "norm_eps"), num_warps=4)
+    norm = compile_sm90(NM._rms_norm_tile_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16",
+                                                   "q_ptr": "*u8", "qs_ptr": "*u8"},
+                        dict(HAS_W=True, ROWS=2, BLOCK_N=2048, RNE_BITS=False, QUANT=True, **q),
+                        divisible=("N", "stride_x", "stride_y"), floats=("eps",), num_warps=8)
+    swi = compile_sm90(M._swiglu_kernel, {"gu_ptr": "*bf16", "h_ptr": "*bf16", "q_ptr": "*u8", "qs_ptr": "*u8"},
+                       dict(RNE_BITS=False, BN=1024, QUANT=True, **q), divisible=("I", "s_gu", "s_h"),
+                       floats=("limit",), num_warps=4)
+    disp = compile_sm90(MD._dispatch_small_kernel, {"ids_ptr": "*i64", "g2l_ptr": "*i32", "flags_ptr": "*i32",
+                                                    "slots_ptr": "*i32", "bexp_ptr": "*i32"},
+                        dict(NP=64, EP=256, RB=256, BB=32), num_warps=4)
+    return {"gemm_last_reduce": report(gemm), "hc_finish_norm_quant": report(fin), "rms_norm_quant": report(norm),
+            "swiglu_quant": report(swi), "dispatch_one_program": report(disp)}
+
+
+KERNELS = {"moe_w4a8": moe_w4a8, "attention": attention, "decode_glue": decode_glue}
 
 
 def main() -> None:

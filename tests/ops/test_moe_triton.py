@@ -193,9 +193,9 @@ def test_dispatch(case, path, monkeypatch):
         monkeypatch.setattr(kd, "SMALL_N", 256)
     ref = dispatch_reference(ids, emap, bm)
     check_dispatch_invariants(*ref, ids, emap, bm)
-    slots, bexp, nvb, counts, ok = km.moe_dispatch_triton(ids, emap, bm)
+    slots, bexp, nvb, counts, ok, rows = km.moe_dispatch_triton(ids, emap, bm)
     check_dispatch_invariants(slots, bexp, nvb, ids, emap, bm)
-    assert ok.tolist() == [1]
+    assert ok.tolist() == [1] and rows.tolist() == [int(nvb) * bm]
     assert torch.equal(bexp, ref[1]) and int(nvb) == int(ref[2])
     loc = emap.global_to_local()[ids.reshape(-1)]
     assert counts[:-1].tolist() == [int((loc == e).sum()) for e in range(emap.num_local)] and int(counts[-1]) == 0
@@ -221,16 +221,17 @@ def test_dispatch_one_program_equals_reference(N_tok, k, E, bm):
         emap = ExpertMap.identity(E)
         ref = dispatch_reference(ids, emap, bm)
         for pad in (-1, ids.numel()):
-            slots, bexp, nvb, counts, ok = kd.moe_dispatch_triton(ids, emap, bm, pad=pad)
+            slots, bexp, nvb, counts, ok, rows = kd.moe_dispatch_triton(ids, emap, bm, pad=pad)
             want = torch.where(ref[0] == -1, torch.full_like(ref[0], pad), ref[0])
             assert torch.equal(slots, want) and torch.equal(bexp, ref[1]) and int(nvb) == int(ref[2])
+            assert rows.tolist() == [int(ref[2]) * bm]
             loc = ids.reshape(-1)
             assert counts.tolist() == [int((loc == e).sum()) for e in range(E)] + [0] and ok.tolist() == [1]
 
 
 def test_dispatch_counts_out_of_range_ids():
     ids = torch.tensor([[0, 9], [-1, 2]])
-    _, _, _, counts, ok = km.moe_dispatch_triton(ids, ExpertMap.identity(4), 16)
+    _, _, _, counts, ok, _ = km.moe_dispatch_triton(ids, ExpertMap.identity(4), 16)
     assert counts.tolist() == [1, 0, 1, 0, 2]  # two bad ids counted in the last slot
     assert ok.tolist() == [0]  # the flag the consumers' device-side assert reads
     assert km.moe_dispatch_triton(ids.clamp(0, 3), ExpertMap.identity(4), 16)[4].tolist() == [1]
@@ -525,7 +526,7 @@ def test_padding_lanes_poisoned(sentinel, remote):
     clean = km.moe_experts_triton(x0, w13, s13, w2, s2, ids, w, LIMIT, True, OCP, emap)
     N = T * k
     bm = 16
-    slots, bexp, nvb, _, _ = km.moe_dispatch_triton(ids, emap, bm)
+    slots, bexp, nvb, _, _, _ = km.moe_dispatch_triton(ids, emap, bm)
     nv = int(nvb)
     poisoned = slots.clone()
     pad = poisoned == -1
@@ -675,10 +676,10 @@ def test_gpu_dispatch_one_program_equals_reference():
             ids = random_ids(T, 256, 6, seed=seed)
             for bm in (8, 16):
                 ref = dispatch_reference(ids, emap, bm)
-                slots, bexp, nvb, counts, ok = kd.moe_dispatch_triton(ids.cuda(), emap, bm, pad=ids.numel())
+                slots, bexp, nvb, counts, ok, rows = kd.moe_dispatch_triton(ids.cuda(), emap, bm, pad=ids.numel())
                 want = torch.where(ref[0] == -1, torch.full_like(ref[0], ids.numel()), ref[0])
                 assert torch.equal(slots.cpu(), want) and torch.equal(bexp.cpu(), ref[1]), (T, seed, bm)
-                assert int(nvb) == int(ref[2]) and ok.tolist() == [1]
+                assert int(nvb) == int(ref[2]) and ok.tolist() == [1] and int(rows) == int(ref[2]) * bm
 
 
 @pytest.mark.gpu

@@ -709,7 +709,7 @@ def moe_experts_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_limit
 
     # 1. dispatch
     if dispatch is None:
-        slots, bexp, _, _, ids_ok = moe_dispatch_triton(ids_c, emap, bm)
+        slots, bexp, _, _, ids_ok, _ = moe_dispatch_triton(ids_c, emap, bm)
         if CHECK_IDS:
             torch._assert_async(ids_ok, "moe_experts: expert id out of range")
     else:

@@ -51,7 +51,7 @@ def _dispatch_count_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, N,
 # counters ([EP] cumsum: cheaper than another launch), scatters its pairs to start * BM + rank, and writes
 # block_expert for its CH blocks (expert of block b = number of experts whose blocks end at or before b).
 @triton.jit
-def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, bexp_ptr, nvb_ptr, ok_ptr, N, E_glob,
+def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, bexp_ptr, nvb_ptr, ok_ptr, rows_ptr, N, E_glob,
                            E_loc, max_blocks, BM, CH: tl.constexpr, EP: tl.constexpr):
     pid = tl.program_id(0)
     e = tl.arange(0, EP)
@@ -79,6 +79,7 @@ def _dispatch_place_kernel(ids_ptr, g2l_ptr, counts_ptr, rank_ptr, slots_ptr, be
     if pid == 0:
         tl.store(nvb_ptr, total)
         tl.store(ok_ptr, (tl.load(counts_ptr + E_loc) == 0).to(tl.int32))
+        tl.store(rows_ptr, total * BM)
 
 
 # One program (N <= SMALL_N pairs, NP = next_pow2(N) lanes; EP = next_pow2(num_local) expert lanes; a [NP, NP]
@@ -114,20 +115,22 @@ def _dispatch_small_kernel(ids_ptr, g2l_ptr, flags_ptr, slots_ptr, bexp_ptr, N, 
         eb = tl.sum(((bend[None, :] <= b[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
         tl.store(bexp_ptr + b, tl.where(b < total, eb, -1), mask=b < max_blocks)
     nbad = tl.sum((in_n & ~inr).to(tl.int32), axis=0)
-    tl.store(flags_ptr + e, cnt, mask=e_ok)  # counts | out-of-range ids | valid blocks | ids ok
+    tl.store(flags_ptr + e, cnt, mask=e_ok)  # counts | out-of-range ids | valid blocks | ids ok | used rows
     tl.store(flags_ptr + E_loc, nbad)
     tl.store(flags_ptr + E_loc + 1, total)
     tl.store(flags_ptr + E_loc + 2, (nbad == 0).to(tl.int32))
+    tl.store(flags_ptr + E_loc + 3, total * BM)
 
 
 SMALL_N = 64  # pairs up to which the one-program dispatch runs (T k: ~10 decode tokens at k = 6); 0 turns it off
 
 
 def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int, pad: int = -1):
-    """The dispatch layout of dsv4/ops/moe_dispatch.py on the device (three launches, no host sync):
-    (sorted_token_slots [max_rows] int32, block_expert [max_blocks] int32, num_valid_blocks int32 scalar,
-    counts [num_local + 1] int32: pairs per local expert, then the number of out-of-range ids, ids_ok [1] int32:
-    1 when that number is 0, for `torch._assert_async` without another launch). Padding and
+    """The dispatch layout of dsv4/ops/moe_dispatch.py on the device (one launch for few pairs, else three; no
+    host sync): (sorted_token_slots [max_rows] int32, block_expert [max_blocks] int32, num_valid_blocks int32
+    scalar, counts [num_local + 1] int32: pairs per local expert, then the number of out-of-range ids, ids_ok [1]
+    int32: 1 when that number is 0, for `torch._assert_async` without another launch, used_rows [1] int32:
+    num_valid_blocks * block_m, humming's num_tokens_padded, without another launch). Padding and
     unused slots hold `pad`: -1 as the layout defines, or any value outside 0..N-1 a consumer asks for
     (humming's indexed GEMM skips slots >= N, not -1)."""
     T, k = ids.shape
@@ -138,25 +141,26 @@ def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int, 
     g2l = expert_map.global_to_local(dev)
     ids_c = ids.contiguous()
     small = 0 < N <= SMALL_N
-    # counts | valid blocks | ids ok (the small kernel writes them all; otherwise one memset)
-    flags = (torch.empty if small else torch.zeros)(E_loc + 3, dtype=torch.int32, device=dev)
-    counts, nvb, ok = flags[:E_loc + 1], flags[E_loc + 1:E_loc + 2], flags[E_loc + 2:]
+    # counts | valid blocks | ids ok | used rows (the small kernel writes them all; otherwise one memset)
+    flags = (torch.empty if small else torch.zeros)(E_loc + 4, dtype=torch.int32, device=dev)
+    counts, nvb, ok, rows = (flags[:E_loc + 1], flags[E_loc + 1:E_loc + 2], flags[E_loc + 2:E_loc + 3],
+                             flags[E_loc + 3:])
     slots = torch.empty(max(mr, 1), dtype=torch.int32, device=dev)[:mr]
     bexp = torch.empty(max(mb, 1), dtype=torch.int32, device=dev)[:mb]
     if N == 0:
         ok.fill_(1)
-        return slots, bexp, nvb[0], counts, ok
+        return slots, bexp, nvb[0], counts, ok, rows
     ep = max(16, triton.next_power_of_2(E_loc))
     if small:
         _dispatch_small_kernel[(1,)](ids_c, g2l, flags, slots, bexp, N, expert_map.num_global, E_loc, mr, mb,
                                      block_m, int(pad), NP=max(16, triton.next_power_of_2(N)), EP=ep, RB=256,
                                      BB=32, num_warps=4)
-        return slots, bexp, nvb[0], counts, ok
+        return slots, bexp, nvb[0], counts, ok, rows
     rank = torch.empty(max(N, 1), dtype=torch.int32, device=dev)
     ch = 64
     _dispatch_count_kernel[(triton.cdiv(max(N, mr), ch),)](ids_c, g2l, counts, rank, slots, N, expert_map.num_global,
                                                           E_loc, mr, int(pad), CH=ch, num_warps=2)
-    _dispatch_place_kernel[(triton.cdiv(max(N, mb), ch),)](ids_c, g2l, counts, rank, slots, bexp, nvb, ok, N,
+    _dispatch_place_kernel[(triton.cdiv(max(N, mb), ch),)](ids_c, g2l, counts, rank, slots, bexp, nvb, ok, rows, N,
                                                           expert_map.num_global, E_loc, mb, block_m, CH=ch, EP=ep,
                                                           num_warps=4)
-    return slots, bexp, nvb[0], counts, ok
+    return slots, bexp, nvb[0], counts, ok, rows

@@ -198,7 +198,7 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
     launch = {"num_warps": warps} if num_stages is None else {"num_warps": warps, "num_stages": num_stages}
     rne = interpreting(dev) and x.dtype == torch.bfloat16
     out_dt = _tl_dtype(x.dtype)
-    slots, bexp, _, _, _ = moe_dispatch_triton(ids_c, emap, bm)
+    slots, bexp = moe_dispatch_triton(ids_c, emap, bm)[:2]
     mb, mr = bexp.shape[0], slots.shape[0]
     xq, xs = fp8_act_quant_triton(x, QB, d)  # x's act_quant: bytes and E8M0 scales, once per call
     if h_buf is None:

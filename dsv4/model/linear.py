@@ -45,8 +45,6 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, x_q=None) -> torch.Tensor:
         """x_q: x's act_quant made by its producer (linear's `x_q`), or None."""
-        if x_q is None:
-            return self._linear(x, self.weight, self.scale, self.act_quant, self.dialect)
         return self._linear(x, self.weight, self.scale, self.act_quant, self.dialect, x_q=x_q)
 
     def extra_repr(self) -> str:
@@ -62,8 +60,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, quant=None):
         """quant=dialect: (y, y's act_quant) for the FP8 linear that reads y (rms_norm's `quant`)."""
-        if quant is None:
-            return self._norm(x, self.weight, self.eps)
         return self._norm(x, self.weight, self.eps, quant=quant)
 
     def params(self) -> tuple[torch.Tensor, float]:
@@ -140,8 +136,7 @@ class LinearGroup:
             return [m(x, x_q) for m in self.members]
         self._check()
         m0 = self.members[0]
-        kw = {} if x_q is None else {"x_q": x_q}
-        y = m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect, **kw)
+        y = m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect, x_q=x_q)
         return [y[..., a:b] for a, b in self.spans]
 
     def joined(self, x: torch.Tensor, x_q=None) -> torch.Tensor:
@@ -149,8 +144,7 @@ class LinearGroup:
         if self.weight is not None and self.contiguous:
             self._check()
             m0 = self.members[0]
-            kw = {} if x_q is None else {"x_q": x_q}
-            return m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect, **kw)[..., :self.spans[-1][1]]
+            return m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect, x_q=x_q)[..., :self.spans[-1][1]]
         return torch.cat(self(x, x_q), dim=-1)
 
 

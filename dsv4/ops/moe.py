@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.linear import linear_reference
+from dsv4.ops.quant import fp8_act_quant_reference
 from dsv4.ops.registry import define_op
 
 
@@ -96,11 +97,7 @@ def with_shared(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tens
 
 def swiglu_reference(gu: torch.Tensor, limit: float, quant=None):
     h = swiglu(gu, limit).to(gu.dtype)
-    if quant is None:
-        return h
-    from dsv4.ops.quant import fp8_act_quant_reference
-
-    return h, fp8_act_quant_reference(h, 128, quant)
+    return h if quant is None else (h, fp8_act_quant_reference(h, 128, quant))
 
 
 swiglu_op = define_op("swiglu", swiglu_reference)

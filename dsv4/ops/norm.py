@@ -8,6 +8,7 @@ quant=dialect (x 2-D): returns (y, (q, s)), (q, s) the fp8_act_quant (block 128)
 
 import torch
 
+from dsv4.ops.quant import fp8_act_quant_reference
 from dsv4.ops.registry import define_op
 
 
@@ -17,11 +18,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     if weight is not None:
         y = y * weight.float()
     y = y.to(x.dtype)
-    if quant is None:
-        return y
-    from dsv4.ops.quant import fp8_act_quant_reference
-
-    return y, fp8_act_quant_reference(y, 128, quant)
+    return y if quant is None else (y, fp8_act_quant_reference(y, 128, quant))
 
 
 rms_norm = define_op("rms_norm", rms_norm_reference)

@@ -388,8 +388,9 @@ def _counters(device: torch.device) -> torch.Tensor | None:
     kernel): the buffer must not come from a graph's private pool. Allocated once per device and never grown, so
     captured graphs keep a valid pointer. Calls on one device must not run concurrently on two streams (the engine
     runs its forward on one)."""
-    key = (device.type, device.index if device.index is not None or device.type != "cuda"
-           else torch.cuda.current_device())
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
     c = _COUNTERS.get(key)
     if c is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

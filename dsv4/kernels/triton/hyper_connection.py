@@ -24,7 +24,7 @@ import triton.language as tl
 
 from dsv4.kernels.triton.common import act_quant_store, interpreting, pdl_args, pdl_start, register, sm_count
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out, rms_norm_triton
-from dsv4.kernels.triton.quant import fp8_act_quant_triton
+from dsv4.kernels.triton.quant import act_quant_out, fp8_act_quant_triton
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.hyper_connection import hc_head as hc_head_op
 from dsv4.ops.hyper_connection import hc_post as hc_post_op
@@ -240,13 +240,11 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm
     nw = _norm_weight(norm[0], D) if fuse_norm else scale
     fuse_q = QUANT_OUT and quant is not None and fuse_norm and bd >= 128
     qd = Fp8Dialect.parse(quant) if quant is not None else Fp8Dialect.OCP
-    # the act_quant bytes with rows padded to a multiple of 4 (cuBLASLt's layout; linear's x_q allows it)
-    q = torch.empty((-(-T // 4) * 4, D), dtype=torch.uint8, device=dev) if fuse_q else None
-    qs = torch.empty((T, triton.cdiv(D, 128)), dtype=torch.uint8, device=dev) if fuse_q else None
+    q, qs = act_quant_out(T, D, dev) if fuse_q else (u, u)
     _hc_finish_kernel[(T, triton.cdiv(D, bd))](
         X, part, sq, scale, base, u, post, comb, T, D, K, split, float(rms_eps), float(hc_eps), int(iters),
         X.stride(0), X.stride(1), u.stride(0), nw, float(norm[1]) if fuse_norm else 0.0,
-        q if fuse_q else u, qs if fuse_q else u, N=n,
+        q, qs, N=n,
         NP=triton.next_power_of_2(n), NC=nc, SPLIT_P=triton.next_power_of_2(split), HEAD=head, BD=bd,
         RNE_BITS=bf16_rne_bits(X.dtype), NORM=fuse_norm, QUANT=fuse_q, FNUZ=qd is Fp8Dialect.FNUZ, **pdl_args(dev),
         num_warps=max(FINISH_WARPS, bd // 1024) if fuse_norm else FINISH_WARPS)

@@ -60,7 +60,7 @@ from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out
 from dsv4.ops.moe import moe_experts as moe_experts_op
 from dsv4.ops.moe import swiglu_op, with_shared
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
-from dsv4.kernels.triton.quant import fp8_act_quant_triton
+from dsv4.kernels.triton.quant import act_quant_out, fp8_act_quant_triton
 from dsv4.ops.moe_dispatch import ExpertMap
 
 QB = 128  # FP8 activation quantisation block (channels) and FP8 weight block
@@ -612,11 +612,9 @@ def swiglu_triton(gu: torch.Tensor, limit: float, quant=None):
     h = torch.empty((T, I), dtype=gu.dtype, device=gu.device)
     bn = min(1024, max(16, triton.next_power_of_2(I)))
     fuse_q = quant is not None and gu.dim() == 2 and bn >= 128
-    if fuse_q:  # bytes with rows padded to a multiple of 4 (cuBLASLt's layout; linear's x_q allows it)
-        q = torch.empty((-(-T // 4) * 4, I), dtype=torch.uint8, device=gu.device)
-        qs = torch.empty((T, triton.cdiv(I, 128)), dtype=torch.uint8, device=gu.device)
+    q, qs = act_quant_out(T, I, gu.device) if fuse_q else (h, h)
     if T and I:
-        _swiglu_kernel[(T, triton.cdiv(I, bn))](g2, h, q if fuse_q else h, qs if fuse_q else h, I, g2.stride(0),
+        _swiglu_kernel[(T, triton.cdiv(I, bn))](g2, h, q, qs, I, g2.stride(0),
                                                h.stride(0), float(limit), RNE_BITS=bf16_rne_bits(gu.dtype), BN=bn,
                                                QUANT=fuse_q, FNUZ=fuse_q and Fp8Dialect.parse(quant) is Fp8Dialect.FNUZ,
                                                **pdl_args(gu.device), num_warps=4)

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from dsv4.kernels.triton.common import (act_quant_store, bf16_rne_bits, cast_out, pdl_args, pdl_start,  # noqa: F401
                                         register)
+from dsv4.kernels.triton.quant import act_quant_out, fp8_act_quant_triton
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.norm import rms_norm as rms_norm_op
 
@@ -98,9 +99,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, qu
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     block_n = triton.next_power_of_2(max(N, 1))
     fuse_q = quant is not None and 128 <= block_n <= MAX_TILE
-    if fuse_q:  # bytes with rows padded to a multiple of 4 (cuBLASLt's layout; linear's x_q allows it)
-        q = torch.empty((-(-M // 4) * 4, N), dtype=torch.uint8, device=x.device)
-        qs = torch.empty((M, triton.cdiv(N, 128)), dtype=torch.uint8, device=x.device)
+    q, qs = act_quant_out(M, N, x.device) if fuse_q else (y, y)
     if M and N:
         w = weight if weight is not None else x2  # dummy pointer when un-weighted (never read)
         if weight is not None and weight.stride(-1) != 1:
@@ -109,7 +108,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, qu
         if block_n <= MAX_TILE:
             rows = max(1, min(TILE_ELEMS // block_n, triton.next_power_of_2(M)))
             _rms_norm_tile_kernel[(triton.cdiv(M, rows),)](
-                x2, w, y, q if fuse_q else y, qs if fuse_q else y, M, N, x2.stride(0), y.stride(0), float(eps),
+                x2, w, y, q, qs, M, N, x2.stride(0), y.stride(0), float(eps),
                 HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n, RNE_BITS=rne, QUANT=fuse_q,
                 FNUZ=fuse_q and Fp8Dialect.parse(quant) is Fp8Dialect.FNUZ,
                 **pdl_args(x.device), num_warps=_num_warps(rows * block_n))
@@ -121,11 +120,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, qu
     y = y.view(x.shape)
     if quant is None:
         return y
-    if fuse_q:
-        return y, (q, qs)
-    from dsv4.kernels.triton.quant import fp8_act_quant_triton
-
-    return y, fp8_act_quant_triton(y, 128, quant)
+    return y, ((q, qs) if fuse_q else fp8_act_quant_triton(y, 128, quant))
 
 
 register(rms_norm_op, rms_norm_triton)

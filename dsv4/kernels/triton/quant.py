@@ -56,6 +56,13 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, NB, block, sx, sq, ss,
 TILE_ELEMS = 4096
 
 
+def act_quant_out(M: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers for an act_quant that a producer kernel writes with its output (linear's `x_q`): bytes [M rounded
+    up to 4, K] (cuBLASLt's row padding; rows past M unused) and scale bytes [M, ceil(K / 128)]."""
+    return (torch.empty((-(-M // 4) * 4, K), dtype=torch.uint8, device=device),
+            torch.empty((M, -(-K // 128)), dtype=torch.uint8, device=device))
+
+
 def fp8_act_quant_triton(x: torch.Tensor, block: int = 128, dialect=Fp8Dialect.OCP):
     d = Fp8Dialect.parse(dialect)
     if x.dim() != 2:

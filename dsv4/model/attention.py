@@ -54,7 +54,7 @@ class Attention(nn.Module):
         self.official = opts.official
         self.dialect = opts.fp8_dialect
         o = opts.ops
-        self._rope, self._attn, self._write = o.apply_rope, o.sparse_attention, o.write_window
+        self._attn, self._write = o.sparse_attention, o.write_window
         self._grouped = o.grouped_linear
         self._norm_rope = o.norm_rope
 
@@ -81,8 +81,7 @@ class Attention(nn.Module):
             proj += self.indexer.project(x, qr, pos, kv_score=kvs[2:], qr_q=qr_q)
         # everything above reads only per-token values (and positions); the core reads the step's sequences
         core = partial(self._core, lc=lc, block_table=block_table)
-        o = core(meta, *proj) if meta.islands is None else meta.islands(core, *proj)
-        o = self._rope(o, pos, self.inv_freq, inverse=True)
+        o = core(meta, *proj) if meta.islands is None else meta.islands(core, *proj)  # de-rotated (inverse RoPE)
         z = self._grouped(o.view(T, self.o_groups, -1), self.wo_a.weight, self.wo_a.scale)
         return self.wo_b(z.flatten(1))
 
@@ -96,7 +95,8 @@ class Attention(nn.Module):
             proj = proj[2:]
         if self.indexer is not None:
             topk_idx = self.indexer.select(*proj, meta, lc, block_table)
-        o = self._attn(q, kv, lc.window, self.attn_sink, self.scale, meta, lc.pool, block_table, topk_idx, self.ratio)
+        o = self._attn(q, kv, lc.window, self.attn_sink, self.scale, meta, lc.pool, block_table, topk_idx, self.ratio,
+                       self.inv_freq)
         self._write(lc.window, kv, meta)
         if meta.redo is not None:
             meta.redo.append(lambda rows, m, w=lc.window, kv=kv: self._write(w, kv[rows], m))

@@ -13,6 +13,8 @@ accumulation; the output [T, H, D] is in q's dtype. Window and compressed entrie
 q: [T, H, D]; kv: [T, D]; window: [S, W, D]; sink: [H] float32; pool: [P, E, D] or None (sliding-window
 layer); block_table: [S, max_pages]; topk_idx: [T, K] int64 or None. `window` and `pool` are KV stores
 (kv_format.py: float rows, or FP8 non-rotary dims + float rotary dims, dequantised on read).
+`inv_rope` (inv_freq [r/2] or None): the output then leaves de-rotated, apply_rope(out, positions, inv_rope,
+inverse=True) (the layer's next op; a provider may do it while writing the output).
 """
 
 import torch
@@ -21,12 +23,13 @@ from dsv4.ops.indexer import gather_entries
 from dsv4.ops.kv_format import kv_read, kv_write
 from dsv4.ops.meta import ForwardMeta
 from dsv4.ops.registry import define_op
+from dsv4.ops.rope import apply_rope_reference
 
 _QUERY_BLOCK = 256  # bounds the reference's memory on long prefills
 
 
 def sparse_attention_reference(q, kv, window, sink, scale: float, meta: ForwardMeta, pool=None, block_table=None,
-                               topk_idx=None, ratio: int = 0):
+                               topk_idx=None, ratio: int = 0, inv_rope=None):
     T, H, D = q.shape
     W = window.shape[1]
     out = torch.empty_like(q)
@@ -74,7 +77,7 @@ def sparse_attention_reference(q, kv, window, sink, scale: float, meta: ForwardM
             elif hca is not None:
                 o = o + torch.einsum("thk,kd->thd", p[..., nw:-1], hca)
             out[c0:c1] = o.to(q.dtype)
-    return out
+    return out if inv_rope is None else apply_rope_reference(out, meta.positions, inv_rope, inverse=True)
 
 
 def write_window(window: torch.Tensor, kv: torch.Tensor, meta: ForwardMeta) -> None:

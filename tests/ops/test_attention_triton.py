@@ -343,6 +343,40 @@ def test_split_counts_agree_on_one_decode_token():
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda s: f"num_splits={splits}: {s}")
 
 
+@pytest.mark.parametrize("kind,H,D,block_h,splits", [("f32", 4, 64, 16, 1), ("ocp-bf16", 20, 64, 16, 1),
+                                                     ("ocp-bf16", 20, 64, 16, 3), ("fnuz", 4, 96, 16, 4),
+                                                     ("ocp-bf16", 17, 96, 32, 2)])
+def test_inverse_rope_in_the_output_writer(kind, H, D, block_h, splits, monkeypatch):
+    """`inv_rope`: the kernel that writes the output (the attention kernel, or the combine of split-KV) de-rotates
+    it bit for bit as apply_rope(inverse=True) after the plain call does (rounded to q's dtype before and after,
+    positions up to 1e6), for every token of a mixed prefill + decode step, padded head lanes (H 20 / 17 in
+    blocks of 16 / 32), a ragged D (96, BLOCK_D 128) and both FP8 dialects; the reference with `inv_rope` is
+    the reference then apply_rope; with the fusion off (knob) the wrapper applies the rope after, same bits."""
+    import dsv4.kernels.triton.attention as kattn
+    from dsv4.kernels.triton.rope import apply_rope_triton
+    from dsv4.ops.rope import apply_rope_reference, rope_inv_freq
+
+    c = Case(kind, "csa", 4, H=H, seed=131, lens=[9, 30], D=D)
+    write_window_triton(c.window, c.kv[1][:26], ForwardMeta.build([SLOTS[1]], [999_964], [26]))
+    meta = ForwardMeta.build([SLOTS[0], SLOTS[1]], [0, 999_990], [9, 4])  # large angles too
+    q = torch.cat([c.q[0][:9], c.q[1][26:30]])
+    kv = torch.cat([c.kv[0][:9], c.kv[1][26:30]])
+    g = torch.Generator().manual_seed(5)
+    topk = torch.randint(-1, 3, (13, TOPK), generator=g)
+    inv = rope_inv_freq(10000.0, 16)
+    args = (q, kv, c.window, c.sink, 0.125, meta, c.pool, c.block_table, topk, 4)
+    launch = dict(num_splits=splits, block_h=block_h, block_n=16)
+    plain = sparse_attention_impl(*args, **launch)
+    fused = sparse_attention_impl(*args, inv, **launch)
+    want = apply_rope_triton(plain, meta.positions, inv, inverse=True)
+    assert fused.dtype == q.dtype and torch.equal(fused, want)
+    assert not torch.equal(fused, plain)
+    ref = sparse_attention_reference(*args)
+    assert torch.equal(sparse_attention_reference(*args, inv), apply_rope_reference(ref, meta.positions, inv, True))
+    monkeypatch.setattr(kattn, "FUSE_INV_ROPE", False)
+    assert torch.equal(sparse_attention_impl(*args, inv, **launch), want)
+
+
 def test_gpu_check_cases_measure_flash_attention(monkeypatch):
     """The GPU check measures the attention the model runs: every case at DeepSeek-V4-Flash shapes (heads,
     head / rope dims, window, top-k, HCA ratio, the cache's page size, all from the config); CSA, HCA and
@@ -411,7 +445,9 @@ def test_gpu_compiled_flash_widths(kind, mode, ratio):
     mixing a prefill chunk that reaches into the ring with decodes (the hardware OCP decode where the GPU has
     it), launch shapes of both regimes (head blocks of 16-64, split-KV on and off), against the reference on
     the same stores."""
+    from dsv4.kernels.triton.rope import apply_rope_triton
     from dsv4.ops.kv_format import kv_alloc
+    from dsv4.ops.rope import rope_inv_freq
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(91)
@@ -441,7 +477,10 @@ def test_gpu_compiled_flash_widths(kind, mode, ratio):
     sink = torch.randn(H, device=dev, generator=g)
     args = (q, kv, window, sink, D ** -0.5, meta, pool, bt, topk, ratio)
     ref = sparse_attention_reference(*args).float()
+    inv = rope_inv_freq(10000.0, R)
     for launch in ({}, {"num_splits": 1}, {"num_splits": 7}, {"block_h": 16, "num_splits": 1},
                    {"block_h": 32, "num_stages": 2, "num_splits": 5}, {"block_h": 64, "block_n": 16, "num_warps": 8}):
-        out = sparse_attention_impl(*args, **launch).float()
-        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2, msg=lambda s: f"{launch}: {s}")
+        out = sparse_attention_impl(*args, **launch)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2, msg=lambda s: f"{launch}: {s}")
+        fused = sparse_attention_impl(*args, inv, **launch)  # inverse RoPE in the output writer: same bits
+        assert torch.equal(fused, apply_rope_triton(out, meta.positions, inv, inverse=True)), launch

@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_e4m3_native, fp8_encode, fp8_pow2,
-                                        fp8_quant_max, register, sm_count)
+from dsv4.kernels.triton.common import (bf16_rne_bits, cast_out, fp8_block_exponent, fp8_decode, fp8_e4m3_native,
+                                        fp8_encode, fp8_pow2, fp8_quant_max, register, sm_count)
+from dsv4.kernels.triton.rope import apply_rope_triton
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.attention import sparse_attention as sparse_attention_op
 from dsv4.ops.attention import write_window_op
@@ -43,6 +44,7 @@ CONFIG_FP8_SMALL_T = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages"
 SMALL_T = 2
 MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
 MAX_SPLITS = 64
+FUSE_INV_ROPE = True  # `inv_rope` de-rotates in the kernel that writes the output (else: apply_rope after)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -165,12 +167,13 @@ def _sparse_attn_kernel(
     sink_ptr,
     pos_ptr, tseq_ptr, slots_ptr, qstart_ptr, sstart_ptr,
     out_ptr, s_ot, s_oh,
-    wsm_ptr, wsa_ptr,
-    H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NSPLIT,
+    wsm_ptr, wsa_ptr, freq_ptr,
+    H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NSPLIT, HALF,
     MODE: tl.constexpr,  # 0 SWA, 1 CSA (topk ids), 2 HCA (all visible entries)
     W_FP8: tl.constexpr, W_FNUZ: tl.constexpr, P_FP8: tl.constexpr, P_FNUZ: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, HW_OCP: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROPE: tl.constexpr = False, RNE_BITS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -268,8 +271,29 @@ def _sparse_attn_kernel(
         tl.store(wsa_ptr + (base + h[:, None]) * D + d[None, :], acc, mask=hm[:, None] & dm[None, :])
     else:
         o = acc / l_i[:, None]
+        if ROPE:
+            o = _inverse_rope(o, q_ptr, freq_ptr, p, D, HALF, RNE_BITS, BLOCK_H, BLOCK_D)
         tl.store(out_ptr + t64 * s_ot + h[:, None].to(tl.int64) * s_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
+
+
+@triton.jit
+def _inverse_rope(o, q_ptr, freq_ptr, p, D, HALF, RNE_BITS: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """The output rows o [BLOCK_H, BLOCK_D] (fp32) rounded to q's dtype, then de-rotated as apply_rope(inverse=True)
+    does (pairs (2k, 2k + 1) of the trailing 2 HALF channels by -float32(p) * inv_freq, fp32 products) and rounded
+    again: the two ops' values, without writing and re-reading the output (ops/rope.py)."""
+    o = cast_out(o, q_ptr, RNE_BITS).to(tl.float32)
+    oe, oo = tl.split(tl.reshape(o, [BLOCK_H, BLOCK_D // 2, 2]))
+    k = tl.arange(0, BLOCK_D // 2)
+    i = k - (D // 2 - HALF)
+    rot = (i >= 0) & (k < D // 2)
+    ang = p.to(tl.float32) * tl.load(freq_ptr + tl.where(rot, i, 0), mask=rot, other=0.0).to(tl.float32)
+    c = tl.cos(ang)[None, :]
+    s = -tl.sin(ang)[None, :]
+    re = cast_out(oe * c - oo * s, q_ptr, RNE_BITS).to(tl.float32)
+    ro = cast_out(oe * s + oo * c, q_ptr, RNE_BITS).to(tl.float32)
+    return tl.reshape(tl.join(tl.where(rot[None, :], re, oe), tl.where(rot[None, :], ro, oo)), [BLOCK_H, BLOCK_D])
 
 
 # Work decomposition: grid (T * cdiv(H, BLOCK_H)); each program reads the NSPLIT (max, sum) pairs and
@@ -277,7 +301,9 @@ def _sparse_attn_kernel(
 # kernel) and writes the output rows once; it only runs when NSPLIT > 1 (small decode batches).
 @triton.jit
 def _combine_kernel(wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D, NHB, NSPLIT,
-                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                    q_ptr, freq_ptr, pos_ptr, HALF,
+                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr = False,
+                    RNE_BITS: tl.constexpr = False):
     pid = tl.program_id(0)
     t64 = (pid // NHB).to(tl.int64)
     hb = pid % NHB
@@ -301,6 +327,9 @@ def _combine_kernel(wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D, NHB, 
         den += wgt * li
         acc += wgt[:, None] * a
     o = acc / den[:, None]
+    if ROPE:
+        o = _inverse_rope(o, q_ptr, freq_ptr, tl.load(pos_ptr + t64).to(tl.int32), D, HALF, RNE_BITS, BLOCK_H,
+                          BLOCK_D)
     tl.store(out_ptr + t64 * s_ot + h[:, None].to(tl.int64) * s_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -384,7 +413,7 @@ def _auto_splits(device: torch.device, progs: int, max_keys: int) -> int:
 
 
 def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, pool=None, block_table=None,
-                          topk_idx=None, ratio: int = 0, *, num_splits: int | None = None,
+                          topk_idx=None, ratio: int = 0, inv_rope=None, *, num_splits: int | None = None,
                           block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                           num_stages: int | None = None, prefetch: bool | None = None,
                           out: torch.Tensor | None = None):
@@ -424,6 +453,10 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
     if idx.stride(-1) != 1:
         idx = idx.contiguous()
     Kk = topk_idx.shape[1] if topk_idx is not None else 0
+    rope = inv_rope is not None and FUSE_INV_ROPE and D % 2 == 0 and 2 * inv_rope.numel() <= D
+    freq = inv_rope.to(device=q.device, dtype=torch.float32).contiguous() if rope else sink
+    half = inv_rope.numel() if rope else 0
+    rne = bf16_rne_bits(q.dtype)
 
     if w_fp8 or p_fp8:
         cfg = CONFIG_FP8_SMALL_T if T <= SMALL_T else CONFIG_FP8
@@ -456,23 +489,27 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
         sink,
         meta.positions, meta.token_seq, meta.seq_slots, meta.query_start, meta.seq_start,
         out, out.stride(0), out.stride(1),
-        wsm, wsa,
-        H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits,
+        wsm, wsa, freq,
+        H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits, half,
         MODE=mode, W_FP8=w_fp8, W_FNUZ=w_fnuz, P_FP8=p_fp8, P_FNUZ=p_fnuz, SPLIT=split, DOT_F32=dot_f32,
         PREC="ieee" if dot_f32 else None, HW_OCP=fp8_e4m3_native(q.device, False),
         PREFETCH=cfg["PREFETCH"] if prefetch is None else prefetch, BLOCK_H=BH, BLOCK_N=BN,
-        BLOCK_D=BD,
+        BLOCK_D=BD, ROPE=rope, RNE_BITS=rne,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     if split:
         _combine_kernel[(T * nhb,)](wsm, wsa, sink, out, out.stride(0), out.stride(1), H, D, nhb, num_splits,
-                                    BLOCK_H=BH, BLOCK_D=BD, num_warps=4)
-    return out if out.dtype == q.dtype else out.to(q.dtype)
+                                    q, freq, meta.positions, half, BLOCK_H=BH, BLOCK_D=BD, ROPE=rope,
+                                    RNE_BITS=rne, num_warps=4)
+    out = out if out.dtype == q.dtype else out.to(q.dtype)
+    if inv_rope is not None and not rope:
+        out = apply_rope_triton(out, meta.positions, inv_rope, inverse=True)
+    return out
 
 
 def sparse_attention_triton(q, kv, window, sink, scale: float, meta: ForwardMeta, pool=None, block_table=None,
-                            topk_idx=None, ratio: int = 0):
-    return sparse_attention_impl(q, kv, window, sink, scale, meta, pool, block_table, topk_idx, ratio)
+                            topk_idx=None, ratio: int = 0, inv_rope=None):
+    return sparse_attention_impl(q, kv, window, sink, scale, meta, pool, block_table, topk_idx, ratio, inv_rope)
 
 
 def write_window_triton(window, kv: torch.Tensor, meta: ForwardMeta) -> None:

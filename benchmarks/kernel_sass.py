@@ -121,10 +121,11 @@ def attention(**kw) -> dict:
 
 def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     """Reports of the decode step's fused small kernels at Flash widths: the decode-regime FP8 GEMM with the
-    last-program split-K reduction, hc_pre's finish with the norm and act_quant, the q norm and the shared expert's
+    last-program split-K reduction, the split-KV attention combine with the inverse RoPE, hc_pre's finish with the norm and act_quant, the q norm and the shared expert's
     SwiGLU with their act_quant, the one-program MoE dispatch (`warps` applies to the GEMM)."""
     import triton.language as tl
 
+    from dsv4.kernels.triton import attention as A
     from dsv4.kernels.triton import gemm as G
     from dsv4.kernels.triton import hyper_connection as H
     from dsv4.kernels.triton import moe as M
@@ -156,7 +157,11 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     disp = compile_sm90(MD._dispatch_small_kernel, {"ids_ptr": "*i64", "g2l_ptr": "*i32", "flags_ptr": "*i32",
                                                     "slots_ptr": "*i32", "bexp_ptr": "*i32"},
                         dict(NP=64, EP=256, RB=256, BB=32), num_warps=4)
-    return {"gemm_last_reduce": report(gemm), "hc_finish_norm_quant": report(fin), "rms_norm_quant": report(norm),
+    comb = compile_sm90(A._combine_kernel, {"wsm_ptr": "*fp32", "wsa_ptr": "*fp32", "sink_ptr": "*fp32",
+                                            "out_ptr": "*bf16", "q_ptr": "*bf16", "freq_ptr": "*fp32", "pos_ptr": "*i64"},
+                        dict(BLOCK_H=16, BLOCK_D=512, ROPE=True, RNE_BITS=False), divisible=("s_ot", "s_oh", "H", "D"),
+                        num_warps=4)
+    return {"gemm_last_reduce": report(gemm), "attention_combine_inv_rope": report(comb), "hc_finish_norm_quant": report(fin), "rms_norm_quant": report(norm),
             "swiglu_quant": report(swi), "dispatch_one_program": report(disp)}
 
 

@@ -305,10 +305,18 @@ class DPEngine:
         teardown()
 
     def _abandon(self) -> None:
-        """After a failed step: stop the other ranks and forget every request (callers fail them)."""
+        """After a failed step: stop the other ranks, leave the process group (its threads and sockets must not
+        outlive the peers into the interpreter's exit: seen to abort it, "terminate called without an active
+        exception") and forget every request (callers fail them)."""
         self._closed = True
         for p in self.children:
             p.terminate()
+        for p in self.children:
+            p.join(timeout=10)
+        try:
+            teardown()
+        except Exception:
+            log.warning("could not leave the process group after the failure", exc_info=True)
         self._owner.clear()
         self._mirrors.clear()
         self._count = [0] * self.world

@@ -121,7 +121,8 @@ def attention(**kw) -> dict:
 
 def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     """Reports of the decode step's fused small kernels at Flash widths: the decode-regime FP8 GEMM with the
-    last-program split-K reduction, the split-KV attention combine with the inverse RoPE, hc_pre's finish with the norm and act_quant, the q norm and the shared expert's
+    last-program split-K reduction, the split-KV attention combine with the inverse RoPE, hc_pre's finish with the
+    norm and act_quant (alone, and run by the last program of the mixing GEMM), the q norm and the shared expert's
     SwiGLU with their act_quant, the one-program MoE dispatch (`warps` applies to the GEMM)."""
     import triton.language as tl
 
@@ -147,6 +148,15 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                        dict(N=4, NP=4, NC=32, SPLIT_P=32, HEAD=False, BD=4096, RNE_BITS=False, NORM=True, QUANT=True,
                             **q), divisible=("D", "K", "sx_t", "sx_j", "su_t"), floats=("rms_eps", "hc_eps",
                                                                                          "norm_eps"), num_warps=4)
+    mixfin = compile_sm90(H._hc_mix_finish_kernel, {"x_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32",
+                                                    "sq_ptr": "*fp32", "cnt_ptr": "*i32", "scale_ptr": "*fp32",
+                                                    "base_ptr": "*fp32", "u_ptr": "*bf16", "post_ptr": "*fp32",
+                                                    "comb_ptr": "*fp32", "nw_ptr": "*fp32", "q_ptr": "*u8",
+                                                    "qs_ptr": "*u8"},
+                          dict(BLOCK_T=16, BK=64, SPLIT_BF16=True, N=4, NP=4, NC=32, SPLIT_P=32, HEAD=False, BD=4096,
+                               RNE_BITS=False, NORM=True, QUANT=True, **q),
+                          divisible=("K", "k_split", "sfn", "D", "sx_t", "sx_j", "su_t"),
+                          floats=("rms_eps", "hc_eps", "norm_eps"), num_warps=4)
     norm = compile_sm90(NM._rms_norm_tile_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16",
                                                    "q_ptr": "*u8", "qs_ptr": "*u8"},
                         dict(HAS_W=True, ROWS=2, BLOCK_N=2048, RNE_BITS=False, QUANT=True, **q),
@@ -161,7 +171,8 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                                             "out_ptr": "*bf16", "q_ptr": "*bf16", "freq_ptr": "*fp32", "pos_ptr": "*i64"},
                         dict(BLOCK_H=16, BLOCK_D=512, ROPE=True, RNE_BITS=False), divisible=("s_ot", "s_oh", "H", "D"),
                         num_warps=4)
-    return {"gemm_last_reduce": report(gemm), "attention_combine_inv_rope": report(comb), "hc_finish_norm_quant": report(fin), "rms_norm_quant": report(norm),
+    return {"gemm_last_reduce": report(gemm), "attention_combine_inv_rope": report(comb), "hc_finish_norm_quant": report(fin),
+            "hc_mix_last_program_finish": report(mixfin), "rms_norm_quant": report(norm),
             "swiglu_quant": report(swi), "dispatch_one_program": report(disp)}
 
 

@@ -237,6 +237,44 @@ def test_hc_pre_quant_equals_act_quant(T, n, D, dialect):
         khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, quant=dialect)
 
 
+def _hc_all(X, fn, scale, base, head, w, quant):
+    """Every output of one hc_pre / hc_head call (norm and act_quant as asked)."""
+    norm = (w, 1e-5) if w is not None else None
+    if head:
+        return [khc.hc_head_triton(X, fn, scale, base, 1e-6, 0.05, norm=norm)]
+    out = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, norm=norm, quant=quant)
+    return list(out[:3]) + ([out[3][0][:X.shape[0]], out[3][1]] if quant is not None else [])  # (rows past T: padding)
+
+
+@pytest.mark.parametrize("T,n,D,norm,quant", [(1, 4, 4096, True, True), (2, 4, 300, True, False),
+                                              (1, 4, 1500, False, False), (5, 3, 24, True, False),
+                                              (2, 2, 200, False, False)])
+@pytest.mark.parametrize("head", [False, True], ids=["pre", "head"])
+def test_hc_last_program_finish_equals_two_kernels(T, n, D, norm, quant, head, monkeypatch):
+    """Up to LAST_FINISH_T tokens the last mixing program runs the finish (one launch): every output (u, post, comb,
+    the act_quant bytes) equals the two-kernel path bit for bit, over three calls (the tile counter is reset each
+    time: a stale count would skip or double the finish); several tokens in the loop (T = 5 with the limit raised),
+    the finish in two channel chunks (D = 1500 without norm), n = 2 / 3; the finish kernel is not launched."""
+    X, fn, scale, base = hc_inputs(21, T, n, D, dtype=torch.bfloat16, logit_scale=1.5, head=head)
+    w = 0.5 + torch.rand(D, generator=gen(22)) if norm else None
+    q = Fp8Dialect.OCP if quant and not head else None
+    monkeypatch.setattr(khc, "LAST_FINISH_T", 0)
+    want = _hc_all(X, fn, scale, base, head, w, q)
+    monkeypatch.setattr(khc, "LAST_FINISH_T", 8)
+    launched = []
+    real = khc._hc_finish_kernel
+    monkeypatch.setattr(khc, "_hc_finish_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
+    for _ in range(3):
+        got = _hc_all(X, fn, scale, base, head, w, q)
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert not launched, "the finish kernel still ran"
+    from dsv4.kernels.triton import common
+    assert int(common._COUNTERS[("cpu", None)].abs().sum()) == 0, "tile counters not reset"
+
+
 @pytest.mark.parametrize("T,n,D", [(1, 4, 8), (5, 4, 1500), (9, 2, 40), (3, 4, 4096), (2, 3, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hc_post(T, n, D, dtype):
@@ -431,6 +469,37 @@ def test_gpu_hc_norm_fused(T):
         assert (got == want).float().mean() > 0.98, head
         torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2 ** -7)
         torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2 ** -6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2])
+def test_gpu_hc_last_program_finish(T, monkeypatch):
+    """Compiled, Flash widths: hc_pre (norm + act_quant) and hc_head (norm) with the finish run by the last mixing
+    program equal the two kernels bit for bit, eagerly and replayed from a CUDA graph (the counter reset)."""
+    g = torch.Generator(device="cuda").manual_seed(T + 11)
+    n, D = 4, 4096
+    X = torch.randn(T, n, D, device="cuda", generator=g).bfloat16()
+    w = 0.5 + torch.rand(D, device="cuda", generator=g)
+    for head in (False, True):
+        rows = n if head else (2 + n) * n
+        fn = 0.02 * torch.randn(rows, n * D, device="cuda", generator=g)
+        scale = 0.5 + torch.rand(1 if head else 3, device="cuda", generator=g)
+        base = 0.5 * torch.randn(rows, device="cuda", generator=g)
+        q = None if head else Fp8Dialect.OCP
+        monkeypatch.setattr(khc, "LAST_FINISH_T", 0)
+        want = _hc_all(X, fn, scale, base, head, w, q)
+        monkeypatch.setattr(khc, "LAST_FINISH_T", 2)
+        got = _hc_all(X, fn, scale, base, head, w, q)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), head
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _hc_all(X, fn, scale, base, head, w, q)
+        for _ in range(3):
+            for o in out:
+                o.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(out, want)), head
 
 
 @pytest.mark.gpu

@@ -89,6 +89,33 @@ def pdl_start(PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
+# ----------------------------------------------------------------------------- last-program counters
+# A kernel split over programs that must be combined (split-K partials, the mHC mix's K split) lets the last of
+# a tile's programs do the combining: each program stores its part, then counts itself done on an int32 counter
+# of the tile (atomic add, acq_rel); the one that sees count S - 1 reads the parts (.cg loads) and resets the
+# counter to 0. Kernels on one stream run one after the other (PDL included: a kernel touches memory only after
+# the previous one ended), so they share one zeroed buffer per device.
+COUNTER_SLOTS = 16384  # int32 counters per device (allocated once, never grown)
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's zeroed int32 tile counters (each use leaves them zero again), or None while a CUDA graph is
+    being captured before they exist (the caller then takes its path without them): the buffer must not come from
+    a graph's private pool. Allocated once per device and never grown, so captured graphs keep a valid pointer.
+    Calls on one device must not run concurrently on two streams (the engine runs its forward on one)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
+    c = _COUNTERS.get(key)
+    if c is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        c = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+        _COUNTERS[key] = c
+    return c
+
+
 @functools.lru_cache(maxsize=None)
 def _max_shared_mem(index: int) -> int:
     return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])

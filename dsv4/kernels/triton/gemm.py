@@ -38,7 +38,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_decode, fp8_pow2, interpreting, pdl_args, pdl_start, register
+from dsv4.kernels.triton.common import (COUNTER_SLOTS, fp8_decode, fp8_pow2, interpreting, pdl_args, pdl_start,
+                                        register, tile_counters)
 from dsv4.kernels.triton.quant import TILE_ELEMS, _act_quant_kernel, fp8_act_quant_triton
 from dsv4.numerics.fp8 import Fp8Dialect, dequantize_fp8_blocks
 from dsv4.ops.linear import grouped_linear as grouped_linear_op
@@ -50,7 +51,6 @@ from dsv4.ops.linear import weight_format
 QBLOCK = 128  # FP8 weight / activation scale block along K (and along N for weights)
 PREFETCH_W = True  # decode (M <= 64): first weight tile loaded before the PDL wait (_gemm_kernel); knob for A/Bs
 LAST_REDUCE = True  # split-K partials summed by the last program of each tile (no reduce launch); knob for A/Bs
-COUNTER_SLOTS = 16384  # per-device int32 tile counters for LAST_REDUCE (allocated once, never grown)
 
 # ----------------------------------------------------------------------------- platform facts (cached)
 # FP8 tensor-core types by platform: 1 = OCP e4m3fn (tl.float8e4nv), 2 = fnuz (tl.float8e4b8), 0 = none.
@@ -356,7 +356,7 @@ def _run_gemm(a, sa, weight, w_scale, out_view, M, R, K, G, *, a_fp8: bool, a_fn
     num_pid_m, num_pid_n = triton.cdiv(M, bm), triton.cdiv(R, bn)
     numel = out_view.numel()
     tiles = num_pid_m * num_pid_n * G
-    cnt = _counters(out_view.device) if (split > 1 and LAST_REDUCE and tiles <= COUNTER_SLOTS) else None
+    cnt = tile_counters(out_view.device) if (split > 1 and LAST_REDUCE and tiles <= COUNTER_SLOTS) else None
     if split > 1:
         target = torch.empty((split, numel), dtype=torch.float32, device=out_view.device)
         s_cs = numel
@@ -377,27 +377,6 @@ def _run_gemm(a, sa, weight, w_scale, out_view, M, R, K, G, *, a_fp8: bool, a_fn
         blk = 1024
         _splitk_reduce_kernel[(triton.cdiv(numel, blk),)](target, out_view, numel, split, BLOCK=blk,
                                                           **pdl_args(out_view.device), num_warps=4)
-
-
-_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
-
-
-def _counters(device: torch.device) -> torch.Tensor | None:
-    """The device's zeroed int32 tile counters for the last-program split-K reduction (each use leaves them zero
-    again), or None while a CUDA graph is being captured before they exist (the caller then launches the reduce
-    kernel): the buffer must not come from a graph's private pool. Allocated once per device and never grown, so
-    captured graphs keep a valid pointer. Calls on one device must not run concurrently on two streams (the engine
-    runs its forward on one)."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device.type, device.index)
-    c = _COUNTERS.get(key)
-    if c is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        c = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
-        _COUNTERS[key] = c
-    return c
 
 
 def _check_weight(weight: torch.Tensor, scale, N: int, K: int, fmt: str, what: str) -> torch.Tensor:

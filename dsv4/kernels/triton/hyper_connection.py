@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import act_quant_store, interpreting, pdl_args, pdl_start, register, sm_count
+from dsv4.kernels.triton.common import (act_quant_store, interpreting, pdl_args, pdl_start, register, sm_count,
+                                        tile_counters)
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out, rms_norm_triton
 from dsv4.kernels.triton.quant import act_quant_out, fp8_act_quant_triton
 from dsv4.numerics.fp8 import Fp8Dialect
@@ -49,8 +50,15 @@ def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_split, sx_t, s
                    BLOCK_T: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, SPLIT_BF16: tl.constexpr,
                    PDL: tl.constexpr = False):
     pdl_start(PDL)
-    pid_t = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    _mix_part(x_ptr, fn_ptr, part_ptr, sq_ptr, tl.program_id(0), tl.program_id(1), T, K, NOUT, k_split, sx_t, sfn,
+              BLOCK_T, BK, NC, SPLIT_BF16)
+
+
+@triton.jit
+def _mix_part(x_ptr, fn_ptr, part_ptr, sq_ptr, pid_t, pid_k, T, K, NOUT, k_split, sx_t, sfn,
+              BLOCK_T: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, SPLIT_BF16: tl.constexpr):
+    """Program (pid_t, pid_k) of the mixing GEMM: its token block's partial dot and sum of squares over its K
+    range, stored in the workspace."""
     ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = ts < T
     t64 = ts.to(tl.int64)
@@ -98,9 +106,55 @@ def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_
                       BD: tl.constexpr, RNE_BITS: tl.constexpr, NORM: tl.constexpr = False,
                       QUANT: tl.constexpr = False, FNUZ: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_start(PDL)
-    t = tl.program_id(0)
-    pd = tl.program_id(1)
-    t64 = t.to(tl.int64)
+    _finish_chunk(tl.program_id(0), tl.program_id(1), x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr,
+                  comb_ptr, T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps, q_ptr, qs_ptr,
+                  N, NP, NC, SPLIT_P, HEAD, BD, RNE_BITS, NORM, QUANT, FNUZ, False)
+
+
+# Mix + finish in one launch (small T: one token block, LAST_FINISH_T): the mixing GEMM's programs as above,
+# then the last of them to count itself done (tile_counters, acq_rel) runs the finish of every token of the
+# block, chunk after chunk, reading the partials with .cg loads; the same arithmetic in the same order as the
+# two kernels (bit-equal), one launch and one launch gap fewer.
+@triton.jit
+def _hc_mix_finish_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, cnt_ptr, T, K, NOUT, k_split, sfn,
+                          scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
+                          D, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps, q_ptr, qs_ptr,
+                          BLOCK_T: tl.constexpr, BK: tl.constexpr, SPLIT_BF16: tl.constexpr,
+                          N: tl.constexpr, NP: tl.constexpr, NC: tl.constexpr, SPLIT_P: tl.constexpr,
+                          HEAD: tl.constexpr, BD: tl.constexpr, RNE_BITS: tl.constexpr, NORM: tl.constexpr = False,
+                          QUANT: tl.constexpr = False, FNUZ: tl.constexpr = False, PDL: tl.constexpr = False):
+    pdl_start(PDL)
+    pid_t = tl.program_id(0)
+    _mix_part(x_ptr, fn_ptr, part_ptr, sq_ptr, pid_t, tl.program_id(1), T, K, NOUT, k_split, sx_t, sfn,
+              BLOCK_T, BK, NC, SPLIT_BF16)
+    tl.debug_barrier()  # every thread's partial is stored before the program counts itself done
+    done = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel")
+    if done == SPLIT - 1:
+        for t in range(pid_t * BLOCK_T, tl.minimum(pid_t * BLOCK_T + BLOCK_T, T)):
+            for pd in range(0, tl.cdiv(D, BD)):
+                _finish_chunk(t, pd, x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
+                              T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps, q_ptr,
+                              qs_ptr, N, NP, NC, SPLIT_P, HEAD, BD, RNE_BITS, NORM, QUANT, FNUZ, True)
+        tl.atomic_xchg(cnt_ptr + pid_t, 0)
+
+
+@triton.jit
+def _ld_parts(ptr, mask, CG: tl.constexpr):
+    """A load of other programs' partials: .cg (L2, not a stale L1 line) when they were written in this launch."""
+    if CG:
+        return tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _finish_chunk(t, pd, x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
+                  T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps, q_ptr, qs_ptr,
+                  N: tl.constexpr, NP: tl.constexpr, NC: tl.constexpr, SPLIT_P: tl.constexpr, HEAD: tl.constexpr,
+                  BD: tl.constexpr, RNE_BITS: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
+                  FNUZ: tl.constexpr, CG: tl.constexpr):
+    """Token t's finish for channel chunk pd (see above)."""
+    t64 = tl.cast(t, tl.int64)  # (a loop index: a Python int under the interpreter)
     jj = tl.arange(0, NP)
     jm = jj < N
     cm = jm[:, None] & jm[None, :]
@@ -109,18 +163,17 @@ def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_
     ss = tl.arange(0, SPLIT_P)
     sm = ss < SPLIT
     prow = part_ptr + (ss.to(tl.int64) * T + t64) * NC
-    pre_acc = tl.sum(tl.load(prow[:, None] + jj[None, :], mask=sm[:, None] & jm[None, :], other=0.0), axis=0)
-    sq = tl.sum(tl.load(sq_ptr + ss.to(tl.int64) * T + t64, mask=sm, other=0.0), axis=0)
+    pre_acc = tl.sum(_ld_parts(prow[:, None] + jj[None, :], sm[:, None] & jm[None, :], CG), axis=0)
+    sq = tl.sum(_ld_parts(sq_ptr + ss.to(tl.int64) * T + t64, sm, CG), axis=0)
     rho = tl.rsqrt(sq / K + rms_eps)
     pre = tl.sigmoid(pre_acc * rho * tl.load(scale_ptr) + tl.load(base_ptr + jj, mask=jm, other=0.0)) + hc_eps
     pre = tl.where(jm, pre, 0.0)
 
     if not HEAD:
         first = pd == 0
-        post_acc = tl.sum(tl.load(prow[:, None] + N + jj[None, :], mask=sm[:, None] & jm[None, :], other=0.0),
-                          axis=0)
-        comb_acc = tl.sum(tl.load(prow[:, None, None] + 2 * N + cidx[None, :, :],
-                                  mask=sm[:, None, None] & cm[None, :, :], other=0.0), axis=0)
+        post_acc = tl.sum(_ld_parts(prow[:, None] + N + jj[None, :], sm[:, None] & jm[None, :], CG), axis=0)
+        comb_acc = tl.sum(_ld_parts(prow[:, None, None] + 2 * N + cidx[None, :, :],
+                                    sm[:, None, None] & cm[None, :, :], CG), axis=0)
         post = 2.0 * tl.sigmoid(post_acc * rho * tl.load(scale_ptr + 1)
                                 + tl.load(base_ptr + N + jj, mask=jm, other=0.0))
         tl.store(post_ptr + t64 * N + jj, post, mask=jm & first)
@@ -205,6 +258,7 @@ FINISH_WARPS = 4
 BD_POST = 1024
 MAX_NORM_D = 8192  # widest D whose norm is fused into the finish kernel (one program per token holds the row)
 QUANT_OUT = True  # the act_quant of the normed output (quant=) in the finish kernel; False: the standalone quantiser
+LAST_FINISH_T = 2  # up to this many tokens, the last mixing program runs the finish (one launch); 0: two kernels
 
 
 def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm=None, quant=None):
@@ -233,21 +287,29 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm
     part = torch.empty((split, T, nc), dtype=torch.float32, device=dev)
     sq = torch.empty((split, T), dtype=torch.float32, device=dev)
     split_bf16 = X.dtype == torch.bfloat16 and not interpreting()
-    _hc_mix_kernel[(n_tb, split)](X, fn, part, sq, T, K, nout, k_split, X.stride(0), fn.stride(0),
-                                  BLOCK_T=block_t, BK=BK, NC=nc, SPLIT_BF16=split_bf16, **pdl_args(dev), num_warps=4)
     fuse_norm = norm is not None and triton.next_power_of_2(D) <= MAX_NORM_D
     bd = triton.next_power_of_2(D) if fuse_norm else min(BD_FINISH, triton.next_power_of_2(D))
     nw = _norm_weight(norm[0], D) if fuse_norm else scale
     fuse_q = QUANT_OUT and quant is not None and fuse_norm and bd >= 128
     qd = Fp8Dialect.parse(quant) if quant is not None else Fp8Dialect.OCP
     q, qs = act_quant_out(T, D, dev) if fuse_q else (u, u)
-    _hc_finish_kernel[(T, triton.cdiv(D, bd))](
-        X, part, sq, scale, base, u, post, comb, T, D, K, split, float(rms_eps), float(hc_eps), int(iters),
-        X.stride(0), X.stride(1), u.stride(0), nw, float(norm[1]) if fuse_norm else 0.0,
-        q, qs, N=n,
-        NP=triton.next_power_of_2(n), NC=nc, SPLIT_P=triton.next_power_of_2(split), HEAD=head, BD=bd,
-        RNE_BITS=bf16_rne_bits(X.dtype), NORM=fuse_norm, QUANT=fuse_q, FNUZ=qd is Fp8Dialect.FNUZ, **pdl_args(dev),
-        num_warps=max(FINISH_WARPS, bd // 1024) if fuse_norm else FINISH_WARPS)
+    fin_warps = max(FINISH_WARPS, bd // 1024) if fuse_norm else FINISH_WARPS
+    finish = dict(N=n, NP=triton.next_power_of_2(n), NC=nc, SPLIT_P=triton.next_power_of_2(split), HEAD=head, BD=bd,
+                  RNE_BITS=bf16_rne_bits(X.dtype), NORM=fuse_norm, QUANT=fuse_q, FNUZ=qd is Fp8Dialect.FNUZ,
+                  **pdl_args(dev))
+    tail = (float(rms_eps), float(hc_eps), int(iters), X.stride(0), X.stride(1), u.stride(0), nw,
+            float(norm[1]) if fuse_norm else 0.0, q, qs)
+    cnt = tile_counters(dev) if T <= LAST_FINISH_T and n_tb == 1 else None
+    if cnt is not None:  # one launch: the last mixing program finishes
+        _hc_mix_finish_kernel[(n_tb, split)](X, fn, part, sq, cnt, T, K, nout, k_split, fn.stride(0), scale, base, u,
+                                             post, comb, D, split, *tail, BLOCK_T=block_t, BK=BK, SPLIT_BF16=split_bf16,
+                                             **finish, num_warps=max(4, fin_warps))
+    else:
+        _hc_mix_kernel[(n_tb, split)](X, fn, part, sq, T, K, nout, k_split, X.stride(0), fn.stride(0),
+                                      BLOCK_T=block_t, BK=BK, NC=nc, SPLIT_BF16=split_bf16, **pdl_args(dev),
+                                      num_warps=4)
+        _hc_finish_kernel[(T, triton.cdiv(D, bd))](X, part, sq, scale, base, u, post, comb, T, D, K, split, *tail,
+                                                   **finish, num_warps=fin_warps)
     if norm is not None and not fuse_norm:
         u = rms_norm_triton(u, norm[0], norm[1])
     if quant is None:

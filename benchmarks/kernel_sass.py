@@ -123,7 +123,8 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     """Reports of the decode step's fused small kernels at Flash widths: the decode-regime FP8 GEMM with the
     last-program split-K reduction, the split-KV attention combine with the inverse RoPE, hc_pre's finish with the
     norm and act_quant (alone, and run by the last program of the mixing GEMM), the q norm and the shared expert's
-    SwiGLU with their act_quant, the one-program MoE dispatch (`warps` applies to the GEMM)."""
+    SwiGLU with their act_quant, the router's logits with the select in their last program, the one-program MoE
+    dispatch (`warps` applies to the GEMM)."""
     import triton.language as tl
 
     from dsv4.kernels.triton import attention as A
@@ -132,6 +133,7 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     from dsv4.kernels.triton import moe as M
     from dsv4.kernels.triton import moe_dispatch as MD
     from dsv4.kernels.triton import norm as NM
+    from dsv4.kernels.triton import router as R
 
     q = dict(FNUZ=bool(fnuz), PDL=True)
     gemm = compile_sm90(G._gemm_kernel, {"a_ptr": "*u8", "sa_ptr": "*u8", "w_ptr": "*u8", "sw_ptr": "*u8",
@@ -157,6 +159,12 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                                RNE_BITS=False, NORM=True, QUANT=True, **q),
                           divisible=("K", "k_split", "sfn", "D", "sx_t", "sx_j", "su_t"),
                           floats=("rms_eps", "hc_eps", "norm_eps"), num_warps=4)
+    route = compile_sm90(R._router_logits_select_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "p_ptr": "*fp32",
+                                                         "cnt_ptr": "*i32", "bias_ptr": "*fp32", "tid_ptr": "*i64",
+                                                         "inid_ptr": "*i64", "w_out": "*fp32", "i_out": "*i64"},
+                         dict(BT=16, BE=64, BK=64, KTOP=6, KP=8, SCORE=0, HAS_BIAS=True, HASH=False, NORM=True, EP=256,
+                              SB=16, PDL=True), divisible=("E", "D", "s_x", "s_w", "s_ps"), floats=("scaling",),
+                         num_warps=4, num_stages=3)
     norm = compile_sm90(NM._rms_norm_tile_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16",
                                                    "q_ptr": "*u8", "qs_ptr": "*u8"},
                         dict(HAS_W=True, ROWS=2, BLOCK_N=2048, RNE_BITS=False, QUANT=True, **q),
@@ -172,7 +180,7 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                         dict(BLOCK_H=16, BLOCK_D=512, ROPE=True, RNE_BITS=False), divisible=("s_ot", "s_oh", "H", "D"),
                         num_warps=4)
     return {"gemm_last_reduce": report(gemm), "attention_combine_inv_rope": report(comb), "hc_finish_norm_quant": report(fin),
-            "hc_mix_last_program_finish": report(mixfin), "rms_norm_quant": report(norm),
+            "hc_mix_last_program_finish": report(mixfin), "router_last_program_select": report(route), "rms_norm_quant": report(norm),
             "swiglu_quant": report(swi), "dispatch_one_program": report(disp)}
 
 

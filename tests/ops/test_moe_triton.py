@@ -605,6 +605,33 @@ def test_route_extreme_logits():
     assert (i2 == torch.tensor([15, 14, 13])).all()
 
 
+@pytest.mark.parametrize("T,E,D,hashed", [(1, 256, 2112, False), (2, 16, 200, False), (2, 16, 48, True),
+                                           (1, 16, 16, False)])
+def test_route_last_program_select_equals_two_kernels(T, E, D, hashed, monkeypatch):
+    """Up to LAST_SELECT_T tokens the last logits program selects (one launch): ids and weights equal the two
+    kernels bit for bit over three calls (the counter reset each time), learned (bias) and hash routing, split-K
+    partials summed in chunks (256 experts, 33 partials), no split (D 16); the select kernel is not launched."""
+    x, gw, bias, tid2eid, input_ids = route_inputs(T, E, D, seed=60 + T)
+    gw = gw * min(1.0, (64 / D) ** 0.5)
+    args = (x, gw, None, tid2eid, input_ids, 6, "sqrtsoftplus", True, 1.5) if hashed else \
+        (x, gw, bias, None, None, 6, "sqrtsoftplus", True, 2.5)
+    monkeypatch.setattr(kr, "LAST_SELECT_T", 0)
+    ww, wi = kr.moe_route_triton(*args)
+    monkeypatch.setattr(kr, "LAST_SELECT_T", 2)
+    launched = []
+    real = kr._router_select_kernel
+    monkeypatch.setattr(kr, "_router_select_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
+    for _ in range(3):
+        w, i = kr.moe_route_triton(*args)
+        assert torch.equal(i, wi) and torch.equal(w, ww)
+    assert not launched, "the select kernel still ran"
+    from dsv4.kernels.triton import common
+    assert int(common._COUNTERS[("cpu", None)].abs().sum()) == 0, "tile counters not reset"
+    wr, ir = moe_route_reference(*args)
+    assert torch.equal(i, ir)
+
+
 def test_route_bf16_input():
     x, gw, bias, _, _ = route_inputs(9, 16, 64, seed=51)
     xb = x.to(torch.bfloat16)
@@ -692,3 +719,29 @@ def test_gpu_swiglu_quant(T):
     h, (q, s) = km.swiglu_triton(gu, 10.0, quant=Fp8Dialect.OCP)
     wq, ws = fp8_act_quant_triton(h, 128, Fp8Dialect.OCP)
     assert torch.equal(h, km.swiglu_triton(gu, 10.0)) and torch.equal(q[:T], wq) and torch.equal(s, ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2])
+def test_gpu_route_last_program_select(T, monkeypatch):
+    """Compiled, Flash's router (256 experts, D 4096, top-6, sqrt-softplus with bias): the last logits program's
+    select equals the two kernels bit for bit, eagerly and replayed from a CUDA graph (the counter reset)."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, 4096, device="cuda", generator=g).bfloat16()
+    gw = 0.02 * torch.randn(256, 4096, device="cuda", generator=g)
+    bias = 0.1 * torch.randn(256, device="cuda", generator=g)
+    args = (x, gw, bias, None, None, 6, "sqrtsoftplus", True, 2.5)
+    monkeypatch.setattr(kr, "LAST_SELECT_T", 0)
+    ww, wi = kr.moe_route_triton(*args)
+    monkeypatch.setattr(kr, "LAST_SELECT_T", 2)
+    w, i = kr.moe_route_triton(*args)
+    assert torch.equal(i, wi) and torch.equal(w, ww)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w, i = kr.moe_route_triton(*args)
+    for _ in range(3):
+        w.zero_()
+        i.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(i, wi) and torch.equal(w, ww)

@@ -1,6 +1,7 @@
 """Triton router (dsv4/ops/moe.py `moe_route`): sqrt-softplus / sigmoid / softmax scores from IEEE fp32
 logits, bias-corrected top-k (the bias only steers the choice) or hash routing through tid2eid, the
-selected unbiased scores normalised and scaled. Two kernels: split-K logits, then one fused select.
+selected unbiased scores normalised and scaled. Two kernels: split-K logits, then one fused select (one kernel for
+a few tokens: the last logits program selects).
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import pdl_args, pdl_start, register, sm_count
+from dsv4.kernels.triton.common import pdl_args, pdl_start, register, sm_count, tile_counters
 from dsv4.ops.moe import moe_route as moe_route_op
 
 _SCORE = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
 SELECT_CHUNK = 4096  # partial logits the select kernel loads at once per token (decode: 16 of 256 experts)
+LAST_SELECT_T = 2  # up to this many tokens, the last logits program selects (one launch); 0: two kernels
 
 
 # Logits: grid = (cdiv(T, BT) * cdiv(E, BE), S). Program (tile, s) computes x[t-tile] . W_g[e-tile]^T over
@@ -24,8 +26,14 @@ SELECT_CHUNK = 4096  # partial logits the select kernel loads at once per token 
 def _router_logits_kernel(x_ptr, w_ptr, p_ptr, T, E, D, s_x, s_w, n_e_tiles, KT_PER,
                           BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     pdl_start(PDL)
-    pid = tl.program_id(0)
-    s = tl.program_id(1)
+    _logits_part(x_ptr, w_ptr, p_ptr, tl.program_id(0), tl.program_id(1), T, E, D, s_x, s_w, n_e_tiles, KT_PER,
+                 BT, BE, BK)
+
+
+@triton.jit
+def _logits_part(x_ptr, w_ptr, p_ptr, pid, s, T, E, D, s_x, s_w, n_e_tiles, KT_PER,
+                 BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    """Program (pid, s) of the logits: its tile's partial dot over its share of D, stored to the workspace."""
     t = (pid // n_e_tiles) * BT + tl.arange(0, BT)
     e = (pid % n_e_tiles) * BE + tl.arange(0, BE)
     t_ok = t < T
@@ -62,7 +70,39 @@ def _router_select_kernel(p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_
                           HASH: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr,
                           SB: tl.constexpr, PDL: tl.constexpr = False):
     pdl_start(PDL)
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    _select_rows(tl.program_id(0) * BT, p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_out, T, E, s_tid,
+                 scaling, KTOP, KP, SCORE, HAS_BIAS, HASH, NORM, BT, EP, SB, False)
+
+
+# Logits + select in one launch (a few tokens, LAST_SELECT_T): the logits programs as above, then the last of
+# them to count itself done (tile_counters, acq_rel; one counter for the launch) selects for every token, one at
+# a time, reading the partials with .cg loads: the select kernel's arithmetic and order (bit-equal).
+@triton.jit
+def _router_logits_select_kernel(x_ptr, w_ptr, p_ptr, cnt_ptr, T, E, D, s_x, s_w, n_e_tiles, KT_PER, S, s_ps,
+                                 bias_ptr, tid_ptr, inid_ptr, w_out, i_out, s_tid, scaling,
+                                 BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                                 KTOP: tl.constexpr, KP: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 HASH: tl.constexpr, NORM: tl.constexpr, EP: tl.constexpr, SB: tl.constexpr,
+                                 PDL: tl.constexpr = False):
+    pdl_start(PDL)
+    _logits_part(x_ptr, w_ptr, p_ptr, tl.program_id(0), tl.program_id(1), T, E, D, s_x, s_w, n_e_tiles, KT_PER,
+                 BT, BE, BK)
+    tl.debug_barrier()  # every thread's partial is stored before the program counts itself done
+    done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    if done == tl.num_programs(0) * tl.num_programs(1) - 1:
+        for t0 in range(0, T):
+            _select_rows(t0, p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_out, T, E, s_tid, scaling,
+                         KTOP, KP, SCORE, HAS_BIAS, HASH, NORM, 1, EP, SB, True)
+        tl.atomic_xchg(cnt_ptr, 0)
+
+
+@triton.jit
+def _select_rows(t0, p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_out, T, E, s_tid, scaling,
+                 KTOP: tl.constexpr, KP: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HASH: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, SB: tl.constexpr,
+                 CG: tl.constexpr):
+    """The selection of tokens t0 .. t0 + BT - 1 (CG: partials written in this launch, read with .cg loads)."""
+    t = t0 + tl.arange(0, BT)
     e = tl.arange(0, EP)
     t_ok = t < T
     e_ok = e < E
@@ -73,7 +113,11 @@ def _router_select_kernel(p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_
     for s0 in range(0, S, SB):
         sv = s0 + sb
         ptr = p_ptr + sv.to(tl.int64)[None, :, None] * s_ps + rows
-        lg += tl.sum(tl.load(ptr, mask=m2[:, None, :] & (sv < S)[None, :, None], other=0.0), axis=1)
+        pm = m2[:, None, :] & (sv < S)[None, :, None]
+        if CG:
+            lg += tl.sum(tl.load(ptr, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
+        else:
+            lg += tl.sum(tl.load(ptr, mask=pm, other=0.0), axis=1)
     if SCORE == 0:  # sqrt(softplus), softplus as torch: x beyond 20 is kept
         sp = tl.where(lg > 20.0, lg, tl.maximum(lg, 0.0) + _log1p(tl.exp(-tl.abs(lg))))
         sc = tl.sqrt_rn(sp)
@@ -149,8 +193,6 @@ def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score
     kt_per = triton.cdiv(nkt, split)
     split = triton.cdiv(nkt, kt_per)
     part = torch.empty((split, T, E), dtype=torch.float32, device=dev)
-    _router_logits_kernel[(tiles, split)](x, gw, part, T, E, D, x.stride(0), gw.stride(0), n_e, kt_per,
-                                          BT=bt, BE=be, BK=bk, **pdl_args(dev), num_warps=4, num_stages=3)
     ep = max(16, triton.next_power_of_2(E))
     if split > 1:  # decode: one token per program, its partials summed SB at a time
         bt2 = 1
@@ -165,10 +207,19 @@ def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score
     else:
         tid, inid, s_tid = i_out, i_out, 0
     b_arg = bias if bias is not None else w_out
-    _router_select_kernel[(triton.cdiv(T, bt2),)](
-        part, split, part.stride(0), b_arg, tid, inid, w_out, i_out, T, E, s_tid, float(scaling),
-        KTOP=k, KP=max(2, triton.next_power_of_2(k)), SCORE=_SCORE[score_func], HAS_BIAS=bias is not None and not hashed,
-        HASH=hashed, NORM=bool(norm_topk_prob), BT=bt2, EP=ep, SB=sb, **pdl_args(dev), num_warps=4)
+    sel = dict(KTOP=k, KP=max(2, triton.next_power_of_2(k)), SCORE=_SCORE[score_func],
+               HAS_BIAS=bias is not None and not hashed, HASH=hashed, NORM=bool(norm_topk_prob), EP=ep, SB=sb,
+               **pdl_args(dev))
+    cnt = tile_counters(dev) if T <= LAST_SELECT_T else None
+    if cnt is not None:  # one launch: the last logits program selects
+        _router_logits_select_kernel[(tiles, split)](
+            x, gw, part, cnt, T, E, D, x.stride(0), gw.stride(0), n_e, kt_per, split, part.stride(0), b_arg, tid,
+            inid, w_out, i_out, s_tid, float(scaling), BT=bt, BE=be, BK=bk, **sel, num_warps=4, num_stages=3)
+        return w_out, i_out
+    _router_logits_kernel[(tiles, split)](x, gw, part, T, E, D, x.stride(0), gw.stride(0), n_e, kt_per,
+                                          BT=bt, BE=be, BK=bk, **pdl_args(dev), num_warps=4, num_stages=3)
+    _router_select_kernel[(triton.cdiv(T, bt2),)](part, split, part.stride(0), b_arg, tid, inid, w_out, i_out, T, E,
+                                                  s_tid, float(scaling), BT=bt2, **sel, num_warps=4)
     return w_out, i_out
 
 

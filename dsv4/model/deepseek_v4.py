@@ -35,17 +35,28 @@ class Block(nn.Module):
         self._pre, self._post = opts.ops.hc_pre, opts.ops.hc_post
         self.official, self.dialect = opts.official, opts.fp8_dialect
 
-    def forward(self, X, input_ids, meta: ForwardMeta, lc):
+    def forward(self, X, input_ids, meta: ForwardMeta, lc, prev=None, defer: bool = False):
+        """The block's output streams; or, with `defer`, (X, (f, post, comb)) whose hc_post the next block's first
+        hc_pre applies (`prev`): a provider may do that hc_post and the mixing in one pass."""
         c = self.cfg
         # hc_pre hands out u through the norm that follows it (attn_norm / ffn_norm), and in official numerics its
         # act_quant for the FP8 linears that read it: one pass for all three
         kw = {"quant": self.dialect} if self.official else {}
-        h, post, comb, *hq = self._pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.rms_norm_eps,
-                                       c.hc_eps, c.hc_sinkhorn_iters, norm=self.attn_norm.params(), **kw)
-        X = self._post(self.attn(h, meta, lc, meta.block_table, *hq), X, post, comb)
-        h, post, comb, *hq = self._pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.rms_norm_eps,
-                                       c.hc_eps, c.hc_sinkhorn_iters, norm=self.ffn_norm.params(), **kw)
-        return self._post(self.ffn(h, input_ids, meta.ep_tokens, *hq), X, post, comb)
+        X, h, post, comb, *hq = self._pre_after(prev, X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
+                                                c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters,
+                                                norm=self.attn_norm.params(), **kw)
+        f = self.attn(h, meta, lc, meta.block_table, *hq)
+        X, h, post, comb, *hq = self._pre_after((f, post, comb), X, self.hc_ffn_fn, self.hc_ffn_scale,
+                                                self.hc_ffn_base, c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters,
+                                                norm=self.ffn_norm.params(), **kw)
+        f = self.ffn(h, input_ids, meta.ep_tokens, *hq)
+        return (X, (f, post, comb)) if defer else self._post(f, X, post, comb)
+
+    def _pre_after(self, prev, X, *args, **kw):
+        """(X', *hc_pre(X', ...)) with X' = X after the pending hc_post `prev` (none: X)."""
+        if prev is None:
+            return (X, *self._pre(X, *args, **kw))
+        return self._pre(X, *args, prev=prev, **kw)
 
 
 class MTPBlock(Block):
@@ -92,9 +103,10 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: ForwardMeta, cache) -> torch.Tensor:
         x = self.embed.weight[input_ids].to(self.opts.dtype)
         X = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
+        prev = None  # each block's last hc_post is applied by the next block's first hc_pre (one pass)
         for i, layer in enumerate(self.layers):
-            X = layer(X, input_ids, meta, cache.layers[i])
-        return X
+            X, prev = layer(X, input_ids, meta, cache.layers[i], prev, defer=True)
+        return self.layers[-1]._post(prev[0], X, prev[1], prev[2])
 
     def logits(self, X: torch.Tensor) -> torch.Tensor:
         c = self.cfg

@@ -14,6 +14,9 @@ hc_pre and hc_head take `norm=(weight, eps)` (default None): u / h then comes ou
 it in the model (attn_norm, ffn_norm, the final norm), i.e. rms_norm(u, weight, eps) of u in X's dtype, so a provider
 can do both in one pass. hc_pre with `quant=dialect` (with `norm` only) returns a fourth value, (q, s) = the
 fp8_act_quant (block 128) of that output in `dialect`: what linear's `x_q` takes (q may have padding rows).
+hc_pre with `prev=(f, post, comb)` (the previous sublayer's output and hc_pre outputs): X is the streams before that
+sublayer's hc_post, which hc_pre applies first, X' = hc_post(f, X, post, comb); it returns X' first,
+(X', u, post, comb[, (q, s)]), so a provider can form X' and mix it in one pass.
 """
 
 import torch
@@ -29,7 +32,11 @@ def _mix(X, fn, rms_eps):
     return (xf * rho) @ fn.float().t()
 
 
-def hc_pre_reference(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int, norm=None, quant=None):
+def hc_pre_reference(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int, norm=None, quant=None,
+                     prev=None):
+    if prev is not None:
+        X = hc_post_reference(prev[0], X, prev[1], prev[2])
+        return (X, *hc_pre_reference(X, fn, scale, base, rms_eps, hc_eps, iters, norm, quant))
     n = X.shape[1]
     mu = _mix(X, fn, rms_eps)
     scale, base = scale.float(), base.float()

@@ -275,6 +275,51 @@ def test_hc_last_program_finish_equals_two_kernels(T, n, D, norm, quant, head, m
     assert int(common._COUNTERS[("cpu", None)].abs().sum()) == 0, "tile counters not reset"
 
 
+@pytest.mark.parametrize("T,n,D,quant,fused", [(1, 4, 1024, True, True), (2, 4, 4096, True, True),
+                                                (1, 2, 1536, False, True), (2, 3, 320, False, True),
+                                                (1, 4, 64, True, True), (1, 4, 300, True, False),
+                                                (3, 4, 1024, True, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hc_pre_after_post_in_one_launch(T, n, D, quant, fused, dtype, monkeypatch):
+    """hc_pre(prev=(f, post, comb)): the previous sublayer's hc_post applied by the mixing programs of the one
+    launch (each forms its K range of the new streams, which the last program's finish reads back) equals
+    hc_post then hc_pre through the separate kernels bit for bit: the new streams, u (normed), post, comb and the
+    act_quant bytes; n = 2 / 3 / 4; K splits that cross streams (D 320, 64); D not a multiple of the 64-column
+    step (300) and T above LAST_FINISH_T (3): the separate kernels; the strided X of a larger buffer; the
+    reference returns the same tuple layout."""
+    from dsv4.ops.hyper_connection import hc_pre_reference
+    g = gen(31 + T + D)
+    big = torch.randn(T + 2, n, D + 8, generator=g).to(dtype)
+    X = big[1:T + 1, :, 4:D + 4]  # strided streams
+    _, fn, scale, base = hc_inputs(32, T, n, D, dtype=dtype, logit_scale=1.5)
+    f = torch.randn(T, D, generator=g).to(dtype)
+    p0 = 2 * torch.rand(T, n, generator=g)
+    c0 = torch.rand(T, n, n, generator=g)
+    w = 0.5 + torch.rand(D, generator=g)
+    q = Fp8Dialect.OCP if quant else None
+
+    def run(**kw):
+        out = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5), quant=q, **kw)
+        return list(out[:4]) + ([out[4][0][:T], out[4][1]] if quant else [])
+
+    Xn = khc.hc_post_triton(f, X, p0, c0)
+    sep = khc.hc_pre_triton(Xn, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5), quant=q)
+    want = [Xn] + list(sep[:3]) + ([sep[3][0][:T], sep[3][1]] if quant else [])
+    launched = []
+    real = khc._hc_post_kernel
+    monkeypatch.setattr(khc, "_hc_post_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
+    for _ in range(2):
+        got = run(prev=(f, p0, c0))
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert bool(launched) is not fused
+    ref = hc_pre_reference(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5), quant=q, prev=(f, p0, c0))
+    assert len(ref) == len(got) - (1 if quant else 0) and ref[0].shape == (T, n, D)
+    torch.testing.assert_close(ref[0].float(), Xn.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
 @pytest.mark.parametrize("T,n,D", [(1, 4, 8), (5, 4, 1500), (9, 2, 40), (3, 4, 4096), (2, 3, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hc_post(T, n, D, dtype):
@@ -500,6 +545,15 @@ def test_gpu_hc_last_program_finish(T, monkeypatch):
             graph.replay()
             torch.cuda.synchronize()
             assert all(torch.equal(a, b) for a, b in zip(out, want)), head
+        if not head:  # hc_pre(prev=): the previous hc_post in the same launch, against hc_post then hc_pre
+            f = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+            p0 = 2 * torch.rand(T, n, device="cuda", generator=g)
+            c0 = torch.rand(T, n, n, device="cuda", generator=g)
+            Xn = khc.hc_post_triton(f, X, p0, c0)
+            sep = _hc_all(Xn, fn, scale, base, head, w, q)
+            one = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5), quant=q, prev=(f, p0, c0))
+            assert torch.equal(one[0], Xn)
+            assert all(torch.equal(a, b) for a, b in zip(list(one[1:4]) + [one[4][0][:T], one[4][1]], sep))
 
 
 @pytest.mark.gpu

@@ -56,9 +56,14 @@ def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_split, sx_t, s
 
 @triton.jit
 def _mix_part(x_ptr, fn_ptr, part_ptr, sq_ptr, pid_t, pid_k, T, K, NOUT, k_split, sx_t, sfn,
-              BLOCK_T: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, SPLIT_BF16: tl.constexpr):
+              BLOCK_T: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, SPLIT_BF16: tl.constexpr,
+              f_ptr=None, xo_ptr=None, pp_ptr=None, pc_ptr=None, D=0, sx_j=0, sf_t=0, N: tl.constexpr = 1,
+              POST: tl.constexpr = False, RNE_BITS: tl.constexpr = False):
     """Program (pid_t, pid_k) of the mixing GEMM: its token block's partial dot and sum of squares over its K
-    range, stored in the workspace."""
+    range, stored in the workspace. POST: x_ptr holds the streams before the previous sublayer's hc_post
+    (f_ptr its output, pp_ptr / pc_ptr its post / comb); the program forms its K range of the new streams as
+    the hc_post kernel does (same products, same order, rounded to the streams' dtype), stores them to xo_ptr
+    (contiguous [T, N, D]) and mixes them (D % BK == 0: each BK step lies inside one stream)."""
     ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = ts < T
     t64 = ts.to(tl.int64)
@@ -72,7 +77,21 @@ def _mix_part(x_ptr, fn_ptr, part_ptr, sq_ptr, pid_t, pid_k, T, K, NOUT, k_split
     for k0 in range(k_lo, k_hi, BK):
         ks = k0 + kk
         kmask = ks < k_hi
-        x = tl.load(x_ptr + t64[:, None] * sx_t + ks[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+        m2 = tmask[:, None] & kmask[None, :]
+        if POST:
+            js = k0 // D  # the output stream of these BK columns (D % BK == 0: one stream per step)
+            d = ks - js * D
+            xacc = tl.zeros([BLOCK_T, BK], dtype=tl.float32)
+            for i in tl.static_range(N):  # X'_js = sum_i comb[i, js] X_i + post_js f (the hc_post kernel's order)
+                ci = tl.load(pc_ptr + t64 * (N * N) + i * N + js, mask=tmask, other=0.0)
+                xi = tl.load(x_ptr + t64[:, None] * sx_t + i * sx_j + d[None, :], mask=m2, other=0.0)
+                xacc += ci[:, None] * xi.to(tl.float32)
+            pj = tl.load(pp_ptr + t64 * N + js, mask=tmask, other=0.0)
+            fv = tl.load(f_ptr + t64[:, None] * sf_t + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            x = cast_out(pj[:, None] * fv + xacc, xo_ptr, RNE_BITS)
+            tl.store(xo_ptr + t64[:, None] * (N * D) + ks[None, :], x, mask=m2)
+        else:
+            x = tl.load(x_ptr + t64[:, None] * sx_t + ks[None, :], mask=m2, other=0.0)
         xf = x.to(tl.float32)
         sq += xf * xf
         w = tl.load(fn_ptr + cs[:, None].to(tl.int64) * sfn + ks[None, :], mask=cmask[:, None] & kmask[None, :],
@@ -119,28 +138,35 @@ def _hc_finish_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_
 def _hc_mix_finish_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, cnt_ptr, T, K, NOUT, k_split, sfn,
                           scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
                           D, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps, q_ptr, qs_ptr,
+                          f_ptr, xo_ptr, pp_ptr, pc_ptr, sf_t,
                           BLOCK_T: tl.constexpr, BK: tl.constexpr, SPLIT_BF16: tl.constexpr,
                           N: tl.constexpr, NP: tl.constexpr, NC: tl.constexpr, SPLIT_P: tl.constexpr,
                           HEAD: tl.constexpr, BD: tl.constexpr, RNE_BITS: tl.constexpr, NORM: tl.constexpr = False,
-                          QUANT: tl.constexpr = False, FNUZ: tl.constexpr = False, PDL: tl.constexpr = False):
+                          QUANT: tl.constexpr = False, FNUZ: tl.constexpr = False, POST: tl.constexpr = False,
+                          PDL: tl.constexpr = False):
     pdl_start(PDL)
     pid_t = tl.program_id(0)
     _mix_part(x_ptr, fn_ptr, part_ptr, sq_ptr, pid_t, tl.program_id(1), T, K, NOUT, k_split, sx_t, sfn,
-              BLOCK_T, BK, NC, SPLIT_BF16)
-    tl.debug_barrier()  # every thread's partial is stored before the program counts itself done
+              BLOCK_T, BK, NC, SPLIT_BF16, f_ptr, xo_ptr, pp_ptr, pc_ptr, D, sx_j, sf_t, N, POST, RNE_BITS)
+    tl.debug_barrier()  # every thread's partial (and new streams) stored before the program counts itself done
     done = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel")
     if done == SPLIT - 1:
         for t in range(pid_t * BLOCK_T, tl.minimum(pid_t * BLOCK_T + BLOCK_T, T)):
             for pd in range(0, tl.cdiv(D, BD)):
-                _finish_chunk(t, pd, x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
-                              T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps, q_ptr,
-                              qs_ptr, N, NP, NC, SPLIT_P, HEAD, BD, RNE_BITS, NORM, QUANT, FNUZ, True)
+                if POST:  # the finish reads the new streams (contiguous, written by this launch's programs)
+                    _finish_chunk(t, pd, xo_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
+                                  T, D, K, SPLIT, rms_eps, hc_eps, iters, N * D, D, su_t, nw_ptr, norm_eps, q_ptr,
+                                  qs_ptr, N, NP, NC, SPLIT_P, HEAD, BD, RNE_BITS, NORM, QUANT, FNUZ, True)
+                else:
+                    _finish_chunk(t, pd, x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
+                                  T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps, q_ptr,
+                                  qs_ptr, N, NP, NC, SPLIT_P, HEAD, BD, RNE_BITS, NORM, QUANT, FNUZ, True)
         tl.atomic_xchg(cnt_ptr + pid_t, 0)
 
 
 @triton.jit
 def _ld_parts(ptr, mask, CG: tl.constexpr):
-    """A load of other programs' partials: .cg (L2, not a stale L1 line) when they were written in this launch."""
+    """A load of what other programs wrote: .cg (L2, not a stale L1 line) when they wrote it in this launch."""
     if CG:
         return tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
     else:
@@ -195,7 +221,7 @@ def _finish_chunk(t, pd, x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, po
     u = tl.zeros([BD], dtype=tl.float32)
     for j in tl.static_range(N):
         pj = tl.sum(tl.where(jj == j, pre, 0.0), axis=0)
-        u += pj * tl.load(xrow + j * sx_j + d, mask=dm, other=0.0).to(tl.float32)
+        u += pj * _ld_parts(xrow + j * sx_j + d, dm, CG).to(tl.float32)
     if NORM:  # the RMSNorm after hc_pre / hc_head (BD covers D: one program per token): of u rounded to X's dtype
         ur = cast_out(u, u_ptr, RNE_BITS).to(tl.float32)
         ur = tl.where(dm, ur, 0.0)
@@ -259,31 +285,39 @@ BD_POST = 1024
 MAX_NORM_D = 8192  # widest D whose norm is fused into the finish kernel (one program per token holds the row)
 QUANT_OUT = True  # the act_quant of the normed output (quant=) in the finish kernel; False: the standalone quantiser
 LAST_FINISH_T = 2  # up to this many tokens, the last mixing program runs the finish (one launch); 0: two kernels
+POST_IN_MIX = True  # hc_pre(prev=): in that one launch, the mixing programs apply the previous hc_post first
 
 
-def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm=None, quant=None):
+def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm=None, quant=None, prev=None):
+    """hc_pre / hc_head; `prev` = (f, post, comb): X is the streams before that hc_post, applied here first (in the
+    same launch when one launch does it all) and the new streams returned first."""
     T, n, D = X.shape
     K = n * D
     nout = fn.shape[0]
     if fn.shape[1] != K:
         raise ValueError(f"hc: fn has {fn.shape[1]} columns, expected n * D = {K}")
     dev = X.device
-    if not (X.stride(2) == 1 and X.stride(1) == D):
-        X = X.contiguous()  # flat(X[t]) must be one contiguous row of n * D
     fn = _lastdim_contig(fn)
     scale = scale.to(torch.float32).contiguous()
     base = base.to(torch.float32).contiguous()
     u = torch.empty((T, D), dtype=X.dtype, device=dev)
     post = u if head else torch.empty((T, n), dtype=torch.float32, device=dev)  # head: never written
     comb = u if head else torch.empty((T, n, n), dtype=torch.float32, device=dev)
-    if T == 0:
-        return (u, post, comb) if quant is None else (u, post, comb, fp8_act_quant_triton(u, 128, quant))
     nc = max(16, triton.next_power_of_2(nout))
     block_t = 16 if T <= 64 else (32 if T <= 512 else 64)
     n_tb = triton.cdiv(T, block_t)
     split = max(1, min(triton.cdiv(_target_programs(dev), n_tb), triton.cdiv(K, MIN_K_SPLIT)))
     k_split = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_split)
+    cnt = tile_counters(dev) if 0 < T <= LAST_FINISH_T and n_tb == 1 else None
+    post_in = prev is not None and cnt is not None and POST_IN_MIX and D % BK == 0 and X.stride(2) == 1
+    if prev is not None and not post_in:
+        X = hc_post_triton(prev[0], X, prev[1], prev[2])
+    if not post_in and not (X.stride(2) == 1 and X.stride(1) == D):
+        X = X.contiguous()  # flat(X[t]) must be one contiguous row of n * D
+    if T == 0:
+        out = (u, post, comb) if quant is None else (u, post, comb, fp8_act_quant_triton(u, 128, quant))
+        return out if prev is None else (X, *out)
     part = torch.empty((split, T, nc), dtype=torch.float32, device=dev)
     sq = torch.empty((split, T), dtype=torch.float32, device=dev)
     split_bf16 = X.dtype == torch.bfloat16 and not interpreting()
@@ -299,11 +333,20 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm
                   **pdl_args(dev))
     tail = (float(rms_eps), float(hc_eps), int(iters), X.stride(0), X.stride(1), u.stride(0), nw,
             float(norm[1]) if fuse_norm else 0.0, q, qs)
-    cnt = tile_counters(dev) if T <= LAST_FINISH_T and n_tb == 1 else None
-    if cnt is not None:  # one launch: the last mixing program finishes
+    if cnt is not None:  # one launch: the last mixing program finishes (post_in: the programs apply hc_post first)
+        if post_in:
+            f = _lastdim_contig(prev[0])
+            xo = torch.empty((T, n, D), dtype=X.dtype, device=dev)
+            pp, pc = (_lastdim_contig(t.to(torch.float32)) for t in prev[1:])
+            post_args = (f, xo, pp, pc, f.stride(0))
+        else:
+            xo = X
+            post_args = (X, X, scale, scale, 0)
         _hc_mix_finish_kernel[(n_tb, split)](X, fn, part, sq, cnt, T, K, nout, k_split, fn.stride(0), scale, base, u,
-                                             post, comb, D, split, *tail, BLOCK_T=block_t, BK=BK, SPLIT_BF16=split_bf16,
-                                             **finish, num_warps=max(4, fin_warps))
+                                             post, comb, D, split, *tail, *post_args, BLOCK_T=block_t, BK=BK,
+                                             SPLIT_BF16=split_bf16, POST=post_in, **finish,
+                                             num_warps=max(4, fin_warps))
+        X = xo
     else:
         _hc_mix_kernel[(n_tb, split)](X, fn, part, sq, T, K, nout, k_split, X.stride(0), fn.stride(0),
                                       BLOCK_T=block_t, BK=BK, NC=nc, SPLIT_BF16=split_bf16, **pdl_args(dev),
@@ -313,10 +356,12 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm
     if norm is not None and not fuse_norm:
         u = rms_norm_triton(u, norm[0], norm[1])
     if quant is None:
-        return u, post, comb
-    if not fuse_q:
-        q, qs = fp8_act_quant_triton(u, 128, qd)
-    return u, post, comb, (q, qs)
+        out = (u, post, comb)
+    else:
+        if not fuse_q:
+            q, qs = fp8_act_quant_triton(u, 128, qd)
+        out = (u, post, comb, (q, qs))
+    return out if prev is None else (X, *out)
 
 
 def _norm_weight(w, D: int) -> torch.Tensor:
@@ -325,13 +370,13 @@ def _norm_weight(w, D: int) -> torch.Tensor:
     return _lastdim_contig(w)
 
 
-def hc_pre_triton(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int, norm=None, quant=None):
+def hc_pre_triton(X, fn, scale, base, rms_eps: float, hc_eps: float, iters: int, norm=None, quant=None, prev=None):
     n = X.shape[1]
     if fn.shape[0] != (2 + n) * n:
         raise ValueError(f"hc_pre: fn has {fn.shape[0]} rows, expected (2 + n) n = {(2 + n) * n}")
     if quant is not None and norm is None:
         raise ValueError("hc_pre: quant= needs norm= (the act_quant is of the normed output)")
-    return _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head=False, norm=norm, quant=quant)
+    return _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head=False, norm=norm, quant=quant, prev=prev)
 
 
 def hc_head_triton(X, fn, scale, base, rms_eps: float, hc_eps: float, norm=None):

@@ -122,9 +122,9 @@ def attention(**kw) -> dict:
 def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     """Reports of the decode step's fused small kernels at Flash widths: the decode-regime FP8 GEMM with the
     last-program split-K reduction, the split-KV attention combine with the inverse RoPE, hc_pre's finish with the
-    norm and act_quant (alone, and run by the last program of the mixing GEMM), the q norm and the shared expert's
-    SwiGLU with their act_quant, the router's logits with the select in their last program, the one-program MoE
-    dispatch (`warps` applies to the GEMM)."""
+    norm and act_quant (alone, and run by the last program of the mixing GEMM that applies the previous hc_post),
+    the q norm and the shared expert's SwiGLU with their act_quant, the router's logits with the select in their
+    last program, the one-program MoE dispatch (`warps` applies to the GEMM)."""
     import triton.language as tl
 
     from dsv4.kernels.triton import attention as A
@@ -154,10 +154,11 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                                                     "sq_ptr": "*fp32", "cnt_ptr": "*i32", "scale_ptr": "*fp32",
                                                     "base_ptr": "*fp32", "u_ptr": "*bf16", "post_ptr": "*fp32",
                                                     "comb_ptr": "*fp32", "nw_ptr": "*fp32", "q_ptr": "*u8",
-                                                    "qs_ptr": "*u8"},
+                                                    "qs_ptr": "*u8", "f_ptr": "*bf16", "xo_ptr": "*bf16",
+                                                    "pp_ptr": "*fp32", "pc_ptr": "*fp32"},
                           dict(BLOCK_T=16, BK=64, SPLIT_BF16=True, N=4, NP=4, NC=32, SPLIT_P=32, HEAD=False, BD=4096,
-                               RNE_BITS=False, NORM=True, QUANT=True, **q),
-                          divisible=("K", "k_split", "sfn", "D", "sx_t", "sx_j", "su_t"),
+                               RNE_BITS=False, NORM=True, QUANT=True, POST=True, **q),
+                          divisible=("K", "k_split", "sfn", "D", "sx_t", "sx_j", "su_t", "sf_t"),
                           floats=("rms_eps", "hc_eps", "norm_eps"), num_warps=4)
     route = compile_sm90(R._router_logits_select_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "p_ptr": "*fp32",
                                                          "cnt_ptr": "*i32", "bias_ptr": "*fp32", "tid_ptr": "*i64",

@@ -124,12 +124,13 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     last-program split-K reduction, the split-KV attention combine with the inverse RoPE, hc_pre's finish with the
     norm and act_quant (alone, and run by the last program of the mixing GEMM that applies the previous hc_post),
     the q norm and the shared expert's SwiGLU with their act_quant, the router's logits with the select in their
-    last program, the one-program MoE dispatch (`warps` applies to the GEMM)."""
+    last program, the indexer's row top-k, the one-program MoE dispatch (`warps` applies to the GEMM)."""
     import triton.language as tl
 
     from dsv4.kernels.triton import attention as A
     from dsv4.kernels.triton import gemm as G
     from dsv4.kernels.triton import hyper_connection as H
+    from dsv4.kernels.triton import indexer as IX
     from dsv4.kernels.triton import moe as M
     from dsv4.kernels.triton import moe_dispatch as MD
     from dsv4.kernels.triton import norm as NM
@@ -166,6 +167,8 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                          dict(BT=16, BE=64, BK=64, KTOP=6, KP=8, SCORE=0, HAS_BIAS=True, HASH=False, NORM=True, EP=256,
                               SB=16, PDL=True), divisible=("E", "D", "s_x", "s_w", "s_ps"), floats=("scaling",),
                          num_warps=4, num_stages=3)
+    topk = compile_sm90(IX._row_topk_kernel, {"s_ptr": "*fp32", "vis_ptr": "*i64", "out_ptr": "*i64"},
+                        dict(BLOCK=1024, BLOCK_K=512), divisible=("s_rs", "s_or", "n_max", "topk"), num_warps=4)
     norm = compile_sm90(NM._rms_norm_tile_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16",
                                                    "q_ptr": "*u8", "qs_ptr": "*u8"},
                         dict(HAS_W=True, ROWS=2, BLOCK_N=2048, RNE_BITS=False, QUANT=True, **q),
@@ -181,7 +184,8 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                         dict(BLOCK_H=16, BLOCK_D=512, ROPE=True, RNE_BITS=False), divisible=("s_ot", "s_oh", "H", "D"),
                         num_warps=4)
     return {"gemm_last_reduce": report(gemm), "attention_combine_inv_rope": report(comb), "hc_finish_norm_quant": report(fin),
-            "hc_mix_last_program_finish": report(mixfin), "router_last_program_select": report(route), "rms_norm_quant": report(norm),
+            "hc_mix_last_program_finish": report(mixfin), "router_last_program_select": report(route),
+            "indexer_row_topk": report(topk), "rms_norm_quant": report(norm),
             "swiglu_quant": report(swi), "dispatch_one_program": report(disp)}
 
 

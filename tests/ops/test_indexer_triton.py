@@ -211,3 +211,73 @@ def test_topk_above_all_entries_and_many_sequences():
     got = tix.indexer_topk_triton(q, w, pool, bt, meta, 4, 16)
     check_selection(got, q, w, pool, bt, meta, 4, 16)
     assert (got[:, 8:] == -1).all()
+
+
+@pytest.mark.parametrize("block", [64, 1024])
+def test_row_topk_kernel_exact_ties_and_chunks(block, monkeypatch):
+    """The row top-k kernel on fp32 score rows: rows with fewer, exactly and more visible entries than top-k,
+    heavy exact ties (many zeros: relu'd scores), negative scores and -inf, values near the sign boundary (-0.0,
+    tiny denormals), a top-k that is not a power of two, several 64-entry chunks per row; every pick a distinct
+    visible entry, min(top-k, n) of them, and no unpicked visible entry above a picked one (exact, fp32)."""
+    g = torch.Generator().manual_seed(block)
+    R, n_max, topk = 9, 300, 37
+    s = torch.randn(R, n_max, generator=g)
+    s[1] = 0.0  # all tied
+    s[2, ::2] = 0.0
+    s[3] = -s[3].abs()
+    s[4, :150] = float("-inf")
+    s[5] = torch.tensor([-0.0, 0.0, 1e-45, -1e-45]).repeat(75)
+    s[6] = torch.randint(0, 3, (n_max,), generator=g).float()  # three values, many ties at the threshold
+    s[8] = torch.randint(0, 2, (n_max,), generator=g).float()  # the last row: ties (a write past it shows)
+    vis = torch.tensor([5, 300, 37, 38, 290, 300, 300, 0, 120])
+    out = torch.full((R + 2, topk), 99, dtype=torch.int64)  # rows beyond the chunk stay untouched
+    tix._row_topk_kernel[(R,)](s, s.stride(0), torch.cat([torch.zeros(1, dtype=torch.int64), vis]), out,
+                               out.stride(0), 1, n_max, topk, BLOCK=block, BLOCK_K=64)
+    assert (out[0] == 99).all() and (out[R + 1] == 99).all()
+    for r in range(R):
+        n = int(vis[r])
+        row = out[1 + r].tolist()
+        picked = [i for i in row if i != -1]
+        assert len(picked) == min(topk, n) and len(set(picked)) == len(picked), (r, row)
+        assert all(0 <= i < n for i in picked), (r, row)
+        assert row[len(picked):] == [-1] * (topk - len(picked)) or n > topk, (r, row)
+        if n > topk:
+            rest = sorted(set(range(n)) - set(picked))
+            assert max(float(s[r, i]) for i in rest) <= min(float(s[r, i]) for i in picked), r
+
+
+def test_topk_kernel_equals_torch_topk_path(monkeypatch):
+    """indexer_topk with the row top-k kernel and with torch.topk (knob off) pick the same sets on a mixed batch
+    (distinct scores: no ties to break differently)."""
+    meta, q, w, pool, bt = build(MIXED, 4, H=4, D=16, seed=77)
+    got = tix.indexer_topk_triton(q, w, pool, bt, meta, 4, 5)
+    monkeypatch.setattr(tix, "TOPK_KERNEL", False)
+    want = tix.indexer_topk_triton(q, w, pool, bt, meta, 4, 5)
+    assert [sorted(r) for r in got.tolist()] == [sorted(r) for r in want.tolist()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_max", [1024, 32768])
+def test_gpu_row_topk_kernel(n_max):
+    """Compiled, Flash's top-512 over 1K and 32K entries (4K and 128K contexts): the row top-k kernel picks a
+    set torch.topk could have picked (ties at the threshold free), -1 past the visible count."""
+    g = torch.Generator(device="cuda").manual_seed(n_max)
+    R, topk = 6, 512
+    s = torch.randn(R, n_max, device="cuda", generator=g)
+    s[1] = torch.randint(0, 4, (n_max,), device="cuda", generator=g).float()
+    s[2] = 0.0
+    vis = torch.tensor([n_max, n_max, n_max, 300, 512, n_max // 2 + 1], device="cuda")
+    out = torch.empty((R, topk), dtype=torch.int64, device="cuda")
+    tix._row_topk_kernel[(R,)](s, s.stride(0), vis, out, out.stride(0), 0, n_max, topk, BLOCK=tix.TOPK_BLOCK,
+                               BLOCK_K=512, num_warps=4)
+    out, s, vis = out.cpu(), s.cpu(), vis.cpu()
+    for r in range(R):
+        n = int(vis[r])
+        picked = [i for i in out[r].tolist() if i != -1]
+        assert len(picked) == min(topk, n) and len(set(picked)) == len(picked) and all(0 <= i < n for i in picked)
+        if n > topk:
+            kth = torch.topk(s[r, :n], topk).values[-1]
+            assert float(s[r, picked].min()) == float(kth) or float(s[r, picked].min()) >= float(kth), r
+            rest = torch.ones(n, dtype=torch.bool)
+            rest[picked] = False
+            assert float(s[r, :n][rest].max()) <= float(s[r, picked].min()), r

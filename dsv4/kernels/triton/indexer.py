@@ -4,8 +4,8 @@ score(t, w) = sum_h weights[t, h] * relu(q[t, h] . k_w) for the cached indexer k
 sequence (paged through the block table), -inf where entry w is not visible to the token
 ((w + 1) * ratio > p + 1) or past its sequence's cached count, written into an fp32 buffer
 [T_chunk, n_max] (n_max = max over sequences of seq_lens // ratio, from the host mirrors); then
-torch.topk (k = min(topk, n_max)) and -1 for picks that are not visible, padded to [T, topk] with -1:
-exactly the reference's result set. Query tokens are processed in chunks so that the score buffer
+a row top-k kernel (`_row_topk_kernel`, below; torch.topk with the knob off), -1 for the places left empty:
+the reference's result set. Query tokens are processed in chunks so that the score buffer
 stays below MAX_SCORE_BYTES whatever the context length.
 
 Work decomposition of `_indexer_scores_kernel`: grid (query groups, entry splits). A query group is
@@ -222,13 +222,83 @@ def indexer_scores_triton(q, weights, k_pool, block_table, meta: ForwardMeta, ra
     return out
 
 
+# Top-k of each row's visible scores (the n = vis[t] = (p + 1) // ratio first entries), grid (rows,): a program
+# maps its row's fp32 scores to order-preserving uint32 keys and finds the k-th largest key by radix select, 8
+# bits at a time from the top (4 passes: a 256-bin histogram of the digit among the keys that match the prefix
+# found so far, then the bin where the count from the top reaches the number still wanted); a last pass writes
+# every key above that threshold and the first (in entry order) of the keys equal to it, k in all, compacted by
+# prefix sums. Rows with n <= k take entries 0..n-1. Every other column of the row's [topk] output is -1: the
+# reference's set (ties broken by entry order where torch.topk breaks them its own way; the contract leaves the
+# order within a row unspecified). Reads the row 5 times (L2: the scores kernel just wrote it); one launch where
+# torch.topk, a fill, a where and a copy were.
+@triton.jit
+def _topk_key(s):
+    b = s.to(tl.uint32, bitcast=True)
+    return tl.where((b >> 31) != 0, b ^ 0xFFFFFFFF, b | 0x80000000)
+
+
+@triton.jit
+def _row_topk_kernel(s_ptr, s_rs, vis_ptr, out_ptr, s_or, t_base, n_max, topk, BLOCK: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    r = tl.program_id(0)
+    row = s_ptr + r.to(tl.int64) * s_rs
+    orow = out_ptr + (r + t_base).to(tl.int64) * s_or
+    n = tl.minimum(tl.load(vis_ptr + t_base + r).to(tl.int32), n_max)
+    kk = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK)
+    if n <= topk:
+        for j0 in range(0, topk, BLOCK_K):
+            j = j0 + kk
+            tl.store(orow + j, tl.where(j < n, j, -1).to(tl.int64), mask=j < topk)
+    else:
+        prefix = tl.zeros([], dtype=tl.uint32)
+        hi_mask = tl.zeros([], dtype=tl.uint32)
+        want = tl.zeros([], dtype=tl.int32) + topk  # keys still to take at or below the prefix
+        bins = tl.arange(0, 256)
+        for d in tl.static_range(4):
+            shift = 24 - 8 * d
+            hist = tl.zeros([256], dtype=tl.int32)
+            for c0 in range(0, n, BLOCK):
+                c = c0 + cols
+                m = c < n
+                key = _topk_key(tl.load(row + c, mask=m, other=0.0))
+                m = m & ((key & hi_mask) == prefix)
+                hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=m)
+            above = tl.cumsum(hist, axis=0, reverse=True)  # keys in this bin or a higher one
+            b = tl.max(tl.where(above >= want, bins, -1), axis=0)
+            want -= tl.sum(tl.where(bins == b, above - hist, 0), axis=0)  # those in higher bins are all taken
+            prefix = prefix | (b.to(tl.uint32) << shift)
+            hi_mask = hi_mask | (tl.full([], 255, tl.uint32) << shift)
+        # prefix: the k-th largest key; take all keys above it and the first `want` equal to it
+        n_gt = topk - want
+        got_gt = tl.zeros([], dtype=tl.int32)
+        got_eq = tl.zeros([], dtype=tl.int32)
+        for c0 in range(0, n, BLOCK):
+            c = c0 + cols
+            m = c < n
+            key = _topk_key(tl.load(row + c, mask=m, other=0.0))
+            gt = m & (key > prefix)
+            eq = m & (key == prefix)
+            pos_gt = got_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
+            rank_eq = got_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+            tl.store(orow + pos_gt, c.to(tl.int64), mask=gt)
+            tl.store(orow + n_gt + rank_eq, c.to(tl.int64), mask=eq & (rank_eq < want))
+            got_gt += tl.sum(gt.to(tl.int32), axis=0)
+            got_eq += tl.sum(eq.to(tl.int32), axis=0)
+
+
+#: The row top-k kernel (one launch) instead of torch.topk + where + copy; False: torch (A/B, fallback).
+TOPK_KERNEL = True
+TOPK_BLOCK = 1024
+
+
 def indexer_topk_triton(q, weights, k_pool, block_table, meta: ForwardMeta, ratio: int, topk: int):
     T = q.shape[0]
-    out = torch.full((T, topk), -1, dtype=torch.int64, device=q.device)
-    if T == 0 or topk <= 0 or meta.num_seqs == 0:
-        return out
-    n_max = meta.max_seq_len // ratio
-    if n_max == 0:
+    n_max = meta.max_seq_len // ratio if meta.num_seqs else 0
+    own = TOPK_KERNEL and T > 0 and topk > 0 and n_max > 0
+    out = (torch.empty((T, topk), dtype=torch.int64, device=q.device) if own
+           else torch.full((T, topk), -1, dtype=torch.int64, device=q.device))
+    if T == 0 or topk <= 0 or meta.num_seqs == 0 or n_max == 0:
         return out
     k = min(topk, n_max)
     vis = (meta.positions + 1) // ratio
@@ -237,6 +307,11 @@ def indexer_topk_triton(q, weights, k_pool, block_table, meta: ForwardMeta, rati
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
         s = indexer_scores_triton(q, weights, k_pool, block_table, meta, ratio, c0, c1, n_max, buf[: c1 - c0])
+        if own:
+            _row_topk_kernel[(c1 - c0,)](s, s.stride(0), vis, out, out.stride(0), c0, n_max, topk,
+                                         BLOCK=TOPK_BLOCK, BLOCK_K=min(1024, triton.next_power_of_2(topk)),
+                                         num_warps=4)
+            continue
         idx = torch.topk(s, k, dim=1, sorted=False).indices
         out[c0:c1, :k] = torch.where(idx >= vis[c0:c1, None], torch.full_like(idx, -1), idx)
     return out

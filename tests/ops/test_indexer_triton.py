@@ -277,7 +277,7 @@ def test_gpu_row_topk_kernel(n_max):
         assert len(picked) == min(topk, n) and len(set(picked)) == len(picked) and all(0 <= i < n for i in picked)
         if n > topk:
             kth = torch.topk(s[r, :n], topk).values[-1]
-            assert float(s[r, picked].min()) == float(kth) or float(s[r, picked].min()) >= float(kth), r
+            assert float(s[r, picked].min()) >= float(kth), r
             rest = torch.ones(n, dtype=torch.bool)
             rest[picked] = False
             assert float(s[r, :n][rest].max()) <= float(s[r, picked].min()), r

@@ -73,7 +73,8 @@ class Indexer(nn.Module):
 
     def project(self, x, qr, positions, kv_score=None, qr_q=None) -> tuple[torch.Tensor, ...]:
         """The per-token part (no step metadata beyond positions): the compressor's projections, the RoPE'd
-        (and, official, Hadamard + FP4 simulated) index queries [T, H, d] and the head weights [T, H] fp32.
+        (and, official, Hadamard + FP4 simulated) index queries [T, H, d] and the head weights [T, H] (before
+        their scale, which indexer_topk applies).
         `kv_score`: the compressor's projections when the caller computed them (fused with its own
         projections of the same input); `qr_q`: qr's act_quant (made by the q norm) or None."""
         kv, score = kv_score if kv_score else self.compressor.project(x)
@@ -81,10 +82,10 @@ class Indexer(nn.Module):
         q = self._rope(q, positions, self.inv_freq)
         if self.official:
             q = self._fp4_rt(q, 32, hadamard=True)  # Hadamard rotation + FP4 round trip (one launch in Triton)
-        w = self.weights_proj(x).float() * self.weight_scale
+        w = self.weights_proj(x)  # indexer_topk applies float32(w) * weight_scale as it reads them
         return kv, score, q, w
 
     def select(self, kv, score, q, w, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
         """The per-sequence part: compress this step's index keys, then each query's top entries [T, topk]."""
         self.compressor.compress(kv, score, meta, lc.idx_state, lc.idx_prev, lc.idx_pool, block_table)
-        return self._topk(q, w, lc.idx_pool, block_table, meta, self.ratio, self.topk)
+        return self._topk(q, w, lc.idx_pool, block_table, meta, self.ratio, self.topk, self.weight_scale)

@@ -5,8 +5,9 @@ Entry w is visible to the query at position p iff (w + 1) * ratio <= p + 1. Each
 `topk` highest-scoring visible entries; the result [T, topk] (int64) holds entry indices, with -1 in
 the places left empty (fewer than topk visible entries). The order within a row is unspecified.
 
-q: [T, H, d] (RoPE'd, after any Hadamard/FP4 simulation); weights: [T, H] float32 (already multiplied
-by d^-1/2 * H^-1/2); k_pool: [P, E, d] with entry w of slot s at k_pool[block_table[s, w // E], w % E].
+q: [T, H, d] (RoPE'd, after any Hadamard/FP4 simulation); weights: [T, H], used as float32(weights) *
+weights_scale (the model passes the head projection's output and d^-1/2 * H^-1/2: a provider applies the scale
+as it reads them, one fp32 product each); k_pool: [P, E, d] with entry w of slot s at k_pool[block_table[s, w // E], w % E].
 Scores are computed in float32.
 """
 
@@ -24,8 +25,10 @@ def gather_entries(pool: torch.Tensor, block_table: torch.Tensor, slot: int, n: 
     return kv_read(pool, (block_table[slot, w // E], w % E))
 
 
-def indexer_topk_reference(q, weights, k_pool, block_table, meta: ForwardMeta, ratio: int, topk: int):
+def indexer_topk_reference(q, weights, k_pool, block_table, meta: ForwardMeta, ratio: int, topk: int,
+                           weights_scale: float = 1.0):
     T = q.shape[0]
+    weights = weights.float() * weights_scale
     out = torch.full((T, topk), -1, dtype=torch.int64, device=q.device)
     for b in range(meta.num_seqs):
         t0, t1 = meta.seq_range(b)

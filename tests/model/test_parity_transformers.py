@@ -173,7 +173,8 @@ class SelectionSpy:
             ix._topk = fn
 
     def _spy(self, fn):
-        def spy(q, w, k_pool, block_table, meta, ratio, topk):
+        def spy(q, w_raw, k_pool, block_table, meta, ratio, topk, weights_scale=1.0):
+            w = w_raw.float() * weights_scale
             for b in range(meta.num_seqs):
                 t0, t1 = meta.seq_range(b)
                 n = meta.seq_lens_host[b] // ratio
@@ -187,7 +188,7 @@ class SelectionSpy:
                     if len(v) > topk:
                         self.gaps.append(((v[topk - 1] - v[topk]) / v.abs().max().clamp(min=1e-30)).item())
                         self.decode_selections += t1 - t0 == 1
-            return fn(q, w, k_pool, block_table, meta, ratio, topk)
+            return fn(q, w_raw, k_pool, block_table, meta, ratio, topk, weights_scale)
 
         return spy
 

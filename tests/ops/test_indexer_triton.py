@@ -281,3 +281,19 @@ def test_gpu_row_topk_kernel(n_max):
             rest = torch.ones(n, dtype=torch.bool)
             rest[picked] = False
             assert float(s[r, :n][rest].max()) <= float(s[r, picked].min()), r
+
+
+def test_weights_scale_applied_as_read():
+    """indexer_topk(weights_scale=s) on bf16 head weights equals passing float32(weights) * s (Triton: the scores
+    bit for bit; the reference: the same picks); a negative scale flips the picks (so it is applied)."""
+    meta, q, w, pool, bt = build(MIXED, 4, H=4, D=16, seed=78)
+    wb = (w * 40).bfloat16()
+    n_max = meta.max_seq_len // 4
+    a = tix.indexer_scores_triton(q, wb, pool, bt, meta, 4, 0, meta.num_tokens, n_max, weights_scale=0.03)
+    b = tix.indexer_scores_triton(q, wb.float() * 0.03, pool, bt, meta, 4, 0, meta.num_tokens, n_max)
+    assert torch.equal(a, b)
+    got = tix.indexer_topk_triton(q, wb, pool, bt, meta, 4, 5, 0.03)
+    ref = indexer_topk_reference(q, wb, pool, bt, meta, 4, 5, 0.03)
+    assert [sorted(r) for r in got.tolist()] == [sorted(r) for r in ref.tolist()]
+    flip = tix.indexer_topk_triton(q, wb, pool, bt, meta, 4, 5, -0.03)
+    assert [sorted(r) for r in flip.tolist()] != [sorted(r) for r in got.tolist()]

@@ -46,7 +46,7 @@ FORCE_TILES: int | None = None
 @triton.jit
 def _indexer_scores_kernel(
     q_ptr, w_ptr, k_ptr, ks_ptr, kr_ptr, bt_ptr, pos_ptr, tseq_ptr, slots_ptr, gs_ptr, ge_ptr, out_ptr,
-    t_base, n_out, H, D, E, ratio,
+    t_base, n_out, H, D, E, ratio, w_scale,
     s_qt, s_qh, s_wt, s_kp, s_ke, s_sp, s_se, s_rp, s_re, s_bt, s_out,
     NOPE: tl.constexpr, IS_FP8: tl.constexpr, FNUZ: tl.constexpr, GROUPED: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -81,7 +81,7 @@ def _indexer_scores_kernel(
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
-    wts = tl.load(w_ptr + rtok * s_wt + rh, mask=rmask, other=0.0).to(tl.float32)
+    wts = tl.load(w_ptr + rtok * s_wt + rh, mask=rmask, other=0.0).to(tl.float32) * w_scale
 
     for i in range(TILES):
         w0 = (pid_n * TILES + i) * BLOCK_N
@@ -165,9 +165,9 @@ def _groups(meta: ForwardMeta, c0: int, c1: int, bt: int, device):
 
 
 def indexer_scores_triton(q, weights, k_pool, block_table, meta: ForwardMeta, ratio: int, c0: int, c1: int,
-                          n_max: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                          n_max: int, out: torch.Tensor | None = None, weights_scale: float = 1.0) -> torch.Tensor:
     """Scores of query tokens [c0, c1) against entries 0..n_max-1 ([c1 - c0, n_max] fp32, -inf where not
-    visible). Exposed for the GPU checks."""
+    visible), the head weights float32(weights) * weights_scale. Exposed for the GPU checks."""
     T, H, D = q.shape
     Tc = c1 - c0
     if out is None:
@@ -213,7 +213,7 @@ def indexer_scores_triton(q, weights, k_pool, block_table, meta: ForwardMeta, ra
     grid = (G, triton.cdiv(n_tiles, TILES))
     _indexer_scores_kernel[grid](
         q, weights, kt, ks, kr, block_table, meta.positions, meta.token_seq, meta.seq_slots, gs, ge, out,
-        c0, n_max, H, D, E, ratio,
+        c0, n_max, H, D, E, ratio, float(weights_scale),
         q.stride(0), q.stride(1), weights.stride(0), s_kp, s_ke, s_sp, s_se, s_rp, s_re,
         block_table.stride(0), out.stride(0),
         NOPE=nope, IS_FP8=is_fp8, FNUZ=fnuz, GROUPED=grouped, DOT_F32=dot_f32, BLOCK_T=bt, BLOCK_H=BLOCK_H,
@@ -292,7 +292,8 @@ TOPK_KERNEL = True
 TOPK_BLOCK = 1024
 
 
-def indexer_topk_triton(q, weights, k_pool, block_table, meta: ForwardMeta, ratio: int, topk: int):
+def indexer_topk_triton(q, weights, k_pool, block_table, meta: ForwardMeta, ratio: int, topk: int,
+                        weights_scale: float = 1.0):
     T = q.shape[0]
     n_max = meta.max_seq_len // ratio if meta.num_seqs else 0
     own = TOPK_KERNEL and T > 0 and topk > 0 and n_max > 0
@@ -306,7 +307,8 @@ def indexer_topk_triton(q, weights, k_pool, block_table, meta: ForwardMeta, rati
     buf = torch.empty((min(chunk, T), n_max), dtype=torch.float32, device=q.device)
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
-        s = indexer_scores_triton(q, weights, k_pool, block_table, meta, ratio, c0, c1, n_max, buf[: c1 - c0])
+        s = indexer_scores_triton(q, weights, k_pool, block_table, meta, ratio, c0, c1, n_max, buf[: c1 - c0],
+                                  weights_scale)
         if own:
             _row_topk_kernel[(c1 - c0,)](s, s.stride(0), vis, out, out.stride(0), c0, n_max, topk,
                                          BLOCK=TOPK_BLOCK, BLOCK_K=min(1024, triton.next_power_of_2(topk)),

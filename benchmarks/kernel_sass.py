@@ -124,7 +124,8 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     last-program split-K reduction, the split-KV attention combine with the inverse RoPE, hc_pre's finish with the
     norm and act_quant (alone, and run by the last program of the mixing GEMM that applies the previous hc_post),
     the q norm and the shared expert's SwiGLU with their act_quant, the router's logits with the select in their
-    last program, the indexer's row top-k, the one-program MoE dispatch (`warps` applies to the GEMM)."""
+    last program, the indexer's row top-k and its queries' RoPE + Hadamard + FP4, the one-program MoE dispatch
+    (`warps` applies to the GEMM)."""
     import triton.language as tl
 
     from dsv4.kernels.triton import attention as A
@@ -134,6 +135,7 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     from dsv4.kernels.triton import moe as M
     from dsv4.kernels.triton import moe_dispatch as MD
     from dsv4.kernels.triton import norm as NM
+    from dsv4.kernels.triton import quant as Q
     from dsv4.kernels.triton import router as R
 
     q = dict(FNUZ=bool(fnuz), PDL=True)
@@ -169,6 +171,10 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                          num_warps=4, num_stages=3)
     topk = compile_sm90(IX._row_topk_kernel, {"s_ptr": "*fp32", "vis_ptr": "*i64", "out_ptr": "*i64"},
                         dict(BLOCK=1024, BLOCK_K=512), divisible=("s_rs", "s_or", "n_max", "topk"), num_warps=4)
+    hfp4 = compile_sm90(Q._hadamard_fp4_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "pos_ptr": "*i64",
+                                                 "freq_ptr": "*fp32"},
+                        dict(N=128, LOG_N=7, G=16, RNE_BITS=False, AMAX_FLOOR=6 * 2.0**-126, ROPE=True),
+                        divisible=("R", "sx", "ROWS_PER_TOKEN"), floats=("scale",), num_warps=4)
     norm = compile_sm90(NM._rms_norm_tile_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16",
                                                    "q_ptr": "*u8", "qs_ptr": "*u8"},
                         dict(HAS_W=True, ROWS=2, BLOCK_N=2048, RNE_BITS=False, QUANT=True, **q),
@@ -185,7 +191,7 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                         num_warps=4)
     return {"gemm_last_reduce": report(gemm), "attention_combine_inv_rope": report(comb), "hc_finish_norm_quant": report(fin),
             "hc_mix_last_program_finish": report(mixfin), "router_last_program_select": report(route),
-            "indexer_row_topk": report(topk), "rms_norm_quant": report(norm),
+            "indexer_row_topk": report(topk), "indexer_q_rope_hadamard_fp4": report(hfp4), "rms_norm_quant": report(norm),
             "swiglu_quant": report(swi), "dispatch_one_program": report(disp)}
 
 

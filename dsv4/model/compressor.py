@@ -79,9 +79,10 @@ class Indexer(nn.Module):
         projections of the same input); `qr_q`: qr's act_quant (made by the q norm) or None."""
         kv, score = kv_score if kv_score else self.compressor.project(x)
         q = self.wq_b(qr, qr_q).view(x.shape[0], self.n_heads, self.head_dim)
-        q = self._rope(q, positions, self.inv_freq)
-        if self.official:
-            q = self._fp4_rt(q, 32, hadamard=True)  # Hadamard rotation + FP4 round trip (one launch in Triton)
+        if self.official:  # RoPE, Hadamard rotation, FP4 round trip (one launch in Triton)
+            q = self._fp4_rt(q, 32, hadamard=True, rope=(positions, self.inv_freq))
+        else:
+            q = self._rope(q, positions, self.inv_freq)
         w = self.weights_proj(x)  # indexer_topk applies float32(w) * weight_scale as it reads them
         return kv, score, q, w
 

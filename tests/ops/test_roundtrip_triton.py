@@ -424,3 +424,49 @@ def test_fp4_hadamard_fallbacks_and_views():
     assert_bit_equal(fp4_rt(q, 32, hadamard=True), fp4_roundtrip_reference(q, 32, hadamard=True))
     with pytest.raises(ValueError, match="power of two"):
         fp4_rt(torch.randn(2, 96), 32, hadamard=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,half", [((1, 64, 128), 32), ((3, 5, 128), 32), ((4, 64), 8), ((2, 3, 1024), 16)])
+def test_fp4_hadamard_with_rope_bit_equal(dtype, shape, half):
+    """fp4_roundtrip(x, 32, hadamard=True, rope=(positions, inv_freq)) in one kernel: bit for bit apply_rope
+    (the Triton kernel's angles: the same interpreter cos / sin) then the fused Hadamard + FP4, for the indexer's
+    [T, 64, 128] and other row widths, several rows per token in a program and tokens straddling programs
+    (5 rows per token), positions up to 1e6; a strided view through the unfused path; the reference composes
+    its own apply_rope (torch's cos / sin: within the FP4 grid's rounding)."""
+    from dsv4.kernels.triton.rope import apply_rope_triton
+    from dsv4.ops.rope import apply_rope_reference, rope_inv_freq
+
+    g = torch.Generator().manual_seed(sum(shape) + half)
+    x = (3.0 * torch.randn(*shape, generator=g)).to(dtype)
+    pos = torch.tensor([999_999, 0, 77, 4096][:shape[0]])
+    inv = rope_inv_freq(10000.0, 2 * half)
+    got = kquant.fp4_roundtrip_triton(x, 32, True, (pos, inv))
+    want = fp4_rt(apply_rope_triton(x, pos, inv), 32, hadamard=True)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert_bit_equal(got, want)
+    assert not torch.equal(got, fp4_rt(x, 32, hadamard=True))  # premise: the rotation matters
+    ref = fp4_roundtrip_reference(x, 32, True, (pos, inv))
+    assert_bit_equal(ref, fp4_roundtrip_reference(apply_rope_reference(x, pos, inv), 32, hadamard=True))
+    assert float((ref == got).float().mean()) > 0.9
+    if x.dim() == 3 and x.shape[1] > 1:  # a strided view (every other head): the same values as its copy
+        v = torch.cat([x, x], dim=1)[:, ::2]
+        assert_bit_equal(kquant.fp4_roundtrip_triton(v, 32, True, (pos, inv)),
+                         kquant.fp4_roundtrip_triton(v.contiguous(), 32, True, (pos, inv)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64])
+def test_gpu_fp4_hadamard_with_rope(T):
+    """Compiled, the indexer queries [T, 64, 128] in bf16: RoPE + Hadamard + FP4 in one kernel equals apply_rope
+    then the Hadamard + FP4 kernel bit for bit."""
+    from dsv4.kernels.triton.rope import apply_rope_triton
+    from dsv4.ops.rope import rope_inv_freq
+
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = (3.0 * torch.randn(T, 64, 128, device="cuda", generator=g)).bfloat16()
+    pos = torch.randint(0, 200_000, (T,), device="cuda", generator=g)
+    inv = rope_inv_freq(160000.0, 64)
+    got = kquant.fp4_roundtrip_triton(x, 32, True, (pos, inv))
+    want = kquant.fp4_roundtrip_triton(apply_rope_triton(x, pos, inv), 32, True)
+    assert torch.equal(got, want)

@@ -187,13 +187,26 @@ def _hadamard_rows(x, G: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
 # rounded to x's dtype (RNE; RNE_BITS: bf16 on the bits, for the interpreter), then the MXFP4 round trip per
 # 32 channels. One launch where hadamard_transform + fp4_roundtrip take ~24 (the indexer queries at decode).
 @triton.jit
-def _hadamard_fp4_kernel(x_ptr, y_ptr, R, sx, scale, N: tl.constexpr, LOG_N: tl.constexpr, G: tl.constexpr,
-                         RNE_BITS: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+def _hadamard_fp4_kernel(x_ptr, y_ptr, R, sx, scale, pos_ptr, freq_ptr, ROWS_PER_TOKEN, HALF,
+                         N: tl.constexpr, LOG_N: tl.constexpr, G: tl.constexpr, RNE_BITS: tl.constexpr,
+                         AMAX_FLOOR: tl.constexpr, ROPE: tl.constexpr = False):
     r = tl.program_id(0) * G + tl.arange(0, G)
     ok = r < R
     r64 = tl.where(ok, r, 0).to(tl.int64)
     c = tl.arange(0, N)
     v = tl.load(x_ptr + r64[:, None] * sx + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    if ROPE:  # apply_rope first (its angles and products; rounded to x's dtype): row r is of token r // ROWS_PER_TOKEN
+        ve, vo = tl.split(tl.reshape(v, [G, N // 2, 2]))
+        k = tl.arange(0, N // 2)
+        i = k - (N // 2 - HALF)
+        rot = i >= 0
+        p = tl.load(pos_ptr + r64 // ROWS_PER_TOKEN, mask=ok, other=0).to(tl.float32)
+        ang = p[:, None] * tl.load(freq_ptr + tl.where(rot, i, 0), mask=rot, other=0.0).to(tl.float32)[None, :]
+        cs = tl.cos(ang)
+        sn = tl.sin(ang)
+        re = cast_out(ve * cs - vo * sn, y_ptr, RNE_BITS).to(tl.float32)
+        ro = cast_out(ve * sn + vo * cs, y_ptr, RNE_BITS).to(tl.float32)
+        v = tl.reshape(tl.join(tl.where(rot[None, :], re, ve), tl.where(rot[None, :], ro, vo)), [G, N])
     h = cast_out(_hadamard_rows(v, G, N, LOG_N) * scale, y_ptr, RNE_BITS).to(tl.float32)
     q = tl.reshape(_fp4_rt_rows(tl.reshape(h, [G * (N // 32), 32]), AMAX_FLOOR), [G, N])
     tl.store(y_ptr + r64[:, None] * N + c[None, :], q.to(y_ptr.dtype.element_ty), mask=ok[:, None])
@@ -257,21 +270,33 @@ def fp8_roundtrip_triton(x: torch.Tensor, block: int = 64, dialect=Fp8Dialect.OC
 HADAMARD_MAX = 1024  # widest row the fused Hadamard kernel holds in registers (the indexer's is 128)
 
 
-def fp4_roundtrip_triton(x: torch.Tensor, block: int = 32, hadamard: bool = False) -> torch.Tensor:
-    if hadamard:
-        K = x.shape[-1] if x.dim() else 0
-        if not (x.is_floating_point() and block == 32 and 32 <= K <= HADAMARD_MAX and not K & (K - 1)):
+def fp4_roundtrip_triton(x: torch.Tensor, block: int = 32, hadamard: bool = False, rope=None) -> torch.Tensor:
+    K = x.shape[-1] if x.dim() else 0
+    fused = (hadamard and x.is_floating_point() and block == 32 and 32 <= K <= HADAMARD_MAX and not K & (K - 1)
+             and (rope is None or (x.dim() >= 2 and 2 * rope[1].numel() <= K)))
+    if not fused:
+        if rope is not None:
+            from dsv4.kernels.triton.rope import apply_rope_triton
+
+            x = apply_rope_triton(x, rope[0], rope[1])
+        if hadamard:
             return _rt_launch(_fp4_roundtrip_kernel, hadamard_transform(x), block, AMAX_FLOOR=FP4_AMAX_FLOOR)
-        xs, R, K, sx = _rows_k(x)
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if R:
-            g = max(1, min(16, TILE_ELEMS // K))
-            _hadamard_fp4_kernel[(triton.cdiv(R, g),)](
-                xs, y, R, sx, K ** -0.5, N=K, LOG_N=K.bit_length() - 1, G=g,
-                RNE_BITS=x.dtype == torch.bfloat16 and interpreting(x.device), AMAX_FLOOR=FP4_AMAX_FLOOR,
-                num_warps=max(1, min(8, g * K // 512)))
-        return y
-    return _rt_launch(_fp4_roundtrip_kernel, x, block, AMAX_FLOOR=FP4_AMAX_FLOOR)
+        return _rt_launch(_fp4_roundtrip_kernel, x, block, AMAX_FLOOR=FP4_AMAX_FLOOR)
+    xs, R, K, sx = _rows_k(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if R:
+        g = max(1, min(16, TILE_ELEMS // K))
+        if rope is not None:
+            pos = rope[0] if rope[0].stride(0) == 1 else rope[0].contiguous()
+            freq = rope[1].to(device=x.device, dtype=torch.float32).contiguous()
+            rope_args, half = (pos, freq, R // max(1, x.shape[0])), freq.numel()
+        else:
+            rope_args, half = (xs, xs, 1), 0
+        _hadamard_fp4_kernel[(triton.cdiv(R, g),)](
+            xs, y, R, sx, K ** -0.5, *rope_args, half, N=K, LOG_N=K.bit_length() - 1, G=g,
+            RNE_BITS=x.dtype == torch.bfloat16 and interpreting(x.device), AMAX_FLOOR=FP4_AMAX_FLOOR,
+            ROPE=rope is not None, num_warps=max(1, min(8, g * K // 512)))
+    return y
 
 
 register(fp8_act_quant_op, fp8_act_quant_triton)

@@ -377,6 +377,36 @@ def test_inverse_rope_in_the_output_writer(kind, H, D, block_h, splits, monkeypa
     assert torch.equal(sparse_attention_impl(*args, inv, **launch), want)
 
 
+@pytest.mark.parametrize("kind,splits,rope", [("f32", 3, False), ("ocp-bf16", 5, True), ("fnuz", 8, False)])
+def test_last_split_program_combines(kind, splits, rope, monkeypatch):
+    """Split-KV: the last split program of each (token, head block) combines the splits (no combine launch),
+    equal bit for bit to the combine kernel over three calls (the tile counters reset), with the inverse RoPE,
+    more splits than tiles (empty splits), a mixed prefill + decode step."""
+    import dsv4.kernels.triton.attention as kattn
+    from dsv4.kernels.triton import common
+    from dsv4.ops.rope import rope_inv_freq
+
+    c = Case(kind, "hca", 4, H=20, seed=141, lens=[9, 30])
+    write_window_triton(c.window, c.kv[1][:26], ForwardMeta.build([SLOTS[1]], [0], [26]))
+    meta = ForwardMeta.build([SLOTS[0], SLOTS[1]], [0, 26], [9, 4])
+    q = torch.cat([c.q[0][:9], c.q[1][26:30]])
+    kv = torch.cat([c.kv[0][:9], c.kv[1][26:30]])
+    args = (q, kv, c.window, c.sink, 0.125, meta, c.pool, c.block_table, None, 4,
+            rope_inv_freq(10000.0, 16) if rope else None)
+    launch = dict(num_splits=splits, block_h=16, block_n=16)
+    monkeypatch.setattr(kattn, "LAST_COMBINE", False)
+    want = sparse_attention_impl(*args, **launch)
+    monkeypatch.setattr(kattn, "LAST_COMBINE", True)
+    launched = []
+    real = kattn._combine_kernel
+    monkeypatch.setattr(kattn, "_combine_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
+    for _ in range(3):
+        assert torch.equal(sparse_attention_impl(*args, **launch), want)
+    assert not launched, "the combine kernel still ran"
+    assert int(common._COUNTERS[("cpu", None)].abs().sum()) == 0, "tile counters not reset"
+
+
 def test_gpu_check_cases_measure_flash_attention(monkeypatch):
     """The GPU check measures the attention the model runs: every case at DeepSeek-V4-Flash shapes (heads,
     head / rope dims, window, top-k, HCA ratio, the cache's page size, all from the config); CSA, HCA and
@@ -484,3 +514,10 @@ def test_gpu_compiled_flash_widths(kind, mode, ratio):
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2, msg=lambda s: f"{launch}: {s}")
         fused = sparse_attention_impl(*args, inv, **launch)  # inverse RoPE in the output writer: same bits
         assert torch.equal(fused, apply_rope_triton(out, meta.positions, inv, inverse=True)), launch
+        if launch.get("num_splits", 1) > 1:  # the last split program's combine equals the combine kernel
+            import dsv4.kernels.triton.attention as kattn
+            kattn.LAST_COMBINE = False
+            try:
+                assert torch.equal(sparse_attention_impl(*args, inv, **launch), fused), launch
+            finally:
+                kattn.LAST_COMBINE = True

@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (bf16_rne_bits, cast_out, fp8_block_exponent, fp8_decode, fp8_e4m3_native,
-                                        fp8_encode, fp8_pow2, fp8_quant_max, register, sm_count)
+from dsv4.kernels.triton.common import (COUNTER_SLOTS, bf16_rne_bits, cast_out, fp8_block_exponent, fp8_decode,
+                                        fp8_e4m3_native, fp8_encode, fp8_pow2, fp8_quant_max, register, sm_count,
+                                        tile_counters)
 from dsv4.kernels.triton.rope import apply_rope_triton
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.attention import sparse_attention as sparse_attention_op
@@ -45,6 +46,7 @@ SMALL_T = 2
 MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
 MAX_SPLITS = 64
 FUSE_INV_ROPE = True  # `inv_rope` de-rotates in the kernel that writes the output (else: apply_rope after)
+LAST_COMBINE = True  # split-KV: the last split program of a (token, head block) combines (else: the combine kernel)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -152,8 +154,9 @@ def _entry_pages(bt_row_ptr, MAXP, E, w, cm):
 # gathers: index, page, rows), not the spills: two 4-warp programs per SM (CONFIG_FP8) beat one 8-warp one.
 # Split-KV (flash-decoding) when T * head blocks cannot fill the GPU (decode at small batch): split i takes a
 # contiguous chunk of the token's [window | compressed] list and writes (max, sum, unnormalised acc) to an
-# fp32 workspace; `_combine_kernel` merges the splits and adds the sink. The split count changes speed
-# only, never results' semantics, so a captured graph may keep it.
+# fp32 workspace; the last of a (token, head block)'s split programs to finish (a tile counter, acq_rel) merges
+# them and adds the sink (`_combine_rows`; LAST_COMBINE off: `_combine_kernel`, one more launch, the same
+# arithmetic). The split count changes speed only, never results' semantics, so a captured graph may keep it.
 
 
 @triton.jit
@@ -167,13 +170,13 @@ def _sparse_attn_kernel(
     sink_ptr,
     pos_ptr, tseq_ptr, slots_ptr, qstart_ptr, sstart_ptr,
     out_ptr, s_ot, s_oh,
-    wsm_ptr, wsa_ptr, freq_ptr,
+    wsm_ptr, wsa_ptr, freq_ptr, cnt_ptr,
     H, D, DN_W, DN_P, W, E, ratio, qk_scale, NHB, NSPLIT, HALF,
     MODE: tl.constexpr,  # 0 SWA, 1 CSA (topk ids), 2 HCA (all visible entries)
     W_FP8: tl.constexpr, W_FNUZ: tl.constexpr, P_FP8: tl.constexpr, P_FNUZ: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, HW_OCP: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROPE: tl.constexpr = False, RNE_BITS: tl.constexpr = False,
+    ROPE: tl.constexpr = False, RNE_BITS: tl.constexpr = False, LAST_COMBINE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -269,6 +272,13 @@ def _sparse_attn_kernel(
         tl.store(wsm_ptr + (row + 1) * H + h, l_i, mask=hm)
         base = (t64 * NSPLIT + split) * H
         tl.store(wsa_ptr + (base + h[:, None]) * D + d[None, :], acc, mask=hm[:, None] & dm[None, :])
+        if LAST_COMBINE:  # the last of the (token, head block)'s splits to finish combines them (no combine launch)
+            tl.debug_barrier()  # every thread's partials stored before the program counts itself done
+            done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            if done == NSPLIT - 1:
+                _combine_rows(t64, hb, wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D, NSPLIT, q_ptr, freq_ptr,
+                              p, HALF, BLOCK_H, BLOCK_D, ROPE, RNE_BITS, True)
+                tl.atomic_xchg(cnt_ptr + pid, 0)
     else:
         o = acc / l_i[:, None]
         if ROPE:
@@ -306,7 +316,24 @@ def _combine_kernel(wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D, NHB, 
                     RNE_BITS: tl.constexpr = False):
     pid = tl.program_id(0)
     t64 = (pid // NHB).to(tl.int64)
-    hb = pid % NHB
+    _combine_rows(t64, pid % NHB, wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D, NSPLIT, q_ptr, freq_ptr,
+                  tl.load(pos_ptr + t64).to(tl.int32), HALF, BLOCK_H, BLOCK_D, ROPE, RNE_BITS, False)
+
+
+@triton.jit
+def _ld_ws(ptr, mask, CG: tl.constexpr):
+    """A workspace load: .cg (L2, not a stale L1 line) when other programs of this launch wrote it."""
+    if CG:
+        return tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _combine_rows(t64, hb, wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D, NSPLIT, q_ptr, freq_ptr, p, HALF,
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, RNE_BITS: tl.constexpr,
+                  CG: tl.constexpr):
+    """Token t64's output rows of head block hb from its NSPLIT (max, sum, acc) partials and the sink."""
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
     d = tl.arange(0, BLOCK_D)
@@ -315,21 +342,20 @@ def _combine_kernel(wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D, NHB, 
     mx = z
     for i in range(NSPLIT):
         row = (t64 * NSPLIT + i) * 2
-        mx = tl.maximum(mx, tl.load(wsm_ptr + row * H + h, mask=hm, other=0.0))
+        mx = tl.maximum(mx, _ld_ws(wsm_ptr + row * H + h, hm, CG))
     den = tl.exp2(z - mx)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     for i in range(NSPLIT):
         row = (t64 * NSPLIT + i) * 2
-        mi = tl.load(wsm_ptr + row * H + h, mask=hm, other=0.0)
-        li = tl.load(wsm_ptr + (row + 1) * H + h, mask=hm, other=0.0)
-        a = tl.load(wsa_ptr + ((t64 * NSPLIT + i) * H + h[:, None]) * D + d[None, :], mask=mask, other=0.0)
+        mi = _ld_ws(wsm_ptr + row * H + h, hm, CG)
+        li = _ld_ws(wsm_ptr + (row + 1) * H + h, hm, CG)
+        a = _ld_ws(wsa_ptr + ((t64 * NSPLIT + i) * H + h[:, None]) * D + d[None, :], mask, CG)
         wgt = tl.exp2(mi - mx)
         den += wgt * li
         acc += wgt[:, None] * a
     o = acc / den[:, None]
     if ROPE:
-        o = _inverse_rope(o, q_ptr, freq_ptr, tl.load(pos_ptr + t64).to(tl.int32), D, HALF, RNE_BITS, BLOCK_H,
-                          BLOCK_D)
+        o = _inverse_rope(o, q_ptr, freq_ptr, p, D, HALF, RNE_BITS, BLOCK_H, BLOCK_D)
     tl.store(out_ptr + t64 * s_ot + h[:, None].to(tl.int64) * s_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -475,6 +501,7 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
             max_keys = W
         num_splits = _auto_splits(q.device, T * nhb, max_keys)
     split = num_splits > 1
+    cnt = tile_counters(q.device) if split and LAST_COMBINE and T * nhb <= COUNTER_SLOTS else None
     if split:
         wsm = torch.empty((T, num_splits, 2, H), dtype=torch.float32, device=q.device)
         wsa = torch.empty((T, num_splits, H, D), dtype=torch.float32, device=q.device)
@@ -489,15 +516,15 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
         sink,
         meta.positions, meta.token_seq, meta.seq_slots, meta.query_start, meta.seq_start,
         out, out.stride(0), out.stride(1),
-        wsm, wsa, freq,
+        wsm, wsa, freq, cnt if cnt is not None else wsm,
         H, D, dn_w, dn_p, W, E, max(ratio, 1), float(scale) * LOG2E, nhb, num_splits, half,
         MODE=mode, W_FP8=w_fp8, W_FNUZ=w_fnuz, P_FP8=p_fp8, P_FNUZ=p_fnuz, SPLIT=split, DOT_F32=dot_f32,
         PREC="ieee" if dot_f32 else None, HW_OCP=fp8_e4m3_native(q.device, False),
         PREFETCH=cfg["PREFETCH"] if prefetch is None else prefetch, BLOCK_H=BH, BLOCK_N=BN,
-        BLOCK_D=BD, ROPE=rope, RNE_BITS=rne,
+        BLOCK_D=BD, ROPE=rope, RNE_BITS=rne, LAST_COMBINE=cnt is not None,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
-    if split:
+    if split and cnt is None:
         _combine_kernel[(T * nhb,)](wsm, wsa, sink, out, out.stride(0), out.stride(1), H, D, nhb, num_splits,
                                     q, freq, meta.positions, half, BLOCK_H=BH, BLOCK_D=BD, ROPE=rope,
                                     RNE_BITS=rne, num_warps=4)

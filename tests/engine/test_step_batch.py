@@ -66,9 +66,9 @@ def test_the_model_receives_one_meta_per_step(lm, monkeypatch):
     seen: list[list[int]] = []
     orig = Block.forward
 
-    def spy(self, X, input_ids, meta, lc):
+    def spy(self, X, input_ids, meta, lc, *args, **kw):
         seen[-1].append(id(meta))
-        return orig(self, X, input_ids, meta, lc)
+        return orig(self, X, input_ids, meta, lc, *args, **kw)
 
     monkeypatch.setattr(Block, "forward", spy)
     eng = LLMEngine(EngineConfig(model="unused", device="cpu", dtype="float32", numerics="plain", max_model_len=256,

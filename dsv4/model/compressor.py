@@ -66,7 +66,7 @@ class Indexer(nn.Module):
         self.official = opts.official
         self._rope = opts.ops.apply_rope
         self._topk = opts.ops.indexer_topk
-        self._fp4_rt = opts.ops.fp4_roundtrip
+        self._rope_fp4 = opts.ops.rope_hadamard_fp4
 
     def forward(self, x, qr, meta: ForwardMeta, lc, block_table) -> torch.Tensor:
         return self.select(*self.project(x, qr, meta.positions), meta, lc, block_table)
@@ -80,7 +80,7 @@ class Indexer(nn.Module):
         kv, score = kv_score if kv_score else self.compressor.project(x)
         q = self.wq_b(qr, qr_q).view(x.shape[0], self.n_heads, self.head_dim)
         if self.official:  # RoPE, Hadamard rotation, FP4 round trip (one launch in Triton)
-            q = self._fp4_rt(q, 32, hadamard=True, rope=(positions, self.inv_freq))
+            q = self._rope_fp4(q, positions, self.inv_freq)
         else:
             q = self._rope(q, positions, self.inv_freq)
         w = self.weights_proj(x)  # indexer_topk applies float32(w) * weight_scale as it reads them

@@ -66,14 +66,9 @@ def fp8_roundtrip_reference(x: torch.Tensor, block: int = 64, dialect=Fp8Dialect
 fp8_roundtrip = define_op("fp8_roundtrip", fp8_roundtrip_reference)
 
 
-def fp4_roundtrip_reference(x: torch.Tensor, block: int = 32, hadamard: bool = False, rope=None) -> torch.Tensor:
+def fp4_roundtrip_reference(x: torch.Tensor, block: int = 32, hadamard: bool = False) -> torch.Tensor:
     """MXFP4 (e2m1, E8M0 scale) quantise-dequantise per `block` channels of the last dim, back to x's dtype
-    (`hadamard`: of the Hadamard-rotated x). `rope=(positions, inv_freq)`: x [T, ..., D] goes through apply_rope
-    first (the indexer queries: RoPE, Hadamard, FP4 in one op)."""
-    if rope is not None:
-        from dsv4.ops.rope import apply_rope_reference
-
-        x = apply_rope_reference(x, rope[0], rope[1])
+    (`hadamard`: of the Hadamard-rotated x)."""
     return _fp4_roundtrip_numerics(hadamard_transform(x) if hadamard else x, block)
 
 

@@ -10,6 +10,9 @@ norm_rope(x, weight, eps, positions, inv_freq, fp8_width=0, dialect=OCP): rms_no
 optional), then apply_rope, then (fp8_width > 0) fp8_roundtrip of the first fp8_width channels per 64, each step
 rounded to x's dtype as the three ops are: an attention layer's new q rows (per head, no weight) and kv rows
 (kv_norm's weight, the 448 non-RoPE channels through FP8 under official numerics) in one op.
+
+rope_hadamard_fp4(x, positions, inv_freq): apply_rope, then the Hadamard rotation and MXFP4 round trip per 32
+channels (fp4_roundtrip(hadamard=True)), each rounded to x's dtype: the indexer queries [T, H, d] in one op.
 """
 
 import math
@@ -18,7 +21,7 @@ import torch
 
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.norm import rms_norm_reference
-from dsv4.ops.quant import fp8_roundtrip_reference
+from dsv4.ops.quant import fp4_roundtrip_reference, fp8_roundtrip_reference
 from dsv4.ops.registry import define_op
 
 
@@ -69,3 +72,11 @@ def norm_rope_reference(x: torch.Tensor, weight, eps: float, positions: torch.Te
 
 
 norm_rope = define_op("norm_rope", norm_rope_reference)
+
+
+def rope_hadamard_fp4_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """apply_rope, then fp4_roundtrip(block 32, hadamard=True): the indexer's queries under official numerics."""
+    return fp4_roundtrip_reference(apply_rope_reference(x, positions, inv_freq), 32, hadamard=True)
+
+
+rope_hadamard_fp4 = define_op("rope_hadamard_fp4", rope_hadamard_fp4_reference)

@@ -474,6 +474,35 @@ def test_norm_rope_fused_equals_the_three_kernels(dtype, case):
     assert float(close.float().mean()) > 0.99  # the norm's and the angle's fp32 roundings differ from torch's
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,half", [((1, 64, 128), 32), ((3, 5, 128), 32), ((4, 64), 8), ((2, 3, 1024), 16)])
+def test_rope_hadamard_fp4_bit_equal(dtype, shape, half):
+    """rope_hadamard_fp4(x, positions, inv_freq) in one kernel: bit for bit apply_rope (the Triton kernel's angles: the same interpreter cos / sin) then the fused Hadamard + FP4, for the indexer's
+    [T, 64, 128] and other row widths, several rows per token in a program and tokens straddling programs
+    (5 rows per token), positions up to 1e6; a strided view through the unfused path; the reference composes
+    its own apply_rope (torch's cos / sin: within the FP4 grid's rounding)."""
+    from dsv4.ops.quant import fp4_roundtrip_reference
+    from dsv4.ops.rope import rope_hadamard_fp4_reference
+
+    fp4_rt = kquant.fp4_roundtrip_triton
+    g = torch.Generator().manual_seed(sum(shape) + half)
+    x = (3.0 * torch.randn(*shape, generator=g)).to(dtype)
+    pos = torch.tensor([999_999, 0, 77, 4096][:shape[0]])
+    inv = rope_inv_freq(10000.0, 2 * half)
+    got = krope.rope_hadamard_fp4_triton(x, pos, inv)
+    want = fp4_rt(krope.apply_rope_triton(x, pos, inv), 32, hadamard=True)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert torch.equal(got, want)
+    assert not torch.equal(got, fp4_rt(x, 32, hadamard=True))  # premise: the rotation matters
+    ref = rope_hadamard_fp4_reference(x, pos, inv)
+    assert torch.equal(ref, fp4_roundtrip_reference(apply_rope_reference(x, pos, inv), 32, hadamard=True))
+    assert float((ref == got).float().mean()) > 0.9
+    if x.dim() == 3 and x.shape[1] > 1:  # a strided view (every other head): the same values as its copy
+        v = torch.cat([x, x], dim=1)[:, ::2]
+        assert torch.equal(krope.rope_hadamard_fp4_triton(v, pos, inv),
+                           krope.rope_hadamard_fp4_triton(v.contiguous(), pos, inv))
+
+
 def test_norm_rope_fallback_and_empty():
     """An odd row (the even / odd lane split cannot pair it from the row start) takes the three kernels; no
     tokens gives an empty result; a width that splits a block is refused."""
@@ -583,3 +612,18 @@ def test_gpu_rms_norm_quant(M, N):
     y, (q, s) = knorm.rms_norm_triton(x, w, 1e-6, quant=Fp8Dialect.OCP)
     wq, ws = kquant.fp8_act_quant_triton(y, 128, Fp8Dialect.OCP)
     assert torch.equal(y, knorm.rms_norm_triton(x, w, 1e-6)) and torch.equal(q[:M], wq) and torch.equal(s, ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64])
+def test_gpu_rope_hadamard_fp4(T):
+    """Compiled, the indexer queries [T, 64, 128] in bf16: RoPE + Hadamard + FP4 in one kernel equals apply_rope
+    then the Hadamard + FP4 kernel bit for bit."""
+
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = (3.0 * torch.randn(T, 64, 128, device="cuda", generator=g)).bfloat16()
+    pos = torch.randint(0, 200_000, (T,), device="cuda", generator=g)
+    inv = rope_inv_freq(160000.0, 64)
+    got = krope.rope_hadamard_fp4_triton(x, pos, inv)
+    want = kquant.fp4_roundtrip_triton(krope.apply_rope_triton(x, pos, inv), 32, True)
+    assert torch.equal(got, want)

@@ -270,18 +270,15 @@ def fp8_roundtrip_triton(x: torch.Tensor, block: int = 64, dialect=Fp8Dialect.OC
 HADAMARD_MAX = 1024  # widest row the fused Hadamard kernel holds in registers (the indexer's is 128)
 
 
-def fp4_roundtrip_triton(x: torch.Tensor, block: int = 32, hadamard: bool = False, rope=None) -> torch.Tensor:
+def hadamard_fp4_fits(x: torch.Tensor, block: int = 32) -> bool:
+    """Whether the fused Hadamard + FP4 kernel takes x's rows."""
     K = x.shape[-1] if x.dim() else 0
-    fused = (hadamard and x.is_floating_point() and block == 32 and 32 <= K <= HADAMARD_MAX and not K & (K - 1)
-             and (rope is None or (x.dim() >= 2 and 2 * rope[1].numel() <= K)))
-    if not fused:
-        if rope is not None:
-            from dsv4.kernels.triton.rope import apply_rope_triton
+    return x.is_floating_point() and block == 32 and 32 <= K <= HADAMARD_MAX and not K & (K - 1)
 
-            x = apply_rope_triton(x, rope[0], rope[1])
-        if hadamard:
-            return _rt_launch(_fp4_roundtrip_kernel, hadamard_transform(x), block, AMAX_FLOOR=FP4_AMAX_FLOOR)
-        return _rt_launch(_fp4_roundtrip_kernel, x, block, AMAX_FLOOR=FP4_AMAX_FLOOR)
+
+def hadamard_fp4_launch(x: torch.Tensor, rope=None) -> torch.Tensor:
+    """The fused Hadamard + FP4 kernel over x's rows (hadamard_fp4_fits); `rope=(positions, inv_freq)`: RoPE of
+    each row's trailing 2 len(inv_freq) channels first (x [T, ..., K]: a row's token is its index over T)."""
     xs, R, K, sx = _rows_k(x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if R:
@@ -297,6 +294,14 @@ def fp4_roundtrip_triton(x: torch.Tensor, block: int = 32, hadamard: bool = Fals
             RNE_BITS=x.dtype == torch.bfloat16 and interpreting(x.device), AMAX_FLOOR=FP4_AMAX_FLOOR,
             ROPE=rope is not None, num_warps=max(1, min(8, g * K // 512)))
     return y
+
+
+def fp4_roundtrip_triton(x: torch.Tensor, block: int = 32, hadamard: bool = False) -> torch.Tensor:
+    if hadamard:
+        if not hadamard_fp4_fits(x, block):
+            return _rt_launch(_fp4_roundtrip_kernel, hadamard_transform(x), block, AMAX_FLOOR=FP4_AMAX_FLOOR)
+        return hadamard_fp4_launch(x)
+    return _rt_launch(_fp4_roundtrip_kernel, x, block, AMAX_FLOOR=FP4_AMAX_FLOOR)
 
 
 register(fp8_act_quant_op, fp8_act_quant_triton)

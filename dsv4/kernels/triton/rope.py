@@ -12,11 +12,13 @@ import triton.language as tl
 
 from dsv4.kernels.triton.common import pdl_args, pdl_start, register
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out, rms_norm_triton
-from dsv4.kernels.triton.quant import _fp8_rt_rows, fp8_roundtrip_triton
+from dsv4.kernels.triton.quant import (_fp8_rt_rows, fp4_roundtrip_triton, fp8_roundtrip_triton, hadamard_fp4_fits,
+                                       hadamard_fp4_launch)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.quant import check_width
 from dsv4.ops.rope import apply_rope as apply_rope_op
 from dsv4.ops.rope import norm_rope as norm_rope_op
+from dsv4.ops.rope import rope_hadamard_fp4 as rope_hadamard_fp4_op
 
 # Work decomposition: x viewed as [T, H, D] (H = product of the middle dims, 1 for [T, D]).
 # grid = (T, cdiv(H, BLOCK_H)); a program takes one token and BLOCK_H rows (heads, ~4096 elements):
@@ -163,5 +165,13 @@ def norm_rope_triton(x: torch.Tensor, weight, eps: float, positions: torch.Tenso
     return y.view(x.shape)
 
 
+def rope_hadamard_fp4_triton(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """One launch (the Hadamard + FP4 kernel with its RoPE prologue) for rows it takes; else the two kernels."""
+    if x.dim() >= 2 and 2 * inv_freq.numel() <= x.shape[-1] and hadamard_fp4_fits(x):
+        return hadamard_fp4_launch(x, (positions, inv_freq))
+    return fp4_roundtrip_triton(apply_rope_triton(x, positions, inv_freq), 32, hadamard=True)
+
+
 register(apply_rope_op, apply_rope_triton)
 register(norm_rope_op, norm_rope_triton)
+register(rope_hadamard_fp4_op, rope_hadamard_fp4_triton)

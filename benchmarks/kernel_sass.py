@@ -123,9 +123,9 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     """Reports of the decode step's fused small kernels at Flash widths: the decode-regime FP8 GEMM with the
     last-program split-K reduction, the split-KV attention combine with the inverse RoPE, hc_pre's finish with the
     norm and act_quant (alone, and run by the last program of the mixing GEMM that applies the previous hc_post),
-    the q norm and the shared expert's SwiGLU with their act_quant, the router's logits with the select in their
-    last program, the indexer's row top-k and its queries' RoPE + Hadamard + FP4, the one-program MoE dispatch
-    (`warps` applies to the GEMM)."""
+    the q norm and the shared expert's SwiGLU with their act_quant, the q and kv rows' norm + RoPE in one launch,
+    the router's logits with the select in their last program, the indexer's row top-k and its queries' RoPE +
+    Hadamard + FP4, the one-program MoE dispatch (`warps` applies to the GEMM)."""
     import triton.language as tl
 
     from dsv4.kernels.triton import attention as A
@@ -136,6 +136,7 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
     from dsv4.kernels.triton import moe_dispatch as MD
     from dsv4.kernels.triton import norm as NM
     from dsv4.kernels.triton import quant as Q
+    from dsv4.kernels.triton import rope as RP
     from dsv4.kernels.triton import router as R
 
     q = dict(FNUZ=bool(fnuz), PDL=True)
@@ -175,6 +176,12 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                                                  "freq_ptr": "*fp32"},
                         dict(N=128, LOG_N=7, G=16, RNE_BITS=False, AMAX_FLOOR=6 * 2.0**-126, ROPE=True),
                         divisible=("R", "sx", "ROWS_PER_TOKEN"), floats=("scale",), num_warps=4)
+    qkv = compile_sm90(RP._norm_rope_qkv_kernel, {"q_ptr": "*bf16", "qy_ptr": "*bf16", "kv_ptr": "*bf16",
+                                                  "w_ptr": "*bf16", "kvy_ptr": "*bf16", "pos_ptr": "*i64",
+                                                  "freq_ptr": "*fp32"},
+                       dict(FP8=True, FNUZ=bool(fnuz), BLOCK_HQ=8, BLOCK_DQ=512, BLOCK_DK=512, RNE_BITS=False,
+                            PDL=True), divisible=("DQ", "sq_t", "sq_h", "sqy_t", "sqy_h", "DK", "skv_t", "skvy_t"),
+                       floats=("q_eps", "kv_eps"), num_warps=8)
     norm = compile_sm90(NM._rms_norm_tile_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16",
                                                    "q_ptr": "*u8", "qs_ptr": "*u8"},
                         dict(HAS_W=True, ROWS=2, BLOCK_N=2048, RNE_BITS=False, QUANT=True, **q),
@@ -191,7 +198,8 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                         num_warps=4)
     return {"gemm_last_reduce": report(gemm), "attention_combine_inv_rope": report(comb), "hc_finish_norm_quant": report(fin),
             "hc_mix_last_program_finish": report(mixfin), "router_last_program_select": report(route),
-            "indexer_row_topk": report(topk), "indexer_q_rope_hadamard_fp4": report(hfp4), "rms_norm_quant": report(norm),
+            "indexer_row_topk": report(topk), "indexer_q_rope_hadamard_fp4": report(hfp4),
+            "norm_rope_qkv": report(qkv), "rms_norm_quant": report(norm),
             "swiglu_quant": report(swi), "dispatch_one_program": report(disp)}
 
 

@@ -56,7 +56,7 @@ class Attention(nn.Module):
         o = opts.ops
         self._attn, self._write = o.sparse_attention, o.write_window
         self._grouped = o.grouped_linear
-        self._norm_rope = o.norm_rope
+        self._norm_rope_qkv = o.norm_rope_qkv
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta, lc, block_table, x_q=None) -> torch.Tensor:
         """x_q: x's act_quant from its producer (hc_pre's `quant`), for the FP8 input projections; or None."""
@@ -69,10 +69,11 @@ class Attention(nn.Module):
         else:
             qr = self.q_norm(qr)
         q = self.wq_b(qr, qr_q).view(T, self.n_heads, self.head_dim)
-        q = self._norm_rope(q, None, self.eps, pos, self.inv_freq)  # per-head norm, then RoPE: one op
-        # kv_norm, RoPE and (official) the non-RoPE channels through FP8, the RoPE ones as they are: one op
+        # q: per-head norm, then RoPE; kv: kv_norm, RoPE and (official) the non-RoPE channels through FP8, the RoPE
+        # ones as they are: one op
         nope = self.head_dim - self.rope_dim if self.official else 0
-        kv = self._norm_rope(kv, self.kv_norm.weight, self.kv_norm.eps, pos, self.inv_freq, nope, self.dialect)
+        q, kv = self._norm_rope_qkv(q, kv, self.kv_norm.weight, self.eps, self.kv_norm.eps, pos, self.inv_freq, nope,
+                                    self.dialect)
         proj = [q, kv]
         if self.compressor is not None:
             kvs = self._xf_proj(x.float())  # compressor kv, score (+ the indexer compressor's kv, score)

@@ -11,6 +11,9 @@ optional), then apply_rope, then (fp8_width > 0) fp8_roundtrip of the first fp8_
 rounded to x's dtype as the three ops are: an attention layer's new q rows (per head, no weight) and kv rows
 (kv_norm's weight, the 448 non-RoPE channels through FP8 under official numerics) in one op.
 
+norm_rope_qkv(q, kv, kv_weight, q_eps, kv_eps, positions, inv_freq, fp8_width, dialect): both of a layer's
+norm_rope calls (q without weight, kv with), one launch in a provider.
+
 rope_hadamard_fp4(x, positions, inv_freq): apply_rope, then the Hadamard rotation and MXFP4 round trip per 32
 channels (fp4_roundtrip(hadamard=True)), each rounded to x's dtype: the indexer queries [T, H, d] in one op.
 """
@@ -80,3 +83,15 @@ def rope_hadamard_fp4_reference(x: torch.Tensor, positions: torch.Tensor, inv_fr
 
 
 rope_hadamard_fp4 = define_op("rope_hadamard_fp4", rope_hadamard_fp4_reference)
+
+
+def norm_rope_qkv_reference(q: torch.Tensor, kv: torch.Tensor, kv_weight, q_eps: float, kv_eps: float,
+                            positions: torch.Tensor, inv_freq: torch.Tensor, fp8_width: int = 0,
+                            dialect=Fp8Dialect.OCP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm_rope(q, None, q_eps, ...), norm_rope(kv, kv_weight, kv_eps, ..., fp8_width, dialect)): an attention
+    layer's new q rows and kv row, one launch in a provider."""
+    return (norm_rope_reference(q, None, q_eps, positions, inv_freq),
+            norm_rope_reference(kv, kv_weight, kv_eps, positions, inv_freq, fp8_width, dialect))
+
+
+norm_rope_qkv = define_op("norm_rope_qkv", norm_rope_qkv_reference)

@@ -39,7 +39,7 @@ def test_resolve_cpu_picks_every_op():
     table = resolve(plat)
     ops = all_ops()
     expected = {"rms_norm", "apply_rope", "hc_pre", "hc_post", "hc_head", "linear", "grouped_linear", "moe_route", "swiglu", "norm_rope",
-                "rope_hadamard_fp4",
+                "rope_hadamard_fp4", "norm_rope_qkv",
                 "moe_experts", "compress_kv", "indexer_topk", "sparse_attention", "write_window"}
     assert expected <= set(ops)
     assert set(table.choices) == set(ops)

@@ -503,6 +503,32 @@ def test_rope_hadamard_fp4_bit_equal(dtype, shape, half):
                            krope.rope_hadamard_fp4_triton(v.contiguous(), pos, inv))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T,H,DQ,DK,half,width,dialect", [(3, 6, 128, 256, 32, 192, Fp8Dialect.OCP),
+                                                           (1, 64, 64, 128, 16, 64, Fp8Dialect.FNUZ),
+                                                           (2, 5, 96, 96, 8, 0, Fp8Dialect.OCP),
+                                                           (2, 3, 128, 129, 8, 0, Fp8Dialect.OCP)])
+def test_norm_rope_qkv_one_launch(dtype, T, H, DQ, DK, half, width, dialect):
+    """norm_rope_qkv: q rows (no weight) and the kv row (weight, FP8 width, both dialects) in one launch equal the
+    two norm_rope kernels bit for bit (head blocks of q plus the kv column of programs; 64 heads; ragged widths;
+    no FP8 width; an odd kv row: the two kernels' own fallback); the reference is the two references."""
+    from dsv4.ops.rope import norm_rope_qkv_reference, norm_rope_reference
+
+    g = gen(T * H + DK)
+    q = (2.0 * torch.randn(T, H, DQ, generator=g)).to(dtype)
+    kv = (2.0 * torch.randn(T, DK, generator=g)).to(dtype)
+    w = 1 + 0.3 * torch.randn(DK, generator=g)
+    pos = torch.tensor([999_999, 7, 4096][:T])
+    inv = rope_inv_freq(10000.0, 2 * half)
+    width = width if DK % 64 == 0 or not width else 0
+    gq, gkv = krope.norm_rope_qkv_triton(q, kv, w, 1e-6, 1e-5, pos, inv, width, dialect)
+    assert torch.equal(gq, krope.norm_rope_triton(q, None, 1e-6, pos, inv))
+    assert torch.equal(gkv, krope.norm_rope_triton(kv, w, 1e-5, pos, inv, width, dialect))
+    rq, rkv = norm_rope_qkv_reference(q, kv, w, 1e-6, 1e-5, pos, inv, width, dialect)
+    assert torch.equal(rq, norm_rope_reference(q, None, 1e-6, pos, inv))
+    assert torch.equal(rkv, norm_rope_reference(kv, w, 1e-5, pos, inv, width, dialect))
+
+
 def test_norm_rope_fallback_and_empty():
     """An odd row (the even / odd lane split cannot pair it from the row start) takes the three kernels; no
     tokens gives an empty result; a width that splits a block is refused."""
@@ -627,3 +653,19 @@ def test_gpu_rope_hadamard_fp4(T):
     got = krope.rope_hadamard_fp4_triton(x, pos, inv)
     want = kquant.fp4_roundtrip_triton(krope.apply_rope_triton(x, pos, inv), 32, True)
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64])
+def test_gpu_norm_rope_qkv(T):
+    """Compiled, Flash's attention rows (q 64 x 512, kv 512 with 448 FP8 channels): one launch equals the two
+    norm_rope kernels bit for bit."""
+    g = torch.Generator(device="cuda").manual_seed(T + 3)
+    q = torch.randn(T, 64, 512, device="cuda", generator=g).bfloat16()
+    kv = torch.randn(T, 512, device="cuda", generator=g).bfloat16()
+    w = (1 + 0.3 * torch.randn(512, device="cuda", generator=g)).bfloat16()
+    pos = torch.randint(0, 200_000, (T,), device="cuda", generator=g)
+    inv = rope_inv_freq(10000.0, 64)
+    gq, gkv = krope.norm_rope_qkv_triton(q, kv, w, 1e-6, 1e-6, pos, inv, 448, Fp8Dialect.OCP)
+    assert torch.equal(gq, krope.norm_rope_triton(q, None, 1e-6, pos, inv))
+    assert torch.equal(gkv, krope.norm_rope_triton(kv, w, 1e-6, pos, inv, 448, Fp8Dialect.OCP))

@@ -18,6 +18,7 @@ from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.quant import check_width
 from dsv4.ops.rope import apply_rope as apply_rope_op
 from dsv4.ops.rope import norm_rope as norm_rope_op
+from dsv4.ops.rope import norm_rope_qkv as norm_rope_qkv_op
 from dsv4.ops.rope import rope_hadamard_fp4 as rope_hadamard_fp4_op
 
 # Work decomposition: x viewed as [T, H, D] (H = product of the middle dims, 1 for [T, D]).
@@ -110,8 +111,35 @@ def _norm_rope_kernel(x_ptr, w_ptr, pos_ptr, freq_ptr, y_ptr, H, D, HALF, W, sx_
                       HAS_W: tl.constexpr, FP8: tl.constexpr, FNUZ: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_D: tl.constexpr, RNE_BITS: tl.constexpr, PDL: tl.constexpr = False):
     pdl_start(PDL)
-    t64 = tl.program_id(0).to(tl.int64)
-    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    _norm_rope_rows(tl.program_id(0), tl.program_id(1), x_ptr, w_ptr, pos_ptr, freq_ptr, y_ptr, H, D, HALF, W, sx_t,
+                    sx_h, sy_t, sy_h, eps, HAS_W, FP8, FNUZ, BLOCK_H, BLOCK_D, RNE_BITS)
+
+
+# An attention layer's q rows (no weight) and kv row (kv_norm's weight, FP8 width) in one launch: grid (T, NQB + 1),
+# the last column of programs does the kv rows; each part is the kernel above with its own constexprs.
+@triton.jit
+def _norm_rope_qkv_kernel(q_ptr, qy_ptr, HQ, DQ, sq_t, sq_h, sqy_t, sqy_h, q_eps, NQB,
+                          kv_ptr, w_ptr, kvy_ptr, DK, W, skv_t, skvy_t, kv_eps, pos_ptr, freq_ptr, HALF,
+                          FP8: tl.constexpr, FNUZ: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_DQ: tl.constexpr,
+                          BLOCK_DK: tl.constexpr, RNE_BITS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
+    t = tl.program_id(0)
+    hb = tl.program_id(1)
+    if hb < NQB:
+        _norm_rope_rows(t, hb, q_ptr, q_ptr, pos_ptr, freq_ptr, qy_ptr, HQ, DQ, HALF, 0, sq_t, sq_h, sqy_t, sqy_h,
+                        q_eps, False, False, False, BLOCK_HQ, BLOCK_DQ, RNE_BITS)
+    else:
+        _norm_rope_rows(t, 0, kv_ptr, w_ptr, pos_ptr, freq_ptr, kvy_ptr, 1, DK, HALF, W, skv_t, 0, skvy_t, 0, kv_eps,
+                        True, FP8, FNUZ, 1, BLOCK_DK, RNE_BITS)
+
+
+@triton.jit
+def _norm_rope_rows(t, hb, x_ptr, w_ptr, pos_ptr, freq_ptr, y_ptr, H, D, HALF, W, sx_t, sx_h, sy_t, sy_h, eps,
+                    HAS_W: tl.constexpr, FP8: tl.constexpr, FNUZ: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_D: tl.constexpr, RNE_BITS: tl.constexpr):
+    """Token t's rows hb * BLOCK_H .. of x: norm, RoPE, FP8 round trip of the channels below W (see above)."""
+    t64 = t.to(tl.int64)
+    hs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h64 = hs.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     m = (hs < H)[:, None] & (d < D)[None, :]
@@ -165,6 +193,42 @@ def norm_rope_triton(x: torch.Tensor, weight, eps: float, positions: torch.Tenso
     return y.view(x.shape)
 
 
+def _norm_rope_fits(D: int, half: int, w8: int) -> int:
+    """BLOCK_D of the fused norm_rope kernel for rows of D, or 0 where it does not take them."""
+    bd = triton.next_power_of_2(max(D, 64 if w8 else 2))
+    return 0 if (2 * half > D or D % 2 or bd > TILE_ELEMS) else bd
+
+
+def norm_rope_qkv_triton(q: torch.Tensor, kv: torch.Tensor, kv_weight, q_eps: float, kv_eps: float,
+                         positions: torch.Tensor, inv_freq: torch.Tensor, fp8_width: int = 0,
+                         dialect=Fp8Dialect.OCP) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_rope of q [T, H, Dq] (no weight) and kv [T, Dk] (weight, FP8 width) in one launch where both fit."""
+    half = inv_freq.numel()
+    T, H, DQ = q.shape
+    DK = kv.shape[-1]
+    w8 = check_width(fp8_width, DK, 64) if fp8_width else 0
+    bdq, bdk = _norm_rope_fits(DQ, half, 0), _norm_rope_fits(DK, half, w8)
+    if not (bdq and bdk and kv.dim() == 2 and kv.shape[0] == T and T and H and kv_weight is not None):
+        return (norm_rope_triton(q, None, q_eps, positions, inv_freq),
+                norm_rope_triton(kv, kv_weight, kv_eps, positions, inv_freq, fp8_width, dialect))
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if kv.stride(1) != 1:
+        kv = kv.contiguous()
+    qy = torch.empty((T, H, DQ), dtype=q.dtype, device=q.device)
+    kvy = torch.empty((T, DK), dtype=kv.dtype, device=kv.device)
+    freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+    pos = positions if positions.stride(0) == 1 else positions.contiguous()
+    bh = max(1, min(TILE_ELEMS // bdq, triton.next_power_of_2(H)))
+    nqb = triton.cdiv(H, bh)
+    _norm_rope_qkv_kernel[(T, nqb + 1)](
+        q, qy, H, DQ, q.stride(0), q.stride(1), qy.stride(0), qy.stride(1), float(q_eps), nqb,
+        kv, kv_weight.contiguous(), kvy, DK, w8, kv.stride(0), kvy.stride(0), float(kv_eps), pos, freq, half,
+        FP8=w8 > 0, FNUZ=Fp8Dialect.parse(dialect) is Fp8Dialect.FNUZ, BLOCK_HQ=bh, BLOCK_DQ=bdq, BLOCK_DK=bdk,
+        RNE_BITS=bf16_rne_bits(q.dtype), **pdl_args(q.device), num_warps=max(1, min(8, bh * bdq // 512)))
+    return qy, kvy
+
+
 def rope_hadamard_fp4_triton(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """One launch (the Hadamard + FP4 kernel with its RoPE prologue) for rows it takes; else the two kernels."""
     if x.dim() >= 2 and 2 * inv_freq.numel() <= x.shape[-1] and hadamard_fp4_fits(x):
@@ -175,3 +239,4 @@ def rope_hadamard_fp4_triton(x: torch.Tensor, positions: torch.Tensor, inv_freq:
 register(apply_rope_op, apply_rope_triton)
 register(norm_rope_op, norm_rope_triton)
 register(rope_hadamard_fp4_op, rope_hadamard_fp4_triton)
+register(norm_rope_qkv_op, norm_rope_qkv_triton)

@@ -1,10 +1,12 @@
 """The one-launch paths of a small decode step change no bit of the model's output: the tiny model with every op
 through its Triton provider (the interpreter on the CPU), official numerics in bf16, prefilled, then decode steps
-of one and two tokens, run with the fused paths on (the default) and off on identical caches:
+of one and two tokens, run with the fused paths on and off (knobs; several are off by default, being slower on the
+H200: docs/perf.md 2026-12-07 (c)) on identical caches:
   - hc_pre(prev=): a block's hc_post applied by the next hc_pre's mixing programs (hyper_connection.POST_IN_MIX),
   - the mHC finish run by the last mixing program (hyper_connection.LAST_FINISH_T),
   - the router's select run by the last logits program (router.LAST_SELECT_T),
-  - the attention output's inverse RoPE in the kernel that writes it (attention.FUSE_INV_ROPE).
+  - the attention output's inverse RoPE in the kernel that writes it (attention.FUSE_INV_ROPE),
+  - the split-KV combine by the last split program (attention.LAST_COMBINE), the norm in the mHC finish.
 Streams and logits must be equal bit for bit; the fused paths must have run (their kernels counted)."""
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                                  reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")]
 
-OFF = [(khc, "POST_IN_MIX", False), (khc, "LAST_FINISH_T", 0), (kr, "LAST_SELECT_T", 0),
-       (kattn, "FUSE_INV_ROPE", False)]
+ON = [(khc, "POST_IN_MIX", True), (khc, "LAST_FINISH_T", 2), (khc, "MAX_NORM_D", 8192), (kr, "LAST_SELECT_T", 2),
+      (kattn, "FUSE_INV_ROPE", True), (kattn, "LAST_COMBINE", True)]  # (several are off by default: measured)
+OFF = [(khc, "POST_IN_MIX", False), (khc, "LAST_FINISH_T", 0), (khc, "MAX_NORM_D", 0), (kr, "LAST_SELECT_T", 0),
+       (kattn, "FUSE_INV_ROPE", False), (kattn, "LAST_COMBINE", False)]
 
 
 SLOW = {"lm_head", "moe_experts", "linear", "grouped_linear"}  # interpreted, slow; not what this test is about
@@ -55,6 +59,8 @@ def counting(monkeypatch, mod, name, log):
 
 def test_fused_decode_paths_equal_unfused(tiny_dir, monkeypatch):
     monkeypatch.setattr(builder, "resolve", triton_table)
+    for mod, name, v in ON:
+        monkeypatch.setattr(mod, name, v)
     lm = build_model(tiny_dir, device="cpu", dtype="bfloat16", numerics="official")
     caches = [DirectCache(lm.cfg, 3, 64, "cpu", torch.bfloat16) for _ in range(2)]
     for dc in caches:

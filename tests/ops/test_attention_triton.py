@@ -516,8 +516,8 @@ def test_gpu_compiled_flash_widths(kind, mode, ratio):
         assert torch.equal(fused, apply_rope_triton(out, meta.positions, inv, inverse=True)), launch
         if launch.get("num_splits", 1) > 1:  # the last split program's combine equals the combine kernel
             import dsv4.kernels.triton.attention as kattn
-            kattn.LAST_COMBINE = False
+            kattn.LAST_COMBINE = not kattn.LAST_COMBINE
             try:
                 assert torch.equal(sparse_attention_impl(*args, inv, **launch), fused), launch
             finally:
-                kattn.LAST_COMBINE = True
+                kattn.LAST_COMBINE = not kattn.LAST_COMBINE

@@ -195,6 +195,7 @@ def test_hc_norm_fused_equals_finish_then_rms_norm(T, n, D, dtype, head, monkeyp
     """The finish kernel with the following RMSNorm fused (one program per token holds the whole row) against the
     finish kernel, then the Triton rms_norm: ragged D (300), one token, n = 3, both dtypes; and the fallback for a
     D wider than MAX_NORM_D (two launches) against the same. post / comb unchanged bit for bit."""
+    monkeypatch.setattr(khc, "MAX_NORM_D", 8192)  # the fused norm on (off by default)
     X, fn, scale, base = hc_inputs(15, T, n, D, dtype=dtype, logit_scale=1.5, head=head)
     w = 0.5 + torch.rand(D, generator=gen(16))
     if head:
@@ -221,10 +222,11 @@ def test_hc_norm_fused_equals_finish_then_rms_norm(T, n, D, dtype, head, monkeyp
 
 @pytest.mark.parametrize("T,n,D", [(1, 4, 4096), (6, 4, 300), (5, 4, 128), (2, 3, 24)])
 @pytest.mark.parametrize("dialect", [Fp8Dialect.OCP, Fp8Dialect.FNUZ], ids=["ocp", "fnuz"])
-def test_hc_pre_quant_equals_act_quant(T, n, D, dialect):
+def test_hc_pre_quant_equals_act_quant(T, n, D, dialect, monkeypatch):
     """hc_pre(norm=, quant=): the fourth output is the act_quant of the normed output, byte for byte what the
     standalone Triton quantiser gives (D = 300: a partial last block; D = 24: too narrow to fuse, the
     standalone quantiser itself); the bytes' rows padded to a multiple of 4; the other outputs unchanged."""
+    monkeypatch.setattr(khc, "MAX_NORM_D", 8192)  # the fused norm and act_quant on (off by default)
     X, fn, scale, base = hc_inputs(17, T, n, D, dtype=torch.bfloat16, logit_scale=1.5)
     w = 0.5 + torch.rand(D, generator=gen(18))
     u0, post0, comb0 = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5))
@@ -255,6 +257,7 @@ def test_hc_last_program_finish_equals_two_kernels(T, n, D, norm, quant, head, m
     the act_quant bytes) equals the two-kernel path bit for bit, over three calls (the tile counter is reset each
     time: a stale count would skip or double the finish); several tokens in the loop (T = 5 with the limit raised),
     the finish in two channel chunks (D = 1500 without norm), n = 2 / 3; the finish kernel is not launched."""
+    monkeypatch.setattr(khc, "MAX_NORM_D", 8192)  # the finish with the norm and act_quant (off by default)
     X, fn, scale, base = hc_inputs(21, T, n, D, dtype=torch.bfloat16, logit_scale=1.5, head=head)
     w = 0.5 + torch.rand(D, generator=gen(22)) if norm else None
     q = Fp8Dialect.OCP if quant and not head else None
@@ -288,6 +291,8 @@ def test_hc_pre_after_post_in_one_launch(T, n, D, quant, fused, dtype, monkeypat
     step (300) and T above LAST_FINISH_T (3): the separate kernels; the strided X of a larger buffer; the
     reference returns the same tuple layout."""
     from dsv4.ops.hyper_connection import hc_pre_reference
+    monkeypatch.setattr(khc, "LAST_FINISH_T", 2)  # the one-launch path on (off by default)
+    monkeypatch.setattr(khc, "MAX_NORM_D", 8192)
     g = gen(31 + T + D)
     big = torch.randn(T + 2, n, D + 8, generator=g).to(dtype)
     X = big[1:T + 1, :, 4:D + 4]  # strided streams
@@ -545,9 +550,10 @@ def test_norm_rope_fallback_and_empty():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 64, 300])
-def test_gpu_hc_norm_fused(T):
+def test_gpu_hc_norm_fused(T, monkeypatch):
     """Compiled, Flash widths (n = 4, D = 4096, bf16 streams): hc_pre / hc_head with the norm fused against the
     finish kernel then the Triton rms_norm (one bf16 ulp: the sum of squares' order) and the reference."""
+    monkeypatch.setattr(khc, "MAX_NORM_D", 8192)
     g = torch.Generator(device="cuda").manual_seed(T)
     n, D = 4, 4096
     X = torch.randn(T, n, D, device="cuda", generator=g).bfloat16()
@@ -576,6 +582,7 @@ def test_gpu_hc_norm_fused(T):
 def test_gpu_hc_last_program_finish(T, monkeypatch):
     """Compiled, Flash widths: hc_pre (norm + act_quant) and hc_head (norm) with the finish run by the last mixing
     program equal the two kernels bit for bit, eagerly and replayed from a CUDA graph (the counter reset)."""
+    monkeypatch.setattr(khc, "MAX_NORM_D", 8192)
     g = torch.Generator(device="cuda").manual_seed(T + 11)
     n, D = 4, 4096
     X = torch.randn(T, n, D, device="cuda", generator=g).bfloat16()
@@ -613,8 +620,9 @@ def test_gpu_hc_last_program_finish(T, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 64])
-def test_gpu_hc_quant(T):
+def test_gpu_hc_quant(T, monkeypatch):
     """Compiled, Flash widths: hc_pre's act_quant of its normed output equals the standalone quantiser's bytes."""
+    monkeypatch.setattr(khc, "MAX_NORM_D", 8192)
     g = torch.Generator(device="cuda").manual_seed(T + 7)
     n, D = 4, 4096
     X = torch.randn(T, n, D, device="cuda", generator=g).bfloat16()

@@ -46,7 +46,8 @@ SMALL_T = 2
 MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
 MAX_SPLITS = 64
 FUSE_INV_ROPE = True  # `inv_rope` de-rotates in the kernel that writes the output (else: apply_rope after)
-LAST_COMBINE = True  # split-KV: the last split program of a (token, head block) combines (else: the combine kernel)
+LAST_COMBINE = False  # split-KV: the last split program of a (token, head block) combines (off: the combine kernel,
+# the measured default, docs/perf.md 2026-12-07 (c))
 
 
 # ----------------------------------------------------------------------------------------- helpers

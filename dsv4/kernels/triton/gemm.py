@@ -50,7 +50,8 @@ from dsv4.ops.linear import weight_format
 
 QBLOCK = 128  # FP8 weight / activation scale block along K (and along N for weights)
 PREFETCH_W = True  # decode (M <= 64): first weight tile loaded before the PDL wait (_gemm_kernel); knob for A/Bs
-LAST_REDUCE = True  # split-K partials summed by the last program of each tile (no reduce launch); knob for A/Bs
+LAST_REDUCE = False  # split-K partials summed by the last program of each tile (no reduce launch); off: slower
+# on the H200 in a batch-1 decode graph (docs/perf.md 2026-12-07 (c)); knob for A/Bs
 
 # ----------------------------------------------------------------------------- platform facts (cached)
 # FP8 tensor-core types by platform: 1 = OCP e4m3fn (tl.float8e4nv), 2 = fnuz (tl.float8e4b8), 0 = none.

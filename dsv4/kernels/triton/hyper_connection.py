@@ -282,9 +282,11 @@ MIN_K_SPLIT = 512  # K columns per split at least (8 BK steps)
 BD_FINISH = 1024
 FINISH_WARPS = 4
 BD_POST = 1024
-MAX_NORM_D = 8192  # widest D whose norm is fused into the finish kernel (one program per token holds the row)
+MAX_NORM_D = 0  # widest D whose norm is fused into the finish kernel (one program per token holds the row); 0:
+# off, the measured default (docs/perf.md 2026-12-07 (c): the fused finish was slower at batch 1; 8192 turns it on)
 QUANT_OUT = True  # the act_quant of the normed output (quant=) in the finish kernel; False: the standalone quantiser
-LAST_FINISH_T = 2  # up to this many tokens, the last mixing program runs the finish (one launch); 0: two kernels
+LAST_FINISH_T = 0  # up to this many tokens, the last mixing program runs the finish (one launch); 0: two kernels,
+# the measured default (docs/perf.md 2026-12-07 (c): the one launch was ~0.15 ms slower per 4-layer step)
 POST_IN_MIX = True  # hc_pre(prev=): in that one launch, the mixing programs apply the previous hc_post first
 
 

@@ -122,7 +122,8 @@ def _dispatch_small_kernel(ids_ptr, g2l_ptr, flags_ptr, slots_ptr, bexp_ptr, N, 
     tl.store(flags_ptr + E_loc + 3, total * BM)
 
 
-SMALL_N = 64  # pairs up to which the one-program dispatch runs (T k: ~10 decode tokens at k = 6); 0 turns it off
+SMALL_N = 0  # pairs up to which the one-program dispatch runs (64: ~10 decode tokens at k = 6); 0: off, the measured
+# default (docs/perf.md 2026-12-07 (c))
 
 
 def moe_dispatch_triton(ids: torch.Tensor, expert_map: ExpertMap, block_m: int, pad: int = -1):

@@ -15,7 +15,8 @@ from dsv4.ops.moe import moe_route as moe_route_op
 
 _SCORE = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
 SELECT_CHUNK = 4096  # partial logits the select kernel loads at once per token (decode: 16 of 256 experts)
-LAST_SELECT_T = 2  # up to this many tokens, the last logits program selects (one launch); 0: two kernels
+LAST_SELECT_T = 0  # up to this many tokens, the last logits program selects (one launch); 0: two kernels (measured
+# default, docs/perf.md 2026-12-07 (c))
 
 
 # Logits: grid = (cdiv(T, BT) * cdiv(E, BE), S). Program (tile, s) computes x[t-tile] . W_g[e-tile]^T over

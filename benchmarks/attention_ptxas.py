@@ -51,8 +51,8 @@ def report(**kw) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("configs", nargs="+", help="comma-separated key=value launch settings, e.g. block_h=16,num_warps=4 "
-                                               "(keys: mode, block_h, block_n, num_warps, num_stages, split, prefetch, rope, "
-                                               "last_combine)")
+                                               "(keys: mode, block_h, block_n, num_warps, num_stages, split, "
+                                               "prefetch, rope, last_combine)")
     for c in ap.parse_args().configs:
         kw = {k: int(v) for k, v in (x.split("=") for x in c.split(",") if x)}
         print(c, report(**kw), flush=True)

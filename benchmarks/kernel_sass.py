@@ -193,10 +193,12 @@ def decode_glue(warps: int = 4, fnuz: int = 0) -> dict:
                                                     "slots_ptr": "*i32", "bexp_ptr": "*i32"},
                         dict(NP=64, EP=256, RB=256, BB=32), num_warps=4)
     comb = compile_sm90(A._combine_kernel, {"wsm_ptr": "*fp32", "wsa_ptr": "*fp32", "sink_ptr": "*fp32",
-                                            "out_ptr": "*bf16", "q_ptr": "*bf16", "freq_ptr": "*fp32", "pos_ptr": "*i64"},
+                                            "out_ptr": "*bf16", "q_ptr": "*bf16", "freq_ptr": "*fp32",
+                                            "pos_ptr": "*i64"},
                         dict(BLOCK_H=16, BLOCK_D=512, ROPE=True, RNE_BITS=False), divisible=("s_ot", "s_oh", "H", "D"),
                         num_warps=4)
-    return {"gemm_last_reduce": report(gemm), "attention_combine_inv_rope": report(comb), "hc_finish_norm_quant": report(fin),
+    return {"gemm_last_reduce": report(gemm), "attention_combine_inv_rope": report(comb),
+            "hc_finish_norm_quant": report(fin),
             "hc_mix_last_program_finish": report(mixfin), "router_last_program_select": report(route),
             "indexer_row_topk": report(topk), "indexer_q_rope_hadamard_fp4": report(hfp4),
             "norm_rope_qkv": report(qkv), "rms_norm_quant": report(norm),

@@ -7,7 +7,8 @@ the places left empty (fewer than topk visible entries). The order within a row 
 
 q: [T, H, d] (RoPE'd, after any Hadamard/FP4 simulation); weights: [T, H], used as float32(weights) *
 weights_scale (the model passes the head projection's output and d^-1/2 * H^-1/2: a provider applies the scale
-as it reads them, one fp32 product each); k_pool: [P, E, d] with entry w of slot s at k_pool[block_table[s, w // E], w % E].
+as it reads them, one fp32 product each); k_pool: [P, E, d] with entry w of slot s at
+k_pool[block_table[s, w // E], w % E].
 Scores are computed in float32.
 """
 

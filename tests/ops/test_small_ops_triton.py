@@ -482,7 +482,8 @@ def test_norm_rope_fused_equals_the_three_kernels(dtype, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,half", [((1, 64, 128), 32), ((3, 5, 128), 32), ((4, 64), 8), ((2, 3, 1024), 16)])
 def test_rope_hadamard_fp4_bit_equal(dtype, shape, half):
-    """rope_hadamard_fp4(x, positions, inv_freq) in one kernel: bit for bit apply_rope (the Triton kernel's angles: the same interpreter cos / sin) then the fused Hadamard + FP4, for the indexer's
+    """rope_hadamard_fp4(x, positions, inv_freq) in one kernel: bit for bit apply_rope (the Triton kernel's angles:
+    the same interpreter cos / sin) then the fused Hadamard + FP4, for the indexer's
     [T, 64, 128] and other row widths, several rows per token in a program and tokens straddling programs
     (5 rows per token), positions up to 1e6; a strided view through the unfused path; the reference composes
     its own apply_rope (torch's cos / sin: within the FP4 grid's rounding)."""

@@ -79,3 +79,15 @@ def lm(tiny_dir):
     from dsv4.model import build_model
 
     return build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """watch(module, kernel_name) -> the list of grids that module-level Triton kernel is launched with from now on
+    (each launch still runs): what a test checks a path launches, or no longer launches."""
+    def watch(mod, name: str) -> list:
+        log, real = [], getattr(mod, name)
+        monkeypatch.setattr(mod, name, type("Watched", (), {
+            "__getitem__": lambda self, grid: (log.append(grid), real[grid])[1]})())
+        return log
+    return watch

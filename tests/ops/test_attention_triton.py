@@ -378,7 +378,7 @@ def test_inverse_rope_in_the_output_writer(kind, H, D, block_h, splits, monkeypa
 
 
 @pytest.mark.parametrize("kind,splits,rope", [("f32", 3, False), ("ocp-bf16", 5, True), ("fnuz", 8, False)])
-def test_last_split_program_combines(kind, splits, rope, monkeypatch):
+def test_last_split_program_combines(kind, splits, rope, monkeypatch, launches):
     """Split-KV: the last split program of each (token, head block) combines the splits (no combine launch),
     equal bit for bit to the combine kernel over three calls (the tile counters reset), with the inverse RoPE,
     more splits than tiles (empty splits), a mixed prefill + decode step."""
@@ -397,10 +397,7 @@ def test_last_split_program_combines(kind, splits, rope, monkeypatch):
     monkeypatch.setattr(kattn, "LAST_COMBINE", False)
     want = sparse_attention_impl(*args, **launch)
     monkeypatch.setattr(kattn, "LAST_COMBINE", True)
-    launched = []
-    real = kattn._combine_kernel
-    monkeypatch.setattr(kattn, "_combine_kernel", type("K", (), {
-        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
+    launched = launches(kattn, "_combine_kernel")
     for _ in range(3):
         assert torch.equal(sparse_attention_impl(*args, **launch), want)
     assert not launched, "the combine kernel still ran"

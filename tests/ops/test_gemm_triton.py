@@ -186,7 +186,7 @@ def test_forced_tiles_and_split_k(bm, bn, split, act_quant):
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["linear", "grouped"])
-def test_last_program_split_k_reduction(monkeypatch, grouped):
+def test_last_program_split_k_reduction(monkeypatch, launches, grouped):
     """The last-program split-K reduction (no reduce launch) equals the reduce kernel's result bit for bit, on
     repeated calls (each leaves its tile counters at zero for the next call or graph replay)."""
     M, N, K, G = 3, 200, 640, 2
@@ -203,10 +203,7 @@ def test_last_program_split_k_reduction(monkeypatch, grouped):
     monkeypatch.setattr(kg, "LAST_REDUCE", False)
     want = run()
     monkeypatch.setattr(kg, "LAST_REDUCE", True)
-    launched = []
-    real = kg._splitk_reduce_kernel
-    monkeypatch.setattr(kg, "_splitk_reduce_kernel", type("K", (), {
-        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
+    launched = launches(kg, "_splitk_reduce_kernel")
     for _ in range(3):
         got = run()
         assert torch.equal(got, want)

@@ -608,7 +608,7 @@ def test_route_extreme_logits():
 
 @pytest.mark.parametrize("T,E,D,hashed", [(1, 256, 2112, False), (2, 16, 200, False), (2, 16, 48, True),
                                            (1, 16, 16, False)])
-def test_route_last_program_select_equals_two_kernels(T, E, D, hashed, monkeypatch):
+def test_route_last_program_select_equals_two_kernels(T, E, D, hashed, monkeypatch, launches):
     """Up to LAST_SELECT_T tokens the last logits program selects (one launch): ids and weights equal the two
     kernels bit for bit over three calls (the counter reset each time), learned (bias) and hash routing, split-K
     partials summed in chunks (256 experts, 33 partials), no split (D 16); the select kernel is not launched."""
@@ -619,10 +619,7 @@ def test_route_last_program_select_equals_two_kernels(T, E, D, hashed, monkeypat
     monkeypatch.setattr(kr, "LAST_SELECT_T", 0)
     ww, wi = kr.moe_route_triton(*args)
     monkeypatch.setattr(kr, "LAST_SELECT_T", 2)
-    launched = []
-    real = kr._router_select_kernel
-    monkeypatch.setattr(kr, "_router_select_kernel", type("K", (), {
-        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
+    launched = launches(kr, "_router_select_kernel")
     for _ in range(3):
         w, i = kr.moe_route_triton(*args)
         assert torch.equal(i, wi) and torch.equal(w, ww)

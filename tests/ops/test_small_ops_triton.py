@@ -222,11 +222,13 @@ def test_hc_norm_fused_equals_finish_then_rms_norm(T, n, D, dtype, head, monkeyp
 
 @pytest.mark.parametrize("T,n,D", [(1, 4, 4096), (6, 4, 300), (5, 4, 128), (2, 3, 24)])
 @pytest.mark.parametrize("dialect", [Fp8Dialect.OCP, Fp8Dialect.FNUZ], ids=["ocp", "fnuz"])
-def test_hc_pre_quant_equals_act_quant(T, n, D, dialect, monkeypatch):
+@pytest.mark.parametrize("max_norm_d", [8192, 0], ids=["in_finish", "in_rms_norm"])
+def test_hc_pre_quant_equals_act_quant(T, n, D, dialect, max_norm_d, monkeypatch):
     """hc_pre(norm=, quant=): the fourth output is the act_quant of the normed output, byte for byte what the
     standalone Triton quantiser gives (D = 300: a partial last block; D = 24: too narrow to fuse, the
-    standalone quantiser itself); the bytes' rows padded to a multiple of 4; the other outputs unchanged."""
-    monkeypatch.setattr(khc, "MAX_NORM_D", 8192)  # the fused norm and act_quant on (off by default)
+    standalone quantiser itself); the bytes' rows padded to a multiple of 4; the other outputs unchanged. Made
+    by the finish kernel with the norm in it (MAX_NORM_D on) or by the rms_norm kernel after it (the default)."""
+    monkeypatch.setattr(khc, "MAX_NORM_D", max_norm_d)
     X, fn, scale, base = hc_inputs(17, T, n, D, dtype=torch.bfloat16, logit_scale=1.5)
     w = 0.5 + torch.rand(D, generator=gen(18))
     u0, post0, comb0 = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5))
@@ -252,7 +254,7 @@ def _hc_all(X, fn, scale, base, head, w, quant):
                                               (1, 4, 1500, False, False), (5, 3, 24, True, False),
                                               (2, 2, 200, False, False)])
 @pytest.mark.parametrize("head", [False, True], ids=["pre", "head"])
-def test_hc_last_program_finish_equals_two_kernels(T, n, D, norm, quant, head, monkeypatch):
+def test_hc_last_program_finish_equals_two_kernels(T, n, D, norm, quant, head, monkeypatch, launches):
     """Up to LAST_FINISH_T tokens the last mixing program runs the finish (one launch): every output (u, post, comb,
     the act_quant bytes) equals the two-kernel path bit for bit, over three calls (the tile counter is reset each
     time: a stale count would skip or double the finish); several tokens in the loop (T = 5 with the limit raised),
@@ -264,10 +266,7 @@ def test_hc_last_program_finish_equals_two_kernels(T, n, D, norm, quant, head, m
     monkeypatch.setattr(khc, "LAST_FINISH_T", 0)
     want = _hc_all(X, fn, scale, base, head, w, q)
     monkeypatch.setattr(khc, "LAST_FINISH_T", 8)
-    launched = []
-    real = khc._hc_finish_kernel
-    monkeypatch.setattr(khc, "_hc_finish_kernel", type("K", (), {
-        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
+    launched = launches(khc, "_hc_finish_kernel")
     for _ in range(3):
         got = _hc_all(X, fn, scale, base, head, w, q)
         assert len(got) == len(want)
@@ -283,7 +282,7 @@ def test_hc_last_program_finish_equals_two_kernels(T, n, D, norm, quant, head, m
                                                 (1, 4, 64, True, True), (1, 4, 300, True, False),
                                                 (3, 4, 1024, True, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hc_pre_after_post_in_one_launch(T, n, D, quant, fused, dtype, monkeypatch):
+def test_hc_pre_after_post_in_one_launch(T, n, D, quant, fused, dtype, monkeypatch, launches):
     """hc_pre(prev=(f, post, comb)): the previous sublayer's hc_post applied by the mixing programs of the one
     launch (each forms its K range of the new streams, which the last program's finish reads back) equals
     hc_post then hc_pre through the separate kernels bit for bit: the new streams, u (normed), post, comb and the
@@ -310,10 +309,7 @@ def test_hc_pre_after_post_in_one_launch(T, n, D, quant, fused, dtype, monkeypat
     Xn = khc.hc_post_triton(f, X, p0, c0)
     sep = khc.hc_pre_triton(Xn, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5), quant=q)
     want = [Xn] + list(sep[:3]) + ([sep[3][0][:T], sep[3][1]] if quant else [])
-    launched = []
-    real = khc._hc_post_kernel
-    monkeypatch.setattr(khc, "_hc_post_kernel", type("K", (), {
-        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
+    launched = launches(khc, "_hc_post_kernel")
     for _ in range(2):
         got = run(prev=(f, p0, c0))
         assert len(got) == len(want)
@@ -549,6 +545,15 @@ def test_norm_rope_fallback_and_empty():
         krope.norm_rope_triton(torch.randn(2, 128), None, 1e-6, pos[:2], inv, 100)
 
 
+def gpu_hc_params(g, n: int, D: int, head: bool):
+    """(fn, scale, base) of an hc_pre (head: hc_head) on the GPU, drawn from generator g."""
+    rows = n if head else (2 + n) * n
+    fn = 0.02 * torch.randn(rows, n * D, device="cuda", generator=g)
+    scale = 0.5 + torch.rand(1 if head else 3, device="cuda", generator=g)
+    base = 0.5 * torch.randn(rows, device="cuda", generator=g)
+    return fn, scale, base
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 64, 300])
 def test_gpu_hc_norm_fused(T, monkeypatch):
@@ -560,10 +565,7 @@ def test_gpu_hc_norm_fused(T, monkeypatch):
     X = torch.randn(T, n, D, device="cuda", generator=g).bfloat16()
     w = 0.5 + torch.rand(D, device="cuda", generator=g)
     for head in (False, True):
-        rows = n if head else (2 + n) * n
-        fn = 0.02 * torch.randn(rows, n * D, device="cuda", generator=g)
-        scale = 0.5 + torch.rand(1 if head else 3, device="cuda", generator=g)
-        base = 0.5 * torch.randn(rows, device="cuda", generator=g)
+        fn, scale, base = gpu_hc_params(g, n, D, head)
         if head:
             plain = khc.hc_head_triton(X, fn, scale, base, 1e-6, 1e-6)
             got = khc.hc_head_triton(X, fn, scale, base, 1e-6, 1e-6, norm=(w, 1e-6))
@@ -589,10 +591,7 @@ def test_gpu_hc_last_program_finish(T, monkeypatch):
     X = torch.randn(T, n, D, device="cuda", generator=g).bfloat16()
     w = 0.5 + torch.rand(D, device="cuda", generator=g)
     for head in (False, True):
-        rows = n if head else (2 + n) * n
-        fn = 0.02 * torch.randn(rows, n * D, device="cuda", generator=g)
-        scale = 0.5 + torch.rand(1 if head else 3, device="cuda", generator=g)
-        base = 0.5 * torch.randn(rows, device="cuda", generator=g)
+        fn, scale, base = gpu_hc_params(g, n, D, head)
         q = None if head else Fp8Dialect.OCP
         monkeypatch.setattr(khc, "LAST_FINISH_T", 0)
         want = _hc_all(X, fn, scale, base, head, w, q)
@@ -628,9 +627,7 @@ def test_gpu_hc_quant(T, monkeypatch):
     n, D = 4, 4096
     X = torch.randn(T, n, D, device="cuda", generator=g).bfloat16()
     w = 0.5 + torch.rand(D, device="cuda", generator=g)
-    fn = 0.02 * torch.randn((2 + n) * n, n * D, device="cuda", generator=g)
-    scale = 0.5 + torch.rand(3, device="cuda", generator=g)
-    base = 0.5 * torch.randn((2 + n) * n, device="cuda", generator=g)
+    fn, scale, base = gpu_hc_params(g, n, D, False)
     u, _, _, (q, qs) = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 1e-6, 20, norm=(w, 1e-6), quant=Fp8Dialect.OCP)
     wq, ws = kquant.fp8_act_quant_triton(u, 128, Fp8Dialect.OCP)
     assert torch.equal(q[:T], wq) and torch.equal(qs, ws)

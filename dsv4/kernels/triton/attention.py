@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.triton.common import (COUNTER_SLOTS, bf16_rne_bits, cast_out, fp8_block_exponent, fp8_decode,
-                                        fp8_e4m3_native, fp8_encode, fp8_pow2, fp8_quant_max, register, sm_count,
-                                        tile_counters)
+                                        fp8_e4m3_native, fp8_encode, fp8_pow2, fp8_quant_max, load_parts, register,
+                                        sm_count, tile_counters)
 from dsv4.kernels.triton.rope import apply_rope_triton
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.attention import sparse_attention as sparse_attention_op
@@ -322,15 +322,6 @@ def _combine_kernel(wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D, NHB, 
 
 
 @triton.jit
-def _ld_ws(ptr, mask, CG: tl.constexpr):
-    """A workspace load: .cg (L2, not a stale L1 line) when other programs of this launch wrote it."""
-    if CG:
-        return tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
-    else:
-        return tl.load(ptr, mask=mask, other=0.0)
-
-
-@triton.jit
 def _combine_rows(t64, hb, wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D, NSPLIT, q_ptr, freq_ptr, p, HALF,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, RNE_BITS: tl.constexpr,
                   CG: tl.constexpr):
@@ -343,14 +334,14 @@ def _combine_rows(t64, hb, wsm_ptr, wsa_ptr, sink_ptr, out_ptr, s_ot, s_oh, H, D
     mx = z
     for i in range(NSPLIT):
         row = (t64 * NSPLIT + i) * 2
-        mx = tl.maximum(mx, _ld_ws(wsm_ptr + row * H + h, hm, CG))
+        mx = tl.maximum(mx, load_parts(wsm_ptr + row * H + h, hm, CG))
     den = tl.exp2(z - mx)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     for i in range(NSPLIT):
         row = (t64 * NSPLIT + i) * 2
-        mi = _ld_ws(wsm_ptr + row * H + h, hm, CG)
-        li = _ld_ws(wsm_ptr + (row + 1) * H + h, hm, CG)
-        a = _ld_ws(wsa_ptr + ((t64 * NSPLIT + i) * H + h[:, None]) * D + d[None, :], mask, CG)
+        mi = load_parts(wsm_ptr + row * H + h, hm, CG)
+        li = load_parts(wsm_ptr + (row + 1) * H + h, hm, CG)
+        a = load_parts(wsa_ptr + ((t64 * NSPLIT + i) * H + h[:, None]) * D + d[None, :], mask, CG)
         wgt = tl.exp2(mi - mx)
         den += wgt * li
         acc += wgt[:, None] * a

@@ -99,6 +99,16 @@ COUNTER_SLOTS = 16384  # int32 counters per device (allocated once, never grown)
 _COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
+@triton.jit
+def load_parts(ptr, mask, CG: tl.constexpr):
+    """A float load (masked lanes 0) of what other programs wrote: CG, when they wrote it in this launch (the
+    last-program pattern above), reads through L2 (.cg) and never a stale L1 line."""
+    if CG:
+        return tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
 def tile_counters(device: torch.device) -> torch.Tensor | None:
     """The device's zeroed int32 tile counters (each use leaves them zero again), or None while a CUDA graph is
     being captured before they exist (the caller then takes its path without them): the buffer must not come from

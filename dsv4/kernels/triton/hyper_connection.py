@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import (act_quant_store, interpreting, pdl_args, pdl_start, register, sm_count,
-                                        tile_counters)
+from dsv4.kernels.triton.common import (act_quant_store, interpreting, load_parts, pdl_args, pdl_start, register,
+                                        sm_count, tile_counters)
 from dsv4.kernels.triton.norm import bf16_rne_bits, cast_out, rms_norm_triton
 from dsv4.kernels.triton.quant import act_quant_out, fp8_act_quant_triton
 from dsv4.numerics.fp8 import Fp8Dialect
@@ -165,15 +165,6 @@ def _hc_mix_finish_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, cnt_ptr, T, K, NOUT, 
 
 
 @triton.jit
-def _ld_parts(ptr, mask, CG: tl.constexpr):
-    """A load of what other programs wrote: .cg (L2, not a stale L1 line) when they wrote it in this launch."""
-    if CG:
-        return tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
-    else:
-        return tl.load(ptr, mask=mask, other=0.0)
-
-
-@triton.jit
 def _finish_chunk(t, pd, x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
                   T, D, K, SPLIT, rms_eps, hc_eps, iters, sx_t, sx_j, su_t, nw_ptr, norm_eps, q_ptr, qs_ptr,
                   N: tl.constexpr, NP: tl.constexpr, NC: tl.constexpr, SPLIT_P: tl.constexpr, HEAD: tl.constexpr,
@@ -189,16 +180,16 @@ def _finish_chunk(t, pd, x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, po
     ss = tl.arange(0, SPLIT_P)
     sm = ss < SPLIT
     prow = part_ptr + (ss.to(tl.int64) * T + t64) * NC
-    pre_acc = tl.sum(_ld_parts(prow[:, None] + jj[None, :], sm[:, None] & jm[None, :], CG), axis=0)
-    sq = tl.sum(_ld_parts(sq_ptr + ss.to(tl.int64) * T + t64, sm, CG), axis=0)
+    pre_acc = tl.sum(load_parts(prow[:, None] + jj[None, :], sm[:, None] & jm[None, :], CG), axis=0)
+    sq = tl.sum(load_parts(sq_ptr + ss.to(tl.int64) * T + t64, sm, CG), axis=0)
     rho = tl.rsqrt(sq / K + rms_eps)
     pre = tl.sigmoid(pre_acc * rho * tl.load(scale_ptr) + tl.load(base_ptr + jj, mask=jm, other=0.0)) + hc_eps
     pre = tl.where(jm, pre, 0.0)
 
     if not HEAD:
         first = pd == 0
-        post_acc = tl.sum(_ld_parts(prow[:, None] + N + jj[None, :], sm[:, None] & jm[None, :], CG), axis=0)
-        comb_acc = tl.sum(_ld_parts(prow[:, None, None] + 2 * N + cidx[None, :, :],
+        post_acc = tl.sum(load_parts(prow[:, None] + N + jj[None, :], sm[:, None] & jm[None, :], CG), axis=0)
+        comb_acc = tl.sum(load_parts(prow[:, None, None] + 2 * N + cidx[None, :, :],
                                     sm[:, None, None] & cm[None, :, :], CG), axis=0)
         post = 2.0 * tl.sigmoid(post_acc * rho * tl.load(scale_ptr + 1)
                                 + tl.load(base_ptr + N + jj, mask=jm, other=0.0))
@@ -221,7 +212,7 @@ def _finish_chunk(t, pd, x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, u_ptr, po
     u = tl.zeros([BD], dtype=tl.float32)
     for j in tl.static_range(N):
         pj = tl.sum(tl.where(jj == j, pre, 0.0), axis=0)
-        u += pj * _ld_parts(xrow + j * sx_j + d, dm, CG).to(tl.float32)
+        u += pj * load_parts(xrow + j * sx_j + d, dm, CG).to(tl.float32)
     if NORM:  # the RMSNorm after hc_pre / hc_head (BD covers D: one program per token): of u rounded to X's dtype
         ur = cast_out(u, u_ptr, RNE_BITS).to(tl.float32)
         ur = tl.where(dm, ur, 0.0)
@@ -355,12 +346,17 @@ def _mix_and_finish(X, fn, scale, base, rms_eps, hc_eps, iters, head: bool, norm
                                       num_warps=4)
         _hc_finish_kernel[(T, triton.cdiv(D, bd))](X, part, sq, scale, base, u, post, comb, T, D, K, split, *tail,
                                                    **finish, num_warps=fin_warps)
-    if norm is not None and not fuse_norm:
-        u = rms_norm_triton(u, norm[0], norm[1])
+    q_ready = fuse_q
+    if norm is not None and not fuse_norm:  # the norm after, with its output's act_quant in the same kernel
+        if quant is None:
+            u = rms_norm_triton(u, norm[0], norm[1])
+        else:
+            u, (q, qs) = rms_norm_triton(u, norm[0], norm[1], quant=qd)
+            q_ready = True
     if quant is None:
         out = (u, post, comb)
     else:
-        if not fuse_q:
+        if not q_ready:
             q, qs = fp8_act_quant_triton(u, 128, qd)
         out = (u, post, comb, (q, qs))
     return out if prev is None else (X, *out)

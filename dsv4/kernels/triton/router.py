@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import pdl_args, pdl_start, register, sm_count, tile_counters
+from dsv4.kernels.triton.common import load_parts, pdl_args, pdl_start, register, sm_count, tile_counters
 from dsv4.ops.moe import moe_route as moe_route_op
 
 _SCORE = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
@@ -114,11 +114,7 @@ def _select_rows(t0, p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_out, 
     for s0 in range(0, S, SB):
         sv = s0 + sb
         ptr = p_ptr + sv.to(tl.int64)[None, :, None] * s_ps + rows
-        pm = m2[:, None, :] & (sv < S)[None, :, None]
-        if CG:
-            lg += tl.sum(tl.load(ptr, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
-        else:
-            lg += tl.sum(tl.load(ptr, mask=pm, other=0.0), axis=1)
+        lg += tl.sum(load_parts(ptr, m2[:, None, :] & (sv < S)[None, :, None], CG), axis=1)
     if SCORE == 0:  # sqrt(softplus), softplus as torch: x beyond 20 is kept
         sp = tl.where(lg > 20.0, lg, tl.maximum(lg, 0.0) + _log1p(tl.exp(-tl.abs(lg))))
         sc = tl.sqrt_rn(sp)

@@ -50,7 +50,7 @@ class Attention(nn.Module):
         comp = [self.compressor.wkv, self.compressor.wgate] if self.compressor is not None else []
         if self.indexer is not None:
             comp += [self.indexer.compressor.wkv, self.indexer.compressor.wgate]
-        self._xf_proj = LinearGroup(*comp) if comp else None  # float32 (the compressors' projections)
+        self._xf_proj = LinearGroup(*comp) if comp else None  # float32 results (the compressors' projections)
         self.official = opts.official
         self.dialect = opts.fp8_dialect
         o = opts.ops
@@ -76,7 +76,7 @@ class Attention(nn.Module):
                                     self.dialect)
         proj = [q, kv]
         if self.compressor is not None:
-            kvs = self._xf_proj(x.float())  # compressor kv, score (+ the indexer compressor's kv, score)
+            kvs = self._xf_proj(x, out_dtype=torch.float32)  # compressor kv, score (+ the indexer's compressor's)
             proj += kvs[:2]
         if self.indexer is not None:
             proj += self.indexer.project(x, qr, pos, kv_score=kvs[2:], qr_q=qr_q)

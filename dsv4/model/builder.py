@@ -12,7 +12,7 @@ import torch
 from dsv4.config import ModelConfig
 from dsv4.model.deepseek_v4 import Transformer
 from dsv4.model.dummy import fill_dummy
-from dsv4.model.linear import fuse_linear_groups
+from dsv4.model.linear import compact_dense_weights, fuse_linear_groups
 from dsv4.model.loader import CheckpointError, index_checkpoint, load_checkpoint
 from dsv4.model.names import target_of
 from dsv4.model.options import ModelOptions
@@ -121,6 +121,7 @@ def build_model(model: str | Path = DEFAULT_MODEL, device: str | None = None, dt
         load_checkpoint(net, ckpt, progress=progress, expert_map=expert_map)
     else:
         fill_dummy(net, seed)
+    compact_dense_weights(net, opts.dtype)  # the compressors' bf16-valued float32 weights held in bf16
     fuse_linear_groups(net)  # after the weights are in: linears of one input become one GEMM
     net.eval()
     return LoadedModel(net, cfg, opts, platform, path)

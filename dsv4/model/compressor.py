@@ -13,7 +13,8 @@ from dsv4.ops.meta import ForwardMeta
 
 class Compressor(nn.Module):
     """Pools every `ratio` tokens into one `dim`-wide entry; `overlap` (CSA) uses two series.
-    Projections and pooling run in float32 (the official code upcasts these weights)."""
+    Projections and pooling run in float32 (the official code upcasts these weights; they stay bf16 in memory when
+    they are bf16 values and x is bf16: model.linear.compact_dense_weights)."""
 
     def __init__(self, cfg: ModelConfig, dim: int, ratio: int, overlap: bool, post: str, inv_freq: torch.Tensor,
                  opts: ModelOptions):
@@ -22,8 +23,10 @@ class Compressor(nn.Module):
         self.dim, self.ratio, self.overlap, self.post = dim, ratio, overlap, post
         self.eps = cfg.rms_norm_eps
         self.register_buffer("ape", torch.empty(ratio, c * dim, dtype=torch.float32))
-        self.wkv = Linear(cfg.hidden_size, c * dim, "dense", opts, fp8_gemm=False, dense_dtype=torch.float32)
-        self.wgate = Linear(cfg.hidden_size, c * dim, "dense", opts, fp8_gemm=False, dense_dtype=torch.float32)
+        self.wkv = Linear(cfg.hidden_size, c * dim, "dense", opts, fp8_gemm=False, dense_dtype=torch.float32,
+                          compact=True)
+        self.wgate = Linear(cfg.hidden_size, c * dim, "dense", opts, fp8_gemm=False, dense_dtype=torch.float32,
+                            compact=True)
         self.norm = nn.Module()
         self.norm.register_buffer("weight", torch.empty(dim, dtype=torch.float32))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -35,9 +38,10 @@ class Compressor(nn.Module):
         self.compress(*self.project(x), meta, state, prev, pool, block_table)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-token part (no step metadata): the kv and score projections, float32 [T, c * dim] each."""
-        xf = x.float()
-        return self.wkv(xf), self.wgate(xf)
+        """The per-token part (no step metadata): the kv and score projections, float32 [T, c * dim] each (x times
+        the weights in float32: x and the weights upcast, or bf16 weights times bf16 x into a float32 result, the
+        same exact products)."""
+        return self.wkv(x, out_dtype=torch.float32), self.wgate(x, out_dtype=torch.float32)
 
     def compress(self, kv, score, meta: ForwardMeta, state, prev, pool, block_table) -> None:
         """The per-sequence part: pool the projections into the slot state and the compressed entries."""

@@ -94,7 +94,10 @@ def _fill(name: str, b: torch.Tensor, bufs: dict, seed: int, row_of: str | None 
             n_exp = bufs[name[: -len("tid2eid")] + "weight"].shape[0]
             b.copy_(distinct_rows(b.shape[0], b.shape[1], n_exp, g, dev))
         elif b.dtype.is_floating_point:
-            b.copy_(dense_values(buffer_role(name), tuple(b.shape), g, dev).to(b.dtype))
+            v = dense_values(buffer_role(name), tuple(b.shape), g, dev)
+            if name.endswith((".compressor.wkv.weight", ".compressor.wgate.weight")):
+                v = v.to(torch.bfloat16).float()  # BF16 in a release checkpoint (held in float32 until compacted)
+            b.copy_(v.to(b.dtype))
         else:
             raise ValueError(f"fill_dummy: no rule for buffer {name!r} of dtype {b.dtype}")
 

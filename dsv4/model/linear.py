@@ -33,9 +33,14 @@ class Linear(nn.Module):
     official numerics); `fmt` is how the weight is stored here: fp8, fp4 or dense."""
 
     def __init__(self, in_f: int, out_f: int, fmt: str, opts: ModelOptions, fp8_gemm: bool = True,
-                 dense_dtype: torch.dtype | None = None):
+                 dense_dtype: torch.dtype | None = None, compact: bool = False):
+        """compact: a float32 dense weight the release stores in bf16 (the official code upcasts it and multiplies
+        in float32): `compact_dense_weights` holds it in bf16 once loaded when every value is a bf16 value and the
+        model's activations are bf16, and the callers ask for float32 results (forward's out_dtype): the same
+        exact products, half the bytes."""
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_f, out_f, fmt
+        self.compact = compact
         ws, ss = weight_shapes(out_f, in_f, fmt)
         self.register_buffer("weight", torch.empty(ws, dtype=weight_dtype(fmt, opts, dense_dtype)))
         self.register_buffer("scale", torch.empty(ss, dtype=torch.uint8) if ss else None)
@@ -43,8 +48,10 @@ class Linear(nn.Module):
         self.act_quant = opts.official and fp8_gemm
         self.dialect = opts.fp8_dialect
 
-    def forward(self, x: torch.Tensor, x_q=None) -> torch.Tensor:
-        """x_q: x's act_quant made by its producer (linear's `x_q`), or None."""
+    def forward(self, x: torch.Tensor, x_q=None, out_dtype=None) -> torch.Tensor:
+        """x_q: x's act_quant made by its producer (linear's `x_q`), or None. out_dtype: linear's (dense weights)."""
+        if out_dtype is not None:
+            return self._linear(x, self.weight, self.scale, self.act_quant, self.dialect, x_q=x_q, out_dtype=out_dtype)
         return self._linear(x, self.weight, self.scale, self.act_quant, self.dialect, x_q=x_q)
 
     def extra_repr(self) -> str:
@@ -130,13 +137,14 @@ class LinearGroup:
                 raise RuntimeError(f"LinearGroup: the weight or scale of {m!r} was replaced after the group was "
                                    "fused; fuse again (model.linear.fuse_linear_groups) before running")
 
-    def __call__(self, x: torch.Tensor, x_q=None) -> list[torch.Tensor]:
-        """The members' outputs, in order (views of one output when fused). x_q: as Linear.forward's."""
+    def __call__(self, x: torch.Tensor, x_q=None, out_dtype=None) -> list[torch.Tensor]:
+        """The members' outputs, in order (views of one output when fused). x_q, out_dtype: as Linear.forward's."""
         if self.weight is None:
-            return [m(x, x_q) for m in self.members]
+            return [m(x, x_q, out_dtype) for m in self.members]
         self._check()
         m0 = self.members[0]
-        y = m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect, x_q=x_q)
+        kw = {} if out_dtype is None else {"out_dtype": out_dtype}
+        y = m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect, x_q=x_q, **kw)
         return [y[..., a:b] for a, b in self.spans]
 
     def joined(self, x: torch.Tensor, x_q=None) -> torch.Tensor:
@@ -146,6 +154,23 @@ class LinearGroup:
             m0 = self.members[0]
             return m0._linear(x, self.weight, self.scale, m0.act_quant, m0.dialect, x_q=x_q)[..., :self.spans[-1][1]]
         return torch.cat(self(x, x_q), dim=-1)
+
+
+@torch.no_grad()
+def compact_dense_weights(model: nn.Module, act_dtype: torch.dtype) -> int:
+    """Hold each `compact` Linear's float32 weight in bf16 when the activations are bf16 and every value of the
+    weight is a bf16 value (a release checkpoint stores these weights in bf16; a float32 copy that is not exactly
+    bf16 stays float32). Run once the weights are loaded, before fuse_linear_groups. Returns how many changed."""
+    if act_dtype != torch.bfloat16:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Linear) and m.compact and m.fmt == "dense" and m.weight.dtype == torch.float32:
+            w = m.weight.to(torch.bfloat16)
+            if torch.equal(w.float(), m.weight):
+                m.weight = w
+                n += 1
+    return n
 
 
 def fuse_linear_groups(model: nn.Module) -> int:

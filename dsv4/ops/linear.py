@@ -18,6 +18,11 @@ linear(x, weight, scale=None, act_quant=False, dialect=OCP) -> y = x W^T in x's 
       [M, ceil(K/128)]). A provider may use it instead of quantising x itself (one launch fewer); the values
       are the same by definition, so the reference ignores it.
 
+    out_dtype (default None: x's dtype; dense weights without act_quant only): y in `out_dtype`, computed as
+      x W^T with x and W cast to it. float32 with bf16 x and bf16 W: the exact products summed in float32, which
+      is what the official code computes for the compressor projections (it upcasts their bf16 weights and
+      multiplies in float32), so those weights may stay bf16 in memory (half the bytes).
+
 grouped_linear(x, weight, scale=None) -> z: the grouped output projection `wo_a`.
     x: [M, G, Kg]; weight [G*R, Kg] (dense or FP8 as above); z[:, g] = x[:, g] W_g^T with
     W_g = weight[g*R:(g+1)*R]; weight dequantised to x's dtype (as the official code does: BF16 einsum).
@@ -61,7 +66,18 @@ def fp8_act_dequant(x: torch.Tensor, dialect=Fp8Dialect.OCP) -> torch.Tensor:
     return dequantize_fp8_blocks(q, s, (128,), dialect, out_dtype=torch.float32)
 
 
-def linear_reference(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None):
+def check_out_dtype(weight: torch.Tensor, act_quant: bool, out_dtype) -> None:
+    """`linear`'s out_dtype is for dense weights without act_quant (the error names what was given)."""
+    if out_dtype is not None and (act_quant or weight_format(weight) != "dense"):
+        raise ValueError(f"linear: out_dtype={out_dtype} is for dense weights without act_quant; got a "
+                         f"{weight_format(weight)} weight ({weight.dtype}) with act_quant={act_quant}")
+
+
+def linear_reference(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None,
+                     out_dtype=None):
+    if out_dtype is not None:
+        check_out_dtype(weight, act_quant, out_dtype)
+        return F.linear(x.to(out_dtype), weight.to(out_dtype))
     if act_quant:
         w = dequantize_weight(weight, scale, torch.float32)
         return (fp8_act_dequant(x, dialect) @ w.t()).to(x.dtype)

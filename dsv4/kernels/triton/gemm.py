@@ -42,6 +42,7 @@ from dsv4.kernels.triton.common import (COUNTER_SLOTS, fp8_decode, fp8_pow2, int
                                         register, tile_counters)
 from dsv4.kernels.triton.quant import TILE_ELEMS, _act_quant_kernel, fp8_act_quant_triton
 from dsv4.numerics.fp8 import Fp8Dialect, dequantize_fp8_blocks
+from dsv4.ops.linear import check_out_dtype
 from dsv4.ops.linear import grouped_linear as grouped_linear_op
 from dsv4.ops.linear import grouped_linear_reference
 from dsv4.ops.linear import linear as linear_op
@@ -405,10 +406,49 @@ def _dot_dtype(x_dtype: torch.dtype, interp: bool, act_quant: bool):
     return (tl.float16 if x_dtype == torch.float16 else tl.bfloat16), False
 
 
+_MM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _mm_out_dtype_ok(dev: torch.device) -> bool:
+    """Whether torch.mm(a, b, out_dtype=torch.float32) runs on bf16 operands on `dev` and gives the float32 sum of
+    their exact products (cuBLAS / hipBLASLt bf16 GEMM with a float32 result; torch >= 2.9 on CUDA / ROCm).
+    Probed once per device on a K = 4096 product whose float32 rounding would show (checked against the float32
+    matmul of the upcast operands)."""
+    key = str(dev)
+    if key not in _MM_OUT_DTYPE:
+        ok = False
+        if dev.type == "cuda":
+            try:
+                g = torch.Generator(device="cpu").manual_seed(0)
+                a = torch.randn(3, 4096, generator=g).to(torch.bfloat16)
+                b = torch.randn(4096, 40, generator=g).to(torch.bfloat16)
+                got = torch.mm(a.to(dev), b.to(dev), out_dtype=torch.float32).cpu()
+                want = a.double() @ b.double()
+                ok = got.dtype == torch.float32 and float((got.double() - want).abs().max()) < 1e-3
+            except (RuntimeError, TypeError):  # no aten::mm.dtype for this backend / torch
+                ok = False
+        _MM_OUT_DTYPE[key] = ok
+    return _MM_OUT_DTYPE[key]
+
+
+def dense_linear_out(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """`linear(x, dense weight, out_dtype=)`: one bf16 / fp16 GEMM with a float32 result where the backend has one
+    (the weight read in its own dtype: half the bytes of an upcast copy); else x and W cast to out_dtype."""
+    if (out_dtype == torch.float32 and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+            and x.device.type != "cpu" and _mm_out_dtype_ok(x.device)):
+        K = x.shape[-1]
+        y = torch.mm(x.reshape(-1, K), weight.t(), out_dtype=torch.float32)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x.to(out_dtype), weight.to(out_dtype))
+
+
 def linear_impl(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None, *, block_m=None,
-                block_n=None, split_k=None, hw=None):
+                block_n=None, split_k=None, hw=None, out_dtype=None):
     """`linear` with optional tile overrides (tests): see the module docstring."""
     fmt = weight_format(weight)
+    if out_dtype is not None:
+        check_out_dtype(weight, act_quant, out_dtype)
+        return dense_linear_out(x, weight, out_dtype)
     if fmt == "dense":
         if not act_quant:
             return F.linear(x, weight.to(x.dtype))
@@ -469,8 +509,8 @@ def linear_impl(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Diale
     return out.reshape(*lead, N)
 
 
-def linear_triton(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None):
-    return linear_impl(x, weight, scale, act_quant, dialect, x_q)
+def linear_triton(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None, out_dtype=None):
+    return linear_impl(x, weight, scale, act_quant, dialect, x_q, out_dtype=out_dtype)
 
 
 def grouped_linear_impl(x, weight, scale=None, *, block_m=None, block_n=None, split_k=None, hw=None):

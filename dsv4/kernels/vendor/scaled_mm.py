@@ -125,9 +125,10 @@ def delegate_reason(x, weight, scale, act_quant) -> str | None:
     return None
 
 
-def linear_scaled_mm(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None):
-    if delegate_reason(x, weight, scale, act_quant) is not None:
-        return linear_triton(x, weight, scale, act_quant, dialect, x_q)
+def linear_scaled_mm(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None,
+                     out_dtype=None):
+    if out_dtype is not None or delegate_reason(x, weight, scale, act_quant) is not None:
+        return linear_triton(x, weight, scale, act_quant, dialect, x_q, out_dtype)
     # the weight is OCP (delegate_reason), so are the bytes it multiplies: the producer's only if made in OCP
     return _scaled_mm_official(x, weight, scale, x_q if Fp8Dialect.parse(dialect) is Fp8Dialect.OCP else None)
 

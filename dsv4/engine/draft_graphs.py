@@ -8,12 +8,16 @@ next_ids [Bb * q] (row j of sequence b: the token after its position p_b + j; th
 rest zeros) and kept [Bb] (tokens sequence b kept of its q):
 1. saves the MTP block's window-ring rows of positions p_b .. p_b + q + k - 2 (all it may overwrite);
 2. runs the MTP block over all q positions of every sequence (uniform shape: the rows past kept_b are
-   junk, put back in 4), takes the row of position p_b + kept_b - 1 and drafts its greedy token;
+   junk, put back in 4), takes the row of position p_b + kept_b - 1 and drafts its token
+   (spec_decode.draft_choose: the greedy token, or for a sampled request a draw from its draft
+   distribution at the uniform staged for it);
 3. runs k - 1 single-token steps at positions p_b + kept_b .. fed by its own output streams (as
    spec_decode.MTPDrafter does eagerly);
 4. puts back the saved ring rows of positions >= p_b + kept_b (by a device mask; also between 2 and 3,
    since the junk rows' writes wrap onto rows of positions W earlier that step 3 reads), so the ring holds
-   the kept positions only, and writes the drafts to the static [Bm, k] buffer `drafts`.
+   the kept positions only, and writes the drafts to the static [Bm, k] buffer `drafts` and their logits to
+   `logits` [Bm, k, V] (the sampled requests' draft distributions are made from them after the replay).
+Per step two more inputs: temp [Bb] (0: greedy) and u [Bb, k] (uniforms from each request's generator).
 Rows of padding sequences (the scratch slot) run the same and are discarded. Under expert parallelism
 every rank replays the same bucket (a rank without requests: all padding rows); the MoE exchanges pad to
 the bucket's rows (q Bb in the first pass, Bb in the single-token steps). Work is sized by shapes only;
@@ -27,6 +31,7 @@ import logging
 import torch
 
 from dsv4.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, _FrozenMirror
+from dsv4.engine.spec_decode import draft_choose, draft_inputs, draft_q
 from dsv4.engine.step_batch import stage_decode
 from dsv4.ops.kv_format import Fp8KV
 from dsv4.ops.meta import ForwardMeta
@@ -60,6 +65,10 @@ class MTPDraftGraphs:
         self.host = torch.zeros(self._n_ids + Bm, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self.dev = torch.zeros(self._n_ids + Bm, dtype=torch.int64, device=dev)
         self.drafts = torch.zeros(Bm, self.k, dtype=torch.int64, device=dev)
+        # per step: each row's draft temperature (0: greedy) and its k uniforms, staged by one copy
+        self.host_f = torch.zeros(Bm * (1 + self.k), dtype=torch.float32, pin_memory=dev.type == "cuda")
+        self.dev_f = torch.zeros(Bm * (1 + self.k), dtype=torch.float32, device=dev)
+        self.logits = None  # [Bm, k, V] in the draft head's output dtype (made by the warm-up before the capture)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     # ---- the graph body -------------------------------------------------------------------------------
@@ -93,7 +102,18 @@ class MTPDraftGraphs:
         # the single-token steps read as their window: put them back first
         put_back()
         H = Y[last]
-        tok = model.mtp_draft_tokens(H)
+        Bm = self.drafts.shape[0]
+        temp = self.dev_f[:Bb]
+        u = self.dev_f[Bm:Bm + Bm * k].view(Bm, k)[:Bb]
+
+        def choose(H, j):
+            lg = model.mtp_draft_logits(H)
+            if self.logits is None:
+                self.logits = torch.zeros((Bm, k, lg.shape[-1]), dtype=lg.dtype, device=lg.device)
+            self.logits[:Bb, j].copy_(lg)
+            return draft_choose(lg, temp, u[:, j])
+
+        tok = choose(H, 0)
         out = [tok]
         seq = torch.arange(Bb, dtype=torch.int64, device=dev)
         qs = torch.arange(Bb + 1, dtype=torch.int64, device=dev)
@@ -105,7 +125,7 @@ class MTPDraftGraphs:
                              seq_len_bound=C, block_table=cache.block_table,
                              ep_tokens=Bb if vg.expert_parallel else None)
             H = model.mtp_forward(H, tok, mj, cache)
-            tok = model.mtp_draft_tokens(H)
+            tok = choose(H, j)
             out.append(tok)
         put_back()
         self.drafts[:Bb].copy_(torch.stack(out, dim=1))
@@ -121,6 +141,7 @@ class MTPDraftGraphs:
         self.host.zero_()
         self.host[self._n_ids:].fill_(1)
         self.dev.copy_(self.host)
+        self.dev_f.zero_()
         torch.cuda.synchronize(self.dev.device)
         self._body(Bb, frozen=False)  # warm-up
         torch.cuda.synchronize(self.dev.device)
@@ -139,10 +160,20 @@ class MTPDraftGraphs:
         log.debug("captured MTP draft graph: batch %d", Bb)
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def run(self, Bb: int, tokens: list[list[int]]) -> list[list[int]]:
+    def run(self, Bb: int, tokens: list[list[int]], reqs=None) -> list[tuple[list[int], torch.Tensor | None]]:
         """After the verify graph of batch bucket Bb: tokens[b] are the tokens sequence b emitted (its kept
-        drafts and one more, 1..q of them). Returns each sequence's k drafts."""
+        drafts and one more, 1..q of them); reqs[b] its request (temperature and generator of its drafts; None:
+        greedy drafts). Returns each sequence's k drafts and, for a sampled request, the rows [k, V] of the
+        distribution they were drawn from."""
         B = len(tokens)
+        temps, us = draft_inputs(reqs, self.k) if reqs is not None else ([0.0] * B, [[0.0] * self.k] * B)
+        Bm = self.drafts.shape[0]
+        hf = self.host_f
+        hf.zero_()
+        if any(t > 0 for t in temps):
+            hf[:B] = torch.tensor(temps)
+            hf[Bm:Bm + B * self.k] = torch.tensor(us, dtype=torch.float32).view(-1)
+        self.dev_f.copy_(hf, non_blocking=True)
         q = self.q
         h = self.host
         h.zero_()
@@ -160,4 +191,6 @@ class MTPDraftGraphs:
                 log.warning("MTP draft graph of batch %d was not captured at start-up: capturing it now", Bb)
                 raise GraphCaptureError(f"MTP draft graph of batch {Bb} missing (capture it before verify steps)")
             self.graphs[Bb].replay()
-        return self.drafts[:B].tolist()
+        drafts = self.drafts[:B].tolist()
+        return [(d, draft_q(self.logits[b], self.dev_f[b:b + 1].expand(self.k)) if temps[b] > 0 else None)
+                for b, d in enumerate(drafts)]

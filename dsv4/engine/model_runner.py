@@ -150,8 +150,8 @@ class ModelRunner:
         self._verify(batch, logits, [(i, i * q) for i in range(len(reqs))], [q - 1] * len(reqs), snap, results,
                      rollback_fn=lambda keep: vg.rollback(key, slots, starts, keep))
         if self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False):  # (the MTP drafter)
-            for r, dr in zip(reqs, self.draft_graphs.run(key[0], [res.tokens for res in results])):
-                r.spec_ids = dr
+            for r, (dr, dq) in zip(reqs, self.draft_graphs.run(key[0], [res.tokens for res in results], reqs)):
+                r.set_drafts(dr, dq)
             self._oracle_override(reqs, [res.tokens for res in results])
         elif self.drafter is not None and reqs:
             self._draft(batch, vg.streams, results)
@@ -271,7 +271,7 @@ class ModelRunner:
             self._draft(batch, X, results, shots)
         elif spec:
             for i in spec:
-                reqs[i].spec_ids = []
+                reqs[i].set_drafts([])
         return results
 
     def _oracle_override(self, reqs, new) -> None:
@@ -297,7 +297,7 @@ class ModelRunner:
                 nxt.append(r.token_slice(s + 1, s + n) + after)
                 sample.append(res.token_id is not None)
             if sample[-1]:
-                r.spec_ids = []
+                r.set_drafts([])
         # (tokens this step emits: not yet in the requests' outputs)
         new = [res.tokens if res.tokens is not None else [res.token_id] for res in results]
         if getattr(self.drafter, "needs_streams", False):

@@ -49,6 +49,10 @@ class Request:
     # speculative decoding: drafts of the tokens after the last one, to verify in the next step (tokens
     # num_tokens .. num_tokens + len - 1 of token_slice); the drafter sets them, the scheduler trims them
     spec_ids: list[int] = field(default_factory=list)
+    # the distribution each draft was drawn from (rows [>= len(spec_ids), V] float32, on the device) when the drafter
+    # sampled them (engine/spec_decode.draft_choose); None: deterministic drafts (greedy, oracle), one-hot for
+    # verification. Set with spec_ids (set_drafts); trimming spec_ids keeps the rows of the drafts left valid
+    spec_q: object | None = None
     num_spec_steps: int = 0  # steps that verified drafts
     num_draft_tokens: int = 0  # drafts verified so far
     num_accepted_tokens: int = 0  # of which accepted
@@ -86,6 +90,12 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def set_drafts(self, ids: list[int], q=None) -> None:
+        """The drafts to verify next step and, when they were sampled, the rows of the distribution they were drawn
+        from (spec_q); every writer of spec_ids goes through here so the two never disagree."""
+        self.spec_ids = ids
+        self.spec_q = q if ids else None
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens start .. end - 1 (past num_tokens: the drafts in spec_ids)."""

@@ -127,7 +127,7 @@ class Scheduler:
         self.running.remove(req)
         self.kv.release(req)
         req.num_computed_tokens = 0
-        req.spec_ids.clear()
+        req.set_drafts([])
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)

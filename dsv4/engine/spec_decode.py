@@ -5,12 +5,17 @@ distribution exactly.
 - Verification (`verify`): greedy requests accept the drafts while each equals the target's greedy token
   (penalties, logit_bias and min_tokens applied per position as the sampler applies them), then emit the
   target's token at the first mismatch (or the bonus token after the last draft): the output is the one of
-  plain decoding. Sampled requests use rejection sampling for a deterministic (greedy) drafter: draft d at
-  position j is accepted with probability p_j(d) (the target's processed distribution: penalties,
-  temperature, top-k / top-p / min-p); on rejection the token is drawn from p_j without d, renormalised; all
-  accepted, the bonus token is drawn from p_k. Every draw comes from the request's own generator, so a
-  seeded request is reproducible (its tokens differ from those of the same seed without speculation: other
-  draws).
+  plain decoding. Sampled requests use rejection sampling (speculative sampling): draft d at position j, drawn
+  from the drafter's distribution q_j, is accepted with probability min(1, p_j(d) / q_j(d)) (p_j: the target's
+  processed distribution: penalties, temperature, top-k / top-p / min-p); on rejection the token is drawn from
+  max(p_j - q_j, 0), renormalised; all accepted, the bonus token is drawn from p_k. The emitted tokens follow
+  p exactly whatever q is. The MTP drafter samples its drafts for sampled requests (`draft_choose`: q_j =
+  softmax of its logits at the request's temperature), so a draft is accepted with probability
+  sum_x min(p_j(x), q_j(x)) instead of p_j(argmax q_j) for a greedy draft (much more when p is flat); drafts
+  without a distribution (greedy drafter, the oracle) count as one-hot q (accepted with probability p_j(d), on
+  rejection drawn from p_j without d). Every draw (the drafts' uniforms too) comes from the request's own
+  generator, so a seeded request is reproducible (its tokens differ from those of the same seed without
+  speculation: other draws).
 - Rollback: what the rejected drafts wrote into per-slot state is undone (cache/spec_state.py).
 - Drafters: `MTPDrafter` runs the checkpoint's MTP block (spec §6) over the step's kept positions (filling
   its own window ring), then k - 1 more single-token steps fed by its own output streams; `OracleDrafter`
@@ -62,15 +67,26 @@ def verify(sampler: Sampler, logits: torch.Tensor, req: Request,
     g = req.generator
     dev = probs.device
     u = torch.rand(k, generator=g, device=g.device if g is not None else dev).tolist()
-    pd = probs[torch.arange(k, device=dev), torch.tensor(drafts, dtype=torch.int64, device=dev)].tolist() if k else []
+    q_rows = req.spec_q[:k].to(dev) if (k and req.spec_q is not None) else None
+    if q_rows is not None and q_rows.shape[0] < k:
+        raise RuntimeError(f"request {req.request_id}: {k} drafts but {q_rows.shape[0]} draft distribution rows")
+    rng = torch.arange(k, device=dev)
+    dt = torch.tensor(drafts, dtype=torch.int64, device=dev)
+    pd = probs[rng, dt].tolist() if k else []
+    qd = q_rows[rng, dt].tolist() if q_rows is not None else [1.0] * k
     out: list[int] = []
     for j in range(k):
-        if u[j] < pd[j]:
+        if u[j] * qd[j] < pd[j]:  # u < p(d) / q(d)
             out.append(drafts[j])
             continue
-        q = probs[j].clone()
-        q[drafts[j]] = 0.0
-        out.append(_draw(q, g))
+        if q_rows is None:  # one-hot q: p without d
+            r = probs[j].clone()
+            r[drafts[j]] = 0.0
+        else:
+            r = (probs[j] - q_rows[j]).clamp_min_(0.0)
+            if not float(r.sum()) > 0.0:  # p <= q everywhere: p == q up to rounding, a rejection is rounding too
+                r = probs[j]
+        out.append(_draw(r, g))
         break
     else:
         out.append(_draw(probs[k], g))
@@ -103,6 +119,39 @@ def verify_all(sampler: Sampler, items: list[tuple[Request, torch.Tensor, list[i
         if out[i] is None:
             out[i] = verify(sampler, lg, r, drafts)
     return out
+
+
+def draft_choose(logits: torch.Tensor, temp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A drafter's tokens [R] from its logits [R, V]: argmax for rows with temp <= 0 (greedy requests); for the
+    others a draw from q = softmax(logits / temp) by inverse CDF at u [R] (uniform in [0, 1)): the first token whose
+    cumulative sum exceeds u times the total, so never a token of probability 0. Device ops only (no host read, no
+    generator): it runs inside captured draft graphs with u staged per step. `draft_q` gives the rows of q."""
+    greedy = logits.argmax(dim=-1)
+    c = draft_q(logits, temp).cumsum(dim=-1)
+    s = torch.searchsorted(c, (u * c[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)
+    return torch.where(temp > 0, s, greedy)
+
+
+def draft_q(logits: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """q = softmax(logits / temp) per row, float32 (rows with temp <= 0 at temperature 1; they draft greedily)."""
+    t = torch.where(temp > 0, temp, torch.ones_like(temp))
+    return torch.softmax(logits.float() / t.unsqueeze(1), dim=-1)
+
+
+def draft_inputs(reqs: list[Request], k: int) -> tuple[list[float], list[list[float]]]:
+    """Per request: the temperature its drafts are drawn at (0: greedy, argmax drafts) and k uniforms from its own
+    generator (zeros for greedy requests)."""
+    temps, us = [], []
+    for r in reqs:
+        p = r.params
+        if p.greedy:
+            temps.append(0.0)
+            us.append([0.0] * k)
+            continue
+        g = r.generator
+        temps.append(float(p.temperature))
+        us.append(torch.rand(k, generator=g, device=g.device if g is not None else "cpu").tolist())
+    return temps, us
 
 
 def _draw(q: torch.Tensor, g: torch.Generator | None) -> int:
@@ -181,11 +230,11 @@ class OracleDrafter:
             out = r.output_token_ids + tail
             n = len(out)
             if ref is None or ref[:n] != out:  # off the known path: k drafts that fail (the step stays a verify step)
-                r.spec_ids = [(out[-1] + 1) % (self.vocab_size or out[-1] + 2)] * self.k if out else []
+                r.set_drafts([(out[-1] + 1) % (self.vocab_size or out[-1] + 2)] * self.k if out else [])
                 continue
             drafts = ref[n:n + self.k]
             V = self.vocab_size or (max(ref) + 2)
-            r.spec_ids = [t if self.keeps(prompt, n + j) else (t + 1) % V for j, t in enumerate(drafts)]
+            r.set_drafts([t if self.keeps(prompt, n + j) else (t + 1) % V for j, t in enumerate(drafts)])
 
 
 class MTPDrafter:
@@ -246,7 +295,20 @@ class MTPDrafter:
             return
         last = torch.tensor([ends[b] for b in bs], device=dev)
         H = Y[last]
-        d = self.model.mtp_draft_tokens(H)
+        temps, us = draft_inputs([reqs[b] for b in bs], self.k)
+        sampled = any(t > 0 for t in temps)
+        temp = torch.tensor(temps, dtype=torch.float32, device=dev)
+        u = torch.tensor(us, dtype=torch.float32, device=dev)
+        qs = []  # per draft j: q rows [len(bs), V] (sampled requests only)
+
+        def choose(H, j):
+            if not sampled:
+                return self.model.mtp_draft_tokens(H)
+            lg = self.model.mtp_draft_logits(H)
+            qs.append(draft_q(lg, temp))
+            return draft_choose(lg, temp, u[:, j])
+
+        d = choose(H, 0)
         drafts = [[t] for t in d.tolist()]
         if self.k > 1:
             dslots = [slots[b] for b in bs]
@@ -256,9 +318,10 @@ class MTPDrafter:
                 mj = ForwardMeta.build(dslots, [p + j - 1 for p in pos0], [1] * len(bs), device=dev,
                                        block_table=meta.block_table)
                 H = self.model.mtp_forward(H, d, mj, self.cache)
-                d = self.model.mtp_draft_tokens(H)
+                d = choose(H, j)
                 for dr, t in zip(drafts, d.tolist()):
                     dr.append(t)
             snap.restore(dslots)
-        for b, dr in zip(bs, drafts):
-            reqs[b].spec_ids = dr
+        q_all = torch.stack(qs, dim=1) if qs else None  # [len(bs), k, V]
+        for i, (b, dr) in enumerate(zip(bs, drafts)):
+            reqs[b].set_drafts(dr, q_all[i] if q_all is not None and temps[i] > 0 else None)

@@ -137,14 +137,18 @@ class Transformer(nn.Module):
         """float32 logits [T, V] of MTP block k's output streams X: its own hc_head and norm, the shared head."""
         return self.opts.ops.lm_head(self._mtp_hidden(X, k), self.head.weight)
 
-    def mtp_draft_tokens(self, X: torch.Tensor, k: int = 0) -> torch.Tensor:
-        """The drafter's greedy tokens [T] from MTP block k's output streams X: argmax of mtp_logits, or, once
-        build_draft_head ran, of the same hidden state times the FP8 copy of the head (FP8 GEMM with
-        activations quantised per 1x128, as the model's FP8 linears)."""
+    def mtp_draft_logits(self, X: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """The drafter's logits [T, V] from MTP block k's output streams X: mtp_logits, or, once build_draft_head
+        ran, the same hidden state times the FP8 copy of the head (FP8 GEMM with activations quantised per 1x128,
+        as the model's FP8 linears)."""
         if self.draft_head is None:
-            return self.mtp_logits(X, k).argmax(dim=-1)
+            return self.mtp_logits(X, k)
         w, s = self.draft_head
-        return self.opts.ops.linear(self._mtp_hidden(X, k), w, s, True, self.opts.fp8_dialect).argmax(dim=-1)
+        return self.opts.ops.linear(self._mtp_hidden(X, k), w, s, True, self.opts.fp8_dialect)
+
+    def mtp_draft_tokens(self, X: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """The drafter's greedy tokens [T]: the argmax of mtp_draft_logits."""
+        return self.mtp_draft_logits(X, k).argmax(dim=-1)
 
     def build_draft_head(self, rows_per_chunk: int = 8192) -> None:
         """An FP8 copy of the shared head (128 x 128 blocks, E8M0 scales, the platform's dialect) for

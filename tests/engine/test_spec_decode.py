@@ -146,6 +146,120 @@ def test_rejection_sampling_keeps_the_target_distribution(lm):
         assert chi2 < 20.5, (draft, counts.tolist(), expected.tolist())  # 5 dof: p ~ 0.001
 
 
+def _sampled_req(seed, temp=0.8):
+    from dsv4.engine.request import Request
+    return Request(request_id="r", prompt_token_ids=[0], params=SamplingParams(temperature=temp, seed=seed),
+                   max_tokens=10, eos_token_ids=frozenset(), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("q_name", ["uniform", "unlikely", "equal", "missing"])
+def test_speculative_sampling_with_sampled_drafts_keeps_the_target_distribution(q_name):
+    """Drafts drawn from a drafter distribution q (spec_q rows, as MTPDrafter sets them for sampled requests):
+    the first emitted token follows the target p (chi-square over seeds) whatever q is, including q mostly on
+    an unlikely token and q missing tokens p has; a draft is accepted about sum_x min(p(x), q(x)) of the time
+    (q = p: always)."""
+    from dsv4.engine.sampler import Sampler
+    from dsv4.engine.spec_decode import draft_choose, verify
+
+    V = 6
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]] * 3)
+    p = torch.softmax(logits[0] / 0.8, -1)
+    q = {"uniform": torch.full((V,), 1.0 / V),
+         "unlikely": torch.tensor([0.02, 0.02, 0.02, 0.02, 0.02, 0.9]),
+         "equal": p.clone(),
+         "missing": torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0, 0.0])}[q_name]
+    qlog = q.log().expand(2, V)  # draft_choose at temperature 1 draws from softmax(log q) = q
+    counts, accepted, n = torch.zeros(V), 0, 4000
+    for seed in range(n):
+        req = _sampled_req(seed)
+        u = torch.rand(2, generator=req.generator)
+        drafts = draft_choose(qlog, torch.ones(2), u).tolist()
+        assert all(q[d] > 0 for d in drafts)
+        req.set_drafts(drafts, q.expand(2, V).clone())
+        toks, _ = verify(Sampler(), logits, req, drafts)
+        counts[toks[0]] += 1
+        accepted += toks[0] == drafts[0] and len(toks) > 1
+    expected = p * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5, (q_name, counts.tolist(), expected.tolist())  # 5 dof: p ~ 0.001
+    overlap = float(torch.minimum(p, q).sum())
+    if q_name == "equal":
+        assert accepted == n
+    else:
+        assert abs(accepted / n - overlap) < 4 * (overlap * (1 - overlap) / n) ** 0.5 + 1e-3, (accepted / n, overlap)
+
+
+def test_sampled_drafts_are_accepted_more_than_greedy_drafts():
+    """A flat target (temperature 1.5) and a drafter that knows it: drafts drawn from q = p are accepted every
+    time, the drafter's greedy token (one-hot q) only p(argmax) of the time: the reason sampled requests
+    draft by sampling."""
+    from dsv4.engine.sampler import Sampler
+    from dsv4.engine.spec_decode import draft_choose, draft_q, verify
+
+    logits = torch.tensor([[1.0, 0.9, 0.8, 0.7, 0.2, 0.0]] * 2)
+    temp = torch.tensor([1.5])
+    q = draft_q(logits[:1], temp)[0]
+    n, acc_sampled, acc_greedy = 2000, 0, 0
+    for seed in range(n):
+        req = _sampled_req(seed, temp=1.5)
+        d = int(draft_choose(logits[:1], temp, torch.rand(1, generator=req.generator))[0])
+        req.set_drafts([d], q.unsqueeze(0).clone())
+        acc_sampled += len(verify(Sampler(), logits, req, [d])[0]) == 2
+        req = _sampled_req(seed, temp=1.5)
+        req.set_drafts([0])
+        acc_greedy += len(verify(Sampler(), logits, req, [0])[0]) == 2
+    assert acc_sampled == n
+    assert abs(acc_greedy / n - float(q[0])) < 0.05 and acc_greedy < 0.3 * n
+
+
+def test_draft_choose():
+    """Greedy rows take the argmax (whatever u); sampled rows draw from softmax(logits / temp) (chi-square),
+    never a token of probability 0 (at u = 0 and as u -> 1 too)."""
+    from dsv4.engine.spec_decode import draft_choose, draft_q
+
+    g = torch.Generator().manual_seed(0)
+    V = 7
+    logits = torch.randn(V, generator=g)
+    logits[0] = logits[5] = float("-inf")
+    L = logits.expand(4000, V)
+    assert (draft_choose(L, torch.zeros(4000), torch.rand(4000, generator=g)) == logits.argmax()).all()
+    temp = torch.full((4000,), 0.7)
+    got = draft_choose(L, temp, torch.rand(4000, generator=g))
+    q = draft_q(logits.unsqueeze(0), temp[:1])[0]
+    counts = torch.bincount(got, minlength=V).float()
+    assert counts[0] == 0 and counts[5] == 0
+    keep = q > 0
+    chi2 = float(((counts[keep] - 4000 * q[keep]) ** 2 / (4000 * q[keep])).sum())
+    assert chi2 < 20.5, (counts.tolist(), (4000 * q).tolist())  # 4 dof
+    edge = draft_choose(logits.expand(3, V), torch.full((3,), 0.7), torch.tensor([0.0, 1.0 - 2 ** -24, 0.5]))
+    assert all(q[t] > 0 for t in edge.tolist())
+
+
+def test_mtp_drafter_samples_drafts_for_sampled_requests(lm, prompts):
+    """A sampled request's MTP drafts come with their distribution rows (softmax of the draft logits at its
+    temperature) and are tokens of nonzero probability under them; a greedy request's drafts come without.
+    Seeded sampled runs with MTP drafts are reproducible."""
+    eng = engine(lm, speculative_tokens=2)
+    eng.add_request(prompts[1], SamplingParams(max_tokens=6, temperature=0.9, seed=3, ignore_eos=True,
+                                               detokenize=False), request_id="s")
+    eng.add_request(prompts[2], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, detokenize=False),
+                    request_id="g")
+    eng.step()
+    s, g = eng.requests["s"], eng.requests["g"]
+    assert len(s.spec_ids) == 2 and s.spec_q is not None and tuple(s.spec_q.shape) == (2, lm.cfg.vocab_size)
+    torch.testing.assert_close(s.spec_q.sum(-1), torch.ones(2))
+    assert all(float(s.spec_q[j, d]) > 0 for j, d in enumerate(s.spec_ids))
+    assert len(g.spec_ids) == 2 and g.spec_q is None
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=11, ignore_eos=True, detokenize=False)
+    got = []
+    for _ in range(2):
+        e = engine(lm, speculative_tokens=2)
+        final, _ = run(e, prompts[:3], params)
+        got.append([final[i].outputs[0].token_ids for i in range(3)])
+        assert e.spec_stats.drafted > 0
+    assert got[0] == got[1]
+
+
 def test_seeded_sampling_with_drafts_is_reproducible(lm, prompts, plain):
     ref, _ = plain
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=7, ignore_eos=True, detokenize=False)

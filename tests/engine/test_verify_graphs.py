@@ -153,11 +153,11 @@ def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain, dra
         dg = eng.runner.draft_graphs
         real_run = dg.run
 
-        def run_and_compare(Bb, tokens):
+        def run_and_compare(Bb, tokens, reqs=None):
             rn = eng.runner
             b = rn.last_batch
             ring = [lc.window.clone() for lc in eng.cache.mtp_layers]
-            got = real_run(Bb, tokens)
+            got = real_run(Bb, tokens, reqs)
             ring_graph = [lc.window.clone() for lc in eng.cache.mtp_layers]
             for lc, r0 in zip(eng.cache.mtp_layers, ring):
                 lc.window.copy_(r0)
@@ -166,7 +166,8 @@ def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain, dra
             nxt = [r.spec_ids[:n - 1] + [t[-1]] for r, n, t in zip(b.reqs, kept, tokens)]
             rn.drafter.propose(b.reqs, X=rn.verify_graphs.streams, meta=b.meta, kept=kept, next_ids=nxt,
                                sample=[True] * len(tokens))
-            assert [r.spec_ids for r in b.reqs] == got
+            assert [r.spec_ids for r in b.reqs] == [d for d, _ in got]
+            assert all(q is None for _, q in got)  # greedy requests: deterministic drafts
             for lc, rg in zip(eng.cache.mtp_layers, ring_graph):
                 for s in b.meta.seq_slots_host:
                     torch.testing.assert_close(lc.window[s], rg[s])
@@ -183,6 +184,65 @@ def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain, dra
     assert eng.runner.verify_graph_steps > 0 and eng.spec_stats.drafted > 0
     if draft_graphs:
         assert checked and max(checked) == 2  # (a batch of 2 padded to 4)
+    eng.kv.check()
+
+
+def test_sampled_mtp_drafts_through_draft_graphs_equal_eager(tlm, prompts, monkeypatch):
+    """Sampled requests (one greedy beside them): each step the draft graph's drafts and their distribution rows
+    equal the eager MTPDrafter's from the same state and the same generator state (both draw the same k uniforms
+    from each sampled request's generator), and a seeded run with draft graphs is reproducible."""
+    eng = engine(tlm, k=2)
+    attach_verify_graphs(eng, 3, drafts=True)
+    dg = eng.runner.draft_graphs
+    real_run = dg.run
+    checked = []
+
+    def run_and_compare(Bb, tokens, reqs=None):
+        rn = eng.runner
+        b = rn.last_batch
+        ring = [lc.window.clone() for lc in eng.cache.mtp_layers]
+        gens = [r.generator.get_state() if r.generator is not None else None for r in b.reqs]
+        got = real_run(Bb, tokens, reqs)
+        gens_after = [r.generator.get_state() if r.generator is not None else None for r in b.reqs]
+        for lc, r0 in zip(eng.cache.mtp_layers, ring):
+            lc.window.copy_(r0)
+        for r, st in zip(b.reqs, gens):
+            if st is not None:
+                r.generator.set_state(st)
+        saved = [(list(r.spec_ids), r.spec_q) for r in b.reqs]
+        kept = [len(t) for t in tokens]
+        nxt = [r.spec_ids[:n - 1] + [t[-1]] for r, n, t in zip(b.reqs, kept, tokens)]
+        rn.drafter.propose(b.reqs, X=rn.verify_graphs.streams, meta=b.meta, kept=kept, next_ids=nxt,
+                           sample=[True] * len(tokens))
+        for r, (d, q), st in zip(b.reqs, got, gens_after):
+            assert r.spec_ids == d
+            assert (q is None) == r.params.greedy and (r.spec_q is None) == r.params.greedy
+            if q is not None:
+                torch.testing.assert_close(q, r.spec_q)
+                assert all(float(q[j, t]) > 0 for j, t in enumerate(d))
+                assert torch.equal(r.generator.get_state(), st)  # the same draws
+                checked.append(r.request_id)
+        for r, (sp, sq) in zip(b.reqs, saved):
+            r.spec_ids, r.spec_q = sp, sq
+        return got
+
+    monkeypatch.setattr(dg, "run", run_and_compare)
+    sampled = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=5, ignore_eos=True, detokenize=False)
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    outs = []
+    for _ in range(2):
+        eng.add_request(prompts[0], sampled, request_id="s0")
+        eng.add_request(prompts[1], greedy, request_id="g1")
+        eng.add_request(prompts[1], sampled, request_id="s1")
+        final = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    final[out.request_id] = out.outputs[0].token_ids
+        outs.append(final)
+        monkeypatch.setattr(dg, "run", real_run)  # the second run: the graphs alone
+    assert checked and {"s0", "s1"} <= set(checked)
+    assert outs[0] == outs[1] and eng.runner.verify_graph_steps > 0
     eng.kv.check()
 
 

@@ -8,7 +8,8 @@ next_ids [Bb * q] (row j of sequence b: the token after its position p_b + j; th
 rest zeros) and kept [Bb] (tokens sequence b kept of its q):
 1. saves the MTP block's window-ring rows of positions p_b .. p_b + q + k - 2 (all it may overwrite);
 2. runs the MTP block over all q positions of every sequence (uniform shape: the rows past kept_b are
-   junk, put back in 4), takes the row of position p_b + kept_b - 1 and drafts its token
+   junk, put back in 4; past the attention only the row of position p_b + kept_b - 1 goes on: the MoE runs on
+   Bb rows), and drafts that row's token
    (spec_decode.draft_choose: the greedy token, or for a sampled request a draw from its draft
    distribution at the uniform staged for it);
 3. runs k - 1 single-token steps at positions p_b + kept_b .. fed by its own output streams (as
@@ -88,8 +89,8 @@ class MTPDraftGraphs:
         rp = (pos % W).reshape(-1)
         saved = [[t[rs, rp] for t in _parts(lc.window)] for lc in cache.mtp_layers]
         meta = vg._meta(Bb, C, frozen)  # the verify step's: q tokens per sequence at p_b ..
-        Y = model.mtp_forward(vg.streams[:Bb * q], next_ids, meta, cache)
         last = torch.arange(Bb, dtype=torch.int64, device=dev) * q + kept - 1
+        H = model.mtp_forward(vg.streams[:Bb * q], next_ids, meta, cache, rows=last)  # (the MoE: Bb rows)
         stale = (pos >= (start + kept)[:, None]).reshape(-1)
 
         def put_back():  # the saved rows of positions >= p_b + kept_b
@@ -101,7 +102,6 @@ class MTPDraftGraphs:
         # the junk rows' ring writes (positions past the kept ones) wrap onto rows of positions W earlier, which
         # the single-token steps read as their window: put them back first
         put_back()
-        H = Y[last]
         Bm = self.drafts.shape[0]
         temp = self.dev_f[:Bb]
         u = self.dev_f[Bm:Bm + Bm * k].view(Bm, k)[:Bb]

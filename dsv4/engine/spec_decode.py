@@ -282,19 +282,21 @@ class MTPDrafter:
         slots, starts = meta.seq_slots_host, meta.seq_start_host
         m = ForwardMeta.build(slots, starts, kept, device=dev, block_table=meta.block_table)
         m.redo = redo
-        Y = self.model.mtp_forward(X[torch.tensor(rows, device=dev)], torch.tensor(ids, device=dev), m, self.cache)
         ends, qs = [], 0
         for b in range(len(reqs)):
             qs += kept[b]
             ends.append(qs - 1)
+        # every kept row writes its ring entry; past the attention only each sequence's last row goes on (its MoE
+        # and output): Y [len(reqs), hc, D]
+        Y = self.model.mtp_forward(X[torch.tensor(rows, device=dev)], torch.tensor(ids, device=dev), m, self.cache,
+                                   rows=torch.tensor(ends, device=dev))
         bs = [b for b in range(len(reqs)) if sample[b]]
         if not bs:
             if self.lockstep_slot is not None:  # the other ranks may draft: their k - 1 passes are collective
                 for _ in range(self.k - 1):
                     self._idle_pass(dev, meta.block_table)
             return
-        last = torch.tensor([ends[b] for b in bs], device=dev)
-        H = Y[last]
+        H = Y[torch.tensor(bs, device=dev)] if len(bs) < len(reqs) else Y
         temps, us = draft_inputs([reqs[b] for b in bs], self.k)
         sampled = any(t > 0 for t in temps)
         temp = torch.tensor(temps, dtype=torch.float32, device=dev)

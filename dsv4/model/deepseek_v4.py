@@ -35,9 +35,11 @@ class Block(nn.Module):
         self._pre, self._post = opts.ops.hc_pre, opts.ops.hc_post
         self.official, self.dialect = opts.official, opts.fp8_dialect
 
-    def forward(self, X, input_ids, meta: ForwardMeta, lc, prev=None, defer: bool = False):
+    def forward(self, X, input_ids, meta: ForwardMeta, lc, prev=None, defer: bool = False, rows=None):
         """The block's output streams; or, with `defer`, (X, (f, post, comb)) whose hc_post the next block's first
-        hc_pre applies (`prev`): a provider may do that hc_post and the mixing in one pass."""
+        hc_pre applies (`prev`): a provider may do that hc_post and the mixing in one pass. `rows` (int64 [R], on
+        the device): only those rows go on after the attention (which still reads and writes every row's cache
+        entries): the FFN runs on R rows and the output is [R, hc, D], row r = the full output's row rows[r]."""
         c = self.cfg
         # hc_pre hands out u through the norm that follows it (attn_norm / ffn_norm), and in official numerics its
         # act_quant for the FP8 linears that read it: one pass for all three
@@ -46,10 +48,14 @@ class Block(nn.Module):
                                                 c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters,
                                                 norm=self.attn_norm.params(), **kw)
         f = self.attn(h, meta, lc, meta.block_table, *hq)
+        ep_tokens = meta.ep_tokens
+        if rows is not None:  # (every op after this point is row-wise: the kept rows' values are unchanged)
+            f, X, post, comb, input_ids = f[rows], X[rows], post[rows], comb[rows], input_ids[rows]
+            ep_tokens = rows.shape[0] if ep_tokens is not None else None  # (padded alike on every rank)
         X, h, post, comb, *hq = self._pre_after((f, post, comb), X, self.hc_ffn_fn, self.hc_ffn_scale,
                                                 self.hc_ffn_base, c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters,
                                                 norm=self.ffn_norm.params(), **kw)
-        f = self.ffn(h, input_ids, meta.ep_tokens, *hq)
+        f = self.ffn(h, input_ids, ep_tokens, *hq)
         return (X, (f, post, comb)) if defer else self._post(f, X, post, comb)
 
     def _pre_after(self, prev, X, *args, **kw):
@@ -115,18 +121,20 @@ class Transformer(nn.Module):
         return self.opts.ops.lm_head(h, self.head.weight)
 
     def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, meta: ForwardMeta, cache,
-                    k: int = 0) -> torch.Tensor:
+                    k: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
         """MTP block k (spec §6 steps 1-3) on rows aligned by the caller: streams[t] [hc_mult, D] are the
         main model's streams (forward's output) at position meta.positions[t], next_ids[t] the token at the
         position after it. Writes the block's window ring, cache.mtp_layers[k]; returns its output streams
-        [T, hc_mult, D] (before its hc_head: mtp_logits, or the next draft step's `streams`)."""
+        [T, hc_mult, D] (before its hc_head: mtp_logits, or the next draft step's `streams`). `rows`: the
+        rows whose output is wanted (the last kept row of each drafting sequence): every row still writes
+        its ring entry, but the block's MoE runs on those rows only, and the output is [len(rows), hc, D]."""
         blk = self.mtp[k]
         T, n, D = streams.shape
         # the official MTPBlock does not zero the embedding at position 0 (vLLM does): neither do we
         e = blk.e_proj(blk.enorm(self.embed.weight[next_ids].to(self.opts.dtype)))
         h = blk.h_proj(blk.hnorm(streams.reshape(T * n, D))).view(T, n, D)
         X = (h + e.unsqueeze(1)).contiguous()
-        return blk(X, next_ids, meta, cache.mtp_layers[k])
+        return blk(X, next_ids, meta, cache.mtp_layers[k], rows=rows)
 
     def _mtp_hidden(self, X: torch.Tensor, k: int) -> torch.Tensor:
         blk, c = self.mtp[k], self.cfg

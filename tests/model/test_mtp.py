@@ -138,6 +138,38 @@ def test_varlen_step_equals_each_alone(lm, seq):
 
 
 @torch.no_grad()
+def test_rows_keep_only_the_rows_asked_for(lm, seq):
+    """mtp_forward(rows=...) (the drafter: only each sequence's last kept row goes past the attention): its
+    output rows equal the full pass's rows (its MoE and hc_post are row-wise), and every row still wrote its ring
+    entry (the ring afterwards equals the full pass's), in a two-sequence step and again after it."""
+    ids, H = seq[0], seq[1]
+    g = torch.Generator().manual_seed(3)
+    ids_b = torch.randint(0, lm.cfg.vocab_size, (11,), generator=g)
+    H_b = main_streams(lm, ids_b[:10], (10,))
+    steps = [(140, 6), (3, 4)]  # tokens per sequence per step
+    ring = []
+    outs = []
+    for with_rows in (False, True):
+        dc = DirectCache(lm.cfg, 2, MAX_LEN, "cpu", torch.float32, with_mtp=True)
+        slots, pos, got = [dc.add(), dc.add()], [0, 0], []
+        for st in steps:
+            Hx = torch.cat([H[pos[0]:pos[0] + st[0]], H_b[pos[1]:pos[1] + st[1]]])
+            nx = torch.cat([ids[1 + pos[0]:1 + pos[0] + st[0]], ids_b[1 + pos[1]:1 + pos[1] + st[1]]])
+            last = torch.tensor([st[0] - 1, st[0] + st[1] - 1])
+            Y = lm.model.mtp_forward(Hx, nx, dc.meta(slots, pos, list(st)), dc.cache,
+                                     rows=last if with_rows else None)
+            got.append(Y if with_rows else Y[last])
+            pos = [pos[0] + st[0], pos[1] + st[1]]
+        outs.append(got)
+        ring.append([t.clone() for t in _parts(dc.cache.mtp_layers[0].window)])
+    for a, b in zip(*outs):
+        assert a.shape == b.shape == (2, lm.cfg.hc_mult, lm.cfg.hidden_size)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # (CPU GEMMs over 2 rows vs 146: not bitwise)
+    for a, b in zip(*ring):
+        assert torch.equal(a, b)
+
+
+@torch.no_grad()
 def test_mtp_ring_is_apart_from_layer_caches(lm, seq):
     ids, H = seq[0], seq[1]
     dc = DirectCache(lm.cfg, 1, MAX_LEN, "cpu", torch.float32, with_mtp=True)

@@ -192,5 +192,11 @@ class MTPDraftGraphs:
                 raise GraphCaptureError(f"MTP draft graph of batch {Bb} missing (capture it before verify steps)")
             self.graphs[Bb].replay()
         drafts = self.drafts[:B].tolist()
-        return [(d, draft_q(self.logits[b], self.dev_f[b:b + 1].expand(self.k)) if temps[b] > 0 else None)
-                for b, d in enumerate(drafts)]
+        sb = [b for b in range(B) if temps[b] > 0]
+        if not sb:
+            return [(d, None) for d in drafts]
+        # the sampled rows' distributions in one pass: [len(sb), k, V]
+        idx = torch.tensor(sb, device=self.drafts.device)
+        q = draft_q(self.logits[idx].flatten(0, 1), self.dev_f[idx].repeat_interleave(self.k)).view(len(sb), self.k, -1)
+        qs = dict(zip(sb, q))
+        return [(d, qs.get(b)) for b, d in enumerate(drafts)]

@@ -93,6 +93,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="speculative decoding: draft this many tokens per step with the checkpoint's MTP block and "
                         "verify them in one forward (1-3 typical; 0: off)")
+    p.add_argument("--speculative-disable-by-batch-size", type=int, default=None, metavar="B",
+                   help="with --speculative-tokens: no drafts in steps where more than B requests decode (large "
+                        "batches, where verifying costs more than it saves); the MTP block keeps its state, so "
+                        "drafting resumes at full quality below B (default: never pauses)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
                    help="automatic prefix caching: keep full cache pages and slot snapshots at page boundaries for "
                         "later requests with the same prefix (system prompts, conversation history); on by default "
@@ -165,6 +169,7 @@ def engine_config(a: argparse.Namespace):
         page_tokens=a.page_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
         kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory),
         enforce_eager=a.enforce_eager, piecewise_graph_tokens=a.piecewise_graph_tokens, gpus=a.gpus, ep_exchange=a.ep_exchange, speculative_tokens=a.speculative_tokens,
+        speculative_disable_by_batch_size=a.speculative_disable_by_batch_size,
         enable_prefix_caching=a.enable_prefix_caching, prefix_cache_snapshots=a.prefix_cache_snapshots)
 
 

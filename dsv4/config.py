@@ -540,6 +540,10 @@ class EngineConfig:
     # speculative decoding: drafts per step from the checkpoint's MTP block, verified in one target forward
     # (engine/spec_decode.py); 0: off
     speculative_tokens: int = 0
+    # speculation pauses while more than this many requests decode in a step (no drafts; the MTP block still writes
+    # its window ring for every token, so drafts resume at full quality): where verification costs more than the
+    # drafts save (large, compute-bound batches). None: never pauses. Not applied under expert parallelism
+    speculative_disable_by_batch_size: int | None = None
     # automatic prefix caching (cache/prefix_cache.py): full pages and slot snapshots at page boundaries kept
     # for later requests with the same prefix; `prefix_cache_snapshots` slot snapshots (None: 2 x max_num_seqs,
     # at most a tenth of the cache memory)
@@ -551,6 +555,9 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        v = self.speculative_disable_by_batch_size
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ConfigError(f"speculative_disable_by_batch_size must be an integer >= 0 or None, got {v!r}")
         for name in ("prefill_tokens_with_decodes", "page_tokens", "prefix_cache_snapshots"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

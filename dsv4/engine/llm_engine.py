@@ -115,7 +115,10 @@ class LLMEngine:
             piecewise = PiecewiseGraphs(self.lm.model, self.cache, scratch_slot, self.buffers, pw_tokens)
         self.runner = ModelRunner(self.lm, self.kv, self.buffers, Sampler(), graphs=graphs, coordinator=coord,
                                   scratch_slot=scratch_slot, drafter=drafter, verify_graphs=verify_graphs,
-                                  draft_graphs=draft_graphs, piecewise=piecewise)
+                                  draft_graphs=draft_graphs, piecewise=piecewise,
+                                  spec_pause_batch=config.speculative_disable_by_batch_size if spec else None)
+        if spec and config.speculative_disable_by_batch_size is not None and coord.lockstep:
+            log.warning("speculative_disable_by_batch_size is not applied under expert parallelism")
         if graphs is not None or verify_graphs is not None:
             self._capture_graphs(graphs or verify_graphs, draft_graphs)
         if piecewise is not None:

@@ -8,6 +8,7 @@ or the agreed graph over scratch rows)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from dsv4.engine.spec_decode import verify_all
 from dsv4.engine.step_batch import StepBatch, StepBuffers, build_eager, stage_decode
 from dsv4.model.builder import LoadedModel
 from dsv4.ops.meta import ForwardMeta
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +47,7 @@ class ModelRunner:
     def __init__(self, lm: LoadedModel, kv: KVCacheManager, buffers: StepBuffers, sampler: Sampler | None = None,
                  graphs: DecodeGraphs | None = None, coordinator: StepCoordinator | None = None,
                  scratch_slot: int | None = None, drafter=None, verify_graphs: DecodeGraphs | None = None,
-                 draft_graphs=None, piecewise=None):
+                 draft_graphs=None, piecewise=None, spec_pause_batch: int | None = None):
         self.coord = coordinator or SingleRank()
         if self.coord.lockstep and scratch_slot is None:
             raise ValueError("lockstep (expert-parallel) steps need a scratch cache slot for ranks without work")
@@ -57,6 +60,11 @@ class ModelRunner:
         self.drafter = drafter  # speculative decoding (engine/spec_decode.py), or None
         self.verify_graphs = verify_graphs  # speculative decoding: graphs of q = drafts + 1 tokens per sequence
         self.draft_graphs = draft_graphs  # MTP drafting after verify graph steps (engine/draft_graphs.py), or None
+        # no drafts in steps where more than this many requests decode (the MTP block still writes its ring);
+        # None: never. Under expert parallelism (ranks would disagree on the step shape) it is not applied
+        self.spec_pause_batch = None if self.coord.lockstep else spec_pause_batch
+        self.spec_paused_steps = 0
+        self._spec_paused = False
         # steps decode graphs do not cover, up to its largest token bucket (engine/piecewise_graphs.py), or None;
         # not under expert parallelism (those eager steps exchange tokens with counts agreed per layer)
         self.piecewise = piecewise if not self.coord.lockstep else None
@@ -149,7 +157,8 @@ class ModelRunner:
         self.last_batch = batch
         self._verify(batch, logits, [(i, i * q) for i in range(len(reqs))], [q - 1] * len(reqs), snap, results,
                      rollback_fn=lambda keep: vg.rollback(key, slots, starts, keep))
-        if self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False):  # (the MTP drafter)
+        if (self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False)  # (the MTP drafter)
+                and not self._pause_drafts(len(reqs), record=False)):  # (paused: _draft below records it)
             for r, (dr, dq) in zip(reqs, self.draft_graphs.run(key[0], [res.tokens for res in results], reqs)):
                 r.set_drafts(dr, dq)
             self._oracle_override(reqs, [res.tokens for res in results])
@@ -274,6 +283,19 @@ class ModelRunner:
                 reqs[i].set_drafts([])
         return results
 
+    def _pause_drafts(self, decoding: int, record: bool = True) -> bool:
+        """Speculation pauses in a step where more than spec_pause_batch requests decode (`record`: counted in
+        spec_paused_steps, logged when it pauses and resumes)."""
+        paused = self.spec_pause_batch is not None and decoding > self.spec_pause_batch
+        if not record:
+            return paused
+        if paused != self._spec_paused:
+            log.info("speculative decoding %s: %d requests decoding (pauses above %d)",
+                     "paused" if paused else "resumed", decoding, self.spec_pause_batch)
+            self._spec_paused = paused
+        self.spec_paused_steps += paused
+        return paused
+
     def _oracle_override(self, reqs, new) -> None:
         """A draft oracle over the MTP passes (spec_decode.OracleDrafter with `inner`): after the passes ran, its
         tokens replace their drafts (new[i]: the tokens reqs[i] emits in this step)."""
@@ -298,6 +320,8 @@ class ModelRunner:
                 sample.append(res.token_id is not None)
             if sample[-1]:
                 r.set_drafts([])
+        if self._pause_drafts(sum(sample)):  # no drafts this step: the MTP pass only writes its ring
+            sample = [False] * len(sample)
         # (tokens this step emits: not yet in the requests' outputs)
         new = [res.tokens if res.tokens is not None else [res.token_id] for res in results]
         if getattr(self.drafter, "needs_streams", False):

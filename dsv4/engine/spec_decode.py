@@ -286,11 +286,13 @@ class MTPDrafter:
         for b in range(len(reqs)):
             qs += kept[b]
             ends.append(qs - 1)
-        # every kept row writes its ring entry; past the attention only each sequence's last row goes on (its MoE
-        # and output): Y [len(reqs), hc, D]
-        Y = self.model.mtp_forward(X[torch.tensor(rows, device=dev)], torch.tensor(ids, device=dev), m, self.cache,
-                                   rows=torch.tensor(ends, device=dev))
         bs = [b for b in range(len(reqs)) if sample[b]]
+        # every kept row writes its ring entry; past the attention only each sequence's last row goes on (its MoE
+        # and output): Y [len(reqs), hc, D]; none when nobody drafts (the pass only writes the ring), unless the
+        # pass is collective (expert parallelism: every rank runs the MoE exchange)
+        out_rows = ends if (bs or self.lockstep_slot is not None) else []
+        Y = self.model.mtp_forward(X[torch.tensor(rows, device=dev)], torch.tensor(ids, device=dev), m, self.cache,
+                                   rows=torch.tensor(out_rows, dtype=torch.int64, device=dev))
         if not bs:
             if self.lockstep_slot is not None:  # the other ranks may draft: their k - 1 passes are collective
                 for _ in range(self.k - 1):

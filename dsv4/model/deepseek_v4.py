@@ -39,7 +39,8 @@ class Block(nn.Module):
         """The block's output streams; or, with `defer`, (X, (f, post, comb)) whose hc_post the next block's first
         hc_pre applies (`prev`): a provider may do that hc_post and the mixing in one pass. `rows` (int64 [R], on
         the device): only those rows go on after the attention (which still reads and writes every row's cache
-        entries): the FFN runs on R rows and the output is [R, hc, D], row r = the full output's row rows[r]."""
+        entries): the FFN runs on R rows and the output is [R, hc, D], row r = the full output's row rows[r]
+        (R = 0: nothing runs after the attention)."""
         c = self.cfg
         # hc_pre hands out u through the norm that follows it (attn_norm / ffn_norm), and in official numerics its
         # act_quant for the FP8 linears that read it: one pass for all three
@@ -49,6 +50,8 @@ class Block(nn.Module):
                                                 norm=self.attn_norm.params(), **kw)
         f = self.attn(h, meta, lc, meta.block_table, *hq)
         ep_tokens = meta.ep_tokens
+        if rows is not None and rows.numel() == 0 and not defer:  # no row goes on: the attention's cache writes only
+            return X[:0]
         if rows is not None:  # (every op after this point is row-wise: the kept rows' values are unchanged)
             f, X, post, comb, input_ids = f[rows], X[rows], post[rows], comb[rows], input_ids[rows]
             ep_tokens = rows.shape[0] if ep_tokens is not None else None  # (padded alike on every rank)

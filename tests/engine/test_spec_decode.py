@@ -322,6 +322,53 @@ def test_mtp_drafts_follow_the_mtp_block(lm, prompts):
         torch.testing.assert_close(got[q % W], ring_before[slot, q % W])
 
 
+def test_paused_speculation_equals_plain_and_resumes(lm, prompts, plain):
+    """speculative_disable_by_batch_size = 2 with requests arriving over time: steps with more than two decoding
+    requests draft nothing, the others draft; greedy outputs equal plain decoding."""
+    ref, _ = plain
+    eng = engine(lm, speculative_tokens=2, speculative_disable_by_batch_size=2)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+    final, _ = run(eng, prompts, params, random.Random(4))
+    for i in range(len(prompts)):
+        assert final[i].outputs[0].token_ids == ref[i], f"prompt {i}"
+    assert eng.runner.spec_paused_steps > 0 and eng.spec_stats.drafted > 0
+    eng.kv.check()
+
+
+def test_pause_batch_size_is_validated():
+    from dsv4.config import ConfigError
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ConfigError, match="speculative_disable_by_batch_size"):
+            EngineConfig(speculative_disable_by_batch_size=bad).validate()
+    EngineConfig(speculative_disable_by_batch_size=0).validate()
+
+
+@torch.no_grad()
+def test_paused_steps_still_fill_the_mtp_ring(lm, prompts):
+    """Every step paused (speculative_disable_by_batch_size = 0): no drafts, but the MTP block's window ring holds
+    every position so far, as one MTP pass over the whole sequence writes it (drafts resume at full quality)."""
+    p = prompts[1]
+    eng = engine(lm, speculative_tokens=2, speculative_disable_by_batch_size=0)
+    eng.add_request(p, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, detokenize=False),
+                    request_id="a")
+    for _ in range(6):
+        eng.step()
+    req = eng.requests["a"]
+    assert not req.spec_ids and eng.spec_stats.drafted == 0 and eng.runner.spec_paused_steps == 6
+    toks = req.all_token_ids  # P + 6 tokens: the ring holds positions 0 .. P + 4
+    n = len(toks) - 1
+    dc = DirectCache(lm.cfg, 1, 512, "cpu", torch.float32, with_mtp=True)
+    s = dc.add()
+    X = lm.model(torch.tensor(toks[:n]), dc.meta([s], [0], [n]), dc.cache)
+    from dsv4.ops.meta import ForwardMeta
+    m = ForwardMeta.build([s], [0], [n], block_table=dc.cache.block_table)
+    lm.model.mtp_forward(X, torch.tensor(toks[1:]), m, dc.cache)
+    got, want = eng.cache.mtp_layers[0].window[req.slot], dc.cache.mtp_layers[0].window[s]
+    W = got.shape[0]
+    assert n <= W
+    torch.testing.assert_close(got[:n], want[:n], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("drafter", ["mtp", "oracle"])
 def test_preemption_with_drafts(lm, prompts, plain, drafter):
     """A cache too small for everyone: requests with drafts in flight are preempted and recomputed (their

@@ -187,6 +187,37 @@ def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain, dra
     eng.kv.check()
 
 
+def test_paused_speculation_after_verify_graph_steps(tlm, prompts):
+    """speculative_disable_by_batch_size = 1 with verify and draft graphs: one request drafts from the draft graph;
+    a second one arrives, and the steps where both decode draft nothing (their MTP passes only write the ring);
+    once it finished the first drafts from the draft graph again; greedy outputs equal plain decoding."""
+    eng = engine(tlm, k=2, speculative_disable_by_batch_size=1)
+    attach_verify_graphs(eng, 3, drafts=True)
+    dg = eng.runner.draft_graphs
+    replays = []
+    real_run = dg.run
+    dg.run = lambda *a, **kw: replays.append(len(a[1])) or real_run(*a, **kw)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, detokenize=False)
+    ref = run(engine(tlm), [prompts[0]], greedy, random.Random(0))[0]
+    eng.add_request(prompts[0], greedy, request_id="a")
+    eng.step()  # prefill: drafts (one request decoding)
+    eng.step()  # a verify graph step of one request: draft graph replayed
+    assert len(replays) == 1
+    eng.add_request(prompts[0], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, detokenize=False),
+                    request_id="b")
+    final = {}
+    steps = 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out.outputs[0].token_ids
+        steps += 1
+        assert steps < 50
+    assert final["a"] == ref and final["b"] == ref[:3]
+    assert eng.runner.spec_paused_steps > 0 and len(replays) >= 2 and max(replays) == 1
+    eng.kv.check()
+
+
 def test_sampled_mtp_drafts_through_draft_graphs_equal_eager(tlm, prompts, monkeypatch):
     """Sampled requests (one greedy beside them): each step the draft graph's drafts and their distribution rows
     equal the eager MTPDrafter's from the same state and the same generator state (both draw the same k uniforms

@@ -95,7 +95,7 @@ def _fill(name: str, b: torch.Tensor, bufs: dict, seed: int, row_of: str | None 
             b.copy_(distinct_rows(b.shape[0], b.shape[1], n_exp, g, dev))
         elif b.dtype.is_floating_point:
             v = dense_values(buffer_role(name), tuple(b.shape), g, dev)
-            if name.endswith((".compressor.wkv.weight", ".compressor.wgate.weight")):
+            if name.endswith((".compressor.wkv.weight", ".compressor.wgate.weight", ".ffn.gate.weight")):
                 v = v.to(torch.bfloat16).float()  # BF16 in a release checkpoint (held in float32 until compacted)
             b.copy_(v.to(b.dtype))
         else:

@@ -158,14 +158,16 @@ class LinearGroup:
 
 @torch.no_grad()
 def compact_dense_weights(model: nn.Module, act_dtype: torch.dtype) -> int:
-    """Hold each `compact` Linear's float32 weight in bf16 when the activations are bf16 and every value of the
-    weight is a bf16 value (a release checkpoint stores these weights in bf16; a float32 copy that is not exactly
-    bf16 stays float32). Run once the weights are loaded, before fuse_linear_groups. Returns how many changed."""
+    """Hold each `compact` Linear's float32 weight (and each other module's with `compact = True` and a `weight`,
+    the MoE router's) in bf16 when the activations are bf16 and every value of the weight is a bf16 value (a
+    release checkpoint stores these weights in bf16; a float32 copy that is not exactly bf16 stays float32). Run
+    once the weights are loaded, before fuse_linear_groups. Returns how many changed."""
     if act_dtype != torch.bfloat16:
         return 0
     n = 0
     for m in model.modules():
-        if isinstance(m, Linear) and m.compact and m.fmt == "dense" and m.weight.dtype == torch.float32:
+        dense = m.fmt == "dense" if isinstance(m, Linear) else isinstance(getattr(m, "weight", None), torch.Tensor)
+        if getattr(m, "compact", False) is True and dense and m.weight.dtype == torch.float32:
             w = m.weight.to(torch.bfloat16)
             if torch.equal(w.float(), m.weight):
                 m.weight = w

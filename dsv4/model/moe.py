@@ -13,6 +13,10 @@ from dsv4.ops.moe_dispatch import ExpertMap
 
 
 class Gate(nn.Module):
+    # the router weight is BF16 in a release and computed in fp32 (spec §2.8): held in bf16 once loaded when exactly
+    # bf16-valued and the activations are bf16 (linear.compact_dense_weights); the router's bf16 products are exact
+    compact = True
+
     def __init__(self, cfg: ModelConfig, is_hash: bool):
         super().__init__()
         E, D = cfg.n_routed_experts, cfg.hidden_size

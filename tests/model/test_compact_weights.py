@@ -1,5 +1,5 @@
-"""Float32 dense weights the release stores in bf16 (the compressors' wkv / wgate, which the official code upcasts
-and multiplies in float32) are held in bf16 once loaded when every value is a bf16 value and the activations are
+"""Float32 dense weights the release stores in bf16 (the compressors' wkv / wgate and the MoE router's weight,
+which the official code upcasts and multiplies in float32) are held in bf16 once loaded when every value is a bf16 value and the activations are
 bf16 (model.linear.compact_dense_weights), and their projections ask `linear` for float32 results (out_dtype):
 the same exact products, so the model computes the same values with half the bytes of those weights."""
 
@@ -15,6 +15,7 @@ from dsv4.model import build_model
 from dsv4.model.builder import resolve_ops
 from dsv4.model.compressor import Compressor
 from dsv4.model.linear import Linear, compact_dense_weights
+from dsv4.model.moe import Gate
 from dsv4.model.options import ModelOptions
 from dsv4.numerics.fp8 import Fp8Dialect, quantize_fp8_blocks
 from dsv4.ops.linear import linear_reference
@@ -28,6 +29,10 @@ def _opts(dtype=torch.bfloat16):
 
 def _compressor_linears(model):
     return [lin for m in model.modules() if isinstance(m, Compressor) for lin in (m.wkv, m.wgate)]
+
+
+def _gates(model):
+    return [m for m in model.modules() if isinstance(m, Gate)]
 
 
 def test_compact_only_exact_bf16_values_and_bf16_activations():
@@ -77,17 +82,19 @@ def test_linear_out_dtype_refused_where_it_means_nothing():
 
 
 def test_tiny_model_compressors_held_in_bf16_same_outputs(tiny_dir, monkeypatch):
-    """bf16 activations: the tiny release-format checkpoint's compressor weights (BF16 on disk) are held in bf16,
-    fused groups included, and a prefill past CSA and HCA boundaries then decode steps give the logits of the same
+    """bf16 activations: the tiny release-format checkpoint's compressor weights and router weights (BF16 on disk)
+    are held in bf16, fused groups included, and a prefill past CSA and HCA boundaries then decode steps give the logits of the same
     model with those weights in float32, bit for bit."""
     m = build_model(tiny_dir, device="cpu", dtype="bfloat16", numerics="official")
     lins = _compressor_linears(m.model)
     assert lins and all(lin.weight.dtype == torch.bfloat16 for lin in lins)
     groups = [a._xf_proj for a in m.model.modules() if getattr(a, "_xf_proj", None) is not None]
     assert groups and all(g.weight.dtype == torch.bfloat16 for g in groups)
+    assert _gates(m.model) and all(g.weight.dtype == torch.bfloat16 for g in _gates(m.model))  # (the MTP's too)
     monkeypatch.setattr(builder, "compact_dense_weights", lambda net, dtype: 0)
     f32 = build_model(tiny_dir, device="cpu", dtype="bfloat16", numerics="official")
     assert all(lin.weight.dtype == torch.float32 for lin in _compressor_linears(f32.model))
+    assert all(g.weight.dtype == torch.float32 for g in _gates(f32.model))
     caches = [DirectCache(m.cfg, 2, 160, "cpu", torch.bfloat16) for _ in range(2)]
     for dc in caches:
         assert dc.add() == 0
@@ -139,6 +146,7 @@ def test_compressor_projections_are_float32_products(tiny_dir):
 def test_float32_model_keeps_float32_compressor_weights(tiny_dir):
     m = build_model(tiny_dir, device="cpu", dtype="float32", numerics="official")
     assert all(lin.weight.dtype == torch.float32 for lin in _compressor_linears(m.model))
+    assert all(g.weight.dtype == torch.float32 for g in _gates(m.model))
 
 
 def test_dummy_compressor_weights_are_bf16_values(tiny_dir):
@@ -147,6 +155,7 @@ def test_dummy_compressor_weights_are_bf16_values(tiny_dir):
     m = build_model(tiny_dir, device="cpu", dtype="bfloat16", load_format="dummy")
     lins = _compressor_linears(m.model)
     assert lins and all(lin.weight.dtype == torch.bfloat16 for lin in lins)
+    assert _gates(m.model) and all(g.weight.dtype == torch.bfloat16 for g in _gates(m.model))
 
 
 @pytest.mark.gpu

@@ -630,13 +630,51 @@ def test_route_last_program_select_equals_two_kernels(T, E, D, hashed, monkeypat
     assert torch.equal(i, ir)
 
 
-def test_route_bf16_input():
-    x, gw, bias, _, _ = route_inputs(9, 16, 64, seed=51)
+@pytest.mark.parametrize("w_bf16", [False, True], ids=["gate_f32", "gate_bf16"])
+@pytest.mark.parametrize("T,D", [(9, 64), (1, 2112), (70, 200)])
+def test_route_bf16_input(w_bf16, T, D, monkeypatch):
+    """bf16 x; the gate weight float32 or bf16 (a release's, compacted): ids equal the reference's (the float32
+    matmul of the upcast operands), weights within float32 summation error, and the bf16 weight's routing equals
+    its float32 copy's. Compiled, both bf16 take the bf16 dot (NATIVE, test_gpu_route_bf16_gate); the interpreter
+    never does (its bf16 tl.dot is garbage): the IEEE fp32 dot of the same values."""
+    x, gw, bias, _, _ = route_inputs(T, 16, D, seed=51 + T)
+    gw = gw * min(1.0, (64 / D) ** 0.5)
     xb = x.to(torch.bfloat16)
+    if w_bf16:
+        gw = gw.to(torch.bfloat16)
+    seen = []
+    real = kr._router_logits_kernel
+    monkeypatch.setattr(kr, "_router_logits_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: (lambda *a, **kw: (seen.append(kw["NATIVE"]), real[grid](*a, **kw))[1])})())
     w, i = kr.moe_route_triton(xb, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
     ww, wi = moe_route_reference(xb, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
+    assert seen == [False]  # (interpreter)
     assert torch.equal(i, wi)
     torch.testing.assert_close(w, ww, atol=1e-6, rtol=1e-5)
+    if w_bf16:
+        w32, i32 = kr.moe_route_triton(xb, gw.float(), bias, None, None, 6, "sqrtsoftplus", True, 1.5)
+        assert torch.equal(i, i32)
+        torch.testing.assert_close(w, w32, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 4096])
+def test_gpu_route_bf16_gate(T, monkeypatch):
+    """Compiled, Flash shapes (256 experts, hidden 4096, top-6, sqrt-softplus with bias): the bf16 gate weight's
+    bf16 dot (NATIVE) routes as the float32 reference (ids equal, weights within float32 summation error)."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, 4096, device="cuda", generator=g).bfloat16()
+    gw = (torch.randn(256, 4096, device="cuda", generator=g) / 64).bfloat16()
+    bias = 0.05 * torch.randn(256, device="cuda", generator=g)
+    seen = []
+    real = kr._router_logits_kernel
+    monkeypatch.setattr(kr, "_router_logits_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: (lambda *a, **kw: (seen.append(kw["NATIVE"]), real[grid](*a, **kw))[1])})())
+    w, i = kr.moe_route_triton(x, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
+    ww, wi = moe_route_reference(x, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
+    assert seen == [True]
+    assert (i == wi).float().mean() > 0.999  # (a near-tie may order differently under another summation order)
+    torch.testing.assert_close(w, ww, atol=1e-5, rtol=1e-4)
 
 
 # ============================================================================= GPU check code

@@ -222,13 +222,16 @@ def test_hc_norm_fused_equals_finish_then_rms_norm(T, n, D, dtype, head, monkeyp
 
 @pytest.mark.parametrize("T,n,D", [(1, 4, 4096), (6, 4, 300), (5, 4, 128), (2, 3, 24)])
 @pytest.mark.parametrize("dialect", [Fp8Dialect.OCP, Fp8Dialect.FNUZ], ids=["ocp", "fnuz"])
-@pytest.mark.parametrize("max_norm_d", [8192, 0], ids=["in_finish", "in_rms_norm"])
-def test_hc_pre_quant_equals_act_quant(T, n, D, dialect, max_norm_d, monkeypatch):
+@pytest.mark.parametrize("max_norm_d,fuse_m", [(8192, 0), (0, 1 << 30), (0, 0)],
+                         ids=["in_finish", "in_rms_norm", "after_rms_norm"])
+def test_hc_pre_quant_equals_act_quant(T, n, D, dialect, max_norm_d, fuse_m, monkeypatch):
     """hc_pre(norm=, quant=): the fourth output is the act_quant of the normed output, byte for byte what the
     standalone Triton quantiser gives (D = 300: a partial last block; D = 24: too narrow to fuse, the
     standalone quantiser itself); the bytes' rows padded to a multiple of 4; the other outputs unchanged. Made
-    by the finish kernel with the norm in it (MAX_NORM_D on) or by the rms_norm kernel after it (the default)."""
+    by the finish kernel with the norm in it (MAX_NORM_D on), by the rms_norm kernel after it (its
+    FUSE_QUANT_MAX_M on), or by the standalone quantiser after that (the defaults)."""
     monkeypatch.setattr(khc, "MAX_NORM_D", max_norm_d)
+    monkeypatch.setattr(knorm, "FUSE_QUANT_MAX_M", fuse_m)
     X, fn, scale, base = hc_inputs(17, T, n, D, dtype=torch.bfloat16, logit_scale=1.5)
     w = 0.5 + torch.rand(D, generator=gen(18))
     u0, post0, comb0 = khc.hc_pre_triton(X, fn, scale, base, 1e-6, 0.05, 20, norm=(w, 1e-5))
@@ -635,9 +638,10 @@ def test_gpu_hc_quant(T, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N", [(1, 1536), (64, 1536), (7, 512)])
-def test_gpu_rms_norm_quant(M, N):
+def test_gpu_rms_norm_quant(M, N, monkeypatch):
     """Compiled: rms_norm's act_quant of its output (the q norm's, 1,536 wide; several rows per program at 512)
-    equals the standalone quantiser's bytes."""
+    written by the norm kernel (FUSE_QUANT_MAX_M on) equals the standalone quantiser's bytes."""
+    monkeypatch.setattr(knorm, "FUSE_QUANT_MAX_M", 1 << 30)
     g = torch.Generator(device="cuda").manual_seed(M)
     x = torch.randn(M, N, device="cuda", generator=g).bfloat16()
     w = 0.5 + torch.rand(N, device="cuda", generator=g)

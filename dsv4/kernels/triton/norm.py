@@ -80,6 +80,11 @@ def _rms_norm_chunked_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps,
 
 
 MAX_TILE = 8192  # longest row held in one tile; longer rows take the chunked kernel
+# rms_norm(quant=): the tile kernel writes the act_quant itself for at most this many rows, else the standalone
+# quantiser runs after it. Measured on one H100 (docs/perf.md 2026-12-07 (e)), hc_pre's 4096-wide norm: at
+# M = 8,192 the fused epilogue took ~0.67 ms a call against 0.085 + 0.08 ms for norm + quantiser; at M = 1 the
+# 13 norms of a 4-layer step averaged 6.4 us against ~2.5 + 1.75 us. So off (0) until a faster epilogue is measured.
+FUSE_QUANT_MAX_M = 0
 TILE_ELEMS = 4096  # elements per program for short rows (rows are batched up to this)
 CHUNK = 2048
 
@@ -98,7 +103,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, qu
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     block_n = triton.next_power_of_2(max(N, 1))
-    fuse_q = quant is not None and 128 <= block_n <= MAX_TILE
+    fuse_q = quant is not None and 128 <= block_n <= MAX_TILE and M <= FUSE_QUANT_MAX_M
     q, qs = act_quant_out(M, N, x.device) if fuse_q else (y, y)
     if M and N:
         w = weight if weight is not None else x2  # dummy pointer when un-weighted (never read)

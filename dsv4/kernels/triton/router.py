@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import load_parts, pdl_args, pdl_start, register, sm_count, tile_counters
+from dsv4.kernels.triton.common import (interpreting, load_parts, pdl_args, pdl_start, register, sm_count,
+                                        tile_counters)
 from dsv4.ops.moe import moe_route as moe_route_op
 
 _SCORE = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
@@ -25,16 +26,19 @@ LAST_SELECT_T = 0  # up to this many tokens, the last logits program selects (on
 # S = 1 (FMA-bound fp32: 2 T E D FLOPs).
 @triton.jit
 def _router_logits_kernel(x_ptr, w_ptr, p_ptr, T, E, D, s_x, s_w, n_e_tiles, KT_PER,
-                          BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+                          BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr = False,
+                          PDL: tl.constexpr = False):
     pdl_start(PDL)
     _logits_part(x_ptr, w_ptr, p_ptr, tl.program_id(0), tl.program_id(1), T, E, D, s_x, s_w, n_e_tiles, KT_PER,
-                 BT, BE, BK)
+                 BT, BE, BK, NATIVE)
 
 
 @triton.jit
 def _logits_part(x_ptr, w_ptr, p_ptr, pid, s, T, E, D, s_x, s_w, n_e_tiles, KT_PER,
-                 BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
-    """Program (pid, s) of the logits: its tile's partial dot over its share of D, stored to the workspace."""
+                 BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr):
+    """Program (pid, s) of the logits: its tile's partial dot over its share of D, stored to the workspace.
+    NATIVE (x and the gate weight both bf16): the bf16 dot, whose products are exact in its float32 accumulator
+    (the same products as the fp32 matmul of the upcast operands, on tensor cores); else IEEE fp32."""
     t = (pid // n_e_tiles) * BT + tl.arange(0, BT)
     e = (pid % n_e_tiles) * BE + tl.arange(0, BE)
     t_ok = t < T
@@ -46,10 +50,13 @@ def _logits_part(x_ptr, w_ptr, p_ptr, pid, s, T, E, D, s_x, s_w, n_e_tiles, KT_P
         kk = kt * BK + tl.arange(0, BK)
         k_ok = kk < D
         a = tl.load(x_ptr + t.to(tl.int64)[:, None] * s_x + kk[None, :], mask=t_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0)
         w = tl.load(w_ptr + e.to(tl.int64)[None, :] * s_w + kk[:, None], mask=k_ok[:, None] & e_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc = tl.dot(a, w, acc=acc, input_precision="ieee")
+                    other=0.0)
+        if NATIVE:
+            acc = tl.dot(a, w, acc=acc)
+        else:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc=acc, input_precision="ieee")
     tl.store(p_ptr + s.to(tl.int64) * T * E + t.to(tl.int64)[:, None] * E + e[None, :], acc,
              mask=t_ok[:, None] & e_ok[None, :])
 
@@ -81,13 +88,13 @@ def _router_select_kernel(p_ptr, S, s_ps, bias_ptr, tid_ptr, inid_ptr, w_out, i_
 @triton.jit
 def _router_logits_select_kernel(x_ptr, w_ptr, p_ptr, cnt_ptr, T, E, D, s_x, s_w, n_e_tiles, KT_PER, S, s_ps,
                                  bias_ptr, tid_ptr, inid_ptr, w_out, i_out, s_tid, scaling,
-                                 BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                                 BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr,
                                  KTOP: tl.constexpr, KP: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  HASH: tl.constexpr, NORM: tl.constexpr, EP: tl.constexpr, SB: tl.constexpr,
                                  PDL: tl.constexpr = False):
     pdl_start(PDL)
     _logits_part(x_ptr, w_ptr, p_ptr, tl.program_id(0), tl.program_id(1), T, E, D, s_x, s_w, n_e_tiles, KT_PER,
-                 BT, BE, BK)
+                 BT, BE, BK, NATIVE)
     tl.debug_barrier()  # every thread's partial is stored before the program counts itself done
     done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
     if done == tl.num_programs(0) * tl.num_programs(1) - 1:
@@ -207,14 +214,19 @@ def moe_route_triton(x, gate_weight, bias, tid2eid, input_ids, top_k: int, score
     sel = dict(KTOP=k, KP=max(2, triton.next_power_of_2(k)), SCORE=_SCORE[score_func],
                HAS_BIAS=bias is not None and not hashed, HASH=hashed, NORM=bool(norm_topk_prob), EP=ep, SB=sb,
                **pdl_args(dev))
+    # both bf16 (a release's gate weight, compacted): the bf16 dot; not in the interpreter, whose bf16 tl.dot is
+    # garbage (design.md §6): there the IEEE fp32 dot of the same values
+    native = x.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16 and not interpreting(dev)
     cnt = tile_counters(dev) if T <= LAST_SELECT_T else None
     if cnt is not None:  # one launch: the last logits program selects
         _router_logits_select_kernel[(tiles, split)](
             x, gw, part, cnt, T, E, D, x.stride(0), gw.stride(0), n_e, kt_per, split, part.stride(0), b_arg, tid,
-            inid, w_out, i_out, s_tid, float(scaling), BT=bt, BE=be, BK=bk, **sel, num_warps=4, num_stages=3)
+            inid, w_out, i_out, s_tid, float(scaling), BT=bt, BE=be, BK=bk, NATIVE=native, **sel, num_warps=4,
+            num_stages=3)
         return w_out, i_out
     _router_logits_kernel[(tiles, split)](x, gw, part, T, E, D, x.stride(0), gw.stride(0), n_e, kt_per,
-                                          BT=bt, BE=be, BK=bk, **pdl_args(dev), num_warps=4, num_stages=3)
+                                          BT=bt, BE=be, BK=bk, NATIVE=native, **pdl_args(dev), num_warps=4,
+                                          num_stages=3)
     _router_select_kernel[(triton.cdiv(T, bt2),)](part, split, part.stride(0), b_arg, tid, inid, w_out, i_out, T, E,
                                                   s_tid, float(scaling), BT=bt2, **sel, num_warps=4)
     return w_out, i_out

@@ -287,3 +287,29 @@ def test_engine_captures_verify_graphs_gpu(tlm, prompts, plain, k):
         assert final[i] == plain[i], f"prompt {i}, k={k}"
     assert eng.runner.verify_graph_steps > 0
     eng.kv.check()
+
+
+@pytest.mark.gpu
+def test_engine_sampled_drafts_from_captured_graphs_gpu(tlm, prompts):
+    """On a CUDA device, sampled requests draft by sampling inside the captured draft graphs: their drafts come with
+    q rows (a distribution, nonzero at each draft), verify graph steps replay, and a seeded run is reproducible."""
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, seed=9, ignore_eos=True, detokenize=False)
+    outs, seen = [], []
+    for _ in range(2):
+        eng = engine(tlm, k=2)
+        dg = eng.runner.draft_graphs
+        assert dg is not None and dg.graphs
+        real_run = dg.run
+
+        def watched(*a, real_run=real_run, **kw):
+            got = real_run(*a, **kw)
+            seen.extend(q is not None and torch.allclose(q.sum(-1), torch.ones_like(q[:, 0]))
+                        and all(float(q[j, t]) > 0 for j, t in enumerate(d)) for d, q in got)
+            return got
+
+        dg.run = watched
+        outs.append(run(eng, prompts, params, random.Random(1)))
+        assert eng.runner.verify_graph_steps > 0 and eng.spec_stats.drafted > 0
+        eng.kv.check()
+    assert seen and all(seen)
+    assert outs[0] == outs[1]

@@ -117,7 +117,7 @@ class Sampler:
         tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        _check_finite_rows(x, rows)
+        bad = ~torch.isfinite(x.max(dim=-1).values)  # (max propagates NaN): read back with the tokens, one sync
         if greedy:
             gi = torch.tensor(greedy, device=logits.device)
             tokens[gi] = x[gi].argmax(dim=-1)
@@ -128,7 +128,10 @@ class Sampler:
                          [p.top_p for p in ps], [p.min_p for p in ps])
             noise = _race_noise([rows[i].generator for i in sampled], V, x.device)
             tokens[si] = (z - noise.log()).argmax(dim=-1)
-        token_list = tokens.tolist()
+        both = torch.cat([tokens, bad.to(torch.int64)]).tolist()
+        token_list = both[:B]
+        if any(both[B:]):
+            _no_finite_logit(x, rows, both[B:].index(1))
 
         lps: list[TokenLogprobs | None] = [None] * B
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
@@ -447,11 +450,8 @@ def _race_noise(gens: Sequence[torch.Generator | None], V: int, device: torch.de
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
-def _check_finite_rows(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    best = x.max(dim=-1).values
-    bad = ~torch.isfinite(best) | torch.isnan(x).any(dim=-1)
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0, 0])
-        raise RuntimeError(f"sampler: row {i} has no finite logit to choose from after penalties and min_tokens "
-                           f"masking (max {best[i].item()}; min_tokens={rows[i].params.min_tokens}, "
-                           f"{len(rows[i].stop_ids)} stop ids): a bug upstream")
+def _no_finite_logit(x: torch.Tensor, rows: Sequence[SamplingRow], i: int) -> None:
+    """Row i's max logit is not finite (all -inf after masking, or a NaN): refuse to emit its token."""
+    raise RuntimeError(f"sampler: row {i} has no finite logit to choose from after penalties and min_tokens "
+                       f"masking (max {x[i].max().item()}; min_tokens={rows[i].params.min_tokens}, "
+                       f"{len(rows[i].stop_ids)} stop ids): a bug upstream")

@@ -296,6 +296,10 @@ def test_row_with_nothing_left_raises():
     bad[0, 2] = float("nan")
     with pytest.raises(RuntimeError, match="row 0"):
         Sampler()(bad, [row(SamplingParams(temperature=0))])
+    two = torch.tensor([[1.0, 2.0, 3.0, 0.0], [1.0, float("nan"), 9.0, 0.0]])  # a NaN beside larger values, sampled
+    with pytest.raises(RuntimeError, match="row 1"):
+        Sampler()(two, [row(SamplingParams(temperature=0)), row(SamplingParams(temperature=1.0, seed=1),
+                                                                gen=make_generator(1, "cpu"))])
 
 
 def test_shape_mismatch_raises():

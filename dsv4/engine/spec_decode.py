@@ -29,6 +29,7 @@ from __future__ import annotations
 import array
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,10 +41,35 @@ from dsv4.engine.sampler import (Sampler, SamplingRow, TokenLogprobs, apply_pena
 from dsv4.ops.meta import ForwardMeta
 
 
+class _Extended(Sequence):
+    """The output so far followed by some drafts, without copying the output (a row per verified position of a
+    long output would copy it k + 1 times a step)."""
+
+    def __init__(self, base: Sequence[int], tail: list[int]):
+        self.base, self.tail = base, tail
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.tail)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self.base)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.base[i] if i < n else self.tail[i - n]
+
+    def __iter__(self):
+        yield from self.base
+        yield from self.tail
+
+
 def _rows(req: Request, drafts: list[int]) -> list[SamplingRow]:
     """One sampling row per verified position j (output so far + the drafts before j)."""
     return [SamplingRow(params=req.params, prompt_token_ids=req.prompt_token_ids,
-                        output_token_ids=list(req.output_token_ids) + drafts[:j], generator=req.generator,
+                        output_token_ids=_Extended(req.output_token_ids, drafts[:j]), generator=req.generator,
                         stop_ids=req.stop_ids) for j in range(len(drafts) + 1)]
 
 

@@ -212,6 +212,26 @@ def test_sampled_drafts_are_accepted_more_than_greedy_drafts():
     assert abs(acc_greedy / n - float(q[0])) < 0.05 and acc_greedy < 0.3 * n
 
 
+def test_verified_rows_see_output_then_drafts_without_copying():
+    """Each verified position's sampling row reads the output so far and the drafts before it (what penalties and
+    min_tokens count), as one sequence over the request's own output list (no copy of a long output)."""
+    from dsv4.engine.request import Request
+    from dsv4.engine.spec_decode import _rows
+
+    req = Request(request_id="r", prompt_token_ids=[0], params=SamplingParams(temperature=0), max_tokens=10,
+                  eos_token_ids=frozenset(), generator=None)
+    req.output_token_ids.extend([5, 6, 7])
+    rows = _rows(req, [8, 9])
+    want = [[5, 6, 7], [5, 6, 7, 8], [5, 6, 7, 8, 9]]
+    for r, w in zip(rows, want):
+        seq = r.output_token_ids
+        assert len(seq) == len(w) and list(seq) == w and seq[1:] == w[1:] and seq[-1] == w[-1]
+        assert [seq[i] for i in range(len(w))] == w and seq[len(w) - 2:len(w)] == w[-2:]
+        with pytest.raises(IndexError):
+            seq[len(w)]
+    assert rows[2].output_token_ids.base is req.output_token_ids
+
+
 def test_draft_choose():
     """Greedy rows take the argmax (whatever u); sampled rows draw from softmax(logits / temp) (chi-square),
     never a token of probability 0 (at u = 0 and as u -> 1 too)."""

@@ -18,7 +18,9 @@ rest zeros) and kept [Bb] (tokens sequence b kept of its q):
    since the junk rows' writes wrap onto rows of positions W earlier that step 3 reads), so the ring holds
    the kept positions only, and writes the drafts to the static [Bm, k] buffer `drafts` and their logits to
    `logits` [Bm, k, V] (the sampled requests' draft distributions are made from them after the replay).
-Per step two more inputs: temp [Bb] (0: greedy) and u [Bb, k] (uniforms from each request's generator).
+Per step two more inputs: temp [Bb] (0: greedy) and u [Bb, k] (uniforms from each request's generator). Each
+bucket has two graphs: the sampled one (some request of the step samples: logits kept, draft_choose) and the greedy
+one (argmax only: no softmax, cumulative sum or logits copy over the vocabulary), replayed as the step needs.
 Rows of padding sequences (the scratch slot) run the same and are discarded. Under expert parallelism
 every rank replays the same bucket (a rank without requests: all padding rows); the MoE exchanges pad to
 the bucket's rows (q Bb in the first pass, Bb in the single-token steps). Work is sized by shapes only;
@@ -70,10 +72,10 @@ class MTPDraftGraphs:
         self.host_f = torch.zeros(Bm * (1 + self.k), dtype=torch.float32, pin_memory=dev.type == "cuda")
         self.dev_f = torch.zeros(Bm * (1 + self.k), dtype=torch.float32, device=dev)
         self.logits = None  # [Bm, k, V] in the draft head's output dtype (made by the warm-up before the capture)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch bucket, sampled)
 
     # ---- the graph body -------------------------------------------------------------------------------
-    def _body(self, Bb: int, frozen: bool) -> None:
+    def _body(self, Bb: int, frozen: bool, sampled: bool = True) -> None:
         q, k, vg, model, cache = self.q, self.k, self.vg, self.model, self.cache
         mirror = _FrozenMirror if frozen else list
         d = vg.buffers.device_views(Bb * q, Bb)
@@ -107,6 +109,8 @@ class MTPDraftGraphs:
         u = self.dev_f[Bm:Bm + Bm * k].view(Bm, k)[:Bb]
 
         def choose(H, j):
+            if not sampled:  # (the greedy variant: every row drafts its argmax; no distribution kept)
+                return model.mtp_draft_tokens(H)
             lg = model.mtp_draft_logits(H)
             if self.logits is None:
                 self.logits = torch.zeros((Bm, k, lg.shape[-1]), dtype=lg.dtype, device=lg.device)
@@ -133,31 +137,35 @@ class MTPDraftGraphs:
     # ---- capture ----------------------------------------------------------------------------------------
     def capture_all(self) -> None:
         for Bb in sorted(self.vg.batch_buckets, reverse=True):
-            if Bb not in self.graphs:
-                self.capture(Bb)
+            for sampled in (True, False):
+                if (Bb, sampled) not in self.graphs:
+                    self.capture(Bb, sampled)
 
-    def capture(self, Bb: int) -> None:
+    def capture(self, Bb: int, sampled: bool = True) -> None:
+        """Capture the draft graph of batch bucket Bb: `sampled` (some row drafts by sampling: the logits kept and
+        draft_choose over them) or the greedy variant (argmax only), replayed when no request of the step samples."""
         stage_decode(self.vg.buffers, Bb, self.vg.scratch, [], [], [], self.q)  # every row a scratch row
         self.host.zero_()
         self.host[self._n_ids:].fill_(1)
         self.dev.copy_(self.host)
         self.dev_f.zero_()
         torch.cuda.synchronize(self.dev.device)
-        self._body(Bb, frozen=False)  # warm-up
+        self._body(Bb, frozen=False, sampled=sampled)  # warm-up
         torch.cuda.synchronize(self.dev.device)
         g = torch.cuda.CUDAGraph()
         prev = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.cuda.graph(g, pool=self.vg.pool):
-                self._body(Bb, frozen=True)
+                self._body(Bb, frozen=True, sampled=sampled)
         except Exception as e:
-            raise GraphCaptureError(f"capture of the MTP draft graph of batch {Bb} failed: {type(e).__name__}: {e}") from e
+            raise GraphCaptureError(f"capture of the MTP draft graph of batch {Bb} ({'sampled' if sampled else 'greedy'}) "
+                                    f"failed: {type(e).__name__}: {e}") from e
         finally:
             torch.cuda.set_sync_debug_mode(prev)
         self.vg.pool = g.pool()
-        self.graphs[Bb] = g
-        log.debug("captured MTP draft graph: batch %d", Bb)
+        self.graphs[(Bb, sampled)] = g
+        log.debug("captured MTP draft graph: batch %d, %s", Bb, "sampled" if sampled else "greedy")
 
     # ---- one step ---------------------------------------------------------------------------------------
     def run(self, Bb: int, tokens: list[list[int]], reqs=None) -> list[tuple[list[int], torch.Tensor | None]]:
@@ -170,7 +178,8 @@ class MTPDraftGraphs:
         Bm = self.drafts.shape[0]
         hf = self.host_f
         hf.zero_()
-        if any(t > 0 for t in temps):
+        sampled = any(t > 0 for t in temps)
+        if sampled:
             hf[:B] = torch.tensor(temps)
             hf[Bm:Bm + B * self.k] = torch.tensor(us, dtype=torch.float32).view(-1)
         self.dev_f.copy_(hf, non_blocking=True)
@@ -185,12 +194,12 @@ class MTPDraftGraphs:
         h[self._n_ids + B:self._n_ids + Bb] = 1
         self.dev.copy_(h, non_blocking=True)
         if not self.use_capture:
-            self._body(Bb, frozen=True)
+            self._body(Bb, frozen=True, sampled=sampled)
         else:
-            if Bb not in self.graphs:
-                log.warning("MTP draft graph of batch %d was not captured at start-up: capturing it now", Bb)
-                raise GraphCaptureError(f"MTP draft graph of batch {Bb} missing (capture it before verify steps)")
-            self.graphs[Bb].replay()
+            if (Bb, sampled) not in self.graphs:
+                raise GraphCaptureError(f"MTP draft graph of batch {Bb} ({'sampled' if sampled else 'greedy'}) missing "
+                                        f"(capture it before verify steps)")
+            self.graphs[(Bb, sampled)].replay()
         drafts = self.drafts[:B].tolist()
         sb = [b for b in range(B) if temps[b] > 0]
         if not sb:

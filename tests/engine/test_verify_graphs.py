@@ -184,6 +184,8 @@ def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain, dra
     assert eng.runner.verify_graph_steps > 0 and eng.spec_stats.drafted > 0
     if draft_graphs:
         assert checked and max(checked) == 2  # (a batch of 2 padded to 4)
+        if not _compiled():  # greedy steps ran the greedy variant: no logits kept (made by the sampled one)
+            assert eng.runner.draft_graphs.logits is None
     eng.kv.check()
 
 
@@ -267,7 +269,7 @@ def test_sampled_mtp_drafts_through_draft_graphs_equal_eager(tlm, prompts, monke
         eng.step()
         steps += 1
         assert steps < 100
-    assert {"s0", "s2"} <= set(checked) and eng.runner.verify_graph_steps > 0
+    assert {"s0", "s2"} <= set(checked) and eng.runner.verify_graph_steps > 0 and dg.logits is not None
     eng.kv.check()
 
 
@@ -280,7 +282,7 @@ def test_engine_captures_verify_graphs_gpu(tlm, prompts, plain, k):
     vg = eng.runner.verify_graphs
     assert vg is not None and vg.q == k + 1 and vg.graphs
     dg = eng.runner.draft_graphs
-    assert dg is not None and set(dg.graphs) == {key[0] for key in vg.graphs}
+    assert dg is not None and set(dg.graphs) == {(key[0], s) for key in vg.graphs for s in (True, False)}
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
     final = run(eng, prompts, params, random.Random(k))
     for i in range(len(prompts)):

@@ -287,7 +287,7 @@ class ModelRunner:
         """Speculation pauses in a step where more than spec_pause_batch requests decode (`record`: counted in
         spec_paused_steps, logged when it pauses and resumes)."""
         paused = self.spec_pause_batch is not None and decoding > self.spec_pause_batch
-        if not record:
+        if not record or not decoding:  # (a step with nothing decoding neither pauses nor resumes)
             return paused
         if paused != self._spec_paused:
             log.info("speculative decoding %s: %d requests decoding (pauses above %d)",

@@ -84,10 +84,15 @@ def lm(tiny_dir):
 @pytest.fixture
 def launches(monkeypatch):
     """watch(module, kernel_name) -> the list of grids that module-level Triton kernel is launched with from now on
-    (each launch still runs): what a test checks a path launches, or no longer launches."""
-    def watch(mod, name: str) -> list:
+    (each launch still runs): what a test checks a path launches, or no longer launches. watch(..., arg=NAME): the
+    value of that keyword argument of each launch instead (a constexpr the path chose)."""
+    def watch(mod, name: str, arg: str | None = None) -> list:
         log, real = [], getattr(mod, name)
-        monkeypatch.setattr(mod, name, type("Watched", (), {
-            "__getitem__": lambda self, grid: (log.append(grid), real[grid])[1]})())
+        if arg is None:
+            monkeypatch.setattr(mod, name, type("Watched", (), {
+                "__getitem__": lambda self, grid: (log.append(grid), real[grid])[1]})())
+        else:
+            monkeypatch.setattr(mod, name, type("Watched", (), {
+                "__getitem__": lambda self, grid: (lambda *a, **kw: (log.append(kw[arg]), real[grid](*a, **kw))[1])})())
         return log
     return watch

@@ -16,11 +16,11 @@ rest zeros) and kept [Bb] (tokens sequence b kept of its q):
    spec_decode.MTPDrafter does eagerly);
 4. puts back the saved ring rows of positions >= p_b + kept_b (by a device mask; also between 2 and 3,
    since the junk rows' writes wrap onto rows of positions W earlier that step 3 reads), so the ring holds
-   the kept positions only, and writes the drafts to the static [Bm, k] buffer `drafts` and their logits to
-   `logits` [Bm, k, V] (the sampled requests' draft distributions are made from them after the replay).
+   the kept positions only, and writes the drafts to the static [Bm, k] buffer `drafts` and their draft
+   distributions to `q_rows` [Bm, k, V] float32 (the sampled requests' rows are copied out after the replay).
 Per step two more inputs: temp [Bb] (0: greedy) and u [Bb, k] (uniforms from each request's generator). Each
-bucket has two graphs: the sampled one (some request of the step samples: logits kept, draft_choose) and the greedy
-one (argmax only: no softmax, cumulative sum or logits copy over the vocabulary), replayed as the step needs.
+bucket has two graphs: the sampled one (some request of the step samples: q rows kept, draft_choose) and the greedy
+one (argmax only: no softmax or cumulative sum over the vocabulary), replayed as the step needs.
 Rows of padding sequences (the scratch slot) run the same and are discarded. Under expert parallelism
 every rank replays the same bucket (a rank without requests: all padding rows); the MoE exchanges pad to
 the bucket's rows (q Bb in the first pass, Bb in the single-token steps). Work is sized by shapes only;
@@ -71,7 +71,7 @@ class MTPDraftGraphs:
         # per step: each row's draft temperature (0: greedy) and its k uniforms, staged by one copy
         self.host_f = torch.zeros(Bm * (1 + self.k), dtype=torch.float32, pin_memory=dev.type == "cuda")
         self.dev_f = torch.zeros(Bm * (1 + self.k), dtype=torch.float32, device=dev)
-        self.logits = None  # [Bm, k, V] in the draft head's output dtype (made by the warm-up before the capture)
+        self.q_rows = None  # [Bm, k, V] float32 draft distributions (made by the sampled warm-up before its capture)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch bucket, sampled)
 
     # ---- the graph body -------------------------------------------------------------------------------
@@ -112,10 +112,11 @@ class MTPDraftGraphs:
             if not sampled:  # (the greedy variant: every row drafts its argmax; no distribution kept)
                 return model.mtp_draft_tokens(H)
             lg = model.mtp_draft_logits(H)
-            if self.logits is None:
-                self.logits = torch.zeros((Bm, k, lg.shape[-1]), dtype=lg.dtype, device=lg.device)
-            self.logits[:Bb, j].copy_(lg)
-            return draft_choose(lg, temp, u[:, j])
+            if self.q_rows is None:
+                self.q_rows = torch.zeros((Bm, k, lg.shape[-1]), dtype=torch.float32, device=lg.device)
+            qj = self.q_rows[:Bb, j]
+            qj.copy_(draft_q(lg, temp))
+            return draft_choose(lg, temp, u[:, j], qj)
 
         tok = choose(H, 0)
         out = [tok]
@@ -142,7 +143,7 @@ class MTPDraftGraphs:
                     self.capture(Bb, sampled)
 
     def capture(self, Bb: int, sampled: bool = True) -> None:
-        """Capture the draft graph of batch bucket Bb: `sampled` (some row drafts by sampling: the logits kept and
+        """Capture the draft graph of batch bucket Bb: `sampled` (some row drafts by sampling: the q rows kept and
         draft_choose over them) or the greedy variant (argmax only), replayed when no request of the step samples."""
         stage_decode(self.vg.buffers, Bb, self.vg.scratch, [], [], [], self.q)  # every row a scratch row
         self.host.zero_()
@@ -204,8 +205,6 @@ class MTPDraftGraphs:
         sb = [b for b in range(B) if temps[b] > 0]
         if not sb:
             return [(d, None) for d in drafts]
-        # the sampled rows' distributions in one pass: [len(sb), k, V]
-        idx = torch.tensor(sb, device=self.drafts.device)
-        q = draft_q(self.logits[idx].flatten(0, 1), self.dev_f[idx].repeat_interleave(self.k)).view(len(sb), self.k, -1)
-        qs = dict(zip(sb, q))
+        # the sampled rows' distributions, copied out of the static buffer (the next replay overwrites it)
+        qs = dict(zip(sb, self.q_rows[torch.tensor(sb, device=self.drafts.device)]))
         return [(d, qs.get(b)) for b, d in enumerate(drafts)]

@@ -147,13 +147,15 @@ def verify_all(sampler: Sampler, items: list[tuple[Request, torch.Tensor, list[i
     return out
 
 
-def draft_choose(logits: torch.Tensor, temp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def draft_choose(logits: torch.Tensor, temp: torch.Tensor, u: torch.Tensor, q: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """A drafter's tokens [R] from its logits [R, V]: argmax for rows with temp <= 0 (greedy requests); for the
     others a draw from q = softmax(logits / temp) by inverse CDF at u [R] (uniform in [0, 1)): the first token whose
     cumulative sum exceeds u times the total, so never a token of probability 0. Device ops only (no host read, no
-    generator): it runs inside captured draft graphs with u staged per step. `draft_q` gives the rows of q."""
+    generator): it runs inside captured draft graphs with u staged per step. `q`: draft_q(logits, temp) when the
+    caller already made it (it keeps the rows for verification)."""
     greedy = logits.argmax(dim=-1)
-    c = draft_q(logits, temp).cumsum(dim=-1)
+    c = (draft_q(logits, temp) if q is None else q).cumsum(dim=-1)
     s = torch.searchsorted(c, (u * c[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)
     return torch.where(temp > 0, s, greedy)
 
@@ -336,7 +338,7 @@ class MTPDrafter:
                 return self.model.mtp_draft_tokens(H)
             lg = self.model.mtp_draft_logits(H)
             qs.append(draft_q(lg, temp))
-            return draft_choose(lg, temp, u[:, j])
+            return draft_choose(lg, temp, u[:, j], qs[-1])
 
         d = choose(H, 0)
         drafts = [[t] for t in d.tolist()]

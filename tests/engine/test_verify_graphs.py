@@ -184,8 +184,8 @@ def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain, dra
     assert eng.runner.verify_graph_steps > 0 and eng.spec_stats.drafted > 0
     if draft_graphs:
         assert checked and max(checked) == 2  # (a batch of 2 padded to 4)
-        if not _compiled():  # greedy steps ran the greedy variant: no logits kept (made by the sampled one)
-            assert eng.runner.draft_graphs.logits is None
+        if not _compiled():  # greedy steps ran the greedy variant: no q buffer (made by the sampled one)
+            assert eng.runner.draft_graphs.q_rows is None
     eng.kv.check()
 
 
@@ -269,7 +269,7 @@ def test_sampled_mtp_drafts_through_draft_graphs_equal_eager(tlm, prompts, monke
         eng.step()
         steps += 1
         assert steps < 100
-    assert {"s0", "s2"} <= set(checked) and eng.runner.verify_graph_steps > 0 and dg.logits is not None
+    assert {"s0", "s2"} <= set(checked) and eng.runner.verify_graph_steps > 0 and dg.q_rows is not None
     eng.kv.check()
 
 

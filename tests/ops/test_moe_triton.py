@@ -632,7 +632,7 @@ def test_route_last_program_select_equals_two_kernels(T, E, D, hashed, monkeypat
 
 @pytest.mark.parametrize("w_bf16", [False, True], ids=["gate_f32", "gate_bf16"])
 @pytest.mark.parametrize("T,D", [(9, 64), (1, 2112), (70, 200)])
-def test_route_bf16_input(w_bf16, T, D, monkeypatch):
+def test_route_bf16_input(w_bf16, T, D, launches):
     """bf16 x; the gate weight float32 or bf16 (a release's, compacted): ids equal the reference's (the float32
     matmul of the upcast operands), weights within float32 summation error, and the bf16 weight's routing equals
     its float32 copy's. Compiled, both bf16 take the bf16 dot (NATIVE, test_gpu_route_bf16_gate); the interpreter
@@ -642,10 +642,7 @@ def test_route_bf16_input(w_bf16, T, D, monkeypatch):
     xb = x.to(torch.bfloat16)
     if w_bf16:
         gw = gw.to(torch.bfloat16)
-    seen = []
-    real = kr._router_logits_kernel
-    monkeypatch.setattr(kr, "_router_logits_kernel", type("K", (), {
-        "__getitem__": lambda self, grid: (lambda *a, **kw: (seen.append(kw["NATIVE"]), real[grid](*a, **kw))[1])})())
+    seen = launches(kr, "_router_logits_kernel", arg="NATIVE")
     w, i = kr.moe_route_triton(xb, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
     ww, wi = moe_route_reference(xb, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
     assert seen == [False]  # (interpreter)
@@ -659,17 +656,14 @@ def test_route_bf16_input(w_bf16, T, D, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 64, 4096])
-def test_gpu_route_bf16_gate(T, monkeypatch):
+def test_gpu_route_bf16_gate(T, launches):
     """Compiled, Flash shapes (256 experts, hidden 4096, top-6, sqrt-softplus with bias): the bf16 gate weight's
     bf16 dot (NATIVE) routes as the float32 reference (ids equal, weights within float32 summation error)."""
     g = torch.Generator(device="cuda").manual_seed(T)
     x = torch.randn(T, 4096, device="cuda", generator=g).bfloat16()
     gw = (torch.randn(256, 4096, device="cuda", generator=g) / 64).bfloat16()
     bias = 0.05 * torch.randn(256, device="cuda", generator=g)
-    seen = []
-    real = kr._router_logits_kernel
-    monkeypatch.setattr(kr, "_router_logits_kernel", type("K", (), {
-        "__getitem__": lambda self, grid: (lambda *a, **kw: (seen.append(kw["NATIVE"]), real[grid](*a, **kw))[1])})())
+    seen = launches(kr, "_router_logits_kernel", arg="NATIVE")
     w, i = kr.moe_route_triton(x, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
     ww, wi = moe_route_reference(x, gw, bias, None, None, 6, "sqrtsoftplus", True, 1.5)
     assert seen == [True]

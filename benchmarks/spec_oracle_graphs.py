@@ -111,6 +111,7 @@ def profile() -> None:
 
     run.verify_graphs.replay = timed("verify replay", run.verify_graphs.replay)
     run._verify = timed("verify + rollback (host)", run._verify)
+    rollback0 = mr.rollback
     mr.rollback = timed("rollback", mr.rollback)
     dg.run = timed("draft graph run", dg.run)
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
@@ -128,6 +129,26 @@ def profile() -> None:
     print(f"profile: {n} verify graph steps of {eng.num_steps} engine steps")
     for k, v in sorted(acc.items(), key=lambda kv: -kv[1]):
         print(f"  {k:28s} {1e3 * v / max(n, 1):7.3f} ms per verify step")
+    # the host's share without the syncs above: cProfile over one more request's steps (the un-timed functions)
+    import cProfile
+    import pstats
+
+    run.verify_graphs.__dict__.pop("replay", None)
+    run.__dict__.pop("_verify", None)
+    dg.__dict__.pop("run", None)
+    eng.scheduler.__dict__.pop("schedule", None)
+    eng.__dict__.pop("step", None)
+    mr.rollback = rollback0
+    eng.add_request(list(range(3000, 3256)), p, request_id="c")
+    prof = cProfile.Profile()
+    n0 = run.verify_graph_steps
+    prof.enable()
+    while eng.has_unfinished_requests():
+        eng.step()
+    prof.disable()
+    print(f"cProfile over {run.verify_graph_steps - n0} verify graph steps (times per whole run):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
 
 
 if __name__ == "__main__":

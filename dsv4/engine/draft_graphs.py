@@ -66,10 +66,12 @@ class MTPDraftGraphs:
         dev = cache.device
         self._n_ids = Bm * self.q
         self.host = torch.zeros(self._n_ids + Bm, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self.host_np = self.host.numpy()  # (the same memory: staged by numpy writes, ~1 us each)
         self.dev = torch.zeros(self._n_ids + Bm, dtype=torch.int64, device=dev)
         self.drafts = torch.zeros(Bm, self.k, dtype=torch.int64, device=dev)
         # per step: each row's draft temperature (0: greedy) and its k uniforms, staged by one copy
         self.host_f = torch.zeros(Bm * (1 + self.k), dtype=torch.float32, pin_memory=dev.type == "cuda")
+        self.host_f_np = self.host_f.numpy()
         self.dev_f = torch.zeros(Bm * (1 + self.k), dtype=torch.float32, device=dev)
         self.q_rows = None  # [Bm, k, V] float32 draft distributions (made by the sampled warm-up before its capture)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch bucket, sampled)
@@ -177,23 +179,26 @@ class MTPDraftGraphs:
         B = len(tokens)
         temps, us = draft_inputs(reqs, self.k) if reqs is not None else ([0.0] * B, [[0.0] * self.k] * B)
         Bm = self.drafts.shape[0]
-        hf = self.host_f
-        hf.zero_()
         sampled = any(t > 0 for t in temps)
-        if sampled:
-            hf[:B] = torch.tensor(temps)
-            hf[Bm:Bm + B * self.k] = torch.tensor(us, dtype=torch.float32).view(-1)
-        self.dev_f.copy_(hf, non_blocking=True)
         q = self.q
-        h = self.host
-        h.zero_()
         for b, t in enumerate(tokens):
             if not 1 <= len(t) <= q:
                 raise ValueError(f"sequence {b} emitted {len(t)} tokens; a verify step of {q} emits 1..{q}")
-            h[b * q:b * q + len(t)] = torch.tensor(t, dtype=torch.int64)
-            h[self._n_ids + b] = len(t)
+        # (numpy views of the pinned staging buffers; the previous step's copies out of them were consumed by its
+        # replay, which the drafts' read-back below waited for)
+        hf = self.host_f_np
+        hf.fill(0.0)
+        if sampled:
+            hf[:B] = temps
+            hf[Bm:Bm + B * self.k] = [x for u in us for x in u]
+        self.dev_f.copy_(self.host_f, non_blocking=True)
+        h = self.host_np
+        h.fill(0)
+        for b, t in enumerate(tokens):
+            h[b * q:b * q + len(t)] = t
+        h[self._n_ids:self._n_ids + B] = [len(t) for t in tokens]
         h[self._n_ids + B:self._n_ids + Bb] = 1
-        self.dev.copy_(h, non_blocking=True)
+        self.dev.copy_(self.host, non_blocking=True)
         if not self.use_capture:
             self._body(Bb, frozen=True, sampled=sampled)
         else:

@@ -118,7 +118,9 @@ class Sampler:
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         bad = ~torch.isfinite(x.max(dim=-1).values)  # (max propagates NaN): read back with the tokens, one sync
-        if greedy:
+        if len(greedy) == B:  # (all greedy: no index tensor to send, no [B, V] gather)
+            tokens = x.argmax(dim=-1)
+        elif greedy:
             gi = torch.tensor(greedy, device=logits.device)
             tokens[gi] = x[gi].argmax(dim=-1)
         if sampled:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dsv4.engine.request import Request
@@ -40,11 +41,17 @@ class StepBuffers:
         self.device = torch.device(device)
         n = self.size(max_tokens, max_seqs)
         self.host = torch.zeros(n, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        self.host_np = self.host.numpy()  # (the same memory: numpy writes cost ~1 us, torch ops on it ~5)
         self.dev = torch.zeros(n, dtype=torch.int64, device=self.device)
         self._copied: torch.cuda.Event | None = None
         self.copies = 0  # host -> device copies made (one per step)
+        self._view_cache: dict[tuple, dict] = {}  # (buffer, Tp, Bp) -> views (a decode loop reuses a few layouts)
 
-    def _views(self, buf: torch.Tensor, Tp: int, Bp: int) -> dict[str, torch.Tensor]:
+    def _views(self, buf, Tp: int, Bp: int) -> dict:
+        key = (id(buf), Tp, Bp)
+        got = self._view_cache.get(key)
+        if got is not None:
+            return got
         if Tp > self.max_tokens or Bp > self.max_seqs:
             raise ValueError(f"a step of {Tp} tokens / {Bp} sequences exceeds the step buffers' "
                              f"{self.max_tokens} / {self.max_seqs}")
@@ -52,6 +59,9 @@ class StepBuffers:
         for name, n in zip(_FIELDS, self._sizes(Tp, Bp)):
             out[name] = buf[o:o + n]
             o += _aligned(n)
+        if len(self._view_cache) >= 256:  # (bounded: eager steps' layouts vary with their token counts)
+            self._view_cache.clear()
+        self._view_cache[key] = out
         return out
 
     @staticmethod
@@ -63,10 +73,18 @@ class StepBuffers:
 
     def stage(self, Tp: int, Bp: int) -> dict[str, torch.Tensor]:
         """Host views to fill (waits until the previous step's copy has left the staging buffer)."""
+        self._wait_copied()
+        return self._views(self.host, Tp, Bp)
+
+    def stage_np(self, Tp: int, Bp: int) -> dict[str, np.ndarray]:
+        """`stage` as numpy views of the same memory."""
+        self._wait_copied()
+        return self._views(self.host_np, Tp, Bp)
+
+    def _wait_copied(self) -> None:
         if self._copied is not None:
             self._copied.synchronize()
             self._copied = None
-        return self._views(self.host, Tp, Bp)
 
     def send(self, Tp: int, Bp: int) -> dict[str, torch.Tensor]:
         """Copy what was staged to the device (one copy); the device views."""
@@ -162,17 +180,19 @@ def stage_decode(buffers: StepBuffers, Bb: int, scratch: int, ids: list[int], sl
     positions positions[b] .. positions[b] + q - 1. Rows B..Bb-1 are q-token sequences at positions 0..q-1
     of the scratch slot. Returns the device ids [Bb * q]."""
     B = len(slots)
-    h = buffers.stage(Bb * q, Bb)
-    start = torch.zeros(Bb, dtype=torch.int64)
-    start[:B] = torch.tensor(positions, dtype=torch.int64)
-    h["ids"].zero_()
-    h["ids"][:B * q] = torch.tensor(ids, dtype=torch.int64)
-    offs = torch.arange(q, dtype=torch.int64)
-    h["positions"].copy_((start[:, None] + offs[None, :]).reshape(-1))
-    h["token_seq"].copy_(torch.arange(Bb, dtype=torch.int64).repeat_interleave(q))
-    h["slots"].fill_(scratch)
-    h["slots"][:B] = torch.tensor(slots, dtype=torch.int64)
-    h["seq_start"].copy_(start)
-    h["seq_lens"].copy_(start + q)
-    h["query_start"].copy_(torch.arange(0, Bb * q + 1, q, dtype=torch.int64))
+    if len(ids) != B * q or len(positions) != B or B > Bb:
+        raise ValueError(f"a decode step of {B} sequences x {q} tokens in bucket {Bb}: got {len(ids)} ids and "
+                         f"{len(positions)} positions")
+    h = buffers.stage_np(Bb * q, Bb)  # (numpy views of the pinned staging buffer: a few us in all)
+    start = h["seq_start"]
+    start[:B] = positions
+    start[B:] = 0
+    h["ids"][:B * q] = ids
+    h["ids"][B * q:] = 0
+    h["positions"].reshape(Bb, q)[:] = start[:, None] + np.arange(q)
+    h["token_seq"].reshape(Bb, q)[:] = np.arange(Bb)[:, None]
+    h["slots"][:B] = slots
+    h["slots"][B:] = scratch
+    np.add(start, q, out=h["seq_lens"])
+    h["query_start"][:] = np.arange(0, Bb * q + 1, q)
     return buffers.send(Bb * q, Bb)["ids"]

@@ -58,6 +58,19 @@ def test_decode_staging_pads_with_scratch_rows():
     assert d["token_seq"].tolist() == [0, 1, 2, 3] and d["query_start"].tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="exceeds the step buffers"):
         buf.stage(17, 1)
+    # a verify step (q = 2 tokens per sequence) in the same buffers, then the first layout again with one
+    # sequence: every field is rewritten (nothing left over from the earlier steps in the reused views)
+    ids = stage_decode(buf, 2, 9, [21, 22, 23, 24], [3, 5], [7, 2], q=2)
+    d = buf.device_views(4, 2)
+    assert ids.tolist() == [21, 22, 23, 24] and d["positions"].tolist() == [7, 8, 2, 3]
+    assert d["token_seq"].tolist() == [0, 0, 1, 1] and d["seq_lens"].tolist() == [9, 4]
+    assert d["query_start"].tolist() == [0, 2, 4] and d["slots"].tolist() == [3, 5]
+    ids = stage_decode(buf, 4, 9, [31], [6], [4])
+    d = buf.device_views(4, 4)
+    assert ids.tolist() == [31, 0, 0, 0] and d["slots"].tolist() == [6, 9, 9, 9]
+    assert d["positions"].tolist() == [4, 0, 0, 0] and d["seq_lens"].tolist() == [5, 1, 1, 1]
+    with pytest.raises(ValueError, match="2 sequences x 2 tokens"):
+        stage_decode(buf, 4, 9, [1, 2, 3], [3, 5], [7, 2], q=2)
 
 
 def test_the_model_receives_one_meta_per_step(lm, monkeypatch):

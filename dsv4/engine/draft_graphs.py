@@ -68,13 +68,17 @@ class MTPDraftGraphs:
         self.host = torch.zeros(self._n_ids + Bm, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self.host_np = self.host.numpy()  # (the same memory: staged by numpy writes, ~1 us each)
         self.dev = torch.zeros(self._n_ids + Bm, dtype=torch.int64, device=dev)
-        self.drafts = torch.zeros(Bm, self.k, dtype=torch.int64, device=dev)
+        # [Bm, k + q + 2]: the drafts, then (accept graphs) the verify step's argmax tokens [q], kept count and a
+        # non-finite flag per sequence: one read-back for all of it
+        self.out = torch.zeros(Bm, self.k + self.q + 2, dtype=torch.int64, device=dev)
+        self.drafts = self.out[:, :self.k]
         # per step: each row's draft temperature (0: greedy) and its k uniforms, staged by one copy
         self.host_f = torch.zeros(Bm * (1 + self.k), dtype=torch.float32, pin_memory=dev.type == "cuda")
         self.host_f_np = self.host_f.numpy()
         self.dev_f = torch.zeros(Bm * (1 + self.k), dtype=torch.float32, device=dev)
         self.q_rows = None  # [Bm, k, V] float32 draft distributions (made by the sampled warm-up before its capture)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch bucket, sampled)
+        self.accept_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # batch bucket -> device-side greedy acceptance
 
     # ---- the graph body -------------------------------------------------------------------------------
     def _body(self, Bb: int, frozen: bool, sampled: bool = True) -> None:
@@ -137,12 +141,75 @@ class MTPDraftGraphs:
         put_back()
         self.drafts[:Bb].copy_(torch.stack(out, dim=1))
 
+    def _accept_body(self, Bb: int) -> None:
+        """Greedy acceptance on the device, after a verify replay of bucket Bb whose requests all take the plain
+        argmax (no penalty, bias or suppression changes it): each sequence's argmax tokens t_0..t_{q-1} over the
+        verify logits, a = the drafts (its staged ids 1..q-1) matching t_0.. in a row, kept = a + 1 (padding rows:
+        1); the draft graph's inputs (next_ids: t_j for j < kept, zeros after; kept) are written where `run`
+        would stage them, and the tokens, kept and a non-finite-logits flag go to `out` for the host."""
+        q, k = self.q, self.k
+        vg = self.vg
+        d = vg.buffers.device_views(Bb * q, Bb)
+        ids = d["ids"].view(Bb, q)
+        mx, tok = vg.logits[:Bb * q].max(dim=-1)  # (one pass: the values for the finite check, the argmax)
+        tok = tok.view(Bb, q)
+        match = (tok[:, :-1] == ids[:, 1:]).to(torch.int64)
+        kept = match.cumprod(dim=1).sum(dim=1) + 1
+        kept = torch.where(d["slots"] == vg.scratch, torch.ones_like(kept), kept)
+        ar = torch.arange(q, dtype=torch.int64, device=tok.device)
+        self.dev[:Bb * q].copy_(torch.where(ar[None, :] < kept[:, None], tok, torch.zeros_like(tok)).view(-1))
+        self.dev[self._n_ids:self._n_ids + Bb].copy_(kept)
+        o = self.out[:Bb]
+        o[:, k:k + q].copy_(tok)
+        o[:, k + q].copy_(kept)
+        o[:, k + q + 1].copy_((~torch.isfinite(mx)).view(Bb, q).any(dim=1))
+
+    def run_accepting(self, Bb: int, B: int) -> list[tuple[list[int], int, bool, list[int]]]:
+        """After a verify replay of bucket Bb over B sequences whose requests all take the plain argmax: the
+        acceptance on the device and the greedy draft graph, back to back (no host work, no sync between the
+        two replays), then one read-back. Returns per sequence (its q argmax tokens, kept, any non-finite
+        logits, its k new drafts)."""
+        if not self.use_capture:
+            self._accept_body(Bb)
+            self._body(Bb, frozen=True, sampled=False)
+        else:
+            if Bb not in self.accept_graphs or (Bb, False) not in self.graphs:
+                raise GraphCaptureError(f"MTP accept / greedy draft graph of batch {Bb} missing (capture them before "
+                                        f"verify steps)")
+            self.accept_graphs[Bb].replay()
+            self.graphs[(Bb, False)].replay()
+        k, q = self.k, self.q
+        return [(row[k:k + q], row[k + q], bool(row[k + q + 1]), row[:k]) for row in self.out[:B].tolist()]
+
     # ---- capture ----------------------------------------------------------------------------------------
     def capture_all(self) -> None:
         for Bb in sorted(self.vg.batch_buckets, reverse=True):
             for sampled in (True, False):
                 if (Bb, sampled) not in self.graphs:
                     self.capture(Bb, sampled)
+            if Bb not in self.accept_graphs:
+                self.capture_accept(Bb)
+
+    def capture_accept(self, Bb: int) -> None:
+        """Capture the device-side greedy acceptance of batch bucket Bb (tiny: a max over the verify logits and a
+        few [Bb, q] ops)."""
+        stage_decode(self.vg.buffers, Bb, self.vg.scratch, [], [], [], self.q)
+        torch.cuda.synchronize(self.dev.device)
+        self._accept_body(Bb)  # warm-up
+        torch.cuda.synchronize(self.dev.device)
+        g = torch.cuda.CUDAGraph()
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.graph(g, pool=self.vg.pool):
+                self._accept_body(Bb)
+        except Exception as e:
+            raise GraphCaptureError(f"capture of the MTP accept graph of batch {Bb} failed: {type(e).__name__}: {e}"
+                                    ) from e
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+        self.vg.pool = g.pool()
+        self.accept_graphs[Bb] = g
 
     def capture(self, Bb: int, sampled: bool = True) -> None:
         """Capture the draft graph of batch bucket Bb: `sampled` (some row drafts by sampling: the q rows kept and

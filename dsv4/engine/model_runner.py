@@ -19,7 +19,7 @@ from dsv4.engine.coordinator import EAGER, GRAPH, NONE, SingleRank, StepCoordina
 from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.request import Request
 from dsv4.engine.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
-from dsv4.engine.spec_decode import verify_all
+from dsv4.engine.spec_decode import plain_argmax, verify_all
 from dsv4.engine.step_batch import StepBatch, StepBuffers, build_eager, stage_decode
 from dsv4.model.builder import LoadedModel
 from dsv4.ops.meta import ForwardMeta
@@ -72,6 +72,9 @@ class ModelRunner:
         self.verify_graph_steps = 0
         self.graph_steps = 0
         self.last_batch: StepBatch | None = None  # (tests: what the model received)
+        # verify graph steps of plain-argmax requests: acceptance on the device, the draft graph right after the
+        # verify graph (False: the host's sampler path always; tests compare the two)
+        self.device_accept = True
 
     def _graph_step(self, reqs, starts, ns) -> bool:
         """A pure decode step (one token per request, each reaching its end, no prompt logprobs) that fits a
@@ -155,10 +158,15 @@ class ModelRunner:
         snap, meta = vg.spec_state(key, slots, starts)
         batch = StepBatch(reqs, starts, ns, dev_ids, meta, key)
         self.last_batch = batch
+        mtp_graphs = (self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False)  # (the MTP drafter)
+                      and not self._pause_drafts(len(reqs), record=False))  # (paused: _draft below records it)
+        if mtp_graphs and reqs and self.device_accept and all(plain_argmax(r, q - 1) for r in reqs):
+            if self._accept_on_device(batch, logits, key, slots, starts, results):
+                return results
+            mtp_graphs = False  # (non-finite logits: the sampler's path below raises its error)
         self._verify(batch, logits, [(i, i * q) for i in range(len(reqs))], [q - 1] * len(reqs), snap, results,
                      rollback_fn=lambda keep: vg.rollback(key, slots, starts, keep))
-        if (self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False)  # (the MTP drafter)
-                and not self._pause_drafts(len(reqs), record=False)):  # (paused: _draft below records it)
+        if mtp_graphs:
             for r, (dr, dq) in zip(reqs, self.draft_graphs.run(key[0], [res.tokens for res in results], reqs)):
                 r.set_drafts(dr, dq)
             self._oracle_override(reqs, [res.tokens for res in results])
@@ -167,6 +175,35 @@ class ModelRunner:
         elif getattr(self.drafter, "needs_streams", False):  # (lockstep, no requests here: the MTP passes are collective)
             self.drafter.take_part(self.device, self.cache.block_table)
         return results
+
+    def _accept_on_device(self, batch: StepBatch, logits, key, slots, starts, results) -> bool:
+        """A verify graph step whose requests all take the plain argmax: acceptance on the device and the greedy
+        draft graph replayed right after the verify graph (draft_graphs.run_accepting: one read-back for the
+        verdicts and the new drafts), then the bookkeeping `_verify` does (results, cache lengths, rollback of
+        the rejected drafts' state). The device's verdict is checked against each request's drafts on the
+        host. False (nothing recorded) when some logits row is not finite: the sampler's path reports it."""
+        vg, reqs, q = self.verify_graphs, batch.reqs, self.verify_graphs.q
+        got = self.draft_graphs.run_accepting(key[0], len(reqs))
+        if any(bad for _, _, bad, _ in got):
+            return False
+        keep: dict[int, int] = {}
+        for i, (r, (tok, kept, _, drafts)) in enumerate(zip(reqs, got)):
+            d = r.spec_ids[:q - 1]
+            a = kept - 1
+            if not (0 <= a < q and tok[:a] == d[:a] and (a == q - 1 or tok[a] != d[a])):
+                raise RuntimeError(f"request {r.request_id}: the device accepted {a} of the drafts {d} against the "
+                                   f"argmax tokens {tok} (staged inputs and drafts disagree)")
+            res = results[i]
+            res.drafted = q - 1
+            res.tokens, res.token_logprobs = tok[:kept], [None] * kept
+            if kept < q:
+                keep[i] = kept
+                self.kv.truncate(slots[i], starts[i] + kept)
+        vg.rollback(key, slots, starts, keep)
+        for r, (_, _, _, drafts) in zip(reqs, got):
+            r.set_drafts(drafts)
+        self._oracle_override(reqs, [res.tokens for res in results])
+        return True
 
     def _verify(self, batch: StepBatch, logits, verify_at, k, snap, results, rollback_fn=None) -> None:
         """Accept or reject the drafts of the sequences in `verify_at` ((request index, its first logits row));

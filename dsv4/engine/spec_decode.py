@@ -122,6 +122,16 @@ def verify(sampler: Sampler, logits: torch.Tensor, req: Request,
     return out, lps
 
 
+def plain_argmax(req: Request, k: int) -> bool:
+    """The sampler's token for each of a verify step's k + 1 rows of `req` is the argmax of the logits as they
+    are: greedy, no penalty or logit_bias, no logprobs to report, no min_tokens suppression left (what device-side
+    acceptance may decide alone)."""
+    p = req.params
+    return (p.greedy and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+            and not p.logit_bias and p.logprobs is None and len(req.output_token_ids) >= p.min_tokens
+            and len(req.spec_ids) >= k)
+
+
 def verify_all(sampler: Sampler, items: list[tuple[Request, torch.Tensor, list[int]]]
                ) -> list[tuple[list[int], list[TokenLogprobs | None]]]:
     """`verify` for many requests ((request, its logits [k + 1, V], its drafts) each): the greedy ones

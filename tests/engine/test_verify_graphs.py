@@ -141,33 +141,36 @@ def test_oracle_drafts_through_verify_graphs_equal_plain(tlm, prompts, plain, k,
     eng.kv.check()
 
 
-@pytest.mark.parametrize("draft_graphs", [False, True])
+@pytest.mark.parametrize("draft_graphs", [False, "host", "device"])
 def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain, draft_graphs, monkeypatch):
     """The MTP drafter after verify graph steps, eagerly or from its own graphs: greedy outputs are the plain
     ones. With draft graphs, every step's drafts are also checked against the eager MTPDrafter's from the
-    same state (a copy of the MTP ring), and the ring the graph leaves equals the eager drafter's."""
+    same state (a copy of the MTP ring), and the ring the graph leaves equals the eager drafter's. "host": the
+    sampler accepts on the host, then the draft graph runs; "device": acceptance on the device, the draft graph
+    right after it (run_accepting), its verdict the host's."""
     eng = engine(tlm, k=2)
-    attach_verify_graphs(eng, 3, drafts=draft_graphs)
-    checked = []
+    attach_verify_graphs(eng, 3, drafts=bool(draft_graphs))
+    eng.runner.device_accept = draft_graphs == "device"
+    checked, calls = [], {"run": 0, "run_accepting": 0}
     if draft_graphs:
         dg = eng.runner.draft_graphs
-        real_run = dg.run
+        real_run, real_accepting = dg.run, dg.run_accepting
 
-        def run_and_compare(Bb, tokens, reqs=None):
+        def compare(call, tokens_of):
             rn = eng.runner
             b = rn.last_batch
             ring = [lc.window.clone() for lc in eng.cache.mtp_layers]
-            got = real_run(Bb, tokens, reqs)
+            got = call()
             ring_graph = [lc.window.clone() for lc in eng.cache.mtp_layers]
             for lc, r0 in zip(eng.cache.mtp_layers, ring):
                 lc.window.copy_(r0)
+            tokens, drafts = tokens_of(got)
             saved = [list(r.spec_ids) for r in b.reqs]
             kept = [len(t) for t in tokens]
             nxt = [r.spec_ids[:n - 1] + [t[-1]] for r, n, t in zip(b.reqs, kept, tokens)]
             rn.drafter.propose(b.reqs, X=rn.verify_graphs.streams, meta=b.meta, kept=kept, next_ids=nxt,
                                sample=[True] * len(tokens))
-            assert [r.spec_ids for r in b.reqs] == [d for d, _ in got]
-            assert all(q is None for _, q in got)  # greedy requests: deterministic drafts
+            assert [r.spec_ids for r in b.reqs] == drafts
             for lc, rg in zip(eng.cache.mtp_layers, ring_graph):
                 for s in b.meta.seq_slots_host:
                     torch.testing.assert_close(lc.window[s], rg[s])
@@ -176,7 +179,21 @@ def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain, dra
             checked.append(len(tokens))
             return got
 
+        def run_and_compare(Bb, tokens, reqs=None):
+            calls["run"] += 1
+
+            def tokens_of(got):
+                assert all(q is None for _, q in got)  # greedy requests: deterministic drafts
+                return tokens, [d for d, _ in got]
+            return compare(lambda: real_run(Bb, tokens, reqs), tokens_of)
+
+        def accepting_and_compare(Bb, B):
+            calls["run_accepting"] += 1
+            return compare(lambda: real_accepting(Bb, B), lambda got: ([t[:n] for t, n, _, _ in got],
+                                                                        [d for *_, d in got]))
+
         monkeypatch.setattr(dg, "run", run_and_compare)
+        monkeypatch.setattr(dg, "run_accepting", accepting_and_compare)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
     final = run(eng, prompts, params, random.Random(7))
     for i in range(len(prompts)):
@@ -184,9 +201,46 @@ def test_mtp_drafter_through_verify_graphs_equals_plain(tlm, prompts, plain, dra
     assert eng.runner.verify_graph_steps > 0 and eng.spec_stats.drafted > 0
     if draft_graphs:
         assert checked and max(checked) == 2  # (a batch of 2 padded to 4)
+        # every verify step of these plain-argmax requests took the path asked for
+        assert calls["run_accepting" if draft_graphs == "device" else "run"] > 0
+        assert calls["run" if draft_graphs == "device" else "run_accepting"] == 0
         if not _compiled():  # greedy steps ran the greedy variant: no q buffer (made by the sampled one)
             assert eng.runner.draft_graphs.q_rows is None
     eng.kv.check()
+
+
+def test_device_acceptance_is_checked_on_the_host(tlm, prompts, monkeypatch):
+    """The device's verdict is checked against the drafts: a verdict that keeps every draft whatever the argmax says
+    fails the step by name; a non-finite logits row goes to the sampler, which reports it."""
+    eng = engine(tlm, k=2)
+    attach_verify_graphs(eng, 3, drafts=True)
+    dg = eng.runner.draft_graphs
+    real_body = dg._accept_body
+
+    def accept_all(Bb):
+        real_body(Bb)
+        dg.out[:Bb, dg.k + dg.q] = dg.q  # every draft kept
+
+    monkeypatch.setattr(dg, "_accept_body", accept_all)
+    eng.add_request(prompts[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, detokenize=False))
+    with pytest.raises(RuntimeError, match="the device accepted 2 of the drafts"):
+        for _ in range(20):
+            eng.step()
+    monkeypatch.setattr(dg, "_accept_body", real_body)
+    eng = engine(tlm, k=2)
+    vg = attach_verify_graphs(eng, 3, drafts=True)
+    real_replay = vg.replay
+
+    def nan_replay(key):
+        out = real_replay(key)
+        out[1, 5] = float("nan")
+        return out
+
+    monkeypatch.setattr(vg, "replay", nan_replay)
+    eng.add_request(prompts[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, detokenize=False))
+    with pytest.raises(RuntimeError, match="no finite logit"):
+        for _ in range(20):
+            eng.step()
 
 
 def test_paused_speculation_after_verify_graph_steps(tlm, prompts):
@@ -283,6 +337,7 @@ def test_engine_captures_verify_graphs_gpu(tlm, prompts, plain, k):
     assert vg is not None and vg.q == k + 1 and vg.graphs
     dg = eng.runner.draft_graphs
     assert dg is not None and set(dg.graphs) == {(key[0], s) for key in vg.graphs for s in (True, False)}
+    assert set(dg.accept_graphs) == {key[0] for key in vg.graphs}
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
     final = run(eng, prompts, params, random.Random(k))
     for i in range(len(prompts)):

@@ -194,22 +194,7 @@ class MTPDraftGraphs:
         """Capture the device-side greedy acceptance of batch bucket Bb (tiny: a max over the verify logits and a
         few [Bb, q] ops)."""
         stage_decode(self.vg.buffers, Bb, self.vg.scratch, [], [], [], self.q)
-        torch.cuda.synchronize(self.dev.device)
-        self._accept_body(Bb)  # warm-up
-        torch.cuda.synchronize(self.dev.device)
-        g = torch.cuda.CUDAGraph()
-        prev = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            with torch.cuda.graph(g, pool=self.vg.pool):
-                self._accept_body(Bb)
-        except Exception as e:
-            raise GraphCaptureError(f"capture of the MTP accept graph of batch {Bb} failed: {type(e).__name__}: {e}"
-                                    ) from e
-        finally:
-            torch.cuda.set_sync_debug_mode(prev)
-        self.vg.pool = g.pool()
-        self.accept_graphs[Bb] = g
+        self.accept_graphs[Bb] = self._captured(lambda frozen: self._accept_body(Bb), f"accept graph of batch {Bb}")
 
     def capture(self, Bb: int, sampled: bool = True) -> None:
         """Capture the draft graph of batch bucket Bb: `sampled` (some row drafts by sampling: the q rows kept and
@@ -219,23 +204,28 @@ class MTPDraftGraphs:
         self.host[self._n_ids:].fill_(1)
         self.dev.copy_(self.host)
         self.dev_f.zero_()
+        what = f"draft graph of batch {Bb} ({'sampled' if sampled else 'greedy'})"
+        self.graphs[(Bb, sampled)] = self._captured(lambda frozen: self._body(Bb, frozen=frozen, sampled=sampled), what)
+        log.debug("captured MTP %s", what)
+
+    def _captured(self, body, what: str) -> torch.cuda.CUDAGraph:
+        """body(frozen) run once (warm-up), then captured in the verify graphs' memory pool with device -> host
+        syncs raising."""
         torch.cuda.synchronize(self.dev.device)
-        self._body(Bb, frozen=False, sampled=sampled)  # warm-up
+        body(False)  # warm-up
         torch.cuda.synchronize(self.dev.device)
         g = torch.cuda.CUDAGraph()
         prev = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.cuda.graph(g, pool=self.vg.pool):
-                self._body(Bb, frozen=True, sampled=sampled)
+                body(True)
         except Exception as e:
-            raise GraphCaptureError(f"capture of the MTP draft graph of batch {Bb} ({'sampled' if sampled else 'greedy'}) "
-                                    f"failed: {type(e).__name__}: {e}") from e
+            raise GraphCaptureError(f"capture of the MTP {what} failed: {type(e).__name__}: {e}") from e
         finally:
             torch.cuda.set_sync_debug_mode(prev)
         self.vg.pool = g.pool()
-        self.graphs[(Bb, sampled)] = g
-        log.debug("captured MTP draft graph: batch %d, %s", Bb, "sampled" if sampled else "greedy")
+        return g
 
     # ---- one step ---------------------------------------------------------------------------------------
     def run(self, Bb: int, tokens: list[list[int]], reqs=None) -> list[tuple[list[int], torch.Tensor | None]]:

@@ -7,7 +7,10 @@ work per step (staging, verification, draft inputs, outputs) plus the torch ops 
 the max / argmax over the 129,280-token vocabulary runs on the CPU here (the GPU does it in microseconds), so read
 the per-function lines, not the step total.
 
-    python benchmarks/spec_host_probe.py --batch 1 --drafts 1 [--host-accept]
+    python benchmarks/spec_host_probe.py --batch 1 --drafts 1 [--host-accept] [--temperature 0.8]
+
+--temperature > 0: sampled requests (speculative sampling on the host; the faked drafter's q rows one-hot on the
+drafted token, so most drafts are rejected and the rollback path runs too).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dsv4.engine.draft_graphs import MTPDraftGraphs
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.model import build_model
 
-WATCH = ("stage_decode", "(run)", "(run_accepting)", "(_accept_body)", "(__call__)", "(verify_all)", "(step)",
+WATCH = ("stage_decode", "(_verify_sampled)", "(verify)", "(draft_inputs)", "multinomial", "softmax", "(run)", "(run_accepting)", "(_accept_body)", "(__call__)", "(verify_all)", "(step)",
          "(_views)", "(spec_state)", "(schedule)", "(execute)", "(_output)", "(rollback)", "'max'", "argmax")
 
 
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--drafts", type=int, default=1)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--host-accept", action="store_true", help="verification on the host (the sampler's path)")
+    ap.add_argument("--temperature", type=float, default=0.0)
     a = ap.parse_args()
     torch.set_num_threads(1)
     # the references run uncaptured here: let them through the capture check
@@ -64,9 +68,18 @@ def main() -> None:
     vg.logits[:, TOK] = 1.0
     vg._eager_spec = (_NoSnapshot(), [])
     vg.replay = lambda key: vg.logits[:key[0] * q]
-    dg._body = lambda Bb, frozen, sampled=True: dg.drafts[:Bb].fill_(TOK)
-    p = SamplingParams(max_tokens=(a.steps + 10) * q, temperature=0, ignore_eos=True, detokenize=False)
+
+    def fake_body(Bb, frozen, sampled=True):
+        dg.drafts[:Bb].fill_(TOK)
+        if sampled:
+            if dg.q_rows is None:
+                dg.q_rows = torch.zeros((dg.drafts.shape[0], K, vg.logits.shape[-1]))
+            dg.q_rows[:, :, TOK] = 1.0
+
+    dg._body = fake_body
     for i in range(B):
+        p = SamplingParams(max_tokens=(a.steps + 10) * q, temperature=a.temperature, seed=i if a.temperature else None,
+                           ignore_eos=True, detokenize=False)
         eng.add_request(list(range(1000 + i, 1016 + i)), p)
     for _ in range(3):  # prefill and the first (eager) drafts
         eng.step()
@@ -79,7 +92,8 @@ def main() -> None:
         steps += 1
     prof.disable()
     dt = time.perf_counter() - t
-    print(f"batch {B}, {K} drafts, {'host' if a.host_accept else 'device'} acceptance: {steps} steps "
+    print(f"batch {B}, {K} drafts, temperature {a.temperature}, {'host' if a.host_accept else 'device'} acceptance: "
+          f"{steps} steps "
           f"({eng.runner.verify_graph_steps - n0} verify graph steps), {1e3 * dt / steps:.3f} ms a step under cProfile")
     st = pstats.Stats(prof)
     for (f, line, name), (_, _, tt, ct, _) in sorted(st.stats.items(), key=lambda kv: -kv[1][3]):

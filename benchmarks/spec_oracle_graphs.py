@@ -8,7 +8,7 @@ the baseline on the same machine. 4 Flash layers, dummy weights, bf16, batch 1, 
 tok/s against tokens per step, plain graph decode as the line to beat.
 
 --profile: where one MTP N = 1 speculative step's time goes (wall time of the runner's parts, host-timed
-with a device sync after each, over 20 steps).
+with a device sync after each, over 20 steps), then a cProfile of one more request's undisturbed steps.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def profile() -> None:
     rollback0 = mr.rollback
     mr.rollback = timed("rollback", mr.rollback)
     dg.run = timed("draft graph run", dg.run)
+    dg.run_accepting = timed("accept + draft graphs", dg.run_accepting)
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     eng.step = timed("engine step", eng.step)
     p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, detokenize=False)
@@ -136,6 +137,7 @@ def profile() -> None:
     run.verify_graphs.__dict__.pop("replay", None)
     run.__dict__.pop("_verify", None)
     dg.__dict__.pop("run", None)
+    dg.__dict__.pop("run_accepting", None)
     eng.scheduler.__dict__.pop("schedule", None)
     eng.__dict__.pop("step", None)
     mr.rollback = rollback0

@@ -234,9 +234,9 @@ class MTPDraftGraphs:
         greedy drafts). Returns each sequence's k drafts and, for a sampled request, the rows [k, V] of the
         distribution they were drawn from."""
         B = len(tokens)
-        temps, us = draft_inputs(reqs, self.k) if reqs is not None else ([0.0] * B, [[0.0] * self.k] * B)
+        temps, u = draft_inputs(reqs, self.k, self.dev.device) if reqs is not None else ([0.0] * B, None)
         Bm = self.drafts.shape[0]
-        sampled = any(t > 0 for t in temps)
+        sampled = u is not None
         q = self.q
         for b, t in enumerate(tokens):
             if not 1 <= len(t) <= q:
@@ -247,8 +247,9 @@ class MTPDraftGraphs:
         hf.fill(0.0)
         if sampled:
             hf[:B] = temps
-            hf[Bm:Bm + B * self.k] = [x for u in us for x in u]
         self.dev_f.copy_(self.host_f, non_blocking=True)
+        if sampled:  # (the uniforms were drawn on the device: a device copy after the staged one)
+            self.dev_f[Bm:Bm + B * self.k].copy_(u.view(-1))
         h = self.host_np
         h.fill(0)
         for b, t in enumerate(tokens):

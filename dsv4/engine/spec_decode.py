@@ -78,48 +78,76 @@ def verify(sampler: Sampler, logits: torch.Tensor, req: Request,
     """The tokens to emit for a request whose step verified `drafts` (logits [k + 1, V]: row j predicts the
     token after draft j, row 0 the one after the last real token): the accepted drafts and one token more.
     Returns (tokens, logprobs) with 1 <= len(tokens) <= k + 1."""
-    k = len(drafts)
-    rows = _rows(req, drafts)
-    p = req.params
-    if p.greedy:
-        toks, lps = sampler(logits, rows)
-        a = 0
-        while a < k and toks[a] == drafts[a]:
-            a += 1
-        return toks[:a + 1], lps[:a + 1]
-    x = suppress_stop_ids(apply_penalties(logits.float(), rows), rows)
-    z = truncate(x / p.temperature, [p.top_k] * (k + 1), [p.top_p] * (k + 1), [p.min_p] * (k + 1))
+    return verify_all(sampler, [(req, logits, drafts)])[0]
+
+
+def _verify_sampled(items: list[tuple[Request, torch.Tensor, list[int]]]
+                    ) -> list[tuple[list[int], list[TokenLogprobs | None]]]:
+    """Speculative sampling for sampled requests ((request, its logits [k + 1, V], its drafts) each), all of them
+    in one pass over their rows and ONE read-back (was: a few syncs per request). Per request, from its own
+    generator: k uniforms (draft j kept while u_j q_j(d_j) < p_j(d_j)), then one draw from each of its k + 1
+    candidate rows (row j < k: max(p_j - q_j, 0), or p_j without d_j for a one-hot q; row k: p_k); the token
+    after the a accepted drafts is row a's draw. The draws do not depend on the uniforms, so taking row a's is a
+    draw from it given the rejection at a: the emitted tokens follow p. A request's draws depend on its own
+    generator only (the same tokens in any batch)."""
+    rows = [row for r, _, d in items for row in _rows(r, d)]
+    x = torch.cat([lg for _, lg, _ in items]) if len(items) > 1 else items[0][1]
+    x = suppress_stop_ids(apply_penalties(x.float(), rows), rows)
+    dev = x.device
+    ps = [row.params for row in rows]
+    temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev, non_blocking=True)
+    z = truncate(x / temp[:, None], [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps])
+    bad = ~torch.isfinite(x.max(dim=-1).values)  # (no finite logit: reported after the read-back)
     probs = torch.softmax(z, dim=-1)
-    g = req.generator
-    dev = probs.device
-    u = torch.rand(k, generator=g, device=g.device if g is not None else dev).tolist()
-    q_rows = req.spec_q[:k].to(dev) if (k and req.spec_q is not None) else None
-    if q_rows is not None and q_rows.shape[0] < k:
-        raise RuntimeError(f"request {req.request_id}: {k} drafts but {q_rows.shape[0]} draft distribution rows")
-    rng = torch.arange(k, device=dev)
-    dt = torch.tensor(drafts, dtype=torch.int64, device=dev)
-    pd = probs[rng, dt].tolist() if k else []
-    qd = q_rows[rng, dt].tolist() if q_rows is not None else [1.0] * k
-    out: list[int] = []
-    for j in range(k):
-        if u[j] * qd[j] < pd[j]:  # u < p(d) / q(d)
-            out.append(drafts[j])
-            continue
-        if q_rows is None:  # one-hot q: p without d
-            r = probs[j].clone()
-            r[drafts[j]] = 0.0
+    # a row without a finite logit draws from a stand-in (NaN rows would fail the draw on the device); it raises below
+    probs = torch.where(bad[:, None], torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
+    flat = [t for _, _, d in items for t in d]
+    dt_all = torch.tensor(flat, dtype=torch.int64).to(dev, non_blocking=True)
+    packed, o, od = [], 0, 0
+    for r, _, drafts in items:
+        k = len(drafts)
+        P = probs[o:o + k + 1]
+        dt = dt_all[od:od + k]
+        o, od = o + k + 1, od + k
+        g = r.generator
+        gdev = g.device if g is not None else dev
+        u = torch.rand(k, generator=g, device=gdev).to(dev, non_blocking=True)
+        q_rows = r.spec_q[:k].to(dev) if (k and r.spec_q is not None) else None
+        if q_rows is not None and q_rows.shape[0] < k:
+            raise RuntimeError(f"request {r.request_id}: {k} drafts but {q_rows.shape[0]} draft distribution rows")
+        pd = P[:k].gather(1, dt[:, None]).squeeze(1)
+        if q_rows is None:  # one-hot q: accepted with probability p(d); on rejection p without d
+            qd = torch.ones_like(pd)
+            R = P[:k].scatter(1, dt[:, None], 0.0)
         else:
-            r = (probs[j] - q_rows[j]).clamp_min_(0.0)
-            if not float(r.sum()) > 0.0:  # p <= q everywhere: p == q up to rounding, a rejection is rounding too
-                r = probs[j]
-        out.append(_draw(r, g))
-        break
-    else:
-        out.append(_draw(probs[k], g))
-    lps: list[TokenLogprobs | None] = [None] * len(out)
-    if p.logprobs is not None:
-        lps = token_logprobs(logits[:len(out)], out, [p.logprobs] * len(out))
-    return out, lps
+            qd = q_rows.gather(1, dt[:, None]).squeeze(1)
+            R = (P[:k] - q_rows).clamp_min(0.0)
+        # p <= q everywhere (p == q up to rounding): a rejection is rounding too, draw from p
+        R = torch.where(R.sum(dim=-1, keepdim=True) > 0, R, P[:k])
+        cand = torch.cat([R, P[k:k + 1]])
+        # one draw per row by the exponential race (argmax of p / Exp(1) noise: a draw from p; cheaper than
+        # multinomial on every device, and nothing to assert on the device)
+        noise = torch.empty(cand.shape, dtype=torch.float32, device=gdev).exponential_(generator=g).to(dev)
+        draws = (cand / noise.clamp_min(1e-20)).argmax(dim=-1)
+        a = (u * qd < pd).to(torch.int64).cumprod(dim=0).sum().view(1)  # (u < p(d) / q(d), in a row)
+        packed.append(torch.cat([a, draws]))
+    got = torch.cat(packed + [bad.to(torch.int64)]).tolist()  # the one read-back
+    flags = got[len(got) - len(rows):]
+    if any(flags):
+        i = flags.index(1)
+        raise RuntimeError(f"speculative sampling: row {i} has no finite logit to choose from after penalties and "
+                           f"min_tokens masking (min_tokens={rows[i].params.min_tokens}): a bug upstream")
+    out, o = [], 0
+    for r, lg, drafts in items:
+        k = len(drafts)
+        a = got[o]
+        toks = list(drafts[:a]) + [got[o + 1 + a]]
+        o += k + 2
+        lps: list[TokenLogprobs | None] = [None] * len(toks)
+        if r.params.logprobs is not None:
+            lps = token_logprobs(lg[:len(toks)], toks, [r.params.logprobs] * len(toks))
+        out.append((toks, lps))
+    return out
 
 
 def plain_argmax(req: Request, k: int) -> bool:
@@ -135,7 +163,7 @@ def plain_argmax(req: Request, k: int) -> bool:
 def verify_all(sampler: Sampler, items: list[tuple[Request, torch.Tensor, list[int]]]
                ) -> list[tuple[list[int], list[TokenLogprobs | None]]]:
     """`verify` for many requests ((request, its logits [k + 1, V], its drafts) each): the greedy ones
-    through one sampler call over all their rows, the sampled ones one by one."""
+    through one sampler call over all their rows, the sampled ones through one `_verify_sampled` pass."""
     out: list = [None] * len(items)
     greedy = [i for i, (r, _, _) in enumerate(items) if r.params.greedy]
     if greedy:
@@ -151,9 +179,10 @@ def verify_all(sampler: Sampler, items: list[tuple[Request, torch.Tensor, list[i
                 a += 1
             out[i] = (toks[o:o + a + 1], lps[o:o + a + 1])
             o += k + 1
-    for i, (r, lg, drafts) in enumerate(items):
-        if out[i] is None:
-            out[i] = verify(sampler, lg, r, drafts)
+    sampled = [i for i in range(len(items)) if out[i] is None]
+    if sampled:
+        for i, res in zip(sampled, _verify_sampled([items[i] for i in sampled])):
+            out[i] = res
     return out
 
 
@@ -176,26 +205,22 @@ def draft_q(logits: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float() / t.unsqueeze(1), dim=-1)
 
 
-def draft_inputs(reqs: list[Request], k: int) -> tuple[list[float], list[list[float]]]:
-    """Per request: the temperature its drafts are drawn at (0: greedy, argmax drafts) and k uniforms from its own
-    generator (zeros for greedy requests)."""
-    temps, us = [], []
-    for r in reqs:
-        p = r.params
-        if p.greedy:
-            temps.append(0.0)
-            us.append([0.0] * k)
-            continue
-        g = r.generator
-        temps.append(float(p.temperature))
-        us.append(torch.rand(k, generator=g, device=g.device if g is not None else "cpu").tolist())
-    return temps, us
-
-
-def _draw(q: torch.Tensor, g: torch.Generator | None) -> int:
-    if g is not None and g.device != q.device:
-        q = q.to(g.device)
-    return int(torch.multinomial(q, 1, generator=g))
+def draft_inputs(reqs: list[Request], k: int, dev) -> tuple[list[float], torch.Tensor | None]:
+    """Per request: the temperature its drafts are drawn at (0: greedy, argmax drafts), and [len(reqs), k] uniforms
+    on `dev` from each sampled request's own generator (zeros for greedy rows; None when no request samples).
+    Nothing is read back: the uniforms stay on the device."""
+    temps = [0.0 if r.params.greedy else float(r.params.temperature) for r in reqs]
+    if not any(t > 0 for t in temps):
+        return temps, None
+    dev = torch.device(dev)
+    rows = []
+    for r, t in zip(reqs, temps):
+        if t > 0:
+            g = r.generator
+            rows.append(torch.rand(k, generator=g, device=g.device if g is not None else dev).to(dev, non_blocking=True))
+        else:
+            rows.append(torch.zeros(k, dtype=torch.float32, device=dev))
+    return temps, torch.stack(rows)
 
 
 @dataclass
@@ -337,10 +362,9 @@ class MTPDrafter:
                     self._idle_pass(dev, meta.block_table)
             return
         H = Y[torch.tensor(bs, device=dev)] if len(bs) < len(reqs) else Y
-        temps, us = draft_inputs([reqs[b] for b in bs], self.k)
-        sampled = any(t > 0 for t in temps)
-        temp = torch.tensor(temps, dtype=torch.float32, device=dev)
-        u = torch.tensor(us, dtype=torch.float32, device=dev)
+        temps, u = draft_inputs([reqs[b] for b in bs], self.k, dev)
+        sampled = u is not None
+        temp = torch.tensor(temps, dtype=torch.float32).to(dev, non_blocking=True)
         qs = []  # per draft j: q rows [len(bs), V] (sampled requests only)
 
         def choose(H, j):

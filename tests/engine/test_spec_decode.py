@@ -501,3 +501,51 @@ def test_oracle_keeps_the_mtp_passes_running():
     assert n0 > 0
     row = dsv4_rows(llm, [2], 6, 9, progress=False)[0]  # the installed oracle, measured again
     assert len(calls) > n0 and row["acceptance_rate"] == 1
+
+
+def test_sampled_verification_in_one_batch_equals_each_alone():
+    """Sampled requests verified together (one pass, one read-back) emit what each emits verified alone from the
+    same generator state: a request's draws depend on its own generator only. Covers one-hot and drafter q rows,
+    different temperatures, top-k, draft counts and a request asking for logprobs (returned for each token)."""
+    from dsv4.engine.sampler import Sampler
+    from dsv4.engine.spec_decode import verify, verify_all
+    from dsv4.engine.request import Request
+
+    V = 7
+    g = torch.Generator().manual_seed(3)
+    for trial in range(30):
+        specs = [dict(temperature=0.7, seed=100 + trial), dict(temperature=1.3, top_k=3, seed=200 + trial),
+                 dict(temperature=1.0, seed=300 + trial, logprobs=2)]
+        items = []
+        for i, sp in enumerate(specs):
+            k = (1, 3, 2)[i]
+            req = Request(request_id=f"r{i}", prompt_token_ids=[0], params=SamplingParams(**sp), max_tokens=10,
+                          eos_token_ids=frozenset(), generator=torch.Generator().manual_seed(sp["seed"]))
+            logits = torch.randn(k + 1, V, generator=g) * 2
+            drafts = torch.randint(0, V, (k,), generator=g).tolist()
+            q = torch.softmax(torch.randn(k, V, generator=g), -1) if i != 1 else None
+            req.set_drafts(drafts, q)
+            items.append((req, logits, drafts))
+        together = verify_all(Sampler(), items)
+        for (req, logits, drafts), (toks, lps) in zip(items, together):
+            req.generator.manual_seed(req.params.seed)
+            alone = verify(Sampler(), logits, req, drafts)
+            assert toks == alone[0] and 1 <= len(toks) <= len(drafts) + 1
+            assert toks[:-1] == drafts[:len(toks) - 1]
+            if req.params.logprobs is not None:
+                assert len(lps) == len(toks) and all(lp is not None for lp in lps)
+            else:
+                assert lps == [None] * len(toks)
+
+
+def test_sampled_verification_refuses_a_row_without_finite_logits():
+    """A sampled request's verified row with no finite logit raises by name (the draw never sees NaN)."""
+    from dsv4.engine.sampler import Sampler
+    from dsv4.engine.spec_decode import verify
+
+    req = _sampled_req(1)
+    logits = torch.randn(2, 6)
+    logits[1] = float("nan")
+    req.set_drafts([2])
+    with pytest.raises(RuntimeError, match="row 1 has no finite logit"):
+        verify(Sampler(), logits, req, [2])

@@ -250,9 +250,10 @@ def test_paused_speculation_after_verify_graph_steps(tlm, prompts):
     eng = engine(tlm, k=2, speculative_disable_by_batch_size=1)
     attach_verify_graphs(eng, 3, drafts=True)
     dg = eng.runner.draft_graphs
-    replays = []
-    real_run = dg.run
+    replays = []  # sequences drafted by each draft graph replay (host or device acceptance)
+    real_run, real_accepting = dg.run, dg.run_accepting
     dg.run = lambda *a, **kw: replays.append(len(a[1])) or real_run(*a, **kw)
+    dg.run_accepting = lambda Bb, B: replays.append(B) or real_accepting(Bb, B)
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, detokenize=False)
     ref = run(engine(tlm), [prompts[0]], greedy, random.Random(0))[0]
     eng.add_request(prompts[0], greedy, request_id="a")

@@ -146,10 +146,11 @@ class Sampler:
 
     def apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """(b): repetition penalty over prompt + output tokens, frequency and presence penalties over
-        output tokens, then logit_bias. Returns a new tensor (the input is left as it is)."""
-        x = logits.clone()
-        V = x.shape[1]
-        states, scratch = self._row_states(rows, V, x.device, x.dtype)
+        output tokens, then logit_bias. Returns a new tensor, or the input itself when no row has a penalty or a
+        bias (the input is never changed)."""
+        V = logits.shape[1]
+        states, scratch = self._row_states(rows, V, logits.device, logits.dtype)
+        x = logits if all(st is None for st in states) else logits.clone()
         try:
             rep = [i for i, st in enumerate(states) if st is not None and st.seen is not None]
             if rep:
@@ -330,7 +331,8 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
 
 
 def suppress_stop_ids(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """(c): -inf on the stop ids of rows that have fewer than min_tokens output tokens (in place)."""
+    """(c): -inf on the stop ids of rows that have fewer than min_tokens output tokens. Returns x itself when
+    nothing is suppressed, else a copy (x is never changed: it may be the raw logits that logprobs read)."""
     V = x.shape[1]
     ri: list[int] = []
     ti: list[int] = []
@@ -340,6 +342,7 @@ def suppress_stop_ids(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Ten
             ri += [i] * len(ids)
             ti += ids
     if ri:
+        x = x.clone()
         x[torch.tensor(ri, device=x.device), torch.tensor(ti, device=x.device)] = -math.inf
     return x
 

@@ -371,3 +371,21 @@ def test_prompt_logprobs():
     assert prompt_logprobs(logits[:0], [], 2) == []
     with pytest.raises(ValueError, match="5 next tokens"):
         prompt_logprobs(logits, nxt[:5], 2)
+
+
+def test_sampler_never_changes_its_input_logits():
+    """Without penalties the sampler works on the logits as given (no copy), so nothing may write into them:
+    min_tokens suppression works on a copy (the input, and the logprobs that read it, keep the raw values) and
+    penalties too."""
+    logits = rand_logits(3)
+    logits[0, 5] = 50.0  # the stop id is row 0's argmax
+    before = logits.clone()
+    rows = [row(SamplingParams(temperature=0, min_tokens=4, logprobs=1), output=[1], stop_ids=[5]),
+            row(SamplingParams(temperature=0)),
+            row(SamplingParams(temperature=0, repetition_penalty=1.5, logprobs=0), prompt=[2], output=[3])]
+    raw = torch.log_softmax(before[0].float(), -1)
+    for n in (2, 3):  # (a view of the first two rows: no penalty in the call; then all three)
+        toks, lps = Sampler()(logits[:n], rows[:n])
+        assert torch.equal(logits, before), n
+        assert toks[0] != 5 and toks[1] == int(before[1].argmax())
+        assert lps[0].top[0][0] == 5 and abs(lps[0].top[0][1] - float(raw[5])) < 1e-5  # raw logprobs: 5 on top

@@ -549,3 +549,24 @@ def test_sampled_verification_refuses_a_row_without_finite_logits():
     req.set_drafts([2])
     with pytest.raises(RuntimeError, match="row 1 has no finite logit"):
         verify(Sampler(), logits, req, [2])
+
+
+def test_plain_argmax_names_what_device_acceptance_may_decide():
+    """Device-side acceptance (verify graph steps) only for requests whose verified tokens are the argmax of the
+    logits as they are: each of sampling, a penalty, logit_bias, logprobs, min_tokens not yet reached and too few
+    drafts sends the step to the sampler's path."""
+    from dsv4.engine.request import Request
+    from dsv4.engine.spec_decode import plain_argmax
+
+    def req(out=3, drafts=2, **kw):
+        r = Request(request_id="r", prompt_token_ids=[0], params=SamplingParams(**{"temperature": 0, **kw}),
+                    max_tokens=10, eos_token_ids=frozenset(), generator=None)
+        r.output_token_ids.extend(range(out))
+        r.set_drafts(list(range(drafts)))
+        return r
+
+    assert plain_argmax(req(), 2) and plain_argmax(req(min_tokens=3), 2)
+    for bad in (req(temperature=0.7), req(repetition_penalty=1.1), req(frequency_penalty=0.2),
+                req(presence_penalty=0.1), req(logit_bias={5: 1.0}), req(logprobs=0), req(min_tokens=4),
+                req(drafts=1)):
+        assert not plain_argmax(bad, 2)

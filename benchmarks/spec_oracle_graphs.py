@@ -115,6 +115,8 @@ def profile() -> None:
     mr.rollback = timed("rollback", mr.rollback)
     dg.run = timed("draft graph run", dg.run)
     dg.run_accepting = timed("accept + draft graphs", dg.run_accepting)
+    run.verify_graphs.rollback = timed("rollback (verify graphs)", run.verify_graphs.rollback)
+    run.execute = timed("runner execute", run.execute)
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     eng.step = timed("engine step", eng.step)
     p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, detokenize=False)
@@ -138,6 +140,8 @@ def profile() -> None:
     run.__dict__.pop("_verify", None)
     dg.__dict__.pop("run", None)
     dg.__dict__.pop("run_accepting", None)
+    run.verify_graphs.__dict__.pop("rollback", None)
+    run.__dict__.pop("execute", None)
     eng.scheduler.__dict__.pop("schedule", None)
     eng.__dict__.pop("step", None)
     mr.rollback = rollback0

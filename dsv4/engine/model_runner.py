@@ -161,7 +161,7 @@ class ModelRunner:
         mtp_graphs = (self.draft_graphs is not None and getattr(self.drafter, "needs_streams", False)  # (the MTP drafter)
                       and not self._pause_drafts(len(reqs), record=False))  # (paused: _draft below records it)
         if mtp_graphs and reqs and self.device_accept and all(plain_argmax(r, q - 1) for r in reqs):
-            if self._accept_on_device(batch, logits, key, slots, starts, results):
+            if self._accept_on_device(batch, key, slots, starts, results):
                 return results
             mtp_graphs = False  # (non-finite logits: the sampler's path below raises its error)
         self._verify(batch, logits, [(i, i * q) for i in range(len(reqs))], [q - 1] * len(reqs), snap, results,
@@ -176,7 +176,7 @@ class ModelRunner:
             self.drafter.take_part(self.device, self.cache.block_table)
         return results
 
-    def _accept_on_device(self, batch: StepBatch, logits, key, slots, starts, results) -> bool:
+    def _accept_on_device(self, batch: StepBatch, key, slots, starts, results) -> bool:
         """A verify graph step whose requests all take the plain argmax: acceptance on the device and the greedy
         draft graph replayed right after the verify graph (draft_graphs.run_accepting: one read-back for the
         verdicts and the new drafts), then the bookkeeping `_verify` does (results, cache lengths, rollback of
@@ -187,7 +187,7 @@ class ModelRunner:
         if any(bad for _, _, bad, _ in got):
             return False
         keep: dict[int, int] = {}
-        for i, (r, (tok, kept, _, drafts)) in enumerate(zip(reqs, got)):
+        for i, (r, (tok, kept, _, _)) in enumerate(zip(reqs, got)):
             d = r.spec_ids[:q - 1]
             a = kept - 1
             if not (0 <= a < q and tok[:a] == d[:a] and (a == q - 1 or tok[a] != d[a])):

@@ -98,9 +98,7 @@ def _verify_sampled(items: list[tuple[Request, torch.Tensor, list[int]]]
     temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev, non_blocking=True)
     z = truncate(x / temp[:, None], [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps])
     bad = ~torch.isfinite(x.max(dim=-1).values)  # (no finite logit: reported after the read-back)
-    probs = torch.softmax(z, dim=-1)
-    # a row without a finite logit draws from a stand-in (NaN rows would fail the draw on the device); it raises below
-    probs = torch.where(bad[:, None], torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
+    probs = torch.softmax(z, dim=-1)  # (a row without a finite logit draws garbage by the race, then raises below)
     flat = [t for _, _, d in items for t in d]
     dt_all = torch.tensor(flat, dtype=torch.int64).to(dev, non_blocking=True)
     packed, o, od = [], 0, 0

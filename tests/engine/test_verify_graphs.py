@@ -82,6 +82,8 @@ def prompts():
 
 
 def engine(lm, k=0, **kw):
+    if lm.platform.torch_device.type == "cuda":  # (a fixed cache: engines of earlier tests may still hold theirs)
+        kw.setdefault("kv_cache_memory", 1 << 28)
     cfg = EngineConfig(model="unused", device=str(lm.platform.torch_device), dtype="float32", numerics="plain",
                        max_model_len=256, max_num_seqs=4, speculative_tokens=k, **kw)
     return LLMEngine(cfg, lm=lm)

@@ -298,7 +298,7 @@ class DecodeGraphs:
             return
         rows = sorted(keep)
         table = torch.tensor([[i, slots[i], starts[i]] for i in rows], dtype=torch.int64)
-        dev_table = table.to(self.device, non_blocking=True)  # (pageable: staged at once, no wait for the device)
+        dev_table = table.to(self.device, non_blocking=True)  # (as engine/to_device.py: no wait for the device)
         for j, i in enumerate(rows):
             k = keep[i]
             self._rb.copy_(dev_table[j])  # (ordered on the stream before the ops that read it)

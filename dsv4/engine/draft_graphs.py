@@ -36,6 +36,7 @@ import torch
 from dsv4.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, _FrozenMirror
 from dsv4.engine.spec_decode import draft_choose, draft_inputs, draft_q
 from dsv4.engine.step_batch import stage_decode
+from dsv4.engine.to_device import to_device
 from dsv4.ops.kv_format import Fp8KV
 from dsv4.ops.meta import ForwardMeta
 
@@ -269,5 +270,5 @@ class MTPDraftGraphs:
         if not sb:
             return [(d, None) for d in drafts]
         # the sampled rows' distributions, copied out of the static buffer (the next replay overwrites it)
-        qs = dict(zip(sb, self.q_rows[torch.tensor(sb, device=self.drafts.device)]))
+        qs = dict(zip(sb, self.q_rows[to_device(sb, torch.int64, self.drafts.device)]))
         return [(d, qs.get(b)) for b, d in enumerate(drafts)]

@@ -21,6 +21,7 @@ from dsv4.engine.request import Request
 from dsv4.engine.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
 from dsv4.engine.spec_decode import plain_argmax, verify_all
 from dsv4.engine.step_batch import StepBatch, StepBuffers, build_eager, stage_decode
+from dsv4.engine.to_device import to_device
 from dsv4.model.builder import LoadedModel
 from dsv4.ops.meta import ForwardMeta
 
@@ -306,7 +307,7 @@ class ModelRunner:
                 sample_at.append((i, len(rows)))
                 rows.append(q0 + n - 1)
         if rows:
-            logits = self.model.logits(X[torch.tensor(rows, device=self.device)])
+            logits = self.model.logits(X[to_device(rows, torch.int64, self.device)])
             if sample_at:
                 self._sample(logits, reqs, sample_at, results)
             for i, j, c, nxt in plp_at:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.engine.sampling_params import SamplingParams
+from dsv4.engine.to_device import to_device
 
 
 @dataclass
@@ -121,15 +122,20 @@ class Sampler:
         if len(greedy) == B:  # (all greedy: no index tensor to send, no [B, V] gather)
             tokens = x.argmax(dim=-1)
         elif greedy:
-            gi = torch.tensor(greedy, device=logits.device)
+            gi = to_device(greedy, torch.int64, logits.device)
             tokens[gi] = x[gi].argmax(dim=-1)
         if sampled:
-            si = torch.tensor(sampled, device=logits.device)
+            si = to_device(sampled, torch.int64, logits.device)
             ps = [rows[i].params for i in sampled]
-            z = truncate(x[si] / _col([p.temperature for p in ps], x), [p.top_k for p in ps],
+            xs = x if len(sampled) == B else x[si]  # (all sampled: no [B, V] gather)
+            z = truncate(xs / _col([p.temperature for p in ps], x), [p.top_k for p in ps],
                          [p.top_p for p in ps], [p.min_p for p in ps])
             noise = _race_noise([rows[i].generator for i in sampled], V, x.device)
-            tokens[si] = (z - noise.log()).argmax(dim=-1)
+            drawn = (z - noise.log()).argmax(dim=-1)
+            if len(sampled) == B:
+                tokens = drawn
+            else:
+                tokens[si] = drawn
         both = torch.cat([tokens, bad.to(torch.int64)]).tolist()
         token_list = both[:B]
         if any(both[B:]):
@@ -138,7 +144,7 @@ class Sampler:
         lps: list[TokenLogprobs | None] = [None] * B
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if want:
-            wi = torch.tensor(want, device=logits.device)
+            wi = to_device(want, torch.int64, logits.device)
             got = token_logprobs(logits[wi], [token_list[i] for i in want], [rows[i].params.logprobs for i in want])
             for i, lp in zip(want, got):
                 lps[i] = lp
@@ -154,14 +160,14 @@ class Sampler:
         try:
             rep = [i for i, st in enumerate(states) if st is not None and st.seen is not None]
             if rep:
-                ix = torch.tensor([rep, [states[i].seen for i in rep]], device=x.device)
+                ix = to_device([rep, [states[i].seen for i in rep]], torch.int64, x.device)
                 seen = self._seen.data[ix[1]][:, :V]
                 pen = _col([rows[i].params.repetition_penalty for i in rep], x)
                 sub = x[ix[0]]
                 x[ix[0]] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
             fp = [i for i, st in enumerate(states) if st is not None and st.counts is not None]
             if fp:
-                ix = torch.tensor([fp, [states[i].counts for i in fp]], device=x.device)
+                ix = to_device([fp, [states[i].counts for i in fp]], torch.int64, x.device)
                 counts = self._counts.data[ix[1]][:, :V]
                 freq = _col([rows[i].params.frequency_penalty for i in fp], x)
                 pres = _col([rows[i].params.presence_penalty for i in fp], x)
@@ -170,7 +176,8 @@ class Sampler:
             if bi:
                 toks = [states[i].bias[0] for i in bi]
                 vals = [states[i].bias[1] for i in bi]
-                ri = torch.tensor(bi).repeat_interleave(torch.tensor([len(t) for t in toks])).to(x.device)
+                ri = torch.tensor(bi).repeat_interleave(torch.tensor([len(t) for t in toks]))
+                ri = ri.to(x.device, non_blocking=True)
                 x.index_put_((ri, torch.cat(toks)), torch.cat(vals), accumulate=True)
         finally:
             for st in scratch:
@@ -228,10 +235,10 @@ class Sampler:
                         scratch.append(st)
                 states[i] = st
             if seen_r:
-                ix = torch.tensor([seen_r, seen_t], device=device)
+                ix = to_device([seen_r, seen_t], torch.int64, device)
                 self._seen.data[ix[0], ix[1]] = True
             if cnt_r:
-                ix = torch.tensor([cnt_r, cnt_t], device=device)
+                ix = to_device([cnt_r, cnt_t], torch.int64, device)
                 self._counts.data.index_put_((ix[0], ix[1]), torch.ones(len(cnt_r), device=device),
                                              accumulate=True)
             if fresh:
@@ -251,12 +258,12 @@ class Sampler:
         rep = [(r, st) for r, st in fresh if st.seen is not None]
         if rep:
             lists = [list(r.prompt_token_ids) + list(r.output_token_ids) for r, _ in rep]
-            self._seen.data[torch.tensor([st.seen for _, st in rep], device=device)] = _token_mask(
+            self._seen.data[to_device([st.seen for _, st in rep], torch.int64, device)] = _token_mask(
                 lists, V, device, pad=True)
         fp = [(r, st) for r, st in fresh if st.counts is not None]
         if fp:
             lists = [r.output_token_ids for r, _ in fp]
-            self._counts.data[torch.tensor([st.counts for _, st in fp], device=device)] = _token_counts(
+            self._counts.data[to_device([st.counts for _, st in fp], torch.int64, device)] = _token_counts(
                 lists, V, device, pad=True)
         ti: list[int] = []
         bv: list[float] = []
@@ -272,8 +279,8 @@ class Sampler:
                 biased.append(st)
                 sizes.append(len(ti) - n)
         if biased:
-            tt = torch.tensor(ti, device=device).split(sizes)
-            vv = torch.tensor(bv, dtype=dtype, device=device).split(sizes)
+            tt = to_device(ti, torch.int64, device).split(sizes)
+            vv = to_device(bv, dtype, device).split(sizes)
             for st, t, v in zip(biased, tt, vv):
                 st.bias = (t, v)
 
@@ -343,7 +350,7 @@ def suppress_stop_ids(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Ten
             ti += ids
     if ri:
         x = x.clone()
-        x[torch.tensor(ri, device=x.device), torch.tensor(ti, device=x.device)] = -math.inf
+        x[to_device(ri, torch.int64, x.device), to_device(ti, torch.int64, x.device)] = -math.inf
     return x
 
 
@@ -357,17 +364,17 @@ def truncate(z: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float], min_
         return z.clone()
     zs, order = z.sort(dim=-1, descending=True, stable=True)
     pos = torch.arange(V, device=z.device)
-    drop = pos[None, :] >= torch.tensor(ks, device=z.device)[:, None]  # top-k
+    drop = pos[None, :] >= to_device(ks, torch.int64, z.device)[:, None]  # top-k
     zs = zs.masked_fill(drop, -math.inf)
     if any(p < 1.0 for p in top_p):
         probs = torch.softmax(zs, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
-        tp = torch.tensor(top_p, dtype=z.dtype, device=z.device)[:, None]
+        tp = to_device(top_p, z.dtype, z.device)[:, None]
         nucleus = (before < tp) | (tp >= 1.0)
         drop = drop | ~nucleus
     if any(m > 0.0 for m in min_p):
         # p_i < min_p * p_max  <=>  z_i - z_max < log(min_p); the max is at sorted position 0
-        logm = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p], dtype=z.dtype, device=z.device)
+        logm = to_device([math.log(m) if m > 0 else -math.inf for m in min_p], z.dtype, z.device)
         drop = drop | (zs - zs[:, :1] < logm[:, None])
     drop[:, 0] = False  # the most likely token always stays (each rule above keeps it already)
     keep = torch.zeros_like(drop).scatter_(1, order, ~drop)
@@ -385,7 +392,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], ns: Sequence[
     """Raw-distribution logprob, rank and top-n of token_ids[i] in row i of logits [N, V]."""
     N, V = logits.shape
     lp = torch.log_softmax(logits.float(), dim=-1)
-    ids = torch.tensor(list(token_ids), dtype=torch.int64, device=logits.device)
+    ids = to_device(list(token_ids), torch.int64, logits.device)
     chosen = lp.gather(1, ids[:, None])
     rank = (lp > chosen).sum(dim=-1) + 1
     kmax = min(max(ns, default=0), V)
@@ -412,7 +419,7 @@ def prompt_logprobs(logits: torch.Tensor, next_ids: Sequence[int], n: int) -> li
 # ---- helpers ------------------------------------------------------------------------------------------
 
 def _col(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+    return to_device(values, like.dtype, like.device)[:, None]
 
 
 def _padded(lists: Sequence[Sequence[int]], V: int, device) -> torch.Tensor:
@@ -422,7 +429,7 @@ def _padded(lists: Sequence[Sequence[int]], V: int, device) -> torch.Tensor:
     for j, t in enumerate(lists):
         if len(t):
             idx[j, :len(t)] = torch.as_tensor(list(t), dtype=torch.int64)
-    return idx.to(device)
+    return idx.to(device, non_blocking=True)
 
 
 def _token_counts(lists: Sequence[Sequence[int]], V: int, device, pad: bool = False) -> torch.Tensor:
@@ -448,7 +455,7 @@ def _race_noise(gens: Sequence[torch.Generator | None], V: int, device: torch.de
     noise = torch.empty(len(gens), V, dtype=torch.float32, device=device)
     free = [j for j, g in enumerate(gens) if g is None]
     if free:
-        noise[torch.tensor(free, device=device)] = torch.empty(len(free), V, device=device).exponential_()
+        noise[to_device(free, torch.int64, device)] = torch.empty(len(free), V, device=device).exponential_()
     for j, g in enumerate(gens):
         if g is not None:
             noise[j] = torch.empty(V, dtype=torch.float32, device=g.device).exponential_(generator=g).to(device)

@@ -38,6 +38,7 @@ from dsv4.cache.spec_state import StateSnapshot
 from dsv4.engine.request import Request
 from dsv4.engine.sampler import (Sampler, SamplingRow, TokenLogprobs, apply_penalties, suppress_stop_ids,
                                  token_logprobs, truncate)
+from dsv4.engine.to_device import to_device
 from dsv4.ops.meta import ForwardMeta
 
 
@@ -95,12 +96,12 @@ def _verify_sampled(items: list[tuple[Request, torch.Tensor, list[int]]]
     x = suppress_stop_ids(apply_penalties(x.float(), rows), rows)
     dev = x.device
     ps = [row.params for row in rows]
-    temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev, non_blocking=True)
+    temp = to_device([p.temperature for p in ps], torch.float32, dev)
     z = truncate(x / temp[:, None], [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps])
     bad = ~torch.isfinite(x.max(dim=-1).values)  # (no finite logit: reported after the read-back)
     probs = torch.softmax(z, dim=-1)  # (a row without a finite logit draws garbage by the race, then raises below)
     flat = [t for _, _, d in items for t in d]
-    dt_all = torch.tensor(flat, dtype=torch.int64).to(dev, non_blocking=True)
+    dt_all = to_device(flat, torch.int64, dev)
     packed, o, od = [], 0, 0
     for r, _, drafts in items:
         k = len(drafts)
@@ -352,17 +353,17 @@ class MTPDrafter:
         # and output): Y [len(reqs), hc, D]; none when nobody drafts (the pass only writes the ring), unless the
         # pass is collective (expert parallelism: every rank runs the MoE exchange)
         out_rows = ends if (bs or self.lockstep_slot is not None) else []
-        Y = self.model.mtp_forward(X[torch.tensor(rows, device=dev)], torch.tensor(ids, device=dev), m, self.cache,
-                                   rows=torch.tensor(out_rows, dtype=torch.int64, device=dev))
+        Y = self.model.mtp_forward(X[to_device(rows, torch.int64, dev)], to_device(ids, torch.int64, dev), m, self.cache,
+                                   rows=to_device(out_rows, torch.int64, dev))
         if not bs:
             if self.lockstep_slot is not None:  # the other ranks may draft: their k - 1 passes are collective
                 for _ in range(self.k - 1):
                     self._idle_pass(dev, meta.block_table)
             return
-        H = Y[torch.tensor(bs, device=dev)] if len(bs) < len(reqs) else Y
+        H = Y[to_device(bs, torch.int64, dev)] if len(bs) < len(reqs) else Y
         temps, u = draft_inputs([reqs[b] for b in bs], self.k, dev)
         sampled = u is not None
-        temp = torch.tensor(temps, dtype=torch.float32).to(dev, non_blocking=True)
+        temp = to_device(temps, torch.float32, dev)
         qs = []  # per draft j: q rows [len(bs), V] (sampled requests only)
 
         def choose(H, j):

@@ -389,3 +389,35 @@ def test_sampler_never_changes_its_input_logits():
         assert torch.equal(logits, before), n
         assert toks[0] != 5 and toks[1] == int(before[1].argmax())
         assert lps[0].top[0][0] == 5 and abs(lps[0].top[0][1] - float(raw[5])) < 1e-5  # raw logprobs: 5 on top
+
+
+@pytest.mark.gpu
+def test_sampler_waits_for_the_device_once_gpu():
+    """On a CUDA device a sampler call over greedy, truncated, penalised, biased and min_tokens rows (logprobs
+    off) has one synchronising operation: its read-back of the tokens. Index and parameter tensors go to the
+    device without a sync (engine/to_device.py), so the host queues the sampling work behind the forward."""
+    import warnings
+
+    dev = torch.device("cuda")
+    V = 32000
+    logits = torch.randn(5, V, device=dev)
+    p = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.9, top_k=50, seed=1),
+         SamplingParams(temperature=1.0, min_p=0.05, repetition_penalty=1.2, frequency_penalty=0.3, seed=2),
+         SamplingParams(temperature=0.9, logit_bias={5: 2.0}, seed=3), SamplingParams(temperature=0, min_tokens=4)]
+    s = Sampler()
+    rows = [SamplingRow(params=q, prompt_token_ids=[1, 2], output_token_ids=[3], generator=make_generator(q.seed, dev),
+                        stop_ids=frozenset({7}), request_id=str(i)) for i, q in enumerate(p)]
+    s(logits, rows)  # (builds the per-request states)
+    for r in rows:
+        r.output_token_ids.append(9)
+    prev = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            tokens, _ = s(logits, rows)
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert len(tokens) == 5 and tokens[4] != 7

@@ -9,6 +9,7 @@ and its 128-token window while drafting. On a CUDA device the same runs capture 
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 
@@ -19,12 +20,13 @@ pytest.importorskip("triton")
 
 import dsv4.model.builder as builder  # noqa: E402
 from dsv4.config import EngineConfig  # noqa: E402
-from dsv4.engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from dsv4.engine.cuda_graphs import DecodeGraphs, _FrozenMirror  # noqa: E402
 from dsv4.engine.draft_graphs import MTPDraftGraphs  # noqa: E402
 from dsv4.engine.llm_engine import LLMEngine  # noqa: E402
 from dsv4.engine.sampling_params import SamplingParams  # noqa: E402
 from dsv4.engine.spec_decode import OracleDrafter  # noqa: E402
 from dsv4.model import build_model  # noqa: E402
+from dsv4.ops.meta import ForwardMeta  # noqa: E402
 from dsv4.ops.registry import OpTable  # noqa: E402
 from dsv4.ops.registry import resolve as real_resolve  # noqa: E402
 
@@ -44,15 +46,30 @@ def _compiled() -> bool:
 # the ops whose references read per-step host values (ForwardMeta mirrors); the others are plain torch on whole
 # tensors, the same in a graph step as in an eager one
 META_OPS = ("sparse_attention", "write_window", "compress_kv", "indexer_topk")
+_MIRRORS = ("seq_lens_host", "seq_start_host", "seq_slots_host", "query_start_host")
+
+
+def _in_graph_step(a, kw) -> bool:
+    """The call's ForwardMeta has frozen host mirrors: a graph step (or a rollback / draft graph in it)."""
+    meta = kw.get("meta") or next(x for x in a if isinstance(x, ForwardMeta))
+    return any(isinstance(getattr(meta, f, None), _FrozenMirror) for f in _MIRRORS)
 
 
 def meta_ops_table(platform, overrides=None):
-    """CPU: the Triton providers (interpreted) for the ops that read step metadata, references elsewhere (the
-    interpreted GEMMs would take minutes)."""
+    """CPU: the ops that read step metadata through their Triton providers (interpreted) in graph steps, where
+    the frozen host mirrors prove they read no per-step host value, and through their references in eager steps
+    (prefills, eager MTP passes: the interpreter took minutes there and proves nothing); references elsewhere
+    (the interpreted GEMMs would take minutes)."""
     t = triton_table(platform, overrides)
     ref = real_resolve(platform, overrides)
-    pick = {n: (t if n in META_OPS else ref) for n in t.choices}
-    return OpTable(platform, {n: pick[n].choices[n] for n in pick}, {n: pick[n]._fns[n] for n in pick})
+    fns = {n: ref._fns[n] for n in t.choices}
+    for n in META_OPS:
+        fns[n] = functools.partial(_by_step, t._fns[n], ref._fns[n])
+    return OpTable(platform, {n: (t if n in META_OPS else ref).choices[n] for n in t.choices}, fns)
+
+
+def _by_step(graph_fn, eager_fn, *a, **kw):
+    return (graph_fn if _in_graph_step(a, kw) else eager_fn)(*a, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from dsv4.engine.scheduler import Scheduler
 from dsv4.engine.spec_decode import MTPDrafter, SpecStats
 from dsv4.engine.step_batch import StepBuffers
 from dsv4.model.builder import LoadedModel, build_model, parse_dtype
+from dsv4.ops.registry import REFERENCE
 from dsv4.tokenizer import Tokenizer
 
 log = logging.getLogger("dsv4.engine")
@@ -60,7 +61,7 @@ class LLMEngine:
         kv_fp8 = config.kv_cache_dtype == "fp8"
         kv_dtype = self.lm.opts.dtype if config.kv_cache_dtype in ("auto", "fp8") else parse_dtype(config.kv_cache_dtype)
         spec = config.speculative_tokens  # (the MTP drafter's window ring is part of the cache plan)
-        if spec and self.lm.model.mtp and self.lm.model.draft_head is None:
+        if spec and self.lm.model.mtp and self.lm.model.draft_head is None and self._fp8_draft_head_pays():
             self.lm.model.build_draft_head()  # before the memory budget is measured: it holds 0.5 GiB on Flash
         layout = CacheLayout.of(self.cfg, kv_dtype, kv_fp8, config.page_tokens, with_mtp=bool(spec))
         graphs_ok = self._graphs_wanted()
@@ -179,6 +180,12 @@ class LLMEngine:
     # ---- capacity ---------------------------------------------------------------------------------
     _piecewise_reserve = 0
     _graph_reserve = 0
+
+    def _fp8_draft_head_pays(self) -> bool:
+        """The drafter's FP8 head copy halves the bytes a draft pass reads where the `linear` op reads FP8 weights
+        in its kernel; the reference dequantises the whole weight on every call (on the CPU ~0.4 s a draft pass
+        for the tiny model's 129,280-row head against a few ms for the exact head), so it keeps the exact head."""
+        return self.lm.ops.choices["linear"].provider != REFERENCE
 
     def _cache_budget(self, graphs: bool, spec: int = 0) -> int:
         c = self.config

@@ -17,6 +17,7 @@ from dsv4.config import EngineConfig
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.engine.spec_decode import OracleDrafter
+from dsv4.ops.registry import REFERENCE
 
 LENGTHS = [1, 5, 122, 126, 60, 250, 17]
 MAX_TOKENS = 14
@@ -329,7 +330,8 @@ def test_mtp_drafts_follow_the_mtp_block(lm, prompts):
     from dsv4.ops.meta import ForwardMeta
     m = ForwardMeta.build([s], [0], [len(p)], block_table=dc.cache.block_table)
     Y = lm.model.mtp_forward(X, torch.tensor(p[1:] + [first]), m, dc.cache)
-    assert lm.model.draft_head is not None  # the engine built the drafter's FP8 head
+    # the reference linear would dequantise an FP8 head copy on every pass: the drafter keeps the exact head
+    assert lm.ops.choices["linear"].provider == REFERENCE and lm.model.draft_head is None
     assert int(lm.model.mtp_draft_tokens(Y[-1:])) == drafts[0]
     # the engine's MTP ring holds exactly the prompt's positions (the draft steps' rows were put back)
     slot = req.slot

@@ -30,7 +30,7 @@ from dsv4.ops.meta import ForwardMeta  # noqa: E402
 from dsv4.ops.registry import OpTable  # noqa: E402
 from dsv4.ops.registry import resolve as real_resolve  # noqa: E402
 
-from test_decode_graphs import triton_table  # noqa: E402  (the same op table)
+from test_decode_graphs import META_OPS, triton_table  # noqa: E402  (the same op table)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")]
 
@@ -43,9 +43,6 @@ def _compiled() -> bool:
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
-# the ops whose references read per-step host values (ForwardMeta mirrors); the others are plain torch on whole
-# tensors, the same in a graph step as in an eager one
-META_OPS = ("sparse_attention", "write_window", "compress_kv", "indexer_topk")
 _MIRRORS = ("seq_lens_host", "seq_start_host", "seq_slots_host", "query_start_host")
 
 

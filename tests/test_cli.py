@@ -185,8 +185,7 @@ def test_bench_throughput(capsys, tiny_dir):
 def test_bench_latency_side_by_side(capsys, tiny_dir, tmp_path):
     png = tmp_path / "lat.png"
     rc, out, err = run(capsys, "bench", "latency", "--model", tiny_dir, "--device", "cpu", "--batch-sizes", "1,2",
-                       "--input-len", 6, "--output-len", 3, "--engine", "both", "--json", "--plot", str(png),
-                       "--breakdown")
+                       "--input-len", 6, "--output-len", 3, "--engine", "both", "--json", "--plot", str(png))
     assert rc == 0, err
     r = json.loads(out)
     got = {(x["engine"], x["batch"]) for x in r["rows"]}
@@ -194,12 +193,19 @@ def test_bench_latency_side_by_side(capsys, tiny_dir, tmp_path):
     for x in r["rows"]:
         assert x["tpot_ms"] > 0 and x["output_tok_s"] > 0 and x["ttft_s"] > 0
         assert abs(x["tpot_ms_per_layer"] * 5 - x["tpot_ms"]) < 1e-6 * x["tpot_ms"] + 1e-9  # tiny: 5 layers
+        assert "breakdown" not in x
     assert png.stat().st_size > 1000
     for x in r["rows"]:
         if x["engine"] == "dsv4":
             assert x["prefill_weight_tflops_s"] > 0
-            names = [k["name"] for k in x["breakdown"]]
-            assert names and 0 < sum(k["share"] for k in x["breakdown"]) <= 1 + 1e-9
+    # --breakdown: the busiest ops of a run under torch.profiler (one small row: parsing the profile of the CPU's
+    # many small reference ops is most of the cost)
+    rc, out, err = run(capsys, "bench", "latency", "--model", tiny_dir, "--device", "cpu", "--batch-sizes", "1",
+                       "--input-len", 3, "--output-len", 2, "--json", "--breakdown")
+    assert rc == 0, err
+    (x,) = json.loads(out)["rows"]
+    names = [k["name"] for k in x["breakdown"]]
+    assert names and 0 < sum(k["share"] for k in x["breakdown"]) <= 1 + 1e-9
     with pytest.raises(SystemExit, match="positive"):
         run(capsys, "bench", "latency", "--model", tiny_dir, "--device", "cpu", "--batch-sizes", "0")
 

@@ -43,6 +43,7 @@ CONFIG = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "PREFET
 CONFIG_FP8 = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "PREFETCH": False}
 CONFIG_FP8_SMALL_T = {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "PREFETCH": True}
 SMALL_T = 2
+INTERPRETER_BLOCK_N = 128  # the interpreter pays per loop iteration and per program, not per lane: wide key tiles
 MIN_KEYS_PER_SPLIT = 64  # split-KV (flash-decoding) never gives a split fewer keys than this
 MAX_SPLITS = 64
 FUSE_INV_ROPE = True  # `inv_rope` de-rotates in the kernel that writes the output (else: apply_rope after)
@@ -481,7 +482,7 @@ def sparse_attention_impl(q, kv, window, sink, scale: float, meta: ForwardMeta, 
     else:
         cfg = CONFIG
     BH = block_h or cfg["BLOCK_H"]
-    BN = block_n or cfg["BLOCK_N"]
+    BN = block_n or (INTERPRETER_BLOCK_N if on_cpu else cfg["BLOCK_N"])
     BD = triton.next_power_of_2(D)
     nhb = triton.cdiv(H, BH)
     if num_splits is None:

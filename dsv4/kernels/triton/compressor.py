@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.common import fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max, register
+from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_decode, fp8_encode, fp8_pow2, fp8_quant_max,
+                                        interpreting, register)
 from dsv4.numerics.fp8 import Fp8Dialect
 from dsv4.ops.compressor import POSTPROCESS, compress_kv
 from dsv4.ops.kv_format import FP8_BLOCK, Fp8KV
@@ -428,8 +429,8 @@ def compress_kv_triton(kv, score, ape, norm_weight, inv_freq, state, prev, pool,
         BLOCK_C = FORCE_BLOCK_C
     else:
         BLOCK_C = min(128, max(16, _npow2(d)))
-        while BLOCK_C > 32 and G * triton.cdiv(d, BLOCK_C) < 512:
-            BLOCK_C //= 2
+        while BLOCK_C > 32 and G * triton.cdiv(d, BLOCK_C) < 512 and not interpreting(dev):
+            BLOCK_C //= 2  # (GPU: enough programs for the SMs; the interpreter pays per program instead)
     BLOCK_TOK = FORCE_BLOCK_TOK or (2 if decode else min(16, max(2, _npow2(m))))
     _pool_kernel[(G, triton.cdiv(d, BLOCK_C))](
         kv, score, ape, state, prev_t, scratch, sstate, sprev,

@@ -353,8 +353,8 @@ class MTPDrafter:
         # and output): Y [len(reqs), hc, D]; none when nobody drafts (the pass only writes the ring), unless the
         # pass is collective (expert parallelism: every rank runs the MoE exchange)
         out_rows = ends if (bs or self.lockstep_slot is not None) else []
-        Y = self.model.mtp_forward(X[to_device(rows, torch.int64, dev)], to_device(ids, torch.int64, dev), m, self.cache,
-                                   rows=to_device(out_rows, torch.int64, dev))
+        Y = self.model.mtp_forward(X[to_device(rows, torch.int64, dev)], to_device(ids, torch.int64, dev), m,
+                                   self.cache, rows=to_device(out_rows, torch.int64, dev))
         if not bs:
             if self.lockstep_slot is not None:  # the other ranks may draft: their k - 1 passes are collective
                 for _ in range(self.k - 1):

@@ -78,7 +78,7 @@ def test_reference_op_reading_host_mirror_fails_loudly(tiny_dir, monkeypatch):
 META_OPS = ("sparse_attention", "write_window", "compress_kv", "indexer_topk")
 
 
-def _meta_triton_table(platform, overrides=None):
+def meta_triton_table(platform, overrides=None):
     """The ops that read step metadata through Triton, the references elsewhere (CPU: the interpreted GEMMs and
     MoE took minutes and read no step metadata, so the frozen mirrors prove nothing about them)."""
     t, ref = triton_table(platform, overrides), real_resolve(platform, overrides)
@@ -89,7 +89,7 @@ def _meta_triton_table(platform, overrides=None):
 def _scenario(device: str, tiny_dir, monkeypatch, dtype="float32", numerics="plain"):
     ref = build_model(tiny_dir, device=device, dtype=dtype, numerics=numerics)  # fast prefills (references)
     cuda = torch.device(device).type == "cuda"
-    monkeypatch.setattr(builder, "resolve", triton_table if cuda else _meta_triton_table)
+    monkeypatch.setattr(builder, "resolve", triton_table if cuda else meta_triton_table)
     lm = build_model(tiny_dir, device=device, dtype=dtype, numerics=numerics)
     if cuda:
         assert not capture_blockers(lm.ops)

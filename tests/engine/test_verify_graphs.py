@@ -30,7 +30,7 @@ from dsv4.ops.meta import ForwardMeta  # noqa: E402
 from dsv4.ops.registry import OpTable  # noqa: E402
 from dsv4.ops.registry import resolve as real_resolve  # noqa: E402
 
-from test_decode_graphs import META_OPS, triton_table  # noqa: E402  (the same op table)
+from test_decode_graphs import META_OPS, meta_triton_table, triton_table  # noqa: E402  (the same op tables)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")]
 
@@ -57,12 +57,11 @@ def meta_ops_table(platform, overrides=None):
     the frozen host mirrors prove they read no per-step host value, and through their references in eager steps
     (prefills, eager MTP passes: the interpreter took minutes there and proves nothing); references elsewhere
     (the interpreted GEMMs would take minutes)."""
-    t = triton_table(platform, overrides)
-    ref = real_resolve(platform, overrides)
-    fns = {n: ref._fns[n] for n in t.choices}
+    t, ref = meta_triton_table(platform, overrides), real_resolve(platform, overrides)
+    fns = dict(t._fns)
     for n in META_OPS:
         fns[n] = functools.partial(_by_step, t._fns[n], ref._fns[n])
-    return OpTable(platform, {n: (t if n in META_OPS else ref).choices[n] for n in t.choices}, fns)
+    return OpTable(platform, t.choices, fns)
 
 
 def _by_step(graph_fn, eager_fn, *a, **kw):

@@ -104,6 +104,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-cache-snapshots", type=_positive_int, default=None,
                    help="with --enable-prefix-caching: slot snapshots kept (default: 2 x --max-num-seqs, at most a "
                         "tenth of the cache memory)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="launch each decode step before reading the previous one's tokens, so the host's output work "
+                        "overlaps the device (pure decode steps without speculative decoding or expert parallelism; "
+                        "--no-async-scheduling: every step waits for its tokens)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay captured graphs, decode or piecewise (default: capture them where the device and "
                         "every op's provider allow)")
@@ -170,7 +174,8 @@ def engine_config(a: argparse.Namespace):
         kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory),
         enforce_eager=a.enforce_eager, piecewise_graph_tokens=a.piecewise_graph_tokens, gpus=a.gpus, ep_exchange=a.ep_exchange, speculative_tokens=a.speculative_tokens,
         speculative_disable_by_batch_size=a.speculative_disable_by_batch_size,
-        enable_prefix_caching=a.enable_prefix_caching, prefix_cache_snapshots=a.prefix_cache_snapshots)
+        enable_prefix_caching=a.enable_prefix_caching, prefix_cache_snapshots=a.prefix_cache_snapshots,
+        async_scheduling=a.async_scheduling)
 
 
 def _warn_max_tokens_cap(a: argparse.Namespace, llm, prompts: list) -> None:

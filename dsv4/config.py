@@ -549,6 +549,10 @@ class EngineConfig:
     # at most a tenth of the cache memory)
     enable_prefix_caching: bool = False
     prefix_cache_snapshots: int | None = None
+    # decode steps launched before the previous step's tokens are read back, so the host's output work overlaps
+    # the device (engine/async_decode.py); applies to pure decode steps without speculative decoding or expert
+    # parallelism. False: every step waits for its tokens before the next is scheduled
+    async_scheduling: bool = True
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "gpus"):

@@ -15,6 +15,7 @@ from dsv4.cache.model_cache import CacheLayout, ModelCache
 from dsv4.cache.spec_state import redo_bytes_per_token
 from dsv4.cache.planner import CacheDoesNotFit, CachePlan, gib, plan_cache
 from dsv4.config import EngineConfig
+from dsv4.engine.async_decode import device_samplable
 from dsv4.engine.coordinator import SingleRank, StepCoordinator
 from dsv4.engine.cuda_graphs import (DEFAULT_BATCH_BUCKETS, MAX_VERIFY_GRAPH_BATCH, DecodeGraphs, capture_blockers,
                                      context_buckets)
@@ -127,6 +128,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        self._pending = None  # the async decode step in flight (engine/async_decode.py), or None
 
     def _graphs_wanted(self) -> bool:
         if self.config.enforce_eager or not self.lm.platform.supports_graphs:
@@ -313,6 +315,8 @@ class LLMEngine:
 
     # ---- stepping ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._pending is not None:  # a decode step in flight (async scheduling): launch the next, then read it
+            return self._advance()
         so = self.scheduler.schedule()
         outs: list[RequestOutput] = []
         for req in so.failed:
@@ -320,14 +324,73 @@ class LLMEngine:
             outs.append(self._output(req))
         if not so.scheduled and not self.coord.lockstep:
             return outs
+        if self._async_decode_step(so.scheduled):
+            self._pending = self._launch([r for r, _ in so.scheduled], None)
+            return outs + self._advance()
         try:
             results = self.runner.execute(so.scheduled)  # (expert parallel: also with nothing scheduled here)
         except BaseException:
             self.kv.distrust([r for r, _ in so.scheduled])  # (their cache state is half-written)
             raise
         self.num_steps += bool(so.scheduled)
+        return outs + self._process(so.scheduled, results)
+
+    # ---- async scheduling (engine/async_decode.py) --------------------------------------------------------
+    def _async_decode_step(self, scheduled) -> bool:
+        """This step may run as an async decode step: every request adds its one next token and samples it
+        on the device alone."""
+        return (self.config.async_scheduling and self.runner.async_capable
+                and all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens and device_samplable(r)
+                        for r, n in scheduled))
+
+    def _launch(self, reqs, prev):
+        try:
+            return self.runner.launch_decode(reqs, prev)
+        except BaseException:
+            self.kv.distrust(reqs + (prev.reqs if prev is not None else []))
+            self._pending = None
+            raise
+
+    def _continuing(self, p) -> list:
+        """The requests of in-flight step `p` that go on in the next step, launched before `p` is read; [] when
+        the next step must be scheduled (a request waits for admission, one running is not in `p` or cannot
+        sample on the device, pages run short)."""
+        if self.scheduler.waiting:
+            return []
+        live = [r for r in p.reqs if not r.finished]
+        if len(live) != len(self.scheduler.running):  # (someone else runs: a prefill, a preempted one back)
+            return []
+        out = []
+        for r in live:
+            # its in-flight token is its last by length: it finishes when `p` is read
+            if len(r.output_token_ids) + 1 >= r.max_tokens or r.num_tokens + 1 >= self.max_model_len:
+                continue
+            if not device_samplable(r) or not self.kv.reserve(r, self.kv.seq_len(r.slot) + 1):
+                return []
+            out.append(r)
+        return out
+
+    def _advance(self) -> list[RequestOutput]:
+        """Launch the step after the one in flight where it may go on, then read the one in flight."""
+        p, self._pending = self._pending, None
+        reqs = self._continuing(p)
+        nxt = self._launch(reqs, p) if reqs else None
+        try:
+            results = self.runner.finish_decode(p)
+        except BaseException:
+            self.kv.distrust(p.reqs + reqs)
+            raise
+        self._pending = nxt
+        self.num_steps += 1
+        return self._process([(r, 1) for r in p.reqs], results)
+
+    def _process(self, scheduled, results) -> list[RequestOutput]:
+        """The step's results into the requests: tokens appended, stops checked, outputs made."""
+        outs: list[RequestOutput] = []
         now = time.monotonic()
-        for (req, n), res in zip(so.scheduled, results):
+        for (req, n), res in zip(scheduled, results):
+            if req.finished:  # (async: it stopped, or was aborted, while this step was in flight)
+                continue
             if res.tokens is not None:  # verified drafts: emits accepted drafts + one, keeps as many
                 req.num_computed_tokens += res.kept
                 req.num_spec_steps += 1
@@ -360,7 +423,7 @@ class LLMEngine:
             if out is not None:
                 outs.append(out)
         if self.kv.prefix is not None:
-            for req, _ in so.scheduled:
+            for req, _ in scheduled:
                 if not req.finished:  # (finished ones offered theirs when released)
                     self.kv.commit(req)
             self.kv.prefix.flush()

@@ -15,6 +15,7 @@ import torch
 
 from dsv4.cache.kv_manager import KVCacheManager
 from dsv4.cache.spec_state import StateSnapshot, rollback
+from dsv4.engine.async_decode import PendingDecode
 from dsv4.engine.coordinator import EAGER, GRAPH, NONE, SingleRank, StepCoordinator
 from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.request import Request
@@ -76,6 +77,9 @@ class ModelRunner:
         # verify graph steps of plain-argmax requests: acceptance on the device, the draft graph right after the
         # verify graph (False: the host's sampler path always; tests compare the two)
         self.device_accept = True
+        self.async_steps = 0  # decode steps launched before the previous step's tokens were read (async_decode.py)
+        self._async_host: list[torch.Tensor] = []  # two pinned read-back buffers, taken in turn
+        self._async_turn = 0
 
     def _graph_step(self, reqs, starts, ns) -> bool:
         """A pure decode step (one token per request, each reaching its end, no prompt logprobs) that fits a
@@ -93,16 +97,86 @@ class ModelRunner:
                         for r, s, n in zip(reqs, starts, ns)))
 
     def _sample(self, logits, reqs, sample_at, results) -> None:
-        srows = [SamplingRow(params=reqs[i].params, prompt_token_ids=reqs[i].prompt_token_ids,
-                             output_token_ids=reqs[i].output_token_ids, generator=reqs[i].generator,
-                             stop_ids=reqs[i].stop_ids, request_id=reqs[i].request_id)
-                 for i, _ in sample_at]
+        srows = self._rows([reqs[i] for i, _ in sample_at])
         ks = [k for _, k in sample_at]
         rows = logits[:len(ks)] if ks == list(range(len(ks))) else logits[ks]  # (decode: a view, no [B, V] copy)
         toks, lps = self.sampler(rows, srows)
         for (i, _), t, lp in zip(sample_at, toks, lps):
             results[i].token_id = t
             results[i].logprobs = lp
+
+    @property
+    def async_capable(self) -> bool:
+        """Decode steps may be launched before the previous one is read back (engine/async_decode.py): not with
+        a drafter (speculative steps) nor in lockstep (expert parallelism)."""
+        return self.drafter is None and not self.coord.lockstep
+
+    def _rows(self, reqs) -> list[SamplingRow]:
+        return [SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids, output_token_ids=r.output_token_ids,
+                            generator=r.generator, stop_ids=r.stop_ids, request_id=r.request_id) for r in reqs]
+
+    def _async_buffer(self, B: int) -> torch.Tensor | None:
+        """A pinned buffer for a step's read-back, the two used in turn (one step in flight while the one
+        before is read). None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        if not self._async_host or self._async_host[0].numel() < 2 * B:
+            n = 2 * max(B, self.buffers.max_seqs)
+            self._async_host = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._async_turn ^= 1
+        return self._async_host[self._async_turn]
+
+    @torch.no_grad()
+    def launch_decode(self, reqs: list[Request], prev: PendingDecode | None = None) -> PendingDecode:
+        """Launch a pure decode step of `reqs` (one token each, at the end of its cache) and draw its tokens on
+        the device without reading them back (`finish_decode` does). With `prev` (the step in flight), each
+        request's input token is the one `prev` drew for it, copied on the device: its host token list does not
+        have it yet. A decode graph replays when one fits, else the eager (or piecewise graph) forward."""
+        if not self.async_capable:
+            raise RuntimeError("async decode steps need a single rank without speculative decoding")
+        B = len(reqs)
+        slots = [r.slot for r in reqs]
+        starts = [self.kv.seq_len(s) for s in slots]
+        src = None
+        if prev is None:
+            ids = [r.token_slice(s, s + 1)[0] for r, s in zip(reqs, starts)]
+        else:
+            ids = [0] * B
+            row = {id(r): i for i, r in enumerate(prev.reqs)}
+            idx = [row[id(r)] for r in reqs]
+            src = prev.drawn.tokens if idx == list(range(len(prev.reqs))) else \
+                prev.drawn.tokens[to_device(idx, torch.int64, self.device)]
+        self.kv.begin_step(slots, starts, [s + 1 for s in starts])
+        self.kv.sync_block_table()
+        g = self.graphs
+        if g is not None and B <= g.batch_buckets[-1]:
+            key = g.bucket(B, max(starts) + 1)
+            g.ensure(key)
+            dev_ids = stage_decode(self.buffers, key[0], self.scratch, ids, slots, starts)
+            if src is not None:
+                dev_ids[:B].copy_(src)
+            batch = StepBatch(reqs, starts, [1] * B, dev_ids, None, key)
+            logits = g.replay(key)[:B]
+            self.graph_steps += 1
+        else:
+            pad = self.piecewise.bucket(B) if self.piecewise is not None else None
+            batch = build_eager(self.buffers, reqs, starts, [1] * B, slots, self.cache.block_table, ids=ids, pad_to=pad)
+            if src is not None:
+                batch.ids.copy_(src)
+            if pad is not None:
+                X = self.piecewise.run(pad, batch.meta)
+                self.piecewise_steps += 1
+            else:
+                X = self.model(batch.ids, batch.meta, self.cache)
+            logits = self.model.logits(X[:B])
+        self.last_batch = batch
+        self.async_steps += prev is not None
+        drawn = self.sampler.draw(logits, self._rows(reqs), host=self._async_buffer(B))
+        return PendingDecode(list(reqs), starts, drawn, batch)
+
+    def finish_decode(self, p: PendingDecode) -> list[StepResult]:
+        """Read the tokens of a launched decode step (waits for that step only)."""
+        return [StepResult(token_id=t) for t in self.sampler.read(p.drawn)]
 
     @torch.no_grad()
     def execute(self, scheduled: list[tuple[Request, int]]) -> list[StepResult]:

@@ -59,6 +59,21 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # the top-n (token, logprob) pairs, most likely first
 
 
+class DrawnTokens:
+    """Tokens drawn on the device, not read back yet (Sampler.draw -> Sampler.read)."""
+
+    def __init__(self, both: torch.Tensor, rows: list, host: torch.Tensor | None, event):
+        self.both = both  # [2B] int64 on the device: the tokens, then each row's no-finite-logit flag
+        self.rows = rows
+        self.host = host  # pinned [2B] copy target, or None (read copies synchronously)
+        self.event = event  # recorded after the copy to `host` (CUDA), or None
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[B] int64 on the device (an async decode step's next input ids)."""
+        return self.both[:len(self.rows)]
+
+
 @dataclass
 class SamplingRow:
     params: SamplingParams
@@ -106,12 +121,33 @@ class Sampler:
         return len(self._states)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        drawn = self.draw(logits, rows)
+        if drawn is None:
+            return [], []
+        token_list = self.read(drawn)
+        B = len(rows)
+        lps: list[TokenLogprobs | None] = [None] * B
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if want:
+            wi = to_device(want, torch.int64, logits.device)
+            got = token_logprobs(logits[wi].float(), [token_list[i] for i in want],
+                                 [rows[i].params.logprobs for i in want])
+            for i, lp in zip(want, got):
+                lps[i] = lp
+        return token_list, lps
+
+    def draw(self, logits: torch.Tensor, rows: list[SamplingRow], host: torch.Tensor | None = None
+             ) -> "DrawnTokens | None":
+        """Every step of sampling but the read-back: the tokens (and each row's no-finite-logit flag) stay on
+        the device. `host` (pinned, >= 2B int64; async decode steps): their copy to it is queued now, behind
+        this step's work only, so `read` later waits for this step and not for work queued after it. None
+        for B = 0."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [B, V] with B = {len(rows)} rows, got {tuple(logits.shape)}")
         logits = logits.float()
         B, V = logits.shape
         if B == 0:
-            return [], []
+            return None
         x = self.apply_penalties(logits, rows)
         x = suppress_stop_ids(x, rows)
 
@@ -136,19 +172,29 @@ class Sampler:
                 tokens = drawn
             else:
                 tokens[si] = drawn
-        both = torch.cat([tokens, bad.to(torch.int64)]).tolist()
-        token_list = both[:B]
-        if any(both[B:]):
-            _no_finite_logit(x, rows, both[B:].index(1))
+        both = torch.cat([tokens, bad.to(torch.int64)])
+        event = None
+        if host is not None:
+            if host.numel() < 2 * B:
+                raise ValueError(f"the host buffer holds {host.numel()} values; {B} rows need {2 * B}")
+            host = host[:2 * B]
+            host.copy_(both, non_blocking=True)
+            if both.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+        return DrawnTokens(both, rows, host, event)
 
-        lps: list[TokenLogprobs | None] = [None] * B
-        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        if want:
-            wi = to_device(want, torch.int64, logits.device)
-            got = token_logprobs(logits[wi], [token_list[i] for i in want], [rows[i].params.logprobs for i in want])
-            for i, lp in zip(want, got):
-                lps[i] = lp
-        return token_list, lps
+    @staticmethod
+    def read(drawn: "DrawnTokens") -> list[int]:
+        """The drawn tokens on the host (waits for their step only when `draw` was given a host buffer).
+        Raises naming the first row that had no finite logit."""
+        if drawn.event is not None:
+            drawn.event.synchronize()
+        both = (drawn.host if drawn.host is not None else drawn.both).tolist()
+        B = len(drawn.rows)
+        if any(both[B:]):
+            _no_finite_logit(drawn.rows, both[B:].index(1))
+        return both[:B]
 
     def apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """(b): repetition penalty over prompt + output tokens, frequency and presence penalties over
@@ -462,8 +508,8 @@ def _race_noise(gens: Sequence[torch.Generator | None], V: int, device: torch.de
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
-def _no_finite_logit(x: torch.Tensor, rows: Sequence[SamplingRow], i: int) -> None:
+def _no_finite_logit(rows: Sequence[SamplingRow], i: int) -> None:
     """Row i's max logit is not finite (all -inf after masking, or a NaN): refuse to emit its token."""
     raise RuntimeError(f"sampler: row {i} has no finite logit to choose from after penalties and min_tokens "
-                       f"masking (max {x[i].max().item()}; min_tokens={rows[i].params.min_tokens}, "
+                       f"masking (its max is -inf or NaN; min_tokens={rows[i].params.min_tokens}, "
                        f"{len(rows[i].stop_ids)} stop ids): a bug upstream")

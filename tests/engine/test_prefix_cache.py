@@ -413,10 +413,13 @@ def test_reference_counts_with_hits():
 
 def test_one_snapshot_slot_refilled_within_a_step(lm):
     """One snapshot slot, two requests reaching boundaries in the same step: the slot holds the state the
-    cache says it holds (the later copy, made once; index_copy_ with a repeated index is undefined)."""
+    cache says it holds (the later copy, made once; index_copy_ with a repeated index is undefined). Steps
+    synchronous: the slot is compared with its owner's right after the step that took it (an async step
+    would have the owner one token further)."""
     g = torch.Generator().manual_seed(21)
     a, b = (torch.randint(0, 129280, (250,), generator=g).tolist() for _ in range(2))
-    eng = engine(lm, enable_prefix_caching=True, prefix_cache_snapshots=1, max_num_batched_tokens=512)
+    eng = engine(lm, enable_prefix_caching=True, prefix_cache_snapshots=1, max_num_batched_tokens=512,
+                 async_scheduling=False)
     for i, p in enumerate((a, b)):
         eng.add_request(p, SamplingParams(max_tokens=10, ignore_eos=True, detokenize=False), request_id=str(i))
     while eng.requests["0"].num_computed_tokens < 256:  # both decode in lockstep and reach 256 in one step

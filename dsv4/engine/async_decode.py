@@ -1,0 +1,49 @@
+"""Async decode: the engine launches decode step n + 1 before it reads step n's tokens back.
+
+A pure decode step (every request adds one token) takes its input ids from the previous step's sampled
+tokens where they still are, on the device; the host stages only what it already knows (slots, positions,
+lengths, pages), launches the step (graph replay or eager forward, then sampling: `Sampler.draw` with the
+read-back queued into a pinned buffer behind this step's work only), and only then reads step n's tokens and
+does the output work for them (detokenising, stop checks, outputs). The device runs step n + 1 meanwhile
+instead of waiting for the host between steps.
+
+Between two engine steps, one step is in flight. A request's host-side token list is then one token behind
+its cache: the KV manager's length counts the in-flight position, `req.num_computed_tokens` does not. That
+agrees with everything the host does in between: the prefix cache commits the KV manager's length with the
+token list it has (whose last token is the one being computed), an abort or finish releases a slot whose
+pending writes are ordered before any later device work on the stream, and the in-flight row of a request
+that stopped (EOS, stop string, abort) is dropped when read.
+
+A step continues asynchronously only when nothing else needs the scheduler: no request waiting for
+admission, every running request decoding in the step before, each one's sampling done on the device
+without its last token (`device_samplable`: no repetition / frequency / presence penalty, no logprobs, past
+min_tokens), and pages for one more token. A request whose step-n token is its last by length is left out
+of step n + 1. Anything else drains: the in-flight step is read and the next engine step is scheduled
+as usual. Speculative decoding and expert parallelism (lockstep steps) do not take this path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsv4.engine.request import Request
+from dsv4.engine.sampler import DrawnTokens
+from dsv4.engine.step_batch import StepBatch
+
+
+@dataclass
+class PendingDecode:
+    """A decode step launched and not read back: its requests (in row order) and its drawn tokens."""
+    reqs: list[Request]
+    starts: list[int]
+    drawn: DrawnTokens
+    batch: StepBatch
+
+
+def device_samplable(req: Request) -> bool:
+    """Sampling req's next token needs nothing the host learns only from its previous token: no penalty over
+    the output, no logprobs, no min_tokens suppression left (its stop ids are masked until min_tokens)."""
+    p = req.params
+    return (p.logprobs is None and p.prompt_logprobs is None and p.repetition_penalty == 1.0
+            and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+            and len(req.output_token_ids) >= p.min_tokens)

@@ -15,9 +15,9 @@ pending writes are ordered before any later device work on the stream, and the i
 that stopped (EOS, stop string, abort) is dropped when read.
 
 A step continues asynchronously only when nothing else needs the scheduler: no request waiting for
-admission, every running request decoding in the step before, each one's sampling done on the device
-without its last token (`device_samplable`: no repetition / frequency / presence penalty, no logprobs, past
-min_tokens), and pages for one more token. A request whose step-n token is its last by length is left out
+admission, every running request decoding in the step before (`decodes_async`), and pages for one more
+token. Sampling counts each row's in-flight token where it matters (`Sampler.draw(pending=)`: the penalty
+state on the device, min_tokens on the host), and logprobs are computed with the token and read back with it. A request whose step-n token is its last by length is left out
 of step n + 1. Anything else drains: the in-flight step is read and the next engine step is scheduled
 as usual. Speculative decoding and expert parallelism (lockstep steps) do not take this path.
 """
@@ -40,10 +40,9 @@ class PendingDecode:
     batch: StepBatch
 
 
-def device_samplable(req: Request) -> bool:
-    """Sampling req's next token needs nothing the host learns only from its previous token: no penalty over
-    the output, no logprobs, no min_tokens suppression left (its stop ids are masked until min_tokens)."""
-    p = req.params
-    return (p.logprobs is None and p.prompt_logprobs is None and p.repetition_penalty == 1.0
-            and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
-            and len(req.output_token_ids) >= p.min_tokens)
+def decodes_async(req: Request) -> bool:
+    """req's decode steps may run asynchronously: everything its sampling needs is on the device or known
+    ahead (penalty state counts the in-flight token on the device, min_tokens counts it on the host, logprobs
+    are computed with the token and read back with it). Requests asking for prompt logprobs keep synchronous
+    steps, as decode graphs do."""
+    return req.params.prompt_logprobs is None

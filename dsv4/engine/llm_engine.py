@@ -15,7 +15,7 @@ from dsv4.cache.model_cache import CacheLayout, ModelCache
 from dsv4.cache.spec_state import redo_bytes_per_token
 from dsv4.cache.planner import CacheDoesNotFit, CachePlan, gib, plan_cache
 from dsv4.config import EngineConfig
-from dsv4.engine.async_decode import device_samplable
+from dsv4.engine.async_decode import decodes_async
 from dsv4.engine.coordinator import SingleRank, StepCoordinator
 from dsv4.engine.cuda_graphs import (DEFAULT_BATCH_BUCKETS, MAX_VERIFY_GRAPH_BATCH, DecodeGraphs, capture_blockers,
                                      context_buckets)
@@ -337,10 +337,9 @@ class LLMEngine:
 
     # ---- async scheduling (engine/async_decode.py) --------------------------------------------------------
     def _async_decode_step(self, scheduled) -> bool:
-        """This step may run as an async decode step: every request adds its one next token and samples it
-        on the device alone."""
+        """This step may run as an async decode step: every request adds its one next token."""
         return (self.config.async_scheduling and self.runner.async_capable
-                and all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens and device_samplable(r)
+                and all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens and decodes_async(r)
                         for r, n in scheduled))
 
     def _launch(self, reqs, prev):
@@ -353,8 +352,8 @@ class LLMEngine:
 
     def _continuing(self, p) -> list:
         """The requests of in-flight step `p` that go on in the next step, launched before `p` is read; [] when
-        the next step must be scheduled (a request waits for admission, one running is not in `p` or cannot
-        sample on the device, pages run short)."""
+        the next step must be scheduled (a request waits for admission, one running is not in `p` or asks for
+        prompt logprobs, pages run short)."""
         if self.scheduler.waiting:
             return []
         live = [r for r in p.reqs if not r.finished]
@@ -365,7 +364,7 @@ class LLMEngine:
             # its in-flight token is its last by length: it finishes when `p` is read
             if len(r.output_token_ids) + 1 >= r.max_tokens or r.num_tokens + 1 >= self.max_model_len:
                 continue
-            if not device_samplable(r) or not self.kv.reserve(r, self.kv.seq_len(r.slot) + 1):
+            if not decodes_async(r) or not self.kv.reserve(r, self.kv.seq_len(r.slot) + 1):
                 return []
             out.append(r)
         return out

@@ -171,12 +171,13 @@ class ModelRunner:
             logits = self.model.logits(X[:B])
         self.last_batch = batch
         self.async_steps += prev is not None
-        drawn = self.sampler.draw(logits, self._rows(reqs), host=self._async_buffer(B))
+        drawn = self.sampler.draw(logits, self._rows(reqs), host=self._async_buffer(B), pending=src)
         return PendingDecode(list(reqs), starts, drawn, batch)
 
     def finish_decode(self, p: PendingDecode) -> list[StepResult]:
-        """Read the tokens of a launched decode step (waits for that step only)."""
-        return [StepResult(token_id=t) for t in self.sampler.read(p.drawn)]
+        """Read the tokens (and logprobs) of a launched decode step (waits for that step only)."""
+        toks = self.sampler.read(p.drawn)
+        return [StepResult(token_id=t, logprobs=lp) for t, lp in zip(toks, p.drawn.logprobs)]
 
     @torch.no_grad()
     def execute(self, scheduled: list[tuple[Request, int]]) -> list[StepResult]:

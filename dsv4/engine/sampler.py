@@ -62,11 +62,15 @@ class TokenLogprobs:
 class DrawnTokens:
     """Tokens drawn on the device, not read back yet (Sampler.draw -> Sampler.read)."""
 
-    def __init__(self, both: torch.Tensor, rows: list, host: torch.Tensor | None, event):
+    def __init__(self, both: torch.Tensor, rows: list, host: torch.Tensor | None, event, parts=None):
         self.both = both  # [2B] int64 on the device: the tokens, then each row's no-finite-logit flag
         self.rows = rows
         self.host = host  # pinned [2B] copy target, or None (read copies synchronously)
-        self.event = event  # recorded after the copy to `host` (CUDA), or None
+        self.event = event  # recorded after the copies to the host (CUDA), or None
+        # rows asking for logprobs: (their indices, their top-n, chosen logprob [N], rank [N], top values and ids
+        # [N, kmax]); `read` turns them into `logprobs` (one entry per row, None where not asked)
+        self.parts = parts
+        self.logprobs: list[TokenLogprobs | None] = []
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -124,32 +128,23 @@ class Sampler:
         drawn = self.draw(logits, rows)
         if drawn is None:
             return [], []
-        token_list = self.read(drawn)
-        B = len(rows)
-        lps: list[TokenLogprobs | None] = [None] * B
-        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        if want:
-            wi = to_device(want, torch.int64, logits.device)
-            got = token_logprobs(logits[wi].float(), [token_list[i] for i in want],
-                                 [rows[i].params.logprobs for i in want])
-            for i, lp in zip(want, got):
-                lps[i] = lp
-        return token_list, lps
+        return self.read(drawn), drawn.logprobs
 
-    def draw(self, logits: torch.Tensor, rows: list[SamplingRow], host: torch.Tensor | None = None
-             ) -> "DrawnTokens | None":
-        """Every step of sampling but the read-back: the tokens (and each row's no-finite-logit flag) stay on
-        the device. `host` (pinned, >= 2B int64; async decode steps): their copy to it is queued now, behind
-        this step's work only, so `read` later waits for this step and not for work queued after it. None
-        for B = 0."""
+    def draw(self, logits: torch.Tensor, rows: list[SamplingRow], host: torch.Tensor | None = None,
+             pending: torch.Tensor | None = None) -> "DrawnTokens | None":
+        """Every step of sampling but the read-back: the tokens, each row's no-finite-logit flag and the
+        logprobs asked for stay on the device. `host` (pinned, >= 2B int64; async decode steps): their copy to
+        the host is queued now, behind this step's work only, so `read` later waits for this step and not for
+        work queued after it. `pending` [B] (async decode steps): each row's last token, still on the device and
+        not yet in its output list (penalty state, min_tokens and the like count it). None for B = 0."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [B, V] with B = {len(rows)} rows, got {tuple(logits.shape)}")
         logits = logits.float()
         B, V = logits.shape
         if B == 0:
             return None
-        x = self.apply_penalties(logits, rows)
-        x = suppress_stop_ids(x, rows)
+        x = self.apply_penalties(logits, rows, pending)
+        x = suppress_stop_ids(x, rows, lag=int(pending is not None))
 
         tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
@@ -173,16 +168,24 @@ class Sampler:
             else:
                 tokens[si] = drawn
         both = torch.cat([tokens, bad.to(torch.int64)])
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        parts = None
+        if want:
+            wi = to_device(want, torch.int64, logits.device)
+            parts = (want, [rows[i].params.logprobs for i in want],
+                     *_logprob_parts(logits[wi], tokens[wi], [rows[i].params.logprobs for i in want]))
         event = None
         if host is not None:
             if host.numel() < 2 * B:
                 raise ValueError(f"the host buffer holds {host.numel()} values; {B} rows need {2 * B}")
             host = host[:2 * B]
             host.copy_(both, non_blocking=True)
+            if parts is not None:  # (pinned copies from torch's caching host allocator)
+                parts = parts[:2] + tuple(_pinned_copy(t) for t in parts[2:])
             if both.device.type == "cuda":
                 event = torch.cuda.Event()
                 event.record()
-        return DrawnTokens(both, rows, host, event)
+        return DrawnTokens(both, rows, host, event, parts)
 
     @staticmethod
     def read(drawn: "DrawnTokens") -> list[int]:
@@ -194,14 +197,21 @@ class Sampler:
         B = len(drawn.rows)
         if any(both[B:]):
             _no_finite_logit(drawn.rows, both[B:].index(1))
+        drawn.logprobs = [None] * B
+        if drawn.parts is not None:
+            want, ns, *tensors = drawn.parts
+            got = _logprob_objects([both[i] for i in want], ns, *tensors)
+            for i, lp in zip(want, got):
+                drawn.logprobs[i] = lp
         return both[:B]
 
-    def apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    def apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                        pending: torch.Tensor | None = None) -> torch.Tensor:
         """(b): repetition penalty over prompt + output tokens, frequency and presence penalties over
         output tokens, then logit_bias. Returns a new tensor, or the input itself when no row has a penalty or a
-        bias (the input is never changed)."""
+        bias (the input is never changed). `pending`: see `draw`."""
         V = logits.shape[1]
-        states, scratch = self._row_states(rows, V, logits.device, logits.dtype)
+        states, scratch = self._row_states(rows, V, logits.device, logits.dtype, pending)
         x = logits if all(st is None for st in states) else logits.clone()
         try:
             rep = [i for i, st in enumerate(states) if st is not None and st.seen is not None]
@@ -232,10 +242,12 @@ class Sampler:
 
     # ---- per-request state ----------------------------------------------------------------------------
 
-    def _row_states(self, rows: Sequence[SamplingRow], V: int, device: torch.device, dtype: torch.dtype
-                    ) -> tuple[list[_RowState | None], list[_RowState]]:
+    def _row_states(self, rows: Sequence[SamplingRow], V: int, device: torch.device, dtype: torch.dtype,
+                    pending: torch.Tensor | None = None) -> tuple[list[_RowState | None], list[_RowState]]:
         """Each row's state (None: no penalty, no logit_bias), brought up to date with the row's output
-        tokens; and the states to free after this call (rows without request_id, stale ones)."""
+        tokens and, with `pending`, with each row's token not yet in them (counted on the device; `ahead`
+        remembers it, so the host list's copy of it is skipped once it arrives); and the states to free after
+        this call (rows without request_id, stale ones)."""
         if self._where != (V, device, dtype):
             self._where, self._states = (V, device, dtype), {}
             self._seen = self._counts = None
@@ -256,16 +268,16 @@ class Sampler:
                 out = r.output_token_ids
                 rid = r.request_id
                 st = self._states.get(rid) if rid is not None else None
-                if st is not None and st.params is p and st.output is out and st.counted <= len(out):
-                    if st.counted < len(out):
-                        new = out[st.counted:]
+                if st is not None and st.params is p and st.output is out and st.counted + st.ahead <= len(out):
+                    if st.counted + st.ahead < len(out):
+                        new = out[st.counted + st.ahead:]
                         if st.seen is not None:
                             seen_r += [st.seen] * len(new)
                             seen_t += new
                         if st.counts is not None:
                             cnt_r += [st.counts] * len(new)
                             cnt_t += new
-                        st.counted = len(out)
+                    st.counted, st.ahead = len(out), 0
                 else:
                     if st is not None:  # another request under this id, or its lists were replaced: start over
                         scratch.append(self._states.pop(rid))  # (freed after the call: a row above may use it)
@@ -289,6 +301,8 @@ class Sampler:
                                              accumulate=True)
             if fresh:
                 self._build(fresh, V, device, dtype)
+            if pending is not None:
+                self._count_pending(states, pending, device)
         except BaseException:  # (bad token ids): forget every state this call touched; later calls rebuild them
             for r in rows:
                 if r.request_id is not None and r.request_id in self._states:
@@ -297,6 +311,26 @@ class Sampler:
                 self._free(st)
             raise
         return states, scratch
+
+    def _count_pending(self, states: list, pending: torch.Tensor, device: torch.device) -> None:
+        """Count each stateful row's pending token (on the device) into its seen / counts row."""
+        sr, si, cr, ci = [], [], [], []
+        for i, st in enumerate(states):
+            if st is None or (st.seen is None and st.counts is None):
+                continue
+            if st.seen is not None:
+                sr.append(st.seen)
+                si.append(i)
+            if st.counts is not None:
+                cr.append(st.counts)
+                ci.append(i)
+            st.ahead = 1
+        if sr:
+            ix = to_device([sr, si], torch.int64, device)
+            self._seen.data[ix[0], pending[ix[1]]] = True
+        if cr:
+            ix = to_device([cr, ci], torch.int64, device)
+            self._counts.data.index_put_((ix[0], pending[ix[1]]), torch.ones(len(cr), device=device), accumulate=True)
 
     def _build(self, fresh: list[tuple[SamplingRow, _RowState]], V: int, device: torch.device,
                dtype: torch.dtype) -> None:
@@ -349,10 +383,11 @@ class _RowState:
     """A request's sampling state: pool rows (Sampler._seen / _counts) or None, its logit_bias entries
     within the vocabulary as (token ids, values) device tensors or None, and how many of its output
     tokens are counted. `params` and `output` tell whether a row still belongs to it."""
-    __slots__ = ("params", "output", "counted", "seen", "counts", "bias")
+    __slots__ = ("params", "output", "counted", "ahead", "seen", "counts", "bias")
 
     def __init__(self, params: SamplingParams, output: Sequence[int], counted: int):
         self.params, self.output, self.counted = params, output, counted
+        self.ahead = 0  # tokens after output[:counted] already counted on the device (async decode: 0 or 1)
         self.seen: int | None = None
         self.counts: int | None = None
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -383,14 +418,15 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     return Sampler().apply_penalties(logits, rows)
 
 
-def suppress_stop_ids(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """(c): -inf on the stop ids of rows that have fewer than min_tokens output tokens. Returns x itself when
-    nothing is suppressed, else a copy (x is never changed: it may be the raw logits that logprobs read)."""
+def suppress_stop_ids(x: torch.Tensor, rows: Sequence[SamplingRow], lag: int = 0) -> torch.Tensor:
+    """(c): -inf on the stop ids of rows that have fewer than min_tokens output tokens (`lag`: tokens each row
+    has beyond its output list, async decode steps). Returns x itself when nothing is suppressed, else a copy
+    (x is never changed: it may be the raw logits that logprobs read)."""
     V = x.shape[1]
     ri: list[int] = []
     ti: list[int] = []
     for i, r in enumerate(rows):
-        if len(r.output_token_ids) < r.params.min_tokens:
+        if len(r.output_token_ids) + lag < r.params.min_tokens:
             ids = [t for t in r.stop_ids if 0 <= t < V]
             ri += [i] * len(ids)
             ti += ids
@@ -436,20 +472,38 @@ def kept_set(logits: torch.Tensor, params: SamplingParams) -> set[int]:
 
 def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], ns: Sequence[int]) -> list[TokenLogprobs]:
     """Raw-distribution logprob, rank and top-n of token_ids[i] in row i of logits [N, V]."""
-    N, V = logits.shape
-    lp = torch.log_softmax(logits.float(), dim=-1)
     ids = to_device(list(token_ids), torch.int64, logits.device)
-    chosen = lp.gather(1, ids[:, None])
-    rank = (lp > chosen).sum(dim=-1) + 1
+    return _logprob_objects(list(token_ids), ns, *_logprob_parts(logits, ids, ns))
+
+
+def _logprob_parts(logits: torch.Tensor, ids: torch.Tensor, ns: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """On the device: the chosen ids' logprobs [N] and ranks [N], and the top max(ns) logprobs and ids [N, kmax]
+    of each row of logits [N, V] (raw distribution)."""
+    V = logits.shape[1]
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, ids[:, None])[:, 0]
+    rank = (lp > chosen[:, None]).sum(dim=-1) + 1
     kmax = min(max(ns, default=0), V)
-    if kmax > 0:
-        tv, ti = lp.topk(kmax, dim=-1)
-        tv, ti = tv.tolist(), ti.tolist()
+    tv, ti = lp.topk(kmax, dim=-1) if kmax > 0 else (lp[:, :0], torch.zeros_like(lp[:, :0], dtype=torch.int64))
+    return chosen, rank, tv, ti
+
+
+def _logprob_objects(token_ids: Sequence[int], ns: Sequence[int], chosen, rank, tv, ti) -> list[TokenLogprobs]:
+    tv, ti = tv.tolist(), ti.tolist()
     out = []
-    for j, (c, r, n) in enumerate(zip(chosen[:, 0].tolist(), rank.tolist(), ns)):
-        top = sorted(zip(ti[j][:n], tv[j][:n]), key=lambda e: (-e[1], e[0])) if kmax > 0 and n > 0 else []
+    for j, (c, r, n) in enumerate(zip(chosen.tolist(), rank.tolist(), ns)):
+        top = sorted(zip(ti[j][:n], tv[j][:n]), key=lambda e: (-e[1], e[0])) if n > 0 else []
         out.append(TokenLogprobs(token_id=int(token_ids[j]), logprob=c, rank=r, top=top))
     return out
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` copied to pinned host memory, queued (not waited for) on a CUDA device; `t` itself on the CPU."""
+    if t.device.type != "cuda":
+        return t
+    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    h.copy_(t, non_blocking=True)
+    return h
 
 
 def prompt_logprobs(logits: torch.Tensor, next_ids: Sequence[int], n: int) -> list[TokenLogprobs]:

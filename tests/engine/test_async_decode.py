@@ -1,7 +1,8 @@
 """Async decode steps (engine/async_decode.py): the next decode step is launched before the previous one's
 tokens are read back, its input ids copied on the device. Everything a user sees must equal the synchronous
-engine's: tokens, finish reasons, stops mid-stream, arrivals and aborts while a step is in flight, requests
-whose sampling needs the host (penalties, logprobs, min_tokens), and the cache bookkeeping afterwards."""
+engine's: tokens, logprobs, finish reasons, stops mid-stream, arrivals and aborts while a step is in flight,
+requests whose sampling counts the in-flight token (penalties, min_tokens) or reads it back with its
+logprobs, and the cache bookkeeping afterwards."""
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def run(eng, reqs, events=None, max_steps=500):
-    """Step until done; events: {step index: fn(eng)} run before that step. Returns {id: (tokens, reason)}."""
+    """Step until done; events: {step index: fn(eng)} run before that step. Returns {id: (tokens, reason)}, with
+    the logprobs third where asked."""
     for i, (p, sp) in enumerate(reqs):
         eng.add_request(p, sp, request_id=str(i))
     done = {}
@@ -33,16 +35,22 @@ def run(eng, reqs, events=None, max_steps=500):
         if events and step in events:
             out = events[step](eng)
             if out is not None:
-                done[out.request_id] = (list(out.outputs[0].token_ids), out.outputs[0].finish_reason)
+                done[out.request_id] = result(out)
         if not eng.has_unfinished_requests():
             break
         for out in eng.step():
             if out.finished:
-                done[out.request_id] = (list(out.outputs[0].token_ids), out.outputs[0].finish_reason)
+                done[out.request_id] = result(out)
     assert not eng.has_unfinished_requests()
     eng.kv.check()
     assert eng.kv.num_free_pages == eng.cache.num_pages - len(getattr(eng.kv, "scratch_pages", []))
     return done
+
+
+def result(out):
+    o = out.outputs[0]
+    r = (list(o.token_ids), o.finish_reason)
+    return r if o.logprobs is None else r + ([(lp.token_id, lp.logprob, lp.rank, lp.top) for lp in o.logprobs],)
 
 
 def greedy(n, **kw):
@@ -106,21 +114,22 @@ def test_arrivals_and_aborts_while_a_step_is_in_flight(lm):
     assert eng.runner.async_steps > 0
 
 
-@pytest.mark.parametrize("kw", [dict(repetition_penalty=1.3), dict(frequency_penalty=0.5), dict(logprobs=2),
-                                dict(min_tokens=6)])
-def test_requests_that_sample_on_the_host_run_synchronously(lm, kw):
-    """Penalties, logprobs and min_tokens read the last token on the host: such a request keeps the engine's steps
-    synchronous while it decodes (min_tokens only until it is reached), with the synchronous engine's tokens."""
-    P = prompts(2, seed=3)
-    one = SamplingParams(max_tokens=10, temperature=0, detokenize=False, ignore_eos=True,
-                         stop_token_ids=[] if "min_tokens" not in kw else [7], **kw)
-    reqs = [(P[0], one), (P[1], greedy(10))]
+@pytest.mark.parametrize("kw", [dict(repetition_penalty=1.3), dict(frequency_penalty=0.5, presence_penalty=0.3),
+                                dict(logprobs=2), dict(min_tokens=6), dict(logit_bias={5: 3.0, 9: -2.0})])
+def test_requests_that_read_their_last_token(lm, kw):
+    """Penalties count the in-flight token on the device, min_tokens counts it on the host, logprobs come back
+    with it: such requests decode asynchronously with the synchronous engine's tokens and logprobs (beside a
+    plain request; greedy and sampled)."""
+    P = prompts(3, seed=3)
+    stop = [7] if "min_tokens" in kw else []
+    one = SamplingParams(max_tokens=10, temperature=0, detokenize=False, ignore_eos=True, stop_token_ids=stop, **kw)
+    two = SamplingParams(max_tokens=8, temperature=1.0, seed=4, detokenize=False, ignore_eos=True, **kw)
+    reqs = [(P[0], one), (P[1], greedy(10)), (P[2], two)]
     want, got, eng = both(lm, reqs)
     assert got == want
-    if "min_tokens" in kw:
-        assert eng.runner.async_steps > 0  # (past min_tokens it goes async)
-    else:
-        assert eng.runner.async_steps == 0
+    assert eng.runner.async_steps > 0
+    if "logprobs" in kw:
+        assert len(got["0"][2]) == 10 and all(len(t[3]) == 2 for t in got["0"][2])
 
 
 def test_prefix_cache_hits_after_async_steps_give_the_cold_tokens(lm):

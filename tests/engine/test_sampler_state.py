@@ -258,3 +258,23 @@ def test_several_new_tokens_at_once_with_repeats():
         assert torch.equal(bits(got), bits(old_apply_penalties(logits, [row])))
     assert got[0, 0] == (logits[0, 0] / 1.7 if logits[0, 0] > 0 else logits[0, 0] * 1.7) - 0.25 * 17 - 0.5
     assert not math.isnan(got.sum().item())
+
+
+def test_a_pending_token_counts_once():
+    """Async decode: each call's row has one token on the device not yet in its output list (`pending`); the
+    penalties count it now and skip the list's copy of it when it arrives, so every call equals the stateless
+    penalties over the list with the pending token appended (repeats, a drain with no pending token, and a call
+    whose list did not grow: rebuilt)."""
+    s = Sampler()
+    p = SamplingParams(temperature=0, repetition_penalty=1.7, frequency_penalty=0.25, presence_penalty=0.5)
+    out: list[int] = []
+    row = SamplingRow(p, [9], out, None, frozenset(), request_id="r")
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(5)) * 3
+    plan = [(None, 2), (2, 2), (2, 7), (7, None), (None, 7), (7, 2), (2, 2), (None, 2)]  # (arrives, pending)
+    for arrives, pend in plan:
+        if arrives is not None:
+            out.append(arrives)
+        pending = None if pend is None else torch.tensor([pend])
+        got = s.apply_penalties(logits, [row], pending)
+        full = SamplingRow(p, [9], out + ([] if pend is None else [pend]), None, frozenset())
+        assert torch.equal(bits(got), bits(old_apply_penalties(logits, [full]))), (arrives, pend, out)

@@ -14,12 +14,14 @@ token list it has (whose last token is the one being computed), an abort or fini
 pending writes are ordered before any later device work on the stream, and the in-flight row of a request
 that stopped (EOS, stop string, abort) is dropped when read.
 
-A step continues asynchronously only when nothing else needs the scheduler: no request waiting for
-admission, every running request decoding in the step before (`decodes_async`), and pages for one more
-token. Sampling counts each row's in-flight token where it matters (`Sampler.draw(pending=)`: the penalty
-state on the device, min_tokens on the host), and logprobs are computed with the token and read back with it. A request whose step-n token is its last by length is left out
-of step n + 1. Anything else drains: the in-flight step is read and the next engine step is scheduled
-as usual. Speculative decoding and expert parallelism (lockstep steps) do not take this path.
+A step continues asynchronously only when nothing else needs the scheduler: no request waiting while a
+sequence slot is free for it (a full engine keeps going; the waiting ones are admitted once a running request
+finishes and the next step is scheduled as usual), every running request decoding in the step before
+(`decodes_async`), and pages for one more token. Sampling counts each row's in-flight token where it matters
+(`Sampler.draw(pending=)`: the penalty state on the device, min_tokens on the host), and logprobs are computed
+with the token and read back with it. A request whose step-n token is its last by length is left out of step n
++ 1. Anything else drains: the in-flight step is read and the next engine step is scheduled as usual.
+Speculative decoding and expert parallelism (lockstep steps) do not take this path.
 """
 
 from __future__ import annotations

@@ -352,10 +352,11 @@ class LLMEngine:
 
     def _continuing(self, p) -> list:
         """The requests of in-flight step `p` that go on in the next step, launched before `p` is read; [] when
-        the next step must be scheduled (a request waits for admission, one running is not in `p` or asks for
-        prompt logprobs, pages run short)."""
-        if self.scheduler.waiting:
-            return []
+        the next step must be scheduled (a request waits and a slot is free for it, one running is not in `p` or
+        asks for prompt logprobs, pages run short)."""
+        sch = self.scheduler
+        if sch.waiting and len(sch.running) < sch.max_num_seqs and self.kv.num_free_slots:
+            return []  # (one could be admitted: the scheduler decides; a full engine keeps going)
         live = [r for r in p.reqs if not r.finished]
         if len(live) != len(self.scheduler.running):  # (someone else runs: a prefill, a preempted one back)
             return []

@@ -192,3 +192,13 @@ def test_async_steps_through_decode_graphs(tiny_dir, monkeypatch):
 @pytest.mark.gpu
 def test_async_steps_through_decode_graphs_gpu(tiny_dir, monkeypatch):
     test_async_steps_through_decode_graphs(tiny_dir, monkeypatch)
+
+
+def test_a_full_engine_keeps_decoding_async_while_requests_wait(lm):
+    """max_num_seqs running and more waiting: nothing can be admitted until one finishes, so the steps stay async;
+    the waiting requests are admitted after the finishes are read, with the synchronous engine's outputs."""
+    P = prompts(5, seed=8)
+    reqs = [(P[0], greedy(9)), (P[1], greedy(14)), (P[2], sampled(6, 1)), (P[3], greedy(4)), (P[4], greedy(5))]
+    want, got, eng = both(lm, reqs, max_num_seqs=2)
+    assert got == want
+    assert eng.runner.async_steps >= 8

@@ -30,10 +30,16 @@ def params() -> list[SamplingParams]:
 TIE = 1e-4
 
 
-def _with_tie_bands(orig):
-    def token_logprobs(logits, token_ids, ns):
-        out = orig(logits, token_ids, ns)
-        lp = torch.log_softmax(logits.float(), dim=-1)
+def _parts_with_lp(orig):
+    """The sampler's device-side logprob parts, plus the log-softmax rows the bands below are read from."""
+    def parts(logits, ids, ns):
+        return (*orig(logits, ids, ns), torch.log_softmax(logits.float(), dim=-1))
+    return parts
+
+
+def _objects_with_tie_bands(orig):
+    def objects(token_ids, ns, chosen, rank, tv, ti, lp):
+        out = orig(token_ids, ns, chosen, rank, tv, ti)
         for j, t in enumerate(out):
             d = lp[j] - lp[j, t.token_id]
             above_tie = int((d > TIE).sum())
@@ -42,7 +48,7 @@ def _with_tie_bands(orig):
                 near = torch.nonzero(lp[j] >= t.top[-1][1] - TIE).flatten()
                 t.may_top = [[int(i), float(lp[j, i])] for i in near.tolist()]
         return out
-    return token_logprobs
+    return objects
 
 
 def lp(x):
@@ -59,7 +65,8 @@ def row(o) -> dict:
 
 
 def reference(tiny: str) -> dict:
-    sampler_mod.token_logprobs = _with_tie_bands(sampler_mod.token_logprobs)
+    sampler_mod._logprob_parts = _parts_with_lp(sampler_mod._logprob_parts)  # (every logprob goes through these)
+    sampler_mod._logprob_objects = _objects_with_tie_bands(sampler_mod._logprob_objects)
     llm = LLM(tiny, **ENGINE)
     return {"batch": [row(o) for o in llm.generate(PROMPTS, params(), use_tqdm=False)]}
 

@@ -26,7 +26,7 @@ TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "ob
 @pytest.fixture(scope="module")
 def srv(tiny_dir):
     lm = build_model(tiny_dir, device="cpu", dtype="float32", numerics="plain")
-    with LiveServer(lm) as s:
+    with LiveServer(lm, async_scheduling=False) as s:  # (the scripted runner replaces `execute`: every step goes there)
         script = s.engine.tokenizer.encode(ANSWER, add_bos=False)
 
         def execute(scheduled):

@@ -202,3 +202,19 @@ def test_a_full_engine_keeps_decoding_async_while_requests_wait(lm):
     want, got, eng = both(lm, reqs, max_num_seqs=2)
     assert got == want
     assert eng.runner.async_steps >= 8
+
+
+def test_the_in_flight_token_counts_for_penalties_and_min_tokens(lm):
+    """Cases where counting the in-flight token decides the output: a logit_bias makes token 5, then 6, the argmax
+    once the penalties count the 5 (a missed in-flight count repeats 5); a biased stop id is held back exactly
+    until min_tokens (a missed in-flight count holds it one token longer)."""
+    P = prompts(2, seed=9)
+    pen = SamplingParams(max_tokens=6, temperature=0, detokenize=False, ignore_eos=True,
+                         logit_bias={5: 50.0, 6: 48.0}, presence_penalty=2.0, frequency_penalty=2.0)
+    mt = SamplingParams(max_tokens=12, temperature=0, detokenize=False, ignore_eos=True, min_tokens=6,
+                        logit_bias={7: 100.0}, stop_token_ids=[7])
+    want, got, eng = both(lm, [(P[0], pen), (P[1], mt)])
+    assert got == want and eng.runner.async_steps > 0
+    assert want["0"][0][:2] == [5, 6]
+    toks, why = want["1"]
+    assert why == "stop" and len(toks) == 7 and toks[-1] == 7 and 7 not in toks[:6]

@@ -66,15 +66,16 @@ def test_continuous_batching_matches_single_request(lm, prompts, reference, budg
     assert eng.kv.num_free_pages == eng.cache.num_pages and eng.kv.num_free_slots == eng.cache.num_slots
 
 
-@pytest.mark.parametrize("with_decodes", [None, 40])
-def test_preemption_recomputes_exactly(lm, prompts, reference, with_decodes):
+@pytest.mark.parametrize("with_decodes,async_scheduling", [(None, True), (40, True), (40, False)])
+def test_preemption_recomputes_exactly(lm, prompts, reference, with_decodes, async_scheduling):
     layout = engine(lm, max_num_seqs=1).plan.layout
     # room for 4 slots but only 5 pages (1,280 tokens) for requests wanting up to 2 pages each
     budget = 4 * layout.slot_bytes + (5 + 1) * layout.page_bytes  # + the reserved null page
     eng = engine(lm, max_num_seqs=4, max_num_batched_tokens=48, kv_cache_memory=budget,
-                 prefill_tokens_with_decodes=with_decodes)
+                 prefill_tokens_with_decodes=with_decodes, async_scheduling=async_scheduling)
     assert eng.plan.num_slots == 4 and eng.plan.num_pages == 5
-    final = run_staggered(eng, prompts, random.Random(0))
+    # (whether a preemption comes depends on the schedule; this arrival order preempts with and without async steps)
+    final = run_staggered(eng, prompts, random.Random(1))
     assert sum(o.metrics.num_preemptions for o in final.values()) > 0, "the cache was not tight enough"
     for i, ref in enumerate(reference):
         assert final[i].outputs[0].token_ids == ref, f"request {i} after preemption"

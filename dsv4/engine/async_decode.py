@@ -30,16 +30,13 @@ from dataclasses import dataclass
 
 from dsv4.engine.request import Request
 from dsv4.engine.sampler import DrawnTokens
-from dsv4.engine.step_batch import StepBatch
 
 
 @dataclass
 class PendingDecode:
     """A decode step launched and not read back: its requests (in row order) and its drawn tokens."""
     reqs: list[Request]
-    starts: list[int]
     drawn: DrawnTokens
-    batch: StepBatch
 
 
 def decodes_async(req: Request) -> bool:

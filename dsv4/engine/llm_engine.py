@@ -358,7 +358,7 @@ class LLMEngine:
         if sch.waiting and len(sch.running) < sch.max_num_seqs and self.kv.num_free_slots:
             return []  # (one could be admitted: the scheduler decides; a full engine keeps going)
         live = [r for r in p.reqs if not r.finished]
-        if len(live) != len(self.scheduler.running):  # (someone else runs: a prefill, a preempted one back)
+        if len(live) != len(sch.running):  # (someone else runs: a prefill, a preempted one back)
             return []
         out = []
         for r in live:

@@ -172,7 +172,7 @@ class ModelRunner:
         self.last_batch = batch
         self.async_steps += prev is not None
         drawn = self.sampler.draw(logits, self._rows(reqs), host=self._async_buffer(B), pending=src)
-        return PendingDecode(list(reqs), starts, drawn, batch)
+        return PendingDecode(list(reqs), drawn)
 
     def finish_decode(self, p: PendingDecode) -> list[StepResult]:
         """Read the tokens (and logprobs) of a launched decode step (waits for that step only)."""

@@ -172,8 +172,8 @@ class Sampler:
         parts = None
         if want:
             wi = to_device(want, torch.int64, logits.device)
-            parts = (want, [rows[i].params.logprobs for i in want],
-                     *_logprob_parts(logits[wi], tokens[wi], [rows[i].params.logprobs for i in want]))
+            ns = [rows[i].params.logprobs for i in want]
+            parts = (want, ns, *_logprob_parts(logits[wi], tokens[wi], ns))
         event = None
         if host is not None:
             if host.numel() < 2 * B:

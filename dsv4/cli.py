@@ -78,6 +78,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-tokens-with-decodes", type=_positive_int, default=None,
                    help="decode-latency budget: at most this many prefill tokens share a step with running decodes "
                         "(default: the whole step budget)")
+    p.add_argument("--decode-latency-budget", type=float, default=None, metavar="R",
+                   help="a step with running decodes takes at most R x a decode-only step: the prefill tokens "
+                        "joining it adapt to measured step times (R > 1; at least 16 tokens, at most "
+                        "--prefill-tokens-with-decodes; default: off)")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 8GiB (default: from "
                    "--gpu-memory-utilization on a GPU, 1 GiB on the CPU)")
@@ -170,6 +174,7 @@ def engine_config(a: argparse.Namespace):
         kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=_max_num_seqs(a),
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         prefill_tokens_with_decodes=a.prefill_tokens_with_decodes,
+        decode_latency_budget=a.decode_latency_budget,
         page_tokens=a.page_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
         kv_cache_memory=None if a.kv_cache_memory is None else parse_bytes(a.kv_cache_memory),
         enforce_eager=a.enforce_eager, piecewise_graph_tokens=a.piecewise_graph_tokens, gpus=a.gpus, ep_exchange=a.ep_exchange, speculative_tokens=a.speculative_tokens,

@@ -525,6 +525,10 @@ class EngineConfig:
     # decode-latency budget: at most this many prefill tokens share a step with decodes (None: the whole
     # max_num_batched_tokens); a long prompt arriving then slows running decodes by a bounded amount
     prefill_tokens_with_decodes: int | None = None
+    # decode-latency budget from measured step times (engine/latency_budget.py): a step with decodes may take at
+    # most this multiple of a decode-only step; the prefill tokens joining it adapt (at least 16, at most
+    # prefill_tokens_with_decodes or max_num_batched_tokens). None: off (the token cap alone)
+    decode_latency_budget: float | None = None
     max_model_len: int | None = None
     page_tokens: int | None = None
     kv_cache_memory: int | None = None
@@ -566,6 +570,10 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {v!r}")
+        v = self.decode_latency_budget
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 1.0):
+            raise ConfigError(f"decode_latency_budget must be a number > 1 (a multiple of a decode-only step) or "
+                              f"None, got {v!r}")
         v = self.piecewise_graph_tokens
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             raise ConfigError(f"piecewise_graph_tokens must be an integer >= 0 (0: off) or None, got {v!r}")

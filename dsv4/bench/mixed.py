@@ -5,7 +5,7 @@ users' long prompts are prefilled in the same steps. Measured on the engine dire
 gap between consecutive tokens of each decoding request, first with nothing else running (pure decode)
 then while the long prompts prefill, as p50 / p99, with the long prompts' time to first token.
 The step composition (decodes first, at most `prefill_tokens_with_decodes` prefill tokens per step
-with decodes) is the engine's; this only drives and times it.
+with decodes, or what the decode-latency budget allows) is the engine's; this only drives and times it.
 """
 
 from __future__ import annotations
@@ -79,10 +79,13 @@ def run_mixed(llm, decoders: int, prefills: int, prefill_len: int, decode_input_
     pure = [x for rid in dec_ids for x in gaps(times[rid][1:pure_end[rid]])]  # (after the first token)
     mixed = [x for rid in dec_ids for x in gaps(times[rid][pure_end[rid] - 1:])]
     p, m = percentiles(pure), percentiles(mixed)
+    lb = getattr(eng, "latency_budget", None)
     return {
         "decoders": decoders, "decode_input_len": decode_input_len, "prefills": prefills, "prefill_len": prefill_len,
         "max_num_batched_tokens": eng.config.max_num_batched_tokens,
         "prefill_tokens_with_decodes": eng.config.prefill_tokens_with_decodes,
+        "decode_latency_budget": None if lb is None else lb.ratio,
+        "latency_budget_state": None if lb is None else lb.describe(),  # what it measured, in ms
         "pure_tpot_ms": {k: v * 1e3 for k, v in p.items()}, "mixed_tpot_ms": {k: v * 1e3 for k, v in m.items()},
         "mixed_p99_over_pure_p50": m["p99"] / p["p50"] if p["p50"] else float("nan"),
         "prefill_ttft_s": percentiles(list(first.values())),
@@ -96,7 +99,9 @@ def format_mixed(r: dict) -> str:
     p, m, t = r["pure_tpot_ms"], r["mixed_tpot_ms"], r["prefill_ttft_s"]
     return (f"mixed load: {r['decoders']} decoding + {r['prefills']} x {r['prefill_len']}-token prompts "
             f"(budget {r['max_num_batched_tokens']} tokens/step, prefill with decodes "
-            f"{r['prefill_tokens_with_decodes'] or 'unbounded'})\n"
+            f"{r['prefill_tokens_with_decodes'] or 'unbounded'}"
+            + (f", latency budget {r['decode_latency_budget']:g}x" if r.get("decode_latency_budget") else "")
+            + ")\n"
             f"  TPOT pure  p50 {p['p50']:8.2f} ms  p99 {p['p99']:8.2f} ms\n"
             f"  TPOT mixed p50 {m['p50']:8.2f} ms  p99 {m['p99']:8.2f} ms  (p99 / pure p50 = "
             f"{r['mixed_p99_over_pure_p50']:.2f})\n"

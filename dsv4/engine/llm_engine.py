@@ -21,6 +21,7 @@ from dsv4.engine.cuda_graphs import (DEFAULT_BATCH_BUCKETS, MAX_VERIFY_GRAPH_BAT
                                      context_buckets)
 from dsv4.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from dsv4.engine.draft_graphs import MTPDraftGraphs
+from dsv4.engine.latency_budget import DecodeLatencyBudget
 from dsv4.engine.piecewise_graphs import PiecewiseGraphs
 from dsv4.engine.model_runner import ModelRunner
 from dsv4.engine.outputs import RequestOutput, finish_text, shape_output
@@ -100,8 +101,12 @@ class LLMEngine:
         elif graphs_ok:
             graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot, max_batch=max_batch,
                                   buffers=self.buffers, expert_parallel=coord.lockstep)
+        self.latency_budget = None
+        if config.decode_latency_budget is not None:
+            self.latency_budget = DecodeLatencyBudget(
+                config.decode_latency_budget, config.prefill_tokens_with_decodes or config.max_num_batched_tokens)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.prefill_tokens_with_decodes)
+                                   config.prefill_tokens_with_decodes, self.latency_budget)
         drafter = MTPDrafter(self.lm.model, self.cache, spec, lockstep_slot=scratch_slot if coord.lockstep else None) \
             if spec else None
         draft_graphs = None
@@ -129,6 +134,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self._pending = None  # the async decode step in flight (engine/async_decode.py), or None
+        self._shape = None  # (decodes, prefill tokens) of the step being run, for the decode-latency budget
 
     def _graphs_wanted(self) -> bool:
         if self.config.enforce_eager or not self.lm.platform.supports_graphs:
@@ -315,9 +321,21 @@ class LLMEngine:
 
     # ---- stepping ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.latency_budget is None:
+            return self._step()
+        t0 = time.perf_counter()
+        self._shape = None
+        outs = self._step()
+        if self._shape is not None:  # (decodes, prefill tokens) of the step that ran
+            self.latency_budget.observe(*self._shape, time.perf_counter() - t0)
+        return outs
+
+    def _step(self) -> list[RequestOutput]:
         if self._pending is not None:  # a decode step in flight (async scheduling): launch the next, then read it
+            self._shape = (len(self._pending.reqs), 0)
             return self._advance()
         so = self.scheduler.schedule()
+        self._shape = (so.decodes, so.prefill_tokens) if so.scheduled else None
         outs: list[RequestOutput] = []
         for req in so.failed:
             self._finish(req, "error")

@@ -8,7 +8,8 @@ Each step:
    slot and pages for their first chunk), each get the tokens they still need, capped by what is left
    of the step's budget (chunked prefill). When the step has decodes, prefill tokens are further
    capped at `prefill_tokens_with_decodes` (the decode-latency budget: a step's time grows with its
-   tokens, and every decoding request waits for the whole step); alone, prefills get the full budget.
+   tokens, and every decoding request waits for the whole step) and, with a decode-latency budget, at the
+   cap it derives from measured step times (engine/latency_budget.py); alone, prefills get the full budget.
    With prefix caching, an admitted request first takes its cached prefix (cache/prefix_cache.py).
 3. If the page pool cannot cover a running request's new tokens, the NEWEST running request not yet
    scheduled this step is preempted (everything it holds is freed; it goes back to the front of the
@@ -29,12 +30,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from dsv4.cache.kv_manager import KVCacheManager
+from dsv4.engine.latency_budget import DecodeLatencyBudget
 from dsv4.engine.request import Request, RequestStatus
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    decodes: int = 0  # scheduled requests that add their next token (with drafts to verify, if any)
+    prefill_tokens: int = 0  # prompt (or recomputed) tokens scheduled
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)
 
@@ -101,11 +105,12 @@ class _Step:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_tokens_with_decodes: int | None = None):
+                 prefill_tokens_with_decodes: int | None = None, latency: DecodeLatencyBudget | None = None):
         self.kv = kv
         self.max_num_seqs = min(max_num_seqs, kv.cache.num_slots)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_tokens_with_decodes = prefill_tokens_with_decodes  # None: the whole budget
+        self.latency = latency  # decode-latency budget from measured step times (engine/latency_budget.py)
         self.waiting = RequestQueue()  # preempted requests at the front, then arrivals in order
         self.running = RequestQueue()  # in admission order
 
@@ -187,9 +192,12 @@ class Scheduler:
             n = 1 + len(req.spec_ids)
             if req in self.running and self._place(req, n, out, step):  # (not preempted meanwhile)
                 budget -= n
+        out.decodes = len(out.scheduled)
         prefill_left = budget
         if out.scheduled and self.prefill_tokens_with_decodes is not None:
             prefill_left = min(budget, self.prefill_tokens_with_decodes)
+        if out.scheduled and self.latency is not None and (prefills or self.waiting):
+            prefill_left = min(prefill_left, self.latency.cap(out.decodes))
         for req in prefills:
             if prefill_left == 0:
                 break
@@ -198,6 +206,7 @@ class Scheduler:
             n = min(need(req), prefill_left)
             if self._place(req, n, out, step):
                 prefill_left -= n
+                out.prefill_tokens += n
         while self.waiting and prefill_left > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.first()
             if not self.kv.admit(req):
@@ -223,5 +232,6 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append((req, n))
             prefill_left -= n
+            out.prefill_tokens += n
         return out
 

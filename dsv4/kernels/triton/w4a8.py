@@ -94,7 +94,7 @@ def fp4_to_fp8_bits(code, k, FNUZ: tl.constexpr):
 @triton.jit
 def _fp4_to_fp8_kernel(c_ptr, k_ptr, out_ptr, n, FNUZ: tl.constexpr, BLOCK: tl.constexpr):
     """Elementwise fp4_to_fp8_bits (tests of the mapping, every code x every offset)."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = i < n
     c = tl.load(c_ptr + i, mask=msk, other=0).to(tl.int32)
     k = tl.load(k_ptr + i, mask=msk, other=0).to(tl.int32)

@@ -7,7 +7,9 @@ activation quantiser, scale layout and GEMM launches) from CUDA-graph replays (d
   scaled_mm   cuBLASLt blockwise FP8 (the scaled_mm provider's GEMM, called directly: the provider itself
               hands M <= 32 to Triton since 2026-12-06)
   triton      the Triton provider with its own tile choice (_pick_tiles)
-  t:BNxS      the Triton kernel with BLOCK_N = BN and split-K S (the decode regime's alternatives)
+  triton_q    the same with the activations already quantised (as a decode step's norm kernel hands them over)
+  t:BNxS[sT][wW][q]  the Triton kernel with BLOCK_N = BN, split-K S (a number, or kA: k x the automatic one),
+              optionally T pipeline stages and W warps, `q`: activations already quantised
 floor = weight + scale bytes / the measured copy bandwidth (read + write counted, as everywhere).
 
     PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/linear_small_m.py --out $OUT/linear_small_m.json
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
@@ -62,12 +65,19 @@ def main() -> None:
             auto = _pick_tiles(M, N, K, 1, 1.0, nsm, False)
             fns = {"scaled_mm": lambda: _scaled_mm_official(x, w, s),  # cuBLASLt itself, at every M
                    "triton": lambda: linear_triton(x, w, s, True)}
+            xq = fp8_act_quant_triton(x)  # a producer's quantised activations (the decode step's norms make them)
             for v in a.variants.split(","):
-                bn, sp = v.split("x")
+                m = re.fullmatch(r"(\d+)x(\d*A|\d+)(?:s(\d+))?(?:w(\d+))?(q?)", v)
+                if m is None:
+                    raise SystemExit(f"bad variant {v!r}: BNxS[sT][wW][q], S a number or [k]A")
+                bn, sp, st, wp, pre = m.groups()
                 if sp.endswith("A"):  # a multiple of the automatic split
                     sp = (int(sp[:-1]) if sp[:-1] else 1) * auto["split_k"]
                 bn, sp = int(bn), int(sp)
-                fns[f"t:{bn}x{sp}"] = (lambda bn=bn, sp=sp: linear_impl(x, w, s, True, block_n=bn, split_k=sp))
+                st, wp = (int(st) if st else None), (int(wp) if wp else None)
+                fns[f"t:{v}"] = (lambda bn=bn, sp=sp, st=st, wp=wp, pre=pre: linear_impl(
+                    x, w, s, True, x_q=xq if pre else None, block_n=bn, split_k=sp, num_stages=st, num_warps=wp))
+            fns["triton_q"] = lambda: linear_triton(x, w, s, True, x_q=xq)  # the automatic tiles, producer bytes
             row = {"op": name, "N": N, "K": K, "M": M, "floor_us": floor_us, "auto_tiles": auto, "us": {},
                    "max_rel_err": {}}
             for k, fn in fns.items():

@@ -443,8 +443,9 @@ def dense_linear_out(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dty
 
 
 def linear_impl(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Dialect.OCP, x_q=None, *, block_m=None,
-                block_n=None, split_k=None, hw=None, out_dtype=None):
-    """`linear` with optional tile overrides (tests): see the module docstring."""
+                block_n=None, split_k=None, hw=None, out_dtype=None, num_stages=None, num_warps=None):
+    """`linear` with optional tile and launch overrides (tests, benchmarks/linear_small_m.py): see the module
+    docstring."""
     fmt = weight_format(weight)
     if out_dtype is not None:
         check_out_dtype(weight, act_quant, out_dtype)
@@ -501,7 +502,8 @@ def linear_impl(x, weight, scale=None, act_quant: bool = False, dialect=Fp8Diale
         a, sa = (x2 if x2.stride(1) == 1 else x2.contiguous()), None
         s_a = (a.stride(0), 0)
     cfg = _pick_tiles(M, N, K, 1, 1.0 if w_fmt == 1 else 0.5, nsm, ieee, amd)
-    cfg.update({k: v for k, v in (("block_m", block_m), ("block_n", block_n), ("split_k", split_k)) if v})
+    cfg.update({k: v for k, v in (("block_m", block_m), ("block_n", block_n), ("split_k", split_k),
+                                  ("num_stages", num_stages), ("num_warps", num_warps)) if v})
     _run_gemm(a, sa, wbytes, sb, out, M, N, K, 1, a_fp8=act_quant, a_fnuz=act_quant and wd is Fp8Dialect.FNUZ,
               w_fmt=w_fmt, w_fnuz=w_fnuz, hw=hw, dot_dt=dot_dt, ieee=ieee, cfg=cfg, s_a=s_a, s_c=(N, 0))
     if out.dtype != x.dtype:

@@ -40,8 +40,8 @@ import triton.language as tl
 
 from dsv4.kernels.triton.common import (fp8_block_exponent, fp8_e4m3_native, fp8_encode, fp8_pow2, fp8_quant_max,
                                         interpreting, triton_supported)
-from dsv4.kernels.triton.moe import (_block_rows, _round_to, _tl_dtype, check_experts_call, experts_nothing_routed,
-                                    experts_out, moe_combine, moe_experts_triton)
+from dsv4.kernels.triton.moe import (_block_rows, _round_to, _tl_dtype, check_experts_call, check_ids,
+                                    experts_nothing_routed, experts_out, moe_combine, moe_experts_triton)
 from dsv4.kernels.triton.moe_dispatch import moe_dispatch_triton
 from dsv4.kernels.triton.quant import fp8_act_quant_triton
 from dsv4.kernels.triton.w4a8 import W4A8Experts, fp4_asm_supported, fp8_act_block, prepare_w4a8, w4a8_weight_dot
@@ -198,7 +198,8 @@ def moe_experts_w4a8_impl(x, w13, w13_scale, w2, w2_scale, ids, weights, swiglu_
     launch = {"num_warps": warps} if num_stages is None else {"num_warps": warps, "num_stages": num_stages}
     rne = interpreting(dev) and x.dtype == torch.bfloat16
     out_dt = _tl_dtype(x.dtype)
-    slots, bexp = moe_dispatch_triton(ids_c, emap, bm)[:2]
+    slots, bexp, _, _, ids_ok, _ = moe_dispatch_triton(ids_c, emap, bm)
+    check_ids(ids_ok)
     mb, mr = bexp.shape[0], slots.shape[0]
     xq, xs = fp8_act_quant_triton(x, QB, d)  # x's act_quant: bytes and E8M0 scales, once per call
     if h_buf is None:

@@ -178,8 +178,7 @@ def _slots_for(ids: torch.Tensor, emap: ExpertMap, bm: int):
     """dsv4's dispatch at block bm in humming's indexed form: (sorted_ids int32 with padding = T k,
     expert_ids int32 per block, num_tokens_padded int32 [1])."""
     slots, bexp, _, _, ids_ok, rows = moe_dispatch_triton(ids, emap, bm, pad=ids.numel())
-    if km.CHECK_IDS:
-        torch._assert_async(ids_ok, "moe_experts: expert id out of range")
+    km.check_ids(ids_ok)
     return slots, bexp, rows
 
 

@@ -105,6 +105,9 @@ class LLMEngine:
         if config.decode_latency_budget is not None:
             self.latency_budget = DecodeLatencyBudget(
                 config.decode_latency_budget, config.prefill_tokens_with_decodes or config.max_num_batched_tokens)
+            lb = self.latency_budget
+            log.info("decode-latency budget %gx: steps with decodes take %d..%d prefill tokens, chosen from measured "
+                     "step times", lb.ratio, lb.min_tokens, lb.max_tokens)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.prefill_tokens_with_decodes, self.latency_budget)
         drafter = MTPDrafter(self.lm.model, self.cache, spec, lockstep_slot=scratch_slot if coord.lockstep else None) \

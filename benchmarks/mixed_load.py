@@ -48,8 +48,7 @@ def main() -> None:
         eng.scheduler.prefill_tokens_with_decodes = cap
         object.__setattr__(eng.config, "prefill_tokens_with_decodes", cap)
         object.__setattr__(eng.config, "decode_latency_budget", ratio)
-        eng.latency_budget = None if ratio is None else DecodeLatencyBudget(ratio, a.max_num_batched_tokens)
-        eng.scheduler.latency = eng.latency_budget
+        eng.latency_budget = eng.scheduler.latency = DecodeLatencyBudget.for_config(eng.config)
         r = run_mixed(llm, a.decoders, a.prefills, a.prefill_len, progress=False)  # (after an untimed pass)
         r.update(model=a.model, num_layers=a.num_layers, device=str(eng.device))
         rows.append(r)

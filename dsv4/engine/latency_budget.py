@@ -38,6 +38,8 @@ def _pow2_at_least(n: int) -> int:
 
 
 class _Samples:
+    """The last `window` samples of a bucket (never empty: made with its first) and the mixed step count at the
+    last one."""
     __slots__ = ("values", "last_step")
 
     def __init__(self, window: int):
@@ -49,6 +51,14 @@ class _Samples:
 
 
 class DecodeLatencyBudget:
+    @classmethod
+    def for_config(cls, config) -> DecodeLatencyBudget | None:
+        """The engine's budget: EngineConfig.decode_latency_budget over at most prefill_tokens_with_decodes (or the
+        step budget) tokens; None when it is off."""
+        if config.decode_latency_budget is None:
+            return None
+        return cls(config.decode_latency_budget, config.prefill_tokens_with_decodes or config.max_num_batched_tokens)
+
     def __init__(self, ratio: float, max_tokens: int, min_tokens: int = 16, window: int = 5,
                  retry_every: int = 256):
         if not ratio > 1.0:
@@ -62,7 +72,6 @@ class DecodeLatencyBudget:
         self.retry_every = retry_every
         self.pure: dict[int, _Samples] = {}  # decode-count bucket -> decode-only step seconds
         self.extra: dict[int, _Samples] = {}  # prefill-token bucket -> extra seconds over a pure step
-        self.tried: dict[int, int] = {}  # bucket -> the mixed step count when it was last measured
         self.mixed_steps = 0
 
     # ---- the buckets ------------------------------------------------------------------------------
@@ -109,10 +118,10 @@ class DecodeLatencyBudget:
         if c > self.min_tokens and 2 * prefill_tokens <= c:  # a prompt's short tail: says little about c
             return
         s = self.extra.setdefault(c, _Samples(self.window))
-        if self.mixed_steps - s.last_step > self.retry_every:
+        if self.mixed_steps - s.last_step >= self.retry_every:
             s.values.clear()  # a retry of a stale bucket: conditions moved, its old samples go
         s.values.append(max(0.0, seconds - pure))
-        s.last_step = self.tried[c] = self.mixed_steps
+        s.last_step = self.mixed_steps
 
     # ---- what the scheduler asks --------------------------------------------------------------------
     def allowance_s(self, decodes: int) -> float | None:
@@ -127,21 +136,20 @@ class DecodeLatencyBudget:
             return self.min_tokens
         chosen = prev = self.min_tokens
         floor = self.extra.get(prev)
-        if floor is not None and floor.values and floor.median() > allowed:
+        if floor is not None and floor.median() > allowed:
             return chosen  # even the smallest chunk overshoots: nothing larger is tried
         for c in self.buckets()[1:]:
             s = self.extra.get(c)
-            stale = self.mixed_steps - self.tried.get(c, 0) >= self.retry_every
-            if s is not None and s.values:
+            if s is not None:
                 fits = s.median() <= allowed
             else:
                 below = self.extra.get(prev)
-                if below is None or not below.values:
+                if below is None:
                     break  # nothing measured below: grow one bucket at a time
                 # concave step cost: extra(c) <= extra(prev) * c / prev; try c when 3/4 of that bound fits
                 fits = below.median() * PROBE_FRACTION * c / prev <= allowed
             if not fits:
-                if stale:  # over budget when measured, or never measured: tried once every retry_every steps
+                if self.mixed_steps - (0 if s is None else s.last_step) >= self.retry_every:  # over budget when measured, or never measured: tried once every retry_every steps
                     chosen = c
                 break
             chosen = prev = c
@@ -149,5 +157,5 @@ class DecodeLatencyBudget:
 
     def describe(self) -> dict:
         return {"ratio": self.ratio, "min_tokens": self.min_tokens, "max_tokens": self.max_tokens,
-                "pure_ms": {b: s.median() * 1e3 for b, s in sorted(self.pure.items()) if s.values},
-                "extra_ms": {c: s.median() * 1e3 for c, s in sorted(self.extra.items()) if s.values}}
+                "pure_ms": {b: s.median() * 1e3 for b, s in sorted(self.pure.items())},
+                "extra_ms": {c: s.median() * 1e3 for c, s in sorted(self.extra.items())}}

@@ -101,11 +101,8 @@ class LLMEngine:
         elif graphs_ok:
             graphs = DecodeGraphs(self.lm.model, self.cache, scratch_slot, max_batch=max_batch,
                                   buffers=self.buffers, expert_parallel=coord.lockstep)
-        self.latency_budget = None
-        if config.decode_latency_budget is not None:
-            self.latency_budget = DecodeLatencyBudget(
-                config.decode_latency_budget, config.prefill_tokens_with_decodes or config.max_num_batched_tokens)
-            lb = self.latency_budget
+        self.latency_budget = lb = DecodeLatencyBudget.for_config(config)
+        if lb is not None:
             log.info("decode-latency budget %gx: steps with decodes take %d..%d prefill tokens, chosen from measured "
                      "step times", lb.ratio, lb.min_tokens, lb.max_tokens)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
